@@ -1,0 +1,393 @@
+//! Wire types of logstore, shared by the worker, loadgen and anyone who talks to the system from Rust.
+//!
+//! Every body on NATS is UTF-8 JSON. The subjects (defaults, all configurable) are:
+//! - `logs`: [`AppendRequest`] in, [`AppendReply`] out (to the reply subject, when there is one);
+//! - `appended.<id>`: an [`AppendReply`] event after every stored append;
+//! - `query`: [`QueryRequest`] in, one or more [`QueryResponse`] chunks out;
+//! - `dead_letter`: a raw copy of every rejected message, with the reason in headers.
+//!
+//! Decoding is strict and never panics: [`AppendRequest::decode`] and [`QueryRequest::decode`]
+//! turn any byte string into either a valid request or an [`ErrorBody`] that says what was wrong.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Header carrying the idempotency key when the body has no `key` (the JetStream convention).
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// NATS micro header with the error message of a failed request.
+pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
+/// NATS micro header with the numeric error code of a failed request.
+pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
+/// Dead-letter header: the [`ErrorCode`] of the rejection.
+pub const DEAD_LETTER_CODE_HEADER: &str = "Logstore-Error-Code";
+/// Dead-letter header: the human-readable reason of the rejection.
+pub const DEAD_LETTER_REASON_HEADER: &str = "Logstore-Error";
+/// Dead-letter header: the subject the rejected message was published to.
+pub const DEAD_LETTER_SUBJECT_HEADER: &str = "Logstore-Subject";
+
+/// Size limits applied while decoding. Both are configurable on the worker; the defaults are the
+/// contract's (64 KiB logs, 256-byte keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted `log`, in UTF-8 bytes.
+    pub max_log_bytes: usize,
+    /// Largest accepted idempotency key, in UTF-8 bytes.
+    pub max_key_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_log_bytes: 64 * 1024,
+            max_key_bytes: 256,
+        }
+    }
+}
+
+/// What kind of failure an error reply reports. Serialized in snake_case on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The message is malformed: fix the sender.
+    InvalidRequest,
+    /// A field is over its configured size limit.
+    TooLarge,
+    /// The shard owning the object is down; retry later (with the same idempotency key).
+    Unavailable,
+    /// A fault of the worker or the database that is not the sender's doing.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The snake_case name used on the wire and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The numeric code for the `Nats-Service-Error-Code` header (HTTP-like, as NATS micro
+    /// services conventionally use).
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidRequest => 400,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// The `error` object of an error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, message)
+    }
+}
+
+/// The whole body of an error reply: `{"error":{"code":"…","message":"…"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: ErrorBody,
+}
+
+/// A validated append. Built by [`AppendRequest::decode`]; serializes to the wire form, so
+/// publishers in Rust can use it too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendRequest {
+    pub id: u64,
+    pub log: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl AppendRequest {
+    /// Decode and validate an append body. Unknown fields are ignored (forward compatibility);
+    /// everything the contract names is checked, with a message a sender can act on.
+    pub fn decode(body: &[u8], limits: &Limits) -> Result<AppendRequest, ErrorBody> {
+        let mut object = decode_object(body)?;
+        let id = decode_id(object.get("id"))?;
+        let log = match object.remove("log") {
+            Some(Value::String(log)) => log,
+            Some(other) => {
+                return Err(ErrorBody::invalid(format!(
+                    "`log` must be a string, got {}",
+                    json_type(&other)
+                )))
+            }
+            None => return Err(ErrorBody::invalid("missing field `log`")),
+        };
+        check_text("log", &log, limits.max_log_bytes)?;
+        let key = match object.remove("key") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(key)) => {
+                check_text("key", &key, limits.max_key_bytes)?;
+                Some(key)
+            }
+            Some(other) => {
+                return Err(ErrorBody::invalid(format!(
+                    "`key` must be a string, got {}",
+                    json_type(&other)
+                )))
+            }
+        };
+        Ok(AppendRequest { id, log, key })
+    }
+}
+
+/// Validates a key that came from a header rather than the body (same rules as the `key` field).
+pub fn check_key(key: &str, limits: &Limits) -> Result<(), ErrorBody> {
+    check_text("key", key, limits.max_key_bytes)
+}
+
+/// The answer to an append, and the body of the `appended.<id>` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendReply {
+    pub id: u64,
+    pub seq: u64,
+    /// RFC 3339 UTC with six fractional digits and `Z`: sorts as text.
+    pub ts: String,
+    /// True when the idempotency key was seen before; `seq` and `ts` are then the original's.
+    pub duplicate: bool,
+}
+
+/// A validated query.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryRequest {
+    pub id: u64,
+    /// Exclusive seq cursor: entries with `seq > after` are returned.
+    #[serde(default)]
+    pub after: u64,
+    /// Most entries to return; `None` means the whole log (streamed in chunks when large).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl QueryRequest {
+    /// Decode and validate a query body.
+    pub fn decode(body: &[u8]) -> Result<QueryRequest, ErrorBody> {
+        let mut object = decode_object(body)?;
+        let id = decode_id(object.get("id"))?;
+        let after = match object.get("after") {
+            None | Some(Value::Null) => 0,
+            Some(value) => decode_u64("after", value)?,
+        };
+        let limit = match object.get("limit") {
+            None | Some(Value::Null) => None,
+            Some(value) => match decode_u64("limit", value)? {
+                0 => return Err(ErrorBody::invalid("`limit` must be at least 1")),
+                n => Some(n),
+            },
+        };
+        let request_id = match object.remove("request_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            // Numbers are accepted and echoed as text: a sender correlating by counter should
+            // not be refused over a type it never thought about.
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(other) => {
+                return Err(ErrorBody::invalid(format!(
+                    "`request_id` must be a string, got {}",
+                    json_type(&other)
+                )))
+            }
+        };
+        Ok(QueryRequest {
+            id,
+            after,
+            limit,
+            request_id,
+        })
+    }
+}
+
+/// One stored entry as a query returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub seq: u64,
+    pub ts: String,
+    pub log: String,
+}
+
+/// One response message to a query. Small answers are one message with `chunk` 0 and `last`
+/// true; large ones are a run of messages with increasing `chunk`, the final one `last`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryResponse {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The object's entry count at the time the query started.
+    pub total: u64,
+    pub logs: Vec<LogEntry>,
+    /// Cursor (`after`) for the next page, or null when this response reached the end.
+    pub next: Option<u64>,
+    pub chunk: u32,
+    pub last: bool,
+}
+
+fn decode_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ErrorBody> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ErrorBody::invalid("empty body: expected a JSON object"));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(ErrorBody::invalid(format!(
+            "expected a JSON object, got {}",
+            json_type(&other)
+        ))),
+        Err(e) => Err(ErrorBody::invalid(format!("invalid JSON: {e}"))),
+    }
+}
+
+fn decode_id(value: Option<&Value>) -> Result<u64, ErrorBody> {
+    match value {
+        None | Some(Value::Null) => Err(ErrorBody::invalid("missing field `id`")),
+        Some(value) => decode_u64("id", value),
+    }
+}
+
+fn decode_u64(field: &str, value: &Value) -> Result<u64, ErrorBody> {
+    match value {
+        Value::Number(n) => n.as_u64().ok_or_else(|| {
+            ErrorBody::invalid(format!(
+                "`{field}` must be an integer in 0..=18446744073709551615, got {n}"
+            ))
+        }),
+        other => Err(ErrorBody::invalid(format!(
+            "`{field}` must be an unsigned integer, got {}",
+            json_type(other)
+        ))),
+    }
+}
+
+/// PostgreSQL `text` cannot hold NUL, so a NUL would fail the whole batch it lands in: refuse it here.
+fn check_text(field: &str, text: &str, max_bytes: usize) -> Result<(), ErrorBody> {
+    if text.len() > max_bytes {
+        return Err(ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!(
+                "`{field}` is {} bytes, the limit is {max_bytes}",
+                text.len()
+            ),
+        ));
+    }
+    if text.contains('\0') {
+        return Err(ErrorBody::invalid(format!(
+            "`{field}` contains a NUL character, which cannot be stored"
+        )));
+    }
+    Ok(())
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(body: &str) -> Result<AppendRequest, ErrorBody> {
+        AppendRequest::decode(body.as_bytes(), &Limits::default())
+    }
+
+    #[test]
+    fn accepts_the_originals_format_and_the_full_u64_range() {
+        let r = append(r#"{"id":5,"log":"a"}"#).unwrap();
+        assert_eq!((r.id, r.log.as_str(), r.key), (5, "a", None));
+        let r = append(r#"{"id":18446744073709551615,"log":"x","key":"k"}"#).unwrap();
+        assert_eq!((r.id, r.key.as_deref()), (u64::MAX, Some("k")));
+    }
+
+    #[test]
+    fn rejects_each_bad_input_with_its_code() {
+        let cases = [
+            ("", ErrorCode::InvalidRequest, "empty"),
+            ("{", ErrorCode::InvalidRequest, "invalid JSON"),
+            ("[1]", ErrorCode::InvalidRequest, "an array"),
+            (
+                r#"{"log":"a"}"#,
+                ErrorCode::InvalidRequest,
+                "missing field `id`",
+            ),
+            (r#"{"id":-1,"log":"a"}"#, ErrorCode::InvalidRequest, "-1"),
+            (
+                r#"{"id":"1","log":"a"}"#,
+                ErrorCode::InvalidRequest,
+                "a string",
+            ),
+            (
+                r#"{"id":18446744073709551616,"log":"a"}"#,
+                ErrorCode::InvalidRequest,
+                "integer",
+            ),
+            (r#"{"id":1.5,"log":"a"}"#, ErrorCode::InvalidRequest, "1.5"),
+            (
+                r#"{"id":1,"log":7}"#,
+                ErrorCode::InvalidRequest,
+                "`log` must be a string",
+            ),
+            (
+                r#"{"id":1}"#,
+                ErrorCode::InvalidRequest,
+                "missing field `log`",
+            ),
+            (
+                r#"{"id":1,"log":"a\u0000b"}"#,
+                ErrorCode::InvalidRequest,
+                "NUL",
+            ),
+        ];
+        for (body, code, needle) in cases {
+            let err = append(body).unwrap_err();
+            assert_eq!(err.code, code, "{body}");
+            assert!(err.message.contains(needle), "{body}: {}", err.message);
+        }
+        let big = format!(r#"{{"id":1,"log":"{}"}}"#, "x".repeat(64 * 1024 + 1));
+        assert_eq!(append(&big).unwrap_err().code, ErrorCode::TooLarge);
+        let big_key = format!(r#"{{"id":1,"log":"a","key":"{}"}}"#, "k".repeat(257));
+        assert_eq!(append(&big_key).unwrap_err().code, ErrorCode::TooLarge);
+        let invalid_utf8 = b"{\"id\":1,\"log\":\"\xff\"}";
+        let err = AppendRequest::decode(invalid_utf8, &Limits::default()).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn query_defaults_and_validation() {
+        let q = QueryRequest::decode(br#"{"id":42}"#).unwrap();
+        assert_eq!((q.id, q.after, q.limit, q.request_id), (42, 0, None, None));
+        let q = QueryRequest::decode(br#"{"id":1,"after":10,"limit":5,"request_id":"r"}"#).unwrap();
+        assert_eq!(
+            (q.after, q.limit, q.request_id.as_deref()),
+            (10, Some(5), Some("r"))
+        );
+        assert!(QueryRequest::decode(br#"{"id":1,"limit":0}"#).is_err());
+        assert!(QueryRequest::decode(br#"{"id":1,"after":-3}"#).is_err());
+    }
+}

@@ -1,0 +1,354 @@
+//! The logstore worker as a library: `main.rs` parses the configuration and calls [`run`];
+//! tests call [`run`] directly.
+//!
+//! # Layout
+//! Data flows one way, top to bottom:
+//! - [`config`]: settings from env/CLI, validated once into an `Arc<Config>`.
+//! - [`intake`]: the NATS queue subscriptions; decodes and validates, rejects bad input.
+//! - [`ring`]: which shard owns an object id.
+//! - [`pipeline`]: per-shard queue; batches appends into one transaction, runs queries after the
+//!   appends received before them, streams query answers in chunks.
+//! - [`store`]: PostgreSQL: pools, migrations, shard identity, the append function, paged reads.
+//! - [`outbox`]: replies, `appended.<id>` events, response chunks, errors and dead letters.
+//! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
+
+pub mod config;
+pub mod http;
+pub mod intake;
+pub mod metrics;
+pub mod outbox;
+pub mod pipeline;
+pub mod ring;
+pub mod store;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::{Shard, StoreError};
+
+/// How often each shard is health-checked (and, while it has never been reachable, retried).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the worker could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on METRICS_ADDR {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Nats {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        subject: String,
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A shard and what the health checker last saw of it.
+struct ShardHealth {
+    shard: Arc<Shard>,
+    up: AtomicBool,
+}
+
+/// Run a worker until `shutdown` completes, then stop taking messages, finish and answer
+/// everything already received, and return.
+pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let metrics = Metrics::new()?;
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.metrics_addr,
+            source,
+        })?;
+
+    let shards = start_shards(&config, &metrics).await?;
+    let client = connect_nats(&config, &metrics).await?;
+
+    let cancel = CancellationToken::new();
+    // Background tasks (HTTP, health checks) stop on `cancel`; work tasks (pipelines, queries)
+    // stop when their input ends, so nothing received is abandoned.
+    let background = TaskTracker::new();
+    let work = TaskTracker::new();
+
+    let readiness: http::ReadinessCheck = {
+        let client = client.clone();
+        let shards = shards.clone();
+        Arc::new(move || readiness_problems(&client, &shards))
+    };
+    background.spawn(http::serve(
+        listener,
+        metrics.clone(),
+        readiness,
+        cancel.clone(),
+        background.clone(),
+    ));
+    for health in shards.iter() {
+        background.spawn(watch_shard(health.clone(), metrics.clone(), cancel.clone()));
+    }
+
+    let outbox = outbox::Outbox::new(
+        client.clone(),
+        &config.events_prefix,
+        &config.dead_letter_subject,
+        &config.response_subject,
+        metrics.clone(),
+    );
+    let context = pipeline::Context {
+        outbox: outbox.clone(),
+        metrics: metrics.clone(),
+        tasks: work.clone(),
+        query_slots: Arc::new(Semaphore::new(config.max_concurrent_queries)),
+        batch_max_rows: config.batch_max_rows,
+    };
+    let mut queues = Vec::with_capacity(shards.len());
+    for health in shards.iter() {
+        let (sender, receiver) = mpsc::channel(config.batch_max_rows * 2);
+        queues.push(sender);
+        work.spawn(pipeline::run_shard(
+            health.shard.clone(),
+            receiver,
+            context.clone(),
+        ));
+    }
+    let router = Arc::new(intake::Router {
+        ring: ring::Ring::new(
+            &config
+                .shards
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            config.ring_vnodes,
+        ),
+        queues,
+        limits: config.limits,
+        outbox: outbox.clone(),
+        metrics: metrics.clone(),
+    });
+
+    let subscribe = |subject: String| {
+        let client = client.clone();
+        let group = config.queue_group.clone();
+        async move {
+            client
+                .queue_subscribe(subject.clone(), group)
+                .await
+                .map_err(|source| Error::Subscribe { subject, source })
+        }
+    };
+    let logs = subscribe(config.logs_subject.clone()).await?;
+    let queries = subscribe(config.query_subject.clone()).await?;
+    tracing::info!(
+        logs = %config.logs_subject,
+        query = %config.query_subject,
+        group = %config.queue_group,
+        shards = shards.len(),
+        metrics = %config.metrics_addr,
+        "worker started"
+    );
+
+    let intake = intake::run(logs, queries, router, cancel.clone());
+    tokio::pin!(intake);
+    tokio::select! {
+        _ = &mut intake => cancel.cancel(),
+        _ = shutdown => {
+            tracing::info!("shutting down: no new messages; finishing in-flight work");
+            cancel.cancel();
+            if tokio::time::timeout(config.shutdown_timeout, &mut intake).await.is_err() {
+                tracing::warn!("draining NATS subscriptions did not finish in time");
+            }
+        }
+    }
+    drop(intake); // drops the router: the shard queues close once they are empty
+
+    work.close();
+    if tokio::time::timeout(config.shutdown_timeout, work.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            unfinished = work.len(),
+            "shutdown timed out with work in flight"
+        );
+    }
+    outbox.flush().await;
+    background.close();
+    if tokio::time::timeout(Duration::from_secs(5), background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            unfinished = background.len(),
+            "background tasks did not stop in time"
+        );
+    }
+    for health in shards.iter() {
+        health.shard.close();
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Build every shard's pool and try to initialise each once. A shard that is down is retried
+/// in the background; a shard whose database belongs to another name stops the start.
+async fn start_shards(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Arc<Vec<Arc<ShardHealth>>>, Error> {
+    let mut shards = Vec::with_capacity(config.shards.len());
+    for shard_config in &config.shards {
+        let shard = Shard::new(shard_config, config.pool_size, config.shard_timeout)
+            .map_err(Error::Setup)?;
+        metrics.init_shard(&shard.name);
+        shards.push(Arc::new(ShardHealth {
+            shard: Arc::new(shard),
+            up: AtomicBool::new(false),
+        }));
+    }
+    let attempts = shards
+        .iter()
+        .map(|h| async move { (h, h.shard.initialise().await) });
+    for (health, result) in futures::future::join_all(attempts).await {
+        match result {
+            Ok(()) => {
+                health.up.store(true, Ordering::Release);
+                metrics
+                    .shard_up
+                    .with_label_values(&[&health.shard.name])
+                    .set(1);
+            }
+            Err(e @ StoreError::WrongShard { .. }) => return Err(e.into()),
+            Err(e) => tracing::warn!(
+                shard = %health.shard.name,
+                error = %e,
+                "shard unreachable at start; its objects answer `unavailable` until it is back"
+            ),
+        }
+    }
+    Ok(Arc::new(shards))
+}
+
+async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::Client, Error> {
+    let reconnects = metrics.nats_reconnects.clone();
+    let connected_once = Arc::new(AtomicBool::new(false));
+    async_nats::ConnectOptions::new()
+        .name("logstore-worker")
+        // Start (not ready) while NATS is down, and connect when it comes up.
+        .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let reconnects = reconnects.clone();
+            let connected_once = connected_once.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        if connected_once.swap(true, Ordering::AcqRel) {
+                            reconnects.inc();
+                        }
+                        tracing::info!("connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    other => tracing::info!(event = %other, "NATS event"),
+                }
+            }
+        })
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|source| Error::Nats {
+            url: config.nats_url.clone(),
+            source,
+        })
+}
+
+/// Health-check one shard every second: initialise it if it never was, else ping it. Keeps
+/// `logstore_shard_up` and the pool gauges current.
+async fn watch_shard(health: Arc<ShardHealth>, metrics: Metrics, cancel: CancellationToken) {
+    let name = health.shard.name.clone();
+    let mut refused_logged = false;
+    loop {
+        let result = if health.shard.is_refused() {
+            if !refused_logged {
+                tracing::error!(shard = %name, "shard refused: its database belongs to another shard name");
+                refused_logged = true;
+            }
+            Err(())
+        } else if health.shard.is_initialised() {
+            health.shard.ping().await.map_err(|e| {
+                tracing::debug!(shard = %name, error = %e, "health check failed");
+            })
+        } else {
+            health.shard.initialise().await.map_err(|e| {
+                tracing::debug!(shard = %name, error = %e, "shard still unreachable");
+            })
+        };
+        let up = result.is_ok();
+        if health.up.swap(up, Ordering::AcqRel) != up {
+            if up {
+                tracing::info!(shard = %name, "shard is up");
+            } else {
+                tracing::warn!(shard = %name, "shard is down");
+            }
+        }
+        metrics
+            .shard_up
+            .with_label_values(&[&name])
+            .set(i64::from(up));
+        let status = health.shard.pool_status();
+        let in_use = status.size.saturating_sub(status.available);
+        metrics
+            .pool_connections
+            .with_label_values(&[&name, "in_use"])
+            .set(in_use as i64);
+        metrics
+            .pool_connections
+            .with_label_values(&[&name, "idle"])
+            .set(status.available as i64);
+        metrics
+            .pool_connections
+            .with_label_values(&[&name, "max"])
+            .set(status.max_size as i64);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
+}
+
+fn readiness_problems(client: &async_nats::Client, shards: &[Arc<ShardHealth>]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let state = client.connection_state();
+    if state != async_nats::connection::State::Connected {
+        problems.push(format!("nats: {state}"));
+    }
+    for health in shards {
+        if health.shard.is_refused() {
+            problems.push(format!(
+                "shard {}: database belongs to another shard",
+                health.shard.name
+            ));
+        } else if !health.up.load(Ordering::Acquire) {
+            problems.push(format!("shard {}: unreachable", health.shard.name));
+        }
+    }
+    problems
+}

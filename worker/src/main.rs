@@ -1,0 +1,112 @@
+//! `worker`: runs a logstore worker (the default), or answers operator questions about the
+//! configuration (`worker ring <id>...`). All settings come from env vars or flags (`--help`).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use worker::config::RawConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "logstore worker: sharded, idempotent log storage behind NATS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: RawConfig,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker (the default when no command is given).
+    Run,
+    /// Print the shard that owns each given object id under the current configuration.
+    Ring {
+        /// Object ids (u64).
+        #[arg(required = true)]
+        ids: Vec<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.config.validate() {
+        Ok(config) => Arc::new(config),
+        Err(e) => {
+            eprintln!("worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.json_logs);
+    match cli.command {
+        Some(Command::Ring { ids }) => {
+            let names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
+            let ring = worker::ring::Ring::new(&names, config.ring_vnodes);
+            for id in ids {
+                println!("{id} {}", ring.shard_name_of(id));
+            }
+            ExitCode::SUCCESS
+        }
+        None | Some(Command::Run) => run(config),
+    }
+}
+
+fn run(config: Arc<worker::config::Config>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = match shutdown_signal() {
+            Ok(signal) => signal,
+            Err(e) => return Err(anyhow::anyhow!("cannot install signal handlers: {e}")),
+        };
+        worker::run(config, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

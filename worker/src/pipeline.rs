@@ -1,0 +1,410 @@
+//! Per-shard pipelines: appends that arrive together are written in one transaction, and a query
+//! runs only after the appends this worker received before it have committed (so a publisher that
+//! appends and then queries through one worker reads its own writes).
+//!
+//! Each shard has one bounded queue and one task. The task takes whatever is queued (up to
+//! `BATCH_MAX_ROWS`), commits it, answers every append, and starts any query that was queued
+//! behind those appends as its own tracked task, bounded by a semaphore.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::Subject;
+use logstore_protocol::{AppendReply, ErrorBody, ErrorCode, LogEntry, QueryRequest};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::outbox::{format_ts, Outbox};
+use crate::store::{NewEntry, Row, Shard, StoreError, Stored};
+
+/// Rows read per database round trip when streaming a whole log.
+const PAGE_ROWS: u64 = 1000;
+/// Room kept in every chunk for the closing `],"next":…,"last":…}`.
+const TRAILER_RESERVE: usize = 64;
+
+/// An append on its way to its shard.
+pub struct AppendJob {
+    pub entry: NewEntry,
+    pub reply: Option<Subject>,
+    pub started: Instant,
+}
+
+/// A query on its way to its shard.
+pub struct QueryJob {
+    pub request: QueryRequest,
+    pub reply: Option<Subject>,
+    pub started: Instant,
+}
+
+pub enum Work {
+    Append(AppendJob),
+    Query(QueryJob),
+}
+
+/// What a shard pipeline needs besides its queue.
+#[derive(Clone)]
+pub struct Context {
+    pub outbox: Outbox,
+    pub metrics: Metrics,
+    pub tasks: TaskTracker,
+    pub query_slots: Arc<Semaphore>,
+    pub batch_max_rows: usize,
+}
+
+/// Run one shard's pipeline until every sender of `queue` is gone and the queue is empty.
+pub async fn run_shard(shard: Arc<Shard>, mut queue: mpsc::Receiver<Work>, ctx: Context) {
+    let mut batch: Vec<AppendJob> = Vec::with_capacity(ctx.batch_max_rows);
+    while let Some(work) = queue.recv().await {
+        let mut query = None;
+        match work {
+            Work::Append(job) => batch.push(job),
+            Work::Query(job) => query = Some(job),
+        }
+        while query.is_none() && batch.len() < ctx.batch_max_rows {
+            match queue.try_recv() {
+                Ok(Work::Append(job)) => batch.push(job),
+                Ok(Work::Query(job)) => query = Some(job),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            commit_batch(&shard, &mut batch, &ctx).await;
+        }
+        if let Some(job) = query {
+            start_query(&shard, job, &ctx).await;
+        }
+    }
+}
+
+async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, ctx: &Context) {
+    ctx.metrics
+        .batch_size
+        .with_label_values(&[&shard.name])
+        .observe(batch.len() as f64);
+    let entries: Vec<NewEntry> = batch.iter().map(|job| job.entry.clone()).collect();
+    match shard.append(&entries).await {
+        Ok(stored) => {
+            for (job, stored) in batch.drain(..).zip(stored) {
+                answer_append(shard, job, Ok(stored), ctx).await;
+            }
+        }
+        Err(e) if e.is_unavailable() || batch.len() == 1 => {
+            tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed");
+            for job in batch.drain(..) {
+                answer_append(shard, job, Err(&e), ctx).await;
+            }
+        }
+        Err(e) => {
+            // One bad entry must not fail its neighbours: the batch rolled back as a whole,
+            // so store the entries one by one to isolate it.
+            tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed; retrying entries one by one");
+            for job in batch.drain(..) {
+                let result = shard.append(std::slice::from_ref(&job.entry)).await;
+                match result {
+                    Ok(mut stored) if stored.len() == 1 => {
+                        let stored = stored.remove(0);
+                        answer_append(shard, job, Ok(stored), ctx).await
+                    }
+                    Ok(_) => {
+                        let e = ErrorBody::new(ErrorCode::Internal, "append returned no result");
+                        fail_append(shard, job, e, ctx).await
+                    }
+                    Err(e) => answer_append(shard, job, Err(&e), ctx).await,
+                }
+            }
+        }
+    }
+}
+
+async fn answer_append(
+    shard: &Shard,
+    job: AppendJob,
+    result: Result<Stored, &StoreError>,
+    ctx: &Context,
+) {
+    match result {
+        Ok(stored) => {
+            let outcome = if stored.duplicate {
+                "duplicate"
+            } else {
+                "stored"
+            };
+            ctx.metrics
+                .appends
+                .with_label_values(&[&shard.name, outcome])
+                .inc();
+            let body = AppendReply {
+                id: job.entry.id,
+                seq: stored.seq,
+                ts: format_ts(stored.ts),
+                duplicate: stored.duplicate,
+            };
+            ctx.outbox.append_done(job.reply.as_ref(), &body).await;
+            finish_append(shard, &job, ctx);
+        }
+        Err(e) => fail_append(shard, job, store_error_body(e), ctx).await,
+    }
+}
+
+async fn fail_append(shard: &Shard, job: AppendJob, error: ErrorBody, ctx: &Context) {
+    ctx.metrics
+        .appends
+        .with_label_values(&[&shard.name, "failed"])
+        .inc();
+    ctx.outbox.error_reply(job.reply.as_ref(), &error).await;
+    finish_append(shard, &job, ctx);
+}
+
+fn finish_append(shard: &Shard, job: &AppendJob, ctx: &Context) {
+    ctx.metrics
+        .append_duration
+        .with_label_values(&[&shard.name])
+        .observe(job.started.elapsed().as_secs_f64());
+    ctx.metrics.in_flight.with_label_values(&["append"]).dec();
+}
+
+/// The error a client sees for a store failure. Outages say `unavailable` (retry with the same
+/// key); anything else is `internal`, with the detail in the worker's log rather than the reply.
+pub fn store_error_body(e: &StoreError) -> ErrorBody {
+    if e.is_unavailable() {
+        ErrorBody::new(ErrorCode::Unavailable, e.to_string())
+    } else {
+        tracing::error!(error = %e, "store fault");
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("shard error (see worker log): {}", short(e)),
+        )
+    }
+}
+
+fn short(e: &StoreError) -> String {
+    match e {
+        StoreError::Database { source, .. } => source
+            .as_db_error()
+            .map(|db| db.message().to_string())
+            .unwrap_or_else(|| source.to_string()),
+        other => other.to_string(),
+    }
+}
+
+async fn start_query(shard: &Arc<Shard>, job: QueryJob, ctx: &Context) {
+    // Waiting here (rather than in the spawned task) is the backpressure: a flood of whole-log
+    // reads slows this shard's intake instead of growing without bound.
+    let permit = match ctx.query_slots.clone().acquire_owned().await {
+        Ok(permit) => permit,
+        Err(_) => return, // closed only at the very end of shutdown
+    };
+    let shard = shard.clone();
+    let ctx2 = ctx.clone();
+    ctx.tasks.spawn(async move {
+        let _permit = permit;
+        answer_query(&shard, job, &ctx2).await;
+    });
+}
+
+async fn answer_query(shard: &Shard, job: QueryJob, ctx: &Context) {
+    let subject = ctx.outbox.response_subject(job.reply.clone());
+    let result = stream_query(shard, &job.request, &subject, ctx).await;
+    let outcome = match result {
+        Ok(()) => "ok",
+        Err(error) => {
+            ctx.outbox.error_reply(Some(&subject), &error).await;
+            "failed"
+        }
+    };
+    ctx.metrics.queries.with_label_values(&[outcome]).inc();
+    ctx.metrics
+        .query_duration
+        .with_label_values(&[&shard.name])
+        .observe(job.started.elapsed().as_secs_f64());
+    ctx.metrics.in_flight.with_label_values(&["query"]).dec();
+}
+
+/// Read the requested range page by page and send it as chunks no larger than the server's
+/// max_payload. Memory holds one page and one chunk at a time, whatever the log's size.
+async fn stream_query(
+    shard: &Shard,
+    request: &QueryRequest,
+    subject: &Subject,
+    ctx: &Context,
+) -> Result<(), ErrorBody> {
+    let wanted = request.limit.unwrap_or(u64::MAX);
+    let first = shard
+        .first_page(request.id, request.after, wanted.min(PAGE_ROWS))
+        .await
+        .map_err(|e| store_error_body(&e))?;
+    let mut writer = ChunkWriter::new(request, first.total, ctx.outbox.max_payload())?;
+    let mut sent = 0u64;
+    let mut cursor = request.after;
+    let mut rows: Vec<Row> = first.rows;
+    loop {
+        let fetched = rows.len() as u64;
+        for row in rows.drain(..) {
+            let entry = LogEntry {
+                seq: row.seq,
+                ts: format_ts(row.ts),
+                log: row.log,
+            };
+            if let Some(chunk) = writer.push(&entry)? {
+                ctx.outbox.response(subject, chunk).await;
+            }
+            cursor = row.seq;
+            sent += 1;
+        }
+        let asked = (wanted - (sent - fetched)).min(PAGE_ROWS);
+        if sent >= wanted || fetched < asked || cursor >= first.last_seq {
+            break;
+        }
+        rows = shard
+            .page(
+                request.id,
+                cursor,
+                first.last_seq,
+                (wanted - sent).min(PAGE_ROWS),
+            )
+            .await
+            .map_err(|e| store_error_body(&e))?;
+    }
+    let next = (sent >= wanted && cursor < first.last_seq).then_some(cursor);
+    ctx.outbox.response(subject, writer.finish(next)).await;
+    Ok(())
+}
+
+/// Builds query response chunks as JSON text, each a complete, valid response under the size
+/// budget. Written by hand (not by serializing a `QueryResponse`) so a chunk is filled entry by
+/// entry without knowing in advance how many fit.
+struct ChunkWriter {
+    /// Everything before the `"chunk"` number, identical in every chunk.
+    head: String,
+    buf: Vec<u8>,
+    entries: usize,
+    chunk: u32,
+    last_seq_in_chunk: u64,
+    max_payload: usize,
+}
+
+impl ChunkWriter {
+    fn new(
+        request: &QueryRequest,
+        total: u64,
+        max_payload: usize,
+    ) -> Result<ChunkWriter, ErrorBody> {
+        let mut head = format!("{{\"id\":{}", request.id);
+        if let Some(request_id) = &request.request_id {
+            let quoted = serde_json::to_string(request_id)
+                .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+            head.push_str(",\"request_id\":");
+            head.push_str(&quoted);
+        }
+        head.push_str(&format!(",\"total\":{total},\"chunk\":"));
+        let mut writer = ChunkWriter {
+            head,
+            buf: Vec::new(),
+            entries: 0,
+            chunk: 0,
+            last_seq_in_chunk: 0,
+            max_payload,
+        };
+        writer.open();
+        if writer.buf.len() + TRAILER_RESERVE > max_payload {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                "request_id is too large for one response message",
+            ));
+        }
+        Ok(writer)
+    }
+
+    fn open(&mut self) {
+        self.buf.clear();
+        self.buf.extend_from_slice(self.head.as_bytes());
+        self.buf
+            .extend_from_slice(format!("{},\"logs\":[", self.chunk).as_bytes());
+        self.entries = 0;
+    }
+
+    /// Add an entry; returns a full chunk to send first when the entry does not fit in this one.
+    fn push(&mut self, entry: &LogEntry) -> Result<Option<Vec<u8>>, ErrorBody> {
+        let encoded = serde_json::to_vec(entry)
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+        let mut full = None;
+        if self.buf.len() + 1 + encoded.len() + TRAILER_RESERVE > self.max_payload {
+            if self.entries == 0 {
+                return Err(ErrorBody::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "entry {} does not fit in one message of {} bytes (server max_payload)",
+                        entry.seq, self.max_payload
+                    ),
+                ));
+            }
+            full = Some(self.close(Some(self.last_seq_in_chunk), false));
+            self.chunk += 1;
+            self.open();
+        }
+        if self.entries > 0 {
+            self.buf.push(b',');
+        }
+        self.buf.extend_from_slice(&encoded);
+        self.entries += 1;
+        self.last_seq_in_chunk = entry.seq;
+        Ok(full)
+    }
+
+    fn close(&mut self, next: Option<u64>, last: bool) -> Vec<u8> {
+        let next = next.map_or_else(|| "null".to_string(), |n| n.to_string());
+        self.buf
+            .extend_from_slice(format!("],\"next\":{next},\"last\":{last}}}").as_bytes());
+        std::mem::take(&mut self.buf)
+    }
+
+    /// The final chunk.
+    fn finish(mut self, next: Option<u64>) -> Vec<u8> {
+        self.close(next, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use logstore_protocol::QueryResponse;
+
+    #[test]
+    fn chunks_are_valid_responses_under_the_budget() {
+        let request = QueryRequest {
+            id: 7,
+            after: 0,
+            limit: None,
+            request_id: Some("r\"1".into()),
+        };
+        let mut writer = ChunkWriter::new(&request, 50, 600).unwrap();
+        let mut chunks = Vec::new();
+        for seq in 1..=50 {
+            let entry = LogEntry {
+                seq,
+                ts: "2026-11-22T09:16:27.123456Z".into(),
+                log: "x".repeat(20),
+            };
+            if let Some(chunk) = writer.push(&entry).unwrap() {
+                chunks.push(chunk);
+            }
+        }
+        chunks.push(writer.finish(None));
+        assert!(chunks.len() > 3);
+        let mut seqs = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            assert!(chunk.len() <= 600, "chunk {i} is {} bytes", chunk.len());
+            let response: QueryResponse = serde_json::from_slice(chunk).unwrap();
+            assert_eq!(response.chunk as usize, i);
+            assert_eq!(response.last, i == chunks.len() - 1);
+            assert_eq!(response.request_id.as_deref(), Some("r\"1"));
+            assert_eq!(response.total, 50);
+            if !response.last {
+                assert_eq!(response.next, response.logs.last().map(|e| e.seq));
+            }
+            seqs.extend(response.logs.iter().map(|e| e.seq));
+        }
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+    }
+}

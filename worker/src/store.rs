@@ -1,0 +1,427 @@
+//! PostgreSQL shards: connection pools, embedded migrations, the shard-identity check, batched
+//! idempotent appends and paged reads.
+//!
+//! Every operation is bounded by the shard timeout, so a shard that is down or hung answers
+//! `unavailable` quickly instead of stalling the worker. Errors say whether they are a normal
+//! outage ([`StoreError::is_unavailable`]) or a fault.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::config::ShardConfig;
+
+/// The migrations, embedded so the binary (and its container image) needs no files.
+/// Append new ones at the end; never edit one that has shipped.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "schema",
+    include_str!("../../migrations/0001_schema.sql"),
+)];
+
+/// Serialises migrations across every worker that starts at once (an arbitrary constant:
+/// "logstore" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6c6f_6773_746f_7265;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("shard {shard} is unavailable: {source}")]
+    Unavailable {
+        shard: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("shard {shard} timed out after {after:?}")]
+    Timeout { shard: String, after: Duration },
+    #[error("shard {shard} has not been initialised yet (unreachable since start)")]
+    NotReady { shard: String },
+    #[error(
+        "shard {shard}: the database at this URL belongs to shard {found:?}; refusing to use it \
+         (fix POSTGRES_SHARDS: a name must always map to the same database)"
+    )]
+    WrongShard { shard: String, found: String },
+    #[error("shard {shard}: {source}")]
+    Database {
+        shard: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl StoreError {
+    /// True for outages (connection refused or lost, pool exhausted, timeout): the same request
+    /// may succeed later. False for faults that retrying will not fix.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable { .. }
+            | StoreError::Timeout { .. }
+            | StoreError::NotReady { .. } => true,
+            StoreError::WrongShard { .. } => false,
+            // No SQLSTATE: the connection itself failed. 08: connection exception; 53: out of
+            // resources (e.g. too many connections); 57P: the server is shutting down or starting.
+            StoreError::Database { source, .. } => match source.code() {
+                None => true,
+                Some(state) => ["08", "53", "57P"]
+                    .iter()
+                    .any(|class| state.code().starts_with(class)),
+            },
+        }
+    }
+}
+
+/// One entry to append.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    pub id: u64,
+    pub key: Option<String>,
+    pub log: String,
+    /// When the system received it: the entry's ts unless an earlier entry of the object is later.
+    pub received: SystemTime,
+}
+
+/// Where an append ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub seq: u64,
+    pub ts: SystemTime,
+    /// The key was already stored: `seq`/`ts` are the original entry's.
+    pub duplicate: bool,
+}
+
+/// One stored entry, as read back.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub seq: u64,
+    pub ts: SystemTime,
+    pub log: String,
+}
+
+/// The first page of a read, with the object's head at the same snapshot.
+#[derive(Debug, Default)]
+pub struct FirstPage {
+    pub total: u64,
+    pub last_seq: u64,
+    pub rows: Vec<Row>,
+}
+
+const STATE_PENDING: u8 = 0;
+const STATE_READY: u8 = 1;
+const STATE_REFUSED: u8 = 2;
+
+/// A handle to one shard. Cheap to share behind an `Arc`.
+pub struct Shard {
+    pub name: String,
+    pool: Pool,
+    timeout: Duration,
+    /// Pending until migrations ran and the identity matched; Refused forever on a mismatch.
+    state: AtomicU8,
+}
+
+impl Shard {
+    /// Build the shard's pool. Connects lazily: a shard that is down does not fail this.
+    pub fn new(config: &ShardConfig, pool_size: usize, timeout: Duration) -> Result<Shard, String> {
+        let mut pg: tokio_postgres::Config = config
+            .url
+            .parse()
+            .map_err(|e| format!("shard {}: bad URL: {e}", config.name))?;
+        pg.connect_timeout(timeout.min(Duration::from_secs(5)));
+        pg.keepalives_idle(Duration::from_secs(30));
+        pg.application_name("logstore-worker");
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                // Fast: a connection whose socket died is dropped on return anyway; a broken one
+                // that still looks open fails its next statement, which answers `unavailable`.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| format!("shard {}: cannot build pool: {e}", config.name))?;
+        Ok(Shard {
+            name: config.name.clone(),
+            pool,
+            timeout,
+            state: AtomicU8::new(STATE_PENDING),
+        })
+    }
+
+    /// Migrations applied and identity confirmed.
+    pub fn is_initialised(&self) -> bool {
+        self.state.load(Ordering::Acquire) == STATE_READY
+    }
+
+    /// The database holds another shard's data: this worker must never write to it.
+    pub fn is_refused(&self) -> bool {
+        self.state.load(Ordering::Acquire) == STATE_REFUSED
+    }
+
+    /// Pool status for the metrics.
+    pub fn pool_status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+
+    /// Apply the embedded migrations under an advisory lock and check (or, on a new database,
+    /// record) the shard's name. Idempotent; safe with any number of workers at once.
+    pub async fn initialise(&self) -> Result<(), StoreError> {
+        if self.is_initialised() {
+            return Ok(());
+        }
+        let result = self.bounded(self.migrate_and_check()).await;
+        match &result {
+            Ok(()) => self.state.store(STATE_READY, Ordering::Release),
+            Err(StoreError::WrongShard { .. }) => {
+                self.state.store(STATE_REFUSED, Ordering::Release)
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn migrate_and_check(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.db(e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(|e| self.db(e))?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS logstore_migrations (
+                 version    integer PRIMARY KEY,
+                 name       text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(|e| self.db(e))?;
+        let applied: Vec<i32> = tx
+            .query("SELECT version FROM logstore_migrations", &[])
+            .await
+            .map_err(|e| self.db(e))?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for (version, name, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            tracing::info!(shard = %self.name, version, name, "applying migration");
+            tx.batch_execute(sql).await.map_err(|e| self.db(e))?;
+            tx.execute(
+                "INSERT INTO logstore_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        }
+        tx.execute(
+            "INSERT INTO shard_identity (name) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&self.name],
+        )
+        .await
+        .map_err(|e| self.db(e))?;
+        let found: String = tx
+            .query_one("SELECT name FROM shard_identity", &[])
+            .await
+            .map_err(|e| self.db(e))?
+            .get(0);
+        if found != self.name {
+            return Err(StoreError::WrongShard {
+                shard: self.name.clone(),
+                found,
+            });
+        }
+        tx.commit().await.map_err(|e| self.db(e))
+    }
+
+    /// A cheap round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.bounded(async {
+            let client = self.client().await?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| self.db(e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Append a batch in one transaction (one round trip). The result has one element per
+    /// entry, in order.
+    pub async fn append(&self, entries: &[NewEntry]) -> Result<Vec<Stored>, StoreError> {
+        self.ready()?;
+        let ids: Vec<i64> = entries.iter().map(|e| e.id as i64).collect();
+        let keys: Vec<Option<&str>> = entries.iter().map(|e| e.key.as_deref()).collect();
+        let logs: Vec<&str> = entries.iter().map(|e| e.log.as_str()).collect();
+        let received: Vec<SystemTime> = entries.iter().map(|e| e.received).collect();
+        let rows = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached(
+                        "SELECT ord, seq, ts, duplicate FROM logstore_append($1, $2, $3, $4)",
+                    )
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query(&statement, &[&ids, &keys, &logs, &received])
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        let mut stored = Vec::with_capacity(entries.len());
+        for row in rows {
+            stored.push(Stored {
+                seq: row.get::<_, i64>(1) as u64,
+                ts: row.get(2),
+                duplicate: row.get(3),
+            });
+        }
+        Ok(stored)
+    }
+
+    /// The object's head and its first page of entries with `seq > after`, in one snapshot.
+    /// An unknown object gives an empty page with total 0.
+    pub async fn first_page(
+        &self,
+        id: u64,
+        after: u64,
+        limit: u64,
+    ) -> Result<FirstPage, StoreError> {
+        self.ready()?;
+        let rows = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached(
+                        "SELECT o.entries, o.last_seq, l.seq, l.ts, l.log
+                         FROM objects o
+                         LEFT JOIN LATERAL (
+                             SELECT seq, ts, log FROM logs
+                             WHERE object_id = o.id AND seq > $2
+                             ORDER BY seq LIMIT $3
+                         ) l ON true
+                         WHERE o.id = $1",
+                    )
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query(
+                        &statement,
+                        &[&(id as i64), &(after as i64), &(limit as i64)],
+                    )
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        let mut page = FirstPage::default();
+        for row in rows {
+            page.total = row.get::<_, i64>(0) as u64;
+            page.last_seq = row.get::<_, i64>(1) as u64;
+            if let Some(seq) = row.get::<_, Option<i64>>(2) {
+                page.rows.push(Row {
+                    seq: seq as u64,
+                    ts: row.get(3),
+                    log: row.get(4),
+                });
+            }
+        }
+        Ok(page)
+    }
+
+    /// Entries with `after < seq <= until`, at most `limit`, in seq order.
+    pub async fn page(
+        &self,
+        id: u64,
+        after: u64,
+        until: u64,
+        limit: u64,
+    ) -> Result<Vec<Row>, StoreError> {
+        self.ready()?;
+        let rows = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached(
+                        "SELECT seq, ts, log FROM logs
+                         WHERE object_id = $1 AND seq > $2 AND seq <= $3
+                         ORDER BY seq LIMIT $4",
+                    )
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query(
+                        &statement,
+                        &[
+                            &(id as i64),
+                            &(after as i64),
+                            &(until as i64),
+                            &(limit as i64),
+                        ],
+                    )
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Row {
+                seq: row.get::<_, i64>(0) as u64,
+                ts: row.get(1),
+                log: row.get(2),
+            })
+            .collect())
+    }
+
+    /// Close the pool: idle connections are dropped, later gets fail.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
+    fn ready(&self) -> Result<(), StoreError> {
+        match self.state.load(Ordering::Acquire) {
+            STATE_READY => Ok(()),
+            _ => Err(StoreError::NotReady {
+                shard: self.name.clone(),
+            }),
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(source) => self.db(source),
+            other => StoreError::Unavailable {
+                shard: self.name.clone(),
+                source: Box::new(other),
+            },
+        })
+    }
+
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout {
+                shard: self.name.clone(),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    fn db(&self, source: tokio_postgres::Error) -> StoreError {
+        StoreError::Database {
+            shard: self.name.clone(),
+            source,
+        }
+    }
+}

@@ -92,10 +92,14 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let background = TaskTracker::new();
     let work = TaskTracker::new();
 
+    // Ready only while subscribed: before the subscriptions exist and once draining starts,
+    // a load balancer or test must not count on this worker taking messages.
+    let subscribed = Arc::new(AtomicBool::new(false));
     let readiness: http::ReadinessCheck = {
         let client = client.clone();
         let shards = shards.clone();
-        Arc::new(move || readiness_problems(&client, &shards))
+        let subscribed = subscribed.clone();
+        Arc::new(move || readiness_problems(&client, &shards, &subscribed))
     };
     background.spawn(http::serve(
         listener,
@@ -159,6 +163,13 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     };
     let logs = subscribe(config.logs_subject.clone()).await?;
     let queries = subscribe(config.query_subject.clone()).await?;
+    if client.connection_state() == async_nats::connection::State::Connected {
+        // Make sure the server has the subscriptions before this worker calls itself ready.
+        if let Err(e) = client.flush().await {
+            tracing::warn!(error = %e, "NATS flush after subscribing failed");
+        }
+    }
+    subscribed.store(true, Ordering::Release);
     tracing::info!(
         logs = %config.logs_subject,
         query = %config.query_subject,
@@ -174,6 +185,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         _ = &mut intake => cancel.cancel(),
         _ = shutdown => {
             tracing::info!("shutting down: no new messages; finishing in-flight work");
+            subscribed.store(false, Ordering::Release);
             cancel.cancel();
             if tokio::time::timeout(config.shutdown_timeout, &mut intake).await.is_err() {
                 tracing::warn!("draining NATS subscriptions did not finish in time");
@@ -334,8 +346,15 @@ async fn watch_shard(health: Arc<ShardHealth>, metrics: Metrics, cancel: Cancell
     }
 }
 
-fn readiness_problems(client: &async_nats::Client, shards: &[Arc<ShardHealth>]) -> Vec<String> {
+fn readiness_problems(
+    client: &async_nats::Client,
+    shards: &[Arc<ShardHealth>],
+    subscribed: &AtomicBool,
+) -> Vec<String> {
     let mut problems = Vec::new();
+    if !subscribed.load(Ordering::Acquire) {
+        problems.push("intake: not subscribed (starting or draining)".to_string());
+    }
     let state = client.connection_state();
     if state != async_nats::connection::State::Connected {
         problems.push(format!("nats: {state}"));

@@ -1,0 +1,336 @@
+//! Test support: real servers (see `servers`), workers run in-process or as the real binary,
+//! and client helpers. Every wait is bounded by a timeout.
+
+#![allow(dead_code, unused_imports)] // each test binary uses a different part of this module
+
+pub mod servers;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use clap::Parser;
+use futures::StreamExt;
+use logstore_protocol::{AppendReply, ErrorReply, LogEntry, QueryResponse};
+use tokio::task::JoinHandle;
+use worker::config::{Config, RawConfig};
+
+pub use servers::{fresh_db, pg_connect, shared, unique_name, NatsServer, PgServer};
+
+/// Await `future` for at most `secs` seconds; a timeout fails the test with `what`.
+pub async fn within<T>(secs: u64, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {secs}s: {what}"),
+    }
+}
+
+/// Poll `check` every 50 ms until it returns `Some`, for at most `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    within(secs, what, async {
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    raw: RawConfig,
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// One test's world: a NATS URL, its own subjects (so tests sharing a server never see each
+/// other's messages) and its own shard databases.
+#[derive(Clone)]
+pub struct Env {
+    pub nats_url: String,
+    pub prefix: String,
+    /// (shard name, database URL)
+    pub shards: Vec<(String, String)>,
+}
+
+impl Env {
+    /// Shards named `names`, placed round-robin on the two shared Postgres servers, each in a
+    /// fresh database.
+    pub async fn shared(names: &[&str]) -> Env {
+        let servers = shared();
+        let mut shards = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let pg = &servers.pg[i % servers.pg.len()];
+            shards.push((name.to_string(), fresh_db(pg, name).await));
+        }
+        Env {
+            nats_url: servers.nats.url(),
+            prefix: unique_name("t"),
+            shards,
+        }
+    }
+
+    pub fn subject(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    pub fn shards_spec(&self) -> String {
+        self.shards
+            .iter()
+            .map(|(name, url)| format!("{name}={url}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The worker settings for this env as `(variable, value)` pairs, usable as CLI flags or env.
+    pub fn settings(&self, metrics_port: u16) -> Vec<(&'static str, String)> {
+        vec![
+            ("NATS_URL", self.nats_url.clone()),
+            ("POSTGRES_SHARDS", self.shards_spec()),
+            ("NATS_LOGS_TOPIC", self.subject("logs")),
+            ("NATS_QUERY_TOPIC", self.subject("query")),
+            ("NATS_RESPONSE_TOPIC", self.subject("response")),
+            ("NATS_QUEUE_GROUP", self.subject("workers")),
+            ("NATS_EVENTS_PREFIX", self.subject("appended")),
+            ("NATS_DEAD_LETTER_TOPIC", self.subject("dead_letter")),
+            ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
+            ("SHARD_TIMEOUT_MS", "3000".to_string()),
+        ]
+    }
+
+    pub fn config(&self, metrics_port: u16) -> Arc<Config> {
+        let mut args = vec!["worker".to_string()];
+        for (var, value) in self.settings(metrics_port) {
+            args.push(format!("--{}", var.to_lowercase().replace('_', "-")));
+            args.push(value);
+        }
+        let raw = Args::try_parse_from(args).expect("test config parses").raw;
+        Arc::new(raw.validate().expect("test config is valid"))
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        within(10, "connect to NATS", async_nats::connect(self.nats_url.as_str()))
+            .await
+            .expect("connect to NATS")
+    }
+
+    /// Start a worker in this process and wait until it is ready.
+    pub async fn start_worker(&self) -> TestWorker {
+        let worker = self.spawn_worker();
+        worker.wait_ready().await;
+        worker
+    }
+
+    /// Start a worker in this process without waiting for it.
+    pub fn spawn_worker(&self) -> TestWorker {
+        let port = free_port();
+        let config = self.config(port);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(worker::run(config, async move {
+            let _ = stopped.await;
+        }));
+        TestWorker {
+            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Append through NATS request-reply; panics on an error reply.
+    pub async fn append(&self, client: &async_nats::Client, id: u64, log: &str, key: Option<&str>) -> AppendReply {
+        let body = append_body(id, log, key);
+        let reply = request(client, &self.subject("logs"), body).await;
+        match serde_json::from_slice::<AppendReply>(&reply.payload) {
+            Ok(reply) => reply,
+            Err(_) => panic!("append {id} failed: {}", String::from_utf8_lossy(&reply.payload)),
+        }
+    }
+
+    /// Append through NATS request-reply; returns the error reply if there is one.
+    pub async fn try_append(&self, client: &async_nats::Client, id: u64, log: &str) -> Result<AppendReply, ErrorReply> {
+        let reply = request(client, &self.subject("logs"), append_body(id, log, None)).await;
+        parse_reply(&reply.payload)
+    }
+
+    /// Read an object's whole log (all chunks) via a reply subject.
+    pub async fn query_all(&self, client: &async_nats::Client, id: u64) -> Vec<QueryResponse> {
+        self.query(client, serde_json::json!({ "id": id })).await
+    }
+
+    /// Send a query with a reply subject and collect its chunks until `last`.
+    pub async fn query(&self, client: &async_nats::Client, body: serde_json::Value) -> Vec<QueryResponse> {
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe inbox");
+        client
+            .publish_with_reply(self.subject("query"), inbox, body.to_string().into())
+            .await
+            .expect("publish query");
+        collect_chunks(&mut replies).await
+    }
+}
+
+pub fn append_body(id: u64, log: &str, key: Option<&str>) -> Bytes {
+    let mut body = serde_json::json!({ "id": id, "log": log });
+    if let Some(key) = key {
+        body["key"] = key.into();
+    }
+    body.to_string().into()
+}
+
+pub fn parse_reply(payload: &[u8]) -> Result<AppendReply, ErrorReply> {
+    serde_json::from_slice::<AppendReply>(payload).map_err(|_| {
+        serde_json::from_slice::<ErrorReply>(payload)
+            .unwrap_or_else(|e| panic!("reply is neither success nor error ({e}): {}", String::from_utf8_lossy(payload)))
+    })
+}
+
+/// Request-reply with a 10 s bound.
+pub async fn request(client: &async_nats::Client, subject: &str, body: Bytes) -> async_nats::Message {
+    within(10, "request", client.request(subject.to_string(), body))
+        .await
+        .unwrap_or_else(|e| panic!("request on {subject} failed: {e}"))
+}
+
+/// Collect query response chunks until the one marked `last`, checking chunk numbering.
+pub async fn collect_chunks(subscriber: &mut async_nats::Subscriber) -> Vec<QueryResponse> {
+    let mut chunks: Vec<QueryResponse> = Vec::new();
+    within(60, "query response chunks", async {
+        while let Some(message) = subscriber.next().await {
+            let chunk: QueryResponse = serde_json::from_slice(&message.payload)
+                .unwrap_or_else(|e| panic!("bad response chunk ({e}): {}", String::from_utf8_lossy(&message.payload)));
+            assert_eq!(chunk.chunk as usize, chunks.len(), "chunks arrive numbered in order");
+            let last = chunk.last;
+            chunks.push(chunk);
+            if last {
+                return;
+            }
+        }
+        panic!("subscription ended before the last chunk");
+    })
+    .await;
+    chunks
+}
+
+pub fn entries(chunks: &[QueryResponse]) -> Vec<LogEntry> {
+    chunks.iter().flat_map(|c| c.logs.iter().cloned()).collect()
+}
+
+/// Headers of a message as (name, value) strings, for assertions.
+pub fn header(headers: &Option<HeaderMap>, name: &str) -> Option<String> {
+    headers.as_ref()?.get(name).map(|v| v.as_str().to_string())
+}
+
+pub fn subject(s: &str) -> Subject {
+    Subject::from(s)
+}
+
+/// A worker running in the test's runtime.
+pub struct TestWorker {
+    pub metrics: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), worker::Error>>>,
+}
+
+impl TestWorker {
+    pub async fn wait_ready(&self) {
+        let addr = self.metrics;
+        eventually(30, "worker ready", || async move {
+            match http_get(addr, "/readyz").await {
+                Some((200, _)) => Some(()),
+                _ => None,
+            }
+        })
+        .await
+    }
+
+    /// True while the worker's task has not ended (it did not crash or return).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        within(10, "HTTP GET", http_get(self.metrics, path))
+            .await
+            .unwrap_or_else(|| panic!("GET {path} failed"))
+    }
+
+    /// Shut down gracefully and return run()'s result.
+    pub async fn stop(mut self) -> Result<(), worker::Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("worker task");
+        within(30, "worker shutdown", task).await.expect("worker task panicked")
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Minimal HTTP/1.0 GET (the worker speaks HTTP/1.1; 1.0 makes it close the connection).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Sum of a metric's samples whose labels include every `label="value"` in `labels`.
+pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(name)
+                && matches!(line.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
+        .filter(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Rows of one object as stored on a shard: (seq, ts, log, key).
+pub async fn db_rows(url: &str, id: u64) -> Vec<(i64, std::time::SystemTime, String, Option<String>)> {
+    let client = pg_connect(url).await;
+    client
+        .query(
+            "SELECT seq, ts, log, key FROM logs WHERE object_id = $1 ORDER BY seq",
+            &[&(id as i64)],
+        )
+        .await
+        .expect("read rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}

@@ -179,8 +179,8 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         "worker started"
     );
 
-    let intake = intake::run(logs, queries, router, cancel.clone());
-    tokio::pin!(intake);
+    // Boxed so it can be dropped early: dropping it drops the router, which closes the queues.
+    let mut intake = Box::pin(intake::run(logs, queries, router, cancel.clone()));
     tokio::select! {
         _ = &mut intake => cancel.cancel(),
         _ = shutdown => {
@@ -192,7 +192,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             }
         }
     }
-    drop(intake); // drops the router: the shard queues close once they are empty
+    drop(intake); // the shard pipelines end once their queues are empty
 
     work.close();
     if tokio::time::timeout(config.shutdown_timeout, work.wait())

@@ -21,7 +21,10 @@ async fn originals_format_answers_on_the_response_subject() {
 
     for log in ["a", "b"] {
         let body = serde_json::json!({ "id": 5, "log": log }).to_string();
-        client.publish(env.subject("logs"), body.into()).await.unwrap();
+        client
+            .publish(env.subject("logs"), body.into())
+            .await
+            .unwrap();
     }
     client
         .publish(env.subject("query"), r#"{"id":5}"#.into())
@@ -32,7 +35,9 @@ async fn originals_format_answers_on_the_response_subject() {
     let logs = entries(&chunks);
     assert_eq!(chunks[0].total, 2);
     assert_eq!(
-        logs.iter().map(|e| (e.seq, e.log.as_str())).collect::<Vec<_>>(),
+        logs.iter()
+            .map(|e| (e.seq, e.log.as_str()))
+            .collect::<Vec<_>>(),
         vec![(1, "a"), (2, "b")]
     );
     assert!(logs[0].ts <= logs[1].ts);
@@ -82,15 +87,26 @@ async fn concurrent_workers_and_publishers_store_every_append_exactly_once() {
     for id in base..base + OBJECTS {
         let logs = entries(&env.query_all(&client, id).await);
         let expected: HashSet<String> = (0..PUBLISHERS)
-            .flat_map(|p| (0..PER_PUBLISHER).filter(move |i| (i * PUBLISHERS + p) % OBJECTS == id - base).map(move |i| format!("p{p}-{i}")))
+            .flat_map(|p| {
+                (0..PER_PUBLISHER)
+                    .filter(move |i| (i * PUBLISHERS + p) % OBJECTS == id - base)
+                    .map(move |i| format!("p{p}-{i}"))
+            })
             .collect();
         let got: Vec<&str> = logs.iter().map(|e| e.log.as_str()).collect();
         assert_eq!(got.len(), expected.len(), "object {id}: entry count");
-        assert_eq!(got.iter().map(|s| s.to_string()).collect::<HashSet<_>>(), expected, "object {id}: entries");
+        assert_eq!(
+            got.iter().map(|s| s.to_string()).collect::<HashSet<_>>(),
+            expected,
+            "object {id}: entries"
+        );
         for (i, entry) in logs.iter().enumerate() {
             assert_eq!(entry.seq, i as u64 + 1, "object {id}: seq gapless");
             if i > 0 {
-                assert!(logs[i - 1].ts <= entry.ts, "object {id}: ts never decreases");
+                assert!(
+                    logs[i - 1].ts <= entry.ts,
+                    "object {id}: ts never decreases"
+                );
             }
         }
         total += logs.len() as u64;
@@ -110,7 +126,11 @@ async fn concurrent_workers_and_publishers_store_every_append_exactly_once() {
             )
             .await
             .unwrap();
-        assert!(mismatched.is_empty(), "objects whose head row disagrees with their rows: {}", mismatched.len());
+        assert!(
+            mismatched.is_empty(),
+            "objects whose head row disagrees with their rows: {}",
+            mismatched.len()
+        );
     }
     for worker in workers {
         worker.stop().await.unwrap();
@@ -130,12 +150,15 @@ async fn an_idempotency_key_stores_once_even_when_racing() {
     let id = 77;
     for round in 0..5 {
         let key = format!("race-{round}");
-        let replies: Vec<AppendReply> = futures::future::join_all(
-            (0..5).map(|_| env.append(&client, id, "once", Some(&key))),
-        )
-        .await;
+        let replies: Vec<AppendReply> =
+            futures::future::join_all((0..5).map(|_| env.append(&client, id, "once", Some(&key))))
+                .await;
         let originals: Vec<&AppendReply> = replies.iter().filter(|r| !r.duplicate).collect();
-        assert_eq!(originals.len(), 1, "round {round}: exactly one original: {replies:?}");
+        assert_eq!(
+            originals.len(),
+            1,
+            "round {round}: exactly one original: {replies:?}"
+        );
         for reply in &replies {
             assert_eq!((reply.seq, &reply.ts), (originals[0].seq, &originals[0].ts));
         }
@@ -152,7 +175,11 @@ async fn an_idempotency_key_stores_once_even_when_racing() {
         let reply = within(
             10,
             "request with header",
-            client.request_with_headers(env.subject("logs"), headers.clone(), append_body(id, "hdr", None)),
+            client.request_with_headers(
+                env.subject("logs"),
+                headers.clone(),
+                append_body(id, "hdr", None),
+            ),
         )
         .await
         .unwrap();
@@ -175,21 +202,36 @@ async fn objects_land_on_the_shard_the_ring_pins() {
     let env = Env::shared(&["shard-a", "shard-b", "shard-c"]).await;
     let worker = env.start_worker().await;
     let client = env.client().await;
-    let ids: Vec<u64> = worker::ring::GOLDEN_PLACEMENTS.iter().map(|(id, _)| *id).chain(0..200).collect();
+    let ids: Vec<u64> = worker::ring::GOLDEN_PLACEMENTS
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(0..200)
+        .collect();
     for &id in &ids {
         env.append(&client, id, "x", None).await;
     }
     let mut holders: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for (name, url) in &env.shards {
         let db = pg_connect(url).await;
-        let rows = db.query("SELECT DISTINCT object_id FROM logs", &[]).await.unwrap();
+        let rows = db
+            .query("SELECT DISTINCT object_id FROM logs", &[])
+            .await
+            .unwrap();
         assert!(!rows.is_empty(), "shard {name} holds objects");
         for row in rows {
-            holders.entry(row.get::<_, i64>(0) as u64).or_default().push(name.clone());
+            holders
+                .entry(row.get::<_, i64>(0) as u64)
+                .or_default()
+                .push(name.clone());
         }
     }
     for &id in &ids {
-        assert_eq!(holders.get(&id).map(Vec::len), Some(1), "object {id} on exactly one shard: {:?}", holders.get(&id));
+        assert_eq!(
+            holders.get(&id).map(Vec::len),
+            Some(1),
+            "object {id} on exactly one shard: {:?}",
+            holders.get(&id)
+        );
     }
     for (id, shard) in worker::ring::GOLDEN_PLACEMENTS {
         assert_eq!(holders[&id], vec![shard.to_string()], "object {id}");
@@ -231,7 +273,10 @@ async fn pages_and_chunks_return_every_entry_once_in_order() {
             .await;
         assert_eq!(chunks.len(), 1);
         let page = &chunks[0];
-        assert_eq!((page.total, page.request_id.as_deref()), (1_000, Some("pg")));
+        assert_eq!(
+            (page.total, page.request_id.as_deref()),
+            (1_000, Some("pg"))
+        );
         seen.extend(page.logs.iter().map(|e| e.seq));
         pages += 1;
         match page.next {
@@ -250,7 +295,11 @@ async fn pages_and_chunks_return_every_entry_once_in_order() {
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await.unwrap();
     client
-        .publish_with_reply(env.subject("query"), inbox, serde_json::json!({ "id": big }).to_string().into())
+        .publish_with_reply(
+            env.subject("query"),
+            inbox,
+            serde_json::json!({ "id": big }).to_string().into(),
+        )
         .await
         .unwrap();
     let mut seqs = Vec::new();
@@ -258,7 +307,10 @@ async fn pages_and_chunks_return_every_entry_once_in_order() {
     within(60, "whole-log chunks", async {
         while let Some(message) = replies.next().await {
             let size = message.payload.len();
-            assert!(size <= max_payload, "chunk of {size} bytes > max_payload {max_payload}");
+            assert!(
+                size <= max_payload,
+                "chunk of {size} bytes > max_payload {max_payload}"
+            );
             let chunk: QueryResponse = serde_json::from_slice(&message.payload).unwrap();
             assert_eq!((chunk.chunk, chunk.total), (chunks, 20_000));
             chunks += 1;
@@ -270,12 +322,21 @@ async fn pages_and_chunks_return_every_entry_once_in_order() {
         }
     })
     .await;
-    assert!(chunks >= 4, "20,000 x 200 bytes needs several chunks, got {chunks}");
+    assert!(
+        chunks >= 4,
+        "20,000 x 200 bytes needs several chunks, got {chunks}"
+    );
     assert_eq!(seqs, (1..=20_000).collect::<Vec<_>>());
     worker.stop().await.unwrap();
 }
 
-async fn append_many(env: &Env, client: &async_nats::Client, id: u64, n: u64, log: impl Fn(u64) -> String) {
+async fn append_many(
+    env: &Env,
+    client: &async_nats::Client,
+    id: u64,
+    n: u64,
+    log: impl Fn(u64) -> String,
+) {
     let logs: Vec<String> = (0..n).map(log).collect();
     let keys: Vec<String> = (0..n).map(|i| format!("bulk-{i}")).collect();
     within(
@@ -304,19 +365,55 @@ async fn bad_input_is_answered_dead_lettered_and_counted() {
     let big_log = format!(r#"{{"id":1,"log":"{}"}}"#, "x".repeat(64 * 1024 + 1));
     let big_key = format!(r#"{{"id":1,"log":"a","key":"{}"}}"#, "k".repeat(257));
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
-        ("invalid JSON", b"{not json".to_vec(), ErrorCode::InvalidRequest),
+        (
+            "invalid JSON",
+            b"{not json".to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
         ("empty body", Vec::new(), ErrorCode::InvalidRequest),
         ("array", b"[1,2]".to_vec(), ErrorCode::InvalidRequest),
-        ("missing id", br#"{"log":"a"}"#.to_vec(), ErrorCode::InvalidRequest),
-        ("negative id", br#"{"id":-1,"log":"a"}"#.to_vec(), ErrorCode::InvalidRequest),
-        ("string id", br#"{"id":"1","log":"a"}"#.to_vec(), ErrorCode::InvalidRequest),
-        ("id above u64", br#"{"id":18446744073709551616,"log":"a"}"#.to_vec(), ErrorCode::InvalidRequest),
-        ("fractional id", br#"{"id":1.5,"log":"a"}"#.to_vec(), ErrorCode::InvalidRequest),
-        ("non-string log", br#"{"id":1,"log":{"a":1}}"#.to_vec(), ErrorCode::InvalidRequest),
-        ("missing log", br#"{"id":1}"#.to_vec(), ErrorCode::InvalidRequest),
+        (
+            "missing id",
+            br#"{"log":"a"}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "negative id",
+            br#"{"id":-1,"log":"a"}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "string id",
+            br#"{"id":"1","log":"a"}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "id above u64",
+            br#"{"id":18446744073709551616,"log":"a"}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "fractional id",
+            br#"{"id":1.5,"log":"a"}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "non-string log",
+            br#"{"id":1,"log":{"a":1}}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "missing log",
+            br#"{"id":1}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
         ("oversized log", big_log.into_bytes(), ErrorCode::TooLarge),
         ("oversized key", big_key.into_bytes(), ErrorCode::TooLarge),
-        ("invalid UTF-8", b"{\"id\":1,\"log\":\"\xff\xfe\"}".to_vec(), ErrorCode::InvalidRequest),
+        (
+            "invalid UTF-8",
+            b"{\"id\":1,\"log\":\"\xff\xfe\"}".to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
     ];
     for (what, body, code) in &cases {
         let reply = request(&client, &env.subject("logs"), body.clone().into()).await;
@@ -327,29 +424,70 @@ async fn bad_input_is_answered_dead_lettered_and_counted() {
             Some(code.status().to_string()),
             "{what}"
         );
-        assert!(header(&reply.headers, "Nats-Service-Error").is_some_and(|m| !m.is_empty()), "{what}");
+        assert!(
+            header(&reply.headers, "Nats-Service-Error").is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
 
         let copy = within(10, "dead letter", dead.next()).await.unwrap();
-        assert_eq!(copy.payload.as_ref(), body.as_slice(), "{what}: dead letter is a raw copy");
-        assert_eq!(header(&copy.headers, "Logstore-Error-Code").as_deref(), Some(code.as_str()), "{what}");
-        assert_eq!(header(&copy.headers, "Logstore-Subject"), Some(env.subject("logs")));
+        assert_eq!(
+            copy.payload.as_ref(),
+            body.as_slice(),
+            "{what}: dead letter is a raw copy"
+        );
+        assert_eq!(
+            header(&copy.headers, "Logstore-Error-Code").as_deref(),
+            Some(code.as_str()),
+            "{what}"
+        );
+        assert_eq!(
+            header(&copy.headers, "Logstore-Subject"),
+            Some(env.subject("logs"))
+        );
     }
     // Without a reply subject: no answer to send, but still dead-lettered.
-    client.publish(env.subject("logs"), "nope".into()).await.unwrap();
-    let copy = within(10, "dead letter without reply", dead.next()).await.unwrap();
+    client
+        .publish(env.subject("logs"), "nope".into())
+        .await
+        .unwrap();
+    let copy = within(10, "dead letter without reply", dead.next())
+        .await
+        .unwrap();
     assert_eq!(copy.payload.as_ref(), b"nope");
     // A bad query is rejected the same way.
     let reply = request(&client, &env.subject("query"), r#"{"id":-5}"#.into()).await;
-    assert_eq!(parse_reply(&reply.payload).unwrap_err().error.code, ErrorCode::InvalidRequest);
-    within(10, "dead letter for query", dead.next()).await.unwrap();
+    assert_eq!(
+        parse_reply(&reply.payload).unwrap_err().error.code,
+        ErrorCode::InvalidRequest
+    );
+    within(10, "dead letter for query", dead.next())
+        .await
+        .unwrap();
 
     let ok = env.append(&client, 1, "fine", None).await;
     assert_eq!(ok.seq, 1);
     assert!(worker.is_running());
     let (_, metrics) = worker.get("/metrics").await;
-    assert_eq!(metric_sum(&metrics, "logstore_dead_letters_total", &[]), cases.len() as f64 + 2.0);
-    assert_eq!(metric_sum(&metrics, "logstore_appends_total", &[("result", "rejected")]), cases.len() as f64 + 1.0);
-    assert_eq!(metric_sum(&metrics, "logstore_queries_total", &[("result", "rejected")]), 1.0);
+    assert_eq!(
+        metric_sum(&metrics, "logstore_dead_letters_total", &[]),
+        cases.len() as f64 + 2.0
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "logstore_appends_total",
+            &[("result", "rejected")]
+        ),
+        cases.len() as f64 + 1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "logstore_queries_total",
+            &[("result", "rejected")]
+        ),
+        1.0
+    );
     worker.stop().await.unwrap();
 }
 
@@ -364,23 +502,44 @@ async fn metrics_count_appends_by_shard_and_result() {
     for id in 0..60u64 {
         let key = format!("k{id}");
         env.append(&client, id, "m", Some(&key)).await;
-        *expected.entry((ring.shard_name_of(id).to_string(), "stored")).or_default() += 1.0;
+        *expected
+            .entry((ring.shard_name_of(id).to_string(), "stored"))
+            .or_default() += 1.0;
         if id % 3 == 0 {
             assert!(env.append(&client, id, "m", Some(&key)).await.duplicate);
-            *expected.entry((ring.shard_name_of(id).to_string(), "duplicate")).or_default() += 1.0;
+            *expected
+                .entry((ring.shard_name_of(id).to_string(), "duplicate"))
+                .or_default() += 1.0;
         }
     }
     request(&client, &env.subject("logs"), "bad".into()).await;
     let (_, metrics) = worker.get("/metrics").await;
     for shard in ["a", "b"] {
         for result in ["stored", "duplicate", "failed"] {
-            let want = expected.get(&(shard.to_string(), result)).copied().unwrap_or(0.0);
-            let got = metric_sum(&metrics, "logstore_appends_total", &[("shard", shard), ("result", result)]);
+            let want = expected
+                .get(&(shard.to_string(), result))
+                .copied()
+                .unwrap_or(0.0);
+            let got = metric_sum(
+                &metrics,
+                "logstore_appends_total",
+                &[("shard", shard), ("result", result)],
+            );
             assert_eq!(got, want, "shard {shard} result {result}");
         }
     }
-    assert!(expected[&("a".to_string(), "stored")] > 0.0 && expected[&("b".to_string(), "stored")] > 0.0);
-    assert_eq!(metric_sum(&metrics, "logstore_appends_total", &[("result", "rejected")]), 1.0);
+    assert!(
+        expected[&("a".to_string(), "stored")] > 0.0
+            && expected[&("b".to_string(), "stored")] > 0.0
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "logstore_appends_total",
+            &[("result", "rejected")]
+        ),
+        1.0
+    );
     assert_eq!(metric_sum(&metrics, "logstore_shard_up", &[]), 2.0);
     assert!(metrics.contains("logstore_append_duration_seconds_bucket"));
     assert!(metrics.contains("logstore_batch_size_bucket"));
@@ -393,12 +552,20 @@ async fn two_workers_starting_at_once_on_empty_databases_both_come_up() {
     let env = Env::shared(&["a", "b"]).await;
     let first = env.spawn_worker();
     let second = env.spawn_worker();
-    within(60, "both ready", futures::future::join(first.wait_ready(), second.wait_ready())).await;
+    within(
+        60,
+        "both ready",
+        futures::future::join(first.wait_ready(), second.wait_ready()),
+    )
+    .await;
     let client = env.client().await;
     env.append(&client, 3, "hello", None).await;
     for (_, url) in &env.shards {
         let db = pg_connect(url).await;
-        let versions = db.query("SELECT version FROM logstore_migrations", &[]).await.unwrap();
+        let versions = db
+            .query("SELECT version FROM logstore_migrations", &[])
+            .await
+            .unwrap();
         assert_eq!(versions.len(), 1);
     }
     first.stop().await.unwrap();

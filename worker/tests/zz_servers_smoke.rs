@@ -15,14 +15,24 @@ async fn select1(url: &str) -> i32 {
 async fn shared_and_fresh_db() {
     let t = Instant::now();
     let s = shared();
-    eprintln!("shared started in {:?}: nats {} pg {} {}", t.elapsed(), s.nats.url(), s.pg[0].port(), s.pg[1].port());
+    eprintln!(
+        "shared started in {:?}: nats {} pg {} {}",
+        t.elapsed(),
+        s.nats.url(),
+        s.pg[0].port(),
+        s.pg[1].port()
+    );
     for pg in &s.pg {
         let url = fresh_db(pg, "Smoke-Test").await;
         eprintln!("fresh db {url}");
         assert_eq!(select1(&url).await, 1);
         assert!(pg.is_running());
     }
-    let u = unique_name("A-b.C"); assert!(u.starts_with(&format!("a_b_c_{}_", std::process::id())), "{u}");
+    let u = unique_name("A-b.C");
+    assert!(
+        u.starts_with(&format!("a_b_c_{}_", std::process::id())),
+        "{u}"
+    );
 }
 
 #[tokio::test]
@@ -32,7 +42,9 @@ async fn pg_kill_restart() {
     eprintln!("own pg started in {:?} on {}", t.elapsed(), pg.port());
     let url = fresh_db(&pg, "kr").await;
     let c = pg_connect(&url).await;
-    c.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (42)").await.unwrap();
+    c.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (42)")
+        .await
+        .unwrap();
     let port = pg.port();
     let t = Instant::now();
     pg.kill();
@@ -84,4 +96,58 @@ fn hang_forever() {
     let _n = NatsServer::start();
     eprintln!("READY {}", s.nats.port());
     std::thread::sleep(std::time::Duration::from_secs(600));
+}
+
+#[tokio::test]
+async fn nats_kill_durability() {
+    let mut n = NatsServer::start();
+    let mut lost_total = 0;
+    for round in 0..5 {
+        let client = async_nats::connect(n.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        let name = format!("S{round}");
+        js.get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("s{round}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut acked = 0u64;
+        for i in 0..200 {
+            js.publish(format!("s{round}.x"), format!("m{i}").into()).await.unwrap().await.unwrap();
+            acked += 1;
+        }
+        n.kill();
+        n.restart();
+        let client = async_nats::connect(n.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut st = js.get_stream(&name).await.unwrap();
+        let have = st.info().await.unwrap().state.messages;
+        eprintln!("round {round}: acked {acked} have {have}");
+        lost_total += acked - have;
+    }
+    eprintln!("lost total {lost_total}");
+}
+
+#[tokio::test]
+async fn pg_kill_durability() {
+    let mut pg = PgServer::start();
+    let url = fresh_db(&pg, "dur").await;
+    pg_connect(&url).await.batch_execute("CREATE TABLE t (x int)").await.unwrap();
+    for round in 0..5 {
+        let c = pg_connect(&url).await;
+        let mut acked = 0i64;
+        for i in 0..300 {
+            c.execute("INSERT INTO t VALUES ($1)", &[&i]).await.unwrap();
+            acked += 1;
+        }
+        let before: i64 = c.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+        pg.kill();
+        pg.restart();
+        let c = pg_connect(&url).await;
+        let have: i64 = c.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+        eprintln!("round {round}: acked {acked} before {before} have {have}");
+        assert_eq!(before, have);
+    }
 }

@@ -125,9 +125,13 @@ impl Env {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        within(10, "connect to NATS", async_nats::connect(self.nats_url.as_str()))
-            .await
-            .expect("connect to NATS")
+        within(
+            10,
+            "connect to NATS",
+            async_nats::connect(self.nats_url.as_str()),
+        )
+        .await
+        .expect("connect to NATS")
     }
 
     /// Start a worker in this process and wait until it is ready.
@@ -153,17 +157,31 @@ impl Env {
     }
 
     /// Append through NATS request-reply; panics on an error reply.
-    pub async fn append(&self, client: &async_nats::Client, id: u64, log: &str, key: Option<&str>) -> AppendReply {
+    pub async fn append(
+        &self,
+        client: &async_nats::Client,
+        id: u64,
+        log: &str,
+        key: Option<&str>,
+    ) -> AppendReply {
         let body = append_body(id, log, key);
         let reply = request(client, &self.subject("logs"), body).await;
         match serde_json::from_slice::<AppendReply>(&reply.payload) {
             Ok(reply) => reply,
-            Err(_) => panic!("append {id} failed: {}", String::from_utf8_lossy(&reply.payload)),
+            Err(_) => panic!(
+                "append {id} failed: {}",
+                String::from_utf8_lossy(&reply.payload)
+            ),
         }
     }
 
     /// Append through NATS request-reply; returns the error reply if there is one.
-    pub async fn try_append(&self, client: &async_nats::Client, id: u64, log: &str) -> Result<AppendReply, ErrorReply> {
+    pub async fn try_append(
+        &self,
+        client: &async_nats::Client,
+        id: u64,
+        log: &str,
+    ) -> Result<AppendReply, ErrorReply> {
         let reply = request(client, &self.subject("logs"), append_body(id, log, None)).await;
         parse_reply(&reply.payload)
     }
@@ -174,9 +192,16 @@ impl Env {
     }
 
     /// Send a query with a reply subject and collect its chunks until `last`.
-    pub async fn query(&self, client: &async_nats::Client, body: serde_json::Value) -> Vec<QueryResponse> {
+    pub async fn query(
+        &self,
+        client: &async_nats::Client,
+        body: serde_json::Value,
+    ) -> Vec<QueryResponse> {
         let inbox = client.new_inbox();
-        let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe inbox");
+        let mut replies = client
+            .subscribe(inbox.clone())
+            .await
+            .expect("subscribe inbox");
         client
             .publish_with_reply(self.subject("query"), inbox, body.to_string().into())
             .await
@@ -195,13 +220,21 @@ pub fn append_body(id: u64, log: &str, key: Option<&str>) -> Bytes {
 
 pub fn parse_reply(payload: &[u8]) -> Result<AppendReply, ErrorReply> {
     serde_json::from_slice::<AppendReply>(payload).map_err(|_| {
-        serde_json::from_slice::<ErrorReply>(payload)
-            .unwrap_or_else(|e| panic!("reply is neither success nor error ({e}): {}", String::from_utf8_lossy(payload)))
+        serde_json::from_slice::<ErrorReply>(payload).unwrap_or_else(|e| {
+            panic!(
+                "reply is neither success nor error ({e}): {}",
+                String::from_utf8_lossy(payload)
+            )
+        })
     })
 }
 
 /// Request-reply with a 10 s bound.
-pub async fn request(client: &async_nats::Client, subject: &str, body: Bytes) -> async_nats::Message {
+pub async fn request(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Bytes,
+) -> async_nats::Message {
     within(10, "request", client.request(subject.to_string(), body))
         .await
         .unwrap_or_else(|e| panic!("request on {subject} failed: {e}"))
@@ -212,9 +245,18 @@ pub async fn collect_chunks(subscriber: &mut async_nats::Subscriber) -> Vec<Quer
     let mut chunks: Vec<QueryResponse> = Vec::new();
     within(60, "query response chunks", async {
         while let Some(message) = subscriber.next().await {
-            let chunk: QueryResponse = serde_json::from_slice(&message.payload)
-                .unwrap_or_else(|e| panic!("bad response chunk ({e}): {}", String::from_utf8_lossy(&message.payload)));
-            assert_eq!(chunk.chunk as usize, chunks.len(), "chunks arrive numbered in order");
+            let chunk: QueryResponse =
+                serde_json::from_slice(&message.payload).unwrap_or_else(|e| {
+                    panic!(
+                        "bad response chunk ({e}): {}",
+                        String::from_utf8_lossy(&message.payload)
+                    )
+                });
+            assert_eq!(
+                chunk.chunk as usize,
+                chunks.len(),
+                "chunks arrive numbered in order"
+            );
             let last = chunk.last;
             chunks.push(chunk);
             if last {
@@ -276,7 +318,9 @@ impl TestWorker {
             let _ = stop.send(());
         }
         let task = self.task.take().expect("worker task");
-        within(30, "worker shutdown", task).await.expect("worker task panicked")
+        within(30, "worker shutdown", task)
+            .await
+            .expect("worker task panicked")
     }
 }
 
@@ -302,7 +346,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .ok()?
         .ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -315,13 +362,20 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 
             line.starts_with(name)
                 && matches!(line.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
         })
-        .filter(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
 /// Rows of one object as stored on a shard: (seq, ts, log, key).
-pub async fn db_rows(url: &str, id: u64) -> Vec<(i64, std::time::SystemTime, String, Option<String>)> {
+pub async fn db_rows(
+    url: &str,
+    id: u64,
+) -> Vec<(i64, std::time::SystemTime, String, Option<String>)> {
     let client = pg_connect(url).await;
     client
         .query(

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# THE test command: `scripts/test.sh`.
+#
+# Installs what the tests need when it is missing (on Debian, as root: nats-server and
+# PostgreSQL), then runs `cargo fmt --check`, `cargo clippy -D warnings` and the whole test suite.
+# The tests start their own nats-server and PostgreSQL servers on free loopback ports; nothing
+# already running on this machine is used or touched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_postgres() {
+  command -v initdb >/dev/null 2>&1 && return 0
+  if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; then return 0; fi
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+
+missing=()
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+have_postgres || missing+=(postgresql)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "missing: ${missing[*]}. Install them (Debian/Ubuntu: sudo apt-get install -y ${missing[*]}) and re-run." >&2
+    exit 1
+  fi
+fi
+# Postgres refuses to run as root; the tests run it as this user when they are root.
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --locked -- --test-threads 2

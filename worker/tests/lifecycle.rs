@@ -103,7 +103,7 @@ async fn swapped_shard_names_refuse_to_start() {
     let mut swapped = env.clone();
     swapped.shards[0].0 = "b".to_string();
     swapped.shards[1].0 = "a".to_string();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+    let mut child = tokio::process::Command::new(bin_path("worker"))
         .envs(swapped.settings(free_port()))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -136,7 +136,7 @@ async fn a_missing_setting_fails_with_one_line_naming_it() {
     let output = within(
         30,
         "worker exits",
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+        tokio::process::Command::new(bin_path("worker"))
             .env_remove("POSTGRES_SHARDS")
             .env_remove("POSTGRES_IPS")
             .output(),
@@ -155,7 +155,7 @@ async fn a_missing_setting_fails_with_one_line_naming_it() {
 async fn sigterm_answers_every_received_append_and_exits_zero() {
     let env = Env::shared(&["a", "b"]).await;
     let port = free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+    let mut child = tokio::process::Command::new(bin_path("worker"))
         .envs(env.settings(port))
         .stdout(Stdio::null())
         .stderr(Stdio::null())

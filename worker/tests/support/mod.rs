@@ -388,3 +388,21 @@ pub async fn db_rows(
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect()
 }
+
+/// Path of a workspace binary (`worker`, `loadgen`), built by `cargo build --workspace --bins`
+/// (scripts/test.sh does that first). Test executables live in target/<profile>/deps/, the
+/// binaries one directory up.
+pub fn bin_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}

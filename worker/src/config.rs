@@ -58,6 +58,30 @@ pub struct RawConfig {
     pub nats_events_prefix: String,
     #[arg(long, env = "NATS_DEAD_LETTER_TOPIC", default_value = "dead_letter")]
     pub nats_dead_letter_topic: String,
+    /// How appends arrive: `jetstream` (durable: a stream captures every publish, workers ack
+    /// after commit) or `core` (the original's plain queue subscription, at most once).
+    #[arg(long, env = "INTAKE", default_value = "jetstream")]
+    pub intake: String,
+    /// JetStream stream capturing the logs subject (created or updated at start).
+    #[arg(long, env = "NATS_STREAM", default_value = "LOGS")]
+    pub nats_stream: String,
+    /// Durable pull consumer shared by all workers.
+    #[arg(long, env = "NATS_CONSUMER", default_value = "workers")]
+    pub nats_consumer: String,
+    /// How long a delivered message may stay unacknowledged before JetStream redelivers it.
+    #[arg(long, env = "JS_ACK_WAIT_MS", default_value = "30000")]
+    pub js_ack_wait_ms: String,
+    /// Deliveries of a message that keeps failing (not because its shard is down) before it
+    /// goes to the dead-letter subject.
+    #[arg(long, env = "JS_MAX_DELIVER", default_value = "5")]
+    pub js_max_deliver: String,
+    /// Most messages delivered and not yet acknowledged across the fleet (backpressure).
+    #[arg(long, env = "JS_MAX_ACK_PENDING", default_value = "20000")]
+    pub js_max_ack_pending: String,
+    /// Largest stream size in bytes; when full, publishers get an error instead of older
+    /// unprocessed appends being dropped. -1 = unlimited.
+    #[arg(long, env = "JS_MAX_BYTES", default_value = "-1")]
+    pub js_max_bytes: String,
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:2112")]
     pub metrics_addr: String,
@@ -100,9 +124,29 @@ pub struct ShardConfig {
     pub url: String,
 }
 
+/// How appends reach the workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intake {
+    /// Plain queue subscription: replies to the publisher, nothing kept while no worker listens.
+    Core,
+    /// Durable stream + shared pull consumer: nothing published is lost.
+    JetStream(JetStreamConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    pub stream: String,
+    pub consumer: String,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
+    pub max_bytes: i64,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub intake: Intake,
     pub nats_url: String,
     pub shards: Vec<ShardConfig>,
     pub logs_subject: String,
@@ -127,6 +171,7 @@ impl RawConfig {
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let shards = self.shards()?;
         Ok(Config {
+            intake: self.intake()?,
             nats_url: non_empty("NATS_URL", &self.nats_url)?,
             shards,
             logs_subject: subject("NATS_LOGS_TOPIC", &self.nats_logs_topic)?,
@@ -172,6 +217,31 @@ impl RawConfig {
                 3_600_000,
             )?),
         })
+    }
+
+    fn intake(&self) -> Result<Intake, ConfigError> {
+        match self.intake.trim() {
+            "core" => Ok(Intake::Core),
+            "jetstream" => Ok(Intake::JetStream(JetStreamConfig {
+                stream: name_token("NATS_STREAM", &self.nats_stream)?,
+                consumer: name_token("NATS_CONSUMER", &self.nats_consumer)?,
+                ack_wait: Duration::from_millis(number(
+                    "JS_ACK_WAIT_MS",
+                    &self.js_ack_wait_ms,
+                    100,
+                    3_600_000,
+                )?),
+                max_deliver: number("JS_MAX_DELIVER", &self.js_max_deliver, 1, 1_000_000)?,
+                max_ack_pending: number(
+                    "JS_MAX_ACK_PENDING",
+                    &self.js_max_ack_pending,
+                    1,
+                    10_000_000,
+                )?,
+                max_bytes: number("JS_MAX_BYTES", &self.js_max_bytes, -1, i64::MAX)?,
+            })),
+            other => Err(bad("INTAKE", format!("{other:?} is not jetstream or core"))),
+        }
     }
 
     fn shards(&self) -> Result<Vec<ShardConfig>, ConfigError> {
@@ -311,6 +381,18 @@ fn subject(var: &'static str, value: &str) -> Result<String, ConfigError> {
     Ok(value)
 }
 
+/// Stream and consumer names: one NATS token, no dots, spaces or wildcards.
+fn name_token(var: &'static str, value: &str) -> Result<String, ConfigError> {
+    let value = non_empty(var, value)?;
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(bad(var, format!("{value:?} may only hold [A-Za-z0-9_-]")));
+    }
+    Ok(value)
+}
+
 fn number<T>(var: &'static str, value: &str, min: T, max: T) -> Result<T, ConfigError>
 where
     T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
@@ -373,7 +455,12 @@ mod tests {
 
     #[test]
     fn every_error_names_its_variable() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 9] = [
+            (&["--postgres-ips", "h", "--intake", "kafka"], "INTAKE"),
+            (
+                &["--postgres-ips", "h", "--nats-stream", "a.b"],
+                "NATS_STREAM",
+            ),
             (&[], "POSTGRES_SHARDS"),
             (&["--postgres-shards", "nourl"], "POSTGRES_SHARDS"),
             (

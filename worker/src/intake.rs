@@ -1,24 +1,36 @@
-//! Core-NATS intake: the `logs` and `query` queue subscriptions. Each message is decoded,
-//! validated, routed through the ring and queued on its shard's pipeline; bad input is answered,
+//! Intake: where appends and queries enter the worker. Each message is decoded, validated,
+//! routed through the ring and queued on its shard's pipeline; bad input is answered,
 //! dead-lettered, counted and logged here, and never reaches a shard.
 //!
-//! On shutdown the subscriptions are drained: the server stops delivering to this worker (the
-//! rest of the queue group takes over) and every message already delivered is still processed.
+//! Queries always arrive on a core queue subscription. Appends arrive either the same way
+//! ([`run_core`], the original's design) or from a durable JetStream pull consumer shared by the
+//! fleet ([`run_jetstream`]), which keeps every publish until a worker has committed it.
+//!
+//! On shutdown, intake stops taking new messages (core subscriptions are drained; JetStream
+//! stops fetching) and every message already delivered is still processed.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use async_nats::{Message, Subject, Subscriber};
+use async_nats::jetstream::{self, consumer, stream, AckKind};
+use async_nats::{HeaderMap, Message, Subject, Subscriber};
+use bytes::Bytes;
 use futures::StreamExt;
 use logstore_protocol::{check_key, AppendRequest, ErrorBody, Limits, QueryRequest, MSG_ID_HEADER};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::pipeline::{AppendJob, QueryJob, Work};
+use crate::pipeline::{AppendJob, Origin, QueryJob, Work};
 use crate::ring::Ring;
 use crate::store::NewEntry;
+
+/// Messages fetched from JetStream per pull request.
+const FETCH_BATCH: usize = 500;
+/// How long one pull request waits for messages; also the most a shutdown waits for a fetch.
+const FETCH_EXPIRES: Duration = Duration::from_millis(500);
 
 /// Routes decoded requests to the shard pipelines.
 pub struct Router {
@@ -27,11 +39,31 @@ pub struct Router {
     pub limits: Limits,
     pub outbox: Outbox,
     pub metrics: Metrics,
+    /// `js:<stream>:<stream creation time in ns>`: with the stream sequence, the idempotency key
+    /// of a JetStream message that carries none. The creation time keeps keys unique when the
+    /// stream is deleted and re-created (its sequence restarts at 1).
+    pub stream_identity: Option<String>,
 }
 
-/// Consume both subscriptions until `cancel` fires, then drain them and process what was
-/// already delivered. Returns when both are exhausted.
-pub async fn run(
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("cannot create or update JetStream stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot create JetStream consumer {consumer}: {source}")]
+    Consumer {
+        consumer: String,
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+}
+
+/// Core intake: consume both queue subscriptions until `cancel` fires, then drain them and
+/// process what was already delivered. Returns when both are exhausted.
+pub async fn run_core(
     mut logs: Subscriber,
     mut queries: Subscriber,
     router: Arc<Router>,
@@ -44,41 +76,247 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            Some(message) = logs.next() => router.append(message).await,
+            Some(message) = logs.next() => router.core_append(message).await,
             Some(message) = queries.next() => router.query(message).await,
             else => return,
         }
     }
     tracing::info!("draining NATS subscriptions");
-    if let Err(e) = logs.drain().await {
-        tracing::warn!(error = %e, "cannot drain the logs subscription");
-    }
-    if let Err(e) = queries.drain().await {
-        tracing::warn!(error = %e, "cannot drain the query subscription");
-    }
+    drain(&mut logs).await;
+    drain(&mut queries).await;
     loop {
         tokio::select! {
             biased;
-            Some(message) = logs.next() => router.append(message).await,
+            Some(message) = logs.next() => router.core_append(message).await,
             Some(message) = queries.next() => router.query(message).await,
             else => return,
         }
     }
 }
 
+/// JetStream intake for appends plus the core query subscription.
+pub async fn run_jetstream(
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    mut queries: Subscriber,
+    router: Arc<Router>,
+    cancel: CancellationToken,
+) {
+    let appends = {
+        let router = router.clone();
+        let cancel = cancel.clone();
+        async move {
+            while !cancel.is_cancelled() {
+                router.fetch_batch(&consumer, &cancel).await;
+            }
+        }
+    };
+    let queries = async {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                message = queries.next() => match message {
+                    Some(message) => router.query(message).await,
+                    None => return,
+                },
+            }
+        }
+        drain(&mut queries).await;
+        while let Some(message) = queries.next().await {
+            router.query(message).await;
+        }
+    };
+    futures::join!(appends, queries);
+}
+
+/// Create or update the stream and the shared durable consumer. Every worker does this at start;
+/// the operations are idempotent, so the first one creates and the rest confirm.
+pub async fn setup_jetstream(
+    client: &async_nats::Client,
+    logs_subject: &str,
+    config: &JetStreamConfig,
+) -> Result<(consumer::Consumer<consumer::pull::Config>, stream::Info), IntakeError> {
+    let context = jetstream::new(client.clone());
+    let stream_config = stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![logs_subject.to_string()],
+        // The stream is an intake buffer, not the store: each append is consumed once and
+        // deleted when a worker acknowledges it (after its Postgres commit).
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // When full, refuse new publishes (the publisher sees an error and can retry) rather
+        // than silently dropping older appends that were never stored.
+        discard: stream::DiscardPolicy::New,
+        max_bytes: config.max_bytes,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    // Two workers starting together may race to create; the loser's update then succeeds.
+    let mut attempt = 0;
+    let info = loop {
+        match context.create_or_update_stream(stream_config.clone()).await {
+            Ok(info) => break info,
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "stream setup raced; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(source) => {
+                return Err(IntakeError::Stream {
+                    stream: config.stream.clone(),
+                    source,
+                })
+            }
+        }
+    };
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(config.consumer.clone()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: config.ack_wait,
+        // The worker enforces JS_MAX_DELIVER itself (dead-lettering poison messages); the server
+        // must keep redelivering messages whose shard is down, however long the outage.
+        max_deliver: -1,
+        max_ack_pending: config.max_ack_pending,
+        filter_subject: logs_subject.to_string(),
+        ..Default::default()
+    };
+    let stream = context
+        .get_stream(&config.stream)
+        .await
+        .map_err(|e| IntakeError::Consumer {
+            consumer: config.consumer.clone(),
+            source: jetstream::stream::ConsumerError::with_source(
+                jetstream::stream::ConsumerErrorKind::Other,
+                e,
+            ),
+        })?;
+    let mut attempt = 0;
+    let consumer = loop {
+        match stream.create_consumer(consumer_config.clone()).await {
+            Ok(consumer) => break consumer,
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "consumer setup raced; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(source) => {
+                return Err(IntakeError::Consumer {
+                    consumer: config.consumer.clone(),
+                    source,
+                })
+            }
+        }
+    };
+    Ok((consumer, info))
+}
+
+async fn drain(subscriber: &mut Subscriber) {
+    if let Err(e) = subscriber.drain().await {
+        tracing::warn!(error = %e, "cannot drain a subscription");
+    }
+}
+
 impl Router {
-    async fn append(&self, message: Message) {
+    /// Pull one batch and route every message in it. The whole batch is routed even when
+    /// `cancel` fires meanwhile, so nothing delivered to this worker waits for ack_wait.
+    async fn fetch_batch(
+        &self,
+        consumer: &consumer::Consumer<consumer::pull::Config>,
+        cancel: &CancellationToken,
+    ) {
+        let batch = consumer
+            .batch()
+            .max_messages(FETCH_BATCH)
+            .expires(FETCH_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream fetch failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                return;
+            }
+        };
+        while let Some(message) = batch.next().await {
+            match message {
+                Ok(message) => self.jetstream_append(message).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream delivery error");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn core_append(&self, message: Message) {
         let received = SystemTime::now();
+        let origin = Origin::Core {
+            reply: message.reply.clone(),
+        };
+        self.append(
+            &message.subject,
+            &message.payload,
+            message.headers.as_ref(),
+            received,
+            origin,
+            None,
+        )
+        .await
+    }
+
+    async fn jetstream_append(&self, message: jetstream::Message) {
+        let (received, identity) = match message.info() {
+            // ts is when the stream stored the message, so a backlog keeps its publish times.
+            Ok(info) => (
+                SystemTime::from(info.published),
+                self.stream_identity
+                    .as_ref()
+                    .map(|prefix| format!("{prefix}:{}", info.stream_sequence)),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream message without metadata");
+                (SystemTime::now(), None)
+            }
+        };
+        let subject = message.subject.clone();
+        let payload = message.payload.clone();
+        let headers = message.headers.clone();
+        let origin = Origin::JetStream(Box::new(message));
+        self.append(
+            &subject,
+            &payload,
+            headers.as_ref(),
+            received,
+            origin,
+            identity,
+        )
+        .await
+    }
+
+    /// Decode, validate and route one append. `fallback_key` is the message's stream identity
+    /// (JetStream), used when neither the body nor the headers carry a key.
+    async fn append(
+        &self,
+        subject: &Subject,
+        payload: &Bytes,
+        headers: Option<&HeaderMap>,
+        received: SystemTime,
+        origin: Origin,
+        fallback_key: Option<String>,
+    ) {
         let started = Instant::now();
         self.metrics.in_flight.with_label_values(&["append"]).inc();
-        let request = match self.decode_append(&message) {
+        let request = match decode_append(payload, headers, &self.limits) {
             Ok(request) => request,
             Err(error) => {
                 self.metrics
                     .appends
                     .with_label_values(&["none", "rejected"])
                     .inc();
-                self.reject(message, error).await;
+                self.reject(subject, payload.clone(), &origin, error).await;
                 self.metrics.in_flight.with_label_values(&["append"]).dec();
                 return;
             }
@@ -87,11 +325,11 @@ impl Router {
         let job = AppendJob {
             entry: NewEntry {
                 id: request.id,
-                key: request.key,
+                key: request.key.or(fallback_key),
                 log: request.log,
                 received,
             },
-            reply: message.reply,
+            origin,
             started,
         };
         if self.queues[shard].send(Work::Append(job)).await.is_err() {
@@ -107,7 +345,11 @@ impl Router {
             Ok(request) => request,
             Err(error) => {
                 self.metrics.queries.with_label_values(&["rejected"]).inc();
-                self.reject(message, error).await;
+                let origin = Origin::Core {
+                    reply: message.reply.clone(),
+                };
+                self.reject(&message.subject, message.payload, &origin, error)
+                    .await;
                 self.metrics.in_flight.with_label_values(&["query"]).dec();
                 return;
             }
@@ -123,34 +365,41 @@ impl Router {
         }
     }
 
-    fn decode_append(&self, message: &Message) -> Result<AppendRequest, ErrorBody> {
-        let mut request = AppendRequest::decode(&message.payload, &self.limits)?;
-        if request.key.is_none() {
-            let header_key = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(MSG_ID_HEADER))
-                .map(|v| v.as_str().to_string());
-            if let Some(key) = header_key {
-                check_key(&key, &self.limits)?;
-                request.key = Some(key);
-            }
-        }
-        Ok(request)
-    }
-
-    async fn reject(&self, message: Message, error: ErrorBody) {
+    /// Bad input: answer it (core, with a reply subject), copy it to the dead-letter subject,
+    /// log it. A JetStream message that can never be valid is terminated: redelivery cannot help.
+    async fn reject(&self, subject: &Subject, payload: Bytes, origin: &Origin, error: ErrorBody) {
         tracing::warn!(
-            subject = %message.subject,
+            %subject,
             code = error.code.as_str(),
             reason = %error.message,
-            bytes = message.payload.len(),
+            bytes = payload.len(),
             "rejected message"
         );
-        let reply: Option<&Subject> = message.reply.as_ref();
-        self.outbox.error_reply(reply, &error).await;
-        self.outbox
-            .dead_letter(&message.subject, message.payload, &error)
-            .await;
+        match origin {
+            Origin::Core { reply } => self.outbox.error_reply(reply.as_ref(), &error).await,
+            Origin::JetStream(_) => {}
+        }
+        self.outbox.dead_letter(subject, payload, &error).await;
+        if let Origin::JetStream(message) = origin {
+            if let Err(e) = message.ack_with(AckKind::Term).await {
+                tracing::warn!(error = %e, "cannot terminate a rejected JetStream message");
+            }
+        }
     }
+}
+
+fn decode_append(
+    payload: &[u8],
+    headers: Option<&HeaderMap>,
+    limits: &Limits,
+) -> Result<AppendRequest, ErrorBody> {
+    let mut request = AppendRequest::decode(payload, limits)?;
+    if request.key.is_none() {
+        if let Some(key) = headers.and_then(|h| h.get(MSG_ID_HEADER)) {
+            let key = key.as_str();
+            check_key(key, limits)?;
+            request.key = Some(key.to_string());
+        }
+    }
+    Ok(request)
 }

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, Intake};
 use crate::metrics::Metrics;
 use crate::store::{Shard, StoreError};
 
@@ -60,6 +60,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Intake(#[from] intake::IntakeError),
     #[error("{0}")]
     Setup(String),
     #[error("cannot register metrics: {0}")]
@@ -125,6 +127,10 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         tasks: work.clone(),
         query_slots: Arc::new(Semaphore::new(config.max_concurrent_queries)),
         batch_max_rows: config.batch_max_rows,
+        max_deliver: match &config.intake {
+            Intake::JetStream(js) => js.max_deliver,
+            Intake::Core => 1,
+        },
     };
     let mut queues = Vec::with_capacity(shards.len());
     for health in shards.iter() {
@@ -136,7 +142,18 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             context.clone(),
         ));
     }
-    let router = Arc::new(intake::Router {
+    let subscribe = |subject: String| {
+        let client = client.clone();
+        let group = config.queue_group.clone();
+        async move {
+            client
+                .queue_subscribe(subject.clone(), group)
+                .await
+                .map_err(|source| Error::Subscribe { subject, source })
+        }
+    };
+    let queries = subscribe(config.query_subject.clone()).await?;
+    let mut router = intake::Router {
         ring: ring::Ring::new(
             &config
                 .shards
@@ -149,20 +166,59 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         limits: config.limits,
         outbox: outbox.clone(),
         metrics: metrics.clone(),
-    });
-
-    let subscribe = |subject: String| {
-        let client = client.clone();
-        let group = config.queue_group.clone();
-        async move {
-            client
-                .queue_subscribe(subject.clone(), group)
-                .await
-                .map_err(|source| Error::Subscribe { subject, source })
+        stream_identity: None,
+    };
+    tokio::pin!(shutdown);
+    let mut shutdown_seen = false;
+    // Boxed so it can be dropped early: dropping it drops the router, which closes the queues.
+    let mut intake: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &config.intake {
+        Intake::Core => {
+            let logs = subscribe(config.logs_subject.clone()).await?;
+            Box::pin(intake::run_core(
+                logs,
+                queries,
+                Arc::new(router),
+                cancel.clone(),
+            ))
+        }
+        Intake::JetStream(js) => {
+            // NATS may not be up yet (the worker starts anyway and connects when it is).
+            let setup = loop {
+                tokio::select! {
+                    result = intake::setup_jetstream(&client, &config.logs_subject, js) => match result {
+                        Ok(setup) => break Some(setup),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "JetStream not available yet; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    },
+                    _ = &mut shutdown => break None,
+                }
+            };
+            match setup {
+                Some((consumer, stream)) => {
+                    router.stream_identity = Some(format!(
+                        "js:{}:{}",
+                        stream.config.name,
+                        stream.created.unix_timestamp_nanos()
+                    ));
+                    Box::pin(intake::run_jetstream(
+                        consumer,
+                        queries,
+                        Arc::new(router),
+                        cancel.clone(),
+                    ))
+                }
+                None => {
+                    // Shut down before JetStream was ever reachable: nothing was taken in.
+                    shutdown_seen = true;
+                    cancel.cancel();
+                    drop((queries, router));
+                    Box::pin(async {})
+                }
+            }
         }
     };
-    let logs = subscribe(config.logs_subject.clone()).await?;
-    let queries = subscribe(config.query_subject.clone()).await?;
     if client.connection_state() == async_nats::connection::State::Connected {
         // Make sure the server has the subscriptions before this worker calls itself ready.
         if let Err(e) = client.flush().await {
@@ -171,6 +227,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     }
     subscribed.store(true, Ordering::Release);
     tracing::info!(
+        intake = match config.intake { Intake::Core => "core", Intake::JetStream(_) => "jetstream" },
         logs = %config.logs_subject,
         query = %config.query_subject,
         group = %config.queue_group,
@@ -179,11 +236,9 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         "worker started"
     );
 
-    // Boxed so it can be dropped early: dropping it drops the router, which closes the queues.
-    let mut intake = Box::pin(intake::run(logs, queries, router, cancel.clone()));
     tokio::select! {
         _ = &mut intake => cancel.cancel(),
-        _ = shutdown => {
+        _ = &mut shutdown, if !shutdown_seen => {
             tracing::info!("shutting down: no new messages; finishing in-flight work");
             subscribed.store(false, Ordering::Release);
             cancel.cancel();

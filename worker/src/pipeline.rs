@@ -7,7 +7,9 @@
 //! behind those appends as its own tracked task, bounded by a semaphore.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::AckKind;
 
 use async_nats::Subject;
 use logstore_protocol::{AppendReply, ErrorBody, ErrorCode, LogEntry, QueryRequest};
@@ -26,8 +28,17 @@ const TRAILER_RESERVE: usize = 64;
 /// An append on its way to its shard.
 pub struct AppendJob {
     pub entry: NewEntry,
-    pub reply: Option<Subject>,
+    pub origin: Origin,
     pub started: Instant,
+}
+
+/// Where an append came from, which decides how it is settled once its fate is known.
+pub enum Origin {
+    /// A core NATS message: answered on its reply subject, if it has one.
+    Core { reply: Option<Subject> },
+    /// A JetStream delivery: acknowledged after commit, nak'ed for redelivery on failure,
+    /// dead-lettered and terminated once it has failed too often.
+    JetStream(Box<async_nats::jetstream::Message>),
 }
 
 /// A query on its way to its shard.
@@ -50,6 +61,8 @@ pub struct Context {
     pub tasks: TaskTracker,
     pub query_slots: Arc<Semaphore>,
     pub batch_max_rows: usize,
+    /// JetStream deliveries of a failing message before it is dead-lettered (outages excepted).
+    pub max_deliver: i64,
 }
 
 /// Run one shard's pipeline until every sender of `queue` is gone and the queue is empty.
@@ -90,7 +103,12 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, ctx: &Context) 
             }
         }
         Err(e) if e.is_unavailable() || batch.len() == 1 => {
-            tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed");
+            // An outage is logged once by the health checker, not once per batch.
+            if e.is_unavailable() {
+                tracing::debug!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed");
+            } else {
+                tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed");
+            }
             for job in batch.drain(..) {
                 answer_append(shard, job, Err(&e), ctx).await;
             }
@@ -140,7 +158,17 @@ async fn answer_append(
                 ts: format_ts(stored.ts),
                 duplicate: stored.duplicate,
             };
-            ctx.outbox.append_done(job.reply.as_ref(), &body).await;
+            match &job.origin {
+                Origin::Core { reply } => ctx.outbox.append_done(reply.as_ref(), &body).await,
+                Origin::JetStream(message) => {
+                    // Event first, then ack: a crash in between redelivers the message, which
+                    // then answers as a duplicate and publishes the event again.
+                    ctx.outbox.append_done(None, &body).await;
+                    if let Err(e) = message.ack().await {
+                        tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+                    }
+                }
+            }
             finish_append(shard, &job, ctx);
         }
         Err(e) => fail_append(shard, job, store_error_body(e), ctx).await,
@@ -152,8 +180,43 @@ async fn fail_append(shard: &Shard, job: AppendJob, error: ErrorBody, ctx: &Cont
         .appends
         .with_label_values(&[&shard.name, "failed"])
         .inc();
-    ctx.outbox.error_reply(job.reply.as_ref(), &error).await;
+    match &job.origin {
+        Origin::Core { reply } => ctx.outbox.error_reply(reply.as_ref(), &error).await,
+        Origin::JetStream(message) => settle_failed_delivery(message, &error, ctx).await,
+    }
     finish_append(shard, &job, ctx);
+}
+
+/// A JetStream delivery that could not be stored. Outages never dead-letter: the message waits
+/// (nak with backoff) until its shard is back. Anything else is retried `max_deliver` times,
+/// then copied to the dead-letter subject and terminated so it stops holding a slot.
+async fn settle_failed_delivery(
+    message: &async_nats::jetstream::Message,
+    error: &ErrorBody,
+    ctx: &Context,
+) {
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let result = if error.code != ErrorCode::Unavailable && delivered >= ctx.max_deliver {
+        tracing::error!(delivered, reason = %error.message, "giving up on a message: dead-lettered");
+        ctx.outbox
+            .dead_letter(&message.subject, message.payload.clone(), error)
+            .await;
+        message.ack_with(AckKind::Term).await
+    } else {
+        message
+            .ack_with(AckKind::Nak(Some(redelivery_delay(delivered))))
+            .await
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "JetStream nak/term failed; the message will be redelivered after ack_wait");
+    }
+}
+
+/// 100 ms, doubling per delivery, at most 5 s: quick recovery from blips, little churn during a
+/// long outage.
+pub fn redelivery_delay(delivered: i64) -> Duration {
+    let exponent = delivered.clamp(1, 7) - 1;
+    Duration::from_millis(100 << exponent).min(Duration::from_secs(5))
 }
 
 fn finish_append(shard: &Shard, job: &AppendJob, ctx: &Context) {
@@ -369,6 +432,15 @@ impl ChunkWriter {
 mod tests {
     use super::*;
     use logstore_protocol::QueryResponse;
+
+    #[test]
+    fn redelivery_backs_off_to_five_seconds() {
+        assert_eq!(redelivery_delay(1), Duration::from_millis(100));
+        assert_eq!(redelivery_delay(2), Duration::from_millis(200));
+        assert_eq!(redelivery_delay(6), Duration::from_millis(3200));
+        assert_eq!(redelivery_delay(7), Duration::from_secs(5));
+        assert_eq!(redelivery_delay(1000), Duration::from_secs(5));
+    }
 
     #[test]
     fn chunks_are_valid_responses_under_the_budget() {

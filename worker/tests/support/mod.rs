@@ -67,6 +67,8 @@ pub struct Env {
     pub prefix: String,
     /// (shard name, database URL)
     pub shards: Vec<(String, String)>,
+    /// `core` or `jetstream` (INTAKE).
+    pub intake: &'static str,
 }
 
 impl Env {
@@ -83,11 +85,17 @@ impl Env {
             nats_url: servers.nats.url(),
             prefix: unique_name("t"),
             shards,
+            intake: "core",
         }
     }
 
     pub fn subject(&self, name: &str) -> String {
         format!("{}.{name}", self.prefix)
+    }
+
+    /// This test's JetStream stream (streams may not share subjects, so each test has its own).
+    pub fn stream(&self) -> String {
+        format!("{}_logs", self.prefix)
     }
 
     pub fn shards_spec(&self) -> String {
@@ -111,6 +119,8 @@ impl Env {
             ("NATS_DEAD_LETTER_TOPIC", self.subject("dead_letter")),
             ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
             ("SHARD_TIMEOUT_MS", "3000".to_string()),
+            ("INTAKE", self.intake.to_string()),
+            ("NATS_STREAM", self.stream()),
         ]
     }
 
@@ -329,6 +339,72 @@ impl Drop for TestWorker {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// A worker running as its own process (the real binary), for tests that kill or signal it.
+pub struct WorkerProcess {
+    pub child: tokio::process::Child,
+    pub metrics: SocketAddr,
+}
+
+impl WorkerProcess {
+    /// Start `worker` with `env`'s settings plus `extra` variables; does not wait for readiness.
+    pub fn spawn(env: &Env, extra: &[(&str, &str)]) -> WorkerProcess {
+        let port = free_port();
+        let child = tokio::process::Command::new(bin_path("worker"))
+            .envs(env.settings(port))
+            .envs(extra.iter().copied())
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the worker binary");
+        WorkerProcess {
+            child,
+            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    pub async fn start(env: &Env, extra: &[(&str, &str)]) -> WorkerProcess {
+        let worker = Self::spawn(env, extra);
+        worker.wait_ready().await;
+        worker
+    }
+
+    pub async fn wait_ready(&self) {
+        let addr = self.metrics;
+        eventually(60, "worker process ready", || async move {
+            matches!(http_get(addr, "/readyz").await, Some((200, _))).then_some(())
+        })
+        .await
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("worker still running") as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        within(10, "killed worker exits", self.child.wait())
+            .await
+            .expect("wait");
+    }
+
+    /// SIGTERM; returns the exit code.
+    pub async fn terminate(mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        within(60, "worker exits after SIGTERM", self.child.wait())
+            .await
+            .expect("wait")
+            .code()
     }
 }
 

@@ -1,0 +1,473 @@
+//! JetStream intake under faults: nothing published and acknowledged by the stream is ever lost
+//! or duplicated, whatever dies. Workers run as real processes so they can be killed. Every test
+//! ends by reading every object back from the shard databases.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use support::*;
+
+/// One append as published: object id, idempotency key (also the log text, so it is findable).
+type Published = Vec<(u64, String)>;
+
+async fn js_env(names: &[&str]) -> Env {
+    let mut env = Env::shared(names).await;
+    env.intake = "jetstream";
+    env
+}
+
+/// Publish `n` appends over `objects` ids through JetStream, each with its own Nats-Msg-Id,
+/// awaiting every PubAck; a failed publish is retried with the same id (the stream and the
+/// database both deduplicate it). `keyless` publishes carry no key at all: the worker then uses
+/// the message's stream identity.
+async fn publish(
+    env: &Env,
+    client: &async_nats::Client,
+    tag: &str,
+    range: std::ops::Range<u64>,
+    objects: u64,
+    keyless: bool,
+) -> Published {
+    let js = jetstream::new(client.clone());
+    let subject = env.subject("logs");
+    let published: Published = range
+        .map(|i| (i % objects + 1, format!("{tag}-{i}")))
+        .collect();
+    within(
+        300,
+        "publishing through JetStream",
+        futures::stream::iter(published.iter()).for_each_concurrent(256, |(id, key)| {
+            let (js, subject) = (js.clone(), subject.clone());
+            async move {
+                let body = serde_json::json!({ "id": id, "log": key }).to_string();
+                let mut attempt = 0;
+                loop {
+                    let mut headers = async_nats::HeaderMap::new();
+                    if !keyless {
+                        headers.insert("Nats-Msg-Id", key.as_str());
+                    }
+                    let ack = match js
+                        .publish_with_headers(subject.clone(), headers, body.clone().into())
+                        .await
+                    {
+                        Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack).await,
+                        Err(e) => Ok(Err(e)),
+                    };
+                    match ack {
+                        Ok(Ok(_)) => break,
+                        other => {
+                            assert!(
+                                !keyless,
+                                "keyless publish failed ({other:?}); a retry could duplicate it"
+                            );
+                            attempt += 1;
+                            assert!(attempt < 100, "publish {key} keeps failing: {other:?}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        }),
+    )
+    .await;
+    published
+}
+
+/// Wait until every published key is stored, then check the whole contract on the databases:
+/// each published append exactly once, on one shard, seq gapless from 1, ts monotone, head rows
+/// exact. Returns each key's stored (ts, shard).
+async fn verify(
+    env: &Env,
+    published: &Published,
+    secs: u64,
+) -> HashMap<String, (SystemTime, String)> {
+    let expected: usize = published.len();
+    let rows = eventually(secs, "every published append stored", || async {
+        let rows = all_rows(env).await;
+        (rows.len() >= expected).then_some(rows)
+    })
+    .await;
+    let mut by_key: HashMap<String, (SystemTime, String)> = HashMap::new();
+    let mut per_object: BTreeMap<u64, Vec<(i64, SystemTime)>> = BTreeMap::new();
+    for (shard, id, seq, ts, log) in &rows {
+        assert!(
+            by_key.insert(log.clone(), (*ts, shard.clone())).is_none(),
+            "{log} stored twice"
+        );
+        per_object.entry(*id).or_default().push((*seq, *ts));
+    }
+    assert_eq!(rows.len(), expected, "rows stored vs appends published");
+    for (id, key) in published {
+        assert!(by_key.contains_key(key), "object {id}: {key} lost");
+    }
+    for (id, mut entries) in per_object {
+        entries.sort();
+        for (i, (seq, ts)) in entries.iter().enumerate() {
+            assert_eq!(*seq, i as i64 + 1, "object {id}: seq gapless");
+            if i > 0 {
+                assert!(entries[i - 1].1 <= *ts, "object {id}: ts monotone");
+            }
+        }
+    }
+    for (name, url) in &env.shards {
+        let db = pg_connect(url).await;
+        let bad = db
+            .query(
+                "SELECT o.id FROM objects o LEFT JOIN (SELECT object_id, count(*) n, max(seq) m FROM logs GROUP BY object_id) l
+                 ON l.object_id = o.id WHERE o.entries <> coalesce(l.n, 0) OR o.last_seq <> coalesce(l.m, 0)",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(bad.is_empty(), "shard {name}: head rows disagree with logs");
+    }
+    by_key
+}
+
+/// (shard, object id, seq, ts, log) of every stored entry on every shard.
+async fn all_rows(env: &Env) -> Vec<(String, u64, i64, SystemTime, String)> {
+    let mut rows = Vec::new();
+    for (name, url) in &env.shards {
+        let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await
+        else {
+            continue; // a shard that is down right now
+        };
+        tokio::spawn(connection);
+        // Before the first worker ran its migrations there is no table yet.
+        let Ok(found) = client
+            .query("SELECT object_id, seq, ts, log FROM logs", &[])
+            .await
+        else {
+            continue;
+        };
+        for row in found {
+            rows.push((
+                name.clone(),
+                row.get::<_, i64>(0) as u64,
+                row.get(1),
+                row.get(2),
+                row.get(3),
+            ));
+        }
+    }
+    rows
+}
+
+async fn consumer_info(client: &async_nats::Client, env: &Env) -> jetstream::consumer::Info {
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(env.stream()).await.expect("stream exists");
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .get_consumer("workers")
+        .await
+        .expect("consumer exists");
+    consumer.info().await.expect("consumer info").clone()
+}
+
+/// 3 workers, 20,000 appends (a quarter without any key), one worker SIGKILLed mid-load and
+/// restarted: every append stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_load_loses_and_duplicates_nothing() {
+    let env = js_env(&["a", "b"]).await;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(WorkerProcess::start(&env, &[]).await);
+    }
+    let client = env.client().await;
+    let publisher = {
+        let (env, client) = (env.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut all = publish(&env, &client, "k", 0..15_000, 200, false).await;
+            all.extend(publish(&env, &client, "nokey", 0..5_000, 200, true).await);
+            all
+        })
+    };
+    eventually(60, "load under way", || async {
+        (all_rows(&env).await.len() > 3_000).then_some(())
+    })
+    .await;
+    workers.remove(0).kill().await;
+    workers.push(WorkerProcess::start(&env, &[]).await);
+    let published = within(300, "publisher", publisher).await.unwrap();
+    verify(&env, &published, 120).await;
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}
+
+/// Published while no worker runs: the stream keeps the backlog, and its entries carry their
+/// publish times, not the time a worker got to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_published_while_all_workers_are_down_keeps_publish_times() {
+    let env = js_env(&["a", "b"]).await;
+    // Create the stream and consumer, then leave no worker running.
+    WorkerProcess::start(&env, &[]).await.terminate().await;
+    let client = env.client().await;
+    let before = SystemTime::now();
+    let published = publish(&env, &client, "backlog", 0..3_000, 50, false).await;
+    let after = SystemTime::now();
+    // The scenario itself: workers come back 10 s later.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(all_rows(&env).await.is_empty());
+    let started = SystemTime::now();
+    let workers = vec![
+        WorkerProcess::start(&env, &[]).await,
+        WorkerProcess::start(&env, &[]).await,
+    ];
+    let stored = verify(&env, &published, 120).await;
+    let slack = Duration::from_secs(1);
+    for (key, (ts, _)) in &stored {
+        assert!(
+            *ts + slack >= before && *ts <= after + slack,
+            "{key}: ts is not its publish time"
+        );
+        assert!(*ts < started, "{key}: ts is the processing time");
+    }
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}
+
+/// A shard SIGKILLed mid-load and restarted 10 s later: nothing lost, and the other shard kept
+/// storing during the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_killed_mid_load_delays_only_its_own_objects() {
+    let mut own = PgServer::start();
+    let mut env = js_env(&["steady"]).await;
+    env.shards
+        .push(("flaky".to_string(), fresh_db(&own, "flaky").await));
+    let workers = vec![
+        WorkerProcess::start(&env, &[]).await,
+        WorkerProcess::start(&env, &[]).await,
+    ];
+    let client = env.client().await;
+    let steady_rows = |env: Env| async move {
+        let db = pg_connect(&env.shards[0].1).await;
+        db.query_one("SELECT count(*) FROM logs", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+
+    // Load spread over the outage: 12 rounds of 500 appends, 1 per second.
+    let publisher = {
+        let (env, client) = (env.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut all = Vec::new();
+            for round in 0..12u64 {
+                all.extend(
+                    publish(
+                        &env,
+                        &client,
+                        "load",
+                        round * 500..(round + 1) * 500,
+                        100,
+                        false,
+                    )
+                    .await,
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            all
+        })
+    };
+    eventually(30, "load under way", || async {
+        (steady_rows(env.clone()).await > 300).then_some(())
+    })
+    .await;
+    own.kill();
+    let at_kill = steady_rows(env.clone()).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = steady_rows(env.clone()).await;
+    assert!(
+        during > at_kill + 500,
+        "the steady shard kept storing during the outage ({at_kill} -> {during})"
+    );
+    own.restart();
+    let published = within(120, "publisher", publisher).await.unwrap();
+    let stored = verify(&env, &published, 120).await;
+    assert!(stored.values().any(|(_, shard)| shard == "flaky"));
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}
+
+/// nats-server restarted mid-load on the same store dir: the workers reconnect and nothing
+/// acknowledged by the stream is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_load_loses_nothing() {
+    let mut nats = NatsServer::start();
+    let mut env = js_env(&["a", "b"]).await;
+    env.nats_url = nats.url();
+    let workers = vec![
+        WorkerProcess::start(&env, &[]).await,
+        WorkerProcess::start(&env, &[]).await,
+    ];
+    let client = within(
+        10,
+        "connect",
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(nats.url()),
+    )
+    .await
+    .unwrap();
+    let publisher = {
+        let (env, client) = (env.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut all = Vec::new();
+            for round in 0..10u64 {
+                all.extend(
+                    publish(
+                        &env,
+                        &client,
+                        "r",
+                        round * 500..(round + 1) * 500,
+                        100,
+                        false,
+                    )
+                    .await,
+                );
+            }
+            all
+        })
+    };
+    eventually(60, "load under way", || async {
+        (all_rows(&env).await.len() > 1_000).then_some(())
+    })
+    .await;
+    nats.stop();
+    nats.restart();
+    let published = within(300, "publisher", publisher).await.unwrap();
+    verify(&env, &published, 120).await;
+    for worker in &workers {
+        let (_, metrics) = within(10, "metrics", http_get(worker.metrics, "/metrics"))
+            .await
+            .unwrap();
+        assert!(metric_sum(&metrics, "logstore_nats_reconnects_total", &[]) >= 1.0);
+    }
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}
+
+/// Workers started while their Postgres is unreachable come up not ready, then work once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_started_before_postgres_work_once_it_is_up() {
+    let mut own = PgServer::start();
+    let mut env = js_env(&[]).await;
+    env.shards
+        .push(("only".to_string(), fresh_db(&own, "only").await));
+    own.stop();
+    let worker = WorkerProcess::spawn(&env, &[]);
+    let addr = worker.metrics;
+    let body = eventually(30, "worker serves /readyz", || async move {
+        match http_get(addr, "/readyz").await {
+            Some((503, body)) if body.contains("shard only") => Some(body),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(body.contains("unreachable"), "{body}");
+    let client = env.client().await;
+    let published = publish(&env, &client, "early", 0..200, 10, false).await;
+    own.restart();
+    worker.wait_ready().await;
+    verify(&env, &published, 60).await;
+    assert_eq!(worker.terminate().await, Some(0));
+}
+
+/// A message that can never be stored goes to dead_letter after JS_MAX_DELIVER deliveries and
+/// is terminated; the messages behind it are stored meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_and_does_not_block_the_rest() {
+    let env = js_env(&["a"]).await;
+    let worker = WorkerProcess::start(&env, &[("JS_MAX_DELIVER", "3")]).await;
+    // The poison: this shard refuses one particular log text, as a broken constraint would.
+    let db = pg_connect(&env.shards[0].1).await;
+    db.batch_execute(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.log = 'poison' THEN RAISE EXCEPTION 'poison refused'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON logs FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .await
+    .unwrap();
+    let client = env.client().await;
+    let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
+    client.flush().await.unwrap();
+    let js = jetstream::new(client.clone());
+    within(10, "publish poison", async {
+        js.publish(env.subject("logs"), r#"{"id":9,"log":"poison"}"#.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+    })
+    .await;
+    let published = publish(&env, &client, "after", 0..300, 5, false).await;
+    let stored = verify(&env, &published, 60).await;
+    assert_eq!(stored.len(), 300);
+    let letter = within(30, "poison dead-lettered", dead.next())
+        .await
+        .unwrap();
+    assert_eq!(letter.payload.as_ref(), br#"{"id":9,"log":"poison"}"#);
+    assert_eq!(
+        header(&letter.headers, "Logstore-Error-Code").as_deref(),
+        Some("internal")
+    );
+    eventually(10, "poison terminated, nothing pending", || async {
+        let info = consumer_info(&client, &env).await;
+        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+    })
+    .await;
+    let (_, metrics) = within(10, "metrics", http_get(worker.metrics, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "logstore_dead_letters_total",
+            &[("reason", "internal")]
+        ),
+        1.0
+    );
+    assert_eq!(worker.terminate().await, Some(0));
+}
+
+/// SIGTERM with a backlog: what the worker took is committed and acknowledged before it exits 0,
+/// so nothing is redelivered because of the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_backlog_commits_and_acks_what_it_took() {
+    let env = js_env(&["a", "b"]).await;
+    WorkerProcess::start(&env, &[]).await.terminate().await;
+    let client = env.client().await;
+    let published = publish(&env, &client, "b", 0..20_000, 100, false).await;
+    let worker = WorkerProcess::start(&env, &[]).await;
+    eventually(60, "backlog being processed", || async {
+        (!all_rows(&env).await.is_empty()).then_some(())
+    })
+    .await;
+    let stopped_at = Instant::now();
+    assert_eq!(worker.terminate().await, Some(0));
+    let info = consumer_info(&client, &env).await;
+    assert_eq!(
+        info.num_ack_pending, 0,
+        "every delivered message was acked or nak'ed before exit"
+    );
+    assert_eq!(
+        info.num_redelivered, 0,
+        "nothing redelivered because of the shutdown"
+    );
+    assert!(
+        info.num_pending > 0,
+        "the shutdown left part of the backlog for later (took {:?})",
+        stopped_at.elapsed()
+    );
+    let rest = WorkerProcess::start(&env, &[]).await;
+    verify(&env, &published, 120).await;
+    assert_eq!(consumer_info(&client, &env).await.num_redelivered, 0);
+    assert_eq!(rest.terminate().await, Some(0));
+}

@@ -255,6 +255,7 @@ impl Router {
         let received = SystemTime::now();
         let origin = Origin::Core {
             reply: message.reply.clone(),
+            subject: message.subject.clone(),
         };
         self.append(
             &message.subject,
@@ -347,6 +348,7 @@ impl Router {
                 self.metrics.queries.with_label_values(&["rejected"]).inc();
                 let origin = Origin::Core {
                     reply: message.reply.clone(),
+                    subject: message.subject.clone(),
                 };
                 self.reject(&message.subject, message.payload, &origin, error)
                     .await;
@@ -376,7 +378,7 @@ impl Router {
             "rejected message"
         );
         match origin {
-            Origin::Core { reply } => self.outbox.error_reply(reply.as_ref(), &error).await,
+            Origin::Core { reply, .. } => self.outbox.error_reply(reply.as_ref(), &error).await,
             Origin::JetStream(_) => {}
         }
         self.outbox.dead_letter(subject, payload, &error).await;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::AckKind;
 
 use async_nats::Subject;
-use logstore_protocol::{AppendReply, ErrorBody, ErrorCode, LogEntry, QueryRequest};
+use logstore_protocol::{AppendReply, AppendRequest, ErrorBody, ErrorCode, LogEntry, QueryRequest};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
@@ -34,8 +34,12 @@ pub struct AppendJob {
 
 /// Where an append came from, which decides how it is settled once its fate is known.
 pub enum Origin {
-    /// A core NATS message: answered on its reply subject, if it has one.
-    Core { reply: Option<Subject> },
+    /// A core NATS message: answered on its reply subject, if it has one. Without one, a failed
+    /// append is dead-lettered, because nobody else would ever learn it was not stored.
+    Core {
+        reply: Option<Subject>,
+        subject: Subject,
+    },
     /// A JetStream delivery: acknowledged after commit, nak'ed for redelivery on failure,
     /// dead-lettered and terminated once it has failed too often.
     JetStream(Box<async_nats::jetstream::Message>),
@@ -159,7 +163,7 @@ async fn answer_append(
                 duplicate: stored.duplicate,
             };
             match &job.origin {
-                Origin::Core { reply } => ctx.outbox.append_done(reply.as_ref(), &body).await,
+                Origin::Core { reply, .. } => ctx.outbox.append_done(reply.as_ref(), &body).await,
                 Origin::JetStream(message) => {
                     // Event first, then ack: a crash in between redelivers the message, which
                     // then answers as a duplicate and publishes the event again.
@@ -181,7 +185,25 @@ async fn fail_append(shard: &Shard, job: AppendJob, error: ErrorBody, ctx: &Cont
         .with_label_values(&[&shard.name, "failed"])
         .inc();
     match &job.origin {
-        Origin::Core { reply } => ctx.outbox.error_reply(reply.as_ref(), &error).await,
+        Origin::Core {
+            reply: Some(reply), ..
+        } => ctx.outbox.error_reply(Some(reply), &error).await,
+        Origin::Core {
+            reply: None,
+            subject,
+        } => {
+            let copy = AppendRequest {
+                id: job.entry.id,
+                log: job.entry.log.clone(),
+                key: job.entry.key.clone(),
+            };
+            match serde_json::to_vec(&copy) {
+                Ok(body) => ctx.outbox.dead_letter(subject, body.into(), &error).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a failed append for dead_letter")
+                }
+            }
+        }
         Origin::JetStream(message) => settle_failed_delivery(message, &error, ctx).await,
     }
     finish_append(shard, &job, ctx);

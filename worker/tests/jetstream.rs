@@ -471,3 +471,39 @@ async fn sigterm_with_a_backlog_commits_and_acks_what_it_took() {
     assert_eq!(consumer_info(&client, &env).await.num_redelivered, 0);
     assert_eq!(rest.terminate().await, Some(0));
 }
+
+/// Bad input through JetStream: dead-lettered with its reason and terminated (redelivery cannot
+/// fix it), while valid appends around it are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_through_jetstream_is_dead_lettered_and_terminated() {
+    let env = js_env(&["a", "b"]).await;
+    let worker = WorkerProcess::start(&env, &[]).await;
+    let client = env.client().await;
+    let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
+    client.flush().await.unwrap();
+    let js = jetstream::new(client.clone());
+    for body in [&b"{not json"[..], br#"{"id":-1,"log":"a"}"#, br#"{"id":1}"#] {
+        within(10, "publish", async {
+            js.publish(env.subject("logs"), body.to_vec().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        })
+        .await;
+        let letter = within(10, "dead letter", dead.next()).await.unwrap();
+        assert_eq!(letter.payload.as_ref(), body);
+        assert_eq!(
+            header(&letter.headers, "Logstore-Error-Code").as_deref(),
+            Some("invalid_request")
+        );
+    }
+    let published = publish(&env, &client, "ok", 0..50, 5, false).await;
+    verify(&env, &published, 30).await;
+    eventually(10, "nothing left pending", || async {
+        let info = consumer_info(&client, &env).await;
+        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+    })
+    .await;
+    assert_eq!(worker.terminate().await, Some(0));
+}

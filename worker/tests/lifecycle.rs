@@ -6,6 +6,7 @@ mod support;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use logstore_protocol::ErrorCode;
 use support::*;
 use tokio::io::AsyncReadExt;
@@ -59,6 +60,25 @@ async fn a_stopped_shard_fails_fast_and_recovers_without_a_worker_restart() {
         started.elapsed() < Duration::from_secs(3),
         "took {:?}",
         started.elapsed()
+    );
+
+    // Fire-and-forget (no reply subject): nobody would learn of the failure, so it is
+    // dead-lettered for replay.
+    let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
+    client.flush().await.unwrap();
+    let body = append_body(flaky_id, "unheard", Some("k-unheard"));
+    client.publish(env.subject("logs"), body).await.unwrap();
+    let letter = within(10, "dead letter of a failed append", dead.next())
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&letter.headers, "Logstore-Error-Code").as_deref(),
+        Some("unavailable")
+    );
+    let copy: logstore_protocol::AppendRequest = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(
+        (copy.id, copy.log.as_str(), copy.key.as_deref()),
+        (flaky_id, "unheard", Some("k-unheard"))
     );
 
     let reply = env.append(&client, healthy_id, "meanwhile", None).await;

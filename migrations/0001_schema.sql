@@ -37,8 +37,14 @@ CREATE UNIQUE INDEX logs_object_key ON logs (object_id, key) WHERE key IS NOT NU
 -- order the worker received them. Returns one row per input element (ord is its 1-based index):
 -- the entry's seq and ts, and whether it was a duplicate (then seq/ts are the original's).
 --
--- Locking: head rows are created and then locked in ascending id order, so two batches sharing
--- objects always take their locks in the same order and cannot deadlock.
+-- 1. Head rows are created and then locked in ascending id order, so two batches sharing
+--    objects always take their locks in the same order and cannot deadlock.
+-- 2. Under those locks (each statement below takes a fresh snapshot, so it sees what the
+--    previous lock holder committed): keys already stored answer with the stored seq/ts; a key
+--    repeated inside the batch is stored once, its first occurrence; the rest get consecutive
+--    seqs after the head's last seq, and ts = the running max of (head's last ts, receipt ts),
+--    so ts never decreases along seq.
+-- 3. The inserts and head updates run as data-modifying CTEs of the same statement.
 CREATE FUNCTION logstore_append(
     p_ids  bigint[],
     p_keys text[],
@@ -46,24 +52,6 @@ CREATE FUNCTION logstore_append(
     p_ts   timestamptz[]
 ) RETURNS TABLE (ord integer, seq bigint, ts timestamptz, duplicate boolean)
 LANGUAGE plpgsql AS $$
-DECLARE
-    r          record;
-    cur_id     bigint;
-    cur_seq    bigint;
-    cur_ts     timestamptz;
-    cur_added  bigint := 0;
-    res_seq    bigint[] := '{}';
-    res_ts     timestamptz[] := '{}';
-    res_dup    boolean[] := '{}';
-    ins_ids    bigint[] := '{}';
-    ins_seqs   bigint[] := '{}';
-    ins_ts     timestamptz[] := '{}';
-    ins_keys   text[] := '{}';
-    ins_logs   text[] := '{}';
-    head_ids   bigint[] := '{}';
-    head_seqs  bigint[] := '{}';
-    head_ts    timestamptz[] := '{}';
-    head_added bigint[] := '{}';
 BEGIN
     INSERT INTO objects (id, entries, last_seq, last_ts)
     SELECT DISTINCT u.id, 0, 0, '-infinity'::timestamptz
@@ -73,69 +61,46 @@ BEGIN
 
     PERFORM 1 FROM objects o WHERE o.id = ANY (p_ids) ORDER BY o.id FOR UPDATE;
 
-    -- Under the locks: walk the batch per object in arrival order. Keys already stored (e.locator)
-    -- or seen earlier in this batch (first_ord < ord) are answered with the original's seq/ts.
-    FOR r IN
-        SELECT t.ord::integer AS ord, t.id, t.key, t.log, t.ts,
-               e.seq AS e_seq, e.ts AS e_ts,
-               CASE WHEN t.key IS NULL THEN t.ord
-                    ELSE min(t.ord) OVER (PARTITION BY t.id, t.key) END AS first_ord
-        FROM unnest(p_ids, p_keys, p_logs, p_ts) WITH ORDINALITY AS t(id, key, log, ts, ord)
-        LEFT JOIN logs e ON e.object_id = t.id AND e.key = t.key
-        ORDER BY t.id, t.ord
-    LOOP
-        IF cur_id IS DISTINCT FROM r.id THEN
-            IF cur_id IS NOT NULL AND cur_added > 0 THEN
-                head_ids := head_ids || cur_id;
-                head_seqs := head_seqs || cur_seq;
-                head_ts := head_ts || cur_ts;
-                head_added := head_added || cur_added;
-            END IF;
-            SELECT o.last_seq, o.last_ts INTO cur_seq, cur_ts FROM objects o WHERE o.id = r.id;
-            cur_id := r.id;
-            cur_added := 0;
-        END IF;
-
-        IF r.e_seq IS NOT NULL THEN
-            res_seq[r.ord] := r.e_seq;
-            res_ts[r.ord] := r.e_ts;
-            res_dup[r.ord] := true;
-        ELSIF r.first_ord < r.ord THEN
-            res_seq[r.ord] := res_seq[r.first_ord];
-            res_ts[r.ord] := res_ts[r.first_ord];
-            res_dup[r.ord] := true;
-        ELSE
-            cur_seq := cur_seq + 1;
-            cur_ts := greatest(cur_ts, r.ts);
-            cur_added := cur_added + 1;
-            res_seq[r.ord] := cur_seq;
-            res_ts[r.ord] := cur_ts;
-            res_dup[r.ord] := false;
-            ins_ids := ins_ids || r.id;
-            ins_seqs := ins_seqs || cur_seq;
-            ins_ts := ins_ts || cur_ts;
-            ins_keys := ins_keys || r.key;
-            ins_logs := ins_logs || r.log;
-        END IF;
-    END LOOP;
-    IF cur_id IS NOT NULL AND cur_added > 0 THEN
-        head_ids := head_ids || cur_id;
-        head_seqs := head_seqs || cur_seq;
-        head_ts := head_ts || cur_ts;
-        head_added := head_added || cur_added;
-    END IF;
-
-    INSERT INTO logs (object_id, seq, ts, key, log)
-    SELECT * FROM unnest(ins_ids, ins_seqs, ins_ts, ins_keys, ins_logs);
-
-    UPDATE objects o
-    SET entries = o.entries + h.added, last_seq = h.seq, last_ts = h.ts
-    FROM unnest(head_ids, head_seqs, head_ts, head_added) AS h(id, seq, ts, added)
-    WHERE o.id = h.id;
-
     RETURN QUERY
-    SELECT i, res_seq[i], res_ts[i], res_dup[i]
-    FROM generate_subscripts(p_ids, 1) AS i
-    ORDER BY i;
+    WITH input AS (
+        SELECT t.ord::integer AS ord, t.id, t.key, t.log, t.ts
+        FROM unnest(p_ids, p_keys, p_logs, p_ts) WITH ORDINALITY AS t(id, key, log, ts, ord)
+    ),
+    existing AS (
+        SELECT i.ord, e.seq, e.ts
+        FROM input i JOIN logs e ON e.object_id = i.id AND e.key = i.key
+    ),
+    candidates AS (
+        SELECT i.*, (i.key IS NULL OR i.ord = min(i.ord) OVER (PARTITION BY i.id, i.key)) AS first
+        FROM input i
+        WHERE NOT EXISTS (SELECT 1 FROM existing x WHERE x.ord = i.ord)
+    ),
+    fresh AS (
+        SELECT c.ord, c.id, c.key, c.log,
+               o.last_seq + row_number() OVER w AS seq,
+               greatest(o.last_ts, max(c.ts) OVER w) AS ts
+        FROM candidates c JOIN objects o ON o.id = c.id
+        WHERE c.first
+        WINDOW w AS (PARTITION BY c.id ORDER BY c.ord ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+    ),
+    inserted AS (
+        INSERT INTO logs (object_id, seq, ts, key, log)
+        SELECT f.id, f.seq, f.ts, f.key, f.log FROM fresh f
+    ),
+    heads AS (
+        UPDATE objects o
+        SET entries = o.entries + h.n, last_seq = h.seq, last_ts = h.ts
+        FROM (SELECT f.id, count(*) AS n, max(f.seq) AS seq, max(f.ts) AS ts FROM fresh f GROUP BY f.id) h
+        WHERE o.id = h.id
+    )
+    SELECT i.ord,
+           coalesce(x.seq, f.seq, d.seq),
+           coalesce(x.ts, f.ts, d.ts),
+           f.ord IS NULL
+    FROM input i
+    LEFT JOIN existing x ON x.ord = i.ord
+    LEFT JOIN fresh f ON f.ord = i.ord
+    LEFT JOIN fresh d ON x.ord IS NULL AND f.ord IS NULL AND d.id = i.id AND d.key = i.key
+    ORDER BY i.ord;
 END;
 $$;

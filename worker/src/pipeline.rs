@@ -99,8 +99,10 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, ctx: &Context) 
         .batch_size
         .with_label_values(&[&shard.name])
         .observe(batch.len() as f64);
-    let entries: Vec<NewEntry> = batch.iter().map(|job| job.entry.clone()).collect();
-    match shard.append(&entries).await {
+    let entries: Vec<&NewEntry> = batch.iter().map(|job| &job.entry).collect();
+    let result = shard.append(&entries).await;
+    drop(entries);
+    match result {
         Ok(stored) => {
             for (job, stored) in batch.drain(..).zip(stored) {
                 answer_append(shard, job, Ok(stored), ctx).await;
@@ -122,7 +124,7 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, ctx: &Context) 
             // so store the entries one by one to isolate it.
             tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed; retrying entries one by one");
             for job in batch.drain(..) {
-                let result = shard.append(std::slice::from_ref(&job.entry)).await;
+                let result = shard.append(&[&job.entry]).await;
                 match result {
                     Ok(mut stored) if stored.len() == 1 => {
                         let stored = stored.remove(0);

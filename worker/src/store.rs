@@ -256,7 +256,7 @@ impl Shard {
 
     /// Append a batch in one transaction (one round trip). The result has one element per
     /// entry, in order.
-    pub async fn append(&self, entries: &[NewEntry]) -> Result<Vec<Stored>, StoreError> {
+    pub async fn append(&self, entries: &[&NewEntry]) -> Result<Vec<Stored>, StoreError> {
         self.ready()?;
         let ids: Vec<i64> = entries.iter().map(|e| e.id as i64).collect();
         let keys: Vec<Option<&str>> = entries.iter().map(|e| e.key.as_deref()).collect();

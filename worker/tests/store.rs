@@ -43,7 +43,13 @@ async fn a_batch_numbers_entries_and_answers_duplicates_with_the_original() {
         entry(2, Some("k1"), "same key, other object", t0),
         entry(1, None, "d", t0),
     ];
-    let stored = within(30, "append", shard.append(&batch)).await.unwrap();
+    let stored = within(
+        30,
+        "append",
+        shard.append(&batch.iter().collect::<Vec<_>>()),
+    )
+    .await
+    .unwrap();
     let view: Vec<(u64, bool)> = stored.iter().map(|s| (s.seq, s.duplicate)).collect();
     assert_eq!(
         view,
@@ -67,7 +73,13 @@ async fn a_batch_numbers_entries_and_answers_duplicates_with_the_original() {
     assert!(stored[5].ts >= stored[1].ts);
 
     let second = [entry(1, Some("k2"), "b again", t0), entry(1, None, "e", t0)];
-    let again = within(30, "append", shard.append(&second)).await.unwrap();
+    let again = within(
+        30,
+        "append",
+        shard.append(&second.iter().collect::<Vec<_>>()),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         again[0],
         Stored {

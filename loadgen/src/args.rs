@@ -1,0 +1,411 @@
+//! Settings: every flag has an environment twin, and [`Args::validate`] turns them once into
+//! [`Settings`], drawing the random defaults (seed, id base, run id) that make reruns distinct.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::Parser;
+use rand::Rng;
+
+use crate::pace::Schedule;
+
+/// Command line (and environment) of `loadgen`. Parse it with `Args::parse()` or, in tests,
+/// `Args::try_parse_from([...])`, then hand it to [`crate::run`].
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "logstore load generator: appends and queries over NATS at a set rate, latency \
+             percentiles, and a verification that nothing acknowledged was lost"
+)]
+pub struct Args {
+    /// NATS server(s) to connect to.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// Subject the workers take appends on.
+    #[arg(long, env = "NATS_LOGS_TOPIC", default_value = "logs")]
+    pub logs_subject: String,
+
+    /// Subject the workers answer queries on.
+    #[arg(long, env = "NATS_QUERY_TOPIC", default_value = "query")]
+    pub query_subject: String,
+
+    /// Operations per MINUTE when neither --rate nor --max-rate is given. Named after the
+    /// original Go loadgen, where it meant append requests per minute (all operations are
+    /// appends unless --query-share is set).
+    #[arg(
+        long,
+        env = "QUERIES_MIN",
+        value_name = "PER_MIN",
+        default_value_t = 60.0
+    )]
+    pub queries_min: f64,
+
+    /// Operations per SECOND (overrides QUERIES_MIN).
+    #[arg(
+        long,
+        env = "LOADGEN_RATE",
+        value_name = "PER_SEC",
+        conflicts_with = "max_rate"
+    )]
+    pub rate: Option<f64>,
+
+    /// Send as fast as the system answers, with --in-flight operations outstanding.
+    #[arg(long, env = "LOADGEN_MAX_RATE", value_parser = BoolishValueParser::new())]
+    pub max_rate: bool,
+
+    /// Most operations outstanding at once (also bounds a fixed rate the system cannot keep up
+    /// with, so loadgen never piles up unbounded work).
+    #[arg(
+        long,
+        env = "LOADGEN_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = 64
+    )]
+    pub in_flight: usize,
+
+    /// Stop after this many appends (queries when --query-share is 1). Default: run until
+    /// --duration passes or SIGINT/SIGTERM.
+    #[arg(
+        long,
+        env = "LOADGEN_COUNT",
+        value_name = "N",
+        conflicts_with = "duration"
+    )]
+    pub count: Option<u64>,
+
+    /// Stop after this many seconds (fractions allowed).
+    #[arg(long, env = "LOADGEN_DURATION", value_name = "SECS")]
+    pub duration: Option<f64>,
+
+    /// Number of distinct object ids written and queried: id-base .. id-base + objects - 1.
+    #[arg(long, env = "LOADGEN_OBJECTS", value_name = "N", default_value_t = 100)]
+    pub objects: u64,
+
+    /// First object id. Default: random per run, so reruns do not write to the same objects.
+    #[arg(long, env = "LOADGEN_ID_BASE")]
+    pub id_base: Option<u64>,
+
+    /// Bytes per log entry (at least the idempotency key it starts with).
+    #[arg(
+        long,
+        env = "LOADGEN_LOG_SIZE",
+        value_name = "BYTES",
+        default_value_t = 100
+    )]
+    pub log_size: usize,
+
+    /// Share of operations that are queries (0.0 ..= 1.0); the rest are appends.
+    #[arg(long, env = "LOADGEN_QUERY_SHARE", default_value_t = 0.0)]
+    pub query_share: f64,
+
+    /// Seed of the workload (which object each operation targets, which are queries, the log
+    /// text). Default: random, printed at start; pass it with --id-base to repeat a run.
+    #[arg(long, env = "LOADGEN_SEED")]
+    pub seed: Option<u64>,
+
+    /// How long to wait for one append reply, PubAck or query answer.
+    #[arg(long, env = "LOADGEN_TIMEOUT_MS", default_value_t = 2000)]
+    pub timeout_ms: u64,
+
+    /// Retries of an unacknowledged append (same idempotency key) before giving up on it.
+    #[arg(long, env = "LOADGEN_RETRIES", default_value_t = 20)]
+    pub retries: u32,
+
+    /// Publish appends through JetStream (acknowledged = PubAck) instead of core request-reply
+    /// (acknowledged = the worker's reply after its commit). The stream must already exist:
+    /// the workers create it; loadgen never creates or changes streams.
+    #[arg(long, env = "LOADGEN_JETSTREAM", value_parser = BoolishValueParser::new())]
+    pub jetstream: bool,
+
+    /// After the run, read back every object it touched and check that every acknowledged
+    /// append is there exactly once, in order. Exit 1 on any problem. Keeps one record per
+    /// acknowledged append in memory (~100 bytes each).
+    #[arg(long, env = "LOADGEN_VERIFY", value_parser = BoolishValueParser::new())]
+    pub verify: bool,
+
+    /// JetStream mode: how long verify waits for the workers to store every acknowledged append.
+    #[arg(
+        long,
+        env = "LOADGEN_VERIFY_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = 60.0
+    )]
+    pub verify_timeout: f64,
+
+    /// Write the summary (and verdict) as JSON to this file.
+    #[arg(long, env = "LOADGEN_REPORT", value_name = "FILE")]
+    pub report: Option<PathBuf>,
+
+    /// Seconds between progress lines when stderr is not a terminal (0: none).
+    #[arg(
+        long,
+        env = "LOADGEN_PROGRESS_SECS",
+        value_name = "SECS",
+        default_value_t = 5.0
+    )]
+    pub progress_secs: f64,
+}
+
+/// How operations are spaced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// A fixed rate, operations per second.
+    Rate(Schedule),
+    /// As fast as possible, bounded only by the in-flight limit.
+    Max,
+}
+
+/// When the run stops sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// After this many appends (queries when every operation is a query).
+    Count(u64),
+    /// After this long.
+    After(Duration),
+    /// Only on SIGINT/SIGTERM (the `shutdown` future).
+    Signal,
+}
+
+/// How appends are sent and what acknowledges them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Core request-reply; acknowledged by the worker's reply (after its commit).
+    Core,
+    /// JetStream publish; acknowledged by the stream's PubAck (stored later by a worker).
+    JetStream,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Core => "core",
+            Mode::JetStream => "jetstream",
+        })
+    }
+}
+
+/// Validated settings with every random default drawn. Everything a run needs to know.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub nats_url: String,
+    pub logs_subject: String,
+    pub query_subject: String,
+    pub pace: Pace,
+    pub in_flight: usize,
+    pub stop: Stop,
+    pub objects: u64,
+    pub id_base: u64,
+    pub log_size: usize,
+    pub query_share: f64,
+    pub seed: u64,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub mode: Mode,
+    pub verify: bool,
+    pub verify_timeout: Duration,
+    pub report: Option<PathBuf>,
+    pub progress_every: Option<Duration>,
+    /// Prefix of every idempotency key of this run (`<run_id>-<n>`). Random per run even with
+    /// a fixed seed: a repeated run must store its appends, not be answered as duplicates.
+    pub run_id: String,
+}
+
+/// A setting that cannot work, named by its flag and environment variable.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag} ({env}): {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub env: &'static str,
+    pub reason: String,
+}
+
+fn invalid(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        env,
+        reason: reason.into(),
+    }
+}
+
+/// Seconds as a finite, non-negative [`Duration`] (zero only if `allow_zero`); errors name the
+/// flag and variable.
+fn seconds(
+    value: f64,
+    flag: &'static str,
+    env: &'static str,
+    allow_zero: bool,
+) -> Result<Duration, ConfigError> {
+    if !value.is_finite() || value < 0.0 || (!allow_zero && value == 0.0) {
+        return Err(invalid(
+            flag,
+            env,
+            format!("must be a positive number of seconds, got {value}"),
+        ));
+    }
+    Duration::try_from_secs_f64(value)
+        .map_err(|e| invalid(flag, env, format!("{value} seconds: {e}")))
+}
+
+impl Args {
+    /// Check every setting and draw the random defaults. Errors name the flag and variable.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let rate = match (self.max_rate, self.rate) {
+            (true, _) => None,
+            (false, Some(rate)) => Some(("rate", "LOADGEN_RATE", rate)),
+            (false, None) => Some(("queries-min", "QUERIES_MIN", self.queries_min / 60.0)),
+        };
+        let pace = match rate {
+            None => Pace::Max,
+            Some((flag, env, rate)) => Pace::Rate(
+                Schedule::new(rate)
+                    .ok_or_else(|| invalid(flag, env, "must be a positive, finite rate"))?,
+            ),
+        };
+        if self.in_flight == 0 {
+            return Err(invalid(
+                "in-flight",
+                "LOADGEN_IN_FLIGHT",
+                "must be at least 1",
+            ));
+        }
+        let stop = match (self.count, self.duration) {
+            (Some(0), _) => return Err(invalid("count", "LOADGEN_COUNT", "must be at least 1")),
+            (Some(n), _) => Stop::Count(n),
+            (None, Some(secs)) => {
+                Stop::After(seconds(secs, "duration", "LOADGEN_DURATION", false)?)
+            }
+            (None, None) => Stop::Signal,
+        };
+        if self.objects == 0 {
+            return Err(invalid("objects", "LOADGEN_OBJECTS", "must be at least 1"));
+        }
+        let highest_offset = self.objects - 1;
+        let id_base = match self.id_base {
+            Some(base) => {
+                if base.checked_add(highest_offset).is_none() {
+                    return Err(invalid(
+                        "id-base",
+                        "LOADGEN_ID_BASE",
+                        format!(
+                            "{base} + {} objects passes the largest id (u64::MAX)",
+                            self.objects
+                        ),
+                    ));
+                }
+                base
+            }
+            None => rand::thread_rng().gen_range(0..=u64::MAX - highest_offset),
+        };
+        if !(0.0..=1.0).contains(&self.query_share) {
+            return Err(invalid(
+                "query-share",
+                "LOADGEN_QUERY_SHARE",
+                format!("must be within 0.0 ..= 1.0, got {}", self.query_share),
+            ));
+        }
+        if self.timeout_ms == 0 {
+            return Err(invalid(
+                "timeout-ms",
+                "LOADGEN_TIMEOUT_MS",
+                "must be at least 1",
+            ));
+        }
+        let verify_timeout = seconds(
+            self.verify_timeout,
+            "verify-timeout",
+            "LOADGEN_VERIFY_TIMEOUT",
+            true,
+        )?;
+        let progress = seconds(
+            self.progress_secs,
+            "progress-secs",
+            "LOADGEN_PROGRESS_SECS",
+            true,
+        )?;
+        Ok(Settings {
+            nats_url: self.nats_url.clone(),
+            logs_subject: self.logs_subject.clone(),
+            query_subject: self.query_subject.clone(),
+            pace,
+            in_flight: self.in_flight,
+            stop,
+            objects: self.objects,
+            id_base,
+            log_size: self.log_size,
+            query_share: self.query_share,
+            seed: self.seed.unwrap_or_else(rand::random),
+            timeout: Duration::from_millis(self.timeout_ms),
+            retries: self.retries,
+            mode: if self.jetstream {
+                Mode::JetStream
+            } else {
+                Mode::Core
+            },
+            verify: self.verify,
+            verify_timeout,
+            report: self.report.clone(),
+            progress_every: (!progress.is_zero()).then_some(progress),
+            // 40 random bits: unique enough across runs, short enough to keep keys small.
+            run_id: format!("lg{:010x}", rand::random::<u64>() >> 24),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Settings, String> {
+        let mut argv = vec!["loadgen"];
+        argv.extend_from_slice(extra);
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        args.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn queries_min_paces_by_default_and_rate_overrides_it() {
+        let s = parse(&["--queries-min", "120"]).unwrap();
+        assert_eq!(s.pace, Pace::Rate(Schedule::new(2.0).unwrap()));
+        let s = parse(&["--queries-min", "120", "--rate", "500"]).unwrap();
+        assert_eq!(s.pace, Pace::Rate(Schedule::new(500.0).unwrap()));
+        assert_eq!(parse(&["--max-rate"]).unwrap().pace, Pace::Max);
+        assert!(parse(&["--max-rate", "--rate", "5"]).is_err());
+    }
+
+    #[test]
+    fn bad_settings_name_their_flag_and_variable() {
+        for (argv, needle) in [
+            (vec!["--rate", "0"], "--rate (LOADGEN_RATE)"),
+            (vec!["--queries-min=-1"], "QUERIES_MIN"),
+            (vec!["--query-share", "1.5"], "LOADGEN_QUERY_SHARE"),
+            (vec!["--objects", "0"], "LOADGEN_OBJECTS"),
+            (vec!["--count", "0"], "LOADGEN_COUNT"),
+            (vec!["--duration", "0"], "LOADGEN_DURATION"),
+            (vec!["--in-flight", "0"], "LOADGEN_IN_FLIGHT"),
+            (
+                vec!["--id-base", "18446744073709551615", "--objects", "2"],
+                "LOADGEN_ID_BASE",
+            ),
+        ] {
+            let err = parse(&argv).unwrap_err();
+            assert!(err.contains(needle), "{argv:?}: {err}");
+        }
+        assert!(parse(&["--count", "5", "--duration", "5"]).is_err());
+    }
+
+    #[test]
+    fn random_defaults_differ_per_run_and_fixed_ones_are_kept() {
+        let a = parse(&[]).unwrap();
+        let b = parse(&[]).unwrap();
+        assert_ne!(a.run_id, b.run_id);
+        assert_ne!((a.id_base, a.seed), (b.id_base, b.seed));
+        let s = parse(&["--id-base", "18446744073709551515", "--seed", "7"]).unwrap();
+        assert_eq!((s.id_base, s.seed, s.objects), (u64::MAX - 100, 7, 100));
+        assert_eq!(s.stop, Stop::Signal);
+        assert_eq!(s.mode, Mode::Core);
+    }
+}

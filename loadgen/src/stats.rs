@@ -1,0 +1,355 @@
+//! What a run measured: counters, HDR latency histograms, the acknowledged appends (kept for
+//! verify), and the [`Summary`] printed at the end and written by `--report`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::args::{Mode, Settings};
+use crate::client::{AttemptError, Receipt};
+use crate::verify::{Acked, Verdict};
+use crate::workload::Append;
+
+/// Error messages kept verbatim for the summary; the rest are only counted.
+const ERROR_SAMPLES: usize = 5;
+/// Histogram range: 1 µs .. 1 hour, 3 significant digits (0.1 % error).
+const HIST_MAX_MICROS: u64 = 3_600_000_000;
+
+/// Shared by every operation task. One mutex: operations take it once, for microseconds,
+/// and the progress reporter reads a consistent snapshot of everything.
+pub struct Recorder {
+    inner: Mutex<Inner>,
+    /// Whether acknowledged appends and touched objects are kept for verify (memory grows
+    /// with the run, so only when verify will use them).
+    keep_acked: bool,
+}
+
+struct Inner {
+    appends: Counts,
+    queries: Counts,
+    append_latency: Histogram<u64>,
+    query_latency: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+    samples: Vec<String>,
+    acked: Vec<Acked>,
+    touched: BTreeSet<u64>,
+}
+
+/// Per operation kind.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Counts {
+    /// Operations started (first attempts).
+    pub sent: u64,
+    /// Appends: acknowledged (reply or PubAck). Queries: answered completely.
+    pub ok: u64,
+    /// Appends acknowledged as duplicates: an earlier attempt was stored (or, in JetStream
+    /// mode, was in the stream) although we never heard back.
+    pub duplicates: u64,
+    /// Extra attempts after a timeout or retryable error.
+    pub retries: u64,
+    /// Given up: retries exhausted, or an error that retrying cannot fix.
+    pub failed: u64,
+    /// Neither acknowledged nor given up when the run ended (stopped by SIGINT/SIGTERM while
+    /// waiting or retrying): may or may not be stored. Filled in by [`Recorder::summary`].
+    pub unfinished: u64,
+}
+
+impl Recorder {
+    pub fn new(keep_acked: bool) -> Result<Recorder, hdrhistogram::CreationError> {
+        let histogram = || Histogram::<u64>::new_with_bounds(1, HIST_MAX_MICROS, 3);
+        Ok(Recorder {
+            inner: Mutex::new(Inner {
+                appends: Counts::default(),
+                queries: Counts::default(),
+                append_latency: histogram()?,
+                query_latency: histogram()?,
+                errors: BTreeMap::new(),
+                samples: Vec::new(),
+                acked: Vec::new(),
+                touched: BTreeSet::new(),
+            }),
+            keep_acked,
+        })
+    }
+
+    /// A panicking task cannot leave the counters half-updated in a way that matters here, so
+    /// a poisoned lock is simply taken over.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn append_started(&self, id: u64) {
+        let mut inner = self.lock();
+        inner.appends.sent += 1;
+        if self.keep_acked {
+            inner.touched.insert(id);
+        }
+    }
+
+    pub fn query_started(&self) {
+        self.lock().queries.sent += 1;
+    }
+
+    pub fn append_acked(&self, append: &Append, receipt: Receipt, latency: Duration) {
+        let mut inner = self.lock();
+        inner.appends.ok += 1;
+        if receipt.duplicate {
+            inner.appends.duplicates += 1;
+        }
+        inner.append_latency.saturating_record(micros(latency));
+        if self.keep_acked {
+            inner.acked.push(Acked {
+                id: append.id,
+                key: append.key.clone(),
+                seq: receipt.seq,
+                ts: receipt.ts,
+            });
+        }
+    }
+
+    pub fn append_retry(&self, error: &AttemptError) {
+        let mut inner = self.lock();
+        inner.appends.retries += 1;
+        inner.note(error);
+    }
+
+    pub fn append_failed(&self, append: &Append, error: &AttemptError) {
+        let mut inner = self.lock();
+        inner.appends.failed += 1;
+        inner.note(error);
+        if inner.samples.len() < ERROR_SAMPLES {
+            inner.samples.push(format!(
+                "append {} to object {} gave up: {error}",
+                append.key, append.id
+            ));
+        }
+    }
+
+    pub fn query_done(&self, latency: Duration) {
+        let mut inner = self.lock();
+        inner.queries.ok += 1;
+        inner.query_latency.saturating_record(micros(latency));
+    }
+
+    pub fn query_failed(&self, id: u64, error: &AttemptError) {
+        let mut inner = self.lock();
+        inner.queries.failed += 1;
+        inner.note(error);
+        if inner.samples.len() < ERROR_SAMPLES {
+            inner
+                .samples
+                .push(format!("query of object {id} failed: {error}"));
+        }
+    }
+
+    /// Counters and p99s right now, for progress output.
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        Snapshot {
+            appends: inner.appends,
+            queries: inner.queries,
+            append_p99_ms: millis(inner.append_latency.value_at_quantile(0.99)),
+        }
+    }
+
+    /// Take what verify needs (acknowledged appends, objects appended to) out of the recorder.
+    pub fn take_acked(&self) -> (Vec<Acked>, BTreeSet<u64>) {
+        let mut inner = self.lock();
+        (
+            std::mem::take(&mut inner.acked),
+            std::mem::take(&mut inner.touched),
+        )
+    }
+
+    /// The summary of the run (verify result added by the caller).
+    pub fn summary(&self, settings: &Settings, elapsed: Duration, interrupted: bool) -> Summary {
+        let inner = self.lock();
+        let secs = elapsed.as_secs_f64();
+        let rate = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        let concluded = |mut c: Counts| {
+            c.unfinished = c.sent.saturating_sub(c.ok + c.failed);
+            c
+        };
+        Summary {
+            run_id: settings.run_id.clone(),
+            seed: settings.seed,
+            id_base: settings.id_base,
+            objects: settings.objects,
+            mode: settings.mode,
+            target_rate: match settings.pace {
+                crate::args::Pace::Rate(schedule) => Some(schedule.rate()),
+                crate::args::Pace::Max => None,
+            },
+            elapsed_secs: secs,
+            interrupted,
+            appends: OpSummary {
+                counts: concluded(inner.appends),
+                per_sec: rate(inner.appends.ok),
+                latency_ms: Percentiles::of(&inner.append_latency),
+            },
+            queries: OpSummary {
+                counts: concluded(inner.queries),
+                per_sec: rate(inner.queries.ok),
+                latency_ms: Percentiles::of(&inner.query_latency),
+            },
+            errors: inner.errors.clone(),
+            error_samples: inner.samples.clone(),
+            verify: None,
+        }
+    }
+}
+
+impl Inner {
+    fn note(&mut self, error: &AttemptError) {
+        *self.errors.entry(error.kind().to_string()).or_default() += 1;
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+fn millis(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+/// A point-in-time view for progress output.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    pub appends: Counts,
+    pub queries: Counts,
+    pub append_p99_ms: f64,
+}
+
+/// Latency percentiles in milliseconds (from an HDR histogram: within 0.1 %).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            count: h.len(),
+            p50: millis(h.value_at_quantile(0.50)),
+            p90: millis(h.value_at_quantile(0.90)),
+            p99: millis(h.value_at_quantile(0.99)),
+            max: millis(h.max()),
+        }
+    }
+}
+
+/// One operation kind's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpSummary {
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Successful operations per second over the whole run.
+    pub per_sec: f64,
+    /// Appends: from the first attempt to the acknowledgement (retries included).
+    /// Queries: from the request to the last chunk of the answer.
+    pub latency_ms: Percentiles,
+}
+
+/// Everything a run found out; `Display` is the human summary, `Serialize` the `--report`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub run_id: String,
+    pub seed: u64,
+    pub id_base: u64,
+    pub objects: u64,
+    pub mode: Mode,
+    /// Operations per second asked for; `None` with `--max-rate`.
+    pub target_rate: Option<f64>,
+    pub elapsed_secs: f64,
+    /// Stopped by SIGINT/SIGTERM rather than by --count/--duration.
+    pub interrupted: bool,
+    pub appends: OpSummary,
+    pub queries: OpSummary,
+    /// Failed attempts by kind (timeouts, no_responders, unavailable, ...), retried or not.
+    pub errors: BTreeMap<String, u64>,
+    /// The first few errors that made an operation fail, verbatim.
+    pub error_samples: Vec<String>,
+    pub verify: Option<Verdict>,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let target = match self.target_rate {
+            Some(rate) => format!("target {rate:.1} ops/s"),
+            None => "max rate".to_string(),
+        };
+        writeln!(
+            f,
+            "run {} ({}, seed {}, ids {}..={}): {:.2}s, {target}{}",
+            self.run_id,
+            self.mode,
+            self.seed,
+            self.id_base,
+            self.id_base.saturating_add(self.objects.saturating_sub(1)),
+            self.elapsed_secs,
+            if self.interrupted {
+                ", interrupted"
+            } else {
+                ""
+            },
+        )?;
+        let a = &self.appends;
+        let acked = match self.mode {
+            Mode::Core => "acked (stored)",
+            Mode::JetStream => "acked (in stream)",
+        };
+        writeln!(
+            f,
+            "appends: {} sent, {} {acked}, {} of them as duplicates, {} retries, {} failed, {} unfinished; {:.1}/s",
+            a.counts.sent, a.counts.ok, a.counts.duplicates, a.counts.retries, a.counts.failed,
+            a.counts.unfinished, a.per_sec
+        )?;
+        writeln!(f, "  latency ms: {}", a.latency_ms)?;
+        let q = &self.queries;
+        if q.counts.sent > 0 {
+            writeln!(
+                f,
+                "queries: {} sent, {} answered, {} failed; {:.1}/s",
+                q.counts.sent, q.counts.ok, q.counts.failed, q.per_sec
+            )?;
+            writeln!(f, "  latency ms: {}", q.latency_ms)?;
+        }
+        if !self.errors.is_empty() {
+            let kinds: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(kind, n)| format!("{kind} {n}"))
+                .collect();
+            writeln!(f, "errors (attempts): {}", kinds.join(", "))?;
+        }
+        for sample in &self.error_samples {
+            writeln!(f, "  {sample}")?;
+        }
+        if let Some(verdict) = &self.verify {
+            write!(f, "{verdict}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2} (n={})",
+            self.p50, self.p90, self.p99, self.max, self.count
+        )
+    }
+}

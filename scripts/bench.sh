@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# scripts/bench.sh: the benchmark, one command, local binaries, no Docker.
+#
+# In ONE run on this machine it starts nats-server and two PostgreSQL shards (default durability:
+# fsync and synchronous_commit on), then measures:
+#   (a) the ceiling: pgbench 1,000-row multi-row INSERTs into the same table, both shards at once;
+#   (b) the original's design: pgbench single-row autocommit INSERTs, both shards at once;
+#   (c) end to end: loadgen at max rate through 2 workers, core and JetStream intake,
+#       BENCH_APPENDS appends of 100-byte logs over 10,000 objects, with --verify; then core
+#       request-reply latency at half that rate;
+#   (d) queries: the first page of 100 from a BENCH_BIG_ENTRIES-entry object, and a whole read of it.
+# It prints a Markdown table and writes JSON to bench/results/<UTC time>.json.
+#
+# Knobs (env): BENCH_APPENDS [500000], BENCH_BIG_ENTRIES [1000000], BENCH_SECONDS [15] (pgbench
+# duration each), BENCH_OBJECTS [10000]. A quick smoke run:
+#   BENCH_APPENDS=20000 BENCH_BIG_ENTRIES=50000 BENCH_SECONDS=3 scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+APPENDS=${BENCH_APPENDS:-500000}
+BIG=${BENCH_BIG_ENTRIES:-1000000}
+SECONDS_EACH=${BENCH_SECONDS:-15}
+OBJECTS=${BENCH_OBJECTS:-10000}
+BIG_ID=4242
+
+log() { echo "bench: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+# ---------------------------------------------------------------- binaries and packages
+missing=()
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+pg_bindir=""
+for candidate in "$(command -v pg_config >/dev/null 2>&1 && pg_config --bindir)" /usr/lib/postgresql/*/bin; do
+  if [ -n "$candidate" ] && [ -x "$candidate/initdb" ] && [ -x "$candidate/pgbench" ]; then pg_bindir=$candidate; fi
+done
+[ -n "$pg_bindir" ] || missing+=(postgresql postgresql-contrib)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    exec "$0" "$@"
+  fi
+  die "missing: ${missing[*]} (Debian: apt-get install -y ${missing[*]})"
+fi
+nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+
+log "building release binaries"
+cargo build --release --locked --bins -q
+bin=$root/target/release
+
+# ---------------------------------------------------------------- servers
+tmp=$(mktemp -d /tmp/logstore-bench.XXXXXX)
+chmod 755 "$tmp"
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+http_ok() { python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "timed out waiting for $what"
+    sleep 0.1
+  done
+}
+
+nats_port=$(free_port)
+"$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$tmp/nats" -l "$tmp/nats.log" &
+pids+=($!)
+nats_url=nats://127.0.0.1:$nats_port
+
+as_pg "$pg_bindir/initdb" -D "$tmp/pg-template" -U postgres -A trust -E UTF8 --locale=C >/dev/null
+pg_ports=()
+for shard in 1 2; do
+  port=$(free_port)
+  cp -a "$tmp/pg-template" "$tmp/pg$shard"
+  as_pg "$pg_bindir/postgres" -D "$tmp/pg$shard" -p "$port" -k "$tmp" -c listen_addresses=127.0.0.1 \
+    -c max_connections=200 -c shared_buffers=256MB >"$tmp/pg$shard.log" 2>&1 &
+  pids+=($!)
+  pg_ports+=("$port")
+done
+psql_on() { local port=$1; shift; "$pg_bindir/psql" -h 127.0.0.1 -p "$port" -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
+for port in "${pg_ports[@]}"; do wait_for 30 "postgres on $port" psql_on "$port" -c 'SELECT 1'; done
+wait_for 30 "nats-server" bash -c "exec 3<>/dev/tcp/127.0.0.1/$nats_port"
+for port in "${pg_ports[@]}"; do
+  for db in pgbench e2e_core e2e_js; do psql_on "$port" -c "CREATE DATABASE $db"; done
+  psql_on "$port" -d pgbench -f "$root/migrations/0001_schema.sql"
+  psql_on "$port" -d pgbench -c 'CREATE SEQUENCE bench_seq CACHE 1000'
+done
+
+# ---------------------------------------------------------------- (a) and (b): pgbench
+cat >"$tmp/batched.sql" <<'EOF'
+INSERT INTO logs (object_id, seq, ts, key, log)
+SELECT (random() * 9999)::bigint, nextval('bench_seq'), now(), md5(random()::text), repeat('x', 100)
+FROM generate_series(1, 1000);
+EOF
+cat >"$tmp/single.sql" <<'EOF'
+INSERT INTO logs (object_id, seq, ts, key, log)
+VALUES ((random() * 9999)::bigint, nextval('bench_seq'), now(), md5(random()::text), repeat('x', 100));
+EOF
+# Both shards at once, as the fleet uses them; rows/s summed.
+pgbench_rows() { # pgbench_rows SCRIPT ROWS_PER_TX CLIENTS
+  local script=$1 per_tx=$2 clients=$3 port out total=0
+  for port in "${pg_ports[@]}"; do
+    "$pg_bindir/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -f "$script" -c "$clients" -j "$clients" \
+      -T "$SECONDS_EACH" pgbench >"$tmp/pgbench.$port.out" 2>&1 &
+  done
+  wait
+  for port in "${pg_ports[@]}"; do
+    out=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$tmp/pgbench.$port.out")
+    [ -n "$out" ] || die "pgbench failed: $(cat "$tmp/pgbench.$port.out")"
+    total=$(python3 -c "print($total + $out * $per_tx)")
+  done
+  printf '%.0f\n' "$total"
+}
+log "(a) pgbench: 1,000-row INSERTs, both shards"
+ceiling=$(pgbench_rows "$tmp/batched.sql" 1000 2)
+log "    $ceiling rows/s"
+log "(b) pgbench: single-row autocommit INSERTs, both shards"
+single=$(pgbench_rows "$tmp/single.sql" 1 8)
+log "    $single rows/s"
+
+# ---------------------------------------------------------------- (c) end to end
+worker_pids=()
+worker_ports=()
+start_workers() { # start_workers INTAKE DB
+  local intake=$1 db=$2 i port
+  worker_pids=(); worker_ports=()
+  for i in 1 2; do
+    port=$(free_port)
+    NATS_URL=$nats_url INTAKE=$intake NATS_STREAM=BENCH_$db \
+    POSTGRES_SHARDS="pg1=postgres://postgres@127.0.0.1:${pg_ports[0]}/$db,pg2=postgres://postgres@127.0.0.1:${pg_ports[1]}/$db" \
+    METRICS_ADDR=127.0.0.1:$port RUST_LOG=warn "$bin/worker" 2>>"$tmp/worker.log" &
+    worker_pids+=($!); pids+=($!); worker_ports+=("$port")
+  done
+  for port in "${worker_ports[@]}"; do wait_for 60 "worker on $port" http_ok "http://127.0.0.1:$port/readyz"; done
+}
+stop_workers() {
+  local pid
+  for pid in "${worker_pids[@]}"; do kill -TERM "$pid"; done
+  for pid in "${worker_pids[@]}"; do wait "$pid" || die "worker $pid exited non-zero"; done
+}
+# Peak RSS (MiB) and CPU seconds of the running workers, summed CPU, max RSS.
+worker_usage() {
+  local pid rss=0 cpu=0 r c
+  for pid in "${worker_pids[@]}"; do
+    r=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+    c=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat")
+    rss=$((r > rss ? r : rss)); cpu=$(python3 -c "print($cpu + $c)")
+  done
+  echo "$((rss / 1024)) $cpu"
+}
+loadgen_run() { # loadgen_run NAME ARGS... -> report in $tmp/NAME.json
+  local name=$1; shift
+  NATS_URL=$nats_url "$bin/loadgen" --objects "$OBJECTS" --log-size 100 --report "$tmp/$name.json" "$@" \
+    >"$tmp/$name.out" 2>&1 || die "loadgen $name failed: $(tail -20 "$tmp/$name.out")"
+}
+jq_() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {'d': d}))" "$@"; }
+
+log "(c) end to end, core intake: $APPENDS appends at max rate, 2 workers"
+start_workers core e2e_core
+loadgen_run core --max-rate --in-flight 512 --count "$APPENDS" --verify
+read -r core_rss core_cpu < <(worker_usage)
+core_rate=$(jq_ "$tmp/core.json" "round(d['appends']['per_second'])")
+half=$((core_rate / 2))
+log "    $core_rate appends/s; latency at half rate ($half/s)"
+loadgen_run half --rate "$half" --count $((half * 10)) --in-flight 4096
+stop_workers
+
+log "(c) end to end, JetStream intake: $APPENDS appends at max rate, 2 workers"
+start_workers jetstream e2e_js
+loadgen_run js --jetstream --max-rate --in-flight 1024 --count "$APPENDS" --verify
+read -r js_rss js_cpu < <(worker_usage)
+js_rate=$(jq_ "$tmp/js.json" "round(d['appends']['per_second'])")
+log "    $js_rate appends/s"
+
+# ---------------------------------------------------------------- (d) queries
+log "(d) queries on a $BIG-entry object"
+big_shard=$(POSTGRES_SHARDS="pg1=postgres://x@h/db,pg2=postgres://x@h/db" "$bin/worker" ring "$BIG_ID" | awk '{print $2}')
+big_port=${pg_ports[$(( ${big_shard#pg} - 1 ))]}
+remaining=$BIG
+while [ "$remaining" -gt 0 ]; do
+  n=$((remaining < 50000 ? remaining : 50000))
+  psql_on "$big_port" -d e2e_js -c "SELECT count(*) FROM logstore_append(
+      array_fill($BIG_ID::bigint, ARRAY[$n]), array_fill(NULL::text, ARRAY[$n]),
+      array(SELECT 'entry ' || g || ' ' || repeat('x', 90) FROM generate_series(1, $n) g),
+      array_fill(now(), ARRAY[$n]))" >/dev/null
+  remaining=$((remaining - n))
+done
+psql_on "$big_port" -d e2e_js -c "VACUUM ANALYZE logs" >/dev/null
+loadgen_run first_page --objects 1 --id-base "$BIG_ID" --query-share 1.0 --count 2000 --max-rate --in-flight 1
+loadgen_run whole --read-whole "$BIG_ID"
+stop_workers
+
+# ---------------------------------------------------------------- report
+mkdir -p bench/results
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+python3 - "$tmp" "$root/bench/results/$stamp.json" <<EOF
+import json, os, platform, sys
+tmp, out = sys.argv[1], sys.argv[2]
+load = lambda n: json.load(open(os.path.join(tmp, n + ".json")))
+core, half, js, first, whole = load("core"), load("half"), load("js"), load("first_page"), load("whole")
+r = {
+    "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+    "params": {"appends": $APPENDS, "objects": $OBJECTS, "log_bytes": 100, "big_entries": $BIG, "pgbench_seconds": $SECONDS_EACH},
+    "a_pgbench_batched_rows_per_s": $ceiling,
+    "b_pgbench_single_rows_per_s": $single,
+    "c_core": {"appends_per_s": core["appends"]["per_second"], "latency_ms": core["appends"]["latency_ms"],
+               "verify": core.get("verify"), "worker_peak_rss_mib": $core_rss, "worker_cpu_s": $core_cpu},
+    "c_core_half_rate": {"rate": $half, "latency_ms": half["appends"]["latency_ms"]},
+    "c_jetstream": {"appends_per_s": js["appends"]["per_second"], "latency_ms": js["appends"]["latency_ms"],
+                    "verify": js.get("verify"), "worker_peak_rss_mib": $js_rss, "worker_cpu_s": $js_cpu},
+    "d_first_page_latency_ms": first["queries"]["latency_ms"],
+    "d_whole_read": whole.get("whole_read"),
+}
+json.dump(r, open(out, "w"), indent=2)
+a, b = r["a_pgbench_batched_rows_per_s"], r["b_pgbench_single_rows_per_s"]
+def row(name, rate, lat, rss, cpu):
+    return f"| {name} | {rate:,.0f} | {rate / a:.0%} | {rate / b:.1f}x | {lat['p50']:.2f} / {lat['p99']:.2f} / {lat['max']:.2f} | {rss} | {cpu:.1f} |"
+print(f"\n| measurement | rows or appends/s | of (a) | of (b) | latency p50 / p99 / max (ms) | worker peak RSS (MiB) | worker CPU (s) |")
+print("|---|---:|---:|---:|---|---:|---:|")
+print(f"| (a) pgbench 1,000-row INSERTs, 2 shards | {a:,.0f} | 100% | {a / b:.1f}x | | | |")
+print(f"| (b) pgbench single-row autocommit, 2 shards | {b:,.0f} | {b / a:.0%} | 1.0x | | | |")
+print(row("(c) end to end, core intake, max rate", r["c_core"]["appends_per_s"], r["c_core"]["latency_ms"], $core_rss, $core_cpu))
+print(row("(c) end to end, JetStream intake, max rate", r["c_jetstream"]["appends_per_s"], r["c_jetstream"]["latency_ms"], $js_rss, $js_cpu))
+hl = r["c_core_half_rate"]["latency_ms"]
+print(f"| (c) core request-reply at half max rate ({r['c_core_half_rate']['rate']:,}/s) | | | | {hl['p50']:.2f} / {hl['p99']:.2f} / {hl['max']:.2f} | | |")
+fl = r["d_first_page_latency_ms"]
+print(f"| (d) first page of 100 of a {$BIG:,}-entry object | | | | {fl['p50']:.2f} / {fl['p99']:.2f} / {fl['max']:.2f} | | |")
+w = r["d_whole_read"] or {}
+print(f"| (d) whole read of the {$BIG:,}-entry object | {w.get('entries_per_second', 0):,.0f} entries/s | | | {w.get('seconds', 0):.2f} s total, {w.get('chunks', 0)} chunks | | |")
+print(f"\nverify: core={r['c_core']['verify']}, jetstream={r['c_jetstream']['verify']}")
+print(f"JSON: {out}")
+EOF

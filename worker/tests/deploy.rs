@@ -1,0 +1,512 @@
+//! Deployment: `scripts/local-up.sh` (the no-Docker runner) brings the whole topology up, takes
+//! load and leaves nothing behind on SIGINT; a real Prometheus scrapes real worker processes and
+//! its sum of stored appends equals what was acknowledged.
+//!
+//! Run with `cargo build --workspace --bins && cargo test -p logstore-worker --test deploy`
+//! (scripts/test.sh does both, and installs the Debian packages these tests use).
+
+mod support;
+use support::*;
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root, where `scripts/` lives.
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("worker/ lives in the workspace root")
+        .to_path_buf()
+}
+
+/// The directory holding the workspace binaries (`worker`, `loadgen`), e.g. target/debug.
+fn bin_dir() -> PathBuf {
+    bin_path("worker")
+        .parent()
+        .expect("binary has a parent dir")
+        .to_path_buf()
+}
+
+/// The `prometheus` server binary; the test fails (not skips) without it, saying how to get it.
+fn prometheus_binary() -> PathBuf {
+    let from_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("prometheus"))
+            .find(|p| p.is_file())
+    });
+    from_path
+        .or_else(|| Some(PathBuf::from("/usr/bin/prometheus")).filter(|p| p.is_file()))
+        .unwrap_or_else(|| {
+            panic!(
+                "prometheus is not installed: run scripts/test.sh, which installs the Debian \
+                 package `prometheus` (or `apt-get install -y prometheus`)"
+            )
+        })
+}
+
+/// A process started by a test that must not outlive it: dropped while still running (a failed
+/// assertion), it gets SIGTERM, so local-up.sh can stop what it started, and SIGKILL after a
+/// bound. Its output goes to a file, shown when something goes wrong.
+struct Supervised {
+    child: Child,
+    output: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Supervised {
+    fn spawn(mut command: Command, output: PathBuf) -> Supervised {
+        let log = fs::File::create(&output).expect("create output file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone output file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+        Supervised {
+            child,
+            output,
+            status: None,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// The exit status once the process has exited (reaped here).
+    fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    /// Panics, showing its output, if it has exited: for waits that only make sense while it runs.
+    fn assert_running(&mut self, what: &str) {
+        if let Some(status) = self.exited() {
+            panic!("{what} exited ({status}); its output:\n{}", self.tail());
+        }
+    }
+
+    /// The last lines of its output, for failure messages.
+    fn tail(&self) -> String {
+        let text = fs::read_to_string(&self.output).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `KEY=value` lines of local-up.sh's state file (a later line wins).
+fn read_state(path: &Path) -> HashMap<String, String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Alive = exists and is not a zombie.
+fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .unwrap_or("X");
+    state != "Z" && state != "X"
+}
+
+/// Direct children of `parent` (e.g. a postmaster's backends).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            children.push(pid);
+        }
+    }
+    children
+}
+
+/// PIDs of live processes whose command line mentions `needle` (e.g. a temp dir).
+fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && pid_alive(pid) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+fn addr(host_port: &str) -> SocketAddr {
+    host_port
+        .parse()
+        .unwrap_or_else(|e| panic!("bad address {host_port:?}: {e}"))
+}
+
+/// Percent-encodes a PromQL expression for a query string.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The value of an instant PromQL query that yields one sample, `None` while it yields none.
+async fn prom_scalar(prometheus: SocketAddr, promql: &str) -> Option<f64> {
+    let path = format!("/api/v1/query?query={}", url_encode(promql));
+    let (status, body) = http_get(prometheus, &path).await?;
+    assert_eq!(status, 200, "Prometheus answered {status}: {body}");
+    let json: serde_json::Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("Prometheus answer is not JSON ({e}): {body}"));
+    let result = json["data"]["result"].as_array()?;
+    result.first()?["value"][1].as_str()?.parse().ok()
+}
+
+/// Sum of `logstore_appends_total{result="stored"}` over the workers' /metrics.
+async fn stored_on(workers: &[SocketAddr]) -> f64 {
+    let mut sum = 0.0;
+    for &worker in workers {
+        let (_, body) = within(10, "GET /metrics", http_get(worker, "/metrics"))
+            .await
+            .expect("worker answers /metrics");
+        sum += metric_sum(&body, "logstore_appends_total", &[("result", "stored")]);
+    }
+    sum
+}
+
+/// Polls `sample` every 200 ms until it returns `Some(expected)`, for at most `secs` seconds;
+/// a timeout fails with `what` and the last value seen (which says how far off it was).
+async fn settles_at<F, Fut>(secs: u64, what: &str, expected: f64, mut sample: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<f64>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let value = sample().await;
+        if value == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: expected {expected}, last seen {value:?} after {secs}s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The workers' own counters of stored appends add up to exactly `acknowledged` (a counter
+/// may be bumped just after the reply or PubAck that loadgen counted, hence the wait).
+async fn wait_stored(workers: &[SocketAddr], acknowledged: u64) {
+    settles_at(
+        30,
+        "the workers stored each acknowledged append exactly once",
+        acknowledged as f64,
+        || async { Some(stored_on(workers).await) },
+    )
+    .await;
+}
+
+/// `scripts/local-up.sh` with 2 workers and loadgen: comes up (every worker ready), takes
+/// loadgen's appends (verified, and counted by the workers), and on SIGINT stops every process
+/// it started and removes its temp dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_up_runs_the_topology_takes_load_and_leaves_nothing_behind() {
+    const APPENDS: u64 = 300;
+    // Fail clearly (not skip) when loadgen has not been built.
+    bin_path("loadgen");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let state_file = tmp.path().join("state");
+    let report = tmp.path().join("loadgen-report.json");
+
+    let mut command = Command::new("bash");
+    command
+        .arg(repo_root().join("scripts/local-up.sh"))
+        .args(["--loadgen", "--", "--verify", "--count"])
+        .arg(APPENDS.to_string())
+        .arg("--report")
+        .arg(&report)
+        .env("BIN_DIR", bin_dir())
+        .env("WORKERS", "2")
+        .env("STATE_FILE", &state_file)
+        // 200 appends/s: the run takes seconds, not minutes.
+        .env("QUERIES_MIN", "12000")
+        .env("RUST_LOG", "warn");
+    let mut script = Supervised::spawn(command, tmp.path().join("local-up.log"));
+
+    let state = eventually(180, "local-up.sh reports ready", || {
+        script.assert_running("local-up.sh");
+        let state = read_state(&state_file);
+        async move { state.contains_key("ready").then_some(state) }
+    })
+    .await;
+    let workers: Vec<SocketAddr> = (1..=2)
+        .map(|i| addr(&state[&format!("worker{i}_metrics")]))
+        .collect();
+    for &worker in &workers {
+        let (status, body) = within(10, "GET /readyz", http_get(worker, "/readyz"))
+            .await
+            .expect("worker answers /readyz");
+        assert_eq!(status, 200, "worker {worker} not ready: {body}");
+    }
+
+    let state = eventually(120, "loadgen finishes", || {
+        script.assert_running("local-up.sh");
+        let state = read_state(&state_file);
+        async move { state.contains_key("loadgen_exit").then_some(state) }
+    })
+    .await;
+    assert_eq!(
+        state["loadgen_exit"],
+        "0",
+        "loadgen --verify failed; output:\n{}",
+        script.tail()
+    );
+    let acknowledged = loadgen_acknowledged(&report);
+    assert!(acknowledged > 0, "loadgen acknowledged nothing");
+    // Exactly: every acknowledged append stored once (loadgen's retries reuse their keys).
+    wait_stored(&workers, acknowledged).await;
+
+    // Every server the script reported is up, with its children (Postgres backends).
+    let servers: Vec<u32> = state
+        .iter()
+        .filter(|(k, _)| k.ends_with("_pid") && k.as_str() != "loadgen_pid")
+        .map(|(k, v)| v.parse().unwrap_or_else(|_| panic!("{k}={v} is not a PID")))
+        .collect();
+    assert!(
+        servers.len() >= 5,
+        "nats, 2 postgres and 2 workers at least: {state:?}"
+    );
+    let down: Vec<u32> = servers.iter().copied().filter(|&p| !pid_alive(p)).collect();
+    assert!(down.is_empty(), "not running before SIGINT: {down:?}");
+    let mut pids = servers.clone();
+    for &server in &servers {
+        pids.extend(children_of(server));
+    }
+    let dir = state["dir"].clone();
+    assert!(Path::new(&dir).is_dir(), "{dir} exists while running");
+
+    script.signal(libc::SIGINT);
+    let status = eventually(90, "local-up.sh stops on SIGINT", || {
+        let status = script.exited();
+        async move { status }
+    })
+    .await;
+    assert!(
+        matches!(status.code(), Some(0) | Some(130)),
+        "local-up.sh exit status {status}; output:\n{}",
+        script.tail()
+    );
+    let alive: Vec<u32> = pids.iter().copied().filter(|&p| pid_alive(p)).collect();
+    assert!(alive.is_empty(), "still running after SIGINT: {alive:?}");
+    let leftovers = processes_mentioning(&dir);
+    assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
+    assert!(!Path::new(&dir).exists(), "{dir} was not removed");
+    assert_eq!(
+        read_state(&state_file).get("stopped").map(String::as_str),
+        Some("1")
+    );
+    for worker in workers {
+        assert!(
+            http_get(worker, "/healthz").await.is_none(),
+            "something still serves {worker}"
+        );
+    }
+}
+
+/// A real Prometheus scraping two worker processes every second: its sum of stored appends
+/// equals the number of appends loadgen had acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_sums_stored_appends_to_what_loadgen_acknowledged() {
+    const APPENDS: u64 = 400;
+    let prometheus_bin = prometheus_binary();
+    let loadgen_bin = bin_path("loadgen");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let env = Env::shared(&["a", "b"]).await;
+
+    let mut workers = Vec::new();
+    let mut children = Vec::new();
+    for i in 0..2 {
+        let port = free_port();
+        let mut command = Command::new(bin_path("worker"));
+        command
+            .envs(env.settings(port))
+            .env("INTAKE", "core")
+            .env("RUST_LOG", "warn");
+        children.push(Supervised::spawn(
+            command,
+            tmp.path().join(format!("worker{i}.log")),
+        ));
+        workers.push(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    for (worker, child) in workers.iter().zip(children.iter_mut()) {
+        let worker = *worker;
+        eventually(60, "worker ready", || {
+            child.assert_running("worker");
+            async move {
+                let status = http_get(worker, "/readyz").await.map(|(status, _)| status);
+                (status == Some(200)).then_some(())
+            }
+        })
+        .await;
+    }
+
+    let web_port = free_port();
+    let targets = workers
+        .iter()
+        .map(|w| format!("'{w}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = tmp.path().join("prometheus.yml");
+    fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: logstore-worker\n    static_configs:\n      \
+             - targets: [{targets}]\n"
+        ),
+    )
+    .expect("write prometheus.yml");
+    let mut command = Command::new(&prometheus_bin);
+    command
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            tmp.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{web_port}"));
+    let mut prometheus = Supervised::spawn(command, tmp.path().join("prometheus.log"));
+    let prometheus_addr = SocketAddr::from(([127, 0, 0, 1], web_port));
+    eventually(60, "Prometheus ready", || {
+        prometheus.assert_running("prometheus");
+        async move {
+            matches!(http_get(prometheus_addr, "/-/ready").await, Some((200, _))).then_some(())
+        }
+    })
+    .await;
+
+    let acknowledged = run_loadgen(&loadgen_bin, &env, APPENDS, tmp.path()).await;
+    assert!(acknowledged > 0, "loadgen acknowledged nothing");
+    wait_stored(&workers, acknowledged).await;
+
+    eventually(60, "Prometheus scrapes both workers", || async move {
+        (prom_scalar(prometheus_addr, "count(up{job=\"logstore-worker\"} == 1)").await == Some(2.0))
+            .then_some(())
+    })
+    .await;
+    settles_at(
+        60,
+        "Prometheus's sum(logstore_appends_total{result=\"stored\"})",
+        acknowledged as f64,
+        || {
+            prom_scalar(
+                prometheus_addr,
+                "sum(logstore_appends_total{result=\"stored\"})",
+            )
+        },
+    )
+    .await;
+    drop(prometheus);
+    drop(children);
+}
+
+/// Runs loadgen against `env`'s workers (core request-reply, so an append counts as
+/// acknowledged once a worker has committed and answered it) for `appends` appends, with
+/// `--verify`; returns how many appends it acknowledged, from its `--report`.
+async fn run_loadgen(bin: &Path, env: &Env, appends: u64, dir: &Path) -> u64 {
+    let report = dir.join("loadgen-report.json");
+    let output = within(
+        180,
+        "loadgen run",
+        tokio::process::Command::new(bin)
+            .env("NATS_URL", &env.nats_url)
+            .env("NATS_LOGS_TOPIC", env.subject("logs"))
+            .env("NATS_QUERY_TOPIC", env.subject("query"))
+            .args(["--count", &appends.to_string(), "--rate", "500"])
+            .args(["--objects", "40", "--verify", "--progress-secs", "0"])
+            .arg("--report")
+            .arg(&report)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run loadgen");
+    assert!(
+        output.status.success(),
+        "loadgen failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    loadgen_acknowledged(&report)
+}
+
+/// Appends acknowledged in a loadgen `--report` (`appends.ok`).
+fn loadgen_acknowledged(report: &Path) -> u64 {
+    let text = fs::read_to_string(report)
+        .unwrap_or_else(|e| panic!("read loadgen report {}: {e}", report.display()));
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("loadgen report is not JSON ({e}): {text}"));
+    json["appends"]["ok"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("loadgen report has no appends.ok: {text}"))
+}

@@ -51,6 +51,7 @@ bin=$root/target/release
 # ---------------------------------------------------------------- servers
 tmp=$(mktemp -d /tmp/logstore-bench.XXXXXX)
 chmod 755 "$tmp"
+[ "$(id -u)" = 0 ] && chown postgres "$tmp"  # initdb and postgres run as postgres and write here
 pids=()
 cleanup() {
   local pid

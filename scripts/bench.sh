@@ -51,6 +51,7 @@ bin=$root/target/release
 # ---------------------------------------------------------------- servers
 tmp=$(mktemp -d /tmp/logstore-bench.XXXXXX)
 chmod 755 "$tmp"
+[ "$(id -u)" = 0 ] && chown postgres "$tmp"  # initdb and postgres run as postgres and write here
 pids=()
 cleanup() {
   local pid
@@ -172,7 +173,7 @@ log "(c) end to end, core intake: $APPENDS appends at max rate, 2 workers"
 start_workers core e2e_core
 loadgen_run core --max-rate --in-flight 512 --count "$APPENDS" --verify
 read -r core_rss core_cpu < <(worker_usage)
-core_rate=$(jq_ "$tmp/core.json" "round(d['appends']['per_second'])")
+core_rate=$(jq_ "$tmp/core.json" "round(d['appends']['per_sec'])")
 half=$((core_rate / 2))
 log "    $core_rate appends/s; latency at half rate ($half/s)"
 loadgen_run half --rate "$half" --count $((half * 10)) --in-flight 4096
@@ -182,7 +183,7 @@ log "(c) end to end, JetStream intake: $APPENDS appends at max rate, 2 workers"
 start_workers jetstream e2e_js
 loadgen_run js --jetstream --max-rate --in-flight 1024 --count "$APPENDS" --verify
 read -r js_rss js_cpu < <(worker_usage)
-js_rate=$(jq_ "$tmp/js.json" "round(d['appends']['per_second'])")
+js_rate=$(jq_ "$tmp/js.json" "round(d['appends']['per_sec'])")
 log "    $js_rate appends/s"
 
 # ---------------------------------------------------------------- (d) queries
@@ -217,10 +218,10 @@ r = {
     "params": {"appends": $APPENDS, "objects": $OBJECTS, "log_bytes": 100, "big_entries": $BIG, "pgbench_seconds": $SECONDS_EACH},
     "a_pgbench_batched_rows_per_s": $ceiling,
     "b_pgbench_single_rows_per_s": $single,
-    "c_core": {"appends_per_s": core["appends"]["per_second"], "latency_ms": core["appends"]["latency_ms"],
+    "c_core": {"appends_per_s": core["appends"]["per_sec"], "latency_ms": core["appends"]["latency_ms"],
                "verify": core.get("verify"), "worker_peak_rss_mib": $core_rss, "worker_cpu_s": $core_cpu},
     "c_core_half_rate": {"rate": $half, "latency_ms": half["appends"]["latency_ms"]},
-    "c_jetstream": {"appends_per_s": js["appends"]["per_second"], "latency_ms": js["appends"]["latency_ms"],
+    "c_jetstream": {"appends_per_s": js["appends"]["per_sec"], "latency_ms": js["appends"]["latency_ms"],
                     "verify": js.get("verify"), "worker_peak_rss_mib": $js_rss, "worker_cpu_s": $js_cpu},
     "d_first_page_latency_ms": first["queries"]["latency_ms"],
     "d_whole_read": whole.get("whole_read"),

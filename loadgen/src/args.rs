@@ -24,6 +24,11 @@ pub struct Args {
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
 
+    /// Instead of generating load: read object ID's whole log in one query (streamed in chunks),
+    /// check it is in order and report entries per second. For benchmarking large reads.
+    #[arg(long, value_name = "ID")]
+    pub read_whole: Option<u64>,
+
     /// Subject the workers take appends on.
     #[arg(long, env = "NATS_LOGS_TOPIC", default_value = "logs")]
     pub logs_subject: String,

@@ -67,6 +67,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("whole-log read failed: {0}")]
+    Read(String),
 }
 
 /// What a run did.
@@ -214,6 +216,105 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
         run_id: settings.run_id,
         mode: settings.mode,
     })
+}
+
+/// What a whole-log read measured (`--read-whole`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WholeRead {
+    pub id: u64,
+    pub entries: u64,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub entries_per_second: f64,
+}
+
+impl std::fmt::Display for WholeRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "object {}: {} entries in {} chunks ({:.1} MB) in {:.3}s = {:.0} entries/s",
+            self.id,
+            self.entries,
+            self.chunks,
+            self.bytes as f64 / 1e6,
+            self.seconds,
+            self.entries_per_second
+        )
+    }
+}
+
+/// Read one object's whole log with a single query, chunk by chunk without keeping them, and
+/// check the entries arrive gapless and in order. Writes `{"whole_read": …}` to `--report`.
+pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
+    let settings = args.validate()?;
+    let client = connect(&settings.nats_url).await?;
+    let inbox = client.new_inbox();
+    let mut replies = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| Error::Read(e.to_string()))?;
+    let body = serde_json::json!({ "id": id }).to_string();
+    let started = std::time::Instant::now();
+    client
+        .publish_with_reply(settings.query_subject.clone(), inbox, body.into())
+        .await
+        .map_err(|e| Error::Read(e.to_string()))?;
+    let (mut entries, mut chunks, mut bytes, mut last_seq) = (0u64, 0u64, 0u64, 0u64);
+    loop {
+        let message = match tokio::time::timeout(
+            settings.timeout.max(Duration::from_secs(10)),
+            futures::StreamExt::next(&mut replies),
+        )
+        .await
+        {
+            Ok(Some(message)) => message,
+            Ok(None) => return Err(Error::Read("reply subscription closed".into())),
+            Err(_) => {
+                return Err(Error::Read(format!(
+                    "no chunk for {:?} after chunk {chunks}",
+                    settings.timeout
+                )))
+            }
+        };
+        let chunk: logstore_protocol::QueryResponse = serde_json::from_slice(&message.payload)
+            .map_err(|_| Error::Read(String::from_utf8_lossy(&message.payload).into_owned()))?;
+        if chunk.chunk as u64 != chunks {
+            return Err(Error::Read(format!(
+                "chunk {} arrived where {chunks} was expected",
+                chunk.chunk
+            )));
+        }
+        for entry in &chunk.logs {
+            if entry.seq != last_seq + 1 {
+                return Err(Error::Read(format!("seq {} after {last_seq}", entry.seq)));
+            }
+            last_seq = entry.seq;
+        }
+        entries += chunk.logs.len() as u64;
+        bytes += message.payload.len() as u64;
+        chunks += 1;
+        if chunk.last {
+            break;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let result = WholeRead {
+        id,
+        entries,
+        chunks,
+        bytes,
+        seconds,
+        entries_per_second: entries as f64 / seconds.max(1e-9),
+    };
+    if let Some(path) = &settings.report {
+        let json = serde_json::to_vec_pretty(&serde_json::json!({ "whole_read": result }))?;
+        std::fs::write(path, json).map_err(|source| Error::Report {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(result)
 }
 
 /// Read back the objects an earlier [`run`] touched and check them against what it

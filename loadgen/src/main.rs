@@ -35,6 +35,19 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(id) = args.read_whole {
+        signalled.abort();
+        return match loadgen::read_whole(&args, id).await {
+            Ok(read) => {
+                print!("{read}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("loadgen: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = loadgen::run(args, shutdown).await;
     signalled.abort();
     match result {

@@ -35,7 +35,10 @@ const FETCH_EXPIRES: Duration = Duration::from_millis(500);
 /// Routes decoded requests to the shard pipelines.
 pub struct Router {
     pub ring: Ring,
+    /// Per shard: appends (and, with core intake, the queries that must follow them).
     pub queues: Vec<mpsc::Sender<Work>>,
+    /// Per shard: where queries go (the same queues as appends with core intake).
+    pub query_queues: Vec<mpsc::Sender<Work>>,
     pub limits: Limits,
     pub outbox: Outbox,
     pub metrics: Metrics,
@@ -362,7 +365,11 @@ impl Router {
             reply: message.reply,
             started,
         };
-        if self.queues[shard].send(Work::Query(job)).await.is_err() {
+        if self.query_queues[shard]
+            .send(Work::Query(job))
+            .await
+            .is_err()
+        {
             tracing::error!(shard, "shard pipeline is gone; query dropped");
         }
     }

@@ -133,14 +133,31 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         },
     };
     let mut queues = Vec::with_capacity(shards.len());
+    let mut query_queues = Vec::with_capacity(shards.len());
     for health in shards.iter() {
         let (sender, receiver) = mpsc::channel(config.batch_max_rows * 2);
-        queues.push(sender);
         work.spawn(pipeline::run_shard(
             health.shard.clone(),
             receiver,
             context.clone(),
         ));
+        match config.intake {
+            // Core: a query queues behind the appends received before it (read your writes).
+            Intake::Core => query_queues.push(sender.clone()),
+            // JetStream: appends arrive on another path anyway, so queries get their own lane
+            // rather than waiting behind fetched batches.
+            Intake::JetStream(_) => {
+                let (query_sender, query_receiver) =
+                    mpsc::channel(config.max_concurrent_queries * 4);
+                query_queues.push(query_sender);
+                work.spawn(pipeline::run_shard(
+                    health.shard.clone(),
+                    query_receiver,
+                    context.clone(),
+                ));
+            }
+        }
+        queues.push(sender);
     }
     let subscribe = |subject: String| {
         let client = client.clone();
@@ -163,6 +180,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             config.ring_vnodes,
         ),
         queues,
+        query_queues,
         limits: config.limits,
         outbox: outbox.clone(),
         metrics: metrics.clone(),

@@ -164,26 +164,56 @@ worker_usage() {
 }
 loadgen_run() { # loadgen_run NAME ARGS... -> report in $tmp/NAME.json
   local name=$1; shift
-  NATS_URL=$nats_url "$bin/loadgen" --objects "$OBJECTS" --log-size 100 --report "$tmp/$name.json" "$@" \
+  NATS_URL=$nats_url "$bin/loadgen" --report "$tmp/$name.json" "$@" \
     >"$tmp/$name.out" 2>&1 || die "loadgen $name failed: $(tail -20 "$tmp/$name.out")"
 }
+now() { date +%s.%N; }
+# End to end = appends / (time from loadgen's start until the workers' metrics count every one
+# stored). For JetStream, loadgen's own rate is only the PubAck rate; this is the store rate.
+watch_stored() {
+  local deadline=$((SECONDS + 900)) total
+  while [ $SECONDS -lt $deadline ]; do
+    total=0
+    for port in "${worker_ports[@]}"; do
+      total=$(python3 - "$port" "$total" <<'PY'
+import re, sys, urllib.request
+body = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=2).read().decode()
+n = sum(float(v) for v in re.findall(r'^logstore_appends_total\{[^}]*result="stored"[^}]*\} (\S+)$', body, re.M))
+print(int(float(sys.argv[2]) + n))
+PY
+)
+    done
+    if [ "$total" -ge "$APPENDS" ]; then now >"$tmp/e2e_end"; return 0; fi
+    sleep 0.2
+  done
+  die "the workers never stored all $APPENDS appends"
+}
+e2e_rate() { python3 -c "print(round($APPENDS / ($(cat "$tmp/e2e_end") - $e2e_start)))"; }
 jq_() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {'d': d}))" "$@"; }
 
 log "(c) end to end, core intake: $APPENDS appends at max rate, 2 workers"
 start_workers core e2e_core
-loadgen_run core --max-rate --in-flight 512 --count "$APPENDS" --verify
+e2e_start=$(now)
+watch_stored &
+watcher=$!
+loadgen_run core --objects "$OBJECTS" --log-size 100 --max-rate --in-flight 512 --count "$APPENDS" --verify
+wait "$watcher"; core_e2e=$(e2e_rate)
 read -r core_rss core_cpu < <(worker_usage)
-core_rate=$(jq_ "$tmp/core.json" "round(d['appends']['per_sec'])")
+core_rate=$core_e2e
 half=$((core_rate / 2))
 log "    $core_rate appends/s; latency at half rate ($half/s)"
-loadgen_run half --rate "$half" --count $((half * 10)) --in-flight 4096
+loadgen_run half --objects "$OBJECTS" --log-size 100 --rate "$half" --count $((half * 10)) --in-flight 4096
 stop_workers
 
 log "(c) end to end, JetStream intake: $APPENDS appends at max rate, 2 workers"
 start_workers jetstream e2e_js
-loadgen_run js --jetstream --max-rate --in-flight 1024 --count "$APPENDS" --verify
+e2e_start=$(now)
+watch_stored &
+watcher=$!
+loadgen_run js --objects "$OBJECTS" --log-size 100 --jetstream --max-rate --in-flight 1024 --count "$APPENDS" --verify
+wait "$watcher"; js_e2e=$(e2e_rate)
 read -r js_rss js_cpu < <(worker_usage)
-js_rate=$(jq_ "$tmp/js.json" "round(d['appends']['per_sec'])")
+js_rate=$js_e2e
 log "    $js_rate appends/s"
 
 # ---------------------------------------------------------------- (d) queries
@@ -218,10 +248,10 @@ r = {
     "params": {"appends": $APPENDS, "objects": $OBJECTS, "log_bytes": 100, "big_entries": $BIG, "pgbench_seconds": $SECONDS_EACH},
     "a_pgbench_batched_rows_per_s": $ceiling,
     "b_pgbench_single_rows_per_s": $single,
-    "c_core": {"appends_per_s": core["appends"]["per_sec"], "latency_ms": core["appends"]["latency_ms"],
+    "c_core": {"appends_per_s": $core_e2e, "loadgen_acks_per_s": core["appends"]["per_sec"], "latency_ms": core["appends"]["latency_ms"],
                "verify": core.get("verify"), "worker_peak_rss_mib": $core_rss, "worker_cpu_s": $core_cpu},
     "c_core_half_rate": {"rate": $half, "latency_ms": half["appends"]["latency_ms"]},
-    "c_jetstream": {"appends_per_s": js["appends"]["per_sec"], "latency_ms": js["appends"]["latency_ms"],
+    "c_jetstream": {"appends_per_s": $js_e2e, "pubacks_per_s": js["appends"]["per_sec"], "latency_ms": js["appends"]["latency_ms"],
                     "verify": js.get("verify"), "worker_peak_rss_mib": $js_rss, "worker_cpu_s": $js_cpu},
     "d_first_page_latency_ms": first["queries"]["latency_ms"],
     "d_whole_read": whole.get("whole_read"),

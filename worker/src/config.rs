@@ -100,6 +100,10 @@ pub struct RawConfig {
     /// Most appends written to one shard in one transaction.
     #[arg(long, env = "BATCH_MAX_ROWS", default_value = "1000")]
     pub batch_max_rows: String,
+    /// How long a batch that has started waits for more appends before it is written, in
+    /// milliseconds (0: write whatever is queued at once).
+    #[arg(long, env = "BATCH_LINGER_MS", default_value = "2")]
+    pub batch_linger_ms: String,
     /// Connections per shard pool.
     #[arg(long, env = "POOL_SIZE", default_value = "8")]
     pub pool_size: String,
@@ -160,6 +164,7 @@ pub struct Config {
     pub ring_vnodes: u32,
     pub limits: Limits,
     pub batch_max_rows: usize,
+    pub batch_linger: Duration,
     pub pool_size: usize,
     pub max_concurrent_queries: usize,
     pub shard_timeout: Duration,
@@ -197,6 +202,12 @@ impl RawConfig {
                 max_key_bytes: number("MAX_KEY_BYTES", &self.max_key_bytes, 1, 1 << 20)?,
             },
             batch_max_rows: number("BATCH_MAX_ROWS", &self.batch_max_rows, 1, 100_000)?,
+            batch_linger: Duration::from_millis(number(
+                "BATCH_LINGER_MS",
+                &self.batch_linger_ms,
+                0,
+                10_000,
+            )?),
             pool_size: number("POOL_SIZE", &self.pool_size, 1, 1_000)?,
             max_concurrent_queries: number(
                 "MAX_CONCURRENT_QUERIES",

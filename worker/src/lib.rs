@@ -127,6 +127,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         tasks: work.clone(),
         query_slots: Arc::new(Semaphore::new(config.max_concurrent_queries)),
         batch_max_rows: config.batch_max_rows,
+        batch_linger: config.batch_linger,
         max_deliver: match &config.intake {
             Intake::JetStream(js) => js.max_deliver,
             Intake::Core => 1,

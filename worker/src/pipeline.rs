@@ -65,6 +65,8 @@ pub struct Context {
     pub tasks: TaskTracker,
     pub query_slots: Arc<Semaphore>,
     pub batch_max_rows: usize,
+    /// How long a started batch waits for more appends before it is written.
+    pub batch_linger: Duration,
     /// JetStream deliveries of a failing message before it is dead-lettered (outages excepted).
     pub max_deliver: i64,
 }
@@ -78,11 +80,23 @@ pub async fn run_shard(shard: Arc<Shard>, mut queue: mpsc::Receiver<Work>, ctx: 
             Work::Append(job) => batch.push(job),
             Work::Query(job) => query = Some(job),
         }
+        // Take what is queued; then, if the batch is still small, wait up to the linger for
+        // more: under load a few milliseconds fill a batch of hundreds, which Postgres writes
+        // far faster per row than a few rows at a time.
+        let deadline = tokio::time::Instant::now() + ctx.batch_linger;
         while query.is_none() && batch.len() < ctx.batch_max_rows {
-            match queue.try_recv() {
-                Ok(Work::Append(job)) => batch.push(job),
-                Ok(Work::Query(job)) => query = Some(job),
-                Err(_) => break,
+            let next = match queue.try_recv() {
+                Ok(work) => Some(work),
+                Err(_) if batch.is_empty() || ctx.batch_linger.is_zero() => None,
+                Err(_) => tokio::time::timeout_at(deadline, queue.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+            match next {
+                Some(Work::Append(job)) => batch.push(job),
+                Some(Work::Query(job)) => query = Some(job),
+                None => break,
             }
         }
         if !batch.is_empty() {

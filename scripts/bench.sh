@@ -189,14 +189,35 @@ PY
   die "the workers never stored all $APPENDS appends"
 }
 e2e_rate() { python3 -c "print(round($APPENDS / ($(cat "$tmp/e2e_end") - $e2e_start)))"; }
+# CPU seconds used so far by each kind of process (postgres, nats-server, worker, loadgen):
+# diffed around a phase, it shows what the end-to-end number is bound by.
+cpu_snapshot() {
+  python3 - >"$tmp/cpu.$1" <<'PY'
+import glob, json, os
+hz = os.sysconf("SC_CLK_TCK"); use = {}
+for stat in glob.glob("/proc/[0-9]*/stat"):
+    try:
+        text = open(stat).read()
+    except OSError:
+        continue
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    name = {"postgres": "postgres", "nats-server": "nats-server", "worker": "worker", "loadgen": "loadgen"}.get(comm)
+    if name:
+        use[name] = use.get(name, 0) + (int(fields[11]) + int(fields[12])) / hz
+print(json.dumps(use))
+PY
+}
 jq_() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {'d': d}))" "$@"; }
 
 log "(c) end to end, core intake: $APPENDS appends at max rate, 2 workers"
 start_workers core e2e_core
+cpu_snapshot core_start
 # Core: loadgen's acknowledgement is the worker's reply after the commit, so its rate is the
 # end-to-end store rate.
 loadgen_run core --objects "$OBJECTS" --log-size 100 --max-rate --in-flight 512 --count "$APPENDS" --verify
 core_e2e=$(jq_ "$tmp/core.json" "round(d['appends']['per_sec'])")
+cpu_snapshot core_end
 read -r core_rss core_cpu < <(worker_usage)
 core_rate=$core_e2e
 half=$((core_rate / 2))
@@ -206,11 +227,13 @@ stop_workers
 
 log "(c) end to end, JetStream intake: $APPENDS appends at max rate, 2 workers"
 start_workers jetstream e2e_js
+cpu_snapshot js_start
 e2e_start=$(now)
 watch_stored &
 watcher=$!
 loadgen_run js --objects "$OBJECTS" --log-size 100 --jetstream --max-rate --in-flight 1024 --count "$APPENDS" --verify
 wait "$watcher"; js_e2e=$(e2e_rate)
+cpu_snapshot js_end
 read -r js_rss js_cpu < <(worker_usage)
 js_rate=$js_e2e
 log "    $js_rate appends/s"
@@ -241,6 +264,10 @@ import json, os, platform, sys
 tmp, out = sys.argv[1], sys.argv[2]
 load = lambda n: json.load(open(os.path.join(tmp, n + ".json")))
 core, half, js, first, whole = load("core"), load("half"), load("js"), load("first_page"), load("whole")
+def cpu(phase):
+    start = json.load(open(os.path.join(tmp, f"cpu.{phase}_start")))
+    end = json.load(open(os.path.join(tmp, f"cpu.{phase}_end")))
+    return {k: round(end.get(k, 0) - start.get(k, 0), 1) for k in end}
 r = {
     "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                 "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
@@ -252,6 +279,8 @@ r = {
     "c_core_half_rate": {"rate": $half, "latency_ms": half["appends"]["latency_ms"]},
     "c_jetstream": {"appends_per_s": $js_e2e, "pubacks_per_s": js["appends"]["per_sec"], "latency_ms": js["appends"]["latency_ms"],
                     "verify": js.get("verify"), "worker_peak_rss_mib": $js_rss, "worker_cpu_s": $js_cpu},
+    "cpu_seconds_core_phase": cpu("core"),
+    "cpu_seconds_jetstream_phase": cpu("js"),
     "d_first_page_latency_ms": first["queries"]["latency_ms"],
     "d_whole_read": whole.get("whole_read"),
 }
@@ -271,6 +300,10 @@ fl = r["d_first_page_latency_ms"]
 print(f"| (d) first page of 100 of a {$BIG:,}-entry object | | | | {fl['p50']:.2f} / {fl['p99']:.2f} / {fl['max']:.2f} | | |")
 w = r["d_whole_read"] or {}
 print(f"| (d) whole read of the {$BIG:,}-entry object | {w.get('entries_per_second', 0):,.0f} entries/s | | | {w.get('seconds', 0):.2f} s total, {w.get('chunks', 0)} chunks | | |")
+for phase in ("core", "jetstream"):
+    use = r[f"cpu_seconds_{phase}_phase"]
+    total = sum(use.values()) or 1
+    print(f"\nCPU in the {phase} phase: " + ", ".join(f"{k} {v:.1f}s ({v / total:.0%})" for k, v in sorted(use.items(), key=lambda kv: -kv[1])))
 print(f"\nverify: core={r['c_core']['verify']}, jetstream={r['c_jetstream']['verify']}")
 print(f"JSON: {out}")
 EOF

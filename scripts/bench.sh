@@ -55,7 +55,8 @@ chmod 755 "$tmp"
 pids=()
 cleanup() {
   local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # SIGINT: nats-server and the workers stop cleanly, postgres does a fast shutdown.
+  for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
@@ -65,7 +66,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# Postgres refuses to run as root. setpriv execs in place (runuser would fork and stay the
+# parent), so with a plain `&` the PID we record and later signal is postgres itself.
+as_pg=()
+[ "$(id -u)" = 0 ] && as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups --)
 http_ok() { python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
@@ -81,12 +85,12 @@ nats_port=$(free_port)
 pids+=($!)
 nats_url=nats://127.0.0.1:$nats_port
 
-as_pg "$pg_bindir/initdb" -D "$tmp/pg-template" -U postgres -A trust -E UTF8 --locale=C >/dev/null
+"${as_pg[@]}" "$pg_bindir/initdb" -D "$tmp/pg-template" -U postgres -A trust -E UTF8 --locale=C >/dev/null
 pg_ports=()
 for shard in 1 2; do
   port=$(free_port)
   cp -a "$tmp/pg-template" "$tmp/pg$shard"
-  as_pg "$pg_bindir/postgres" -D "$tmp/pg$shard" -p "$port" -k "$tmp" -c listen_addresses=127.0.0.1 \
+  "${as_pg[@]}" "$pg_bindir/postgres" -D "$tmp/pg$shard" -p "$port" -k "$tmp" -c listen_addresses=127.0.0.1 \
     -c max_connections=200 -c shared_buffers=256MB >"$tmp/pg$shard.log" 2>&1 &
   pids+=($!)
   pg_ports+=("$port")
@@ -192,7 +196,7 @@ e2e_rate() { python3 -c "print(round($APPENDS / ($(cat "$tmp/e2e_end") - $e2e_st
 # CPU seconds used so far by each kind of process (postgres, nats-server, worker, loadgen):
 # diffed around a phase, it shows what the end-to-end number is bound by.
 cpu_snapshot() {
-  python3 - >"$tmp/cpu.$1" <<'PY'
+  BENCH_SHELL=$$ python3 - >"$tmp/cpu.$1" <<'PY'
 import glob, json, os
 hz = os.sysconf("SC_CLK_TCK"); use = {}
 for stat in glob.glob("/proc/[0-9]*/stat"):
@@ -202,9 +206,12 @@ for stat in glob.glob("/proc/[0-9]*/stat"):
         continue
     comm = text[text.index("(") + 1:text.rindex(")")]
     fields = text[text.rindex(")") + 2:].split()
-    name = {"postgres": "postgres", "nats-server": "nats-server", "worker": "worker", "loadgen": "loadgen"}.get(comm)
+    name = {"postgres": "postgres", "nats-server": "nats-server", "worker": "worker"}.get(comm)
     if name:
         use[name] = use.get(name, 0) + (int(fields[11]) + int(fields[12])) / hz
+    # loadgen has exited by the end of a phase: its CPU shows up in this script's children time.
+    if stat == f"/proc/{os.environ['BENCH_SHELL']}/stat":
+        use["loadgen and helpers"] = (int(fields[13]) + int(fields[14])) / hz
 print(json.dumps(use))
 PY
 }

@@ -154,23 +154,14 @@ pub async fn setup_jetstream(
         ..Default::default()
     };
     // Two workers starting together may race to create; the loser's update then succeeds.
-    let mut attempt = 0;
-    let info = loop {
-        match context.create_or_update_stream(stream_config.clone()).await {
-            Ok(info) => break info,
-            Err(e) if attempt < 5 => {
-                attempt += 1;
-                tracing::debug!(error = %e, attempt, "stream setup raced; retrying");
-                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-            }
-            Err(source) => {
-                return Err(IntakeError::Stream {
-                    stream: config.stream.clone(),
-                    source,
-                })
-            }
-        }
-    };
+    let info = retry_race("stream", || {
+        context.create_or_update_stream(stream_config.clone())
+    })
+    .await
+    .map_err(|source| IntakeError::Stream {
+        stream: config.stream.clone(),
+        source,
+    })?;
     let consumer_config = consumer::pull::Config {
         durable_name: Some(config.consumer.clone()),
         ack_policy: consumer::AckPolicy::Explicit,
@@ -192,24 +183,37 @@ pub async fn setup_jetstream(
                 e,
             ),
         })?;
+    let consumer = retry_race("consumer", || {
+        stream.create_consumer(consumer_config.clone())
+    })
+    .await
+    .map_err(|source| IntakeError::Consumer {
+        consumer: config.consumer.clone(),
+        source,
+    })?;
+    Ok((consumer, info))
+}
+
+/// Retry an idempotent setup call a few times with growing pauses: workers starting together
+/// race on creating the same stream or consumer, and the loser's second try succeeds.
+async fn retry_race<T, E: std::fmt::Display, F>(
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
     let mut attempt = 0;
-    let consumer = loop {
-        match stream.create_consumer(consumer_config.clone()).await {
-            Ok(consumer) => break consumer,
+    loop {
+        match call().await {
             Err(e) if attempt < 5 => {
                 attempt += 1;
-                tracing::debug!(error = %e, attempt, "consumer setup raced; retrying");
+                tracing::debug!(error = %e, attempt, "{what} setup raced; retrying");
                 tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
             }
-            Err(source) => {
-                return Err(IntakeError::Consumer {
-                    consumer: config.consumer.clone(),
-                    source,
-                })
-            }
+            result => return result,
         }
-    };
-    Ok((consumer, info))
+    }
 }
 
 async fn drain(subscriber: &mut Subscriber) {

@@ -76,6 +76,17 @@ fn num(report: &Value, path: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("report has no number at {path:?}: {report}"))
 }
 
+/// Issue 3's done-when 1 load: 5,000 appends at a fixed rate with 10 % queries, verified.
+const DONE_WHEN_1_LOAD: &[&str] = &[
+    "--count",
+    "5000",
+    "--rate",
+    "1000",
+    "--query-share",
+    "0.1",
+    "--verify",
+];
+
 /// Done-when 1a: 2 worker processes, 2 shards, 5,000 appends at 1,000/s with 10 % queries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_verifies_5000_appends_through_two_worker_processes() {
@@ -83,19 +94,7 @@ async fn loadgen_verifies_5000_appends_through_two_worker_processes() {
     let workers = two_workers(&env).await;
     let dir = tempfile::tempdir().unwrap();
     let report_path = dir.path().join("report.json");
-    let child = spawn_loadgen(
-        &env,
-        &[
-            "--count",
-            "5000",
-            "--rate",
-            "1000",
-            "--query-share",
-            "0.1",
-            "--verify",
-        ],
-        &report_path,
-    );
+    let child = spawn_loadgen(&env, DONE_WHEN_1_LOAD, &report_path);
     let (code, report) = finish_loadgen(child, &report_path).await;
 
     assert_eq!(code, 0, "loadgen exits 0 when verify passes");
@@ -136,19 +135,7 @@ async fn loadgen_verifies_5000_appends_when_a_worker_is_killed_mid_run() {
     client.flush().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let report_path = dir.path().join("report.json");
-    let child = spawn_loadgen(
-        &env,
-        &[
-            "--count",
-            "5000",
-            "--rate",
-            "1000",
-            "--query-share",
-            "0.1",
-            "--verify",
-        ],
-        &report_path,
-    );
+    let child = spawn_loadgen(&env, DONE_WHEN_1_LOAD, &report_path);
 
     // Every stored append publishes an event: kill a worker once a third are stored.
     within(30, "a third of the appends stored", async {

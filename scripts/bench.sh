@@ -12,7 +12,8 @@
 # It prints a Markdown table and writes JSON to bench/results/<UTC time>.json.
 #
 # Knobs (env): BENCH_APPENDS [500000], BENCH_BIG_ENTRIES [1000000], BENCH_SECONDS [15] (pgbench
-# duration each), BENCH_OBJECTS [10000]. A quick smoke run:
+# duration each), BENCH_OBJECTS [10000], BENCH_IN_FLIGHT [512] and BENCH_JS_IN_FLIGHT [1024]
+# (loadgen's outstanding appends at max rate, core and JetStream). A quick smoke run:
 #   BENCH_APPENDS=20000 BENCH_BIG_ENTRIES=50000 BENCH_SECONDS=3 scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -222,7 +223,7 @@ start_workers core e2e_core
 cpu_snapshot core_start
 # Core: loadgen's acknowledgement is the worker's reply after the commit, so its rate is the
 # end-to-end store rate.
-loadgen_run core --objects "$OBJECTS" --log-size 100 --max-rate --in-flight 512 --count "$APPENDS" --verify
+loadgen_run core --objects "$OBJECTS" --log-size 100 --max-rate --in-flight "${BENCH_IN_FLIGHT:-512}" --count "$APPENDS" --verify
 core_e2e=$(jq_ "$tmp/core.json" "round(d['appends']['per_sec'])")
 cpu_snapshot core_end
 read -r core_rss core_cpu < <(worker_usage)
@@ -238,7 +239,7 @@ cpu_snapshot js_start
 e2e_start=$(now)
 watch_stored &
 watcher=$!
-loadgen_run js --objects "$OBJECTS" --log-size 100 --jetstream --max-rate --in-flight 1024 --count "$APPENDS" --verify
+loadgen_run js --objects "$OBJECTS" --log-size 100 --jetstream --max-rate --in-flight "${BENCH_JS_IN_FLIGHT:-1024}" --count "$APPENDS" --verify
 wait "$watcher"; js_e2e=$(e2e_rate)
 cpu_snapshot js_end
 read -r js_rss js_cpu < <(worker_usage)

@@ -144,51 +144,44 @@ fn pid_alive(pid: u32) -> bool {
     state != "Z" && state != "X"
 }
 
+/// PIDs of every process, with its /proc directory.
+fn all_pids() -> impl Iterator<Item = (u32, PathBuf)> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
+}
+
 /// Direct children of `parent` (e.g. a postmaster's backends).
 fn children_of(parent: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            children.push(pid);
-        }
-    }
-    children
+    all_pids()
+        .filter(|(_, dir)| {
+            let Ok(stat) = fs::read_to_string(dir.join("stat")) else {
+                return false;
+            };
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(parent)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// PIDs of live processes whose command line mentions `needle` (e.g. a temp dir).
 fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) && pid_alive(pid) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
+    all_pids()
+        .filter_map(|(pid, dir)| {
+            let cmdline = fs::read(dir.join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains(needle) && pid_alive(pid)).then_some((pid, cmdline))
+        })
+        .collect()
 }
 
 fn addr(host_port: &str) -> SocketAddr {
@@ -320,7 +313,10 @@ async fn local_up_runs_the_topology_takes_load_and_leaves_nothing_behind() {
         "loadgen --verify failed; output:\n{}",
         script.tail()
     );
-    let acknowledged = loadgen_acknowledged(&report);
+    let report: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&report).expect("read loadgen report"))
+            .expect("loadgen report is JSON");
+    let acknowledged = report_num(&report, &["appends", "ok"]) as u64;
     assert!(acknowledged > 0, "loadgen acknowledged nothing");
     // Exactly: every acknowledged append stored once (loadgen's retries reuse their keys).
     wait_stored(&workers, acknowledged).await;
@@ -378,36 +374,14 @@ async fn local_up_runs_the_topology_takes_load_and_leaves_nothing_behind() {
 async fn prometheus_sums_stored_appends_to_what_loadgen_acknowledged() {
     const APPENDS: u64 = 400;
     let prometheus_bin = prometheus_binary();
-    let loadgen_bin = bin_path("loadgen");
     let tmp = tempfile::tempdir().expect("temp dir");
     let env = Env::shared(&["a", "b"]).await;
 
-    let mut workers = Vec::new();
-    let mut children = Vec::new();
-    for i in 0..2 {
-        let port = free_port();
-        let mut command = Command::new(bin_path("worker"));
-        command
-            .envs(env.settings(port))
-            .env("INTAKE", "core")
-            .env("RUST_LOG", "warn");
-        children.push(Supervised::spawn(
-            command,
-            tmp.path().join(format!("worker{i}.log")),
-        ));
-        workers.push(SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    for (worker, child) in workers.iter().zip(children.iter_mut()) {
-        let worker = *worker;
-        eventually(60, "worker ready", || {
-            child.assert_running("worker");
-            async move {
-                let status = http_get(worker, "/readyz").await.map(|(status, _)| status);
-                (status == Some(200)).then_some(())
-            }
-        })
-        .await;
-    }
+    let processes = vec![
+        WorkerProcess::start(&env, &[("INTAKE", "core")]).await,
+        WorkerProcess::start(&env, &[("INTAKE", "core")]).await,
+    ];
+    let workers: Vec<SocketAddr> = processes.iter().map(|w| w.metrics).collect();
 
     let web_port = free_port();
     let targets = workers
@@ -443,7 +417,7 @@ async fn prometheus_sums_stored_appends_to_what_loadgen_acknowledged() {
     })
     .await;
 
-    let acknowledged = run_loadgen(&loadgen_bin, &env, APPENDS, tmp.path()).await;
+    let acknowledged = run_loadgen(&env, APPENDS, tmp.path()).await;
     assert!(acknowledged > 0, "loadgen acknowledged nothing");
     wait_stored(&workers, acknowledged).await;
 
@@ -465,48 +439,28 @@ async fn prometheus_sums_stored_appends_to_what_loadgen_acknowledged() {
     )
     .await;
     drop(prometheus);
-    drop(children);
+    for worker in processes {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
 }
 
 /// Runs loadgen against `env`'s workers (core request-reply, so an append counts as
 /// acknowledged once a worker has committed and answered it) for `appends` appends, with
 /// `--verify`; returns how many appends it acknowledged, from its `--report`.
-async fn run_loadgen(bin: &Path, env: &Env, appends: u64, dir: &Path) -> u64 {
-    let report = dir.join("loadgen-report.json");
-    let output = within(
-        180,
-        "loadgen run",
-        tokio::process::Command::new(bin)
-            .env("NATS_URL", &env.nats_url)
-            .env("NATS_LOGS_TOPIC", env.subject("logs"))
-            .env("NATS_QUERY_TOPIC", env.subject("query"))
-            .args(["--count", &appends.to_string(), "--rate", "500"])
-            .args(["--objects", "40", "--verify", "--progress-secs", "0"])
-            .arg("--report")
-            .arg(&report)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("run loadgen");
-    assert!(
-        output.status.success(),
-        "loadgen failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    loadgen_acknowledged(&report)
-}
-
-/// Appends acknowledged in a loadgen `--report` (`appends.ok`).
-fn loadgen_acknowledged(report: &Path) -> u64 {
-    let text = fs::read_to_string(report)
-        .unwrap_or_else(|e| panic!("read loadgen report {}: {e}", report.display()));
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("loadgen report is not JSON ({e}): {text}"));
-    json["appends"]["ok"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("loadgen report has no appends.ok: {text}"))
+async fn run_loadgen(env: &Env, appends: u64, dir: &Path) -> u64 {
+    let report_path = dir.join("loadgen-report.json");
+    let count = appends.to_string();
+    let flags = [
+        "--count",
+        &count,
+        "--rate",
+        "500",
+        "--objects",
+        "40",
+        "--verify",
+    ];
+    let (code, report) =
+        finish_loadgen(spawn_loadgen(env, &flags, &report_path), &report_path).await;
+    assert_eq!(code, 0, "loadgen failed: {report}");
+    report_num(&report, &["appends", "ok"]) as u64
 }

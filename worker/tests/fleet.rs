@@ -4,25 +4,10 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde_json::Value;
 use support::*;
-
-/// Flags pointing loadgen at this test's subjects.
-fn loadgen_flags(env: &Env) -> Vec<String> {
-    [
-        ("--nats-url", env.nats_url.clone()),
-        ("--logs-subject", env.subject("logs")),
-        ("--query-subject", env.subject("query")),
-        ("--progress-secs", "1".to_string()),
-    ]
-    .into_iter()
-    .flat_map(|(flag, value)| [flag.to_string(), value])
-    .collect()
-}
 
 /// Two worker processes with core intake, both ready.
 async fn two_workers(env: &Env) -> Vec<WorkerProcess> {
@@ -34,46 +19,6 @@ async fn two_workers(env: &Env) -> Vec<WorkerProcess> {
         worker.wait_ready().await;
     }
     workers
-}
-
-/// Start the loadgen binary with `extra` flags and a JSON report in `report`.
-fn spawn_loadgen(env: &Env, extra: &[&str], report: &std::path::Path) -> tokio::process::Child {
-    tokio::process::Command::new(bin_path("loadgen"))
-        .args(loadgen_flags(env))
-        .args(extra)
-        .arg("--report")
-        .arg(report)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the loadgen binary")
-}
-
-/// Wait for loadgen to exit; print its output (shown on failure or with --nocapture) and
-/// return its exit code and JSON report.
-async fn finish_loadgen(child: tokio::process::Child, report: &std::path::Path) -> (i32, Value) {
-    let output = within(90, "loadgen finishes", child.wait_with_output())
-        .await
-        .expect("wait for loadgen");
-    println!(
-        "loadgen stdout:\n{}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    println!(
-        "loadgen stderr:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report = std::fs::read(report).unwrap_or_else(|e| panic!("read the report: {e}"));
-    let report: Value = serde_json::from_slice(&report).expect("the report is JSON");
-    (output.status.code().unwrap_or(-1), report)
-}
-
-fn num(report: &Value, path: &[&str]) -> f64 {
-    path.iter()
-        .fold(report, |v, k| &v[*k])
-        .as_f64()
-        .unwrap_or_else(|| panic!("report has no number at {path:?}: {report}"))
 }
 
 /// Issue 3's done-when 1 load: 5,000 appends at a fixed rate with 10 % queries, verified.
@@ -98,21 +43,21 @@ async fn loadgen_verifies_5000_appends_through_two_worker_processes() {
     let (code, report) = finish_loadgen(child, &report_path).await;
 
     assert_eq!(code, 0, "loadgen exits 0 when verify passes");
-    assert_eq!(num(&report, &["appends", "ok"]), 5000.0);
-    assert_eq!(num(&report, &["appends", "failed"]), 0.0);
+    assert_eq!(report_num(&report, &["appends", "ok"]), 5000.0);
+    assert_eq!(report_num(&report, &["appends", "failed"]), 0.0);
     assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(num(&report, &["verify", "found"]), 5000.0);
+    assert_eq!(report_num(&report, &["verify", "found"]), 5000.0);
     assert!(
-        num(&report, &["queries", "ok"]) > 300.0,
+        report_num(&report, &["queries", "ok"]) > 300.0,
         "about 10 % queries"
     );
-    assert_eq!(num(&report, &["queries", "failed"]), 0.0);
+    assert_eq!(report_num(&report, &["queries", "failed"]), 0.0);
     // Paced, not flooded: 5,000 appends + ~555 queries at 1,000/s take ~5.5 s.
-    let elapsed = num(&report, &["elapsed_secs"]);
+    let elapsed = report_num(&report, &["elapsed_secs"]);
     assert!((5.0..30.0).contains(&elapsed), "elapsed {elapsed}s");
     for percentile in ["p50", "p90", "p99", "max"] {
-        assert!(num(&report, &["appends", "latency_ms", percentile]) > 0.0);
-        assert!(num(&report, &["queries", "latency_ms", percentile]) > 0.0);
+        assert!(report_num(&report, &["appends", "latency_ms", percentile]) > 0.0);
+        assert!(report_num(&report, &["queries", "latency_ms", percentile]) > 0.0);
     }
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
@@ -154,16 +99,16 @@ async fn loadgen_verifies_5000_appends_when_a_worker_is_killed_mid_run() {
 
     let (code, report) = finish_loadgen(child, &report_path).await;
     assert_eq!(code, 0, "loadgen exits 0 when verify passes");
-    assert_eq!(num(&report, &["appends", "ok"]), 5000.0);
-    assert_eq!(num(&report, &["appends", "failed"]), 0.0);
+    assert_eq!(report_num(&report, &["appends", "ok"]), 5000.0);
+    assert_eq!(report_num(&report, &["appends", "failed"]), 0.0);
     assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(num(&report, &["verify", "found"]), 5000.0);
+    assert_eq!(report_num(&report, &["verify", "found"]), 5000.0);
     println!(
         "retries {}, acknowledged as duplicates {}, errors {}",
         report["appends"]["retries"], report["appends"]["duplicates"], report["errors"]
     );
     assert!(
-        num(&report, &["errors", "timeout"]) >= 1.0,
+        report_num(&report, &["errors", "timeout"]) >= 1.0,
         "the killed worker's requests timed out and were retried"
     );
     for worker in workers {
@@ -284,9 +229,9 @@ async fn loadgen_through_jetstream_verifies() {
     let (code, report) = finish_loadgen(child, &report_path).await;
     assert_eq!(code, 0, "loadgen exits 0 when verify passes");
     assert_eq!(report["mode"], "jetstream");
-    assert_eq!(num(&report, &["appends", "ok"]), 3000.0);
+    assert_eq!(report_num(&report, &["appends", "ok"]), 3000.0);
     assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(num(&report, &["verify", "found"]), 3000.0);
+    assert_eq!(report_num(&report, &["verify", "found"]), 3000.0);
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }
@@ -308,10 +253,10 @@ async fn sigint_stops_loadgen_cleanly_with_a_verified_summary() {
     let (code, report) = finish_loadgen(child, &report_path).await;
     assert_eq!(code, 0);
     assert_eq!(report["interrupted"], true);
-    let acked = num(&report, &["appends", "ok"]);
+    let acked = report_num(&report, &["appends", "ok"]);
     assert!(acked > 300.0, "{acked} appends in ~2 s at 500/s");
     assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(num(&report, &["verify", "found"]), acked);
+    assert_eq!(report_num(&report, &["verify", "found"]), acked);
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }
@@ -332,10 +277,10 @@ async fn loadgen_waits_for_the_fleet(intake: &'static str, extra: &[&str]) {
     let workers = two_workers(&env).await;
     let (code, report) = finish_loadgen(child, &report_path).await;
     assert_eq!(code, 0, "loadgen exits 0 when verify passes");
-    assert_eq!(num(&report, &["appends", "ok"]), 300.0);
-    assert!(num(&report, &["appends", "retries"]) > 0.0);
+    assert_eq!(report_num(&report, &["appends", "ok"]), 300.0);
+    assert!(report_num(&report, &["appends", "retries"]) > 0.0);
     assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(num(&report, &["verify", "found"]), 300.0);
+    assert_eq!(report_num(&report, &["verify", "found"]), 300.0);
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }
@@ -363,7 +308,7 @@ async fn core_loadgen_against_jetstream_workers_fails_with_a_hint() {
     let child = spawn_loadgen(&env, &["--count", "5", "--rate", "100"], &report_path);
     let (code, report) = finish_loadgen(child, &report_path).await;
     assert_eq!(code, 1);
-    assert_eq!(num(&report, &["appends", "failed"]), 5.0);
+    assert_eq!(report_num(&report, &["appends", "failed"]), 5.0);
     assert!(
         report["error_samples"][0]
             .as_str()

@@ -482,3 +482,60 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// Flags pointing loadgen at this test's subjects.
+pub fn loadgen_flags(env: &Env) -> Vec<String> {
+    [
+        ("--nats-url", env.nats_url.clone()),
+        ("--logs-subject", env.subject("logs")),
+        ("--query-subject", env.subject("query")),
+        ("--progress-secs", "1".to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_string(), value])
+    .collect()
+}
+
+/// Start the loadgen binary with `extra` flags and a JSON report in `report`.
+pub fn spawn_loadgen(env: &Env, extra: &[&str], report: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(bin_path("loadgen"))
+        .args(loadgen_flags(env))
+        .args(extra)
+        .arg("--report")
+        .arg(report)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the loadgen binary")
+}
+
+/// Wait for loadgen to exit; print its output (shown on failure or with --nocapture) and
+/// return its exit code and JSON report.
+pub async fn finish_loadgen(
+    child: tokio::process::Child,
+    report: &std::path::Path,
+) -> (i32, serde_json::Value) {
+    let output = within(90, "loadgen finishes", child.wait_with_output())
+        .await
+        .expect("wait for loadgen");
+    println!(
+        "loadgen stdout:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    println!(
+        "loadgen stderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = std::fs::read(report).unwrap_or_else(|e| panic!("read the report: {e}"));
+    let report: serde_json::Value = serde_json::from_slice(&report).expect("the report is JSON");
+    (output.status.code().unwrap_or(-1), report)
+}
+
+/// The number at `path` in a loadgen report.
+pub fn report_num(report: &serde_json::Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(report, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or_else(|| panic!("report has no number at {path:?}: {report}"))
+}

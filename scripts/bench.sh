@@ -18,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+. scripts/lib/packages.sh
 
 APPENDS=${BENCH_APPENDS:-500000}
 BIG=${BENCH_BIG_ENTRIES:-1000000}
@@ -37,11 +38,8 @@ for candidate in "$(command -v pg_config >/dev/null 2>&1 && pg_config --bindir)"
 done
 [ -n "$pg_bindir" ] || missing+=(postgresql postgresql-contrib)
 if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    exec "$0" "$@"
-  fi
-  die "missing: ${missing[*]} (Debian: apt-get install -y ${missing[*]})"
+  install_packages "${missing[@]}"
+  exec "$0" "$@" # find the freshly installed binaries
 fi
 nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
 
@@ -141,9 +139,9 @@ log "    $single rows/s"
 worker_pids=()
 worker_ports=()
 start_workers() { # start_workers INTAKE DB
-  local intake=$1 db=$2 i port
+  local intake=$1 db=$2 port
   worker_pids=(); worker_ports=()
-  for i in 1 2; do
+  for _ in 1 2; do
     port=$(free_port)
     NATS_URL=$nats_url INTAKE=$intake NATS_STREAM=BENCH_$db \
     POSTGRES_SHARDS="pg1=postgres://postgres@127.0.0.1:${pg_ports[0]}/$db,pg2=postgres://postgres@127.0.0.1:${pg_ports[1]}/$db" \

@@ -12,19 +12,12 @@
 # - Syntax-checks the shell scripts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/packages.sh
 
 compose_files=(docker-compose.yaml docker-compose.test.yaml)
 
-if ! command -v docker-compose >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "==> installing docker-compose (parser only; --no-install-recommends skips the engine)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
-  else
-    echo "missing: docker-compose. Install it (Debian/Ubuntu: sudo apt-get install -y --no-install-recommends docker-compose) and re-run." >&2
-    exit 1
-  fi
-fi
+# The parser only: install_packages skips recommends, so no Docker engine comes along.
+command -v docker-compose >/dev/null 2>&1 || install_packages docker-compose
 
 # Placeholders for the variables the files interpolate, so the check never depends on the
 # caller's environment (an exported QUERIES_MIN=abc must not decide the verdict).
@@ -95,8 +88,8 @@ else
   echo "==> promtool not found: skipping the Prometheus config check (apt-get install prometheus)"
 fi
 
-echo "==> bash -n scripts/*.sh"
-for script in scripts/*.sh; do
+echo "==> bash -n scripts/*.sh scripts/lib/*.sh"
+for script in scripts/*.sh scripts/lib/*.sh; do
   bash -n "$script"
 done
 

@@ -39,6 +39,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+. "$repo/scripts/lib/packages.sh"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
@@ -110,16 +111,7 @@ missing=()
 find_nats >/dev/null || missing+=(nats-server)
 find_pg_bindir >/dev/null || missing+=(postgresql)
 if [ "$PROMETHEUS" = 1 ] && ! command -v prometheus >/dev/null 2>&1; then missing+=(prometheus); fi
-if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing ${missing[*]}"
-    # One index refresh, then one install; no recommends (e.g. no extra exporters).
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  else
-    die "missing: ${missing[*]}. Install them (Debian/Ubuntu: sudo apt-get install -y ${missing[*]}) and re-run."
-  fi
-fi
+install_packages "${missing[@]}"
 nats_bin=$(find_nats) || die "nats-server not found after install"
 pg_bindir=$(find_pg_bindir) || die "PostgreSQL binaries not found after install"
 prometheus_bin=""

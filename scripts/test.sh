@@ -7,6 +7,7 @@
 # already running on this machine is used or touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/packages.sh
 
 have_postgres() {
   command -v initdb >/dev/null 2>&1 && return 0
@@ -21,17 +22,7 @@ have_postgres || missing+=(postgresql)
 # files with a real compose implementation (Debian's docker-compose works without an engine).
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
-if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "==> installing ${missing[*]}"
-    apt-get update -qq
-    # No recommends: prometheus would pull exporters, docker-compose a whole Docker engine.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  else
-    echo "missing: ${missing[*]}. Install them (Debian/Ubuntu: sudo apt-get install -y ${missing[*]}) and re-run." >&2
-    exit 1
-  fi
-fi
+install_packages "${missing[@]}"
 # Postgres refuses to run as root; the tests run it as this user when they are root.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres

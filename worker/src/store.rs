@@ -15,11 +15,18 @@ use crate::config::ShardConfig;
 
 /// The migrations, embedded so the binary (and its container image) needs no files.
 /// Append new ones at the end; never edit one that has shipped.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "schema",
-    include_str!("../../migrations/0001_schema.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "schema",
+        include_str!("../../migrations/0001_schema.sql"),
+    ),
+    (
+        2,
+        "fast_append",
+        include_str!("../../migrations/0002_fast_append.sql"),
+    ),
+];
 
 /// Serialises migrations across every worker that starts at once (an arbitrary constant:
 /// "logstore" in ASCII).

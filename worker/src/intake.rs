@@ -260,75 +260,71 @@ impl Router {
 
     async fn core_append(&self, message: Message) {
         let received = SystemTime::now();
-        let origin = Origin::Core {
-            reply: message.reply.clone(),
-            subject: message.subject.clone(),
-        };
-        self.append(
-            &message.subject,
-            &message.payload,
-            message.headers.as_ref(),
-            received,
-            origin,
-            None,
-        )
-        .await
+        let started = Instant::now();
+        self.metrics.appends_in_flight.inc();
+        match decode_append(&message.payload, message.headers.as_ref(), &self.limits) {
+            Ok(request) => {
+                let origin = Origin::Core {
+                    reply: message.reply,
+                    subject: message.subject,
+                };
+                self.route_append(request, None, received, origin, started)
+                    .await
+            }
+            Err(error) => {
+                let origin = Origin::Core {
+                    reply: message.reply,
+                    subject: message.subject.clone(),
+                };
+                self.reject_append(&message.subject, message.payload, &origin, error)
+                    .await
+            }
+        }
     }
 
     async fn jetstream_append(&self, message: jetstream::Message) {
-        let (received, identity) = match message.info() {
+        let started = Instant::now();
+        self.metrics.appends_in_flight.inc();
+        // Decoded from borrowed bytes before the message moves into its origin: no copy of the
+        // payload or headers per append.
+        let request = decode_append(&message.payload, message.headers.as_ref(), &self.limits);
+        let (received, stream_sequence) = match message.info() {
             // ts is when the stream stored the message, so a backlog keeps its publish times.
-            Ok(info) => (
-                SystemTime::from(info.published),
-                self.stream_identity
-                    .as_ref()
-                    .map(|prefix| format!("{prefix}:{}", info.stream_sequence)),
-            ),
+            Ok(info) => (SystemTime::from(info.published), Some(info.stream_sequence)),
             Err(e) => {
                 tracing::warn!(error = %e, "JetStream message without metadata");
                 (SystemTime::now(), None)
             }
         };
-        let subject = message.subject.clone();
-        let payload = message.payload.clone();
-        let headers = message.headers.clone();
-        let origin = Origin::JetStream(Box::new(message));
-        self.append(
-            &subject,
-            &payload,
-            headers.as_ref(),
-            received,
-            origin,
-            identity,
-        )
-        .await
+        match request {
+            Ok(request) => {
+                // The stream identity is the key only when the publisher gave none.
+                let identity = match (&request.key, &self.stream_identity, stream_sequence) {
+                    (None, Some(prefix), Some(sequence)) => Some(format!("{prefix}:{sequence}")),
+                    _ => None,
+                };
+                let origin = Origin::JetStream(Box::new(message));
+                self.route_append(request, identity, received, origin, started)
+                    .await
+            }
+            Err(error) => {
+                let (subject, payload) = (message.subject.clone(), message.payload.clone());
+                let origin = Origin::JetStream(Box::new(message));
+                self.reject_append(&subject, payload, &origin, error).await
+            }
+        }
     }
 
-    /// Decode, validate and route one append. `fallback_key` is the message's stream identity
-    /// (JetStream), used when neither the body nor the headers carry a key.
-    async fn append(
+    /// Queue a valid append on its shard's pipeline. `fallback_key` is the message's stream
+    /// identity (JetStream), used when neither the body nor the headers carry a key.
+    async fn route_append(
         &self,
-        subject: &Subject,
-        payload: &Bytes,
-        headers: Option<&HeaderMap>,
+        request: AppendRequest,
+        fallback_key: Option<String>,
         received: SystemTime,
         origin: Origin,
-        fallback_key: Option<String>,
+        started: Instant,
     ) {
-        let started = Instant::now();
-        self.metrics.in_flight.with_label_values(&["append"]).inc();
-        let request = match decode_append(payload, headers, &self.limits) {
-            Ok(request) => request,
-            Err(error) => {
-                self.metrics
-                    .appends
-                    .with_label_values(&["none", "rejected"])
-                    .inc();
-                self.reject(subject, payload.clone(), &origin, error).await;
-                self.metrics.in_flight.with_label_values(&["append"]).dec();
-                return;
-            }
-        };
         let shard = self.ring.shard_of(request.id);
         let job = AppendJob {
             entry: NewEntry {
@@ -346,9 +342,21 @@ impl Router {
         }
     }
 
+    async fn reject_append(
+        &self,
+        subject: &Subject,
+        payload: Bytes,
+        origin: &Origin,
+        error: ErrorBody,
+    ) {
+        self.metrics.rejected_appends.inc();
+        self.reject(subject, payload, origin, error).await;
+        self.metrics.appends_in_flight.dec();
+    }
+
     async fn query(&self, message: Message) {
         let started = Instant::now();
-        self.metrics.in_flight.with_label_values(&["query"]).inc();
+        self.metrics.queries_in_flight.inc();
         let request = match QueryRequest::decode(&message.payload) {
             Ok(request) => request,
             Err(error) => {
@@ -359,7 +367,7 @@ impl Router {
                 };
                 self.reject(&message.subject, message.payload, &origin, error)
                     .await;
-                self.metrics.in_flight.with_label_values(&["query"]).dec();
+                self.metrics.queries_in_flight.dec();
                 return;
             }
         };

@@ -2,8 +2,8 @@
 //! one process do not share counters).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the worker exports. Cloning is cheap (the prometheus types are `Arc`s inside).
@@ -26,6 +26,11 @@ pub struct Metrics {
     pub pool_connections: IntGaugeVec,
     /// Requests received and not yet answered, by kind (append, query).
     pub in_flight: IntGaugeVec,
+    /// `in_flight{kind="append"}` and `{kind="query"}`, resolved once for the hot path.
+    pub appends_in_flight: IntGauge,
+    pub queries_in_flight: IntGauge,
+    /// `appends_total{shard="none",result="rejected"}`: bad input never reaches a shard.
+    pub rejected_appends: IntCounter,
     pub nats_reconnects: IntCounter,
     /// Messages copied to the dead-letter subject, by reason (error code).
     pub dead_letters: IntCounterVec,
@@ -37,11 +42,23 @@ impl Metrics {
         let latency_buckets = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
+        let appends = IntCounterVec::new(
+            Opts::new("logstore_appends_total", "Appends by shard and result."),
+            &["shard", "result"],
+        )?;
+        let in_flight = IntGaugeVec::new(
+            Opts::new(
+                "logstore_in_flight",
+                "Requests received and not yet answered.",
+            ),
+            &["kind"],
+        )?;
         let metrics = Metrics {
-            appends: IntCounterVec::new(
-                Opts::new("logstore_appends_total", "Appends by shard and result."),
-                &["shard", "result"],
-            )?,
+            appends_in_flight: in_flight.with_label_values(&["append"]),
+            queries_in_flight: in_flight.with_label_values(&["query"]),
+            rejected_appends: appends.with_label_values(&["none", "rejected"]),
+            appends,
+            in_flight,
             queries: IntCounterVec::new(
                 Opts::new("logstore_queries_total", "Queries by result."),
                 &["result"],
@@ -83,13 +100,6 @@ impl Metrics {
                 ),
                 &["shard", "state"],
             )?,
-            in_flight: IntGaugeVec::new(
-                Opts::new(
-                    "logstore_in_flight",
-                    "Requests received and not yet answered.",
-                ),
-                &["kind"],
-            )?,
             nats_reconnects: IntCounter::new(
                 "logstore_nats_reconnects_total",
                 "Times the NATS connection was re-established.",
@@ -125,6 +135,19 @@ impl Metrics {
         self.shard_up.with_label_values(&[shard]).set(0);
     }
 
+    /// One shard's append series, resolved once so that the hot path does not hash label
+    /// values for every append.
+    pub fn shard(&self, shard: &str) -> ShardMetrics {
+        ShardMetrics {
+            stored: self.appends.with_label_values(&[shard, "stored"]),
+            duplicate: self.appends.with_label_values(&[shard, "duplicate"]),
+            failed: self.appends.with_label_values(&[shard, "failed"]),
+            append_duration: self.append_duration.with_label_values(&[shard]),
+            batch_size: self.batch_size.with_label_values(&[shard]),
+            appends_in_flight: self.appends_in_flight.clone(),
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -134,4 +157,15 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The series one shard pipeline updates per append and per batch (see [`Metrics::shard`]).
+#[derive(Clone)]
+pub struct ShardMetrics {
+    pub stored: IntCounter,
+    pub duplicate: IntCounter,
+    pub failed: IntCounter,
+    pub append_duration: Histogram,
+    pub batch_size: Histogram,
+    pub appends_in_flight: IntGauge,
 }

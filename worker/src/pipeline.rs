@@ -16,7 +16,7 @@ use logstore_protocol::{AppendReply, AppendRequest, ErrorBody, ErrorCode, LogEnt
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ShardMetrics};
 use crate::outbox::{format_ts, Outbox};
 use crate::store::{NewEntry, Row, Shard, StoreError, Stored};
 
@@ -73,6 +73,7 @@ pub struct Context {
 
 /// Run one shard's pipeline until every sender of `queue` is gone and the queue is empty.
 pub async fn run_shard(shard: Arc<Shard>, mut queue: mpsc::Receiver<Work>, ctx: Context) {
+    let m = ctx.metrics.shard(&shard.name);
     let mut batch: Vec<AppendJob> = Vec::with_capacity(ctx.batch_max_rows);
     while let Some(work) = queue.recv().await {
         let mut query = None;
@@ -100,7 +101,7 @@ pub async fn run_shard(shard: Arc<Shard>, mut queue: mpsc::Receiver<Work>, ctx: 
             }
         }
         if !batch.is_empty() {
-            commit_batch(&shard, &mut batch, &ctx).await;
+            commit_batch(&shard, &mut batch, &m, &ctx).await;
         }
         if let Some(job) = query {
             start_query(&shard, job, &ctx).await;
@@ -108,18 +109,15 @@ pub async fn run_shard(shard: Arc<Shard>, mut queue: mpsc::Receiver<Work>, ctx: 
     }
 }
 
-async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, ctx: &Context) {
-    ctx.metrics
-        .batch_size
-        .with_label_values(&[&shard.name])
-        .observe(batch.len() as f64);
+async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetrics, ctx: &Context) {
+    m.batch_size.observe(batch.len() as f64);
     let entries: Vec<&NewEntry> = batch.iter().map(|job| &job.entry).collect();
     let result = shard.append(&entries).await;
     drop(entries);
     match result {
         Ok(stored) => {
             for (job, stored) in batch.drain(..).zip(stored) {
-                answer_append(shard, job, Ok(stored), ctx).await;
+                answer_append(job, Ok(stored), m, ctx).await;
             }
         }
         Err(e) if e.is_unavailable() || batch.len() == 1 => {
@@ -130,7 +128,7 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, ctx: &Context) 
                 tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed");
             }
             for job in batch.drain(..) {
-                answer_append(shard, job, Err(&e), ctx).await;
+                answer_append(job, Err(&e), m, ctx).await;
             }
         }
         Err(e) => {
@@ -142,13 +140,13 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, ctx: &Context) 
                 match result {
                     Ok(mut stored) if stored.len() == 1 => {
                         let stored = stored.remove(0);
-                        answer_append(shard, job, Ok(stored), ctx).await
+                        answer_append(job, Ok(stored), m, ctx).await
                     }
                     Ok(_) => {
                         let e = ErrorBody::new(ErrorCode::Internal, "append returned no result");
-                        fail_append(shard, job, e, ctx).await
+                        fail_append(job, e, m, ctx).await
                     }
-                    Err(e) => answer_append(shard, job, Err(&e), ctx).await,
+                    Err(e) => answer_append(job, Err(&e), m, ctx).await,
                 }
             }
         }
@@ -156,22 +154,18 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, ctx: &Context) 
 }
 
 async fn answer_append(
-    shard: &Shard,
     job: AppendJob,
     result: Result<Stored, &StoreError>,
+    m: &ShardMetrics,
     ctx: &Context,
 ) {
     match result {
         Ok(stored) => {
-            let outcome = if stored.duplicate {
-                "duplicate"
+            if stored.duplicate {
+                m.duplicate.inc();
             } else {
-                "stored"
-            };
-            ctx.metrics
-                .appends
-                .with_label_values(&[&shard.name, outcome])
-                .inc();
+                m.stored.inc();
+            }
             let body = AppendReply {
                 id: job.entry.id,
                 seq: stored.seq,
@@ -189,17 +183,14 @@ async fn answer_append(
                     }
                 }
             }
-            finish_append(shard, &job, ctx);
+            finish_append(&job, m);
         }
-        Err(e) => fail_append(shard, job, store_error_body(e), ctx).await,
+        Err(e) => fail_append(job, store_error_body(e), m, ctx).await,
     }
 }
 
-async fn fail_append(shard: &Shard, job: AppendJob, error: ErrorBody, ctx: &Context) {
-    ctx.metrics
-        .appends
-        .with_label_values(&[&shard.name, "failed"])
-        .inc();
+async fn fail_append(job: AppendJob, error: ErrorBody, m: &ShardMetrics, ctx: &Context) {
+    m.failed.inc();
     match &job.origin {
         Origin::Core {
             reply: Some(reply), ..
@@ -222,7 +213,7 @@ async fn fail_append(shard: &Shard, job: AppendJob, error: ErrorBody, ctx: &Cont
         }
         Origin::JetStream(message) => settle_failed_delivery(message, &error, ctx).await,
     }
-    finish_append(shard, &job, ctx);
+    finish_append(&job, m);
 }
 
 /// A JetStream delivery that could not be stored. Outages never dead-letter: the message waits
@@ -257,12 +248,10 @@ pub fn redelivery_delay(delivered: i64) -> Duration {
     Duration::from_millis(100 << exponent).min(Duration::from_secs(5))
 }
 
-fn finish_append(shard: &Shard, job: &AppendJob, ctx: &Context) {
-    ctx.metrics
-        .append_duration
-        .with_label_values(&[&shard.name])
+fn finish_append(job: &AppendJob, m: &ShardMetrics) {
+    m.append_duration
         .observe(job.started.elapsed().as_secs_f64());
-    ctx.metrics.in_flight.with_label_values(&["append"]).dec();
+    m.appends_in_flight.dec();
 }
 
 /// The error a client sees for a store failure. Outages say `unavailable` (retry with the same
@@ -319,7 +308,7 @@ async fn answer_query(shard: &Shard, job: QueryJob, ctx: &Context) {
         .query_duration
         .with_label_values(&[&shard.name])
         .observe(job.started.elapsed().as_secs_f64());
-    ctx.metrics.in_flight.with_label_values(&["query"]).dec();
+    ctx.metrics.queries_in_flight.dec();
 }
 
 /// Read the requested range page by page and send it as chunks no larger than the server's

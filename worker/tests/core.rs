@@ -560,13 +560,27 @@ async fn two_workers_starting_at_once_on_empty_databases_both_come_up() {
     .await;
     let client = env.client().await;
     env.append(&client, 3, "hello", None).await;
+    // Every file in migrations/ applied, each recorded once, in order.
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations"))
+        .unwrap()
+        .filter(|f| {
+            f.as_ref()
+                .is_ok_and(|f| f.path().extension().is_some_and(|e| e == "sql"))
+        })
+        .count() as i32;
     for (_, url) in &env.shards {
         let db = pg_connect(url).await;
-        let versions = db
-            .query("SELECT version FROM logstore_migrations", &[])
+        let versions: Vec<i32> = db
+            .query(
+                "SELECT version FROM logstore_migrations ORDER BY version",
+                &[],
+            )
             .await
-            .unwrap();
-        assert_eq!(versions.len(), 1);
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(versions, (1..=files).collect::<Vec<_>>());
     }
     first.stop().await.unwrap();
     second.stop().await.unwrap();

@@ -155,15 +155,14 @@ stop_workers() {
   for pid in "${worker_pids[@]}"; do kill -TERM "$pid"; done
   for pid in "${worker_pids[@]}"; do wait "$pid" || die "worker $pid exited non-zero"; done
 }
-# Peak RSS (MiB) and CPU seconds of the running workers, summed CPU, max RSS.
-worker_usage() {
-  local pid rss=0 cpu=0 r c
+# Peak RSS (MiB) of the running workers: the larger of the two.
+worker_peak_rss() {
+  local pid rss=0 r
   for pid in "${worker_pids[@]}"; do
     r=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-    c=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat")
-    rss=$((r > rss ? r : rss)); cpu=$(python3 -c "print($cpu + $c)")
+    rss=$((r > rss ? r : rss))
   done
-  echo "$((rss / 1024)) $cpu"
+  echo "$((rss / 1024))"
 }
 loadgen_run() { # loadgen_run NAME ARGS... -> report in $tmp/NAME.json
   local name=$1; shift
@@ -171,14 +170,37 @@ loadgen_run() { # loadgen_run NAME ARGS... -> report in $tmp/NAME.json
     >"$tmp/$name.out" 2>&1 || die "loadgen $name failed: $(tail -20 "$tmp/$name.out")"
 }
 now() { date +%s.%N; }
-# JetStream end to end = appends / (time from loadgen's start until the workers' metrics count
-# every one stored): loadgen's own rate there is only the PubAck rate.
-watch_stored() {
-  # One process polling both workers' /metrics every 50 ms: starting a process per poll would
-  # itself take a noticeable share of the two cores being measured.
-  python3 - "$APPENDS" "$tmp/e2e_end" "${worker_ports[@]}" <<'PY' || die "the workers never stored all $APPENDS appends"
-import re, sys, time, urllib.request
-want, out, ports = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+# CPU seconds used so far by each kind of process, from /proc: diffed around the append phase
+# of a run, it shows what the end-to-end number is bound by.
+cat >"$tmp/cpu.py" <<'PY'
+import glob, os
+KINDS = ("postgres", "nats-server", "worker", "loadgen")
+def snapshot():
+    hz = os.sysconf("SC_CLK_TCK"); use = dict.fromkeys(KINDS, 0.0)
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text = open(stat).read()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        if comm in use:
+            fields = text[text.rindex(")") + 2:].split()
+            use[comm] += (int(fields[11]) + int(fields[12])) / hz
+    return use
+if __name__ == "__main__":
+    import json; print(json.dumps(snapshot()))
+PY
+cpu_snapshot() { python3 "$tmp/cpu.py" >"$tmp/cpu.$1"; }
+# Waits until the workers' metrics count APPENDS stored, then writes the time to $tmp/NAME_end
+# and a CPU snapshot to $tmp/cpu.NAME_end: the append phase ends there, before loadgen's
+# --verify reads everything back. One process polling every 50 ms (a process per poll would
+# itself take a noticeable share of the two cores being measured).
+watch_stored() { # watch_stored NAME
+  python3 - "$1" "$APPENDS" "$tmp" "${worker_ports[@]}" <<'PY' || die "the workers never stored all $APPENDS appends"
+import json, re, sys, time, urllib.request
+name, want, tmp, ports = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+sys.path.insert(0, tmp)
+import cpu
 stored = re.compile(r'^logstore_appends_total\{[^}]*result="stored"[^}]*\} (\S+)$', re.M)
 deadline = time.monotonic() + 900
 while time.monotonic() < deadline:
@@ -187,46 +209,29 @@ while time.monotonic() < deadline:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
         total += sum(float(v) for v in stored.findall(body))
     if total >= want:
-        open(out, "w").write(f"{time.time():.6f}\n")
+        end = time.time()
+        json.dump(cpu.snapshot(), open(f"{tmp}/cpu.{name}_end", "w"))
+        open(f"{tmp}/{name}_end", "w").write(f"{end:.6f}\n")
         sys.exit(0)
     time.sleep(0.05)
 sys.exit(1)
 PY
 }
-e2e_rate() { python3 -c "print(round($APPENDS / ($(cat "$tmp/e2e_end") - $e2e_start)))"; }
-# CPU seconds used so far by each kind of process (postgres, nats-server, worker, loadgen):
-# diffed around a phase, it shows what the end-to-end number is bound by.
-cpu_snapshot() {
-  BENCH_SHELL=$$ python3 - >"$tmp/cpu.$1" <<'PY'
-import glob, json, os
-hz = os.sysconf("SC_CLK_TCK"); use = {}
-for stat in glob.glob("/proc/[0-9]*/stat"):
-    try:
-        text = open(stat).read()
-    except OSError:
-        continue
-    comm = text[text.index("(") + 1:text.rindex(")")]
-    fields = text[text.rindex(")") + 2:].split()
-    name = {"postgres": "postgres", "nats-server": "nats-server", "worker": "worker"}.get(comm)
-    if name:
-        use[name] = use.get(name, 0) + (int(fields[11]) + int(fields[12])) / hz
-    # loadgen has exited by the end of a phase: its CPU shows up in this script's children time.
-    if stat == f"/proc/{os.environ['BENCH_SHELL']}/stat":
-        use["loadgen and helpers"] = (int(fields[13]) + int(fields[14])) / hz
-print(json.dumps(use))
-PY
-}
+# appends / (time from loadgen's start until the workers count every one stored)
+e2e_rate() { python3 -c "print(round($APPENDS / ($(cat "$tmp/$1_end") - $2)))"; }
 jq_() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {'d': d}))" "$@"; }
 
 log "(c) end to end, core intake: $APPENDS appends at max rate, 2 workers"
 start_workers core e2e_core
 cpu_snapshot core_start
+watch_stored core &
+watcher=$!
 # Core: loadgen's acknowledgement is the worker's reply after the commit, so its rate is the
 # end-to-end store rate.
 loadgen_run core --objects "$OBJECTS" --log-size 100 --max-rate --in-flight "${BENCH_IN_FLIGHT:-512}" --count "$APPENDS" --verify
+wait "$watcher"
 core_e2e=$(jq_ "$tmp/core.json" "round(d['appends']['per_sec'])")
-cpu_snapshot core_end
-read -r core_rss core_cpu < <(worker_usage)
+core_rss=$(worker_peak_rss)
 core_rate=$core_e2e
 half=$((core_rate / 2))
 log "    $core_rate appends/s; latency at half rate ($half/s)"
@@ -237,12 +242,11 @@ log "(c) end to end, JetStream intake: $APPENDS appends at max rate, 2 workers"
 start_workers jetstream e2e_js
 cpu_snapshot js_start
 e2e_start=$(now)
-watch_stored &
+watch_stored js &
 watcher=$!
 loadgen_run js --objects "$OBJECTS" --log-size 100 --jetstream --max-rate --in-flight "${BENCH_JS_IN_FLIGHT:-1024}" --count "$APPENDS" --verify
-wait "$watcher"; js_e2e=$(e2e_rate)
-cpu_snapshot js_end
-read -r js_rss js_cpu < <(worker_usage)
+wait "$watcher"; js_e2e=$(e2e_rate js "$e2e_start")
+js_rss=$(worker_peak_rss)
 js_rate=$js_e2e
 log "    $js_rate appends/s"
 
@@ -273,9 +277,11 @@ tmp, out = sys.argv[1], sys.argv[2]
 load = lambda n: json.load(open(os.path.join(tmp, n + ".json")))
 core, half, js, first, whole = load("core"), load("half"), load("js"), load("first_page"), load("whole")
 def cpu(phase):
+    """CPU seconds per process kind from the start of a run until its last append was stored."""
     start = json.load(open(os.path.join(tmp, f"cpu.{phase}_start")))
     end = json.load(open(os.path.join(tmp, f"cpu.{phase}_end")))
-    return {k: round(end.get(k, 0) - start.get(k, 0), 1) for k in end}
+    return {k: round(end.get(k, 0) - start.get(k, 0), 2) for k in end}
+core_cpu, js_cpu = cpu("core"), cpu("js")
 r = {
     "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                 "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
@@ -283,12 +289,12 @@ r = {
     "a_pgbench_batched_rows_per_s": $ceiling,
     "b_pgbench_single_rows_per_s": $single,
     "c_core": {"appends_per_s": $core_e2e, "loadgen_acks_per_s": core["appends"]["per_sec"], "latency_ms": core["appends"]["latency_ms"],
-               "verify": core.get("verify"), "worker_peak_rss_mib": $core_rss, "worker_cpu_s": $core_cpu},
+               "verify": core.get("verify"), "worker_peak_rss_mib": $core_rss, "worker_cpu_s": core_cpu["worker"]},
     "c_core_half_rate": {"rate": $half, "latency_ms": half["appends"]["latency_ms"]},
     "c_jetstream": {"appends_per_s": $js_e2e, "pubacks_per_s": js["appends"]["per_sec"], "latency_ms": js["appends"]["latency_ms"],
-                    "verify": js.get("verify"), "worker_peak_rss_mib": $js_rss, "worker_cpu_s": $js_cpu},
-    "cpu_seconds_core_phase": cpu("core"),
-    "cpu_seconds_jetstream_phase": cpu("js"),
+                    "verify": js.get("verify"), "worker_peak_rss_mib": $js_rss, "worker_cpu_s": js_cpu["worker"]},
+    "cpu_seconds_core_phase": core_cpu,
+    "cpu_seconds_jetstream_phase": js_cpu,
     "d_first_page_latency_ms": first["queries"]["latency_ms"],
     "d_whole_read": whole.get("whole_read"),
 }
@@ -300,18 +306,44 @@ print(f"\n| measurement | rows or appends/s | of (a) | of (b) | latency p50 / p9
 print("|---|---:|---:|---:|---|---:|---:|")
 print(f"| (a) pgbench 1,000-row INSERTs, 2 shards | {a:,.0f} | 100% | {a / b:.1f}x | | | |")
 print(f"| (b) pgbench single-row autocommit, 2 shards | {b:,.0f} | {b / a:.0%} | 1.0x | | | |")
-print(row("(c) end to end, core intake, max rate", r["c_core"]["appends_per_s"], r["c_core"]["latency_ms"], $core_rss, $core_cpu))
-print(row("(c) end to end, JetStream intake, max rate", r["c_jetstream"]["appends_per_s"], r["c_jetstream"]["latency_ms"], $js_rss, $js_cpu))
+print(row("(c) end to end, core intake, max rate", r["c_core"]["appends_per_s"], r["c_core"]["latency_ms"], $core_rss, core_cpu["worker"]))
+print(row("(c) end to end, JetStream intake, max rate", r["c_jetstream"]["appends_per_s"], r["c_jetstream"]["latency_ms"], $js_rss, js_cpu["worker"]))
 hl = r["c_core_half_rate"]["latency_ms"]
 print(f"| (c) core request-reply at half max rate ({r['c_core_half_rate']['rate']:,}/s) | | | | {hl['p50']:.2f} / {hl['p99']:.2f} / {hl['max']:.2f} | | |")
 fl = r["d_first_page_latency_ms"]
 print(f"| (d) first page of 100 of a {$BIG:,}-entry object | | | | {fl['p50']:.2f} / {fl['p99']:.2f} / {fl['max']:.2f} | | |")
 w = r["d_whole_read"] or {}
 print(f"| (d) whole read of the {$BIG:,}-entry object | {w.get('entries_per_second', 0):,.0f} entries/s | | | {w.get('seconds', 0):.2f} s total, {w.get('chunks', 0)} chunks | | |")
-for phase in ("core", "jetstream"):
-    use = r[f"cpu_seconds_{phase}_phase"]
+print("\nCPU from the start of each run until its last append was stored (loadgen's --verify comes after):\n")
+print("| run | " + " | ".join(f"{k} µs/append (share)" for k in core_cpu) + " | all, µs/append |")
+print("|---|" + "---:|" * (len(core_cpu) + 1))
+for phase, use in (("core", core_cpu), ("jetstream", js_cpu)):
     total = sum(use.values()) or 1
-    print(f"\nCPU in the {phase} phase: " + ", ".join(f"{k} {v:.1f}s ({v / total:.0%})" for k, v in sorted(use.items(), key=lambda kv: -kv[1])))
+    per = lambda v: v * 1e6 / $APPENDS
+    print(f"| {phase} | " + " | ".join(f"{per(v):.1f} ({v / total:.0%})" for v in use.values()) + f" | {per(total):.1f} |")
+js_rate, hl, fl = r["c_jetstream"]["appends_per_s"], r["c_core_half_rate"]["latency_ms"], r["d_first_page_latency_ms"]
+peak_rss = max($core_rss, $js_rss)
+targets = [
+    ("end to end >= 60% of (a), JetStream", f"{js_rate / a:.0%}", js_rate >= 0.6 * a),
+    ("end to end >= 5x (b), JetStream", f"{js_rate / b:.1f}x", js_rate >= 5 * b),
+    ("core p99 <= 25 ms at half max rate", f"{hl['p99']:.2f} ms", hl["p99"] <= 25),
+    ("first page of 100, p99 <= 5 ms", f"{fl['p99']:.2f} ms", fl["p99"] <= 5),
+    ("whole read >= 300,000 entries/s", f"{w.get('entries_per_second', 0):,.0f}/s", w.get("entries_per_second", 0) >= 300_000),
+    ("worker peak RSS <= 100 MiB", f"{peak_rss} MiB", peak_rss <= 100),
+]
+r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets]
+json.dump(r, open(out, "w"), indent=2)
+print("\n| target (issue 5) | measured | |\n|---|---|---|")
+for t, m, ok in targets:
+    print(f"| {t} | {m} | {'met' if ok else '**missed**'} |")
+# What the CPU budget allows: at a rate R, the two cores give each append cores * 1e6 / R µs.
+cores = os.cpu_count()
+js_total = sum(js_cpu.values()) * 1e6 / $APPENDS
+for name, goal in (("60% of (a)", 0.6 * a), ("5x (b)", 5 * b)):
+    budget = cores * 1e6 / goal
+    print(f"\nJetStream at {name} = {goal:,.0f}/s leaves {budget:.1f} µs of CPU per append on {cores} cores; "
+          f"this run used {js_total:.1f} µs (nats-server {js_cpu['nats-server'] * 1e6 / $APPENDS:.1f}, "
+          f"postgres {js_cpu['postgres'] * 1e6 / $APPENDS:.1f}).")
 print(f"\nverify: core={r['c_core']['verify']}, jetstream={r['c_jetstream']['verify']}")
 print(f"JSON: {out}")
 EOF

@@ -262,20 +262,17 @@ impl Router {
         let received = SystemTime::now();
         let started = Instant::now();
         self.metrics.appends_in_flight.inc();
-        match decode_append(&message.payload, message.headers.as_ref(), &self.limits) {
+        let request = decode_append(&message.payload, message.headers.as_ref(), &self.limits);
+        let origin = Origin::Core {
+            reply: message.reply,
+            subject: message.subject.clone(),
+        };
+        match request {
             Ok(request) => {
-                let origin = Origin::Core {
-                    reply: message.reply,
-                    subject: message.subject,
-                };
                 self.route_append(request, None, received, origin, started)
                     .await
             }
             Err(error) => {
-                let origin = Origin::Core {
-                    reply: message.reply,
-                    subject: message.subject.clone(),
-                };
                 self.reject_append(&message.subject, message.payload, &origin, error)
                     .await
             }

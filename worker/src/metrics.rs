@@ -129,9 +129,7 @@ impl Metrics {
 
     /// Pre-create the per-shard series so dashboards show zeros rather than gaps.
     pub fn init_shard(&self, shard: &str) {
-        for result in ["stored", "duplicate", "failed"] {
-            self.appends.with_label_values(&[shard, result]);
-        }
+        self.shard(shard);
         self.shard_up.with_label_values(&[shard]).set(0);
     }
 

@@ -76,60 +76,6 @@ async fn head(url: &str, id: u64) -> (i64, i64, SystemTime) {
     (row.get(0), row.get(1), row.get(2))
 }
 
-/// Every invariant of the stored log, for every object: seq 1..=n without gaps, ts never
-/// decreasing along seq, each key once, and the head row equal to what the log holds.
-/// Returns the number of entries per object.
-async fn check_invariants(url: &str) -> HashMap<i64, i64> {
-    let db = pg_connect(url).await;
-    let rows = db
-        .query(
-            "SELECT object_id, seq, ts, key FROM logs ORDER BY object_id, seq",
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut per_object: HashMap<i64, (i64, SystemTime)> = HashMap::new();
-    let mut keys = std::collections::HashSet::new();
-    for row in &rows {
-        let (id, seq, ts, key): (i64, i64, SystemTime, Option<String>) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        let (last_seq, last_ts) = per_object.entry(id).or_insert((0, SystemTime::UNIX_EPOCH));
-        assert_eq!(
-            seq,
-            *last_seq + 1,
-            "object {id}: seq {seq} after {last_seq}"
-        );
-        assert!(ts >= *last_ts, "object {id}: ts decreases at seq {seq}");
-        (*last_seq, *last_ts) = (seq, ts);
-        if let Some(key) = key {
-            assert!(
-                keys.insert((id, key.clone())),
-                "object {id}: key {key} stored twice"
-            );
-        }
-    }
-    let heads = db
-        .query("SELECT id, entries, last_seq, last_ts FROM objects", &[])
-        .await
-        .unwrap();
-    let mut counts = HashMap::new();
-    for row in &heads {
-        let (id, entries, last_seq, last_ts): (i64, i64, i64, SystemTime) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        let (seq, ts) = per_object
-            .get(&id)
-            .copied()
-            .unwrap_or((0, SystemTime::UNIX_EPOCH));
-        assert_eq!((entries, last_seq), (seq, seq), "object {id}: head row");
-        if seq > 0 {
-            assert_eq!(last_ts, ts, "object {id}: head last_ts");
-        }
-        counts.insert(id, entries);
-    }
-    assert_eq!(counts.len(), per_object.len(), "a head row per object");
-    counts
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_numbers_entries_and_answers_duplicates_with_the_original() {
     let (shard, url) = new_shard(2).await;
@@ -248,7 +194,7 @@ async fn batches_without_duplicates_continue_each_head_and_never_move_ts_backwar
     assert_eq!(head(&url, 12).await, (1, 1, t0));
     let logs: Vec<String> = db_rows(&url, 10).await.into_iter().map(|r| r.2).collect();
     assert_eq!(logs, ["a", "c", "e", "g"]);
-    let counts = check_invariants(&url).await;
+    let counts = check_shard_invariants(&url).await;
     assert_eq!(counts, HashMap::from([(10, 4), (11, 2), (12, 1)]));
 }
 
@@ -295,7 +241,7 @@ async fn only_a_batch_with_a_duplicate_takes_the_careful_path() {
         (vec![(2, false), (4, false)], 2)
     );
     tx.commit().await.unwrap();
-    let counts = check_invariants(&url).await;
+    let counts = check_shard_invariants(&url).await;
     assert_eq!(counts, HashMap::from([(1, 4), (2, 1), (3, 2)]));
 }
 
@@ -345,7 +291,7 @@ async fn concurrent_overlapping_batches_store_each_key_once_without_gaps() {
             assert_eq!(first, seq, "object {id} key {key} answered with two seqs");
         }
     }
-    let counts = check_invariants(&url).await;
+    let counts = check_shard_invariants(&url).await;
     assert_eq!(
         counts.values().sum::<i64>() as usize,
         seen.len(),
@@ -395,5 +341,5 @@ async fn a_shard_from_schema_version_1_continues_after_the_upgrade() {
     );
     let stored = append(&shard, &[entry(7, None, "new 2", t0)]).await;
     assert_eq!((stored[0].seq, stored[0].ts), (4, old_last_ts));
-    assert_eq!(check_invariants(&url).await, HashMap::from([(7, 4)]));
+    assert_eq!(check_shard_invariants(&url).await, HashMap::from([(7, 4)]));
 }

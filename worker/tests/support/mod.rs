@@ -5,10 +5,11 @@
 
 pub mod servers;
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
@@ -538,4 +539,58 @@ pub fn report_num(report: &serde_json::Value, path: &[&str]) -> f64 {
         .fold(report, |v, k| &v[*k])
         .as_f64()
         .unwrap_or_else(|| panic!("report has no number at {path:?}: {report}"))
+}
+
+/// Every storage invariant of one shard database, for every object on it: seq 1..=n without
+/// gaps, ts never decreasing along seq, each key once, and the head row equal to what the log
+/// holds. Returns the number of entries per object.
+pub async fn check_shard_invariants(url: &str) -> HashMap<i64, i64> {
+    let db = pg_connect(url).await;
+    let rows = db
+        .query(
+            "SELECT object_id, seq, ts, key FROM logs ORDER BY object_id, seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut per_object: HashMap<i64, (i64, SystemTime)> = HashMap::new();
+    let mut keys = HashSet::new();
+    for row in &rows {
+        let (id, seq, ts, key): (i64, i64, SystemTime, Option<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (last_seq, last_ts) = per_object.entry(id).or_insert((0, SystemTime::UNIX_EPOCH));
+        assert_eq!(
+            seq,
+            *last_seq + 1,
+            "object {id}: seq {seq} after {last_seq}"
+        );
+        assert!(ts >= *last_ts, "object {id}: ts decreases at seq {seq}");
+        (*last_seq, *last_ts) = (seq, ts);
+        if let Some(key) = key {
+            assert!(
+                keys.insert((id, key.clone())),
+                "object {id}: key {key} stored twice"
+            );
+        }
+    }
+    let heads = db
+        .query("SELECT id, entries, last_seq, last_ts FROM objects", &[])
+        .await
+        .unwrap();
+    let mut counts = HashMap::new();
+    for row in &heads {
+        let (id, entries, last_seq, last_ts): (i64, i64, i64, SystemTime) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (seq, ts) = per_object
+            .get(&id)
+            .copied()
+            .unwrap_or((0, SystemTime::UNIX_EPOCH));
+        assert_eq!((entries, last_seq), (seq, seq), "object {id}: head row");
+        if seq > 0 {
+            assert_eq!(last_ts, ts, "object {id}: head last_ts");
+        }
+        counts.insert(id, entries);
+    }
+    assert_eq!(counts.len(), per_object.len(), "a head row per object");
+    counts
 }

@@ -37,6 +37,7 @@ for candidate in "$(command -v pg_config >/dev/null 2>&1 && pg_config --bindir)"
   if [ -n "$candidate" ] && [ -x "$candidate/initdb" ] && [ -x "$candidate/pgbench" ]; then pg_bindir=$candidate; fi
 done
 [ -n "$pg_bindir" ] || missing+=(postgresql postgresql-contrib)
+command -v python3 >/dev/null 2>&1 || missing+=(python3) # ports, polling, /proc accounting, report
 if [ "${#missing[@]}" -gt 0 ]; then
   install_packages "${missing[@]}"
   exec "$0" "$@" # find the freshly installed binaries

@@ -47,7 +47,13 @@ impl AttemptError {
             | AttemptError::NoStream(_)
             | AttemptError::Nats(_) => true,
             AttemptError::Rejected(body) => {
-                matches!(body.code, ErrorCode::Unavailable | ErrorCode::Internal)
+                matches!(
+                    body.code,
+                    ErrorCode::Unavailable
+                        | ErrorCode::Busy
+                        | ErrorCode::Timeout
+                        | ErrorCode::Internal
+                )
             }
             AttemptError::Refused(_) | AttemptError::BadReply(_) => false,
         }

@@ -24,6 +24,9 @@ pub const DEAD_LETTER_CODE_HEADER: &str = "Logstore-Error-Code";
 pub const DEAD_LETTER_REASON_HEADER: &str = "Logstore-Error";
 /// Dead-letter header: the subject the rejected message was published to.
 pub const DEAD_LETTER_SUBJECT_HEADER: &str = "Logstore-Subject";
+/// Dead-letter header, present only when the copy had to be cut to fit the server's
+/// max_payload: the rejected message's original size in bytes (the body holds its first bytes).
+pub const DEAD_LETTER_TRUNCATED_HEADER: &str = "Logstore-Truncated";
 
 /// Size limits applied while decoding. Both are configurable on the worker; the defaults are the
 /// contract's (64 KiB logs, 256-byte keys).
@@ -52,8 +55,16 @@ pub enum ErrorCode {
     InvalidRequest,
     /// A field is over its configured size limit.
     TooLarge,
-    /// The shard owning the object is down; retry later (with the same idempotency key).
+    /// The shard owning the object is down; nothing was stored. Retry later (with the same
+    /// idempotency key).
     Unavailable,
+    /// The worker is shedding load (a queue is full); nothing was stored. Retry later.
+    Busy,
+    /// The outcome is unknown: the shard did not answer within the deadline after the append
+    /// was sent, so it may or may not have been stored. Retry with the SAME idempotency key
+    /// (the retry then answers as a duplicate if the first one was stored). For queries: the
+    /// answer did not complete within its deadline.
+    Timeout,
     /// A fault of the worker or the database that is not the sender's doing.
     Internal,
 }
@@ -65,6 +76,8 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
         }
     }
@@ -75,7 +88,8 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest => 400,
             ErrorCode::TooLarge => 413,
-            ErrorCode::Unavailable => 503,
+            ErrorCode::Unavailable | ErrorCode::Busy => 503,
+            ErrorCode::Timeout => 504,
             ErrorCode::Internal => 500,
         }
     }

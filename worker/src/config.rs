@@ -116,6 +116,17 @@ pub struct RawConfig {
     /// How long shutdown may take to finish in-flight work, in milliseconds.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value = "20000")]
     pub shutdown_timeout_ms: String,
+    /// How long a query may take from receipt to its last response message, in milliseconds;
+    /// later it is answered with the error code `timeout`.
+    #[arg(long, env = "QUERY_TIMEOUT_MS", default_value = "10000")]
+    pub query_timeout_ms: String,
+    /// Most queries one worker holds (waiting plus running); more are answered `busy` at once.
+    #[arg(long, env = "MAX_PENDING_QUERIES", default_value = "256")]
+    pub max_pending_queries: String,
+    /// Most response bytes one query request streams; a larger answer ends with a `next`
+    /// cursor to continue from (paging still reads everything).
+    #[arg(long, env = "MAX_QUERY_BYTES", default_value = "16777216")]
+    pub max_query_bytes: String,
 }
 
 /// One PostgreSQL node on the ring.
@@ -169,6 +180,9 @@ pub struct Config {
     pub max_concurrent_queries: usize,
     pub shard_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub query_timeout: Duration,
+    pub max_pending_queries: usize,
+    pub max_query_bytes: usize,
 }
 
 impl RawConfig {
@@ -227,6 +241,19 @@ impl RawConfig {
                 1,
                 3_600_000,
             )?),
+            query_timeout: Duration::from_millis(number(
+                "QUERY_TIMEOUT_MS",
+                &self.query_timeout_ms,
+                1,
+                3_600_000,
+            )?),
+            max_pending_queries: number(
+                "MAX_PENDING_QUERIES",
+                &self.max_pending_queries,
+                1,
+                1_000_000,
+            )?,
+            max_query_bytes: number("MAX_QUERY_BYTES", &self.max_query_bytes, 1, usize::MAX)?,
         })
     }
 

@@ -12,18 +12,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use async_nats::jetstream::{self, consumer, stream, AckKind};
-use async_nats::{HeaderMap, Message, Subject, Subscriber};
-use bytes::Bytes;
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{HeaderMap, Message, Subscriber};
 use futures::StreamExt;
-use logstore_protocol::{check_key, AppendRequest, ErrorBody, Limits, QueryRequest, MSG_ID_HEADER};
-use tokio::sync::mpsc;
+use logstore_protocol::{
+    check_key, AppendRequest, ErrorBody, ErrorCode, Limits, QueryRequest, MSG_ID_HEADER,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
-use crate::pipeline::{AppendJob, Origin, QueryJob, Work};
+use crate::origin::{AppendJob, InFlight, Origin, Settler};
+use crate::pipeline::{Refused, ShardQueue, Work};
+use crate::query::{Queries, QueryJob};
 use crate::ring::Ring;
 use crate::store::NewEntry;
 
@@ -36,12 +37,15 @@ const FETCH_EXPIRES: Duration = Duration::from_millis(500);
 pub struct Router {
     pub ring: Ring,
     /// Per shard: appends (and, with core intake, the queries that must follow them).
-    pub queues: Vec<mpsc::Sender<Work>>,
+    pub queues: Vec<ShardQueue>,
     /// Per shard: where queries go (the same queues as appends with core intake).
-    pub query_queues: Vec<mpsc::Sender<Work>>,
+    pub query_queues: Vec<ShardQueue>,
     pub limits: Limits,
-    pub outbox: Outbox,
+    pub settler: Settler,
+    pub queries: Queries,
     pub metrics: Metrics,
+    /// SHARD_TIMEOUT_MS: an append's answer is due this long after receipt.
+    pub shard_timeout: Duration,
     /// `js:<stream>:<stream creation time in ns>`: with the stream sequence, the idempotency key
     /// of a JetStream message that carries none. The creation time keeps keys unique when the
     /// stream is deleted and re-created (its sequence restarts at 1).
@@ -261,7 +265,7 @@ impl Router {
     async fn core_append(&self, message: Message) {
         let received = SystemTime::now();
         let started = Instant::now();
-        self.metrics.appends_in_flight.inc();
+        let in_flight = InFlight::new(&self.metrics.appends_in_flight);
         let request = decode_append(&message.payload, message.headers.as_ref(), &self.limits);
         let origin = Origin::Core {
             reply: message.reply,
@@ -269,11 +273,13 @@ impl Router {
         };
         match request {
             Ok(request) => {
-                self.route_append(request, None, received, origin, started)
+                self.route_append(request, None, received, origin, started, in_flight)
                     .await
             }
             Err(error) => {
-                self.reject_append(&message.subject, message.payload, &origin, error)
+                self.metrics.rejected_appends.inc();
+                self.settler
+                    .rejected(&message.subject, message.payload, &origin, error)
                     .await
             }
         }
@@ -281,7 +287,7 @@ impl Router {
 
     async fn jetstream_append(&self, message: jetstream::Message) {
         let started = Instant::now();
-        self.metrics.appends_in_flight.inc();
+        let in_flight = InFlight::new(&self.metrics.appends_in_flight);
         // Decoded from borrowed bytes before the message moves into its origin: no copy of the
         // payload or headers per append.
         let request = decode_append(&message.payload, message.headers.as_ref(), &self.limits);
@@ -301,13 +307,16 @@ impl Router {
                     _ => None,
                 };
                 let origin = Origin::JetStream(Box::new(message));
-                self.route_append(request, identity, received, origin, started)
+                self.route_append(request, identity, received, origin, started, in_flight)
                     .await
             }
             Err(error) => {
+                self.metrics.rejected_appends.inc();
                 let (subject, payload) = (message.subject.clone(), message.payload.clone());
                 let origin = Origin::JetStream(Box::new(message));
-                self.reject_append(&subject, payload, &origin, error).await
+                self.settler
+                    .rejected(&subject, payload, &origin, error)
+                    .await
             }
         }
     }
@@ -321,8 +330,9 @@ impl Router {
         received: SystemTime,
         origin: Origin,
         started: Instant,
+        in_flight: InFlight,
     ) {
-        let shard = self.ring.shard_of(request.id);
+        let queue = &self.queues[self.ring.shard_of(request.id)];
         let job = AppendJob {
             entry: NewEntry {
                 id: request.id,
@@ -332,28 +342,21 @@ impl Router {
             },
             origin,
             started,
+            deadline: tokio::time::Instant::from_std(started) + self.shard_timeout,
+            in_flight,
         };
-        if self.queues[shard].send(Work::Append(job)).await.is_err() {
-            // Pipelines outlive intake by construction; reaching this is a bug worth shouting about.
-            tracing::error!(shard, "shard pipeline is gone; append dropped");
+        if let Err(Refused {
+            work: Work::Append(job),
+            error,
+        }) = queue.offer(Work::Append(job)).await
+        {
+            self.settler.failed(job, error, &queue.metrics).await;
         }
-    }
-
-    async fn reject_append(
-        &self,
-        subject: &Subject,
-        payload: Bytes,
-        origin: &Origin,
-        error: ErrorBody,
-    ) {
-        self.metrics.rejected_appends.inc();
-        self.reject(subject, payload, origin, error).await;
-        self.metrics.appends_in_flight.dec();
     }
 
     async fn query(&self, message: Message) {
         let started = Instant::now();
-        self.metrics.queries_in_flight.inc();
+        let in_flight = InFlight::new(&self.metrics.queries_in_flight);
         let request = match QueryRequest::decode(&message.payload) {
             Ok(request) => request,
             Err(error) => {
@@ -362,46 +365,40 @@ impl Router {
                     reply: message.reply.clone(),
                     subject: message.subject.clone(),
                 };
-                self.reject(&message.subject, message.payload, &origin, error)
+                self.settler
+                    .rejected(&message.subject, message.payload, &origin, error)
                     .await;
-                self.metrics.queries_in_flight.dec();
                 return;
             }
         };
-        let shard = self.ring.shard_of(request.id);
+        let Some(admission) = self.queries.admit() else {
+            let subject = self.queries.outbox.response_subject(message.reply);
+            let error = ErrorBody::new(
+                ErrorCode::Busy,
+                "too many queries waiting on this worker (MAX_PENDING_QUERIES); retry later",
+            );
+            self.queries
+                .outbox
+                .error_reply(Some(&subject), &error)
+                .await;
+            self.metrics.queries.with_label_values(&["busy"]).inc();
+            return;
+        };
+        let queue = &self.query_queues[self.ring.shard_of(request.id)];
         let job = QueryJob {
             request,
             reply: message.reply,
             started,
+            deadline: tokio::time::Instant::from_std(started) + self.queries.timeout,
+            admission,
+            in_flight,
         };
-        if self.query_queues[shard]
-            .send(Work::Query(job))
-            .await
-            .is_err()
+        if let Err(Refused {
+            work: Work::Query(job),
+            error,
+        }) = queue.offer(Work::Query(job)).await
         {
-            tracing::error!(shard, "shard pipeline is gone; query dropped");
-        }
-    }
-
-    /// Bad input: answer it (core, with a reply subject), copy it to the dead-letter subject,
-    /// log it. A JetStream message that can never be valid is terminated: redelivery cannot help.
-    async fn reject(&self, subject: &Subject, payload: Bytes, origin: &Origin, error: ErrorBody) {
-        tracing::warn!(
-            %subject,
-            code = error.code.as_str(),
-            reason = %error.message,
-            bytes = payload.len(),
-            "rejected message"
-        );
-        match origin {
-            Origin::Core { reply, .. } => self.outbox.error_reply(reply.as_ref(), &error).await,
-            Origin::JetStream(_) => {}
-        }
-        self.outbox.dead_letter(subject, payload, &error).await;
-        if let Origin::JetStream(message) = origin {
-            if let Err(e) = message.ack_with(AckKind::Term).await {
-                tracing::warn!(error = %e, "cannot terminate a rejected JetStream message");
-            }
+            self.queries.refuse(job, error).await;
         }
     }
 }

@@ -6,8 +6,11 @@
 //! - [`config`]: settings from env/CLI, validated once into an `Arc<Config>`.
 //! - [`intake`]: the NATS queue subscriptions; decodes and validates, rejects bad input.
 //! - [`ring`]: which shard owns an object id.
-//! - [`pipeline`]: per-shard queue; batches appends into one transaction, runs queries after the
-//!   appends received before them, streams query answers in chunks.
+//! - [`pipeline`]: per-shard queue; batches appends into one transaction, starts queries after
+//!   the appends received before them; never lets a hung shard stall intake.
+//! - [`origin`]: a message's fate once its outcome is known: reply, event, ack / nak / term,
+//!   dead letter, in-flight gauge.
+//! - [`query`]: query admission, deadlines and slots; streams answers in chunks.
 //! - [`store`]: PostgreSQL: pools, migrations, shard identity, the append function, paged reads.
 //! - [`outbox`]: replies, `appended.<id>` events, response chunks, errors and dead letters.
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
@@ -16,8 +19,10 @@ pub mod config;
 pub mod http;
 pub mod intake;
 pub mod metrics;
+pub mod origin;
 pub mod outbox;
 pub mod pipeline;
+pub mod query;
 pub mod ring;
 pub mod store;
 
@@ -26,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -66,12 +71,16 @@ pub enum Error {
     Setup(String),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-}
-
-/// A shard and what the health checker last saw of it.
-struct ShardHealth {
-    shard: Arc<Shard>,
-    up: AtomicBool,
+    /// Shutdown ran out of SHUTDOWN_TIMEOUT_MS before everything received was settled.
+    #[error(
+        "shutdown timed out: {appends} appends and {queries} queries unanswered, outbox {}",
+        if *.flushed { "flushed" } else { "not flushed (NATS unreachable?)" }
+    )]
+    Unsettled {
+        appends: i64,
+        queries: i64,
+        flushed: bool,
+    },
 }
 
 /// Run a worker until `shutdown` completes, then stop taking messages, finish and answer
@@ -110,8 +119,8 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         cancel.clone(),
         background.clone(),
     ));
-    for health in shards.iter() {
-        background.spawn(watch_shard(health.clone(), metrics.clone(), cancel.clone()));
+    for shard in shards.iter() {
+        background.spawn(watch_shard(shard.clone(), metrics.clone(), cancel.clone()));
     }
 
     let outbox = outbox::Outbox::new(
@@ -121,44 +130,53 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         &config.response_subject,
         metrics.clone(),
     );
-    let context = pipeline::Context {
+    let settler = origin::Settler {
         outbox: outbox.clone(),
-        metrics: metrics.clone(),
-        tasks: work.clone(),
-        query_slots: Arc::new(Semaphore::new(config.max_concurrent_queries)),
-        batch_max_rows: config.batch_max_rows,
-        batch_linger: config.batch_linger,
         max_deliver: match &config.intake {
             Intake::JetStream(js) => js.max_deliver,
             Intake::Core => 1,
         },
     };
+    let query_machinery = query::Queries::new(
+        outbox.clone(),
+        metrics.clone(),
+        work.clone(),
+        config.max_pending_queries,
+        config.max_concurrent_queries,
+        config.query_timeout,
+        config.max_query_bytes,
+    );
+    let context = pipeline::Context {
+        settler: settler.clone(),
+        queries: query_machinery.clone(),
+        metrics: metrics.clone(),
+        batch_max_rows: config.batch_max_rows,
+        batch_linger: config.batch_linger,
+        // Leave at least half of each pool to the shard's appends.
+        queries_per_shard: (config.pool_size / 2).max(1),
+    };
     let mut queues = Vec::with_capacity(shards.len());
     let mut query_queues = Vec::with_capacity(shards.len());
-    for health in shards.iter() {
-        let (sender, receiver) = mpsc::channel(config.batch_max_rows * 2);
-        work.spawn(pipeline::run_shard(
-            health.shard.clone(),
-            receiver,
-            context.clone(),
-        ));
+    for shard in shards.iter() {
+        let (queue, task) =
+            pipeline::shard_pipeline(shard.clone(), config.batch_max_rows * 2, context.clone());
+        work.spawn(task);
         match config.intake {
             // Core: a query queues behind the appends received before it (read your writes).
-            Intake::Core => query_queues.push(sender.clone()),
+            Intake::Core => query_queues.push(queue.clone()),
             // JetStream: appends arrive on another path anyway, so queries get their own lane
             // rather than waiting behind fetched batches.
             Intake::JetStream(_) => {
-                let (query_sender, query_receiver) =
-                    mpsc::channel(config.max_concurrent_queries * 4);
-                query_queues.push(query_sender);
-                work.spawn(pipeline::run_shard(
-                    health.shard.clone(),
-                    query_receiver,
+                let (query_queue, task) = pipeline::shard_pipeline(
+                    shard.clone(),
+                    config.max_pending_queries,
                     context.clone(),
-                ));
+                );
+                work.spawn(task);
+                query_queues.push(query_queue);
             }
         }
-        queues.push(sender);
+        queues.push(queue);
     }
     let subscribe = |subject: String| {
         let client = client.clone();
@@ -183,8 +201,10 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         queues,
         query_queues,
         limits: config.limits,
-        outbox: outbox.clone(),
+        settler,
+        queries: query_machinery,
         metrics: metrics.clone(),
+        shard_timeout: config.shard_timeout,
         stream_identity: None,
     };
     tokio::pin!(shutdown);
@@ -255,21 +275,31 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         "worker started"
     );
 
-    tokio::select! {
-        _ = &mut intake => cancel.cancel(),
+    // From here on, one deadline bounds the whole shutdown, whatever NATS and Postgres do.
+    let deadline = tokio::select! {
+        _ = &mut intake => {
+            cancel.cancel();
+            Instant::now() + config.shutdown_timeout
+        }
         _ = &mut shutdown, if !shutdown_seen => {
             tracing::info!("shutting down: no new messages; finishing in-flight work");
+            let now = Instant::now();
+            let deadline = now + config.shutdown_timeout;
             subscribed.store(false, Ordering::Release);
             cancel.cancel();
-            if tokio::time::timeout(config.shutdown_timeout, &mut intake).await.is_err() {
+            // Draining gets three quarters, so a hung drain (NATS unreachable) still leaves
+            // time to finish and answer what was already received.
+            let drain_deadline = now + config.shutdown_timeout * 3 / 4;
+            if tokio::time::timeout_at(drain_deadline, &mut intake).await.is_err() {
                 tracing::warn!("draining NATS subscriptions did not finish in time");
             }
+            deadline
         }
-    }
+    };
     drop(intake); // the shard pipelines end once their queues are empty
 
     work.close();
-    if tokio::time::timeout(config.shutdown_timeout, work.wait())
+    if tokio::time::timeout_at(deadline, work.wait())
         .await
         .is_err()
     {
@@ -278,9 +308,13 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             "shutdown timed out with work in flight"
         );
     }
-    outbox.flush().await;
+    // Replies, events and acks reach the server only with a connection; a worker that never
+    // received anything (NATS unreachable all along) has nothing to flush.
+    let received_any = client.statistics().in_messages.load(Ordering::Relaxed) > 0;
+    let flushed =
+        !received_any || tokio::time::timeout_at(deadline, outbox.flush()).await == Ok(true);
     background.close();
-    if tokio::time::timeout(Duration::from_secs(5), background.wait())
+    if tokio::time::timeout(Duration::from_secs(2), background.wait())
         .await
         .is_err()
     {
@@ -289,8 +323,19 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             "background tasks did not stop in time"
         );
     }
-    for health in shards.iter() {
-        health.shard.close();
+    for shard in shards.iter() {
+        shard.close();
+    }
+    let (appends, queries) = (
+        metrics.appends_in_flight.get(),
+        metrics.queries_in_flight.get(),
+    );
+    if appends > 0 || queries > 0 || !flushed {
+        return Err(Error::Unsettled {
+            appends,
+            queries,
+            flushed,
+        });
     }
     tracing::info!("worker stopped");
     Ok(())
@@ -298,35 +343,23 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
 
 /// Build every shard's pool and try to initialise each once. A shard that is down is retried
 /// in the background; a shard whose database belongs to another name stops the start.
-async fn start_shards(
-    config: &Config,
-    metrics: &Metrics,
-) -> Result<Arc<Vec<Arc<ShardHealth>>>, Error> {
+async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<Shard>>>, Error> {
     let mut shards = Vec::with_capacity(config.shards.len());
     for shard_config in &config.shards {
         let shard = Shard::new(shard_config, config.pool_size, config.shard_timeout)
             .map_err(Error::Setup)?;
         metrics.init_shard(&shard.name);
-        shards.push(Arc::new(ShardHealth {
-            shard: Arc::new(shard),
-            up: AtomicBool::new(false),
-        }));
+        shards.push(Arc::new(shard));
     }
     let attempts = shards
         .iter()
-        .map(|h| async move { (h, h.shard.initialise().await) });
-    for (health, result) in futures::future::join_all(attempts).await {
+        .map(|shard| async move { (shard, shard.initialise().await) });
+    for (shard, result) in futures::future::join_all(attempts).await {
         match result {
-            Ok(()) => {
-                health.up.store(true, Ordering::Release);
-                metrics
-                    .shard_up
-                    .with_label_values(&[&health.shard.name])
-                    .set(1);
-            }
+            Ok(()) => metrics.shard_up.with_label_values(&[&shard.name]).set(1),
             Err(e @ StoreError::WrongShard { .. }) => return Err(e.into()),
             Err(e) => tracing::warn!(
-                shard = %health.shard.name,
+                shard = %shard.name,
                 error = %e,
                 "shard unreachable at start; its objects answer `unavailable` until it is back"
             ),
@@ -368,27 +401,27 @@ async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::
 
 /// Health-check one shard every second: initialise it if it never was, else ping it. Keeps
 /// `logstore_shard_up` and the pool gauges current.
-async fn watch_shard(health: Arc<ShardHealth>, metrics: Metrics, cancel: CancellationToken) {
-    let name = health.shard.name.clone();
+async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: CancellationToken) {
+    let name = shard.name.clone();
     let mut refused_logged = false;
     loop {
-        let result = if health.shard.is_refused() {
+        let result = if shard.is_refused() {
             if !refused_logged {
                 tracing::error!(shard = %name, "shard refused: its database belongs to another shard name");
                 refused_logged = true;
             }
             Err(())
-        } else if health.shard.is_initialised() {
-            health.shard.ping().await.map_err(|e| {
+        } else if shard.is_initialised() {
+            shard.ping().await.map_err(|e| {
                 tracing::debug!(shard = %name, error = %e, "health check failed");
             })
         } else {
-            health.shard.initialise().await.map_err(|e| {
+            shard.initialise().await.map_err(|e| {
                 tracing::debug!(shard = %name, error = %e, "shard still unreachable");
             })
         };
         let up = result.is_ok();
-        if health.up.swap(up, Ordering::AcqRel) != up {
+        if shard.set_up(up) != up {
             if up {
                 tracing::info!(shard = %name, "shard is up");
             } else {
@@ -399,7 +432,7 @@ async fn watch_shard(health: Arc<ShardHealth>, metrics: Metrics, cancel: Cancell
             .shard_up
             .with_label_values(&[&name])
             .set(i64::from(up));
-        let status = health.shard.pool_status();
+        let status = shard.pool_status();
         let in_use = status.size.saturating_sub(status.available);
         metrics
             .pool_connections
@@ -422,7 +455,7 @@ async fn watch_shard(health: Arc<ShardHealth>, metrics: Metrics, cancel: Cancell
 
 fn readiness_problems(
     client: &async_nats::Client,
-    shards: &[Arc<ShardHealth>],
+    shards: &[Arc<Shard>],
     subscribed: &AtomicBool,
 ) -> Vec<String> {
     let mut problems = Vec::new();
@@ -433,14 +466,14 @@ fn readiness_problems(
     if state != async_nats::connection::State::Connected {
         problems.push(format!("nats: {state}"));
     }
-    for health in shards {
-        if health.shard.is_refused() {
+    for shard in shards {
+        if shard.is_refused() {
             problems.push(format!(
                 "shard {}: database belongs to another shard",
-                health.shard.name
+                shard.name
             ));
-        } else if !health.up.load(Ordering::Acquire) {
-            problems.push(format!("shard {}: unreachable", health.shard.name));
+        } else if !shard.is_up() {
+            problems.push(format!("shard {}: unreachable", shard.name));
         }
     }
     problems

@@ -10,9 +10,10 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Appends by shard and result: stored, duplicate, rejected (bad input, shard "none"), failed.
+    /// Appends by shard and result: stored, duplicate, rejected (bad input, shard "none"),
+    /// failed (not stored: shard down, load shed, fault), timeout (outcome unknown).
     pub appends: IntCounterVec,
-    /// Queries by result: ok, rejected, failed.
+    /// Queries by result: ok, rejected, failed, busy (shed at admission), timeout (deadline).
     pub queries: IntCounterVec,
     /// From receipt of an append to its reply, by shard.
     pub append_duration: HistogramVec,
@@ -140,9 +141,9 @@ impl Metrics {
             stored: self.appends.with_label_values(&[shard, "stored"]),
             duplicate: self.appends.with_label_values(&[shard, "duplicate"]),
             failed: self.appends.with_label_values(&[shard, "failed"]),
+            timeout: self.appends.with_label_values(&[shard, "timeout"]),
             append_duration: self.append_duration.with_label_values(&[shard]),
             batch_size: self.batch_size.with_label_values(&[shard]),
-            appends_in_flight: self.appends_in_flight.clone(),
         }
     }
 
@@ -163,7 +164,7 @@ pub struct ShardMetrics {
     pub stored: IntCounter,
     pub duplicate: IntCounter,
     pub failed: IntCounter,
+    pub timeout: IntCounter,
     pub append_duration: Histogram,
     pub batch_size: Histogram,
-    pub appends_in_flight: IntGauge,
 }

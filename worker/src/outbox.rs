@@ -7,7 +7,8 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use logstore_protocol::{
     AppendReply, ErrorBody, ErrorReply, DEAD_LETTER_CODE_HEADER, DEAD_LETTER_REASON_HEADER,
-    DEAD_LETTER_SUBJECT_HEADER, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
+    DEAD_LETTER_SUBJECT_HEADER, DEAD_LETTER_TRUNCATED_HEADER, SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
 };
 
 use crate::metrics::Metrics;
@@ -92,12 +93,11 @@ impl Outbox {
         self.publish(reply.clone(), Some(headers), payload).await;
     }
 
-    /// Copy a rejected message, byte for byte, to the dead-letter subject with the reason in headers.
+    /// Copy a rejected message, byte for byte, to the dead-letter subject with the reason in
+    /// headers. A copy that would not fit in one message (the rejected message was itself near
+    /// max_payload) keeps its first bytes and says so in `Logstore-Truncated` (the original
+    /// size), so the reason always arrives. Counted once published.
     pub async fn dead_letter(&self, subject: &Subject, raw: Bytes, error: &ErrorBody) {
-        self.metrics
-            .dead_letters
-            .with_label_values(&[error.code.as_str()])
-            .inc();
         let mut headers = HeaderMap::new();
         headers.insert(DEAD_LETTER_CODE_HEADER, error.code.as_str());
         headers.insert(
@@ -105,8 +105,24 @@ impl Outbox {
             header_text(&error.message).as_str(),
         );
         headers.insert(DEAD_LETTER_SUBJECT_HEADER, subject.as_str());
-        self.publish(self.dead_letter_subject.clone(), Some(headers), raw)
-            .await;
+        let room = self
+            .max_payload()
+            .saturating_sub(header_bytes(&headers) + DEAD_LETTER_HEADROOM);
+        let raw = if raw.len() > room {
+            headers.insert(DEAD_LETTER_TRUNCATED_HEADER, raw.len().to_string().as_str());
+            raw.slice(..room)
+        } else {
+            raw
+        };
+        if self
+            .publish(self.dead_letter_subject.clone(), Some(headers), raw)
+            .await
+        {
+            self.metrics
+                .dead_letters
+                .with_label_values(&[error.code.as_str()])
+                .inc();
+        }
     }
 
     /// Publish one query response chunk.
@@ -115,14 +131,19 @@ impl Outbox {
             .await;
     }
 
-    /// Make sure everything published so far reached the server.
-    pub async fn flush(&self) {
-        if let Err(e) = self.client.flush().await {
-            tracing::warn!(error = %e, "NATS flush failed");
+    /// Make sure everything published so far reached the server; false if that failed.
+    pub async fn flush(&self) -> bool {
+        match self.client.flush().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "NATS flush failed");
+                false
+            }
         }
     }
 
-    async fn publish(&self, subject: Subject, headers: Option<HeaderMap>, payload: Bytes) {
+    /// Publish; false (and a log line) when the client refused it.
+    async fn publish(&self, subject: Subject, headers: Option<HeaderMap>, payload: Bytes) -> bool {
         let result = match headers {
             Some(headers) => {
                 self.client
@@ -131,11 +152,31 @@ impl Outbox {
             }
             None => self.client.publish(subject.clone(), payload).await,
         };
-        if let Err(e) = result {
-            // The client buffers across reconnects; this fails only when it is closed.
-            tracing::warn!(%subject, error = %e, "NATS publish failed");
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                // The client buffers across reconnects; this fails only when it is closed or
+                // the message is over max_payload.
+                tracing::warn!(%subject, error = %e, "NATS publish failed");
+                false
+            }
         }
     }
+}
+
+/// Room left for the `HPUB` framing beyond the header block itself.
+const DEAD_LETTER_HEADROOM: usize = 64;
+
+/// Bytes of a header block on the wire: `NATS/1.0\r\n`, `Name: value\r\n` per value, `\r\n`.
+fn header_bytes(headers: &HeaderMap) -> usize {
+    let mut bytes = "NATS/1.0\r\n\r\n".len();
+    for (name, values) in headers.iter() {
+        for value in values {
+            let name: &str = name.as_ref();
+            bytes += name.len() + 2 + value.as_str().len() + 2;
+        }
+    }
+    bytes
 }
 
 /// Header values are one line of visible text: fold anything else so a hostile message cannot

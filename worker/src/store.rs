@@ -5,8 +5,10 @@
 //! `unavailable` quickly instead of stalling the worker. Errors say whether they are a normal
 //! outage ([`StoreError::is_unavailable`]) or a fault.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
@@ -42,8 +44,15 @@ pub enum StoreError {
     },
     #[error("shard {shard} timed out after {after:?}")]
     Timeout { shard: String, after: Duration },
+    /// The append was sent and no answer came: it may or may not have committed. Never
+    /// reported as a plain failure, because a client that retries without its key (or a dead
+    /// letter for something that was stored) would then double or misreport it.
+    #[error("shard {shard}: outcome unknown ({reason}); it may have been stored")]
+    OutcomeUnknown { shard: String, reason: String },
     #[error("shard {shard} has not been initialised yet (unreachable since start)")]
     NotReady { shard: String },
+    #[error("shard {shard} is down (its last health check or operation failed)")]
+    Down { shard: String },
     #[error(
         "shard {shard}: the database at this URL belongs to shard {found:?}; refusing to use it \
          (fix POSTGRES_SHARDS: a name must always map to the same database)"
@@ -64,7 +73,9 @@ impl StoreError {
         match self {
             StoreError::Unavailable { .. }
             | StoreError::Timeout { .. }
-            | StoreError::NotReady { .. } => true,
+            | StoreError::NotReady { .. }
+            | StoreError::Down { .. }
+            | StoreError::OutcomeUnknown { .. } => true,
             StoreError::WrongShard { .. } => false,
             // No SQLSTATE: the connection itself failed. 08: connection exception; 53: out of
             // resources (e.g. too many connections); 57P: the server is shutting down or starting.
@@ -76,6 +87,19 @@ impl StoreError {
             },
         }
     }
+
+    /// True when the operation may have taken effect although it failed (see
+    /// [`StoreError::OutcomeUnknown`]).
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, StoreError::OutcomeUnknown { .. })
+    }
+}
+
+/// A u64 cursor as the `bigint` it is compared with. Stored seqs never exceed `i64::MAX`, so a
+/// larger cursor means "past the end" and clamping keeps that meaning (a plain cast would wrap
+/// to a negative number and restart the log from seq 1).
+fn seq_bound(cursor: u64) -> i64 {
+    i64::try_from(cursor).unwrap_or(i64::MAX)
 }
 
 /// One entry to append.
@@ -124,6 +148,10 @@ pub struct Shard {
     timeout: Duration,
     /// Pending until migrations ran and the identity matched; Refused forever on a mismatch.
     state: AtomicU8,
+    /// What the health checker (or the last failed append) saw: while false, appends and
+    /// queries fail fast with `unavailable` instead of each waiting out the timeout on a hung
+    /// server. The health checker sets it back once a ping succeeds.
+    up: AtomicBool,
 }
 
 impl Shard {
@@ -158,6 +186,7 @@ impl Shard {
             pool,
             timeout,
             state: AtomicU8::new(STATE_PENDING),
+            up: AtomicBool::new(false),
         })
     }
 
@@ -169,6 +198,21 @@ impl Shard {
     /// The database holds another shard's data: this worker must never write to it.
     pub fn is_refused(&self) -> bool {
         self.state.load(Ordering::Acquire) == STATE_REFUSED
+    }
+
+    /// Initialised and answering, as far as this worker knows.
+    pub fn is_up(&self) -> bool {
+        self.is_initialised() && self.up.load(Ordering::Acquire)
+    }
+
+    /// Record a health observation; returns the previous value.
+    pub fn set_up(&self, up: bool) -> bool {
+        self.up.swap(up, Ordering::AcqRel)
+    }
+
+    /// The per-operation timeout (SHARD_TIMEOUT_MS).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Pool status for the metrics.
@@ -184,7 +228,10 @@ impl Shard {
         }
         let result = self.bounded(self.migrate_and_check()).await;
         match &result {
-            Ok(()) => self.state.store(STATE_READY, Ordering::Release),
+            Ok(()) => {
+                self.state.store(STATE_READY, Ordering::Release);
+                self.set_up(true);
+            }
             Err(StoreError::WrongShard { .. }) => {
                 self.state.store(STATE_REFUSED, Ordering::Release)
             }
@@ -263,27 +310,58 @@ impl Shard {
 
     /// Append a batch in one transaction (one round trip). The result has one element per
     /// entry, in order.
-    pub async fn append(&self, entries: &[&NewEntry]) -> Result<Vec<Stored>, StoreError> {
+    ///
+    /// Failures before the statement is sent (no connection by `deadline`, shard not ready)
+    /// are definite: nothing was stored. An error the server reports (a SQLSTATE) is definite
+    /// too: the statement rolled back. No answer by `deadline` after sending, or a connection
+    /// lost while waiting, is [`StoreError::OutcomeUnknown`]; the shard is then marked down so
+    /// the appends queued behind fail fast instead of each waiting out the timeout.
+    pub async fn append(
+        &self,
+        entries: &[&NewEntry],
+        deadline: Instant,
+    ) -> Result<Vec<Stored>, StoreError> {
         self.ready()?;
         let ids: Vec<i64> = entries.iter().map(|e| e.id as i64).collect();
         let keys: Vec<Option<&str>> = entries.iter().map(|e| e.key.as_deref()).collect();
         let logs: Vec<&str> = entries.iter().map(|e| e.log.as_str()).collect();
         let received: Vec<SystemTime> = entries.iter().map(|e| e.received).collect();
-        let rows = self
-            .bounded(async {
-                let client = self.client().await?;
-                let statement = client
-                    .prepare_cached(
-                        "SELECT ord, seq, ts, duplicate FROM logstore_append($1, $2, $3, $4)",
-                    )
-                    .await
-                    .map_err(|e| self.db(e))?;
-                client
-                    .query(&statement, &[&ids, &keys, &logs, &received])
-                    .await
-                    .map_err(|e| self.db(e))
-            })
-            .await?;
+        let not_sent = || StoreError::Timeout {
+            shard: self.name.clone(),
+            after: self.timeout,
+        };
+        let client = tokio::time::timeout_at(deadline, self.client())
+            .await
+            .map_err(|_| not_sent())??;
+        let statement = tokio::time::timeout_at(
+            deadline,
+            client.prepare_cached(
+                "SELECT ord, seq, ts, duplicate FROM logstore_append($1, $2, $3, $4)",
+            ),
+        )
+        .await
+        .map_err(|_| not_sent())?
+        .map_err(|e| self.db(e))?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&ids, &keys, &logs, &received];
+        let sent = client.query(&statement, &params);
+        let rows = match tokio::time::timeout_at(deadline, sent).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) if e.code().is_some() => return Err(self.db(e)),
+            outcome => {
+                let reason = match outcome {
+                    Ok(Err(e)) => format!("connection lost while waiting for the commit: {e}"),
+                    _ => format!("no answer within {:?}", self.timeout),
+                };
+                // The connection may still carry the unanswered statement: never reuse it.
+                drop(deadpool_postgres::Object::take(client));
+                self.set_up(false);
+                return Err(StoreError::OutcomeUnknown {
+                    shard: self.name.clone(),
+                    reason,
+                });
+            }
+        };
         let mut stored = Vec::with_capacity(entries.len());
         for row in rows {
             stored.push(Stored {
@@ -323,7 +401,7 @@ impl Shard {
                 client
                     .query(
                         &statement,
-                        &[&(id as i64), &(after as i64), &(limit as i64)],
+                        &[&(id as i64), &seq_bound(after), &seq_bound(limit)],
                     )
                     .await
                     .map_err(|e| self.db(e))
@@ -369,9 +447,9 @@ impl Shard {
                         &statement,
                         &[
                             &(id as i64),
-                            &(after as i64),
-                            &(until as i64),
-                            &(limit as i64),
+                            &seq_bound(after),
+                            &seq_bound(until),
+                            &seq_bound(limit),
                         ],
                     )
                     .await
@@ -395,7 +473,10 @@ impl Shard {
 
     fn ready(&self) -> Result<(), StoreError> {
         match self.state.load(Ordering::Acquire) {
-            STATE_READY => Ok(()),
+            STATE_READY if self.up.load(Ordering::Acquire) => Ok(()),
+            STATE_READY => Err(StoreError::Down {
+                shard: self.name.clone(),
+            }),
             _ => Err(StoreError::NotReady {
                 shard: self.name.clone(),
             }),

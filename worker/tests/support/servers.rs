@@ -359,6 +359,26 @@ impl PgServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP to the postmaster and every backend), like a hung host:
+    /// connections stay open, nothing answers. [`PgServer::thaw`] resumes it.
+    pub fn freeze(&self) {
+        self.signal_tree(libc::SIGSTOP);
+    }
+
+    /// Resumes a frozen server (SIGCONT to the postmaster and every backend).
+    pub fn thaw(&self) {
+        self.signal_tree(libc::SIGCONT);
+    }
+
+    fn signal_tree(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("postgres is running").id();
+        // Stop the parent first so it cannot fork a backend that misses the signal.
+        unsafe { libc::kill(pid as libc::pid_t, signal) };
+        for child in descendants_of(pid) {
+            unsafe { libc::kill(child as libc::pid_t, signal) };
+        }
+    }
+
     /// Whether the postmaster process is alive (false after `kill`/`stop` or a crash).
     pub fn is_running(&self) -> bool {
         self.child.as_ref().is_some_and(|c| pid_alive(c.id()))

@@ -1,0 +1,339 @@
+//! Queries: admission (a bounded number per worker, the rest answered `busy`), a deadline per
+//! request, a bounded number running per worker and per shard, and the streaming of an answer
+//! page by page as chunks no larger than the server's max_payload.
+//!
+//! A query never holds up its shard's appends: the pipeline only starts it (a tracked task),
+//! and waiting for a slot happens in that task, bounded by the query's deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Subject;
+use logstore_protocol::{ErrorBody, ErrorCode, LogEntry, QueryRequest};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::origin::{store_error_body, InFlight};
+use crate::outbox::{format_ts, Outbox};
+use crate::store::{Row, Shard};
+
+/// Rows read per database round trip when streaming a whole log.
+const PAGE_ROWS: u64 = 1000;
+/// Room kept in every chunk for the closing `],"next":…,"last":…}`.
+const TRAILER_RESERVE: usize = 64;
+
+/// A query on its way to its shard.
+pub struct QueryJob {
+    pub request: QueryRequest,
+    pub reply: Option<Subject>,
+    pub started: std::time::Instant,
+    /// When the answer must be complete (receipt + QUERY_TIMEOUT_MS).
+    pub deadline: Instant,
+    /// Its place among the worker's admitted queries (MAX_PENDING_QUERIES), held until answered.
+    pub admission: OwnedSemaphorePermit,
+    pub in_flight: InFlight,
+}
+
+/// The worker's query machinery, shared by intake (admission) and the shard pipelines (start).
+#[derive(Clone)]
+pub struct Queries {
+    pub outbox: Outbox,
+    pub metrics: Metrics,
+    pub tasks: TaskTracker,
+    /// Queries admitted and not yet answered (waiting or running).
+    admitted: Arc<Semaphore>,
+    /// Queries running at once on this worker (MAX_CONCURRENT_QUERIES).
+    running: Arc<Semaphore>,
+    pub timeout: Duration,
+    /// Most response bytes one request streams before it stops with a `next` cursor.
+    pub max_bytes: usize,
+}
+
+impl Queries {
+    pub fn new(
+        outbox: Outbox,
+        metrics: Metrics,
+        tasks: TaskTracker,
+        max_pending: usize,
+        max_running: usize,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Queries {
+        Queries {
+            outbox,
+            metrics,
+            tasks,
+            admitted: Arc::new(Semaphore::new(max_pending)),
+            running: Arc::new(Semaphore::new(max_running)),
+            timeout,
+            max_bytes,
+        }
+    }
+
+    /// A place for one more query, or `None` when MAX_PENDING_QUERIES are already waiting or
+    /// running (the caller answers `busy`).
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.admitted.clone().try_acquire_owned().ok()
+    }
+
+    /// Answer `job` with an error and count it.
+    pub async fn refuse(&self, job: QueryJob, error: ErrorBody) {
+        let subject = self.outbox.response_subject(job.reply.clone());
+        self.outbox.error_reply(Some(&subject), &error).await;
+        self.metrics
+            .queries
+            .with_label_values(&[error.code.as_str()])
+            .inc();
+    }
+
+    /// Start answering `job` as a tracked task; never waits. `shard_slots` bounds the queries
+    /// running on one shard so that they cannot take every pooled connection from its appends.
+    pub fn start(&self, shard: &Arc<Shard>, shard_slots: &Arc<Semaphore>, job: QueryJob) {
+        let (queries, shard, shard_slots) = (self.clone(), shard.clone(), shard_slots.clone());
+        self.tasks.spawn(async move {
+            let deadline = job.deadline;
+            let answer = async {
+                let _running = queries.running.acquire().await;
+                let _on_shard = shard_slots.acquire().await;
+                let subject = queries.outbox.response_subject(job.reply.clone());
+                let result = queries.stream(&shard, &job.request, &subject).await;
+                (subject, result)
+            };
+            let (subject, result) = match tokio::time::timeout_at(deadline, answer).await {
+                Ok(answered) => answered,
+                Err(_) => (
+                    queries.outbox.response_subject(job.reply.clone()),
+                    Err(ErrorBody::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "the query did not complete within {:?} (QUERY_TIMEOUT_MS)",
+                            queries.timeout
+                        ),
+                    )),
+                ),
+            };
+            let outcome = match result {
+                Ok(()) => "ok",
+                Err(error) => {
+                    queries.outbox.error_reply(Some(&subject), &error).await;
+                    match error.code {
+                        ErrorCode::Timeout => "timeout",
+                        _ => "failed",
+                    }
+                }
+            };
+            queries.metrics.queries.with_label_values(&[outcome]).inc();
+            queries
+                .metrics
+                .query_duration
+                .with_label_values(&[&shard.name])
+                .observe(job.started.elapsed().as_secs_f64());
+        });
+    }
+
+    /// Read the requested range page by page and send it as chunks no larger than the server's
+    /// max_payload. Memory holds one page and one chunk at a time, whatever the log's size.
+    /// Stops after `max_bytes` with a `next` cursor, so one small request cannot make the worker
+    /// send an unbounded answer; a client that follows `next` still reads everything.
+    async fn stream(
+        &self,
+        shard: &Shard,
+        request: &QueryRequest,
+        subject: &Subject,
+    ) -> Result<(), ErrorBody> {
+        let wanted = request.limit.unwrap_or(u64::MAX);
+        let first = shard
+            .first_page(request.id, request.after, wanted.min(PAGE_ROWS))
+            .await
+            .map_err(|e| store_error_body(&e))?;
+        let mut writer = ChunkWriter::new(request, first.total, self.outbox.max_payload())?;
+        let mut sent = 0u64;
+        let mut cursor = request.after;
+        let mut rows: Vec<Row> = first.rows;
+        let mut capped = false;
+        'pages: loop {
+            let fetched = rows.len() as u64;
+            for row in rows.drain(..) {
+                if writer.bytes() >= self.max_bytes && sent > 0 {
+                    capped = true;
+                    break 'pages;
+                }
+                let entry = LogEntry {
+                    seq: row.seq,
+                    ts: format_ts(row.ts),
+                    log: row.log,
+                };
+                if let Some(chunk) = writer.push(&entry)? {
+                    self.outbox.response(subject, chunk).await;
+                }
+                cursor = row.seq;
+                sent += 1;
+            }
+            let asked = (wanted - (sent - fetched)).min(PAGE_ROWS);
+            if sent >= wanted || fetched < asked || cursor >= first.last_seq {
+                break;
+            }
+            rows = shard
+                .page(
+                    request.id,
+                    cursor,
+                    first.last_seq,
+                    (wanted - sent).min(PAGE_ROWS),
+                )
+                .await
+                .map_err(|e| store_error_body(&e))?;
+        }
+        let next = ((capped || sent >= wanted) && cursor < first.last_seq).then_some(cursor);
+        self.outbox.response(subject, writer.finish(next)).await;
+        Ok(())
+    }
+}
+
+/// Builds query response chunks as JSON text, each a complete, valid response under the size
+/// budget. Written by hand (not by serializing a `QueryResponse`) so a chunk is filled entry by
+/// entry without knowing in advance how many fit.
+struct ChunkWriter {
+    /// Everything before the `"chunk"` number, identical in every chunk.
+    head: String,
+    buf: Vec<u8>,
+    entries: usize,
+    chunk: u32,
+    last_seq_in_chunk: u64,
+    max_payload: usize,
+    /// Bytes of the chunks already handed out.
+    sent_bytes: usize,
+}
+
+impl ChunkWriter {
+    fn new(
+        request: &QueryRequest,
+        total: u64,
+        max_payload: usize,
+    ) -> Result<ChunkWriter, ErrorBody> {
+        let mut head = format!("{{\"id\":{}", request.id);
+        if let Some(request_id) = &request.request_id {
+            let quoted = serde_json::to_string(request_id)
+                .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+            head.push_str(",\"request_id\":");
+            head.push_str(&quoted);
+        }
+        head.push_str(&format!(",\"total\":{total},\"chunk\":"));
+        let mut writer = ChunkWriter {
+            head,
+            buf: Vec::new(),
+            entries: 0,
+            chunk: 0,
+            last_seq_in_chunk: 0,
+            max_payload,
+            sent_bytes: 0,
+        };
+        writer.open();
+        if writer.buf.len() + TRAILER_RESERVE > max_payload {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                "request_id is too large for one response message",
+            ));
+        }
+        Ok(writer)
+    }
+
+    /// Bytes of this answer so far (chunks handed out plus the one being filled).
+    fn bytes(&self) -> usize {
+        self.sent_bytes + self.buf.len()
+    }
+
+    fn open(&mut self) {
+        self.buf.clear();
+        self.buf.extend_from_slice(self.head.as_bytes());
+        self.buf
+            .extend_from_slice(format!("{},\"logs\":[", self.chunk).as_bytes());
+        self.entries = 0;
+    }
+
+    /// Add an entry; returns a full chunk to send first when the entry does not fit in this one.
+    fn push(&mut self, entry: &LogEntry) -> Result<Option<Vec<u8>>, ErrorBody> {
+        let encoded = serde_json::to_vec(entry)
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+        let mut full = None;
+        if self.buf.len() + 1 + encoded.len() + TRAILER_RESERVE > self.max_payload {
+            if self.entries == 0 {
+                return Err(ErrorBody::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "entry {} does not fit in one message of {} bytes (server max_payload)",
+                        entry.seq, self.max_payload
+                    ),
+                ));
+            }
+            full = Some(self.close(Some(self.last_seq_in_chunk), false));
+            self.chunk += 1;
+            self.open();
+        }
+        if self.entries > 0 {
+            self.buf.push(b',');
+        }
+        self.buf.extend_from_slice(&encoded);
+        self.entries += 1;
+        self.last_seq_in_chunk = entry.seq;
+        Ok(full)
+    }
+
+    fn close(&mut self, next: Option<u64>, last: bool) -> Vec<u8> {
+        let next = next.map_or_else(|| "null".to_string(), |n| n.to_string());
+        self.buf
+            .extend_from_slice(format!("],\"next\":{next},\"last\":{last}}}").as_bytes());
+        self.sent_bytes += self.buf.len();
+        std::mem::take(&mut self.buf)
+    }
+
+    /// The final chunk.
+    fn finish(mut self, next: Option<u64>) -> Vec<u8> {
+        self.close(next, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use logstore_protocol::QueryResponse;
+
+    #[test]
+    fn chunks_are_valid_responses_under_the_budget() {
+        let request = QueryRequest {
+            id: 7,
+            after: 0,
+            limit: None,
+            request_id: Some("r\"1".into()),
+        };
+        let mut writer = ChunkWriter::new(&request, 50, 600).unwrap();
+        let mut chunks = Vec::new();
+        for seq in 1..=50 {
+            let entry = LogEntry {
+                seq,
+                ts: "2026-11-22T09:16:27.123456Z".into(),
+                log: "x".repeat(20),
+            };
+            if let Some(chunk) = writer.push(&entry).unwrap() {
+                chunks.push(chunk);
+            }
+        }
+        chunks.push(writer.finish(None));
+        assert!(chunks.len() > 3);
+        let mut seqs = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            assert!(chunk.len() <= 600, "chunk {i} is {} bytes", chunk.len());
+            let response: QueryResponse = serde_json::from_slice(chunk).unwrap();
+            assert_eq!(response.chunk as usize, i);
+            assert_eq!(response.last, i == chunks.len() - 1);
+            assert_eq!(response.request_id.as_deref(), Some("r\"1"));
+            assert_eq!(response.total, 50);
+            if !response.last {
+                assert_eq!(response.next, response.logs.last().map(|e| e.seq));
+            }
+            seqs.extend(response.logs.iter().map(|e| e.seq));
+        }
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+    }
+}

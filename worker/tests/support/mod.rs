@@ -594,3 +594,70 @@ pub async fn check_shard_invariants(url: &str) -> HashMap<i64, i64> {
     assert_eq!(counts.len(), per_object.len(), "a head row per object");
     counts
 }
+
+/// Raise this process's soft open-descriptor limit (RLIMIT_NOFILE) to its hard limit, for tests
+/// that hold thousands of sockets; returns the soft limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid, owned rlimit struct.
+    unsafe {
+        assert_eq!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit),
+            0,
+            "getrlimit"
+        );
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "setrlimit");
+    }
+    limit.rlim_cur
+}
+
+impl WorkerProcess {
+    /// Like [`WorkerProcess::spawn`], with the worker's open-descriptor limit (soft and hard
+    /// RLIMIT_NOFILE) set to `nofile`, as on a host with the common default of 1,024.
+    pub fn spawn_with_nofile(env: &Env, extra: &[(&str, &str)], nofile: u64) -> WorkerProcess {
+        let port = free_port();
+        let limit = libc::rlimit {
+            rlim_cur: nofile,
+            rlim_max: nofile,
+        };
+        let mut command = tokio::process::Command::new(bin_path("worker"));
+        command
+            .envs(env.settings(port))
+            .envs(extra.iter().copied())
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and the
+        // closure touches nothing but its own copy of `limit`.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = command.spawn().expect("start the worker binary");
+        WorkerProcess {
+            child,
+            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// The process id (panics once the process has been reaped).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("worker still running")
+    }
+
+    /// How many file descriptors the process has open (`/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read the worker's /proc/<pid>/fd")
+            .count()
+    }
+}

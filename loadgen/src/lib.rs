@@ -244,8 +244,10 @@ impl std::fmt::Display for WholeRead {
     }
 }
 
-/// Read one object's whole log with a single query, chunk by chunk without keeping them, and
-/// check the entries arrive gapless and in order. Writes `{"whole_read": …}` to `--report`.
+/// Read one object's whole log, chunk by chunk without keeping them, and check the entries
+/// arrive gapless and in order. One query answers up to the worker's MAX_QUERY_BYTES; when its
+/// last chunk still carries a `next` cursor, the read continues from there with another query,
+/// as any client of a large log does. Writes `{"whole_read": …}` to `--report`.
 pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
     let settings = args.validate()?;
     let client = connect(&settings.nats_url).await?;
@@ -254,48 +256,54 @@ pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
         .subscribe(inbox.clone())
         .await
         .map_err(|e| Error::Read(e.to_string()))?;
-    let body = serde_json::json!({ "id": id }).to_string();
     let started = std::time::Instant::now();
-    client
-        .publish_with_reply(settings.query_subject.clone(), inbox, body.into())
-        .await
-        .map_err(|e| Error::Read(e.to_string()))?;
     let (mut entries, mut chunks, mut bytes, mut last_seq) = (0u64, 0u64, 0u64, 0u64);
-    loop {
-        let message = match tokio::time::timeout(
-            settings.timeout.max(Duration::from_secs(10)),
-            futures::StreamExt::next(&mut replies),
-        )
-        .await
-        {
-            Ok(Some(message)) => message,
-            Ok(None) => return Err(Error::Read("reply subscription closed".into())),
-            Err(_) => {
+    let mut after = Some(0u64);
+    while let Some(cursor) = after.take() {
+        let body = serde_json::json!({ "id": id, "after": cursor }).to_string();
+        client
+            .publish_with_reply(settings.query_subject.clone(), inbox.clone(), body.into())
+            .await
+            .map_err(|e| Error::Read(e.to_string()))?;
+        let mut chunk_no = 0u32;
+        loop {
+            let message = match tokio::time::timeout(
+                settings.timeout.max(Duration::from_secs(10)),
+                futures::StreamExt::next(&mut replies),
+            )
+            .await
+            {
+                Ok(Some(message)) => message,
+                Ok(None) => return Err(Error::Read("reply subscription closed".into())),
+                Err(_) => {
+                    return Err(Error::Read(format!(
+                        "no chunk for {:?} after chunk {chunks}",
+                        settings.timeout
+                    )))
+                }
+            };
+            let chunk: logstore_protocol::QueryResponse = serde_json::from_slice(&message.payload)
+                .map_err(|_| Error::Read(String::from_utf8_lossy(&message.payload).into_owned()))?;
+            if chunk.chunk != chunk_no {
                 return Err(Error::Read(format!(
-                    "no chunk for {:?} after chunk {chunks}",
-                    settings.timeout
-                )))
+                    "chunk {} arrived where {chunk_no} was expected",
+                    chunk.chunk
+                )));
             }
-        };
-        let chunk: logstore_protocol::QueryResponse = serde_json::from_slice(&message.payload)
-            .map_err(|_| Error::Read(String::from_utf8_lossy(&message.payload).into_owned()))?;
-        if chunk.chunk as u64 != chunks {
-            return Err(Error::Read(format!(
-                "chunk {} arrived where {chunks} was expected",
-                chunk.chunk
-            )));
-        }
-        for entry in &chunk.logs {
-            if entry.seq != last_seq + 1 {
-                return Err(Error::Read(format!("seq {} after {last_seq}", entry.seq)));
+            for entry in &chunk.logs {
+                if entry.seq != last_seq + 1 {
+                    return Err(Error::Read(format!("seq {} after {last_seq}", entry.seq)));
+                }
+                last_seq = entry.seq;
             }
-            last_seq = entry.seq;
-        }
-        entries += chunk.logs.len() as u64;
-        bytes += message.payload.len() as u64;
-        chunks += 1;
-        if chunk.last {
-            break;
+            entries += chunk.logs.len() as u64;
+            bytes += message.payload.len() as u64;
+            chunks += 1;
+            chunk_no += 1;
+            if chunk.last {
+                after = chunk.next;
+                break;
+            }
         }
     }
     let seconds = started.elapsed().as_secs_f64();

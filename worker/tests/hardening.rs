@@ -483,3 +483,46 @@ async fn sigterm_with_nats_unreachable_exits_in_time() {
         );
     }
 }
+
+/// The byte cap of one answer: a whole-log read ends early with a `next` cursor, and following
+/// it reads everything, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_log_answer_stops_at_max_query_bytes_and_next_continues() {
+    let env = Env::shared(&["b1"]).await;
+    let worker = WorkerProcess::start(&env, &[("MAX_QUERY_BYTES", "2000")]).await;
+    let client = env.client().await;
+    for i in 0..50 {
+        env.append(&client, 9, &format!("{i:0>100}"), None).await;
+    }
+    let mut seqs = Vec::new();
+    let mut after = 0u64;
+    let mut requests = 0;
+    loop {
+        requests += 1;
+        let chunks = env
+            .query(&client, serde_json::json!({ "id": 9, "after": after }))
+            .await;
+        let bytes: usize = chunks
+            .iter()
+            .map(|c| serde_json::to_vec(c).expect("encode").len())
+            .sum();
+        assert!(
+            bytes < 2000 + 400,
+            "one answer of {bytes} bytes over the cap"
+        );
+        seqs.extend(entries(&chunks).iter().map(|e| e.seq));
+        let last = chunks.last().expect("a last chunk");
+        assert!(last.last);
+        match last.next {
+            Some(next) => after = next,
+            None => break,
+        }
+        assert!(requests < 50, "paging does not end");
+    }
+    assert!(
+        requests > 2,
+        "a 50 x 100-byte log does not fit in 2,000 bytes"
+    );
+    assert_eq!(seqs, (1..=50).collect::<Vec<u64>>());
+    assert_eq!(worker.terminate().await, Some(0));
+}

@@ -145,7 +145,14 @@ impl AppendRequest {
             }
             return Ok(request);
         }
-        let mut object = decode_object(body)?;
+        Self::from_object(decode_object(body)?, limits)
+    }
+
+    /// Validate one append given as a JSON object (a single body, or one entry of a batch).
+    fn from_object(
+        mut object: serde_json::Map<String, Value>,
+        limits: &Limits,
+    ) -> Result<AppendRequest, ErrorBody> {
         let id = decode_id(object.get("id"))?;
         let log = match object.remove("log") {
             Some(Value::String(log)) => log,
@@ -178,6 +185,97 @@ impl AppendRequest {
 /// Validates a key that came from a header rather than the body (same rules as the `key` field).
 pub fn check_key(key: &str, limits: &Limits) -> Result<(), ErrorBody> {
     check_text("key", key, limits.max_key_bytes)
+}
+
+/// Most entries in one batch message unless the worker is configured otherwise
+/// (`MAX_BATCH_ENTRIES`).
+pub const DEFAULT_MAX_BATCH_ENTRIES: usize = 1000;
+
+/// The body of a message on the append subject: one append (the original's form, answered with
+/// an [`AppendReply`]) or a JSON array of them (answered with a [`BatchReply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendBody {
+    Single(AppendRequest),
+    Batch(Vec<AppendRequest>),
+}
+
+impl AppendBody {
+    /// Decode and validate a body. A batch is all-or-nothing: the first invalid entry rejects
+    /// the whole message, and the error names its index (`entry 3: …`).
+    pub fn decode(
+        body: &[u8],
+        limits: &Limits,
+        max_entries: usize,
+    ) -> Result<AppendBody, ErrorBody> {
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'[') {
+            return AppendRequest::decode(body, limits).map(AppendBody::Single);
+        }
+        // Fast path: a well-formed batch decodes straight into the structs.
+        let entries = match serde_json::from_slice::<Vec<AppendRequest>>(body) {
+            Ok(entries) => entries,
+            Err(_) => {
+                let values: Vec<Value> = serde_json::from_slice(body)
+                    .map_err(|e| ErrorBody::invalid(format!("invalid JSON: {e}")))?;
+                if values.len() > max_entries {
+                    return Err(too_many(values.len(), max_entries));
+                }
+                let mut entries = Vec::with_capacity(values.len());
+                for (i, value) in values.into_iter().enumerate() {
+                    let entry = match value {
+                        Value::Object(object) => AppendRequest::from_object(object, limits),
+                        other => Err(ErrorBody::invalid(format!(
+                            "expected a JSON object, got {}",
+                            json_type(&other)
+                        ))),
+                    };
+                    entries.push(entry.map_err(|e| at_entry(i, e))?);
+                }
+                entries
+            }
+        };
+        if entries.is_empty() {
+            return Err(ErrorBody::invalid("empty batch: send at least one entry"));
+        }
+        if entries.len() > max_entries {
+            return Err(too_many(entries.len(), max_entries));
+        }
+        for (i, entry) in entries.iter().enumerate() {
+            check_text("log", &entry.log, limits.max_log_bytes).map_err(|e| at_entry(i, e))?;
+            if let Some(key) = &entry.key {
+                check_text("key", key, limits.max_key_bytes).map_err(|e| at_entry(i, e))?;
+            }
+        }
+        Ok(AppendBody::Batch(entries))
+    }
+}
+
+fn too_many(entries: usize, max_entries: usize) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::TooLarge,
+        format!("batch of {entries} entries, the limit is {max_entries} (MAX_BATCH_ENTRIES)"),
+    )
+}
+
+fn at_entry(index: usize, error: ErrorBody) -> ErrorBody {
+    ErrorBody::new(error.code, format!("entry {index}: {}", error.message))
+}
+
+/// The answer to a batch append: one result per entry, in array order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReply {
+    pub results: Vec<EntryResult>,
+}
+
+/// One entry's outcome in a [`BatchReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EntryResult {
+    /// `{"id","seq","ts","duplicate"}`, as a single append's reply.
+    Stored(AppendReply),
+    /// `{"id","error":{"code","message"}}`: this entry was not stored (or, for `timeout`, its
+    /// outcome is unknown).
+    Failed { id: u64, error: ErrorBody },
 }
 
 /// The answer to an append, and the body of the `appended.<id>` event.
@@ -335,6 +433,102 @@ fn json_type(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batch(body: &str) -> Result<AppendBody, ErrorBody> {
+        AppendBody::decode(body.as_bytes(), &Limits::default(), 3)
+    }
+
+    #[test]
+    fn batches_decode_all_or_nothing_naming_the_bad_entry() {
+        assert_eq!(
+            batch(r#"[{"id":1,"log":"a","key":"k"},{"id":18446744073709551615,"log":"b"}]"#),
+            Ok(AppendBody::Batch(vec![
+                AppendRequest {
+                    id: 1,
+                    log: "a".into(),
+                    key: Some("k".into())
+                },
+                AppendRequest {
+                    id: u64::MAX,
+                    log: "b".into(),
+                    key: None
+                },
+            ]))
+        );
+        assert!(matches!(
+            batch(r#" {"id":1,"log":"a"}"#),
+            Ok(AppendBody::Single(_))
+        ));
+        let cases = [
+            (r#"[]"#, ErrorCode::InvalidRequest, "empty batch"),
+            (
+                r#"[{"id":1,"log":"a"},{"id":2}]"#,
+                ErrorCode::InvalidRequest,
+                "entry 1: missing field `log`",
+            ),
+            (
+                r#"[{"id":1,"log":"a"},7]"#,
+                ErrorCode::InvalidRequest,
+                "entry 1: expected a JSON object, got a number",
+            ),
+            (
+                r#"[{"id":-1,"log":"a"}]"#,
+                ErrorCode::InvalidRequest,
+                "entry 0: ",
+            ),
+            (
+                r#"[{"id":1,"log":"a"},{"id":2,"log":"b"},{"id":3,"log":"c"},{"id":4,"log":"d"}]"#,
+                ErrorCode::TooLarge,
+                "limit is 3",
+            ),
+            (
+                r#"[{"id":1,"log":"a\u0000"}]"#,
+                ErrorCode::InvalidRequest,
+                "entry 0: `log` contains a NUL",
+            ),
+            (
+                r#"[{"id":1,"log":"a"}"#,
+                ErrorCode::InvalidRequest,
+                "invalid JSON",
+            ),
+        ];
+        for (body, code, message) in cases {
+            let e = batch(body).expect_err(body);
+            assert_eq!(e.code, code, "{body}: {e}");
+            assert!(e.message.contains(message), "{body}: {e}");
+        }
+        let long = format!(
+            r#"[{{"id":1,"log":"a"}},{{"id":1,"log":"{}"}}]"#,
+            "x".repeat(70_000)
+        );
+        let e = batch(&long).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooLarge);
+        assert!(e.message.starts_with("entry 1: "), "{e}");
+    }
+
+    #[test]
+    fn batch_replies_encode_per_entry() {
+        let reply = BatchReply {
+            results: vec![
+                EntryResult::Stored(AppendReply {
+                    id: 1,
+                    seq: 2,
+                    ts: "t".into(),
+                    duplicate: false,
+                }),
+                EntryResult::Failed {
+                    id: 9,
+                    error: ErrorBody::new(ErrorCode::Unavailable, "down"),
+                },
+            ],
+        };
+        let json = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            json,
+            r#"{"results":[{"id":1,"seq":2,"ts":"t","duplicate":false},{"id":9,"error":{"code":"unavailable","message":"down"}}]}"#
+        );
+        assert_eq!(serde_json::from_str::<BatchReply>(&json).unwrap(), reply);
+    }
 
     fn append(body: &str) -> Result<AppendRequest, ErrorBody> {
         AppendRequest::decode(body.as_bytes(), &Limits::default())

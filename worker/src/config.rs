@@ -82,6 +82,12 @@ pub struct RawConfig {
     /// unprocessed appends being dropped. -1 = unlimited.
     #[arg(long, env = "JS_MAX_BYTES", default_value = "-1")]
     pub js_max_bytes: String,
+    /// How long the stream itself drops a re-published `Nats-Msg-Id`, across ALL objects, in
+    /// milliseconds (JetStream's minimum is 100). The database deduplicates keys per object
+    /// forever; a short window keeps the stream from dropping another object's append that
+    /// reuses an id.
+    #[arg(long, env = "JS_DUPLICATE_WINDOW_MS", default_value = "100")]
+    pub js_duplicate_window_ms: String,
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:2112")]
     pub metrics_addr: String,
@@ -97,6 +103,9 @@ pub struct RawConfig {
     /// Largest accepted idempotency key in bytes.
     #[arg(long, env = "MAX_KEY_BYTES", default_value = "256")]
     pub max_key_bytes: String,
+    /// Most entries in one batch append message (a JSON array body).
+    #[arg(long, env = "MAX_BATCH_ENTRIES", default_value = "1000")]
+    pub max_batch_entries: String,
     /// Most appends written to one shard in one transaction.
     #[arg(long, env = "BATCH_MAX_ROWS", default_value = "1000")]
     pub batch_max_rows: String,
@@ -156,6 +165,7 @@ pub struct JetStreamConfig {
     pub max_deliver: i64,
     pub max_ack_pending: i64,
     pub max_bytes: i64,
+    pub duplicate_window: Duration,
 }
 
 /// The validated configuration.
@@ -174,6 +184,7 @@ pub struct Config {
     pub json_logs: bool,
     pub ring_vnodes: u32,
     pub limits: Limits,
+    pub max_batch_entries: usize,
     pub batch_max_rows: usize,
     pub batch_linger: Duration,
     pub pool_size: usize,
@@ -215,6 +226,7 @@ impl RawConfig {
                 max_log_bytes: number("MAX_LOG_BYTES", &self.max_log_bytes, 1, 64 << 20)?,
                 max_key_bytes: number("MAX_KEY_BYTES", &self.max_key_bytes, 1, 1 << 20)?,
             },
+            max_batch_entries: number("MAX_BATCH_ENTRIES", &self.max_batch_entries, 1, 100_000)?,
             batch_max_rows: number("BATCH_MAX_ROWS", &self.batch_max_rows, 1, 100_000)?,
             batch_linger: Duration::from_millis(number(
                 "BATCH_LINGER_MS",
@@ -277,6 +289,12 @@ impl RawConfig {
                     10_000_000,
                 )?,
                 max_bytes: number("JS_MAX_BYTES", &self.js_max_bytes, -1, i64::MAX)?,
+                duplicate_window: Duration::from_millis(number(
+                    "JS_DUPLICATE_WINDOW_MS",
+                    &self.js_duplicate_window_ms,
+                    100,
+                    86_400_000,
+                )?),
             })),
             other => Err(bad("INTAKE", format!("{other:?} is not jetstream or core"))),
         }

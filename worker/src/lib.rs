@@ -158,8 +158,9 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let mut queues = Vec::with_capacity(shards.len());
     let mut query_queues = Vec::with_capacity(shards.len());
     for shard in shards.iter() {
-        let (queue, task) =
-            pipeline::shard_pipeline(shard.clone(), config.batch_max_rows * 2, context.clone());
+        // Room for two full transactions, and always for one whole batch message.
+        let capacity = (config.batch_max_rows * 2).max(config.max_batch_entries);
+        let (queue, task) = pipeline::shard_pipeline(shard.clone(), capacity, context.clone());
         work.spawn(task);
         match config.intake {
             // Core: a query queues behind the appends received before it (read your writes).
@@ -201,6 +202,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         queues,
         query_queues,
         limits: config.limits,
+        max_batch_entries: config.max_batch_entries,
         settler,
         queries: query_machinery,
         metrics: metrics.clone(),

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Subject;
+use logstore_protocol::redact::{NatsAuth, NatsServers};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -111,7 +112,7 @@ struct Ctx {
 /// and return what happened. Progress goes to stderr; printing the summary is the caller's.
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outcome, Error> {
     let settings = args.validate()?;
-    let client = connect(&settings.nats_url).await?;
+    let client = connect(&settings.nats).await?;
     eprintln!("loadgen: {}", describe(&settings));
 
     let recorder = Arc::new(stats::Recorder::new(settings.verify)?);
@@ -250,7 +251,7 @@ impl std::fmt::Display for WholeRead {
 /// as any client of a large log does. Writes `{"whole_read": …}` to `--report`.
 pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
     let settings = args.validate()?;
-    let client = connect(&settings.nats_url).await?;
+    let client = connect(&settings.nats).await?;
     let inbox = client.new_inbox();
     let mut replies = client
         .subscribe(inbox.clone())
@@ -332,7 +333,7 @@ pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
 pub async fn verify(args: &Args, outcome: &Outcome) -> Result<Verdict, Error> {
     let mut settings = args.validate()?;
     settings.mode = outcome.mode;
-    let client = connect(&settings.nats_url).await?;
+    let client = connect(&settings.nats).await?;
     Ok(verify::read_back(
         &client,
         &read_back_settings(&settings),
@@ -357,13 +358,22 @@ fn read_back_settings(settings: &Settings) -> verify::ReadBack {
     }
 }
 
-async fn connect(url: &str) -> Result<async_nats::Client, Error> {
-    async_nats::ConnectOptions::new()
+/// Connect with NATS_URL's credentials as connect options: the client ignores credentials in
+/// URLs and would print them in its debug logs. The error shows the list redacted.
+async fn connect(nats: &NatsServers) -> Result<async_nats::Client, Error> {
+    let options = match &nats.auth {
+        NatsAuth::None => async_nats::ConnectOptions::new(),
+        NatsAuth::UserPassword { user, password } => {
+            async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+    };
+    options
         .name("loadgen")
-        .connect(url)
+        .connect(nats.servers.as_slice())
         .await
         .map_err(|source| Error::Connect {
-            url: url.to_string(),
+            url: nats.shown.clone(),
             source,
         })
 }

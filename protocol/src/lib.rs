@@ -9,6 +9,8 @@
 //! Decoding is strict and never panics: [`AppendRequest::decode`] and [`QueryRequest::decode`]
 //! turn any byte string into either a valid request or an [`ErrorBody`] that says what was wrong.
 
+pub mod redact;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

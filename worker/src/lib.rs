@@ -373,7 +373,8 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
 async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::Client, Error> {
     let reconnects = metrics.nats_reconnects.clone();
     let connected_once = Arc::new(AtomicBool::new(false));
-    async_nats::ConnectOptions::new()
+    config
+        .nats_options() // NATS_URL's credentials: passed here, never inside logged URLs
         .name("logstore-worker")
         // Start (not ready) while NATS is down, and connect when it comes up.
         .retry_on_initial_connect()
@@ -393,10 +394,10 @@ async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::
                 }
             }
         })
-        .connect(config.nats_url.as_str())
+        .connect(config.nats.servers.as_slice())
         .await
         .map_err(|source| Error::Nats {
-            url: config.nats_url.clone(),
+            url: logstore_protocol::redact::redact(&config.nats_url),
             source,
         })
 }

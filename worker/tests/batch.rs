@@ -519,3 +519,52 @@ async fn a_jetstream_dead_letter_names_the_stream_sequence_and_message_id() {
         .starts_with("entry 0: "));
     worker.stop().await.expect("worker stops cleanly");
 }
+
+/// The README's Rust example (loadgen/examples/quickstart.rs) runs as written against a fleet
+/// with the default subjects: one append, a batch, and a chunked whole-log read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_rust_example_runs_as_written() {
+    let nats = NatsServer::start();
+    let mut env = Env::shared(&["r1", "r2"]).await;
+    env.nats_url = nats.url();
+    env.intake = "jetstream";
+    let defaults = [
+        ("NATS_LOGS_TOPIC", "logs"),
+        ("NATS_QUERY_TOPIC", "query"),
+        ("NATS_RESPONSE_TOPIC", "response"),
+        ("NATS_EVENTS_PREFIX", "appended"),
+        ("NATS_DEAD_LETTER_TOPIC", "dead_letter"),
+        ("NATS_STREAM", "LOGS"),
+    ];
+    let worker = WorkerProcess::start(&env, &defaults).await;
+    let example = bin_path("examples/quickstart");
+    let output = within(
+        60,
+        "the example finishes",
+        tokio::process::Command::new(example)
+            .env("NATS_URL", nats.url())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run the example");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "example failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 6, "{stdout}");
+    assert!(lines[0].starts_with("stored seq 1 at "), "{stdout}");
+    assert!(lines[2].starts_with("stored seq 3 at "), "{stdout}");
+    for (line, (seq, log)) in
+        lines[3..]
+            .iter()
+            .zip([(1, "disk full"), (2, "retrying"), (3, "recovered")])
+    {
+        assert!(line.starts_with(&format!("{seq} ")), "{stdout}");
+        assert!(line.ends_with(&format!(" {log}")), "{stdout}");
+    }
+    assert_eq!(worker.terminate().await, Some(0));
+}

@@ -363,7 +363,7 @@ pub fn store_error_body(e: &StoreError) -> ErrorBody {
     } else if e.is_unavailable() {
         ErrorBody::new(ErrorCode::Unavailable, e.to_string())
     } else {
-        tracing::error!(error = %e, "store fault");
+        tracing::error!(error = %crate::Chain(e), "store fault");
         ErrorBody::new(
             ErrorCode::Internal,
             format!("shard error (see worker log): {}", short(e)),

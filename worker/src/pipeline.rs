@@ -22,6 +22,7 @@ use crate::metrics::{Metrics, ShardMetrics};
 use crate::origin::{AppendJob, Settler};
 use crate::query::{Queries, QueryJob};
 use crate::store::{NewEntry, Shard};
+use crate::Chain;
 
 /// How long intake waits for room in a full queue whose shard is making progress; also how
 /// long a batch may run before the shard counts as stuck (then full queues refuse at once).
@@ -269,11 +270,11 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
         Err(e) if e.is_unavailable() || batch.len() == 1 => {
             // An outage is logged once by the health checker, not once per batch.
             if e.is_outcome_unknown() {
-                tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch outcome unknown; answered `timeout`");
+                tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch outcome unknown; answered `timeout`");
             } else if e.is_unavailable() {
-                tracing::debug!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed");
+                tracing::debug!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed");
             } else {
-                tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed");
+                tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed");
             }
             for job in batch.drain(..) {
                 settler.store_failed(job, &e, m).await;
@@ -282,7 +283,7 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
         Err(e) => {
             // One bad entry must not fail its neighbours: the batch rolled back as a whole,
             // so store the entries one by one to isolate it.
-            tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed; retrying entries one by one");
+            tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed; retrying entries one by one");
             for job in batch.drain(..) {
                 if job.deadline <= Instant::now() {
                     settler.failed(job, expired(shard), m).await;

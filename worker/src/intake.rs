@@ -30,6 +30,9 @@ use crate::store::NewEntry;
 
 /// Messages fetched from JetStream per pull request.
 const FETCH_BATCH: usize = 500;
+/// Bytes fetched per pull request at most (raised to twice max_payload if that is larger, so a
+/// largest message always fits).
+const FETCH_MAX_BYTES: usize = 4 << 20;
 /// How long one pull request waits for messages; also the most a shutdown waits for a fetch.
 const FETCH_EXPIRES: Duration = Duration::from_millis(500);
 
@@ -261,9 +264,12 @@ impl Router {
         consumer: &consumer::Consumer<consumer::pull::Config>,
         cancel: &CancellationToken,
     ) -> Option<consumer::pull::Batch> {
+        // Bounded in bytes too: 500 batch messages could hold 500,000 entries.
+        let max_bytes = FETCH_MAX_BYTES.max(2 * self.queries.outbox.max_payload());
         let batch = consumer
             .batch()
             .max_messages(FETCH_BATCH)
+            .max_bytes(max_bytes)
             .expires(FETCH_EXPIRES)
             .messages()
             .await;

@@ -24,9 +24,11 @@ use crate::query::{Queries, QueryJob};
 use crate::store::{NewEntry, Shard};
 use crate::Chain;
 
-/// How long intake waits for room in a full queue whose shard is making progress; also how
-/// long a batch may run before the shard counts as stuck (then full queues refuse at once).
-const FULL_WAIT: Duration = Duration::from_millis(250);
+/// How often a wait for room in a full queue checks that its shard is still making progress.
+const FULL_WAIT: Duration = Duration::from_millis(100);
+/// How long one transaction may run before its shard counts as stuck: then a full queue
+/// refuses at once instead of holding up intake (and with it every other shard).
+const STUCK_AFTER: Duration = Duration::from_secs(1);
 
 pub enum Work {
     Append(AppendJob),
@@ -84,21 +86,24 @@ pub struct Refused {
 }
 
 impl ShardQueue {
-    /// Queue `work`, waiting for room only while the shard is making progress.
+    /// Queue `work`. A full queue is waited on for as long as its shard is up and making
+    /// progress (backpressure: a healthy but busy shard slows intake down rather than having
+    /// work refused and retried); it refuses at once when the shard is down or stuck.
     pub async fn offer(&self, work: Work) -> Result<(), Refused> {
         let weight = work.weight();
-        let places = match self.places.clone().try_acquire_many_owned(weight) {
-            Ok(places) => places,
-            Err(_) if !self.shard.is_up() => return Err(self.refused(work, "is down")),
-            Err(_) if self.stuck() => {
-                return Err(self.refused(work, "is not keeping up (its queue is full)"))
+        let places = loop {
+            if let Ok(places) = self.places.clone().try_acquire_many_owned(weight) {
+                break places;
             }
-            Err(_) => {
-                let wait = self.places.clone().acquire_many_owned(weight);
-                match tokio::time::timeout(FULL_WAIT, wait).await {
-                    Ok(Ok(places)) => places,
-                    _ => return Err(self.refused(work, "is not keeping up (its queue is full)")),
-                }
+            if !self.shard.is_up() {
+                return Err(self.refused(work, "is down"));
+            }
+            if self.stuck() {
+                return Err(self.refused(work, "is not keeping up (its queue is full)"));
+            }
+            let wait = self.places.clone().acquire_many_owned(weight);
+            if let Ok(Ok(places)) = tokio::time::timeout(FULL_WAIT, wait).await {
+                break places;
             }
         };
         let queued = Queued {
@@ -130,7 +135,7 @@ impl ShardQueue {
 
     fn stuck(&self) -> bool {
         let since = self.busy_since.load(Ordering::Acquire);
-        since != 0 && now_ms().saturating_sub(since) > FULL_WAIT.as_millis() as u64
+        since != 0 && now_ms().saturating_sub(since) > STUCK_AFTER.as_millis() as u64
     }
 }
 

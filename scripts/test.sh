@@ -34,8 +34,8 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "==> cargo build (the tests run the worker and loadgen binaries)"
-cargo build --workspace --bins --locked
+echo "==> cargo build (the tests run the worker and loadgen binaries and the README example)"
+cargo build --workspace --bins --examples --locked
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::Parser;
+use logstore_protocol::redact::{redact, NatsServers};
 use rand::Rng;
 
 use logstore_protocol::DEFAULT_MAX_BATCH_ENTRIES;
@@ -16,8 +17,8 @@ use crate::pace::Schedule;
 const MAX_CONNECTIONS: usize = 64;
 
 /// Command line (and environment) of `loadgen`. Parse it with `Args::parse()` or, in tests,
-/// `Args::try_parse_from([...])`, then hand it to [`crate::run`].
-#[derive(Debug, Clone, Parser)]
+/// `Args::try_parse_from([...])`, then hand it to [`crate::run`]. `Debug` redacts NATS_URL.
+#[derive(Clone, Parser)]
 #[command(
     name = "loadgen",
     version,
@@ -25,8 +26,14 @@ const MAX_CONNECTIONS: usize = 64;
              percentiles, and a verification that nothing acknowledged was lost"
 )]
 pub struct Args {
-    /// NATS server(s) to connect to.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server(s) to connect to, comma-separated; credentials as
+    /// `nats://user:pass@host` or `nats://token@host`.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats_url: String,
 
     /// Instead of generating load: read object ID's whole log in one query (streamed in chunks),
@@ -216,10 +223,72 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// Hand-written so that NATS credentials never reach a log line or a panic message. The
+/// destructuring lists every field, so a new one cannot be added without deciding how it is
+/// shown.
+impl std::fmt::Debug for Args {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Args {
+            nats_url,
+            read_whole,
+            logs_subject,
+            query_subject,
+            queries_min,
+            rate,
+            max_rate,
+            in_flight,
+            count,
+            duration,
+            objects,
+            id_base,
+            log_size,
+            query_share,
+            seed,
+            timeout_ms,
+            retries,
+            jetstream,
+            verify,
+            verify_timeout,
+            report,
+            batch,
+            connections,
+            progress_secs,
+        } = self;
+        f.debug_struct("Args")
+            .field("nats_url", &redact(nats_url))
+            .field("read_whole", read_whole)
+            .field("logs_subject", logs_subject)
+            .field("query_subject", query_subject)
+            .field("queries_min", queries_min)
+            .field("rate", rate)
+            .field("max_rate", max_rate)
+            .field("in_flight", in_flight)
+            .field("count", count)
+            .field("duration", duration)
+            .field("objects", objects)
+            .field("id_base", id_base)
+            .field("log_size", log_size)
+            .field("query_share", query_share)
+            .field("seed", seed)
+            .field("timeout_ms", timeout_ms)
+            .field("retries", retries)
+            .field("jetstream", jetstream)
+            .field("verify", verify)
+            .field("verify_timeout", verify_timeout)
+            .field("report", report)
+            .field("batch", batch)
+            .field("connections", connections)
+            .field("progress_secs", progress_secs)
+            .finish()
+    }
+}
+
 /// Validated settings with every random default drawn. Everything a run needs to know.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub nats_url: String,
+    /// NATS_URL split into credential-free server URLs and the credentials (`Debug` hides
+    /// them).
+    pub nats: NatsServers,
     pub logs_subject: String,
     pub query_subject: String,
     pub pace: Pace,
@@ -285,6 +354,8 @@ fn seconds(
 impl Args {
     /// Check every setting and draw the random defaults. Errors name the flag and variable.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let nats = NatsServers::parse(&self.nats_url)
+            .map_err(|reason| invalid("nats-url", "NATS_URL", reason))?;
         let rate = match (self.max_rate, self.rate) {
             (true, _) => None,
             (false, Some(rate)) => Some(("rate", "LOADGEN_RATE", rate)),
@@ -380,7 +451,7 @@ impl Args {
             true,
         )?;
         Ok(Settings {
-            nats_url: self.nats_url.clone(),
+            nats,
             logs_subject: self.logs_subject.clone(),
             query_subject: self.query_subject.clone(),
             pace,
@@ -457,6 +528,29 @@ mod tests {
             assert!(err.contains(needle), "{argv:?}: {err}");
         }
         assert!(parse(&["--count", "5", "--duration", "5"]).is_err());
+    }
+
+    #[test]
+    fn nats_credentials_are_split_off_and_never_shown() {
+        for url in [
+            "nats://u:S3CRET@h1 nats://u:S3CRET@h2",
+            "nats://a:S3CRET@h1,nats://b:S3CRET@h2",
+            "nats://:S3CRET@h",
+        ] {
+            let err = parse(&["--nats-url", url]).unwrap_err();
+            assert!(err.contains("--nats-url (NATS_URL)"), "{url}: {err}");
+            assert!(!err.contains("S3CRET"), "{url}: {err}");
+        }
+        let argv = [
+            "loadgen",
+            "--nats-url",
+            "nats://u:S3CRET@h1,nats://u:S3CRET@h2",
+        ];
+        let args = Args::try_parse_from(argv).unwrap();
+        let settings = args.validate().unwrap();
+        assert_eq!(settings.nats.servers, ["nats://h1", "nats://h2"]);
+        let debug = format!("{args:?} {settings:?}");
+        assert!(!debug.contains("S3CRET"), "{debug}");
     }
 
     #[test]

@@ -34,6 +34,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::Subject;
+use logstore_protocol::redact::{NatsAuth, NatsServers};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -144,7 +145,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
     let settings = args.validate()?;
     let mut clients = Vec::with_capacity(settings.connections);
     for n in 0..settings.connections {
-        clients.push(connect(&settings.nats_url, n).await?);
+        clients.push(connect(&settings.nats, n).await?);
     }
     let client = clients[0].clone();
     tokio::pin!(shutdown);
@@ -310,7 +311,7 @@ impl std::fmt::Display for WholeRead {
 /// as any client of a large log does. Writes `{"whole_read": …}` to `--report`.
 pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
     let settings = args.validate()?;
-    let client = connect(&settings.nats_url, 0).await?;
+    let client = connect(&settings.nats, 0).await?;
     let inbox = client.new_inbox();
     let mut replies = client
         .subscribe(inbox.clone())
@@ -392,7 +393,7 @@ pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
 pub async fn verify(args: &Args, outcome: &Outcome) -> Result<Verdict, Error> {
     let mut settings = args.validate()?;
     settings.mode = outcome.mode;
-    let client = connect(&settings.nats_url, 0).await?;
+    let client = connect(&settings.nats, 0).await?;
     Ok(verify::read_back(
         &client,
         &read_back_settings(&settings),
@@ -418,18 +419,26 @@ fn read_back_settings(settings: &Settings) -> verify::ReadBack {
 }
 
 /// Connection number `n` (0-based) of this process, named so the server's monitoring tells
-/// them apart.
-async fn connect(url: &str, n: usize) -> Result<async_nats::Client, Error> {
+/// them apart. NATS_URL's credentials go in as connect options: the client ignores credentials
+/// in URLs and would print them in its debug logs. The error shows the list redacted.
+async fn connect(nats: &NatsServers, n: usize) -> Result<async_nats::Client, Error> {
+    let options = match &nats.auth {
+        NatsAuth::None => async_nats::ConnectOptions::new(),
+        NatsAuth::UserPassword { user, password } => {
+            async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+    };
     let name = match n {
         0 => "loadgen".to_string(),
         n => format!("loadgen-{}", n + 1),
     };
-    async_nats::ConnectOptions::new()
+    options
         .name(name)
-        .connect(url)
+        .connect(nats.servers.as_slice())
         .await
         .map_err(|source| Error::Connect {
-            url: url.to_string(),
+            url: nats.shown.clone(),
             source,
         })
 }

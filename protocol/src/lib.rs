@@ -9,6 +9,8 @@
 //! Decoding is strict and never panics: [`AppendRequest::decode`] and [`QueryRequest::decode`]
 //! turn any byte string into either a valid request or an [`ErrorBody`] that says what was wrong.
 
+pub mod redact;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -24,6 +26,14 @@ pub const DEAD_LETTER_CODE_HEADER: &str = "Logstore-Error-Code";
 pub const DEAD_LETTER_REASON_HEADER: &str = "Logstore-Error";
 /// Dead-letter header: the subject the rejected message was published to.
 pub const DEAD_LETTER_SUBJECT_HEADER: &str = "Logstore-Subject";
+/// Dead-letter header of a rejected JetStream message: the stream it was stored in.
+pub const DEAD_LETTER_STREAM_HEADER: &str = "Logstore-Stream";
+/// Dead-letter header of a rejected JetStream message: its stream sequence (the `seq` of the
+/// PubAck its publisher got).
+pub const DEAD_LETTER_STREAM_SEQUENCE_HEADER: &str = "Logstore-Stream-Sequence";
+/// Dead-letter header of a rejected message that carried a `Nats-Msg-Id`: that id. (Not copied
+/// as `Nats-Msg-Id` itself, which a stream capturing dead letters would deduplicate on.)
+pub const DEAD_LETTER_MSG_ID_HEADER: &str = "Logstore-Msg-Id";
 /// Dead-letter header, present only when the copy had to be cut to fit the server's
 /// max_payload: the rejected message's original size in bytes (the body holds its first bytes).
 pub const DEAD_LETTER_TRUNCATED_HEADER: &str = "Logstore-Truncated";

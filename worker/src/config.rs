@@ -3,11 +3,17 @@
 //!
 //! Raw values are read as text and validated here rather than by clap's typed parsers, so that a
 //! missing or malformed setting fails with exactly one line naming the variable.
+//!
+//! Secrets (`NATS_URL`, `POSTGRES_SHARDS`, `POSTGRES_PASSWORD`) are never shown: `--help` hides
+//! their environment values, errors and `Debug` pass every connection string through
+//! [`redact`], and NATS credentials travel in the connect options rather than in the URLs the
+//! client library logs.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use logstore_protocol::redact::{redact, split_list, NatsAuth, NatsServers, MASK};
 use logstore_protocol::Limits;
 
 /// A configuration problem, always naming the variable at fault.
@@ -25,15 +31,21 @@ fn bad(var: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-/// The raw settings as given on the command line or in the environment.
-#[derive(Debug, Clone, Default, Args)]
+/// The raw settings as given on the command line or in the environment. `Debug` redacts.
+#[derive(Clone, Default, Args)]
 pub struct RawConfig {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URL(s), comma-separated; credentials as `nats://user:pass@host` or
+    /// `nats://token@host`.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats_url: String,
-    /// Shards as `name=postgres://user:pass@host:port/db,name2=…`. The name is the shard's
-    /// identity on the ring; the URL may change freely.
-    #[arg(long, env = "POSTGRES_SHARDS")]
+    /// Shards as `name=postgres://user:pass@host:port/db,name2=…` (URLs only, no spaces). The
+    /// name is the shard's identity on the ring; the URL may change freely.
+    #[arg(long, env = "POSTGRES_SHARDS", hide_env_values = true)]
     pub postgres_shards: Option<String>,
     /// The original service's form: comma list of hosts, each a shard named after its host.
     #[arg(long, env = "POSTGRES_IPS")]
@@ -42,7 +54,12 @@ pub struct RawConfig {
     pub postgres_port: String,
     #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
     pub postgres_user: String,
-    #[arg(long, env = "POSTGRES_PASSWORD", default_value = "")]
+    #[arg(
+        long,
+        env = "POSTGRES_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub postgres_password: String,
     #[arg(long, env = "POSTGRES_DB", default_value = "postgres")]
     pub postgres_db: String,
@@ -82,7 +99,13 @@ pub struct RawConfig {
     /// unprocessed appends being dropped. -1 = unlimited.
     #[arg(long, env = "JS_MAX_BYTES", default_value = "-1")]
     pub js_max_bytes: String,
-    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    /// How long the stream itself drops a re-published `Nats-Msg-Id`, across ALL objects, in
+    /// milliseconds (JetStream's minimum is 100). The database deduplicates keys per object
+    /// forever; a short window keeps the stream from dropping another object's append that
+    /// reuses an id.
+    #[arg(long, env = "JS_DUPLICATE_WINDOW_MS", default_value = "100")]
+    pub js_duplicate_window_ms: String,
+    /// Address of the HTTP server for /metrics, /healthz and /readyz (`:PORT` = all interfaces).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:2112")]
     pub metrics_addr: String,
     /// Log output format: `text` or `json`.
@@ -97,6 +120,9 @@ pub struct RawConfig {
     /// Largest accepted idempotency key in bytes.
     #[arg(long, env = "MAX_KEY_BYTES", default_value = "256")]
     pub max_key_bytes: String,
+    /// Most entries in one batch append message (a JSON array body).
+    #[arg(long, env = "MAX_BATCH_ENTRIES", default_value = "1000")]
+    pub max_batch_entries: String,
     /// Most appends written to one shard in one transaction.
     #[arg(long, env = "BATCH_MAX_ROWS", default_value = "1000")]
     pub batch_max_rows: String,
@@ -129,14 +155,24 @@ pub struct RawConfig {
     pub max_query_bytes: String,
 }
 
-/// One PostgreSQL node on the ring.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One PostgreSQL node on the ring. `Debug` redacts the connection string.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ShardConfig {
     /// Identity on the ring and in the shard's own database. Never derived from the URL alone,
     /// so a changed password or host does not move data.
     pub name: String,
-    /// Connection string (URL or key=value form, as tokio-postgres accepts).
+    /// Connection string: a `postgres://` URL from POSTGRES_SHARDS, or the key=value form
+    /// built from POSTGRES_IPS (as tokio-postgres accepts).
     pub url: String,
+}
+
+impl std::fmt::Debug for ShardConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardConfig")
+            .field("name", &self.name)
+            .field("url", &redact(&self.url))
+            .finish()
+    }
 }
 
 /// How appends reach the workers.
@@ -156,13 +192,17 @@ pub struct JetStreamConfig {
     pub max_deliver: i64,
     pub max_ack_pending: i64,
     pub max_bytes: i64,
+    pub duplicate_window: Duration,
 }
 
-/// The validated configuration.
-#[derive(Debug, Clone)]
+/// The validated configuration. `Debug` redacts.
+#[derive(Clone)]
 pub struct Config {
     pub intake: Intake,
+    /// NATS_URL as given (with any credentials): show it only through [`redact`].
     pub nats_url: String,
+    /// NATS_URL split into credential-free server URLs and the credentials.
+    pub nats: NatsServers,
     pub shards: Vec<ShardConfig>,
     pub logs_subject: String,
     pub query_subject: String,
@@ -174,6 +214,7 @@ pub struct Config {
     pub json_logs: bool,
     pub ring_vnodes: u32,
     pub limits: Limits,
+    pub max_batch_entries: usize,
     pub batch_max_rows: usize,
     pub batch_linger: Duration,
     pub pool_size: usize,
@@ -185,13 +226,178 @@ pub struct Config {
     pub max_query_bytes: usize,
 }
 
+impl Config {
+    /// Connect options carrying NATS_URL's credentials; connect them to `nats.servers`. The
+    /// client ignores credentials in URLs and would print them in its debug logs.
+    pub fn nats_options(&self) -> async_nats::ConnectOptions {
+        let options = async_nats::ConnectOptions::new();
+        match &self.nats.auth {
+            NatsAuth::None => options,
+            NatsAuth::UserPassword { user, password } => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            NatsAuth::Token(token) => options.token(token.clone()),
+        }
+    }
+}
+
+/// Hand-written so that secrets never reach a log line or a panic message. The destructuring
+/// lists every field, so a new one cannot be added without deciding how it is shown.
+impl std::fmt::Debug for RawConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let RawConfig {
+            nats_url,
+            postgres_shards,
+            postgres_ips,
+            postgres_port,
+            postgres_user,
+            postgres_password,
+            postgres_db,
+            nats_logs_topic,
+            nats_query_topic,
+            nats_response_topic,
+            nats_queue_group,
+            nats_events_prefix,
+            nats_dead_letter_topic,
+            intake,
+            nats_stream,
+            nats_consumer,
+            js_ack_wait_ms,
+            js_max_deliver,
+            js_max_ack_pending,
+            js_max_bytes,
+            js_duplicate_window_ms,
+            metrics_addr,
+            log_format,
+            ring_vnodes,
+            max_log_bytes,
+            max_key_bytes,
+            max_batch_entries,
+            batch_max_rows,
+            batch_linger_ms,
+            pool_size,
+            max_concurrent_queries,
+            shard_timeout_ms,
+            shutdown_timeout_ms,
+            query_timeout_ms,
+            max_pending_queries,
+            max_query_bytes,
+        } = self;
+        f.debug_struct("RawConfig")
+            .field("nats_url", &redact(nats_url))
+            .field("postgres_shards", &postgres_shards.as_deref().map(redact))
+            .field("postgres_ips", &postgres_ips.as_deref().map(redact))
+            .field("postgres_port", postgres_port)
+            .field("postgres_user", postgres_user)
+            .field(
+                "postgres_password",
+                &if postgres_password.is_empty() {
+                    ""
+                } else {
+                    MASK
+                },
+            )
+            .field("postgres_db", postgres_db)
+            .field("nats_logs_topic", nats_logs_topic)
+            .field("nats_query_topic", nats_query_topic)
+            .field("nats_response_topic", nats_response_topic)
+            .field("nats_queue_group", nats_queue_group)
+            .field("nats_events_prefix", nats_events_prefix)
+            .field("nats_dead_letter_topic", nats_dead_letter_topic)
+            .field("intake", intake)
+            .field("nats_stream", nats_stream)
+            .field("nats_consumer", nats_consumer)
+            .field("js_ack_wait_ms", js_ack_wait_ms)
+            .field("js_max_deliver", js_max_deliver)
+            .field("js_max_ack_pending", js_max_ack_pending)
+            .field("js_max_bytes", js_max_bytes)
+            .field("js_duplicate_window_ms", js_duplicate_window_ms)
+            .field("metrics_addr", metrics_addr)
+            .field("log_format", log_format)
+            .field("ring_vnodes", ring_vnodes)
+            .field("max_log_bytes", max_log_bytes)
+            .field("max_key_bytes", max_key_bytes)
+            .field("max_batch_entries", max_batch_entries)
+            .field("batch_max_rows", batch_max_rows)
+            .field("batch_linger_ms", batch_linger_ms)
+            .field("pool_size", pool_size)
+            .field("max_concurrent_queries", max_concurrent_queries)
+            .field("shard_timeout_ms", shard_timeout_ms)
+            .field("shutdown_timeout_ms", shutdown_timeout_ms)
+            .field("query_timeout_ms", query_timeout_ms)
+            .field("max_pending_queries", max_pending_queries)
+            .field("max_query_bytes", max_query_bytes)
+            .finish()
+    }
+}
+
+/// Hand-written for the same reason as [`RawConfig`]'s.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Config {
+            intake,
+            nats_url,
+            nats,
+            shards,
+            logs_subject,
+            query_subject,
+            response_subject,
+            queue_group,
+            events_prefix,
+            dead_letter_subject,
+            metrics_addr,
+            json_logs,
+            ring_vnodes,
+            limits,
+            max_batch_entries,
+            batch_max_rows,
+            batch_linger,
+            pool_size,
+            max_concurrent_queries,
+            shard_timeout,
+            shutdown_timeout,
+            query_timeout,
+            max_pending_queries,
+            max_query_bytes,
+        } = self;
+        f.debug_struct("Config")
+            .field("intake", intake)
+            .field("nats_url", &redact(nats_url))
+            .field("nats", nats)
+            .field("shards", shards)
+            .field("logs_subject", logs_subject)
+            .field("query_subject", query_subject)
+            .field("response_subject", response_subject)
+            .field("queue_group", queue_group)
+            .field("events_prefix", events_prefix)
+            .field("dead_letter_subject", dead_letter_subject)
+            .field("metrics_addr", metrics_addr)
+            .field("json_logs", json_logs)
+            .field("ring_vnodes", ring_vnodes)
+            .field("limits", limits)
+            .field("max_batch_entries", max_batch_entries)
+            .field("batch_max_rows", batch_max_rows)
+            .field("batch_linger", batch_linger)
+            .field("pool_size", pool_size)
+            .field("max_concurrent_queries", max_concurrent_queries)
+            .field("shard_timeout", shard_timeout)
+            .field("shutdown_timeout", shutdown_timeout)
+            .field("query_timeout", query_timeout)
+            .field("max_pending_queries", max_pending_queries)
+            .field("max_query_bytes", max_query_bytes)
+            .finish()
+    }
+}
+
 impl RawConfig {
     /// Validate every setting; the first problem found is returned, naming its variable.
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let shards = self.shards()?;
+        let nats_url = non_empty("NATS_URL", &self.nats_url)?;
         Ok(Config {
             intake: self.intake()?,
-            nats_url: non_empty("NATS_URL", &self.nats_url)?,
+            nats: nats_servers(&nats_url)?,
+            nats_url,
             shards,
             logs_subject: subject("NATS_LOGS_TOPIC", &self.nats_logs_topic)?,
             query_subject: subject("NATS_QUERY_TOPIC", &self.nats_query_topic)?,
@@ -199,12 +405,7 @@ impl RawConfig {
             queue_group: subject("NATS_QUEUE_GROUP", &self.nats_queue_group)?,
             events_prefix: subject("NATS_EVENTS_PREFIX", &self.nats_events_prefix)?,
             dead_letter_subject: subject("NATS_DEAD_LETTER_TOPIC", &self.nats_dead_letter_topic)?,
-            metrics_addr: self.metrics_addr.trim().parse().map_err(|e| {
-                bad(
-                    "METRICS_ADDR",
-                    format!("{:?} is not host:port ({e})", self.metrics_addr),
-                )
-            })?,
+            metrics_addr: metrics_addr(&self.metrics_addr)?,
             json_logs: match self.log_format.trim() {
                 "text" => false,
                 "json" => true,
@@ -215,6 +416,7 @@ impl RawConfig {
                 max_log_bytes: number("MAX_LOG_BYTES", &self.max_log_bytes, 1, 64 << 20)?,
                 max_key_bytes: number("MAX_KEY_BYTES", &self.max_key_bytes, 1, 1 << 20)?,
             },
+            max_batch_entries: number("MAX_BATCH_ENTRIES", &self.max_batch_entries, 1, 100_000)?,
             batch_max_rows: number("BATCH_MAX_ROWS", &self.batch_max_rows, 1, 100_000)?,
             batch_linger: Duration::from_millis(number(
                 "BATCH_LINGER_MS",
@@ -277,6 +479,12 @@ impl RawConfig {
                     10_000_000,
                 )?,
                 max_bytes: number("JS_MAX_BYTES", &self.js_max_bytes, -1, i64::MAX)?,
+                duplicate_window: Duration::from_millis(number(
+                    "JS_DUPLICATE_WINDOW_MS",
+                    &self.js_duplicate_window_ms,
+                    100,
+                    86_400_000,
+                )?),
             })),
             other => Err(bad("INTAKE", format!("{other:?} is not jetstream or core"))),
         }
@@ -300,11 +508,15 @@ impl RawConfig {
         non_empty("POSTGRES_USER", &self.postgres_user)?;
         non_empty("POSTGRES_DB", &self.postgres_db)?;
         let mut shards = Vec::new();
-        for host in ips.split(',').map(str::trim) {
-            if host.is_empty() || host.contains(['/', '@', ' ']) {
+        for (host, shown) in split_list(ips) {
+            if host.is_empty() || host.contains(|c: char| "/@='\\".contains(c) || c.is_whitespace())
+            {
                 return Err(bad(
                     "POSTGRES_IPS",
-                    format!("{host:?} is not a host name or IP"),
+                    format!(
+                        "{shown:?} is not a host name or IP (credentials go in \
+                         POSTGRES_USER/POSTGRES_PASSWORD)"
+                    ),
                 ));
             }
             // key=value form: no URL-escaping of the password needed.
@@ -329,34 +541,63 @@ impl RawConfig {
     }
 }
 
-/// Parse `name=url,name2=url2`. URLs may not contain commas (percent-encode them).
+/// Parse `name=postgres://…,name2=postgresql://…`. Only URLs are taken (the key=value form is
+/// built internally from POSTGRES_IPS): a key=value string or two URLs in one entry, which
+/// is what a space instead of a comma produces, would otherwise be read as one shard. URLs may
+/// not contain commas or whitespace (percent-encode them). Errors show the entry redacted.
 pub fn parse_shards(spec: &str) -> Result<Vec<ShardConfig>, ConfigError> {
+    const VAR: &str = "POSTGRES_SHARDS";
     let mut shards = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for (part, entry) in split_list(spec) {
+        if part.is_empty() {
+            continue;
+        }
+        if part.contains(char::is_whitespace) {
+            return Err(bad(
+                VAR,
+                format!("entry {entry:?} contains whitespace (separate shards with commas)"),
+            ));
+        }
         let Some((name, url)) = part.split_once('=') else {
             return Err(bad(
-                "POSTGRES_SHARDS",
-                format!("{:?} is not name=postgres://…", redact(part)),
+                VAR,
+                format!("entry {entry:?} is not name=postgres://…"),
             ));
         };
-        let (name, url) = (name.trim(), url.trim());
         if name.is_empty()
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(bad(
-                "POSTGRES_SHARDS",
-                format!("shard name {name:?} must be non-empty [A-Za-z0-9._-]"),
+                VAR,
+                format!(
+                    "entry {entry:?} does not start with a shard name (name=postgres://…, \
+                     names are [A-Za-z0-9._-])"
+                ),
+            ));
+        }
+        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return Err(bad(
+                VAR,
+                format!("shard {name}: {entry:?} is not a postgres:// or postgresql:// URL"),
+            ));
+        }
+        if url.matches("://").count() > 1 {
+            return Err(bad(
+                VAR,
+                format!(
+                    "shard {name}: entry {entry:?} holds more than one URL (separate shards \
+                     with commas)"
+                ),
             ));
         }
         if let Err(e) = url.parse::<tokio_postgres::Config>() {
+            // Its Display is only the kind; the cause names the option (never its value).
+            let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(": {c}"));
             return Err(bad(
-                "POSTGRES_SHARDS",
-                format!(
-                    "shard {name}: {:?} is not a PostgreSQL URL ({e})",
-                    redact(url)
-                ),
+                VAR,
+                format!("shard {name}: {entry:?} is not a PostgreSQL URL ({e}{cause})"),
             ));
         }
         shards.push(ShardConfig {
@@ -365,9 +606,9 @@ pub fn parse_shards(spec: &str) -> Result<Vec<ShardConfig>, ConfigError> {
         });
     }
     if shards.is_empty() {
-        return Err(bad("POSTGRES_SHARDS", "no shard given"));
+        return Err(bad(VAR, "no shard given"));
     }
-    check_unique("POSTGRES_SHARDS", &shards)?;
+    check_unique(VAR, &shards)?;
     Ok(shards)
 }
 
@@ -383,16 +624,39 @@ fn check_unique(var: &'static str, shards: &[ShardConfig]) -> Result<(), ConfigE
     Ok(())
 }
 
-/// Hide a password in a URL before it reaches an error message or a log line.
-pub fn redact(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.rsplit_once('@') {
-            if let Some((user, _password)) = userinfo.split_once(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
+/// NATS_URL split into servers and credentials; every server must parse as the client's
+/// address type, so a bad URL stops the start here (redacted) instead of in the client.
+fn nats_servers(value: &str) -> Result<NatsServers, ConfigError> {
+    let nats = NatsServers::parse(value).map_err(|problem| bad("NATS_URL", problem))?;
+    for (i, server) in nats.servers.iter().enumerate() {
+        // The client's parse errors name the problem (port, scheme), never the URL.
+        if let Err(e) = server.parse::<async_nats::ServerAddr>() {
+            return Err(bad(
+                "NATS_URL",
+                format!(
+                    "server {} of {:?} is not a NATS server URL ({e})",
+                    i + 1,
+                    nats.shown
+                ),
+            ));
         }
     }
-    url.to_string()
+    Ok(nats)
+}
+
+/// `host:port`, or `:port` for every interface (the Go service's form).
+fn metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
+    let trimmed = value.trim();
+    let full = match trimmed.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => trimmed.to_string(),
+    };
+    full.parse().map_err(|e| {
+        bad(
+            "METRICS_ADDR",
+            format!("{value:?} is not host:port or :port ({e})"),
+        )
+    })
 }
 
 fn quote_conninfo(value: &str) -> String {
@@ -493,7 +757,7 @@ mod tests {
 
     #[test]
     fn every_error_names_its_variable() {
-        let cases: [(&[&str], &str); 9] = [
+        let cases: [(&[&str], &str); 12] = [
             (&["--postgres-ips", "h", "--intake", "kafka"], "INTAKE"),
             (
                 &["--postgres-ips", "h", "--nats-stream", "a.b"],
@@ -521,6 +785,18 @@ mod tests {
                 &["--postgres-ips", "h", "--nats-logs-topic", "a..b"],
                 "NATS_LOGS_TOPIC",
             ),
+            (
+                &["--postgres-shards", "a=postgres://h/db b=postgres://h/db"],
+                "POSTGRES_SHARDS",
+            ),
+            (
+                &["--postgres-ips", "h", "--metrics-addr", ":x"],
+                "METRICS_ADDR",
+            ),
+            (
+                &["--postgres-ips", "h", "--nats-url", "nats://"],
+                "NATS_URL",
+            ),
         ];
         for (args, var) in cases {
             let err = raw(args).validate().unwrap_err();
@@ -529,8 +805,176 @@ mod tests {
         }
     }
 
+    const MARKER: &str = "S3CRET-MARKER";
+
+    /// The error for `args`: it names `var`, is one line, and never shows the marker.
+    fn refused(args: &[&str], var: &str) -> String {
+        let err = raw(args).validate().unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.var, var, "{args:?}: {text}");
+        assert!(!text.contains('\n'), "{args:?}: {text}");
+        assert!(!text.contains(MARKER), "{args:?} leaks: {text}");
+        text
+    }
+
     #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+    fn shard_list_entries_must_be_single_named_urls() {
+        let m = MARKER;
+        for (spec, says) in [
+            // A space instead of a comma: once accepted as one shard.
+            (
+                format!("a=postgres://u:{m}@h/db b=postgres://u:{m}@h2/db"),
+                "whitespace",
+            ),
+            (
+                format!("a=postgres://u:{m}@h/db\tb=postgres://h2/db"),
+                "whitespace",
+            ),
+            // Two URLs glued together.
+            (
+                format!("a=postgres://u:{m}@h/dbpostgres://u:{m}@h2/db"),
+                "more than one URL",
+            ),
+            // A shard missing its name, with and without an `=` in the URL.
+            (format!("postgres://u:{m}@h/db"), "not name=postgres"),
+            (
+                format!("postgres://u:{m}@h/db?sslmode=disable"),
+                "does not start with a shard name",
+            ),
+            (
+                format!("postgres://h/db?password={m}"),
+                "does not start with a shard name",
+            ),
+            // The key=value form is not taken from POSTGRES_SHARDS.
+            (format!("a=host=h password={m}"), "whitespace"),
+            (
+                format!("a=password={m}"),
+                "not a postgres:// or postgresql:// URL",
+            ),
+            (
+                format!("a=mysql://u:{m}@h/db"),
+                "not a postgres:// or postgresql:// URL",
+            ),
+            // URLs tokio-postgres refuses.
+            (
+                format!("a=postgres://u:{m}@h:port/db"),
+                "not a PostgreSQL URL",
+            ),
+            (
+                format!("a=postgres://h/db?password={m}&no_such_option=1"),
+                "not a PostgreSQL URL",
+            ),
+            (
+                format!("a=postgres://u:{m}@h/db,a=postgres://u:{m}@h2/db"),
+                "appears twice",
+            ),
+            // An unescaped comma cuts the password: the first half is then refused alone.
+            (
+                format!("a=postgres://u:{m},{m}@h/db"),
+                "not a PostgreSQL URL",
+            ),
+        ] {
+            let text = refused(&["--postgres-shards", &spec], "POSTGRES_SHARDS");
+            assert!(text.contains(says), "{spec}: {text}");
+        }
+    }
+
+    #[test]
+    fn shard_errors_name_the_offending_entry_redacted() {
+        let text = refused(
+            &[
+                "--postgres-shards",
+                &format!("ok=postgres://h/db, b=postgres://u:{MARKER}@h2/db c=postgres://h3/db"),
+            ],
+            "POSTGRES_SHARDS",
+        );
+        assert!(
+            text.contains(r#""b=postgres://u:***@h2/db c=postgres://h3/db""#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn postgres_ips_errors_hide_credentials() {
+        for ips in [
+            format!("u:{MARKER}@h"),
+            format!("h password={MARKER}"),
+            "a/b".to_string(),
+        ] {
+            refused(
+                &["--postgres-ips", &ips, "--postgres-password", MARKER],
+                "POSTGRES_IPS",
+            );
+        }
+    }
+
+    #[test]
+    fn nats_url_errors_hide_credentials() {
+        let m = MARKER;
+        for url in [
+            format!("nats://u:{m}@h:port"),
+            format!("nats://u:{m}@h1 nats://u:{m}@h2"),
+            format!("nats://a:{m}@h1,nats://b:{m}@h2"),
+            format!("http://u:{m}@h"),
+            format!("nats://{m}@h,,nats://h2"),
+        ] {
+            refused(&["--postgres-ips", "h", "--nats-url", &url], "NATS_URL");
+        }
+    }
+
+    #[test]
+    fn nats_credentials_leave_the_urls() {
+        let c = raw(&[
+            "--postgres-ips",
+            "h",
+            "--nats-url",
+            &format!("nats://u:{MARKER}@h1:4222, nats://h2:4222"),
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(c.nats.servers, ["nats://h1:4222", "nats://h2:4222"]);
+        assert_eq!(
+            c.nats.auth,
+            NatsAuth::UserPassword {
+                user: "u".into(),
+                password: MARKER.into()
+            }
+        );
+        let c = raw(&["--postgres-ips", "h"]).validate().unwrap();
+        assert_eq!(c.nats.servers, ["nats://127.0.0.1:4222"]);
+        assert_eq!(c.nats.auth, NatsAuth::None);
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let from_urls = raw(&[
+            "--postgres-shards",
+            &format!("a=postgres://u:{MARKER}@h/db,b=postgres://h2/db?password={MARKER}"),
+            "--nats-url",
+            &format!("nats://{MARKER}@h:4222"),
+            "--postgres-password",
+            MARKER,
+        ]);
+        let from_ips = raw(&["--postgres-ips", "h1,h2", "--postgres-password", MARKER]);
+        for raw in [from_urls, from_ips] {
+            let debug = format!("{raw:?} {:?}", raw.validate().unwrap());
+            assert!(!debug.contains(MARKER), "{debug}");
+            assert!(debug.contains("***"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn metrics_addr_accepts_a_bare_port() {
+        let addr = |value: &str| {
+            raw(&["--postgres-ips", "h", "--metrics-addr", value])
+                .validate()
+                .map(|c| c.metrics_addr.to_string())
+        };
+        assert_eq!(addr(":2112").unwrap(), "0.0.0.0:2112");
+        assert_eq!(addr(" 127.0.0.1:9 ").unwrap(), "127.0.0.1:9");
+        assert_eq!(addr("[::1]:9").unwrap(), "[::1]:9");
+        for bad in [":", ":x", ":99999", "2112", ""] {
+            assert_eq!(addr(bad).unwrap_err().var, "METRICS_ADDR", "{bad:?}");
+        }
     }
 }

@@ -16,13 +16,13 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{HeaderMap, Message, Subscriber};
 use futures::StreamExt;
 use logstore_protocol::{
-    check_key, AppendRequest, ErrorBody, ErrorCode, Limits, QueryRequest, MSG_ID_HEADER,
+    check_key, AppendBody, ErrorBody, ErrorCode, Limits, QueryRequest, MSG_ID_HEADER,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
-use crate::origin::{AppendJob, InFlight, Origin, Settler};
+use crate::origin::{AppendJob, BatchMessage, InFlight, Origin, Settle, Settler};
 use crate::pipeline::{Refused, ShardQueue, Work};
 use crate::query::{Queries, QueryJob};
 use crate::ring::Ring;
@@ -41,6 +41,8 @@ pub struct Router {
     /// Per shard: where queries go (the same queues as appends with core intake).
     pub query_queues: Vec<ShardQueue>,
     pub limits: Limits,
+    /// MAX_BATCH_ENTRIES: most entries in one batch message.
+    pub max_batch_entries: usize,
     pub settler: Settler,
     pub queries: Queries,
     pub metrics: Metrics,
@@ -109,13 +111,8 @@ pub async fn run_jetstream(
     cancel: CancellationToken,
 ) {
     let appends = {
-        let router = router.clone();
-        let cancel = cancel.clone();
-        async move {
-            while !cancel.is_cancelled() {
-                router.fetch_batch(&consumer, &cancel).await;
-            }
-        }
+        let (router, cancel) = (router.clone(), cancel.clone());
+        async move { router.pull_loop(&consumer, &cancel).await }
     };
     let queries = async {
         loop {
@@ -154,7 +151,10 @@ pub async fn setup_jetstream(
         // than silently dropping older appends that were never stored.
         discard: stream::DiscardPolicy::New,
         max_bytes: config.max_bytes,
-        duplicate_window: Duration::from_secs(120),
+        // Keys are per object (the database deduplicates them, forever); the stream's own
+        // dedupe of `Nats-Msg-Id` is per stream and drops an append to object 9 that reuses
+        // object 8's id within the window, so the window is short (JS_DUPLICATE_WINDOW_MS).
+        duplicate_window: config.duplicate_window,
         ..Default::default()
     };
     // Two workers starting together may race to create; the loser's update then succeeds.
@@ -227,30 +227,60 @@ async fn drain(subscriber: &mut Subscriber) {
 }
 
 impl Router {
-    /// Pull one batch and route every message in it. The whole batch is routed even when
-    /// `cancel` fires meanwhile, so nothing delivered to this worker waits for ack_wait.
-    async fn fetch_batch(
+    /// Pull and route until `cancel`, keeping the next pull request outstanding while a batch
+    /// is routed, so the consumer never waits a round trip for this worker. Batches are routed
+    /// one after the other in the order they were requested (the server fills pull requests in
+    /// that order), so this worker routes messages in stream order. After `cancel`, every batch
+    /// already requested is still routed: nothing delivered here waits for ack_wait.
+    async fn pull_loop(
         &self,
         consumer: &consumer::Consumer<consumer::pull::Config>,
         cancel: &CancellationToken,
     ) {
+        let mut current = None;
+        loop {
+            let next = if cancel.is_cancelled() {
+                None
+            } else {
+                self.request_batch(consumer, cancel).await
+            };
+            if let Some(batch) = current.take() {
+                self.route_batch(batch).await;
+            }
+            match next {
+                Some(batch) => current = Some(batch),
+                None if cancel.is_cancelled() => return,
+                None => {}
+            }
+        }
+    }
+
+    /// Send one pull request; its messages arrive into the returned batch.
+    async fn request_batch(
+        &self,
+        consumer: &consumer::Consumer<consumer::pull::Config>,
+        cancel: &CancellationToken,
+    ) -> Option<consumer::pull::Batch> {
         let batch = consumer
             .batch()
             .max_messages(FETCH_BATCH)
             .expires(FETCH_EXPIRES)
             .messages()
             .await;
-        let mut batch = match batch {
-            Ok(batch) => batch,
+        match batch {
+            Ok(batch) => Some(batch),
             Err(e) => {
                 tracing::warn!(error = %e, "JetStream fetch failed; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
-                return;
+                None
             }
-        };
+        }
+    }
+
+    async fn route_batch(&self, mut batch: consumer::pull::Batch) {
         while let Some(message) = batch.next().await {
             match message {
                 Ok(message) => self.jetstream_append(message).await,
@@ -266,14 +296,18 @@ impl Router {
         let received = SystemTime::now();
         let started = Instant::now();
         let in_flight = InFlight::new(&self.metrics.appends_in_flight);
-        let request = decode_append(&message.payload, message.headers.as_ref(), &self.limits);
+        let body = self.decode(&message.payload, message.headers.as_ref());
         let origin = Origin::Core {
             reply: message.reply,
             subject: message.subject.clone(),
         };
-        match request {
-            Ok(request) => {
-                self.route_append(request, None, received, origin, started, in_flight)
+        match body {
+            Ok((body, msg_id)) => {
+                let keys = KeySource {
+                    msg_id: msg_id.as_deref(),
+                    identity: None,
+                };
+                self.route(body, keys, received, origin, started, in_flight)
                     .await
             }
             Err(error) => {
@@ -289,8 +323,8 @@ impl Router {
         let started = Instant::now();
         let in_flight = InFlight::new(&self.metrics.appends_in_flight);
         // Decoded from borrowed bytes before the message moves into its origin: no copy of the
-        // payload or headers per append.
-        let request = decode_append(&message.payload, message.headers.as_ref(), &self.limits);
+        // payload per append.
+        let body = self.decode(&message.payload, message.headers.as_ref());
         let (received, stream_sequence) = match message.info() {
             // ts is when the stream stored the message, so a backlog keeps its publish times.
             Ok(info) => (SystemTime::from(info.published), Some(info.stream_sequence)),
@@ -299,15 +333,18 @@ impl Router {
                 (SystemTime::now(), None)
             }
         };
-        match request {
-            Ok(request) => {
-                // The stream identity is the key only when the publisher gave none.
-                let identity = match (&request.key, &self.stream_identity, stream_sequence) {
-                    (None, Some(prefix), Some(sequence)) => Some(format!("{prefix}:{sequence}")),
+        match body {
+            Ok((body, msg_id)) => {
+                let identity = match (&self.stream_identity, stream_sequence) {
+                    (Some(prefix), Some(sequence)) => Some((prefix.as_str(), sequence)),
                     _ => None,
                 };
+                let keys = KeySource {
+                    msg_id: msg_id.as_deref(),
+                    identity,
+                };
                 let origin = Origin::JetStream(Box::new(message));
-                self.route_append(request, identity, received, origin, started, in_flight)
+                self.route(body, keys, received, origin, started, in_flight)
                     .await
             }
             Err(error) => {
@@ -321,36 +358,104 @@ impl Router {
         }
     }
 
-    /// Queue a valid append on its shard's pipeline. `fallback_key` is the message's stream
-    /// identity (JetStream), used when neither the body nor the headers carry a key.
-    async fn route_append(
+    /// Decode a body and validate the `Nats-Msg-Id` header it may carry as its key source.
+    fn decode(
         &self,
-        request: AppendRequest,
-        fallback_key: Option<String>,
+        payload: &[u8],
+        headers: Option<&HeaderMap>,
+    ) -> Result<(AppendBody, Option<String>), ErrorBody> {
+        let body = AppendBody::decode(payload, &self.limits, self.max_batch_entries)?;
+        let keyless = match &body {
+            AppendBody::Single(request) => request.key.is_none(),
+            AppendBody::Batch(entries) => entries.iter().any(|e| e.key.is_none()),
+        };
+        let msg_id = match headers.and_then(|h| h.get(MSG_ID_HEADER)) {
+            // Checked only where it becomes a key, as before batches existed.
+            Some(id) if keyless => {
+                let id = id.as_str();
+                check_key(id, &self.limits)?;
+                Some(id.to_string())
+            }
+            _ => None,
+        };
+        Ok((body, msg_id))
+    }
+
+    /// Queue a valid message's appends on their shards' pipelines.
+    async fn route(
+        &self,
+        body: AppendBody,
+        keys: KeySource<'_>,
         received: SystemTime,
         origin: Origin,
         started: Instant,
         in_flight: InFlight,
     ) {
-        let queue = &self.queues[self.ring.shard_of(request.id)];
-        let job = AppendJob {
-            entry: NewEntry {
-                id: request.id,
-                key: request.key.or(fallback_key),
-                log: request.log,
-                received,
-            },
-            origin,
-            started,
-            deadline: tokio::time::Instant::from_std(started) + self.shard_timeout,
-            in_flight,
+        let deadline = tokio::time::Instant::from_std(started) + self.shard_timeout;
+        let entries = match body {
+            AppendBody::Single(request) => {
+                let key = request.key.or_else(|| keys.single());
+                let job = AppendJob {
+                    entry: NewEntry {
+                        id: request.id,
+                        key,
+                        log: request.log,
+                        received,
+                    },
+                    settle: Settle::Single { origin, in_flight },
+                    started,
+                    deadline,
+                };
+                let queue = &self.queues[self.ring.shard_of(job.entry.id)];
+                if let Err(Refused {
+                    work: Work::Append(job),
+                    error,
+                }) = queue.offer(Work::Append(job)).await
+                {
+                    self.settler.failed(job, error, &queue.metrics).await;
+                }
+                return;
+            }
+            AppendBody::Batch(entries) => entries,
         };
-        if let Err(Refused {
-            work: Work::Append(job),
-            error,
-        }) = queue.offer(Work::Append(job)).await
-        {
-            self.settler.failed(job, error, &queue.metrics).await;
+        let batch = BatchMessage::new(origin, entries.len(), in_flight);
+        // One group per shard, each in array order.
+        let mut groups: Vec<Vec<AppendJob>> = (0..self.queues.len()).map(|_| Vec::new()).collect();
+        for (index, request) in entries.into_iter().enumerate() {
+            let key = request.key.or_else(|| keys.entry(index));
+            let shard = self.ring.shard_of(request.id);
+            groups[shard].push(AppendJob {
+                entry: NewEntry {
+                    id: request.id,
+                    key,
+                    log: request.log,
+                    received,
+                },
+                settle: Settle::Entry {
+                    batch: batch.clone(),
+                    index,
+                },
+                started,
+                deadline,
+            });
+        }
+        drop(batch);
+        for (shard, jobs) in groups.into_iter().enumerate() {
+            if jobs.is_empty() {
+                continue;
+            }
+            let queue = &self.queues[shard];
+            if let Err(Refused {
+                work: Work::Appends(jobs),
+                error,
+            }) = queue.offer(Work::Appends(jobs)).await
+            {
+                for job in jobs {
+                    self.settler
+                        .failed(job, error.clone(), &queue.metrics)
+                        .await;
+                }
+            }
         }
     }
 
@@ -403,18 +508,27 @@ impl Router {
     }
 }
 
-fn decode_append(
-    payload: &[u8],
-    headers: Option<&HeaderMap>,
-    limits: &Limits,
-) -> Result<AppendRequest, ErrorBody> {
-    let mut request = AppendRequest::decode(payload, limits)?;
-    if request.key.is_none() {
-        if let Some(key) = headers.and_then(|h| h.get(MSG_ID_HEADER)) {
-            let key = key.as_str();
-            check_key(key, limits)?;
-            request.key = Some(key.to_string());
+/// Where the keys of a message's appends come from when an entry carries none.
+struct KeySource<'a> {
+    /// The `Nats-Msg-Id` header.
+    msg_id: Option<&'a str>,
+    /// JetStream: `js:<stream>:<created>` and the message's stream sequence.
+    identity: Option<(&'a str, u64)>,
+}
+
+impl KeySource<'_> {
+    /// A single append's key: the header itself, else the stream identity.
+    fn single(&self) -> Option<String> {
+        match (self.msg_id, self.identity) {
+            (Some(id), _) => Some(id.to_string()),
+            (None, Some((prefix, sequence))) => Some(format!("{prefix}:{sequence}")),
+            (None, None) => None,
         }
     }
-    Ok(request)
+
+    /// Batch entry `index`'s key: the single key with `#<index>`, so a redelivered or
+    /// re-published batch never doubles an entry.
+    fn entry(&self, index: usize) -> Option<String> {
+        self.single().map(|key| format!("{key}#{index}"))
+    }
 }

@@ -39,6 +39,28 @@ use crate::config::{Config, Intake};
 use crate::metrics::Metrics;
 use crate::store::{Shard, StoreError};
 
+/// Displays an error with its causes (`top: cause: cause`), for log lines: a driver's top-level
+/// text alone is often just "db error". A cause whose text the previous one already shows is
+/// skipped, so `#[error("…: {0}")]` wrappers do not print it twice.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !shown.contains(&text) {
+                write!(f, ": {text}")?;
+                shown = text;
+            }
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
 /// How often each shard is health-checked (and, while it has never been reachable, retried).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -158,8 +180,9 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let mut queues = Vec::with_capacity(shards.len());
     let mut query_queues = Vec::with_capacity(shards.len());
     for shard in shards.iter() {
-        let (queue, task) =
-            pipeline::shard_pipeline(shard.clone(), config.batch_max_rows * 2, context.clone());
+        // Room for two full transactions, and always for one whole batch message.
+        let capacity = (config.batch_max_rows * 2).max(config.max_batch_entries);
+        let (queue, task) = pipeline::shard_pipeline(shard.clone(), capacity, context.clone());
         work.spawn(task);
         match config.intake {
             // Core: a query queues behind the appends received before it (read your writes).
@@ -201,6 +224,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         queues,
         query_queues,
         limits: config.limits,
+        max_batch_entries: config.max_batch_entries,
         settler,
         queries: query_machinery,
         metrics: metrics.clone(),
@@ -360,7 +384,7 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
             Err(e @ StoreError::WrongShard { .. }) => return Err(e.into()),
             Err(e) => tracing::warn!(
                 shard = %shard.name,
-                error = %e,
+                error = %Chain(&e),
                 "shard unreachable at start; its objects answer `unavailable` until it is back"
             ),
         }
@@ -371,7 +395,8 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
 async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::Client, Error> {
     let reconnects = metrics.nats_reconnects.clone();
     let connected_once = Arc::new(AtomicBool::new(false));
-    async_nats::ConnectOptions::new()
+    config
+        .nats_options() // NATS_URL's credentials: passed here, never inside logged URLs
         .name("logstore-worker")
         // Start (not ready) while NATS is down, and connect when it comes up.
         .retry_on_initial_connect()
@@ -391,10 +416,10 @@ async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::
                 }
             }
         })
-        .connect(config.nats_url.as_str())
+        .connect(config.nats.servers.as_slice())
         .await
         .map_err(|source| Error::Nats {
-            url: config.nats_url.clone(),
+            url: logstore_protocol::redact::redact(&config.nats_url),
             source,
         })
 }
@@ -413,11 +438,11 @@ async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: CancellationTo
             Err(())
         } else if shard.is_initialised() {
             shard.ping().await.map_err(|e| {
-                tracing::debug!(shard = %name, error = %e, "health check failed");
+                tracing::debug!(shard = %name, error = %Chain(&e), "health check failed");
             })
         } else {
             shard.initialise().await.map_err(|e| {
-                tracing::debug!(shard = %name, error = %e, "shard still unreachable");
+                tracing::debug!(shard = %name, error = %Chain(&e), "shard still unreachable");
             })
         };
         let up = result.is_ok();
@@ -477,4 +502,26 @@ fn readiness_problems(
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("db error")]
+    struct Driver(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("shard a: {0}")]
+    struct Wrapper(#[source] Driver);
+
+    #[test]
+    fn chains_show_each_cause_once() {
+        let e = Wrapper(Driver(std::io::Error::other("password authentication failed")));
+        assert_eq!(
+            Chain(&e).to_string(),
+            "shard a: db error: password authentication failed"
+        );
+    }
 }

@@ -2,12 +2,18 @@
 //! outcome is known (reply, event, JetStream ack / nak / term, dead letter), and the in-flight
 //! gauge is released exactly once, whatever path the message took (an [`InFlight`] guard).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use async_nats::Subject;
 use bytes::Bytes;
-use logstore_protocol::{AppendReply, AppendRequest, ErrorBody, ErrorCode};
+use logstore_protocol::{
+    AppendReply, AppendRequest, BatchReply, EntryResult, ErrorBody, ErrorCode,
+    DEAD_LETTER_MSG_ID_HEADER, DEAD_LETTER_STREAM_HEADER, DEAD_LETTER_STREAM_SEQUENCE_HEADER,
+    MSG_ID_HEADER,
+};
 use prometheus::IntGauge;
 use tokio::time::Instant;
 
@@ -45,15 +51,62 @@ pub enum Origin {
     JetStream(Box<async_nats::jetstream::Message>),
 }
 
+/// How an append's outcome reaches its sender.
+pub enum Settle {
+    /// The message is this one append (the original's body): settled on its own.
+    Single { origin: Origin, in_flight: InFlight },
+    /// Entry `index` of a batch message, settled with its siblings once all are known.
+    Entry {
+        batch: Arc<BatchMessage>,
+        index: usize,
+    },
+}
+
+/// A batch message whose entries are being stored, possibly on several shards.
+pub struct BatchMessage {
+    origin: Origin,
+    /// One slot per entry, filled as each entry's outcome is known.
+    results: Mutex<Vec<Option<EntryResult>>>,
+    /// Entries still without an outcome; whoever brings it to zero settles the message.
+    remaining: AtomicUsize,
+    _in_flight: InFlight,
+}
+
+impl BatchMessage {
+    pub fn new(origin: Origin, entries: usize, in_flight: InFlight) -> Arc<BatchMessage> {
+        Arc::new(BatchMessage {
+            origin,
+            results: Mutex::new(vec![None; entries]),
+            remaining: AtomicUsize::new(entries),
+            _in_flight: in_flight,
+        })
+    }
+
+    /// Record one entry's outcome; returns every result, in array order, once it was the last.
+    fn record(&self, index: usize, result: EntryResult) -> Option<Vec<EntryResult>> {
+        let mut results = match self.results.lock() {
+            Ok(results) => results,
+            // A panic elsewhere while holding the lock cannot leave a slot half-written.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(slot) = results.get_mut(index) {
+            *slot = Some(result);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
+        }
+        Some(results.iter_mut().filter_map(Option::take).collect())
+    }
+}
+
 /// An append on its way to its shard.
 pub struct AppendJob {
     pub entry: NewEntry,
-    pub origin: Origin,
+    pub settle: Settle,
     pub started: std::time::Instant,
     /// When its answer is due (receipt + SHARD_TIMEOUT_MS): the batch it rides in is given up
     /// by then, and a job still queued by then is answered `unavailable` without being sent.
     pub deadline: Instant,
-    pub in_flight: InFlight,
 }
 
 /// What settling needs besides the job.
@@ -72,24 +125,32 @@ impl Settler {
         } else {
             m.stored.inc();
         }
+        observe(&job, m);
         let body = AppendReply {
             id: job.entry.id,
             seq: stored.seq,
             ts: format_ts(stored.ts),
             duplicate: stored.duplicate,
         };
-        match &job.origin {
-            Origin::Core { reply, .. } => self.outbox.append_done(reply.as_ref(), &body).await,
-            Origin::JetStream(message) => {
-                // Event first, then ack: a crash in between redelivers the message, which then
-                // answers as a duplicate and publishes the event again.
+        match job.settle {
+            Settle::Single { origin, .. } => match &origin {
+                Origin::Core { reply, .. } => self.outbox.append_done(reply.as_ref(), &body).await,
+                Origin::JetStream(message) => {
+                    // Event first, then ack: a crash in between redelivers the message, which
+                    // then answers as a duplicate and publishes the event again.
+                    self.outbox.append_done(None, &body).await;
+                    if let Err(e) = message.ack().await {
+                        tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+                    }
+                }
+            },
+            Settle::Entry { batch, index } => {
                 self.outbox.append_done(None, &body).await;
-                if let Err(e) = message.ack().await {
-                    tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+                if let Some(results) = batch.record(index, EntryResult::Stored(body)) {
+                    self.batch_done(&batch, results).await;
                 }
             }
         }
-        observe(&job, m);
     }
 
     /// The append failed with a store error.
@@ -105,34 +166,92 @@ impl Settler {
         } else {
             m.failed.inc();
         }
-        match &job.origin {
-            Origin::Core {
-                reply: Some(reply), ..
-            } => self.outbox.error_reply(Some(reply), &error).await,
-            // No reply subject and an unknown outcome: a dead letter would claim it failed,
-            // and it may be stored. The worker log and the `timeout` counter say it instead.
-            Origin::Core { reply: None, .. } if error.code == ErrorCode::Timeout => {
+        observe(&job, m);
+        let origin = match &job.settle {
+            Settle::Single { origin, .. } => origin,
+            Settle::Entry { batch, .. } => &batch.origin,
+        };
+        if let Origin::Core {
+            reply: None,
+            subject,
+        } = origin
+        {
+            if error.code == ErrorCode::Timeout {
+                // No reply subject and an unknown outcome: a dead letter would claim it failed,
+                // and it may be stored. The worker log and the `timeout` counter say it instead.
                 tracing::warn!(id = job.entry.id, key = ?job.entry.key, "append outcome unknown (no reply subject to tell)");
-            }
-            Origin::Core {
-                reply: None,
-                subject,
-            } => {
+            } else {
+                // Nobody else would ever learn that it was not stored.
                 let copy = AppendRequest {
                     id: job.entry.id,
                     log: job.entry.log.clone(),
                     key: job.entry.key.clone(),
                 };
                 match serde_json::to_vec(&copy) {
-                    Ok(body) => self.outbox.dead_letter(subject, body.into(), &error).await,
+                    Ok(body) => {
+                        self.outbox
+                            .dead_letter(subject, body.into(), &error, &[])
+                            .await
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot encode a failed append for dead_letter")
                     }
                 }
             }
-            Origin::JetStream(message) => self.failed_delivery(message, &error).await,
         }
-        observe(&job, m);
+        match job.settle {
+            Settle::Single { origin, .. } => match &origin {
+                Origin::Core {
+                    reply: Some(reply), ..
+                } => self.outbox.error_reply(Some(reply), &error).await,
+                Origin::Core { reply: None, .. } => {}
+                Origin::JetStream(message) => self.failed_delivery(message, &error).await,
+            },
+            Settle::Entry { batch, index } => {
+                let result = EntryResult::Failed {
+                    id: job.entry.id,
+                    error,
+                };
+                if let Some(results) = batch.record(index, result) {
+                    self.batch_done(&batch, results).await;
+                }
+            }
+        }
+    }
+
+    /// Every entry of a batch message has its outcome: answer the sender once (core), or ack
+    /// the message when all entries are stored and nak it otherwise (JetStream: the stored
+    /// ones answer as duplicates when it comes back).
+    async fn batch_done(&self, batch: &BatchMessage, results: Vec<EntryResult>) {
+        match &batch.origin {
+            Origin::Core { reply, .. } => {
+                if let Some(reply) = reply {
+                    match serde_json::to_vec(&BatchReply { results }) {
+                        Ok(body) => self.outbox.reply(reply, body.into()).await,
+                        Err(e) => tracing::error!(error = %e, "cannot encode a batch reply"),
+                    }
+                }
+            }
+            Origin::JetStream(message) => {
+                // The message fails as its most hopeful failure: if any entry may succeed on
+                // redelivery (an outage), it is redelivered rather than dead-lettered.
+                let failure = results
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        EntryResult::Failed { error, .. } => Some(error),
+                        EntryResult::Stored(_) => None,
+                    })
+                    .min_by_key(|e| !is_transient(e.code));
+                match failure {
+                    None => {
+                        if let Err(e) = message.ack().await {
+                            tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+                        }
+                    }
+                    Some(error) => self.failed_delivery(message, &error).await,
+                }
+            }
+        }
     }
 
     /// A JetStream delivery that could not be stored. Outages, load shedding and unknown
@@ -141,14 +260,15 @@ impl Settler {
     /// the dead-letter subject and terminated so it stops holding a slot.
     async fn failed_delivery(&self, message: &async_nats::jetstream::Message, error: &ErrorBody) {
         let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-        let transient = matches!(
-            error.code,
-            ErrorCode::Unavailable | ErrorCode::Busy | ErrorCode::Timeout
-        );
-        let result = if !transient && delivered >= self.max_deliver {
+        let result = if !is_transient(error.code) && delivered >= self.max_deliver {
             tracing::error!(delivered, reason = %error.message, "giving up on a message: dead-lettered");
             self.outbox
-                .dead_letter(&message.subject, message.payload.clone(), error)
+                .dead_letter(
+                    &message.subject,
+                    message.payload.clone(),
+                    error,
+                    &jetstream_identity(message),
+                )
                 .await;
             message.ack_with(AckKind::Term).await
         } else {
@@ -163,6 +283,8 @@ impl Settler {
 
     /// Bad input: answer it (core, with a reply subject), copy it to the dead-letter subject,
     /// log it. A JetStream message that can never be valid is terminated: redelivery cannot help.
+    /// Its publisher got a PubAck, so the dead letter carries what it can match: the stream
+    /// sequence and the message id.
     pub async fn rejected(
         &self,
         subject: &Subject,
@@ -177,16 +299,46 @@ impl Settler {
             bytes = payload.len(),
             "rejected message"
         );
-        if let Origin::Core { reply, .. } = origin {
-            self.outbox.error_reply(reply.as_ref(), &error).await;
-        }
-        self.outbox.dead_letter(subject, payload, &error).await;
-        if let Origin::JetStream(message) = origin {
-            if let Err(e) = message.ack_with(AckKind::Term).await {
-                tracing::warn!(error = %e, "cannot terminate a rejected JetStream message");
+        match origin {
+            Origin::Core { reply, .. } => {
+                self.outbox.error_reply(reply.as_ref(), &error).await;
+                self.outbox.dead_letter(subject, payload, &error, &[]).await;
+            }
+            Origin::JetStream(message) => {
+                let identity = jetstream_identity(message);
+                self.outbox
+                    .dead_letter(subject, payload, &error, &identity)
+                    .await;
+                if let Err(e) = message.ack_with(AckKind::Term).await {
+                    tracing::warn!(error = %e, "cannot terminate a rejected JetStream message");
+                }
             }
         }
     }
+}
+
+/// Outages, load shedding and unknown outcomes pass; a redelivery may succeed.
+fn is_transient(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Unavailable | ErrorCode::Busy | ErrorCode::Timeout
+    )
+}
+
+/// Dead-letter headers that identify a JetStream message to its publisher.
+fn jetstream_identity(message: &async_nats::jetstream::Message) -> Vec<(&'static str, String)> {
+    let mut identity = Vec::new();
+    if let Ok(info) = message.info() {
+        identity.push((DEAD_LETTER_STREAM_HEADER, info.stream.to_string()));
+        identity.push((
+            DEAD_LETTER_STREAM_SEQUENCE_HEADER,
+            info.stream_sequence.to_string(),
+        ));
+    }
+    if let Some(id) = message.headers.as_ref().and_then(|h| h.get(MSG_ID_HEADER)) {
+        identity.push((DEAD_LETTER_MSG_ID_HEADER, id.as_str().to_string()));
+    }
+    identity
 }
 
 fn observe(job: &AppendJob, m: &ShardMetrics) {
@@ -211,7 +363,7 @@ pub fn store_error_body(e: &StoreError) -> ErrorBody {
     } else if e.is_unavailable() {
         ErrorBody::new(ErrorCode::Unavailable, e.to_string())
     } else {
-        tracing::error!(error = %e, "store fault");
+        tracing::error!(error = %crate::Chain(e), "store fault");
         ErrorBody::new(
             ErrorCode::Internal,
             format!("shard error (see worker log): {}", short(e)),

@@ -71,6 +71,11 @@ impl Outbox {
         self.publish(Subject::from(event), None, payload).await;
     }
 
+    /// Send a ready-made reply body.
+    pub async fn reply(&self, reply: &Subject, body: Bytes) {
+        self.publish(reply.clone(), None, body).await;
+    }
+
     /// Send an error reply (with the NATS micro error headers) when the request has a reply subject.
     pub async fn error_reply(&self, reply: Option<&Subject>, error: &ErrorBody) {
         let Some(reply) = reply else { return };
@@ -97,8 +102,17 @@ impl Outbox {
     /// headers. A copy that would not fit in one message (the rejected message was itself near
     /// max_payload) keeps its first bytes and says so in `Logstore-Truncated` (the original
     /// size), so the reason always arrives. Counted once published.
-    pub async fn dead_letter(&self, subject: &Subject, raw: Bytes, error: &ErrorBody) {
+    pub async fn dead_letter(
+        &self,
+        subject: &Subject,
+        raw: Bytes,
+        error: &ErrorBody,
+        extra: &[(&str, String)],
+    ) {
         let mut headers = HeaderMap::new();
+        for (name, value) in extra {
+            headers.insert(*name, header_text(value).as_str());
+        }
         headers.insert(DEAD_LETTER_CODE_HEADER, error.code.as_str());
         headers.insert(
             DEAD_LETTER_REASON_HEADER,

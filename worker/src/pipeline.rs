@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use logstore_protocol::{ErrorBody, ErrorCode};
-use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::origin::{AppendJob, Settler};
 use crate::query::{Queries, QueryJob};
 use crate::store::{NewEntry, Shard};
+use crate::Chain;
 
 /// How long intake waits for room in a full queue whose shard is making progress; also how
 /// long a batch may run before the shard counts as stuck (then full queues refuse at once).
@@ -30,7 +30,26 @@ const FULL_WAIT: Duration = Duration::from_millis(250);
 
 pub enum Work {
     Append(AppendJob),
+    /// One batch message's entries for this shard, in array order: they are written in one
+    /// transaction, so one object's entries from one message get consecutive seqs.
+    Appends(Vec<AppendJob>),
     Query(QueryJob),
+}
+
+impl Work {
+    /// Queue places it takes: one per entry, so the bound is on entries, not messages.
+    fn weight(&self) -> u32 {
+        match self {
+            Work::Appends(jobs) => u32::try_from(jobs.len()).unwrap_or(u32::MAX),
+            Work::Append(_) | Work::Query(_) => 1,
+        }
+    }
+}
+
+/// Work in the queue, holding its places until the pipeline takes it.
+struct Queued {
+    work: Work,
+    _places: OwnedSemaphorePermit,
 }
 
 /// What a shard pipeline needs besides its queue.
@@ -49,7 +68,9 @@ pub struct Context {
 /// The sending side of one shard's pipeline. Cloning is cheap.
 #[derive(Clone)]
 pub struct ShardQueue {
-    sender: mpsc::Sender<Work>,
+    sender: mpsc::Sender<Queued>,
+    /// Free places (entries) in the queue; the channel itself never fills before these run out.
+    places: Arc<Semaphore>,
     pub shard: Arc<Shard>,
     pub metrics: ShardMetrics,
     /// When the batch now being written started (ms since the Unix epoch), 0 when idle.
@@ -65,23 +86,30 @@ pub struct Refused {
 impl ShardQueue {
     /// Queue `work`, waiting for room only while the shard is making progress.
     pub async fn offer(&self, work: Work) -> Result<(), Refused> {
-        let work = match self.sender.try_send(work) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Closed(work)) => return Err(self.refused(work, "is shutting down")),
-            Err(TrySendError::Full(work)) => work,
-        };
-        if !self.shard.is_up() {
-            return Err(self.refused(work, "is down"));
-        }
-        if self.stuck() {
-            return Err(self.refused(work, "is not keeping up (its queue is full)"));
-        }
-        match self.sender.send_timeout(work, FULL_WAIT).await {
-            Ok(()) => Ok(()),
-            Err(SendTimeoutError::Timeout(work)) | Err(SendTimeoutError::Closed(work)) => {
-                Err(self.refused(work, "is not keeping up (its queue is full)"))
+        let weight = work.weight();
+        let places = match self.places.clone().try_acquire_many_owned(weight) {
+            Ok(places) => places,
+            Err(_) if !self.shard.is_up() => return Err(self.refused(work, "is down")),
+            Err(_) if self.stuck() => {
+                return Err(self.refused(work, "is not keeping up (its queue is full)"))
             }
-        }
+            Err(_) => {
+                let wait = self.places.clone().acquire_many_owned(weight);
+                match tokio::time::timeout(FULL_WAIT, wait).await {
+                    Ok(Ok(places)) => places,
+                    _ => return Err(self.refused(work, "is not keeping up (its queue is full)")),
+                }
+            }
+        };
+        let queued = Queued {
+            work,
+            _places: places,
+        };
+        // Never full while places are held (see `shard_pipeline`); closed only at shutdown.
+        self.sender.send(queued).await.map_err(|e| {
+            let work = e.0.work;
+            self.refused(work, "is shutting down")
+        })
     }
 
     fn refused(&self, work: Work, why: &str) -> Refused {
@@ -119,10 +147,12 @@ pub fn shard_pipeline(
     capacity: usize,
     ctx: Context,
 ) -> (ShardQueue, impl std::future::Future<Output = ()>) {
+    // Every queued item holds at least one place, so the channel never fills first.
     let (sender, receiver) = mpsc::channel(capacity);
     let metrics = ctx.metrics.shard(&shard.name);
     let queue = ShardQueue {
         sender,
+        places: Arc::new(Semaphore::new(capacity)),
         shard: shard.clone(),
         metrics: metrics.clone(),
         busy_since: Arc::new(AtomicU64::new(0)),
@@ -133,18 +163,27 @@ pub fn shard_pipeline(
 
 async fn run_shard(
     shard: Arc<Shard>,
-    mut queue: mpsc::Receiver<Work>,
+    mut queue: mpsc::Receiver<Queued>,
     m: ShardMetrics,
     busy_since: Arc<AtomicU64>,
     ctx: Context,
 ) {
     let query_slots = Arc::new(Semaphore::new(ctx.queries_per_shard));
     let mut batch: Vec<AppendJob> = Vec::with_capacity(ctx.batch_max_rows);
-    while let Some(work) = queue.recv().await {
+    // A message's entries that did not fit in the batch being built: they open the next one.
+    let mut carried: Option<Vec<AppendJob>> = None;
+    loop {
         let mut query = None;
-        match work {
-            Work::Append(job) => batch.push(job),
-            Work::Query(job) => query = Some(job),
+        match carried.take() {
+            Some(jobs) => batch.extend(jobs),
+            None => match queue.recv().await {
+                Some(queued) => match queued.work {
+                    Work::Append(job) => batch.push(job),
+                    Work::Appends(jobs) => batch.extend(jobs),
+                    Work::Query(job) => query = Some(job),
+                },
+                None => break,
+            },
         }
         // Take what is queued; then, if the batch is still small, wait up to the linger for
         // more: under load a few milliseconds fill a batch of hundreds, which Postgres writes
@@ -152,15 +191,21 @@ async fn run_shard(
         let linger_until = Instant::now() + ctx.batch_linger;
         while query.is_none() && batch.len() < ctx.batch_max_rows {
             let next = match queue.try_recv() {
-                Ok(work) => Some(work),
+                Ok(queued) => Some(queued.work),
                 Err(_) if batch.is_empty() || ctx.batch_linger.is_zero() => None,
                 Err(_) => tokio::time::timeout_at(linger_until, queue.recv())
                     .await
                     .ok()
-                    .flatten(),
+                    .flatten()
+                    .map(|queued| queued.work),
             };
             match next {
                 Some(Work::Append(job)) => batch.push(job),
+                Some(Work::Appends(jobs)) if batch.len() + jobs.len() > ctx.batch_max_rows => {
+                    carried = Some(jobs);
+                    break;
+                }
+                Some(Work::Appends(jobs)) => batch.extend(jobs),
                 Some(Work::Query(job)) => query = Some(job),
                 None => break,
             }
@@ -225,11 +270,11 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
         Err(e) if e.is_unavailable() || batch.len() == 1 => {
             // An outage is logged once by the health checker, not once per batch.
             if e.is_outcome_unknown() {
-                tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch outcome unknown; answered `timeout`");
+                tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch outcome unknown; answered `timeout`");
             } else if e.is_unavailable() {
-                tracing::debug!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed");
+                tracing::debug!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed");
             } else {
-                tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed");
+                tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed");
             }
             for job in batch.drain(..) {
                 settler.store_failed(job, &e, m).await;
@@ -238,7 +283,7 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
         Err(e) => {
             // One bad entry must not fail its neighbours: the batch rolled back as a whole,
             // so store the entries one by one to isolate it.
-            tracing::warn!(shard = %shard.name, error = %e, rows = batch.len(), "append batch failed; retrying entries one by one");
+            tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed; retrying entries one by one");
             for job in batch.drain(..) {
                 if job.deadline <= Instant::now() {
                     settler.failed(job, expired(shard), m).await;

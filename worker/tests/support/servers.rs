@@ -247,6 +247,166 @@ fn nats_binary() -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Servers that require a login (additive: everything above runs without authentication)
+// ---------------------------------------------------------------------------------------------
+
+impl NatsServer {
+    /// Starts a fresh nats-server like [`NatsServer::start`], with `extra_conf` (nats-server
+    /// config syntax, e.g. `authorization { user: u, password: p }`) read from a config file;
+    /// the command-line flags (address, port, JetStream store) take precedence over it.
+    /// [`NatsServer::restart`] brings the server back WITHOUT `extra_conf`.
+    pub fn start_with_config(extra_conf: &str) -> NatsServer {
+        let bin = nats_binary();
+        let dir = new_server_dir("nats", false);
+        let store = dir.path().join("jetstream");
+        fs::create_dir_all(&store).expect("create nats store dir");
+        let log = dir.path().join("nats-server.log");
+        let conf = dir.path().join("nats-server.conf");
+        fs::write(&conf, extra_conf).expect("write nats-server config");
+        let mut last_err = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            match launch_nats_with_config(&bin, port, &store, &log, &conf) {
+                Ok(child) => {
+                    return NatsServer {
+                        port,
+                        child: Some(child),
+                        store,
+                        log,
+                        dir,
+                    }
+                }
+                Err(e) if e.port_clash => last_err = e.msg,
+                Err(e) => panic!("{}", e.msg),
+            }
+        }
+        panic!("nats-server could not get a free port after {START_ATTEMPTS} attempts: {last_err}");
+    }
+}
+
+/// [`launch_nats`] with `-c conf`. A server that requires a login still greets every client
+/// with `INFO`, so readiness is checked the same way.
+fn launch_nats_with_config(
+    bin: &Path,
+    port: u16,
+    store: &Path,
+    log: &Path,
+    conf: &Path,
+) -> Result<Child, LaunchError> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("-c")
+        .arg(conf)
+        .arg("-a")
+        .arg("127.0.0.1")
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-js")
+        .arg("-sd")
+        .arg(store);
+    let mut child = spawn_logged(cmd, log, None, "nats-server");
+    let deadline = Instant::now() + NATS_READY_TIMEOUT;
+    while !nats_greets(port) {
+        if let Ok(Some(status)) = child.try_wait() {
+            unregister_pid(child.id());
+            let tail = log_tail(log);
+            return Err(LaunchError {
+                port_clash: tail.to_ascii_lowercase().contains("address already in use"),
+                msg: format!(
+                    "nats-server on port {port} exited during startup ({status}); log {}:\n{tail}",
+                    log.display()
+                ),
+            });
+        }
+        if Instant::now() >= deadline {
+            let mut c = Some(child);
+            let _ = terminate(&mut c, None);
+            return Err(LaunchError {
+                port_clash: false,
+                msg: format!(
+                    "nats-server on port {port} not ready within {NATS_READY_TIMEOUT:?}; log {}:\n{}",
+                    log.display(),
+                    log_tail(log)
+                ),
+            });
+        }
+        thread::sleep(POLL);
+    }
+    Ok(child)
+}
+
+impl PgServer {
+    /// Creates login `role` with `password` and a fresh database it owns, then makes every
+    /// TCP login except the superuser `postgres` (which the other helpers use) authenticate
+    /// with scram-sha-256 instead of trust. Returns the database's name once a wrong password
+    /// is refused, i.e. once the new pg_hba.conf is in force. Use a dedicated server: the
+    /// change is for good.
+    pub async fn require_password(&self, role: &str, password: &str) -> String {
+        let admin = pg_connect(&self.url("postgres")).await;
+        let db = unique_name(role);
+        // Two calls: CREATE DATABASE cannot run in the implicit transaction of a batch.
+        for sql in [
+            format!(
+                "CREATE ROLE \"{role}\" LOGIN PASSWORD '{}'",
+                password.replace('\'', "''")
+            ),
+            format!("CREATE DATABASE \"{db}\" OWNER \"{role}\" TEMPLATE template0"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("create role {role} on port {}: {e:?}", self.port));
+        }
+        let hba_file: String = admin
+            .query_one("SHOW hba_file", &[])
+            .await
+            .expect("SHOW hba_file")
+            .get(0);
+        fs::write(
+            &hba_file,
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap_or_else(|e| panic!("write {hba_file}: {e}"));
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .expect("pg_reload_conf()");
+        // The postmaster rereads pg_hba.conf asynchronously after the signal.
+        let mut probe = tokio_postgres::Config::new();
+        probe
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(role)
+            .password(format!("not-{password}"))
+            .dbname(&db)
+            .connect_timeout(Duration::from_secs(2));
+        let deadline = Instant::now() + PG_READY_TIMEOUT;
+        loop {
+            match probe.connect(tokio_postgres::NoTls).await {
+                Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "28P01") => break,
+                other => {
+                    let outcome = match other {
+                        Ok(_) => "accepted".to_string(),
+                        Err(e) => format!("failed otherwise: {e}"),
+                    };
+                    assert!(
+                        Instant::now() < deadline,
+                        "postgres on port {} still takes a wrong password for {role} after \
+                         {PG_READY_TIMEOUT:?} ({outcome}); log {}:\n{}",
+                        self.port,
+                        self.log.display(),
+                        log_tail(&self.log)
+                    );
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        }
+        db
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // PostgreSQL
 // ---------------------------------------------------------------------------------------------
 

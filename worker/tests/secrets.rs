@@ -1,0 +1,414 @@
+//! Secrets are never printed. A marker string stands in for every password and token
+//! (NATS_URL, POSTGRES_SHARDS, POSTGRES_PASSWORD), and no output may contain it: not `--help`,
+//! not the one-line error of a bad configuration, not a worker's debug log while its NATS or
+//! PostgreSQL login fails, nor while it succeeds.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+use tokio::io::AsyncReadExt;
+use tokio::task::JoinHandle;
+
+/// Stands in for every secret. Distinctive enough never to appear by accident.
+const MARKER: &str = "S3CRET-MARKER-5d1c";
+
+fn assert_no_marker(what: &str, output: &str) {
+    assert!(
+        !output.contains(MARKER),
+        "{what}: the secret was printed:\n{output}"
+    );
+}
+
+/// Runs `bin` with exactly `env` (nothing inherited, so settings of the calling shell cannot
+/// interfere) and `args` to its end; returns the exit code, stdout and stderr.
+async fn run_once(
+    bin: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> (Option<i32>, String, String) {
+    let output = within(
+        30,
+        &format!("{bin} {args:?} exits"),
+        tokio::process::Command::new(bin_path(bin))
+            .args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run the binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `--help` (and `-h`) show which variables a setting reads, never their values.
+#[tokio::test]
+async fn help_shows_no_secret_values() {
+    let env = [
+        ("NATS_URL", format!("nats://user:{MARKER}@127.0.0.1:1")),
+        (
+            "POSTGRES_SHARDS",
+            format!("a=postgres://u:{MARKER}@127.0.0.1:1/db"),
+        ),
+        ("POSTGRES_PASSWORD", MARKER.to_string()),
+    ];
+    for (bin, flag) in [
+        ("worker", "--help"),
+        ("worker", "-h"),
+        ("loadgen", "--help"),
+        ("loadgen", "-h"),
+    ] {
+        let (code, stdout, stderr) = run_once(bin, &[flag], &env).await;
+        let what = format!("{bin} {flag}");
+        assert_eq!(code, Some(0), "{what}: {stderr}");
+        // The variable is named (so the help still says where a setting comes from)...
+        assert!(stdout.contains("[env: NATS_URL]"), "{what}:\n{stdout}");
+        if bin == "worker" {
+            assert!(
+                stdout.contains("[env: POSTGRES_SHARDS]"),
+                "{what}:\n{stdout}"
+            );
+            assert!(
+                stdout.contains("[env: POSTGRES_PASSWORD]"),
+                "{what}:\n{stdout}"
+            );
+        }
+        // ...its value is not.
+        assert_no_marker(&what, &format!("{stdout}{stderr}"));
+    }
+}
+
+/// `(variable, value)` pairs given to a process as its whole environment.
+type Settings = Vec<(&'static str, String)>;
+
+/// Bad configurations that carry the marker: each stops the worker at start (exit 2) with one
+/// line naming the variable at fault, and never shows the secret.
+#[tokio::test]
+async fn bad_configurations_fail_in_one_line_without_the_secret() {
+    let m = MARKER;
+    // No listener there: if a case were ever accepted, the worker would wait for NATS rather
+    // than touch a server of this machine.
+    let nats = format!("nats://logstore:{m}@127.0.0.1:{}", free_port());
+    let shards = format!("a=postgres://u:{m}@127.0.0.1:1/db");
+    let cases: Vec<(&str, Settings, &str)> = vec![
+        (
+            "a shard missing its name",
+            vec![("POSTGRES_SHARDS", format!("postgres://u:{m}@127.0.0.1/db"))],
+            "POSTGRES_SHARDS",
+        ),
+        (
+            "a shard missing its name, URL with a query",
+            vec![(
+                "POSTGRES_SHARDS",
+                format!("postgres://u:{m}@127.0.0.1/db?sslmode=disable"),
+            )],
+            "POSTGRES_SHARDS",
+        ),
+        (
+            "shards separated by a space instead of a comma",
+            vec![(
+                "POSTGRES_SHARDS",
+                format!("a=postgres://u:{m}@h1/db b=postgres://u:{m}@h2/db"),
+            )],
+            "POSTGRES_SHARDS",
+        ),
+        (
+            "?password= in a URL with a bad port",
+            vec![(
+                "POSTGRES_SHARDS",
+                format!("a=postgres://h:port/db?password={m}"),
+            )],
+            "POSTGRES_SHARDS",
+        ),
+        (
+            "?password= in a URL with an unknown option",
+            vec![(
+                "POSTGRES_SHARDS",
+                format!("a=postgres://h/db?password={m}&no_such_option=1"),
+            )],
+            "POSTGRES_SHARDS",
+        ),
+        (
+            "the key=value form",
+            vec![("POSTGRES_SHARDS", format!("a=host=h password={m}"))],
+            "POSTGRES_SHARDS",
+        ),
+        (
+            "a quoted key=value password",
+            vec![("POSTGRES_SHARDS", format!("a=password='{m}'"))],
+            "POSTGRES_SHARDS",
+        ),
+        (
+            "two shards of the same name",
+            vec![(
+                "POSTGRES_SHARDS",
+                format!("a=postgres://u:{m}@h1/db,a=postgres://u:{m}@h2/db"),
+            )],
+            "POSTGRES_SHARDS",
+        ),
+        (
+            "bad POSTGRES_IPS with a password set",
+            vec![
+                ("POSTGRES_IPS", format!("db1,user:{m}@db2")),
+                ("POSTGRES_PASSWORD", m.to_string()),
+            ],
+            "POSTGRES_IPS",
+        ),
+        (
+            "bad POSTGRES_PORT with a password set",
+            vec![
+                ("POSTGRES_IPS", "db1".to_string()),
+                ("POSTGRES_PORT", "0".to_string()),
+                ("POSTGRES_PASSWORD", m.to_string()),
+            ],
+            "POSTGRES_PORT",
+        ),
+        (
+            "bad NATS_URL port",
+            vec![
+                ("POSTGRES_SHARDS", shards.clone()),
+                ("NATS_URL", format!("nats://logstore:{m}@127.0.0.1:port")),
+            ],
+            "NATS_URL",
+        ),
+        (
+            "NATS servers separated by a space",
+            vec![
+                ("POSTGRES_SHARDS", shards.clone()),
+                ("NATS_URL", format!("nats://{m}@h1:4222 nats://{m}@h2:4222")),
+            ],
+            "NATS_URL",
+        ),
+        (
+            "NATS servers with different credentials",
+            vec![
+                ("POSTGRES_SHARDS", shards.clone()),
+                ("NATS_URL", format!("nats://a:{m}@h1,nats://b:{m}@h2")),
+            ],
+            "NATS_URL",
+        ),
+        (
+            "a bad setting next to valid secrets",
+            vec![
+                ("POSTGRES_SHARDS", shards.clone()),
+                ("POSTGRES_PASSWORD", m.to_string()),
+                ("METRICS_ADDR", "nope".to_string()),
+            ],
+            "METRICS_ADDR",
+        ),
+    ];
+    for (what, settings, var) in cases {
+        let mut env = vec![("NATS_URL", nats.clone())];
+        env.extend(settings);
+        let (code, stdout, stderr) = run_once("worker", &[], &env).await;
+        assert_eq!(code, Some(2), "{what}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("worker: invalid configuration: {var}: ")),
+            "{what}: {stderr}"
+        );
+        assert_no_marker(what, &format!("{stdout}{stderr}"));
+    }
+
+    // loadgen shares the NATS_URL parsing and its redaction.
+    let (code, stdout, stderr) = run_once(
+        "loadgen",
+        &["--count", "1"],
+        &[("NATS_URL", format!("nats://{m}@h1 nats://{m}@h2"))],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("NATS_URL"), "{stderr}");
+    assert_no_marker("loadgen with a bad NATS_URL", &format!("{stdout}{stderr}"));
+}
+
+/// A worker process at `RUST_LOG=debug` whose stdout and stderr are collected as it runs.
+struct LoggedWorker {
+    child: tokio::process::Child,
+    output: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+    metrics: SocketAddr,
+}
+
+impl LoggedWorker {
+    /// `env`'s settings plus `extra`, nothing inherited.
+    fn spawn(env: &Env, extra: &[(&str, String)]) -> LoggedWorker {
+        let port = free_port();
+        let mut child = tokio::process::Command::new(bin_path("worker"))
+            .env_clear()
+            .envs(env.settings(port))
+            .envs(extra.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the worker binary");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        readers.push(tokio::spawn(collect(stdout, output.clone())));
+        readers.push(tokio::spawn(collect(stderr, output.clone())));
+        LoggedWorker {
+            child,
+            output,
+            readers,
+            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().expect("output lock")).into_owned()
+    }
+
+    /// Waits until the output contains `needle`.
+    async fn wait_for(&self, needle: &str) {
+        eventually(30, &format!("worker logs {needle:?}"), || async move {
+            self.output().contains(needle).then_some(())
+        })
+        .await;
+    }
+
+    async fn wait_ready(&self) {
+        let addr = self.metrics;
+        eventually(60, "worker ready", || async move {
+            matches!(http_get(addr, "/readyz").await, Some((200, _))).then_some(())
+        })
+        .await;
+    }
+
+    /// SIGTERM; SIGKILL if it has not exited within 20 s (a worker that never reached NATS
+    /// may wait for it at shutdown, which is not what these tests are about). Returns
+    /// everything it printed.
+    async fn stop(mut self) -> String {
+        let pid = self.child.id().expect("worker still running") as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .is_err()
+        {
+            self.child.kill().await.expect("SIGKILL the worker");
+        }
+        for reader in self.readers.drain(..) {
+            within(10, "worker output read to its end", reader)
+                .await
+                .expect("output reader");
+        }
+        self.output()
+    }
+}
+
+async fn collect(mut from: impl tokio::io::AsyncRead + Unpin, into: Arc<Mutex<Vec<u8>>>) {
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        into.lock()
+            .expect("output lock")
+            .extend_from_slice(&buf[..n]);
+    }
+}
+
+/// NATS that requires a user and password. A wrong password and the right one, both given in
+/// NATS_URL: debug logs (where the client prints each server address it tries) never show the
+/// password, and the right one logs in (credentials in the URL work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_logins_never_print_the_password() {
+    let nats = NatsServer::start_with_config(&format!(
+        "authorization {{\n  user: logstore\n  password: \"{MARKER}\"\n}}\n"
+    ));
+    let mut env = Env::shared(&["a"]).await;
+
+    env.nats_url = format!("nats://logstore:wrong-{MARKER}@127.0.0.1:{}", nats.port());
+    let worker = LoggedWorker::spawn(&env, &[]);
+    worker.wait_for("authorization violation").await;
+    let output = worker.stop().await;
+    assert!(output.contains("attempting connection"), "{output}");
+    assert_no_marker("worker with a wrong NATS password", &output);
+
+    env.nats_url = format!("nats://logstore:{MARKER}@127.0.0.1:{}", nats.port());
+    let worker = LoggedWorker::spawn(&env, &[]);
+    worker.wait_ready().await;
+    let output = worker.stop().await;
+    assert!(output.contains("connected to NATS"), "{output}");
+    assert_no_marker("worker with the right NATS password", &output);
+
+    // loadgen does not retry a failed first connection: it exits 1 with the reason.
+    let (code, stdout, stderr) = run_once(
+        "loadgen",
+        &["--count", "1"],
+        &[(
+            "NATS_URL",
+            format!("nats://logstore:wrong-{MARKER}@127.0.0.1:{}", nats.port()),
+        )],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot connect to NATS"), "{stderr}");
+    assert_no_marker(
+        "loadgen with a wrong NATS password",
+        &format!("{stdout}{stderr}"),
+    );
+}
+
+/// PostgreSQL that requires a password (scram-sha-256). A wrong password in POSTGRES_SHARDS and
+/// in POSTGRES_PASSWORD (the key=value form built from POSTGRES_IPS), then the right one:
+/// nothing the worker prints at debug level shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_logins_never_print_the_password() {
+    let pg = PgServer::start(); // its own: require_password changes pg_hba.conf for good
+    let role = "logstore_login";
+    let db = pg.require_password(role, MARKER).await;
+    let url = |password: &str| format!("postgres://{role}:{password}@127.0.0.1:{}/{db}", pg.port());
+    let mut env = Env {
+        nats_url: shared().nats.url(),
+        prefix: unique_name("t"),
+        shards: vec![("a".to_string(), url(&format!("wrong-{MARKER}")))],
+        intake: "core",
+    };
+
+    let worker = LoggedWorker::spawn(&env, &[]);
+    worker.wait_for("shard unreachable at start").await;
+    // At least one retry by the health checker, which logs its error at debug level.
+    worker.wait_for("shard still unreachable").await;
+    let output = worker.stop().await;
+    // The server refused the login ("db error"; a refused connection reads otherwise);
+    // require_password has checked that what it refuses is the password.
+    assert!(output.contains("shard a: db error"), "{output}");
+    assert_no_marker("worker with a wrong password in POSTGRES_SHARDS", &output);
+
+    let ips = vec![
+        ("POSTGRES_IPS", "127.0.0.1".to_string()),
+        ("POSTGRES_PORT", pg.port().to_string()),
+        ("POSTGRES_USER", role.to_string()),
+        ("POSTGRES_PASSWORD", format!("wrong-{MARKER}")),
+        ("POSTGRES_DB", db.clone()),
+    ];
+    let mut by_ips = env.clone();
+    by_ips.shards.clear(); // POSTGRES_SHARDS="" gives way to POSTGRES_IPS
+    let worker = LoggedWorker::spawn(&by_ips, &ips);
+    worker.wait_for("shard unreachable at start").await;
+    let output = worker.stop().await;
+    assert!(output.contains("shard 127.0.0.1: db error"), "{output}");
+    assert_no_marker("worker with a wrong POSTGRES_PASSWORD", &output);
+
+    env.shards[0].1 = url(MARKER);
+    let worker = LoggedWorker::spawn(&env, &[]);
+    worker.wait_ready().await;
+    let output = worker.stop().await;
+    assert_no_marker("worker with the right password", &output);
+}

@@ -518,7 +518,9 @@ mod tests {
 
     #[test]
     fn chains_show_each_cause_once() {
-        let e = Wrapper(Driver(std::io::Error::other("password authentication failed")));
+        let e = Wrapper(Driver(std::io::Error::other(
+            "password authentication failed",
+        )));
         assert_eq!(
             Chain(&e).to_string(),
             "shard a: db error: password authentication failed"

@@ -70,6 +70,26 @@ fn stored(result: &EntryResult) -> (u64, u64, bool) {
     }
 }
 
+/// Wait until the shard at `url` holds `n` entries of the JetStream round.
+async fn wait_for_rows(url: &str, n: i64, what: &str) {
+    let db = pg_connect(url).await;
+    eventually(60, what, || {
+        let db = &db;
+        async move {
+            let rows: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM logs WHERE log LIKE 'jetstream-%'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (rows == n).then_some(())
+        }
+    })
+    .await
+}
+
 /// Per object: (seq, key, log) of every stored entry, from the shard databases.
 async fn stored_rows(env: &Env) -> HashMap<u64, Vec<(i64, Option<String>, String)>> {
     let mut rows: HashMap<u64, Vec<(i64, Option<String>, String)>> = HashMap::new();
@@ -332,43 +352,14 @@ async fn a_batch_spanning_a_shard_that_goes_down_and_comes_back_loses_and_double
                     .unwrap()
             })
             .await;
-            let up_db = pg_connect(&env.shards[0].1).await;
-            eventually(
-                20,
-                "the up shard's entries stored while the other is down",
-                || {
-                    let up_db = &up_db;
-                    async move {
-                        let n: i64 = up_db
-                            .query_one(
-                                "SELECT count(*) FROM logs WHERE log LIKE 'jetstream-%'",
-                                &[],
-                            )
-                            .await
-                            .ok()?
-                            .get(0);
-                        (n == 3).then_some(())
-                    }
-                },
+            wait_for_rows(
+                &env.shards[0].1,
+                3,
+                "the up shard's part while the other is down",
             )
             .await;
             pgs[1].restart();
-            let flaky_db = pg_connect(&env.shards[1].1).await;
-            eventually(60, "the redelivered batch completes", || {
-                let flaky_db = &flaky_db;
-                async move {
-                    let n: i64 = flaky_db
-                        .query_one(
-                            "SELECT count(*) FROM logs WHERE log LIKE 'jetstream-%'",
-                            &[],
-                        )
-                        .await
-                        .ok()?
-                        .get(0);
-                    (n == 3).then_some(())
-                }
-            })
-            .await;
+            wait_for_rows(&env.shards[1].1, 3, "the redelivered batch completes").await;
             // Acked once complete: the work-queue stream is empty.
             eventually(30, "the message is acked", || {
                 let (js, name) = (js.clone(), env.stream());

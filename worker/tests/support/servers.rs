@@ -86,15 +86,25 @@ impl NatsServer {
     ///
     /// Panics (with the server log tail) if `nats-server` is missing or not ready within 20 s.
     pub fn start() -> NatsServer {
+        Self::launch(None)
+    }
+
+    /// [`NatsServer::start`], with `extra_conf` (nats-server config syntax) when given.
+    fn launch(extra_conf: Option<&str>) -> NatsServer {
         let bin = nats_binary();
         let dir = new_server_dir("nats", false);
         let store = dir.path().join("jetstream");
         fs::create_dir_all(&store).expect("create nats store dir");
         let log = dir.path().join("nats-server.log");
+        let conf = extra_conf.map(|extra| {
+            let conf = dir.path().join("nats-server.conf");
+            fs::write(&conf, extra).expect("write nats-server config");
+            conf
+        });
         let mut last_err = String::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            match launch_nats(&bin, port, &store, &log) {
+            match launch_nats(&bin, port, &store, &log, conf.as_deref()) {
                 Ok(child) => {
                     return NatsServer {
                         port,
@@ -145,7 +155,7 @@ impl NatsServer {
         if self.child.is_some() {
             self.stop();
         }
-        match launch_nats(&nats_binary(), self.port, &self.store, &self.log) {
+        match launch_nats(&nats_binary(), self.port, &self.store, &self.log, None) {
             Ok(child) => self.child = Some(child),
             Err(e) => panic!("restarting nats-server on port {}: {}", self.port, e.msg),
         }
@@ -173,8 +183,19 @@ struct LaunchError {
     port_clash: bool,
 }
 
-fn launch_nats(bin: &Path, port: u16, store: &Path, log: &Path) -> Result<Child, LaunchError> {
+/// Starts nats-server (with `-c conf` when given: a server that requires a login still greets
+/// every client with `INFO`, so readiness is checked the same way).
+fn launch_nats(
+    bin: &Path,
+    port: u16,
+    store: &Path,
+    log: &Path,
+    conf: Option<&Path>,
+) -> Result<Child, LaunchError> {
     let mut cmd = Command::new(bin);
+    if let Some(conf) = conf {
+        cmd.arg("-c").arg(conf);
+    }
     cmd.arg("-a")
         .arg("127.0.0.1")
         .arg("-p")
@@ -256,82 +277,8 @@ impl NatsServer {
     /// the command-line flags (address, port, JetStream store) take precedence over it.
     /// [`NatsServer::restart`] brings the server back WITHOUT `extra_conf`.
     pub fn start_with_config(extra_conf: &str) -> NatsServer {
-        let bin = nats_binary();
-        let dir = new_server_dir("nats", false);
-        let store = dir.path().join("jetstream");
-        fs::create_dir_all(&store).expect("create nats store dir");
-        let log = dir.path().join("nats-server.log");
-        let conf = dir.path().join("nats-server.conf");
-        fs::write(&conf, extra_conf).expect("write nats-server config");
-        let mut last_err = String::new();
-        for _ in 0..START_ATTEMPTS {
-            let port = free_port();
-            match launch_nats_with_config(&bin, port, &store, &log, &conf) {
-                Ok(child) => {
-                    return NatsServer {
-                        port,
-                        child: Some(child),
-                        store,
-                        log,
-                        dir,
-                    }
-                }
-                Err(e) if e.port_clash => last_err = e.msg,
-                Err(e) => panic!("{}", e.msg),
-            }
-        }
-        panic!("nats-server could not get a free port after {START_ATTEMPTS} attempts: {last_err}");
+        Self::launch(Some(extra_conf))
     }
-}
-
-/// [`launch_nats`] with `-c conf`. A server that requires a login still greets every client
-/// with `INFO`, so readiness is checked the same way.
-fn launch_nats_with_config(
-    bin: &Path,
-    port: u16,
-    store: &Path,
-    log: &Path,
-    conf: &Path,
-) -> Result<Child, LaunchError> {
-    let mut cmd = Command::new(bin);
-    cmd.arg("-c")
-        .arg(conf)
-        .arg("-a")
-        .arg("127.0.0.1")
-        .arg("-p")
-        .arg(port.to_string())
-        .arg("-js")
-        .arg("-sd")
-        .arg(store);
-    let mut child = spawn_logged(cmd, log, None, "nats-server");
-    let deadline = Instant::now() + NATS_READY_TIMEOUT;
-    while !nats_greets(port) {
-        if let Ok(Some(status)) = child.try_wait() {
-            unregister_pid(child.id());
-            let tail = log_tail(log);
-            return Err(LaunchError {
-                port_clash: tail.to_ascii_lowercase().contains("address already in use"),
-                msg: format!(
-                    "nats-server on port {port} exited during startup ({status}); log {}:\n{tail}",
-                    log.display()
-                ),
-            });
-        }
-        if Instant::now() >= deadline {
-            let mut c = Some(child);
-            let _ = terminate(&mut c, None);
-            return Err(LaunchError {
-                port_clash: false,
-                msg: format!(
-                    "nats-server on port {port} not ready within {NATS_READY_TIMEOUT:?}; log {}:\n{}",
-                    log.display(),
-                    log_tail(log)
-                ),
-            });
-        }
-        thread::sleep(POLL);
-    }
-    Ok(child)
 }
 
 impl PgServer {

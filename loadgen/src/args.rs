@@ -9,7 +9,12 @@ use clap::Parser;
 use logstore_protocol::redact::{redact, NatsServers};
 use rand::Rng;
 
+use logstore_protocol::DEFAULT_MAX_BATCH_ENTRIES;
+
 use crate::pace::Schedule;
+
+/// More connections than this would not spread load any better, only cost sockets and tasks.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Command line (and environment) of `loadgen`. Parse it with `Args::parse()` or, in tests,
 /// `Args::try_parse_from([...])`, then hand it to [`crate::run`]. `Debug` redacts NATS_URL.
@@ -46,7 +51,7 @@ pub struct Args {
 
     /// Operations per MINUTE when neither --rate nor --max-rate is given. Named after the
     /// original Go loadgen, where it meant append requests per minute (all operations are
-    /// appends unless --query-share is set).
+    /// appends unless --query-share is set). Each append counts, also inside a batch.
     #[arg(
         long,
         env = "QUERIES_MIN",
@@ -55,7 +60,8 @@ pub struct Args {
     )]
     pub queries_min: f64,
 
-    /// Operations per SECOND (overrides QUERIES_MIN).
+    /// Operations per SECOND (overrides QUERIES_MIN). Each append counts, also inside a batch:
+    /// with --batch N a message goes out every N appends' worth of time.
     #[arg(
         long,
         env = "LOADGEN_RATE",
@@ -68,8 +74,9 @@ pub struct Args {
     #[arg(long, env = "LOADGEN_MAX_RATE", value_parser = BoolishValueParser::new())]
     pub max_rate: bool,
 
-    /// Most operations outstanding at once (also bounds a fixed rate the system cannot keep up
-    /// with, so loadgen never piles up unbounded work).
+    /// Most messages outstanding at once (also bounds a fixed rate the system cannot keep up
+    /// with, so loadgen never piles up unbounded work). With --batch N, one message carries N
+    /// appends.
     #[arg(
         long,
         env = "LOADGEN_IN_FLIGHT",
@@ -151,6 +158,22 @@ pub struct Args {
     #[arg(long, env = "LOADGEN_REPORT", value_name = "FILE")]
     pub report: Option<PathBuf>,
 
+    /// Appends per message: N > 1 sends each message as a JSON array of N appends (a batch
+    /// append; every entry keeps its own key and still counts as one append for --rate, --count
+    /// and --verify). 1 sends today's single-object bodies.
+    #[arg(long, env = "LOADGEN_BATCH", value_name = "N", default_value_t = 1)]
+    pub batch: usize,
+
+    /// NATS connections to spread publishes over (round-robin), so one connection's socket and
+    /// its single writer task are not what limits the rate.
+    #[arg(
+        long,
+        env = "LOADGEN_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub connections: usize,
+
     /// Seconds between progress lines when stderr is not a terminal (0: none).
     #[arg(
         long,
@@ -227,6 +250,8 @@ impl std::fmt::Debug for Args {
             verify,
             verify_timeout,
             report,
+            batch,
+            connections,
             progress_secs,
         } = self;
         f.debug_struct("Args")
@@ -251,6 +276,8 @@ impl std::fmt::Debug for Args {
             .field("verify", verify)
             .field("verify_timeout", verify_timeout)
             .field("report", report)
+            .field("batch", batch)
+            .field("connections", connections)
             .field("progress_secs", progress_secs)
             .finish()
     }
@@ -279,6 +306,10 @@ pub struct Settings {
     pub verify_timeout: Duration,
     pub report: Option<PathBuf>,
     pub progress_every: Option<Duration>,
+    /// Appends per message (1: single-object bodies; more: JSON arrays).
+    pub batch: usize,
+    /// NATS connections publishes are spread over.
+    pub connections: usize,
     /// Prefix of every idempotency key of this run (`<run_id>-<n>`). Random per run even with
     /// a fixed seed: a repeated run must store its appends, not be answered as duplicates.
     pub run_id: String,
@@ -386,6 +417,27 @@ impl Args {
                 "must be at least 1",
             ));
         }
+        if !(1..=DEFAULT_MAX_BATCH_ENTRIES).contains(&self.batch) {
+            return Err(invalid(
+                "batch",
+                "LOADGEN_BATCH",
+                format!(
+                    "must be within 1 ..= {DEFAULT_MAX_BATCH_ENTRIES} (the workers' default \
+                     MAX_BATCH_ENTRIES), got {}",
+                    self.batch
+                ),
+            ));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return Err(invalid(
+                "connections",
+                "LOADGEN_CONNECTIONS",
+                format!(
+                    "must be within 1 ..= {MAX_CONNECTIONS}, got {}",
+                    self.connections
+                ),
+            ));
+        }
         let verify_timeout = seconds(
             self.verify_timeout,
             "verify-timeout",
@@ -421,6 +473,8 @@ impl Args {
             verify_timeout,
             report: self.report.clone(),
             progress_every: (!progress.is_zero()).then_some(progress),
+            batch: self.batch,
+            connections: self.connections,
             // 40 random bits: unique enough across runs, short enough to keep keys small.
             run_id: format!("lg{:010x}", rand::random::<u64>() >> 24),
         })
@@ -458,6 +512,13 @@ mod tests {
             (vec!["--count", "0"], "LOADGEN_COUNT"),
             (vec!["--duration", "0"], "LOADGEN_DURATION"),
             (vec!["--in-flight", "0"], "LOADGEN_IN_FLIGHT"),
+            (vec!["--batch", "0"], "--batch (LOADGEN_BATCH)"),
+            (vec!["--batch", "1001"], "MAX_BATCH_ENTRIES"),
+            (
+                vec!["--connections", "0"],
+                "--connections (LOADGEN_CONNECTIONS)",
+            ),
+            (vec!["--connections", "65"], "LOADGEN_CONNECTIONS"),
             (
                 vec!["--id-base", "18446744073709551615", "--objects", "2"],
                 "LOADGEN_ID_BASE",
@@ -502,5 +563,12 @@ mod tests {
         assert_eq!((s.id_base, s.seed, s.objects), (u64::MAX - 100, 7, 100));
         assert_eq!(s.stop, Stop::Signal);
         assert_eq!(s.mode, Mode::Core);
+        assert_eq!(
+            (s.batch, s.connections),
+            (1, 1),
+            "single bodies, one connection"
+        );
+        let s = parse(&["--batch", "1000", "--connections", "4"]).unwrap();
+        assert_eq!((s.batch, s.connections), (1000, 4));
     }
 }

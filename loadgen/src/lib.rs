@@ -10,13 +10,16 @@
 //! - [`args`]: flags and env twins, validated once into [`Settings`].
 //! - [`pace`]: when each operation of a fixed-rate run is due (no drift).
 //! - [`workload`]: the seeded sequence of operations, keys and log text.
-//! - [`client`]: one append attempt (core or JetStream) or one query over NATS.
+//! - [`client`]: one append message attempt (one append or a batch, core or JetStream) or one
+//!   query over NATS.
+//! - [`intake`]: the start check that the workers' intake is the one loadgen was started for.
 //! - [`stats`]: counters, HDR histograms, the [`Summary`] and `--report` JSON.
 //! - `progress`: a bar on a terminal, plain lines otherwise.
 //! - [`mod@verify`]: reading back and checking ([`verify::check`] is pure).
 
 pub mod args;
 pub mod client;
+pub mod intake;
 pub mod pace;
 mod progress;
 pub mod stats;
@@ -26,7 +29,8 @@ pub mod workload;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::Subject;
@@ -70,6 +74,12 @@ pub enum Error {
     },
     #[error("whole-log read failed: {0}")]
     Read(String),
+    /// The workers run the other intake than loadgen's mode expects (found at start, or by a
+    /// core request answered with a PubAck during the run). The message names the flag to use.
+    #[error("{0}")]
+    IntakeMismatch(String),
+    #[error("stopped while waiting for the workers' JetStream stream, before the first append")]
+    StoppedAtStart,
 }
 
 /// What a run did.
@@ -95,16 +105,37 @@ impl Outcome {
 
 /// Shared by every operation task.
 struct Ctx {
-    client: async_nats::Client,
-    /// Present in JetStream mode.
-    jetstream: Option<async_nats::jetstream::Context>,
+    /// One per `--connections`; publishes take them in turn.
+    clients: Vec<async_nats::Client>,
+    /// JetStream mode: one context per client, in the same order.
+    jetstreams: Vec<async_nats::jetstream::Context>,
+    /// Round-robin position over `clients`.
+    turn: AtomicUsize,
+    /// Messages are JSON arrays (`--batch` > 1), even a last one of a single entry.
+    as_array: bool,
     logs: Subject,
     query: Subject,
     timeout: Duration,
     retries: u32,
     recorder: Arc<stats::Recorder>,
-    /// Cancelled on SIGINT/SIGTERM: tasks finish their current attempt but retry no more.
+    /// Cancelled on SIGINT/SIGTERM, or when the intake turns out to be the other one: tasks
+    /// finish their current attempt but retry no more, and nothing new is sent.
     stop: CancellationToken,
+    /// Set (once) when a core request was answered by a JetStream PubAck: why the run stopped.
+    mismatch: OnceLock<String>,
+}
+
+impl Ctx {
+    /// The next connection's index, round-robin.
+    fn next_connection(&self) -> usize {
+        self.turn.fetch_add(1, Ordering::Relaxed) % self.clients.len()
+    }
+
+    /// Record that the workers' intake is not loadgen's, and stop the run.
+    fn intake_mismatch(&self, error: &client::AttemptError) {
+        let _ = self.mismatch.set(error.to_string());
+        self.stop.cancel();
+    }
 }
 
 /// Run the load described by `args` until its count or duration is reached or `shutdown`
@@ -112,24 +143,48 @@ struct Ctx {
 /// and return what happened. Progress goes to stderr; printing the summary is the caller's.
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outcome, Error> {
     let settings = args.validate()?;
-    let client = connect(&settings.nats).await?;
+    let mut clients = Vec::with_capacity(settings.connections);
+    for n in 0..settings.connections {
+        clients.push(connect(&settings.nats, n).await?);
+    }
+    let client = clients[0].clone();
+    tokio::pin!(shutdown);
+    // Before anything is sent: appends acknowledged by the wrong thing would make every count
+    // and the verify meaningless.
+    tokio::select! {
+        mismatch = intake::mismatch(&settings, &client) => {
+            if let Some(line) = mismatch {
+                return Err(Error::IntakeMismatch(line));
+            }
+        }
+        _ = shutdown.as_mut() => return Err(Error::StoppedAtStart),
+    }
     eprintln!("loadgen: {}", describe(&settings));
 
     let recorder = Arc::new(stats::Recorder::new(settings.verify)?);
-    let jetstream = (settings.mode == Mode::JetStream).then(|| {
-        let mut js = async_nats::jetstream::new(client.clone());
-        js.set_timeout(settings.timeout);
-        js
-    });
+    let jetstreams = match settings.mode {
+        Mode::Core => Vec::new(),
+        Mode::JetStream => clients
+            .iter()
+            .map(|c| {
+                let mut js = async_nats::jetstream::new(c.clone());
+                js.set_timeout(settings.timeout);
+                js
+            })
+            .collect(),
+    };
     let ctx = Arc::new(Ctx {
-        client: client.clone(),
-        jetstream,
+        clients: clients.clone(),
+        jetstreams,
+        turn: AtomicUsize::new(0),
+        as_array: settings.batch > 1,
         logs: Subject::from(settings.logs_subject.as_str()),
         query: Subject::from(settings.query_subject.as_str()),
         timeout: settings.timeout,
         retries: settings.retries,
         recorder: recorder.clone(),
         stop: CancellationToken::new(),
+        mismatch: OnceLock::new(),
     });
     let progress_done = CancellationToken::new();
     let progress = tokio::spawn(progress::show(
@@ -142,7 +197,6 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
         progress_done.clone(),
     ));
 
-    tokio::pin!(shutdown);
     let started = Instant::now();
     let tasks = TaskTracker::new();
     let mut interrupted = dispatch(&settings, &ctx, &tasks, shutdown.as_mut()).await;
@@ -156,7 +210,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
             _ = shutdown.as_mut() => interrupted = true,
         }
     }
-    if interrupted {
+    if interrupted || ctx.stop.is_cancelled() {
         ctx.stop.cancel();
         if tokio::time::timeout(settings.timeout + DRAIN_GRACE, tasks.wait())
             .await
@@ -171,6 +225,10 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
     let elapsed = started.elapsed();
     progress_done.cancel();
     let _ = progress.await;
+    if let Some(line) = ctx.mismatch.get() {
+        let _ = client.flush().await;
+        return Err(Error::IntakeMismatch(line.clone()));
+    }
 
     let (acked, touched) = recorder.take_acked();
     let mut summary = recorder.summary(&settings, elapsed, interrupted);
@@ -209,7 +267,9 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
         })?;
     }
     // Everything was awaited; flushing makes sure nothing we published is left in a buffer.
-    let _ = client.flush().await;
+    for client in &clients {
+        let _ = client.flush().await;
+    }
     Ok(Outcome {
         summary,
         acked,
@@ -251,7 +311,7 @@ impl std::fmt::Display for WholeRead {
 /// as any client of a large log does. Writes `{"whole_read": …}` to `--report`.
 pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
     let settings = args.validate()?;
-    let client = connect(&settings.nats).await?;
+    let client = connect(&settings.nats, 0).await?;
     let inbox = client.new_inbox();
     let mut replies = client
         .subscribe(inbox.clone())
@@ -333,7 +393,7 @@ pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
 pub async fn verify(args: &Args, outcome: &Outcome) -> Result<Verdict, Error> {
     let mut settings = args.validate()?;
     settings.mode = outcome.mode;
-    let client = connect(&settings.nats).await?;
+    let client = connect(&settings.nats, 0).await?;
     Ok(verify::read_back(
         &client,
         &read_back_settings(&settings),
@@ -358,9 +418,10 @@ fn read_back_settings(settings: &Settings) -> verify::ReadBack {
     }
 }
 
-/// Connect with NATS_URL's credentials as connect options: the client ignores credentials in
-/// URLs and would print them in its debug logs. The error shows the list redacted.
-async fn connect(nats: &NatsServers) -> Result<async_nats::Client, Error> {
+/// Connection number `n` (0-based) of this process, named so the server's monitoring tells
+/// them apart. NATS_URL's credentials go in as connect options: the client ignores credentials
+/// in URLs and would print them in its debug logs. The error shows the list redacted.
+async fn connect(nats: &NatsServers, n: usize) -> Result<async_nats::Client, Error> {
     let options = match &nats.auth {
         NatsAuth::None => async_nats::ConnectOptions::new(),
         NatsAuth::UserPassword { user, password } => {
@@ -368,8 +429,12 @@ async fn connect(nats: &NatsServers) -> Result<async_nats::Client, Error> {
         }
         NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
     };
+    let name = match n {
+        0 => "loadgen".to_string(),
+        n => format!("loadgen-{}", n + 1),
+    };
     options
-        .name("loadgen")
+        .name(name)
         .connect(nats.servers.as_slice())
         .await
         .map_err(|source| Error::Connect {
@@ -382,7 +447,7 @@ async fn connect(nats: &NatsServers) -> Result<async_nats::Client, Error> {
 fn describe(settings: &Settings) -> String {
     let pace = match settings.pace {
         Pace::Rate(s) => format!("{:.2} ops/s", s.rate()),
-        Pace::Max => format!("max rate ({} in flight)", settings.in_flight),
+        Pace::Max => format!("max rate ({} messages in flight)", settings.in_flight),
     };
     let until = match settings.stop {
         Stop::Count(n) if settings.query_share >= 1.0 => format!("{n} queries"),
@@ -394,9 +459,17 @@ fn describe(settings: &Settings) -> String {
         Mode::Core => "core request-reply",
         Mode::JetStream => "JetStream",
     };
+    let batch = match settings.batch {
+        1 => String::new(),
+        n => format!(" in batches of {n}"),
+    };
+    let connections = match settings.connections {
+        1 => String::new(),
+        n => format!(" over {n} connections"),
+    };
     format!(
-        "run {} seed {} id-base {} objects {}: {mode} appends to {}, {:.0}% queries on {}, {pace}, \
-         until {until} (repeat with --seed {} --id-base {})",
+        "run {} seed {} id-base {} objects {}: {mode} appends{batch} to {}{connections}, {:.0}% \
+         queries on {}, {pace}, until {until} (repeat with --seed {} --id-base {})",
         settings.run_id,
         settings.seed,
         settings.id_base,
@@ -409,8 +482,61 @@ fn describe(settings: &Settings) -> String {
     )
 }
 
-/// Send operations until the count or duration is reached (false) or `shutdown` completes
-/// (true). Each operation runs as its own task on `tasks`, holding one of `in_flight` permits.
+/// One message to send.
+enum Work {
+    /// `--batch` appends (fewer for the last one of a counted run), or one without batching.
+    Appends(Vec<Append>),
+    Query {
+        id: u64,
+    },
+}
+
+impl Work {
+    /// Operations it counts for pacing: each append, and each query, is one.
+    fn ops(&self) -> u64 {
+        match self {
+            Work::Appends(appends) => appends.len() as u64,
+            Work::Query { .. } => 1,
+        }
+    }
+}
+
+/// Draw operations from `workload` until they make one message: a query, or `batch` appends
+/// (fewer when the count stops the run first; the queries drawn meanwhile go first). `None`:
+/// the count is reached and nothing is left to send.
+fn next_work(
+    workload: &mut Workload,
+    pending: &mut Vec<Append>,
+    batch: usize,
+    stop: Stop,
+    queries_only: bool,
+) -> Option<Work> {
+    loop {
+        if let Stop::Count(count) = stop {
+            let issued = if queries_only {
+                workload.queries()
+            } else {
+                workload.appends()
+            };
+            if issued >= count {
+                return (!pending.is_empty()).then(|| Work::Appends(std::mem::take(pending)));
+            }
+        }
+        match workload.next_op() {
+            Op::Query { id } => return Some(Work::Query { id }),
+            Op::Append(append) => {
+                pending.push(append);
+                if pending.len() >= batch {
+                    return Some(Work::Appends(std::mem::take(pending)));
+                }
+            }
+        }
+    }
+}
+
+/// Send operations until the count or duration is reached or the run is stopped for a
+/// mismatch (false), or `shutdown` completes (true). Each message runs as its own task on
+/// `tasks`, holding one of `in_flight` permits.
 async fn dispatch(
     settings: &Settings,
     ctx: &Arc<Ctx>,
@@ -425,21 +551,26 @@ async fn dispatch(
         _ => None,
     };
     let queries_only = settings.query_share >= 1.0;
-    let mut n: u64 = 0;
+    let mut pending = Vec::with_capacity(settings.batch);
+    // Operations sent so far: the pace counts appends (and queries), not messages, so a batch
+    // of N is due N operations' worth of time after the message before it.
+    let mut ops: u64 = 0;
     loop {
-        if let Stop::Count(count) = settings.stop {
-            let issued = if queries_only {
-                workload.queries()
-            } else {
-                workload.appends()
-            };
-            if issued >= count {
-                return false;
-            }
-        }
+        let Some(work) = next_work(
+            &mut workload,
+            &mut pending,
+            settings.batch,
+            settings.stop,
+            queries_only,
+        ) else {
+            return false;
+        };
+        // Due when its last operation is: a batch carries that many operations' worth of time.
+        let due_op = ops + work.ops() - 1;
+        ops += work.ops();
         let ready = async {
             if let Pace::Rate(schedule) = settings.pace {
-                match start.checked_add(schedule.offset(n)) {
+                match start.checked_add(schedule.offset(due_op)) {
                     Some(due) => tokio::time::sleep_until(due).await,
                     None => std::future::pending().await,
                 }
@@ -455,6 +586,7 @@ async fn dispatch(
         let permit = tokio::select! {
             biased;
             _ = shutdown.as_mut() => return true,
+            _ = ctx.stop.cancelled() => return false,
             _ = over => return false,
             permit = ready => match permit {
                 Ok(permit) => permit,
@@ -462,13 +594,12 @@ async fn dispatch(
                 Err(_) => return false,
             },
         };
-        n += 1;
-        match workload.next_op() {
-            Op::Append(append) => {
-                ctx.recorder.append_started(append.id);
-                tasks.spawn(append_task(ctx.clone(), append, permit));
+        match work {
+            Work::Appends(appends) => {
+                ctx.recorder.appends_started(&appends);
+                tasks.spawn(append_task(ctx.clone(), appends, permit));
             }
-            Op::Query { id } => {
+            Work::Query { id } => {
                 ctx.recorder.query_started();
                 tasks.spawn(query_task(ctx.clone(), id, permit));
             }
@@ -482,53 +613,164 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(25u64 << attempt.min(6)).min(Duration::from_secs(1))
 }
 
-/// Send one append until it is acknowledged, retrying with the same key and body.
-async fn append_task(ctx: Arc<Ctx>, append: Append, _permit: OwnedSemaphorePermit) {
+/// Send one message of appends until each is acknowledged or given up, retrying with the
+/// same keys.
+async fn append_task(ctx: Arc<Ctx>, appends: Vec<Append>, _permit: OwnedSemaphorePermit) {
     let started = Instant::now();
-    let body = match client::append_body(&append) {
-        Ok(body) => body,
-        Err(e) => return ctx.recorder.append_failed(&append, &e),
+    let all_acked = if ctx.jetstreams.is_empty() {
+        core_appends(&ctx, appends).await
+    } else {
+        jetstream_appends(&ctx, appends).await
     };
+    // Latency is that of acknowledgements: a message with an entry given up (or left
+    // unfinished by a stop) has none.
+    if all_acked {
+        ctx.recorder.message_done(started.elapsed());
+    }
+}
+
+/// JetStream: the stream's PubAck acknowledges the whole message, so a retry resends it whole
+/// (same body, same `Nats-Msg-Id`: the stream drops it if the first one got in). True when
+/// every entry was acknowledged.
+async fn jetstream_appends(ctx: &Ctx, appends: Vec<Append>) -> bool {
+    let body = match client::message_body(&appends, ctx.as_array) {
+        Ok(body) => body,
+        Err(e) => return fail_all(&ctx.recorder, &appends, &e),
+    };
+    let msg_id = client::message_id(&appends, ctx.as_array);
     let mut attempt = 0u32;
     loop {
-        let result = match &ctx.jetstream {
-            Some(js) => {
-                client::append_jetstream(js, &ctx.logs, &append, body.clone(), ctx.timeout).await
-            }
-            None => {
-                client::append_core(&ctx.client, &ctx.logs, &append, body.clone(), ctx.timeout)
-                    .await
-            }
-        };
-        let error = match result {
-            Ok(receipt) => {
-                return ctx
-                    .recorder
-                    .append_acked(&append, receipt, started.elapsed())
-            }
-            Err(error) => error,
-        };
+        let js = &ctx.jetstreams[ctx.next_connection() % ctx.jetstreams.len()];
+        let error =
+            match client::append_jetstream(js, &ctx.logs, &msg_id, body.clone(), ctx.timeout).await
+            {
+                Ok(receipt) => {
+                    ctx.recorder
+                        .appends_acked(appends.iter().map(|a| (a, receipt.clone())));
+                    return true;
+                }
+                Err(error) => error,
+            };
         if !error.is_retryable() || attempt >= ctx.retries {
-            return ctx.recorder.append_failed(&append, &error);
+            return fail_all(&ctx.recorder, &appends, &error);
         }
         if ctx.stop.is_cancelled() {
             // Left unfinished: it may or may not be stored, and that is allowed.
-            return;
+            return false;
         }
-        ctx.recorder.append_retry(&error);
+        ctx.recorder.appends_retry(&error, appends.len());
         attempt += 1;
         tokio::select! {
             _ = tokio::time::sleep(backoff(attempt)) => {}
-            _ = ctx.stop.cancelled() => return,
+            _ = ctx.stop.cancelled() => return false,
         }
     }
+}
+
+/// Core: the worker answers each entry of a batch on its own, so only the entries that failed
+/// with a retryable error are sent again (same keys; a batch of them if batching). True when
+/// every entry was acknowledged.
+async fn core_appends(ctx: &Ctx, appends: Vec<Append>) -> bool {
+    let mut pending = appends;
+    let mut attempt = 0u32;
+    // Whether an entry was given up: the message then has no acknowledgement latency.
+    let mut gave_up = false;
+    loop {
+        let body = match client::message_body(&pending, ctx.as_array) {
+            Ok(body) => body,
+            Err(e) => return fail_all(&ctx.recorder, &pending, &e),
+        };
+        let client = &ctx.clients[ctx.next_connection()];
+        let result =
+            client::append_core(client, &ctx.logs, &pending, ctx.as_array, body, ctx.timeout).await;
+        let (retry, error) = match result {
+            Ok(outcomes) => {
+                let settled = settle(&ctx.recorder, pending, outcomes);
+                gave_up |= settled.gave_up;
+                match settled.error {
+                    Some(error) => (settled.retry, error),
+                    None => return !gave_up,
+                }
+            }
+            Err(error @ client::AttemptError::JetStreamAck(_)) => {
+                ctx.intake_mismatch(&error);
+                return false;
+            }
+            Err(error) if !error.is_retryable() => {
+                return fail_all(&ctx.recorder, &pending, &error)
+            }
+            Err(error) => (pending, error),
+        };
+        pending = retry;
+        if attempt >= ctx.retries {
+            return fail_all(&ctx.recorder, &pending, &error);
+        }
+        if ctx.stop.is_cancelled() {
+            // Left unfinished: they may or may not be stored, and that is allowed.
+            return false;
+        }
+        ctx.recorder.appends_retry(&error, pending.len());
+        attempt += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(attempt)) => {}
+            _ = ctx.stop.cancelled() => return false,
+        }
+    }
+}
+
+/// What became of a core reply's entries.
+struct Settled {
+    /// To be sent again (a retryable error).
+    retry: Vec<Append>,
+    /// The last of their errors; `None` when nothing is left to retry.
+    error: Option<client::AttemptError>,
+    /// Some entry was given up (an error retrying cannot fix).
+    gave_up: bool,
+}
+
+/// Record each entry's outcome of a core reply: acknowledged, given up, or to be sent again.
+fn settle(
+    recorder: &stats::Recorder,
+    appends: Vec<Append>,
+    outcomes: client::EntryOutcomes,
+) -> Settled {
+    let mut acked = Vec::with_capacity(appends.len());
+    let mut settled = Settled {
+        retry: Vec::new(),
+        error: None,
+        gave_up: false,
+    };
+    for (append, outcome) in appends.into_iter().zip(outcomes) {
+        match outcome {
+            Ok(receipt) => acked.push((append, receipt)),
+            Err(error) if error.is_retryable() => {
+                settled.retry.push(append);
+                settled.error = Some(error);
+            }
+            Err(error) => {
+                recorder.append_failed(&append, &error);
+                settled.gave_up = true;
+            }
+        }
+    }
+    recorder.appends_acked(acked.iter().map(|(a, r)| (a, r.clone())));
+    settled
+}
+
+/// Give up every entry of `appends` after `error`. False (not acknowledged), for returning.
+fn fail_all(recorder: &stats::Recorder, appends: &[Append], error: &client::AttemptError) -> bool {
+    for append in appends {
+        recorder.append_failed(append, error);
+    }
+    false
 }
 
 /// Send one query and wait for its whole answer. Not retried: a failed query is counted.
 async fn query_task(ctx: Arc<Ctx>, id: u64, _permit: OwnedSemaphorePermit) {
     let body = serde_json::json!({ "id": id, "limit": QUERY_LIMIT }).to_string();
     let started = Instant::now();
-    match client::query(&ctx.client, &ctx.query, body.into(), ctx.timeout).await {
+    let client = &ctx.clients[ctx.next_connection()];
+    match client::query(client, &ctx.query, body.into(), ctx.timeout).await {
         Ok(chunks) => match chunks.iter().find(|c| c.id != id) {
             None => ctx.recorder.query_done(started.elapsed()),
             Some(wrong) => ctx.recorder.query_failed(
@@ -550,5 +792,142 @@ mod tests {
         assert_eq!(backoff(2), Duration::from_millis(100));
         assert_eq!(backoff(6), Duration::from_secs(1));
         assert_eq!(backoff(u32::MAX), Duration::from_secs(1));
+    }
+
+    fn settings(extra: &[&str]) -> Settings {
+        let mut argv = vec![
+            "loadgen",
+            "--id-base",
+            "1000",
+            "--objects",
+            "10",
+            "--seed",
+            "3",
+        ];
+        argv.extend_from_slice(extra);
+        <Args as clap::Parser>::try_parse_from(argv)
+            .unwrap()
+            .validate()
+            .unwrap()
+    }
+
+    /// Every message a run would send, as (appends in it, or 0 for a query).
+    fn messages(settings: &Settings) -> Vec<usize> {
+        let mut workload = Workload::new(settings);
+        let mut pending = Vec::new();
+        let mut out = Vec::new();
+        let queries_only = settings.query_share >= 1.0;
+        while let Some(work) = next_work(
+            &mut workload,
+            &mut pending,
+            settings.batch,
+            settings.stop,
+            queries_only,
+        ) {
+            out.push(match work {
+                Work::Appends(appends) => appends.len(),
+                Work::Query { .. } => 0,
+            });
+            assert!(out.len() < 100_000, "the count must end the run");
+        }
+        out
+    }
+
+    #[test]
+    fn batches_carry_n_appends_and_the_count_is_of_appends() {
+        let s = settings(&["--batch", "10", "--count", "95"]);
+        let sent = messages(&s);
+        assert_eq!(
+            sent,
+            [vec![10; 9], vec![5]].concat(),
+            "the remainder goes last"
+        );
+        let s = settings(&["--count", "4"]);
+        assert_eq!(
+            messages(&s),
+            vec![1, 1, 1, 1],
+            "--batch 1: one append a message"
+        );
+
+        // Queries go out as they are drawn, in between batches; the appends still add up.
+        let s = settings(&["--batch", "10", "--count", "200", "--query-share", "0.2"]);
+        let sent = messages(&s);
+        assert_eq!(sent.iter().sum::<usize>(), 200);
+        let queries = sent.iter().filter(|&&n| n == 0).count();
+        assert!(
+            (25..=80).contains(&queries),
+            "{queries} queries for 200 appends"
+        );
+        assert!(sent.iter().all(|&n| n == 0 || n == 10));
+    }
+
+    #[test]
+    fn batch_keys_stay_unique_and_in_order() {
+        let s = settings(&["--batch", "7", "--count", "20"]);
+        let mut workload = Workload::new(&s);
+        let mut pending = Vec::new();
+        let mut keys = Vec::new();
+        while let Some(work) = next_work(&mut workload, &mut pending, 7, s.stop, false) {
+            let Work::Appends(appends) = work else {
+                panic!("no queries were asked for")
+            };
+            keys.extend(appends.into_iter().map(|a| a.key));
+        }
+        let expected: Vec<String> = (0..20).map(|n| workload::key(&s.run_id, n)).collect();
+        assert_eq!(keys, expected);
+    }
+
+    #[test]
+    fn a_core_reply_acks_stored_entries_and_returns_only_retryable_failures() {
+        use client::{AttemptError, Receipt};
+        use logstore_protocol::{ErrorBody, ErrorCode};
+        let recorder = stats::Recorder::new(true).unwrap();
+        let mut workload = Workload::new(&settings(&[]));
+        let appends: Vec<Append> = (0..4)
+            .map(|_| match workload.next_op() {
+                Op::Append(a) => a,
+                Op::Query { .. } => panic!("no queries were asked for"),
+            })
+            .collect();
+        recorder.appends_started(&appends);
+        let stored = |seq| {
+            Ok(Receipt {
+                seq: Some(seq),
+                ts: Some("2026-11-22T09:16:27.000001Z".into()),
+                duplicate: false,
+            })
+        };
+        let rejected = |code| Err(AttemptError::Rejected(ErrorBody::new(code, "m")));
+        let settled = settle(
+            &recorder,
+            appends.clone(),
+            vec![
+                stored(1),
+                rejected(ErrorCode::Unavailable),
+                rejected(ErrorCode::TooLarge),
+                rejected(ErrorCode::Timeout),
+            ],
+        );
+        // Sent again: the unavailable and the outcome-unknown entry, with their own keys.
+        let retry_keys: Vec<&str> = settled.retry.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(
+            retry_keys,
+            vec![appends[1].key.as_str(), appends[3].key.as_str()]
+        );
+        assert_eq!(settled.error.map(|e| e.kind()), Some("timeout"));
+        assert!(settled.gave_up, "the too_large entry");
+        let snapshot = recorder.snapshot();
+        assert_eq!((snapshot.appends.ok, snapshot.appends.failed), (1, 1));
+        let (acked, _) = recorder.take_acked();
+        assert_eq!(acked.len(), 1);
+        assert_eq!(
+            (acked[0].key.as_str(), acked[0].seq),
+            (appends[0].key.as_str(), Some(1))
+        );
+
+        // The retry of those two: both stored, nothing left.
+        let settled = settle(&recorder, settled.retry, vec![stored(2), stored(3)]);
+        assert!(settled.retry.is_empty() && settled.error.is_none() && !settled.gave_up);
+        assert_eq!(recorder.snapshot().appends.ok, 3);
     }
 }

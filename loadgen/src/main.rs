@@ -2,8 +2,9 @@
 //! percentiles, and with `--verify` proves nothing acknowledged was lost. Settings come from
 //! flags or env vars (`loadgen --help`).
 //!
-//! Exit codes: 0 = done (and verified, if asked); 1 = verify found a problem, an append was
-//! given up on, or the run could not start; 2 = invalid settings.
+//! Exit codes: 0 = done (and verified, if asked); 1 = verify found a problem (or nothing was
+//! acknowledged to verify), an append was given up on, or the run could not start; 2 = invalid
+//! settings, or the workers run the other intake (the line says which flag to use).
 
 use std::process::ExitCode;
 
@@ -59,7 +60,7 @@ async fn run(args: Args) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Err(e @ loadgen::Error::Config(_)) => {
+        Err(e @ (loadgen::Error::Config(_) | loadgen::Error::IntakeMismatch(_))) => {
             eprintln!("loadgen: {e}");
             ExitCode::from(2)
         }

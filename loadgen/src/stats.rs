@@ -82,11 +82,12 @@ impl Recorder {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn append_started(&self, id: u64) {
+    /// A message carrying `appends` is about to be sent for the first time.
+    pub fn appends_started(&self, appends: &[Append]) {
         let mut inner = self.lock();
-        inner.appends.sent += 1;
+        inner.appends.sent += appends.len() as u64;
         if self.keep_acked {
-            inner.touched.insert(id);
+            inner.touched.extend(appends.iter().map(|a| a.id));
         }
     }
 
@@ -94,33 +95,45 @@ impl Recorder {
         self.lock().queries.sent += 1;
     }
 
-    pub fn append_acked(&self, append: &Append, receipt: Receipt, latency: Duration) {
+    /// Entries acknowledged, each with its receipt (one lock for a whole batch).
+    pub fn appends_acked<'a>(&self, acked: impl IntoIterator<Item = (&'a Append, Receipt)>) {
         let mut inner = self.lock();
-        inner.appends.ok += 1;
-        if receipt.duplicate {
-            inner.appends.duplicates += 1;
-        }
-        inner.append_latency.saturating_record(micros(latency));
-        if self.keep_acked {
-            inner.acked.push(Acked {
-                id: append.id,
-                key: append.key.clone(),
-                seq: receipt.seq,
-                ts: receipt.ts,
-            });
+        for (append, receipt) in acked {
+            inner.appends.ok += 1;
+            if receipt.duplicate {
+                inner.appends.duplicates += 1;
+            }
+            if self.keep_acked {
+                inner.acked.push(Acked {
+                    id: append.id,
+                    key: append.key.clone(),
+                    seq: receipt.seq,
+                    ts: receipt.ts,
+                });
+            }
         }
     }
 
-    pub fn append_retry(&self, error: &AttemptError) {
+    /// A message is settled: every entry acknowledged or given up. `latency` runs from its first
+    /// attempt, retries of some of its entries included. One sample per message, whatever the
+    /// entry count: a batch's entries share one round trip.
+    pub fn message_done(&self, latency: Duration) {
+        self.lock()
+            .append_latency
+            .saturating_record(micros(latency));
+    }
+
+    /// `entries` appends are sent again after `error` (counted per append, like `sent`).
+    pub fn appends_retry(&self, error: &AttemptError, entries: usize) {
         let mut inner = self.lock();
-        inner.appends.retries += 1;
-        inner.note(error);
+        inner.appends.retries += entries as u64;
+        inner.note(error, entries);
     }
 
     pub fn append_failed(&self, append: &Append, error: &AttemptError) {
         let mut inner = self.lock();
         inner.appends.failed += 1;
-        inner.note(error);
+        inner.note(error, 1);
         if inner.samples.len() < ERROR_SAMPLES {
             inner.samples.push(format!(
                 "append {} to object {} gave up: {error}",
@@ -138,7 +151,7 @@ impl Recorder {
     pub fn query_failed(&self, id: u64, error: &AttemptError) {
         let mut inner = self.lock();
         inner.queries.failed += 1;
-        inner.note(error);
+        inner.note(error, 1);
         if inner.samples.len() < ERROR_SAMPLES {
             inner
                 .samples
@@ -186,6 +199,8 @@ impl Recorder {
             },
             elapsed_secs: secs,
             interrupted,
+            batch: settings.batch,
+            connections: settings.connections,
             appends: OpSummary {
                 counts: concluded(inner.appends),
                 per_sec: rate(inner.appends.ok),
@@ -204,8 +219,8 @@ impl Recorder {
 }
 
 impl Inner {
-    fn note(&mut self, error: &AttemptError) {
-        *self.errors.entry(error.kind().to_string()).or_default() += 1;
+    fn note(&mut self, error: &AttemptError, times: usize) {
+        *self.errors.entry(error.kind().to_string()).or_default() += times as u64;
     }
 }
 
@@ -257,7 +272,8 @@ pub struct OpSummary {
     pub counts: Counts,
     /// Successful operations per second over the whole run.
     pub per_sec: f64,
-    /// Appends: from the first attempt to the acknowledgement (retries included).
+    /// Appends: per message (one append, or a batch of `--batch`), from its first attempt to
+    /// the acknowledgement of its last entry (retries included).
     /// Queries: from the request to the last chunk of the answer.
     pub latency_ms: Percentiles,
 }
@@ -275,9 +291,14 @@ pub struct Summary {
     pub elapsed_secs: f64,
     /// Stopped by SIGINT/SIGTERM rather than by --count/--duration.
     pub interrupted: bool,
+    /// Appends per message (`--batch`); append counts are per append, latency per message.
+    pub batch: usize,
+    /// NATS connections publishes were spread over.
+    pub connections: usize,
     pub appends: OpSummary,
     pub queries: OpSummary,
-    /// Failed attempts by kind (timeouts, no_responders, unavailable, ...), retried or not.
+    /// Failed attempts by kind (timeouts, no_responders, unavailable, ...), retried or not;
+    /// counted per append, so a batch's timeout counts once for each of its entries.
     pub errors: BTreeMap<String, u64>,
     /// The first few errors that made an operation fail, verbatim.
     pub error_samples: Vec<String>,
@@ -292,9 +313,15 @@ impl fmt::Display for Summary {
         };
         writeln!(
             f,
-            "run {} ({}, seed {}, ids {}..={}): {:.2}s, {target}{}",
+            "run {} ({}{}, seed {}, ids {}..={}): {:.2}s, {target}{}",
             self.run_id,
             self.mode,
+            match (self.batch, self.connections) {
+                (1, 1) => String::new(),
+                (batch, 1) => format!(", batches of {batch}"),
+                (1, n) => format!(", {n} connections"),
+                (batch, n) => format!(", batches of {batch}, {n} connections"),
+            },
             self.seed,
             self.id_base,
             self.id_base.saturating_add(self.objects.saturating_sub(1)),
@@ -316,7 +343,15 @@ impl fmt::Display for Summary {
             a.counts.sent, a.counts.ok, a.counts.duplicates, a.counts.retries, a.counts.failed,
             a.counts.unfinished, a.per_sec
         )?;
-        writeln!(f, "  latency ms: {}", a.latency_ms)?;
+        if self.batch > 1 {
+            writeln!(
+                f,
+                "  latency ms per message of up to {} appends: {}",
+                self.batch, a.latency_ms
+            )?;
+        } else {
+            writeln!(f, "  latency ms: {}", a.latency_ms)?;
+        }
         let q = &self.queries;
         if q.counts.sent > 0 {
             writeln!(

@@ -226,10 +226,21 @@ pub struct Verdict {
     /// Every problem found (listing capped at 10,000; `problem_count` is exact).
     pub problems: Vec<Problem>,
     pub problem_count: usize,
+    /// No append of the run was acknowledged, so nothing was proven stored: a failure, not an
+    /// "OK" over zero appends (it is how a run against the wrong intake, or no fleet, looks).
+    pub nothing_acknowledged: bool,
 }
 
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.nothing_acknowledged {
+            writeln!(
+                f,
+                "verify: FAILED: no append was acknowledged, so nothing was verified ({} objects, \
+                 {} entries read back; see the errors above)",
+                self.objects, self.entries
+            )?;
+        }
         if self.ok {
             writeln!(
                 f,
@@ -238,7 +249,7 @@ impl fmt::Display for Verdict {
                  from other writers)",
                 self.acked, self.objects, self.entries, self.unacknowledged_stored, self.foreign
             )
-        } else {
+        } else if self.problem_count > 0 {
             writeln!(
                 f,
                 "verify: FAILED: {} problems ({} of {} acknowledged appends found; {} objects, {} \
@@ -255,6 +266,8 @@ impl fmt::Display for Verdict {
                     self.problem_count - self.problems.len()
                 )?;
             }
+            Ok(())
+        } else {
             Ok(())
         }
     }
@@ -398,7 +411,8 @@ pub fn check(
     verdict.problem_count = problems.len();
     problems.truncate(MAX_LISTED);
     verdict.problems = problems;
-    verdict.ok = verdict.problem_count == 0;
+    verdict.nothing_acknowledged = acked.is_empty();
+    verdict.ok = verdict.problem_count == 0 && !verdict.nothing_acknowledged;
     verdict
 }
 
@@ -703,6 +717,24 @@ mod tests {
             ),
             "{v}"
         );
+    }
+
+    #[test]
+    fn nothing_acknowledged_fails_instead_of_passing_vacuously() {
+        // A core run against JetStream workers: every append "failed", yet all were stored.
+        let (logs, _) = world(3);
+        let v = run(&logs, &[]);
+        assert!(!v.ok, "{v}");
+        assert!(v.nothing_acknowledged);
+        assert_eq!((v.problem_count, v.unacknowledged_stored), (0, 3));
+        let text = v.to_string();
+        assert!(
+            text.starts_with("verify: FAILED: no append was acknowledged"),
+            "{text}"
+        );
+        assert!(!text.contains("OK"), "{text}");
+        let v = run(&BTreeMap::new(), &[]);
+        assert!(!v.ok && v.nothing_acknowledged, "{v}");
     }
 
     #[test]

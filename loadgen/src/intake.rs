@@ -1,0 +1,150 @@
+//! Which intake the workers run, checked before the first append. A JetStream stream that
+//! captures the append subject means JetStream intake (the publisher's acknowledgement is the
+//! stream's PubAck); none means core intake (the worker's reply after its commit). Loadgen in
+//! the other mode would count the wrong thing: core requests to a captured subject are answered
+//! by PubAcks (appends stored, yet counted failed), and JetStream publishes without a stream go
+//! nowhere. So a mismatch stops the run at start with the flag to use.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::{GetStreamByNameErrorKind, RequestError, RequestErrorKind};
+
+use crate::args::{Mode, Settings};
+
+/// Pause between probes while waiting for the workers to create the stream.
+const POLL: Duration = Duration::from_millis(250);
+
+/// What the server says about the append subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Capture {
+    /// This stream captures it.
+    Stream(String),
+    /// No stream captures it (or the server has no JetStream at all).
+    None,
+    /// The server could not be asked (timeout, other error): the reason.
+    Unknown(String),
+}
+
+/// Ask the JetStream API (`$JS.API.STREAM.NAMES` with a subject filter) which stream captures
+/// `subject`. The server matches the filter against every stream's subjects, wildcards included.
+pub async fn capture(js: &async_nats::jetstream::Context, subject: &str) -> Capture {
+    match js.stream_by_subject(subject).await {
+        Ok(name) => Capture::Stream(name),
+        Err(e) if matches!(e.kind(), GetStreamByNameErrorKind::NotFound) => Capture::None,
+        // Nobody answers the JetStream API: the server runs without JetStream, so no stream
+        // can capture anything.
+        Err(e) if no_responders(&e) => Capture::None,
+        Err(e) => Capture::Unknown(chain(&e)),
+    }
+}
+
+/// Whether the API request behind `error` found no responders.
+fn no_responders(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(request) = e.downcast_ref::<RequestError>() {
+            if matches!(request.kind(), RequestErrorKind::NoResponders) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// How long loadgen waits for the workers to create the stream in JetStream mode: as long as
+/// one append's retries would have waited for it (they see "no stream" at once, so only the
+/// backoffs count). A fleet that starts a little after loadgen is not a mismatch.
+pub fn stream_wait(retries: u32) -> Duration {
+    (1..=retries).map(crate::backoff).sum()
+}
+
+/// The line that says the workers' intake is not the one loadgen was started for, or `None`
+/// when they agree (or the server cannot tell: then the check during the run still applies).
+pub async fn mismatch(settings: &Settings, client: &async_nats::Client) -> Option<String> {
+    if settings.query_share >= 1.0 {
+        // A queries-only run sends no append, and queries are core requests whatever the intake.
+        return None;
+    }
+    let mut js = async_nats::jetstream::new(client.clone());
+    js.set_timeout(settings.timeout);
+    let subject = settings.logs_subject.as_str();
+    match settings.mode {
+        Mode::Core => match capture(&js, subject).await {
+            Capture::Stream(stream) => Some(format!(
+                "JetStream stream {stream} captures subject {subject}, so the workers run \
+                 INTAKE=jetstream and a core request would be answered by the stream's PubAck, \
+                 not by a worker after its commit: run loadgen with --jetstream"
+            )),
+            Capture::None => None,
+            Capture::Unknown(reason) => {
+                eprintln!(
+                    "loadgen: cannot tell whether a JetStream stream captures {subject} \
+                     ({reason}); going on"
+                );
+                None
+            }
+        },
+        Mode::JetStream => {
+            let wait = stream_wait(settings.retries);
+            let deadline = Instant::now() + wait;
+            let mut said = false;
+            loop {
+                match capture(&js, subject).await {
+                    Capture::Stream(_) => return None,
+                    Capture::Unknown(reason) => {
+                        eprintln!(
+                            "loadgen: cannot tell whether a JetStream stream captures \
+                             {subject} ({reason}); going on"
+                        );
+                        return None;
+                    }
+                    Capture::None if Instant::now() >= deadline => break,
+                    Capture::None => {}
+                }
+                if !said {
+                    eprintln!(
+                        "loadgen: no JetStream stream captures {subject} yet; waiting up to \
+                         {:.1}s for the workers to create it",
+                        wait.as_secs_f64()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            Some(format!(
+                "no JetStream stream captures subject {subject} (waited {:.1}s; workers with \
+                 INTAKE=jetstream create it at start), so the workers run INTAKE=core: run \
+                 loadgen without --jetstream",
+                wait.as_secs_f64()
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_wait_is_an_appends_retry_budget() {
+        assert_eq!(stream_wait(0), Duration::ZERO);
+        assert_eq!(stream_wait(2), Duration::from_millis(150));
+        // The default 20 retries: 50 + 100 + 200 + 400 + 800 ms, then 15 x 1 s.
+        assert_eq!(stream_wait(20), Duration::from_millis(16_550));
+    }
+}

@@ -136,6 +136,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             Intake::JetStream(js) => js.max_deliver,
             Intake::Core => 1,
         },
+        metrics: metrics.clone(),
     };
     let query_machinery = query::Queries::new(
         outbox.clone(),
@@ -243,6 +244,11 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                         stream.config.name,
                         stream.created.unix_timestamp_nanos()
                     ));
+                    background.spawn(intake::sample_consumer_lag(
+                        consumer.clone(),
+                        metrics.clone(),
+                        cancel.clone(),
+                    ));
                     Box::pin(intake::run_jetstream(
                         consumer,
                         queries,
@@ -349,7 +355,8 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
     let mut shards = Vec::with_capacity(config.shards.len());
     for shard_config in &config.shards {
         let shard = Shard::new(shard_config, config.pool_size, config.shard_timeout)
-            .map_err(Error::Setup)?;
+            .map_err(Error::Setup)?
+            .with_pool_wait(metrics.pool_wait.with_label_values(&[&shard_config.name]));
         metrics.init_shard(&shard.name);
         shards.push(Arc::new(shard));
     }

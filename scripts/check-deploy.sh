@@ -6,9 +6,12 @@
 #   Compose v2 plugin (`docker compose config`) when one is installed. As root on Debian it
 #   installs `docker-compose` when missing; otherwise it says what to install and fails.
 # - Checks a few promises of the topology on the parsed result (3 worker replicas, no host port
-#   for the workers' metrics, workers start after healthy dependencies, loadgen in the test file).
-# - Checks deploy/prometheus/prometheus.yml with `promtool check config` when promtool exists
-#   (Debian package `prometheus`).
+#   for the workers' metrics, workers start after healthy dependencies, loadgen in the test file,
+#   Prometheus's rule files mounted next to its config).
+# - Checks deploy/prometheus/prometheus.yml (and the alert rules it loads) with `promtool check
+#   config`, runs the rules' unit tests (`promtool test rules deploy/prometheus/alerts_test.yml`)
+#   and checks that every alert has a test case where it fires. promtool is in Debian's
+#   `prometheus` package (installed as root when missing).
 # - Syntax-checks the shell scripts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +46,8 @@ import sys, yaml
 
 rendered = sys.argv[1]
 problems = []
+with open("deploy/prometheus/prometheus.yml") as f:
+    rule_files = yaml.safe_load(f).get("rule_files") or []
 
 def load(name):
     with open(f"{rendered}/{name}") as f:
@@ -73,6 +78,16 @@ for name in ("docker-compose.yaml", "docker-compose.test.yaml"):
     for host in ("postgres1", "postgres2"):
         if f"@{host}:" not in shards:
             problems.append(f"{name}: POSTGRES_SHARDS does not name {host}")
+    # Prometheus reads its rule files relative to its config (/etc/prometheus): each one named in
+    # prometheus.yml must be mounted there, or the container starts without its alerts.
+    mounts = {}
+    for volume in services["prometheus"].get("volumes") or []:
+        source, _, rest = str(volume).partition(":")
+        mounts[rest.split(":")[0]] = source
+    for rule_file in rule_files:
+        source = mounts.get(f"/etc/prometheus/{rule_file}", "")
+        if not source.endswith(f"deploy/prometheus/{rule_file}"):
+            problems.append(f"{name}: prometheus does not mount deploy/prometheus/{rule_file} at /etc/prometheus/{rule_file}")
 
 for p in problems:
     print(f"  FAIL {p}")
@@ -81,12 +96,33 @@ if problems:
 print("  ok")
 EOF
 
-if command -v promtool >/dev/null 2>&1; then
-  echo "==> promtool check config deploy/prometheus/prometheus.yml"
-  promtool check config deploy/prometheus/prometheus.yml
-else
-  echo "==> promtool not found: skipping the Prometheus config check (apt-get install prometheus)"
-fi
+# promtool comes with Debian's `prometheus` package (as root: installed when missing).
+command -v promtool >/dev/null 2>&1 || install_packages prometheus
+echo "==> promtool check config deploy/prometheus/prometheus.yml (and its rule files)"
+promtool check config deploy/prometheus/prometheus.yml
+echo "==> promtool test rules deploy/prometheus/alerts_test.yml"
+promtool test rules deploy/prometheus/alerts_test.yml
+echo "==> every alert rule has a unit test where it fires"
+python3 - <<'EOF'
+import sys, yaml
+
+with open("deploy/prometheus/alerts.yml") as f:
+    rules = {r["alert"] for g in yaml.safe_load(f)["groups"] for r in g["rules"] if "alert" in r}
+with open("deploy/prometheus/alerts_test.yml") as f:
+    tests = yaml.safe_load(f)["tests"]
+# A case that only expects silence would also pass for a rule that can never fire.
+firing = {
+    t["alertname"]
+    for case in tests
+    for t in case.get("alert_rule_test", [])
+    if t.get("exp_alerts")
+}
+untested = sorted(rules - firing)
+if untested:
+    print(f"  FAIL no firing test case for: {untested}")
+    sys.exit(1)
+print(f"  ok ({len(rules)} rules)")
+EOF
 
 echo "==> bash -n scripts/*.sh scripts/lib/*.sh"
 for script in scripts/*.sh scripts/lib/*.sh; do

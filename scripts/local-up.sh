@@ -386,7 +386,8 @@ done
 log "$WORKERS worker(s) ready"
 
 # ---------------------------------------------------------------------------------------------
-# Prometheus (optional): static targets, since there is no DNS service discovery here.
+# Prometheus (optional): static targets, since there is no DNS service discovery here, and the
+# shipped alert rules (see its Alerts page).
 # ---------------------------------------------------------------------------------------------
 prometheus_port=""
 if [ -n "$prometheus_bin" ]; then
@@ -397,6 +398,8 @@ if [ -n "$prometheus_bin" ]; then
 global:
   scrape_interval: $PROMETHEUS_SCRAPE_INTERVAL
   evaluation_interval: $PROMETHEUS_SCRAPE_INTERVAL
+rule_files:
+  - '$repo/deploy/prometheus/alerts.yml'
 scrape_configs:
   - job_name: logstore-worker
     static_configs:

@@ -14,6 +14,7 @@
 //! - [`store`]: PostgreSQL: pools, migrations, shard identity, the append function, paged reads.
 //! - [`outbox`]: replies, `appended.<id>` events, response chunks, errors and dead letters.
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
+//! - [`service`]: registration with the NATS service API (`nats micro ls/info/stats`).
 
 pub mod config;
 pub mod http;
@@ -24,6 +25,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod query;
 pub mod ring;
+pub mod service;
 pub mod store;
 
 use std::future::Future;
@@ -115,7 +117,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     background.spawn(http::serve(
         listener,
         metrics.clone(),
-        readiness,
+        readiness.clone(),
         cancel.clone(),
         background.clone(),
     ));
@@ -273,6 +275,16 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         }
     }
     subscribed.store(true, Ordering::Release);
+    if !shutdown_seen {
+        // Discoverable only once it takes work; it deregisters when shutdown begins.
+        background.spawn(service::serve(
+            client.clone(),
+            config.clone(),
+            metrics.clone(),
+            readiness,
+            cancel.clone(),
+        ));
+    }
     tracing::info!(
         intake = match config.intake { Intake::Core => "core", Intake::JetStream(_) => "jetstream" },
         logs = %config.logs_subject,

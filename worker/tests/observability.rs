@@ -7,8 +7,10 @@ mod support;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt;
 use support::*;
 
 /// Every `name{...}` sample on a worker's /metrics, summed (see [`metric_sum`]).
@@ -130,4 +132,140 @@ async fn consumer_lag_commit_and_pool_metrics_follow_the_fleet() {
     })
     .await;
     assert_eq!(worker.terminate().await, Some(0));
+}
+
+/// Every answer to a NATS service API request on `subject` that arrives within 2 s (the API is
+/// scatter-gather: each service instance answers, and nobody says how many there are), as JSON.
+async fn service_answers(client: &async_nats::Client, subject: &str) -> Vec<serde_json::Value> {
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply(subject.to_string(), inbox, "".into())
+        .await
+        .expect("publish");
+    let mut found = Vec::new();
+    let window = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = &mut window => return found,
+            answer = answers.next() => match answer {
+                Some(answer) => found.push(
+                    serde_json::from_slice(&answer.payload).unwrap_or_else(|e| {
+                        panic!("{subject}: answer is not JSON ({e}): {:?}", answer.payload)
+                    }),
+                ),
+                None => return found,
+            },
+        }
+    }
+}
+
+/// The answers from this test's workers only (other tests' workers on the shared NATS server
+/// register too): those whose metadata names this env's logs subject.
+fn ours<'a>(env: &Env, answers: &'a [serde_json::Value]) -> Vec<&'a serde_json::Value> {
+    answers
+        .iter()
+        .filter(|a| a["metadata"]["logs_subject"] == env.subject("logs").as_str())
+        .collect()
+}
+
+/// `nats micro ls / info / stats` equivalents: each running worker answers `$SRV.PING` and
+/// `$SRV.INFO.logstore` with its own id, the subjects it consumes (unchanged: appends still go
+/// through the stream and queries through `query`), and a `status` endpoint whose answer and
+/// whose STATS data carry the worker's counts. A stopped worker no longer answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_running_worker_answers_the_nats_service_api() {
+    let mut env = Env::shared(&["a", "b"]).await;
+    env.intake = "jetstream";
+    let workers = vec![
+        WorkerProcess::start(&env, &[]).await,
+        WorkerProcess::start(&env, &[]).await,
+    ];
+    let client = env.client().await;
+
+    let pings = service_answers(&client, "$SRV.PING").await;
+    let pings = ours(&env, &pings);
+    assert_eq!(pings.len(), 2, "each worker answers PING: {pings:?}");
+    for ping in &pings {
+        assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
+        assert_eq!(ping["name"], "logstore");
+    }
+    assert_ne!(pings[0]["id"], pings[1]["id"], "each worker has its own id");
+
+    let infos = service_answers(&client, "$SRV.INFO.logstore").await;
+    let infos = ours(&env, &infos);
+    assert_eq!(infos.len(), 2, "each worker answers INFO: {infos:?}");
+    let mut ids = Vec::new();
+    for info in &infos {
+        let info: async_nats::service::Info =
+            serde_json::from_value((*info).clone()).expect("a service info response");
+        assert_eq!(info.metadata["intake"], "jetstream");
+        assert_eq!(info.metadata["query_subject"], env.subject("query"));
+        assert_eq!(info.metadata["queue_group"], env.subject("workers"));
+        assert_eq!(info.metadata["stream"], env.stream());
+        assert_eq!(info.metadata["shards"], "a,b");
+        assert_eq!(info.endpoints.len(), 1, "{:?}", info.endpoints);
+        assert_eq!(info.endpoints[0].name, "status");
+        assert_eq!(
+            info.endpoints[0].subject,
+            format!("logstore.status.{}", info.id)
+        );
+        ids.push(info.id);
+    }
+
+    // Work still flows through the worker's own subjects; the counts show it.
+    let js = jetstream::new(client.clone());
+    let ack = js
+        .publish(env.subject("logs"), r#"{"id":7,"log":"seen"}"#.into())
+        .await
+        .expect("publish");
+    within(10, "PubAck", ack.into_future())
+        .await
+        .expect("PubAck");
+    let page = eventually(30, "the append is stored and queryable", || async {
+        let chunks = env.query_all(&client, 7).await;
+        (chunks[0].total == 1).then_some(chunks)
+    })
+    .await;
+    assert_eq!(entries(&page)[0].log, "seen");
+
+    let mut stored = 0;
+    let mut queries = 0;
+    for id in &ids {
+        let status = request(&client, &format!("logstore.status.{id}"), "".into()).await;
+        let status: serde_json::Value =
+            serde_json::from_slice(&status.payload).expect("status is JSON");
+        assert_eq!(status["id"], id.as_str());
+        assert_eq!(status["ready"], true, "{status}");
+        let stats = service_answers(&client, &format!("$SRV.STATS.logstore.{id}")).await;
+        assert_eq!(stats.len(), 1, "one answer per instance id: {stats:?}");
+        let stats: async_nats::service::Stats =
+            serde_json::from_value(stats[0].clone()).expect("a service stats response");
+        assert_eq!(stats.endpoints.len(), 1);
+        let endpoint = &stats.endpoints[0];
+        assert_eq!(endpoint.name, "status");
+        assert_eq!(endpoint.requests, 1, "the status request was counted");
+        let data = endpoint
+            .data
+            .as_ref()
+            .expect("stats carry the worker's counts");
+        stored += data["appends"]["stored"].as_u64().expect("stored count");
+        queries += data["queries"]["ok"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(stored, 1, "the fleet's counts hold the one stored append");
+    assert!(queries >= 1, "and the queries that read it");
+
+    // A stopped worker leaves the listing.
+    let mut workers = workers;
+    assert_eq!(workers.remove(0).terminate().await, Some(0));
+    let pings = service_answers(&client, "$SRV.PING.logstore").await;
+    assert_eq!(
+        ours(&env, &pings).len(),
+        1,
+        "only the running worker answers"
+    );
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
 }

@@ -156,8 +156,13 @@ pub async fn sample_consumer_lag(
     let redelivered = metrics.jetstream_redelivered.with_label_values(&labels);
     let mut failing = false;
     loop {
-        // Bounded, so a request that never gets an answer cannot stop the sampling.
-        match tokio::time::timeout(LAG_SAMPLE_INTERVAL, consumer.get_info()).await {
+        // Bounded, so a request that never gets an answer cannot stop the sampling, and given
+        // up on cancellation, so a shutdown never waits for it.
+        let sample = tokio::select! {
+            _ = cancel.cancelled() => return,
+            sample = tokio::time::timeout(LAG_SAMPLE_INTERVAL, consumer.get_info()) => sample,
+        };
+        match sample {
             Ok(Ok(info)) => {
                 pending.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
                 ack_pending.set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));

@@ -95,6 +95,9 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             addr: config.metrics_addr,
             source,
         })?;
+    // What was bound, not what was asked: METRICS_ADDR may name port 0 or every interface.
+    let metrics_addr = listener.local_addr().unwrap_or(config.metrics_addr);
+    tracing::info!(addr = %metrics_addr, "serving /metrics, /healthz and /readyz");
 
     let shards = start_shards(&config, &metrics).await?;
     let client = connect_nats(&config, &metrics).await?;
@@ -291,7 +294,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         query = %config.query_subject,
         group = %config.queue_group,
         shards = shards.len(),
-        metrics = %config.metrics_addr,
+        metrics = %metrics_addr,
         "worker started"
     );
 

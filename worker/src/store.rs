@@ -252,6 +252,11 @@ impl Shard {
     async fn migrate_and_check(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.db(e))?;
+        // Every start after the first would otherwise log Postgres's NOTICE "relation
+        // logstore_migrations already exists, skipping" at INFO; warnings still come through.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await
+            .map_err(|e| self.db(e))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(|e| self.db(e))?;

@@ -6,9 +6,14 @@
 #   Compose v2 plugin (`docker compose config`) when one is installed. As root on Debian it
 #   installs `docker-compose` when missing; otherwise it says what to install and fails.
 # - Checks a few promises of the topology on the parsed result (3 worker replicas, no host port
-#   for the workers' metrics, workers start after healthy dependencies, loadgen in the test file).
-# - Checks deploy/prometheus/prometheus.yml with `promtool check config` when promtool exists
-#   (Debian package `prometheus`).
+#   for the workers' metrics, workers start after healthy dependencies, loadgen in the test file,
+#   Prometheus's rule files mounted next to its config, Grafana on 3000 with anonymous viewing
+#   and its provisioning mounted), and that every panel of the Grafana dashboards has PromQL
+#   on the provisioned Prometheus data source.
+# - Checks deploy/prometheus/prometheus.yml (and the alert rules it loads) with `promtool check
+#   config`, runs the rules' unit tests (`promtool test rules deploy/prometheus/alerts_test.yml`)
+#   and checks that every alert has a test case where it fires. promtool is in Debian's
+#   `prometheus` package (installed as root when missing).
 # - Syntax-checks the shell scripts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +26,7 @@ command -v docker-compose >/dev/null 2>&1 || install_packages docker-compose
 
 # Placeholders for the variables the files interpolate, so the check never depends on the
 # caller's environment (an exported QUERIES_MIN=abc must not decide the verdict).
-export NATS_PORT=4222 PROMETHEUS_PORT=9090 RUST_LOG=info LOG_FORMAT=text QUERIES_MIN=600 LOADGEN_DURATION=600
+export NATS_PORT=4222 PROMETHEUS_PORT=9090 GRAFANA_PORT=3000 RUST_LOG=info LOG_FORMAT=text QUERIES_MIN=600 LOADGEN_DURATION=600
 
 rendered=$(mktemp -d)
 trap 'rm -rf "$rendered"' EXIT
@@ -39,10 +44,12 @@ done
 
 echo "==> topology checks"
 python3 - "$rendered" <<'EOF'
-import sys, yaml
+import glob, json, os, sys, yaml
 
 rendered = sys.argv[1]
 problems = []
+with open("deploy/prometheus/prometheus.yml") as f:
+    rule_files = yaml.safe_load(f).get("rule_files") or []
 
 def load(name):
     with open(f"{rendered}/{name}") as f:
@@ -50,7 +57,7 @@ def load(name):
 
 for name in ("docker-compose.yaml", "docker-compose.test.yaml"):
     services = load(name)
-    want = {"nats", "postgres1", "postgres2", "worker", "prometheus"}
+    want = {"nats", "postgres1", "postgres2", "worker", "prometheus", "grafana"}
     if name == "docker-compose.test.yaml":
         want.add("loadgen")
     missing = want - set(services)
@@ -73,6 +80,76 @@ for name in ("docker-compose.yaml", "docker-compose.test.yaml"):
     for host in ("postgres1", "postgres2"):
         if f"@{host}:" not in shards:
             problems.append(f"{name}: POSTGRES_SHARDS does not name {host}")
+    # Prometheus reads its rule files relative to its config (/etc/prometheus): each one named in
+    # prometheus.yml must be mounted there, or the container starts without its alerts.
+    mounts = {}
+    for volume in services["prometheus"].get("volumes") or []:
+        source, _, rest = str(volume).partition(":")
+        mounts[rest.split(":")[0]] = source
+    for rule_file in rule_files:
+        source = mounts.get(f"/etc/prometheus/{rule_file}", "")
+        if not source.endswith(f"deploy/prometheus/{rule_file}"):
+            problems.append(f"{name}: prometheus does not mount deploy/prometheus/{rule_file} at /etc/prometheus/{rule_file}")
+    # Grafana: port 3000 published, anonymous viewing, provisioning and dashboards mounted
+    # where the provisioning files and the home-dashboard setting expect them.
+    grafana = services["grafana"]
+    if not str(grafana.get("image", "")).startswith("grafana/grafana"):
+        problems.append(f"{name}: grafana must run the grafana/grafana image")
+    targets = [p.get("target") if isinstance(p, dict) else str(p).rsplit(":", 1)[-1]
+               for p in grafana.get("ports") or []]
+    if 3000 not in targets and "3000" not in targets:
+        problems.append(f"{name}: grafana does not publish port 3000")
+    env = grafana.get("environment") or {}
+    if str(env.get("GF_AUTH_ANONYMOUS_ENABLED")).lower() != "true" or env.get("GF_AUTH_ANONYMOUS_ORG_ROLE") != "Viewer":
+        problems.append(f"{name}: grafana must allow anonymous Viewer access")
+    mounts = {}
+    for volume in grafana.get("volumes") or []:
+        source, _, rest = str(volume).partition(":")
+        mounts[rest.split(":")[0]] = source
+    for target, source in (("/etc/grafana/provisioning", "deploy/grafana/provisioning"),
+                           ("/etc/grafana/dashboards", "deploy/grafana/dashboards")):
+        if not mounts.get(target, "").endswith(source):
+            problems.append(f"{name}: grafana does not mount {source} at {target}")
+    home = env.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH", "")
+    if not home.startswith("/etc/grafana/dashboards/") or not os.path.isfile(
+            "deploy/grafana/dashboards/" + home.removeprefix("/etc/grafana/dashboards/")):
+        problems.append(f"{name}: the home dashboard {home!r} is not a file of deploy/grafana/dashboards")
+
+# The provisioned data source points at the compose Prometheus with its scrape interval, and
+# every dashboard panel queries it by its uid with PromQL (worker/tests/deploy.rs runs them).
+with open("deploy/grafana/provisioning/datasources/prometheus.yaml") as f:
+    sources = yaml.safe_load(f)["datasources"]
+with open("deploy/prometheus/prometheus.yml") as f:
+    scrape_interval = yaml.safe_load(f)["global"]["scrape_interval"]
+uids = {d["uid"] for d in sources if d.get("type") == "prometheus"}
+for d in sources:
+    if d.get("url") != "http://prometheus:9090":
+        problems.append(f"data source {d.get('name')}: url must be http://prometheus:9090")
+    if (d.get("jsonData") or {}).get("timeInterval") != scrape_interval:
+        problems.append(f"data source {d.get('name')}: jsonData.timeInterval must equal Prometheus's scrape_interval {scrape_interval}")
+dashboards = sorted(glob.glob("deploy/grafana/dashboards/*.json"))
+if not dashboards:
+    problems.append("no dashboard in deploy/grafana/dashboards")
+for path in dashboards:
+    with open(path) as f:
+        dashboard = json.load(f)
+    ids = set()
+    panels = list(dashboard.get("panels", []))
+    for panel in panels:
+        panels.extend(panel.get("panels", []))  # collapsed rows hold their panels inside
+        if panel.get("type") == "row":
+            continue
+        title = panel.get("title", "?")
+        if panel.get("id") in ids:
+            problems.append(f"{path}: panel id {panel.get('id')} used twice")
+        ids.add(panel.get("id"))
+        targets = panel.get("targets") or []
+        if not targets or not all(t.get("expr", "").strip() for t in targets):
+            problems.append(f"{path}: panel {title!r} has a target without PromQL")
+        for item in [panel] + targets:
+            uid = (item.get("datasource") or {}).get("uid")
+            if uid not in uids:
+                problems.append(f"{path}: panel {title!r} uses data source uid {uid!r}, provisioned: {sorted(uids)}")
 
 for p in problems:
     print(f"  FAIL {p}")
@@ -81,12 +158,33 @@ if problems:
 print("  ok")
 EOF
 
-if command -v promtool >/dev/null 2>&1; then
-  echo "==> promtool check config deploy/prometheus/prometheus.yml"
-  promtool check config deploy/prometheus/prometheus.yml
-else
-  echo "==> promtool not found: skipping the Prometheus config check (apt-get install prometheus)"
-fi
+# promtool comes with Debian's `prometheus` package (as root: installed when missing).
+command -v promtool >/dev/null 2>&1 || install_packages prometheus
+echo "==> promtool check config deploy/prometheus/prometheus.yml (and its rule files)"
+promtool check config deploy/prometheus/prometheus.yml
+echo "==> promtool test rules deploy/prometheus/alerts_test.yml"
+promtool test rules deploy/prometheus/alerts_test.yml
+echo "==> every alert rule has a unit test where it fires"
+python3 - <<'EOF'
+import sys, yaml
+
+with open("deploy/prometheus/alerts.yml") as f:
+    rules = {r["alert"] for g in yaml.safe_load(f)["groups"] for r in g["rules"] if "alert" in r}
+with open("deploy/prometheus/alerts_test.yml") as f:
+    tests = yaml.safe_load(f)["tests"]
+# A case that only expects silence would also pass for a rule that can never fire.
+firing = {
+    t["alertname"]
+    for case in tests
+    for t in case.get("alert_rule_test", [])
+    if t.get("exp_alerts")
+}
+untested = sorted(rules - firing)
+if untested:
+    print(f"  FAIL no firing test case for: {untested}")
+    sys.exit(1)
+print(f"  ok ({len(rules)} rules)")
+EOF
 
 echo "==> bash -n scripts/*.sh scripts/lib/*.sh"
 for script in scripts/*.sh scripts/lib/*.sh; do

@@ -7,7 +7,9 @@
 #   distinct metrics ports, Prometheus scraping them (when installed), loadgen (optional).
 # It prints where everything is and waits. Ctrl-C (or SIGTERM) stops loadgen, then the workers
 # (SIGTERM: they drain and finish in-flight work), then Prometheus, Postgres and NATS, and
-# removes the temp dir. No process is left behind.
+# removes the temp dir. No process is left behind. A worker or a Postgres server that exits
+# meanwhile (e.g. `kill <pg2_pid>` from the state file, to try a shard outage) is reported and
+# the rest keeps running; nats-server exiting stops everything.
 #
 # Usage:
 #   scripts/local-up.sh [--loadgen] [--workers N] [-- LOADGEN_ARGS...]
@@ -23,7 +25,8 @@
 #                      0 = do not run it
 #   PROMETHEUS_SCRAPE_INTERVAL=5s
 #   BIN_DIR=DIR        use prebuilt `worker` and `loadgen` from DIR (e.g. target/debug);
-#                      default: `cargo build --release --bins` and use target/release
+#                      default: `cargo build --release --bins` and use its release dir
+#                      (target/release, or $CARGO_TARGET_DIR/release when that is set)
 #   STATE_FILE=PATH    also write KEY=value lines (ports, URLs, PIDs) to PATH, for scripts and
 #                      tests: `ready=1` once everything is up, `loadgen_exit=N` when loadgen
 #                      ends, `stopped=1` after the cleanup finished. Default: DIR/state.
@@ -136,7 +139,10 @@ if [ -n "${BIN_DIR:-}" ]; then
 else
   log "building (cargo build --release --bins)"
   (cd "$repo" && cargo build --release --bins)
-  BIN_DIR=$repo/target/release
+  # Where cargo put them: CARGO_TARGET_DIR (relative to the repo, where cargo ran) if set.
+  target_dir=${CARGO_TARGET_DIR:-target}
+  [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
+  BIN_DIR=$target_dir/release
 fi
 [ -x "$BIN_DIR/worker" ] || die "$BIN_DIR/worker is missing (build it: cargo build --bins)"
 if [ "$LOADGEN" = 1 ] && [ ! -x "$BIN_DIR/loadgen" ]; then
@@ -386,7 +392,8 @@ done
 log "$WORKERS worker(s) ready"
 
 # ---------------------------------------------------------------------------------------------
-# Prometheus (optional): static targets, since there is no DNS service discovery here.
+# Prometheus (optional): static targets, since there is no DNS service discovery here, and the
+# shipped alert rules (see its Alerts page).
 # ---------------------------------------------------------------------------------------------
 prometheus_port=""
 if [ -n "$prometheus_bin" ]; then
@@ -397,6 +404,8 @@ if [ -n "$prometheus_bin" ]; then
 global:
   scrape_interval: $PROMETHEUS_SCRAPE_INTERVAL
   evaluation_interval: $PROMETHEUS_SCRAPE_INTERVAL
+rule_files:
+  - '$repo/deploy/prometheus/alerts.yml'
 scrape_configs:
   - job_name: logstore-worker
     static_configs:
@@ -473,12 +482,20 @@ while :; do
     if [ "$KEEP_RUNNING_AFTER_LOADGEN" = 0 ]; then exit "$code"; fi
     log "still running; Ctrl-C stops everything"
   fi
-  # NATS or a shard gone means the system is broken: stop rather than pretend.
-  for pid in "$nats_pid" "${pg_pids[@]}"; do
-    if ! alive "$pid"; then
-      log "a server (pid $pid) exited unexpectedly; last lines of the logs:"
-      tail -n 10 "$dir"/nats.log "$dir"/pg?.log >&2 || true
-      exit 1
+  # NATS gone means nothing works any more: stop rather than pretend.
+  if ! alive "$nats_pid"; then
+    log "nats-server (pid $nats_pid) exited unexpectedly; last lines of its log:"
+    tail -n 10 "$dir"/nats.log >&2 || true
+    exit 1
+  fi
+  # A shard gone is worth a line, not a stop: stopping one is how you try out a shard outage
+  # (its objects wait or answer `unavailable`, the other shard carries on).
+  for n in 1 2; do
+    pid=${pg_pids[n - 1]}
+    if [[ $warned != *" $pid "* ]] && ! alive "$pid"; then
+      warned+="$pid "
+      log "postgres pg$n (pid $pid) exited; its objects wait (JetStream) or answer unavailable (core) until it is back. Last lines of its log:"
+      tail -n 5 "$dir/pg$n.log" >&2 || true
     fi
   done
   # A worker gone is worth a line, not a stop: killing one is how you try out failover.

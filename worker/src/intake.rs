@@ -35,6 +35,9 @@ const FETCH_BATCH: usize = 500;
 const FETCH_MAX_BYTES: usize = 4 << 20;
 /// How long one pull request waits for messages; also the most a shutdown waits for a fetch.
 const FETCH_EXPIRES: Duration = Duration::from_millis(500);
+/// How often the consumer's lag is read from the server: as often as compose's Prometheus
+/// scrapes, and one small JetStream API request per worker per period.
+pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Routes decoded requests to the shard pipelines.
 pub struct Router {
@@ -133,6 +136,61 @@ pub async fn run_jetstream(
         }
     };
     futures::join!(appends, queries);
+}
+
+/// Keep `logstore_jetstream_{pending,ack_pending,redelivered}_messages` current from the
+/// server's consumer info, every [`LAG_SAMPLE_INTERVAL`], until `cancel`. The numbers describe
+/// the consumer the whole fleet shares, so every worker exports the same values; sampling on
+/// every worker means they are there as long as any worker is. A failed request leaves the last
+/// values in place (and is logged when sampling starts and stops failing): the gauges then lag
+/// by the outage, while the worker's own readiness reports the NATS problem.
+pub async fn sample_consumer_lag(
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    let (stream, name) = {
+        let info = consumer.cached_info();
+        (info.stream_name.clone(), info.name.clone())
+    };
+    let labels = [stream.as_str(), name.as_str()];
+    let pending = metrics.jetstream_pending.with_label_values(&labels);
+    let ack_pending = metrics.jetstream_ack_pending.with_label_values(&labels);
+    let redelivered = metrics.jetstream_redelivered.with_label_values(&labels);
+    let mut failing = false;
+    loop {
+        // Bounded, so a request that never gets an answer cannot stop the sampling, and given
+        // up on cancellation, so a shutdown never waits for it.
+        let sample = tokio::select! {
+            _ = cancel.cancelled() => return,
+            sample = tokio::time::timeout(LAG_SAMPLE_INTERVAL, consumer.get_info()) => sample,
+        };
+        match sample {
+            Ok(Ok(info)) => {
+                pending.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+                ack_pending.set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));
+                redelivered.set(i64::try_from(info.num_redelivered).unwrap_or(i64::MAX));
+                if failing {
+                    tracing::info!(%stream, consumer = %name, "JetStream consumer info available again");
+                    failing = false;
+                }
+            }
+            outcome => {
+                if !failing {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {LAG_SAMPLE_INTERVAL:?}"),
+                    };
+                    tracing::warn!(%stream, consumer = %name, %error, "cannot read JetStream consumer info; lag metrics are stale");
+                    failing = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(LAG_SAMPLE_INTERVAL) => {}
+        }
+    }
 }
 
 /// Create or update the stream and the shared durable consumer. Every worker does this at start;
@@ -318,6 +376,7 @@ impl Router {
             }
             Err(error) => {
                 self.metrics.rejected_appends.inc();
+                self.metrics.error("append", error.code);
                 self.settler
                     .rejected(&message.subject, message.payload, &origin, error)
                     .await
@@ -333,7 +392,12 @@ impl Router {
         let body = self.decode(&message.payload, message.headers.as_ref());
         let (received, stream_sequence) = match message.info() {
             // ts is when the stream stored the message, so a backlog keeps its publish times.
-            Ok(info) => (SystemTime::from(info.published), Some(info.stream_sequence)),
+            Ok(info) => {
+                if info.delivered > 1 {
+                    self.metrics.jetstream_redeliveries.inc();
+                }
+                (SystemTime::from(info.published), Some(info.stream_sequence))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "JetStream message without metadata");
                 (SystemTime::now(), None)
@@ -355,6 +419,7 @@ impl Router {
             }
             Err(error) => {
                 self.metrics.rejected_appends.inc();
+                self.metrics.error("append", error.code);
                 let (subject, payload) = (message.subject.clone(), message.payload.clone());
                 let origin = Origin::JetStream(Box::new(message));
                 self.settler
@@ -472,6 +537,7 @@ impl Router {
             Ok(request) => request,
             Err(error) => {
                 self.metrics.queries.with_label_values(&["rejected"]).inc();
+                self.metrics.error("query", error.code);
                 let origin = Origin::Core {
                     reply: message.reply.clone(),
                     subject: message.subject.clone(),
@@ -493,6 +559,7 @@ impl Router {
                 .error_reply(Some(&subject), &error)
                 .await;
             self.metrics.queries.with_label_values(&["busy"]).inc();
+            self.metrics.error("query", ErrorCode::Busy);
             return;
         };
         let queue = &self.query_queues[self.ring.shard_of(request.id)];

@@ -14,6 +14,7 @@
 //! - [`store`]: PostgreSQL: pools, migrations, shard identity, the append function, paged reads.
 //! - [`outbox`]: replies, `appended.<id>` events, response chunks, errors and dead letters.
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
+//! - [`service`]: registration with the NATS service API (`nats micro ls/info/stats`).
 
 pub mod config;
 pub mod http;
@@ -24,6 +25,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod query;
 pub mod ring;
+pub mod service;
 pub mod store;
 
 use std::future::Future;
@@ -115,6 +117,9 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             addr: config.metrics_addr,
             source,
         })?;
+    // What was bound, not what was asked: METRICS_ADDR may name port 0 or every interface.
+    let metrics_addr = listener.local_addr().unwrap_or(config.metrics_addr);
+    tracing::info!(addr = %metrics_addr, "serving /metrics, /healthz and /readyz");
 
     let shards = start_shards(&config, &metrics).await?;
     let client = connect_nats(&config, &metrics).await?;
@@ -137,7 +142,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     background.spawn(http::serve(
         listener,
         metrics.clone(),
-        readiness,
+        readiness.clone(),
         cancel.clone(),
         background.clone(),
     ));
@@ -158,6 +163,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             Intake::JetStream(js) => js.max_deliver,
             Intake::Core => 1,
         },
+        metrics: metrics.clone(),
     };
     let query_machinery = query::Queries::new(
         outbox.clone(),
@@ -265,6 +271,11 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                         stream.config.name,
                         stream.created.unix_timestamp_nanos()
                     ));
+                    background.spawn(intake::sample_consumer_lag(
+                        consumer.clone(),
+                        metrics.clone(),
+                        cancel.clone(),
+                    ));
                     Box::pin(intake::run_jetstream(
                         consumer,
                         queries,
@@ -289,13 +300,23 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         }
     }
     subscribed.store(true, Ordering::Release);
+    if !shutdown_seen {
+        // Discoverable only once it takes work; it deregisters when shutdown begins.
+        background.spawn(service::serve(
+            client.clone(),
+            config.clone(),
+            metrics.clone(),
+            readiness,
+            cancel.clone(),
+        ));
+    }
     tracing::info!(
         intake = match config.intake { Intake::Core => "core", Intake::JetStream(_) => "jetstream" },
         logs = %config.logs_subject,
         query = %config.query_subject,
         group = %config.queue_group,
         shards = shards.len(),
-        metrics = %config.metrics_addr,
+        metrics = %metrics_addr,
         "worker started"
     );
 
@@ -371,7 +392,8 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
     let mut shards = Vec::with_capacity(config.shards.len());
     for shard_config in &config.shards {
         let shard = Shard::new(shard_config, config.pool_size, config.shard_timeout)
-            .map_err(Error::Setup)?;
+            .map_err(Error::Setup)?
+            .with_pool_wait(metrics.pool_wait.with_label_values(&[&shard_config.name]));
         metrics.init_shard(&shard.name);
         shards.push(Arc::new(shard));
     }

@@ -1,6 +1,7 @@
 //! `worker`: runs a logstore worker (the default), or answers operator questions about the
 //! configuration (`worker ring <id>...`). All settings come from env vars or flags (`--help`).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -103,6 +104,9 @@ fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal: in a file, `docker logs` or journald
+        // they are noise around every field.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

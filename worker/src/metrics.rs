@@ -1,10 +1,25 @@
 //! Prometheus metrics of one worker, in its own registry (so tests running several workers in
 //! one process do not share counters).
 
+use logstore_protocol::ErrorCode;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Every error code, so that each `errors_total` / `dead_letters_total` series exists (at 0)
+/// from the start: a dashboard then shows a flat zero instead of "no data", and `rate()` over
+/// the first error works.
+const ERROR_CODES: [ErrorCode; 6] = [
+    ErrorCode::InvalidRequest,
+    ErrorCode::TooLarge,
+    ErrorCode::Unavailable,
+    ErrorCode::Busy,
+    ErrorCode::Timeout,
+    ErrorCode::Internal,
+];
 
 /// Every metric the worker exports. Cloning is cheap (the prometheus types are `Arc`s inside).
 #[derive(Clone)]
@@ -35,6 +50,23 @@ pub struct Metrics {
     pub nats_reconnects: IntCounter,
     /// Messages copied to the dead-letter subject, by reason (error code).
     pub dead_letters: IntCounterVec,
+    /// Error answers by kind (append, query) and code, whatever the intake: a core reply, a
+    /// JetStream nak/term, a dead letter or a batch entry's result.
+    pub errors: IntCounterVec,
+    /// One `logstore_append` call (pool wait, statement and commit), by shard.
+    pub commit_duration: HistogramVec,
+    /// Waiting for a pooled connection (including connecting a new one), by shard.
+    pub pool_wait: HistogramVec,
+    /// The shared JetStream consumer as the server last reported it (sampled by every worker,
+    /// so aggregate with `max`, not `sum`): messages not yet delivered to any worker...
+    pub jetstream_pending: IntGaugeVec,
+    /// ...delivered and not yet acknowledged...
+    pub jetstream_ack_pending: IntGaugeVec,
+    /// ...and of those, delivered more than once.
+    pub jetstream_redelivered: IntGaugeVec,
+    /// JetStream messages this worker received that had been delivered before (nak'ed,
+    /// ack_wait expired, or a worker died holding them).
+    pub jetstream_redeliveries: IntCounter,
 }
 
 impl Metrics {
@@ -77,7 +109,7 @@ impl Metrics {
                     "logstore_query_duration_seconds",
                     "Time from receiving a query to sending its last response.",
                 )
-                .buckets(latency_buckets),
+                .buckets(latency_buckets.clone()),
                 &["shard"],
             )?,
             batch_size: HistogramVec::new(
@@ -112,6 +144,57 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            errors: IntCounterVec::new(
+                Opts::new(
+                    "logstore_errors_total",
+                    "Error answers by kind (append, query) and error code.",
+                ),
+                &["kind", "code"],
+            )?,
+            commit_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "logstore_commit_duration_seconds",
+                    "One batch's append call to its shard: connection, statement and commit.",
+                )
+                .buckets(latency_buckets),
+                &["shard"],
+            )?,
+            pool_wait: HistogramVec::new(
+                HistogramOpts::new(
+                    "logstore_pool_wait_seconds",
+                    "Waiting for a pooled database connection (including opening one).",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0,
+                ]),
+                &["shard"],
+            )?,
+            jetstream_pending: IntGaugeVec::new(
+                Opts::new(
+                    "logstore_jetstream_pending_messages",
+                    "Messages of the JetStream consumer not yet delivered (consumer info num_pending).",
+                ),
+                &["stream", "consumer"],
+            )?,
+            jetstream_ack_pending: IntGaugeVec::new(
+                Opts::new(
+                    "logstore_jetstream_ack_pending_messages",
+                    "Messages delivered and not yet acknowledged (consumer info num_ack_pending).",
+                ),
+                &["stream", "consumer"],
+            )?,
+            jetstream_redelivered: IntGaugeVec::new(
+                Opts::new(
+                    "logstore_jetstream_redelivered_messages",
+                    "Unacknowledged messages delivered more than once (consumer info num_redelivered).",
+                ),
+                &["stream", "consumer"],
+            )?,
+            jetstream_redeliveries: IntCounter::new(
+                "logstore_jetstream_redeliveries_total",
+                "JetStream messages received by this worker that had been delivered before.",
+            )?,
             registry,
         };
         let r = &metrics.registry;
@@ -125,12 +208,35 @@ impl Metrics {
         r.register(Box::new(metrics.in_flight.clone()))?;
         r.register(Box::new(metrics.nats_reconnects.clone()))?;
         r.register(Box::new(metrics.dead_letters.clone()))?;
+        r.register(Box::new(metrics.errors.clone()))?;
+        r.register(Box::new(metrics.commit_duration.clone()))?;
+        r.register(Box::new(metrics.pool_wait.clone()))?;
+        r.register(Box::new(metrics.jetstream_pending.clone()))?;
+        r.register(Box::new(metrics.jetstream_ack_pending.clone()))?;
+        r.register(Box::new(metrics.jetstream_redelivered.clone()))?;
+        r.register(Box::new(metrics.jetstream_redeliveries.clone()))?;
+        // The prometheus crate's own process collector needs its `process` feature (and the
+        // procfs crate); what the dashboard needs is a few lines of /proc.
+        r.register(Box::new(ProcessCollector::new()?))?;
+        for code in ERROR_CODES {
+            metrics.dead_letters.with_label_values(&[code.as_str()]);
+            for kind in ["append", "query"] {
+                metrics.errors.with_label_values(&[kind, code.as_str()]);
+            }
+        }
         Ok(metrics)
+    }
+
+    /// Count an error answer (see [`Metrics::errors`]).
+    pub fn error(&self, kind: &str, code: ErrorCode) {
+        self.errors.with_label_values(&[kind, code.as_str()]).inc();
     }
 
     /// Pre-create the per-shard series so dashboards show zeros rather than gaps.
     pub fn init_shard(&self, shard: &str) {
         self.shard(shard);
+        self.pool_wait.with_label_values(&[shard]);
+        self.query_duration.with_label_values(&[shard]);
         self.shard_up.with_label_values(&[shard]).set(0);
     }
 
@@ -144,6 +250,7 @@ impl Metrics {
             timeout: self.appends.with_label_values(&[shard, "timeout"]),
             append_duration: self.append_duration.with_label_values(&[shard]),
             batch_size: self.batch_size.with_label_values(&[shard]),
+            commit_duration: self.commit_duration.with_label_values(&[shard]),
         }
     }
 
@@ -167,4 +274,126 @@ pub struct ShardMetrics {
     pub timeout: IntCounter,
     pub append_duration: Histogram,
     pub batch_size: Histogram,
+    pub commit_duration: Histogram,
+}
+
+/// `process_*` metrics of the standard names (as the prometheus crate's process collector and
+/// every official client export them), read from /proc/self on each scrape. Elsewhere than on
+/// Linux it exports nothing.
+struct ProcessCollector {
+    resident_memory: IntGauge,
+    virtual_memory: IntGauge,
+    threads: IntGauge,
+    open_fds: IntGauge,
+    descs: Vec<Desc>,
+}
+
+impl ProcessCollector {
+    fn new() -> Result<ProcessCollector, prometheus::Error> {
+        let resident_memory = IntGauge::new(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+        )?;
+        let virtual_memory = IntGauge::new(
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+        )?;
+        let threads = IntGauge::new("process_threads", "Number of OS threads in the process.")?;
+        let open_fds = IntGauge::new("process_open_fds", "Number of open file descriptors.")?;
+        let descs = [&resident_memory, &virtual_memory, &threads, &open_fds]
+            .iter()
+            .flat_map(|g| g.desc().into_iter().cloned())
+            .collect();
+        Ok(ProcessCollector {
+            resident_memory,
+            virtual_memory,
+            threads,
+            open_fds,
+            descs,
+        })
+    }
+}
+
+/// A `Name:   value` line of /proc/self/status, e.g. `VmRSS:  12345 kB` -> 12345.
+fn status_field(status: &str, name: &str) -> Option<i64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+impl Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+            return Vec::new();
+        };
+        let mut families = Vec::new();
+        // /proc/self/status gives memory in kB (KiB, whatever the page size).
+        for (gauge, field, scale) in [
+            (&self.resident_memory, "VmRSS", 1024),
+            (&self.virtual_memory, "VmSize", 1024),
+            (&self.threads, "Threads", 1),
+        ] {
+            if let Some(value) = status_field(&status, field) {
+                gauge.set(value.saturating_mul(scale));
+                families.extend(gauge.collect());
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            // The count includes the descriptor read_dir itself holds open: subtract it.
+            self.open_fds.set(fds.count().saturating_sub(1) as i64);
+            families.extend(self.open_fds.collect());
+        }
+        families
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_parse() {
+        let status = "Name:\tworker\nVmSize:\t  123456 kB\nVmRSS:\t    2048 kB\nThreads:\t7\n";
+        assert_eq!(status_field(status, "VmRSS"), Some(2048));
+        assert_eq!(status_field(status, "VmSize"), Some(123456));
+        assert_eq!(status_field(status, "Threads"), Some(7));
+        assert_eq!(status_field(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn process_metrics_and_zero_series_are_exported() {
+        let metrics = Metrics::new().expect("metrics register");
+        let text = String::from_utf8(metrics.render()).expect("exposition is UTF-8");
+        let value = |name: &str| {
+            text.lines().find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+        };
+        if cfg!(target_os = "linux") {
+            assert!(
+                value("process_resident_memory_bytes").is_some_and(|v| v > 0.0),
+                "{text}"
+            );
+            assert!(value("process_open_fds").is_some_and(|v| v > 0.0), "{text}");
+        }
+        assert!(
+            text.contains("logstore_errors_total{code=\"busy\",kind=\"query\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("logstore_dead_letters_total{reason=\"internal\"} 0"),
+            "{text}"
+        );
+    }
 }

@@ -17,7 +17,7 @@ use logstore_protocol::{
 use prometheus::IntGauge;
 use tokio::time::Instant;
 
-use crate::metrics::ShardMetrics;
+use crate::metrics::{Metrics, ShardMetrics};
 use crate::outbox::{format_ts, Outbox};
 use crate::store::{NewEntry, StoreError, Stored};
 
@@ -115,6 +115,7 @@ pub struct Settler {
     pub outbox: Outbox,
     /// JetStream deliveries of a failing message before it is dead-lettered (outages excepted).
     pub max_deliver: i64,
+    pub metrics: Metrics,
 }
 
 impl Settler {
@@ -161,6 +162,7 @@ impl Settler {
     /// The append was not stored (or, for [`ErrorCode::Timeout`], may have been): tell whoever
     /// can act on it.
     pub async fn failed(&self, job: AppendJob, error: ErrorBody, m: &ShardMetrics) {
+        self.metrics.error("append", error.code);
         if error.code == ErrorCode::Timeout {
             m.timeout.inc();
         } else {

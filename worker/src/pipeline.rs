@@ -264,7 +264,9 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
     // Jobs are in arrival order, so the first one's deadline is the earliest.
     let deadline = batch.iter().map(|job| job.deadline).min().unwrap_or(now);
     let entries: Vec<&NewEntry> = batch.iter().map(|job| &job.entry).collect();
+    let commit = m.commit_duration.start_timer();
     let result = shard.append(&entries, deadline).await;
+    commit.observe_duration();
     drop(entries);
     match result {
         Ok(stored) => {

@@ -82,6 +82,7 @@ impl Queries {
     pub async fn refuse(&self, job: QueryJob, error: ErrorBody) {
         let subject = self.outbox.response_subject(job.reply.clone());
         self.outbox.error_reply(Some(&subject), &error).await;
+        self.metrics.error("query", error.code);
         self.metrics
             .queries
             .with_label_values(&[error.code.as_str()])
@@ -118,6 +119,7 @@ impl Queries {
                 Ok(()) => "ok",
                 Err(error) => {
                     queries.outbox.error_reply(Some(&subject), &error).await;
+                    queries.metrics.error("query", error.code);
                     match error.code {
                         ErrorCode::Timeout => "timeout",
                         _ => "failed",

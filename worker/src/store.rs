@@ -152,6 +152,8 @@ pub struct Shard {
     /// queries fail fast with `unavailable` instead of each waiting out the timeout on a hung
     /// server. The health checker sets it back once a ping succeeds.
     up: AtomicBool,
+    /// `logstore_pool_wait_seconds{shard}`, when the worker's metrics are attached.
+    pool_wait: Option<prometheus::Histogram>,
 }
 
 impl Shard {
@@ -187,7 +189,14 @@ impl Shard {
             timeout,
             state: AtomicU8::new(STATE_PENDING),
             up: AtomicBool::new(false),
+            pool_wait: None,
         })
+    }
+
+    /// Time every wait for a pooled connection into `histogram`.
+    pub fn with_pool_wait(mut self, histogram: prometheus::Histogram) -> Shard {
+        self.pool_wait = Some(histogram);
+        self
     }
 
     /// Migrations applied and identity confirmed.
@@ -243,6 +252,11 @@ impl Shard {
     async fn migrate_and_check(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.db(e))?;
+        // Every start after the first would otherwise log Postgres's NOTICE "relation
+        // logstore_migrations already exists, skipping" at INFO; warnings still come through.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await
+            .map_err(|e| self.db(e))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(|e| self.db(e))?;
@@ -484,6 +498,8 @@ impl Shard {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        // A guard, so a wait cut short by a caller's deadline is recorded too.
+        let _wait = self.pool_wait.as_ref().map(|h| h.start_timer());
         self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(source) => self.db(source),
             other => StoreError::Unavailable {

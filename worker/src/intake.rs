@@ -30,9 +30,9 @@ use crate::store::NewEntry;
 
 /// Messages fetched from JetStream per pull request.
 const FETCH_BATCH: usize = 500;
-/// Bytes fetched per pull request at most (raised to twice max_payload if that is larger, so a
-/// largest message always fits).
-const FETCH_MAX_BYTES: usize = 4 << 20;
+/// Bytes fetched per pull request at most (raised to just above max_payload if that is larger:
+/// a pull must be able to take the largest message).
+const FETCH_MAX_BYTES: usize = 256 << 10;
 /// How long one pull request waits for messages; also the most a shutdown waits for a fetch.
 const FETCH_EXPIRES: Duration = Duration::from_millis(500);
 /// How often the consumer's lag is read from the server: as often as compose's Prometheus
@@ -322,8 +322,11 @@ impl Router {
         consumer: &consumer::Consumer<consumer::pull::Config>,
         cancel: &CancellationToken,
     ) -> Option<consumer::pull::Batch> {
-        // Bounded in bytes too: 500 batch messages could hold 500,000 entries.
-        let max_bytes = FETCH_MAX_BYTES.max(2 * self.queries.outbox.max_payload());
+        // Bounded in bytes too: 500 batch messages could hold 500,000 entries. This matters
+        // beyond memory: async-nats abandons a pull's undelivered-to-us messages once
+        // `expires` + 5 s have passed since the request, and those then wait out ack_wait; so
+        // one pull must always be routed well within that, even into full queues.
+        let max_bytes = FETCH_MAX_BYTES.max(self.queries.outbox.max_payload() + (64 << 10));
         let batch = consumer
             .batch()
             .max_messages(FETCH_BATCH)

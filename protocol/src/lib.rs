@@ -299,13 +299,37 @@ pub struct AppendReply {
     pub duplicate: bool,
 }
 
-/// A validated query.
+/// Which end of the range a query reads from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Oldest first (the original's order); `next` is a cursor for `after`.
+    #[default]
+    Asc,
+    /// Newest first; `next` is a cursor for `before`.
+    Desc,
+}
+
+impl Order {
+    fn is_asc(&self) -> bool {
+        *self == Order::Asc
+    }
+}
+
+/// A validated query. Every field but `id` is optional; a request with none of the newer ones
+/// (`before`, `order`) answers exactly as the original's did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryRequest {
     pub id: u64,
     /// Exclusive seq cursor: entries with `seq > after` are returned.
     #[serde(default)]
     pub after: u64,
+    /// Exclusive upper seq cursor: entries with `seq < before` are returned. With
+    /// `order: desc` it is what `next` feeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<u64>,
+    #[serde(default, skip_serializing_if = "Order::is_asc")]
+    pub order: Order,
     /// Most entries to return; `None` means the whole log (streamed in chunks when large).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
@@ -321,6 +345,20 @@ impl QueryRequest {
         let after = match object.get("after") {
             None | Some(Value::Null) => 0,
             Some(value) => decode_u64("after", value)?,
+        };
+        let before = match object.get("before") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(decode_u64("before", value)?),
+        };
+        let order = match object.get("order") {
+            None | Some(Value::Null) => Order::Asc,
+            Some(Value::String(s)) if s == "asc" => Order::Asc,
+            Some(Value::String(s)) if s == "desc" => Order::Desc,
+            Some(other) => {
+                return Err(ErrorBody::invalid(format!(
+                    "`order` must be \"asc\" or \"desc\", got {other}"
+                )))
+            }
         };
         let limit = match object.get("limit") {
             None | Some(Value::Null) => None,
@@ -345,6 +383,8 @@ impl QueryRequest {
         Ok(QueryRequest {
             id,
             after,
+            before,
+            order,
             limit,
             request_id,
         })
@@ -369,7 +409,8 @@ pub struct QueryResponse {
     /// The object's entry count at the time the query started.
     pub total: u64,
     pub logs: Vec<LogEntry>,
-    /// Cursor (`after`) for the next page, or null when this response reached the end.
+    /// Cursor for the next page (`after`, or `before` with `order: desc`), or null when this
+    /// response reached the end of the requested range.
     pub next: Option<u64>,
     pub chunk: u32,
     pub last: bool,
@@ -614,6 +655,22 @@ mod tests {
             (q.after, q.limit, q.request_id.as_deref()),
             (10, Some(5), Some("r"))
         );
+        assert_eq!((q.before, q.order), (None, Order::Asc));
+        let q = QueryRequest::decode(br#"{"id":1,"order":"desc","before":7}"#).unwrap();
+        assert_eq!((q.before, q.order), (Some(7), Order::Desc));
+        // The defaults are left out, so an old request re-encodes as it was.
+        assert_eq!(
+            serde_json::to_string(&QueryRequest::decode(br#"{"id":1}"#).unwrap()).unwrap(),
+            r#"{"id":1,"after":0}"#
+        );
+        for bad in [
+            r#"{"id":1,"order":"DESC"}"#,
+            r#"{"id":1,"order":1}"#,
+            r#"{"id":1,"before":-1}"#,
+        ] {
+            let e = QueryRequest::decode(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad}");
+        }
         assert!(QueryRequest::decode(br#"{"id":1,"limit":0}"#).is_err());
         assert!(QueryRequest::decode(br#"{"id":1,"after":-3}"#).is_err());
     }

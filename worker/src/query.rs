@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Subject;
-use logstore_protocol::{ErrorBody, ErrorCode, LogEntry, QueryRequest};
+use logstore_protocol::{ErrorBody, ErrorCode, LogEntry, Order, QueryRequest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use crate::origin::{store_error_body, InFlight};
 use crate::outbox::{format_ts, Outbox};
-use crate::store::{Row, Shard};
+use crate::store::{ReadRange, Row, Shard};
 
 /// Rows read per database round trip when streaming a whole log.
 const PAGE_ROWS: u64 = 1000;
@@ -137,6 +137,10 @@ impl Queries {
     /// max_payload. Memory holds one page and one chunk at a time, whatever the log's size.
     /// Stops after `max_bytes` with a `next` cursor, so one small request cannot make the worker
     /// send an unbounded answer; a client that follows `next` still reads everything.
+    ///
+    /// Oldest first, the cursor moves up from `after`; newest first, down from `before`. Either
+    /// way `next` is the seq of the last entry sent, which is what the request's own cursor
+    /// field (`after`, resp. `before`) takes to continue.
     async fn stream(
         &self,
         shard: &Shard,
@@ -144,13 +148,28 @@ impl Queries {
         subject: &Subject,
     ) -> Result<(), ErrorBody> {
         let wanted = request.limit.unwrap_or(u64::MAX);
+        let desc = request.order == Order::Desc;
+        let range = ReadRange {
+            after: request.after,
+            before: request.before,
+            desc,
+        };
         let first = shard
-            .first_page(request.id, request.after, wanted.min(PAGE_ROWS))
+            .first_page(request.id, &range, wanted.min(PAGE_ROWS))
             .await
             .map_err(|e| store_error_body(&e))?;
+        let (lo, hi) = (first.lo, first.hi);
+        // Whether entries of the range remain beyond `cursor` in the reading direction.
+        let more_after = |cursor: u64| {
+            if desc {
+                cursor > lo.saturating_add(1)
+            } else {
+                cursor.saturating_add(1) < hi
+            }
+        };
         let mut writer = ChunkWriter::new(request, first.total, self.outbox.max_payload())?;
         let mut sent = 0u64;
-        let mut cursor = request.after;
+        let mut cursor = if desc { hi } else { lo };
         let mut rows: Vec<Row> = first.rows;
         let mut capped = false;
         'pages: loop {
@@ -172,20 +191,22 @@ impl Queries {
                 sent += 1;
             }
             let asked = (wanted - (sent - fetched)).min(PAGE_ROWS);
-            if sent >= wanted || fetched < asked || cursor >= first.last_seq {
+            if sent >= wanted || fetched < asked || !more_after(cursor) {
                 break;
             }
+            let (page_lo, page_hi) = if desc { (lo, cursor) } else { (cursor, hi) };
             rows = shard
                 .page(
                     request.id,
-                    cursor,
-                    first.last_seq,
+                    page_lo,
+                    page_hi,
+                    desc,
                     (wanted - sent).min(PAGE_ROWS),
                 )
                 .await
                 .map_err(|e| store_error_body(&e))?;
         }
-        let next = ((capped || sent >= wanted) && cursor < first.last_seq).then_some(cursor);
+        let next = ((capped || sent >= wanted) && sent > 0 && more_after(cursor)).then_some(cursor);
         self.outbox.response(subject, writer.finish(next)).await;
         Ok(())
     }
@@ -299,17 +320,19 @@ mod tests {
     use super::*;
     use logstore_protocol::QueryResponse;
 
-    #[test]
-    fn chunks_are_valid_responses_under_the_budget() {
+    /// Chunks of 50 entries pushed in `seqs` order (ascending or descending).
+    fn chunks_of(seqs: &[u64]) -> Vec<Vec<u8>> {
         let request = QueryRequest {
             id: 7,
             after: 0,
+            before: None,
+            order: Order::Asc,
             limit: None,
             request_id: Some("r\"1".into()),
         };
         let mut writer = ChunkWriter::new(&request, 50, 600).unwrap();
         let mut chunks = Vec::new();
-        for seq in 1..=50 {
+        for &seq in seqs {
             let entry = LogEntry {
                 seq,
                 ts: "2026-11-22T09:16:27.123456Z".into(),
@@ -320,6 +343,23 @@ mod tests {
             }
         }
         chunks.push(writer.finish(None));
+        chunks
+    }
+
+    #[test]
+    fn chunks_are_valid_responses_under_the_budget() {
+        for order in [Order::Asc, Order::Desc] {
+            let mut sent: Vec<u64> = (1..=50).collect();
+            if order == Order::Desc {
+                sent.reverse();
+            }
+            check_chunks(&chunks_of(&sent), &sent);
+        }
+    }
+
+    /// Every chunk fits, parses and is numbered; a non-final chunk's `next` is the seq of its
+    /// last entry (the cursor for `after`, or for `before` when newest first).
+    fn check_chunks(chunks: &[Vec<u8>], sent: &[u64]) {
         assert!(chunks.len() > 3);
         let mut seqs = Vec::new();
         for (i, chunk) in chunks.iter().enumerate() {
@@ -334,6 +374,6 @@ mod tests {
             }
             seqs.extend(response.logs.iter().map(|e| e.seq));
         }
-        assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+        assert_eq!(seqs, sent);
     }
 }

@@ -129,12 +129,74 @@ pub struct Row {
     pub log: String,
 }
 
+/// What a read asks for, besides its object and size: the range of entries and its order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadRange {
+    /// Exclusive lower seq bound.
+    pub after: u64,
+    /// Exclusive upper seq bound.
+    pub before: Option<u64>,
+    /// Newest first.
+    pub desc: bool,
+}
+
 /// The first page of a read, with the object's head at the same snapshot.
 #[derive(Debug, Default)]
 pub struct FirstPage {
     pub total: u64,
-    pub last_seq: u64,
+    /// The range resolved against the head at that snapshot: every entry of the requested
+    /// range has `lo < seq < hi`, and entries exist right after `lo` and right before `hi`
+    /// (unless the range is empty). Later pages stay inside it, so a long read does not chase
+    /// appends made after it started.
+    pub lo: u64,
+    pub hi: u64,
     pub rows: Vec<Row>,
+}
+
+/// The read statements, public so that a test can EXPLAIN exactly what the worker runs.
+pub mod sql {
+    /// `$1` id, `$2` after, `$3` before, `$4` limit. The range is narrowed to the entries that
+    /// exist (`lo` from the first present seq, `hi` from the head's last seq) in the same
+    /// statement, so the page itself is one range scan of the primary key.
+    macro_rules! first_page {
+        ($order:literal) => {
+            concat!(
+                "SELECT b.entries, b.lo, b.hi, l.seq, l.ts, l.log
+                 FROM (
+                     SELECT o.entries,
+                            greatest($2::bigint, (SELECT f.seq FROM logs f
+                                                  WHERE f.object_id = o.id
+                                                  ORDER BY f.seq LIMIT 1) - 1) AS lo,
+                            least($3::bigint, o.last_seq + 1) AS hi
+                     FROM objects o
+                     WHERE o.id = $1
+                 ) b
+                 LEFT JOIN LATERAL (
+                     SELECT seq, ts, log FROM logs
+                     WHERE object_id = $1 AND seq > b.lo AND seq < b.hi
+                     ORDER BY seq ",
+                $order,
+                " LIMIT $4
+                 ) l ON true"
+            )
+        };
+    }
+    /// `$1` id, `$2` lo, `$3` hi (both exclusive), `$4` limit.
+    macro_rules! page {
+        ($order:literal) => {
+            concat!(
+                "SELECT seq, ts, log FROM logs
+                 WHERE object_id = $1 AND seq > $2 AND seq < $3
+                 ORDER BY seq ",
+                $order,
+                " LIMIT $4"
+            )
+        };
+    }
+    pub const FIRST_PAGE_ASC: &str = first_page!("ASC");
+    pub const FIRST_PAGE_DESC: &str = first_page!("DESC");
+    pub const PAGE_ASC: &str = page!("ASC");
+    pub const PAGE_DESC: &str = page!("DESC");
 }
 
 const STATE_PENDING: u8 = 0;
@@ -373,35 +435,33 @@ impl Shard {
         Ok(stored)
     }
 
-    /// The object's head and its first page of entries with `seq > after`, in one snapshot.
-    /// An unknown object gives an empty page with total 0.
+    /// The object's head and the first page of the requested range, in one snapshot. An
+    /// unknown object gives an empty page with total 0.
     pub async fn first_page(
         &self,
         id: u64,
-        after: u64,
+        range: &ReadRange,
         limit: u64,
     ) -> Result<FirstPage, StoreError> {
         self.ready()?;
+        let sql = if range.desc {
+            sql::FIRST_PAGE_DESC
+        } else {
+            sql::FIRST_PAGE_ASC
+        };
         let rows = self
             .bounded(async {
                 let client = self.client().await?;
-                let statement = client
-                    .prepare_cached(
-                        "SELECT o.entries, o.last_seq, l.seq, l.ts, l.log
-                         FROM objects o
-                         LEFT JOIN LATERAL (
-                             SELECT seq, ts, log FROM logs
-                             WHERE object_id = o.id AND seq > $2
-                             ORDER BY seq LIMIT $3
-                         ) l ON true
-                         WHERE o.id = $1",
-                    )
-                    .await
-                    .map_err(|e| self.db(e))?;
+                let statement = client.prepare_cached(sql).await.map_err(|e| self.db(e))?;
                 client
                     .query(
                         &statement,
-                        &[&(id as i64), &seq_bound(after), &seq_bound(limit)],
+                        &[
+                            &(id as i64),
+                            &seq_bound(range.after),
+                            &seq_bound(range.before.unwrap_or(u64::MAX)),
+                            &seq_bound(limit),
+                        ],
                     )
                     .await
                     .map_err(|e| self.db(e))
@@ -410,45 +470,42 @@ impl Shard {
         let mut page = FirstPage::default();
         for row in rows {
             page.total = row.get::<_, i64>(0) as u64;
-            page.last_seq = row.get::<_, i64>(1) as u64;
-            if let Some(seq) = row.get::<_, Option<i64>>(2) {
+            // Both are clamped to 0 in SQL; a negative value cannot occur.
+            page.lo = row.get::<_, i64>(1).max(0) as u64;
+            page.hi = row.get::<_, i64>(2).max(0) as u64;
+            if let Some(seq) = row.get::<_, Option<i64>>(3) {
                 page.rows.push(Row {
                     seq: seq as u64,
-                    ts: row.get(3),
-                    log: row.get(4),
+                    ts: row.get(4),
+                    log: row.get(5),
                 });
             }
         }
         Ok(page)
     }
 
-    /// Entries with `after < seq <= until`, at most `limit`, in seq order.
+    /// Entries with `lo < seq < hi`, at most `limit`, in seq order (descending when `desc`).
     pub async fn page(
         &self,
         id: u64,
-        after: u64,
-        until: u64,
+        lo: u64,
+        hi: u64,
+        desc: bool,
         limit: u64,
     ) -> Result<Vec<Row>, StoreError> {
         self.ready()?;
+        let sql = if desc { sql::PAGE_DESC } else { sql::PAGE_ASC };
         let rows = self
             .bounded(async {
                 let client = self.client().await?;
-                let statement = client
-                    .prepare_cached(
-                        "SELECT seq, ts, log FROM logs
-                         WHERE object_id = $1 AND seq > $2 AND seq <= $3
-                         ORDER BY seq LIMIT $4",
-                    )
-                    .await
-                    .map_err(|e| self.db(e))?;
+                let statement = client.prepare_cached(sql).await.map_err(|e| self.db(e))?;
                 client
                     .query(
                         &statement,
                         &[
                             &(id as i64),
-                            &seq_bound(after),
-                            &seq_bound(until),
+                            &seq_bound(lo),
+                            &seq_bound(hi),
                             &seq_bound(limit),
                         ],
                     )

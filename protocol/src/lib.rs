@@ -10,6 +10,9 @@
 //! turn any byte string into either a valid request or an [`ErrorBody`] that says what was wrong.
 
 pub mod redact;
+pub mod timestamp;
+
+pub use timestamp::Timestamp;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -317,7 +320,8 @@ impl Order {
 }
 
 /// A validated query. Every field but `id` is optional; a request with none of the newer ones
-/// (`before`, `order`) answers exactly as the original's did.
+/// (`before`, `order`, `since`, `until`) answers exactly as the original's did. The bounds
+/// combine: the answer is the entries inside all of them, in `order`, at most `limit`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryRequest {
     pub id: u64,
@@ -330,6 +334,12 @@ pub struct QueryRequest {
     pub before: Option<u64>,
     #[serde(default, skip_serializing_if = "Order::is_asc")]
     pub order: Order,
+    /// Inclusive time bound: entries with `ts >= since`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
+    /// Exclusive time bound: entries with `ts < until`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
     /// Most entries to return; `None` means the whole log (streamed in chunks when large).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
@@ -360,6 +370,8 @@ impl QueryRequest {
                 )))
             }
         };
+        let since = decode_timestamp("since", object.get("since"))?;
+        let until = decode_timestamp("until", object.get("until"))?;
         let limit = match object.get("limit") {
             None | Some(Value::Null) => None,
             Some(value) => match decode_u64("limit", value)? {
@@ -385,6 +397,8 @@ impl QueryRequest {
             after,
             before,
             order,
+            since,
+            until,
             limit,
             request_id,
         })
@@ -427,6 +441,21 @@ fn decode_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ErrorBod
             json_type(&other)
         ))),
         Err(e) => Err(ErrorBody::invalid(format!("invalid JSON: {e}"))),
+    }
+}
+
+fn decode_timestamp(field: &str, value: Option<&Value>) -> Result<Option<Timestamp>, ErrorBody> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Timestamp::parse(text).map(Some).map_err(|e| {
+            ErrorBody::invalid(format!(
+                "`{field}` is not an RFC 3339 timestamp ({text:?}): {e}"
+            ))
+        }),
+        Some(other) => Err(ErrorBody::invalid(format!(
+            "`{field}` must be an RFC 3339 timestamp string, got {}",
+            json_type(other)
+        ))),
     }
 }
 
@@ -663,7 +692,20 @@ mod tests {
             serde_json::to_string(&QueryRequest::decode(br#"{"id":1}"#).unwrap()).unwrap(),
             r#"{"id":1,"after":0}"#
         );
+        let q = QueryRequest::decode(
+            br#"{"id":1,"since":"2026-11-23T15:00:00+01:00","until":"2026-11-23T14:05:00.5Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (q.since.unwrap().to_string(), q.until.unwrap().to_string()),
+            (
+                "2026-11-23T14:00:00.000000Z".to_string(),
+                "2026-11-23T14:05:00.500000Z".to_string()
+            )
+        );
         for bad in [
+            r#"{"id":1,"since":"yesterday"}"#,
+            r#"{"id":1,"until":1700000000}"#,
             r#"{"id":1,"order":"DESC"}"#,
             r#"{"id":1,"order":1}"#,
             r#"{"id":1,"before":-1}"#,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Subject;
-use logstore_protocol::{ErrorBody, ErrorCode, LogEntry, Order, QueryRequest};
+use logstore_protocol::{ErrorBody, ErrorCode, LogEntry, Order, QueryRequest, Timestamp};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -152,6 +152,8 @@ impl Queries {
         let range = ReadRange {
             after: request.after,
             before: request.before,
+            since: request.since.map(Timestamp::to_system_time),
+            until: request.until.map(Timestamp::to_system_time),
             desc,
         };
         let first = shard
@@ -327,6 +329,8 @@ mod tests {
             after: 0,
             before: None,
             order: Order::Asc,
+            since: None,
+            until: None,
             limit: None,
             request_id: Some("r\"1".into()),
         };

@@ -28,6 +28,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "fast_append",
         include_str!("../../migrations/0002_fast_append.sql"),
     ),
+    (
+        3,
+        "time_bounds",
+        include_str!("../../migrations/0003_time_bounds.sql"),
+    ),
 ];
 
 /// Serialises migrations across every worker that starts at once (an arbitrary constant:
@@ -130,12 +135,16 @@ pub struct Row {
 }
 
 /// What a read asks for, besides its object and size: the range of entries and its order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadRange {
     /// Exclusive lower seq bound.
     pub after: u64,
     /// Exclusive upper seq bound.
     pub before: Option<u64>,
+    /// Inclusive lower time bound.
+    pub since: Option<SystemTime>,
+    /// Exclusive upper time bound.
+    pub until: Option<SystemTime>,
     /// Newest first.
     pub desc: bool,
 }
@@ -155,21 +164,31 @@ pub struct FirstPage {
 
 /// The read statements, public so that a test can EXPLAIN exactly what the worker runs.
 pub mod sql {
-    /// `$1` id, `$2` after, `$3` before, `$4` limit. The range is narrowed to the entries that
-    /// exist (`lo` from the first present seq, `hi` from the head's last seq) in the same
-    /// statement, so the page itself is one range scan of the primary key.
+    /// `$1` id, `$2` after, `$3` before, `$4` limit, `$5` since, `$6` until (NULL: none).
+    /// Every bound becomes a seq bound in the same statement: the time bounds by
+    /// `logstore_seq_at` (migrations/0003_time_bounds.sql: a binary search of primary-key
+    /// probes), and the range is narrowed to the entries that exist (`lo` from the first
+    /// present seq, `hi` from the head's last seq). So the page itself is one range scan of
+    /// the primary key with both ends in its index condition, whatever bounds were given.
+    /// (`OFFSET 0` keeps the bounds computed once: a flattened subquery would repeat the
+    /// binary searches for the select list and for the index condition.)
     macro_rules! first_page {
         ($order:literal) => {
             concat!(
                 "SELECT b.entries, b.lo, b.hi, l.seq, l.ts, l.log
                  FROM (
                      SELECT o.entries,
-                            greatest($2::bigint, (SELECT f.seq FROM logs f
-                                                  WHERE f.object_id = o.id
-                                                  ORDER BY f.seq LIMIT 1) - 1) AS lo,
-                            least($3::bigint, o.last_seq + 1) AS hi
+                            greatest($2::bigint,
+                                     (SELECT f.seq FROM logs f
+                                      WHERE f.object_id = o.id
+                                      ORDER BY f.seq LIMIT 1) - 1,
+                                     logstore_seq_at(o.id, $5::timestamptz) - 1) AS lo,
+                            least($3::bigint,
+                                  o.last_seq + 1,
+                                  logstore_seq_at(o.id, $6::timestamptz)) AS hi
                      FROM objects o
                      WHERE o.id = $1
+                     OFFSET 0
                  ) b
                  LEFT JOIN LATERAL (
                      SELECT seq, ts, log FROM logs
@@ -461,6 +480,8 @@ impl Shard {
                             &seq_bound(range.after),
                             &seq_bound(range.before.unwrap_or(u64::MAX)),
                             &seq_bound(limit),
+                            &range.since,
+                            &range.until,
                         ],
                     )
                     .await

@@ -4,6 +4,7 @@
 //! - `logs`: [`AppendRequest`] in, [`AppendReply`] out (to the reply subject, when there is one);
 //! - `appended.<id>`: an [`AppendReply`] event after every stored append;
 //! - `query`: [`QueryRequest`] in, one or more [`QueryResponse`] chunks out;
+//! - `stats`: [`StatsRequest`] in, [`StatsReply`] out;
 //! - `dead_letter`: a raw copy of every rejected message, with the reason in headers.
 //!
 //! Decoding is strict and never panics: [`AppendRequest::decode`] and [`QueryRequest::decode`]
@@ -405,6 +406,40 @@ impl QueryRequest {
     }
 }
 
+/// A request for an object's statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRequest {
+    pub id: u64,
+}
+
+impl StatsRequest {
+    /// Decode and validate a stats body (unknown fields are ignored).
+    pub fn decode(body: &[u8]) -> Result<StatsRequest, ErrorBody> {
+        let object = decode_object(body)?;
+        Ok(StatsRequest {
+            id: decode_id(object.get("id"))?,
+        })
+    }
+}
+
+/// An object's statistics, kept exactly in its head row (no scan). `first_seq`, `first_ts` and
+/// `last_ts` are null while the object has no entries (unknown, or everything deleted);
+/// `last_seq` is the last seq ever assigned (0 for an object never appended to), even after
+/// its entries are deleted: seqs are never reused, the next append gets `last_seq + 1`, and
+/// it is what `expected_seq` is compared with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsReply {
+    pub id: u64,
+    /// Entries present.
+    pub count: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: u64,
+    pub first_ts: Option<String>,
+    pub last_ts: Option<String>,
+    /// Total UTF-8 bytes of the present entries' `log` texts.
+    pub bytes: u64,
+}
+
 /// One stored entry as a query returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {
@@ -715,5 +750,28 @@ mod tests {
         }
         assert!(QueryRequest::decode(br#"{"id":1,"limit":0}"#).is_err());
         assert!(QueryRequest::decode(br#"{"id":1,"after":-3}"#).is_err());
+    }
+
+    #[test]
+    fn stats_requests_and_replies() {
+        assert_eq!(
+            StatsRequest::decode(br#"{"id":42,"extra":true}"#),
+            Ok(StatsRequest { id: 42 })
+        );
+        assert!(StatsRequest::decode(br#"{"id":"42"}"#).is_err());
+        assert!(StatsRequest::decode(b"[]").is_err());
+        let empty = StatsReply {
+            id: 9,
+            count: 0,
+            first_seq: None,
+            last_seq: 0,
+            first_ts: None,
+            last_ts: None,
+            bytes: 0,
+        };
+        assert_eq!(
+            serde_json::to_string(&empty).unwrap(),
+            r#"{"id":9,"count":0,"first_seq":null,"last_seq":0,"first_ts":null,"last_ts":null,"bytes":0}"#
+        );
     }
 }

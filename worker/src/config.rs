@@ -69,6 +69,9 @@ pub struct RawConfig {
     pub nats_query_topic: String,
     #[arg(long, env = "NATS_RESPONSE_TOPIC", default_value = "response")]
     pub nats_response_topic: String,
+    /// Subject of stats requests (an object's count, seq and ts range, bytes).
+    #[arg(long, env = "NATS_STATS_TOPIC", default_value = "stats")]
+    pub nats_stats_topic: String,
     #[arg(long, env = "NATS_QUEUE_GROUP", default_value = "workers")]
     pub nats_queue_group: String,
     #[arg(long, env = "NATS_EVENTS_PREFIX", default_value = "appended")]
@@ -207,6 +210,7 @@ pub struct Config {
     pub logs_subject: String,
     pub query_subject: String,
     pub response_subject: String,
+    pub stats_subject: String,
     pub queue_group: String,
     pub events_prefix: String,
     pub dead_letter_subject: String,
@@ -256,6 +260,7 @@ impl std::fmt::Debug for RawConfig {
             nats_logs_topic,
             nats_query_topic,
             nats_response_topic,
+            nats_stats_topic,
             nats_queue_group,
             nats_events_prefix,
             nats_dead_letter_topic,
@@ -301,6 +306,7 @@ impl std::fmt::Debug for RawConfig {
             .field("nats_logs_topic", nats_logs_topic)
             .field("nats_query_topic", nats_query_topic)
             .field("nats_response_topic", nats_response_topic)
+            .field("nats_stats_topic", nats_stats_topic)
             .field("nats_queue_group", nats_queue_group)
             .field("nats_events_prefix", nats_events_prefix)
             .field("nats_dead_letter_topic", nats_dead_letter_topic)
@@ -342,6 +348,7 @@ impl std::fmt::Debug for Config {
             logs_subject,
             query_subject,
             response_subject,
+            stats_subject,
             queue_group,
             events_prefix,
             dead_letter_subject,
@@ -368,6 +375,7 @@ impl std::fmt::Debug for Config {
             .field("logs_subject", logs_subject)
             .field("query_subject", query_subject)
             .field("response_subject", response_subject)
+            .field("stats_subject", stats_subject)
             .field("queue_group", queue_group)
             .field("events_prefix", events_prefix)
             .field("dead_letter_subject", dead_letter_subject)
@@ -402,6 +410,7 @@ impl RawConfig {
             logs_subject: subject("NATS_LOGS_TOPIC", &self.nats_logs_topic)?,
             query_subject: subject("NATS_QUERY_TOPIC", &self.nats_query_topic)?,
             response_subject: subject("NATS_RESPONSE_TOPIC", &self.nats_response_topic)?,
+            stats_subject: subject("NATS_STATS_TOPIC", &self.nats_stats_topic)?,
             queue_group: subject("NATS_QUEUE_GROUP", &self.nats_queue_group)?,
             events_prefix: subject("NATS_EVENTS_PREFIX", &self.nats_events_prefix)?,
             dead_letter_subject: subject("NATS_DEAD_LETTER_TOPIC", &self.nats_dead_letter_topic)?,

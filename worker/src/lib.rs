@@ -10,7 +10,7 @@
 //!   the appends received before them; never lets a hung shard stall intake.
 //! - [`origin`]: a message's fate once its outcome is known: reply, event, ack / nak / term,
 //!   dead letter, in-flight gauge.
-//! - [`query`]: query admission, deadlines and slots; streams answers in chunks.
+//! - [`query`]: query and stats admission, deadlines and slots; streams answers in chunks.
 //! - [`store`]: PostgreSQL: pools, migrations, shard identity, the append function, paged reads.
 //! - [`outbox`]: replies, `appended.<id>` events, response chunks, errors and dead letters.
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
@@ -189,7 +189,10 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                 .map_err(|source| Error::Subscribe { subject, source })
         }
     };
-    let queries = subscribe(config.query_subject.clone()).await?;
+    let queries = intake::Requests {
+        query: subscribe(config.query_subject.clone()).await?,
+        stats: subscribe(config.stats_subject.clone()).await?,
+    };
     let mut router = intake::Router {
         ring: ring::Ring::new(
             &config
@@ -271,6 +274,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         intake = match config.intake { Intake::Core => "core", Intake::JetStream(_) => "jetstream" },
         logs = %config.logs_subject,
         query = %config.query_subject,
+        stats = %config.stats_subject,
         group = %config.queue_group,
         shards = shards.len(),
         metrics = %config.metrics_addr,

@@ -15,6 +15,9 @@ pub struct Metrics {
     pub appends: IntCounterVec,
     /// Queries by result: ok, rejected, failed, busy (shed at admission), timeout (deadline).
     pub queries: IntCounterVec,
+    /// Other requests answered from a shard (stats, delete) by kind and result, with the
+    /// results of `queries`.
+    pub requests: IntCounterVec,
     /// From receipt of an append to its reply, by shard.
     pub append_duration: HistogramVec,
     /// From receipt of a query to its last response chunk.
@@ -63,6 +66,13 @@ impl Metrics {
             queries: IntCounterVec::new(
                 Opts::new("logstore_queries_total", "Queries by result."),
                 &["result"],
+            )?,
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "logstore_requests_total",
+                    "Stats and delete requests by kind and result.",
+                ),
+                &["kind", "result"],
             )?,
             append_duration: HistogramVec::new(
                 HistogramOpts::new(
@@ -117,6 +127,7 @@ impl Metrics {
         let r = &metrics.registry;
         r.register(Box::new(metrics.appends.clone()))?;
         r.register(Box::new(metrics.queries.clone()))?;
+        r.register(Box::new(metrics.requests.clone()))?;
         r.register(Box::new(metrics.append_duration.clone()))?;
         r.register(Box::new(metrics.query_duration.clone()))?;
         r.register(Box::new(metrics.batch_size.clone()))?;

@@ -1,15 +1,18 @@
-//! Queries: admission (a bounded number per worker, the rest answered `busy`), a deadline per
-//! request, a bounded number running per worker and per shard, and the streaming of an answer
+//! Queries and the other requests answered from a shard outside the append path (stats):
+//! admission (a bounded number per worker, the rest answered `busy`), a deadline per request,
+//! a bounded number running per worker and per shard, and the streaming of a query's answer
 //! page by page as chunks no larger than the server's max_payload.
 //!
-//! A query never holds up its shard's appends: the pipeline only starts it (a tracked task),
-//! and waiting for a slot happens in that task, bounded by the query's deadline.
+//! A request never holds up its shard's appends: the pipeline only starts it (a tracked task),
+//! and waiting for a slot happens in that task, bounded by the request's deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Subject;
-use logstore_protocol::{ErrorBody, ErrorCode, LogEntry, Order, QueryRequest, Timestamp};
+use logstore_protocol::{
+    ErrorBody, ErrorCode, LogEntry, Order, QueryRequest, StatsReply, StatsRequest, Timestamp,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -24,14 +27,38 @@ const PAGE_ROWS: u64 = 1000;
 /// Room kept in every chunk for the closing `],"next":…,"last":…}`.
 const TRAILER_RESERVE: usize = 64;
 
-/// A query on its way to its shard.
+/// A request answered by reading (or, for deletion, changing) one object on its shard.
+pub enum Request {
+    Query(QueryRequest),
+    Stats(StatsRequest),
+}
+
+impl Request {
+    pub fn id(&self) -> u64 {
+        match self {
+            Request::Query(r) => r.id,
+            Request::Stats(r) => r.id,
+        }
+    }
+
+    /// The `kind` label of its metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Query(_) => "query",
+            Request::Stats(_) => "stats",
+        }
+    }
+}
+
+/// A request on its way to its shard.
 pub struct QueryJob {
-    pub request: QueryRequest,
+    pub request: Request,
     pub reply: Option<Subject>,
     pub started: std::time::Instant,
     /// When the answer must be complete (receipt + QUERY_TIMEOUT_MS).
     pub deadline: Instant,
-    /// Its place among the worker's admitted queries (MAX_PENDING_QUERIES), held until answered.
+    /// Its place among the worker's admitted requests (MAX_PENDING_QUERIES), held until
+    /// answered.
     pub admission: OwnedSemaphorePermit,
     pub in_flight: InFlight,
 }
@@ -78,59 +105,112 @@ impl Queries {
         self.admitted.clone().try_acquire_owned().ok()
     }
 
-    /// Answer `job` with an error and count it.
-    pub async fn refuse(&self, job: QueryJob, error: ErrorBody) {
-        let subject = self.outbox.response_subject(job.reply.clone());
-        self.outbox.error_reply(Some(&subject), &error).await;
-        self.metrics
-            .queries
-            .with_label_values(&[error.code.as_str()])
-            .inc();
+    /// Where `request`'s answer goes: a query without a reply subject answers on the
+    /// response subject (the original's design); other requests only to their reply subject.
+    pub fn answer_to(&self, request: &Request, reply: Option<Subject>) -> Option<Subject> {
+        match request {
+            Request::Query(_) => Some(self.outbox.response_subject(reply)),
+            _ => reply,
+        }
     }
 
-    /// Start answering `job` as a tracked task; never waits. `shard_slots` bounds the queries
+    /// Count one answered (or refused) request under its kind.
+    pub fn count(&self, kind: &str, outcome: &str) {
+        match kind {
+            "query" => self.metrics.queries.with_label_values(&[outcome]).inc(),
+            _ => self
+                .metrics
+                .requests
+                .with_label_values(&[kind, outcome])
+                .inc(),
+        }
+    }
+
+    /// Answer `job` with an error and count it.
+    pub async fn refuse(&self, job: QueryJob, error: ErrorBody) {
+        let subject = self.answer_to(&job.request, job.reply.clone());
+        self.outbox.error_reply(subject.as_ref(), &error).await;
+        self.count(job.request.kind(), error.code.as_str());
+    }
+
+    /// Start answering `job` as a tracked task; never waits. `shard_slots` bounds the requests
     /// running on one shard so that they cannot take every pooled connection from its appends.
     pub fn start(&self, shard: &Arc<Shard>, shard_slots: &Arc<Semaphore>, job: QueryJob) {
         let (queries, shard, shard_slots) = (self.clone(), shard.clone(), shard_slots.clone());
         self.tasks.spawn(async move {
             let deadline = job.deadline;
+            let subject = queries.answer_to(&job.request, job.reply.clone());
             let answer = async {
                 let _running = queries.running.acquire().await;
                 let _on_shard = shard_slots.acquire().await;
-                let subject = queries.outbox.response_subject(job.reply.clone());
-                let result = queries.stream(&shard, &job.request, &subject).await;
-                (subject, result)
+                match &job.request {
+                    Request::Query(request) => match &subject {
+                        Some(subject) => queries.stream(&shard, request, subject).await,
+                        None => Ok(()),
+                    },
+                    Request::Stats(request) => {
+                        queries.stats(&shard, request, subject.as_ref()).await
+                    }
+                }
             };
-            let (subject, result) = match tokio::time::timeout_at(deadline, answer).await {
+            let result = match tokio::time::timeout_at(deadline, answer).await {
                 Ok(answered) => answered,
-                Err(_) => (
-                    queries.outbox.response_subject(job.reply.clone()),
-                    Err(ErrorBody::new(
-                        ErrorCode::Timeout,
-                        format!(
-                            "the query did not complete within {:?} (QUERY_TIMEOUT_MS)",
-                            queries.timeout
-                        ),
-                    )),
-                ),
+                Err(_) => Err(ErrorBody::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the {} did not complete within {:?} (QUERY_TIMEOUT_MS)",
+                        job.request.kind(),
+                        queries.timeout
+                    ),
+                )),
             };
             let outcome = match result {
                 Ok(()) => "ok",
                 Err(error) => {
-                    queries.outbox.error_reply(Some(&subject), &error).await;
+                    queries.outbox.error_reply(subject.as_ref(), &error).await;
                     match error.code {
                         ErrorCode::Timeout => "timeout",
                         _ => "failed",
                     }
                 }
             };
-            queries.metrics.queries.with_label_values(&[outcome]).inc();
-            queries
-                .metrics
-                .query_duration
-                .with_label_values(&[&shard.name])
-                .observe(job.started.elapsed().as_secs_f64());
+            queries.count(job.request.kind(), outcome);
+            if let Request::Query(_) = job.request {
+                queries
+                    .metrics
+                    .query_duration
+                    .with_label_values(&[&shard.name])
+                    .observe(job.started.elapsed().as_secs_f64());
+            }
         });
+    }
+
+    /// Answer from the head row alone (see [`Shard::stats`]).
+    async fn stats(
+        &self,
+        shard: &Shard,
+        request: &StatsRequest,
+        subject: Option<&Subject>,
+    ) -> Result<(), ErrorBody> {
+        let stats = shard
+            .stats(request.id)
+            .await
+            .map_err(|e| store_error_body(&e))?;
+        let reply = StatsReply {
+            id: request.id,
+            count: stats.count,
+            first_seq: stats.first_seq,
+            last_seq: stats.last_seq,
+            first_ts: stats.first_ts.map(format_ts),
+            last_ts: stats.last_ts.map(format_ts),
+            bytes: stats.bytes,
+        };
+        let body = serde_json::to_vec(&reply)
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+        if let Some(subject) = subject {
+            self.outbox.response(subject, body).await;
+        }
+        Ok(())
     }
 
     /// Read the requested range page by page and send it as chunks no larger than the server's

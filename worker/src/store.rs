@@ -33,6 +33,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "time_bounds",
         include_str!("../../migrations/0003_time_bounds.sql"),
     ),
+    (
+        4,
+        "head_stats",
+        include_str!("../../migrations/0004_head_stats.sql"),
+    ),
 ];
 
 /// Serialises migrations across every worker that starts at once (an arbitrary constant:
@@ -162,13 +167,39 @@ pub struct FirstPage {
     pub rows: Vec<Row>,
 }
 
+/// An object's statistics as its head row keeps them (migrations/0004_head_stats.sql).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeadStats {
+    /// Entries present.
+    pub count: u64,
+    /// The first present entry's seq and ts: `None` without entries.
+    pub first_seq: Option<u64>,
+    /// The last seq ever assigned (kept when entries are deleted: seqs are never reused).
+    pub last_seq: u64,
+    pub first_ts: Option<SystemTime>,
+    /// The last entry's ts: `None` without entries.
+    pub last_ts: Option<SystemTime>,
+    /// sum(octet_length(log)) of the present entries.
+    pub bytes: u64,
+}
+
 /// The read statements, public so that a test can EXPLAIN exactly what the worker runs.
 pub mod sql {
+    /// `$1` id. One primary-key lookup of the head row; the CASEs keep "no entries" as NULL
+    /// whatever the columns hold (a head row can exist without entries).
+    pub const STATS: &str = "SELECT entries,
+                CASE WHEN entries > 0 THEN first_seq END,
+                last_seq,
+                CASE WHEN entries > 0 THEN first_ts END,
+                CASE WHEN entries > 0 THEN last_ts END,
+                bytes
+         FROM objects WHERE id = $1";
+
     /// `$1` id, `$2` after, `$3` before, `$4` limit, `$5` since, `$6` until (NULL: none).
     /// Every bound becomes a seq bound in the same statement: the time bounds by
     /// `logstore_seq_at` (migrations/0003_time_bounds.sql: a binary search of primary-key
-    /// probes), and the range is narrowed to the entries that exist (`lo` from the first
-    /// present seq, `hi` from the head's last seq). So the page itself is one range scan of
+    /// probes), and the range is narrowed to the entries that exist (`lo` from the head's
+    /// first present seq, `hi` from its last seq). So the page itself is one range scan of
     /// the primary key with both ends in its index condition, whatever bounds were given.
     /// (`OFFSET 0` keeps the bounds computed once: a flattened subquery would repeat the
     /// binary searches for the select list and for the index condition.)
@@ -179,9 +210,7 @@ pub mod sql {
                  FROM (
                      SELECT o.entries,
                             greatest($2::bigint,
-                                     (SELECT f.seq FROM logs f
-                                      WHERE f.object_id = o.id
-                                      ORDER BY f.seq LIMIT 1) - 1,
+                                     o.first_seq - 1,
                                      logstore_seq_at(o.id, $5::timestamptz) - 1) AS lo,
                             least($3::bigint,
                                   o.last_seq + 1,
@@ -542,6 +571,35 @@ impl Shard {
                 log: row.get(2),
             })
             .collect())
+    }
+
+    /// The object's statistics from its head row alone. An unknown object has count 0.
+    pub async fn stats(&self, id: u64) -> Result<HeadStats, StoreError> {
+        self.ready()?;
+        let row = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached(sql::STATS)
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query_opt(&statement, &[&(id as i64)])
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        Ok(match row {
+            None => HeadStats::default(),
+            Some(row) => HeadStats {
+                count: row.get::<_, i64>(0) as u64,
+                first_seq: row.get::<_, Option<i64>>(1).map(|s| s as u64),
+                last_seq: row.get::<_, i64>(2) as u64,
+                first_ts: row.get(3),
+                last_ts: row.get(4),
+                bytes: row.get::<_, i64>(5) as u64,
+            },
+        })
     }
 
     /// Close the pool: idle connections are dropped, later gets fail.

@@ -1,6 +1,7 @@
 //! The query API beyond "after N, oldest first" (issue 12), end to end through a real
 //! nats-server into real PostgreSQL: newest-first reads with `before`, time ranges with
-//! `since`/`until` (and proof by EXPLAIN that they are one primary-key range scan).
+//! `since`/`until` (and proof by EXPLAIN that they are one primary-key range scan), and stats
+//! kept exactly in the head row.
 //!
 //! Tests share one NATS and two Postgres servers; each has its own subjects and databases. Big
 //! logs are seeded by calling the append function directly (one statement instead of 10,000
@@ -10,7 +11,7 @@ mod support;
 
 use std::time::{Duration, SystemTime};
 
-use logstore_protocol::{LogEntry, QueryResponse, Timestamp};
+use logstore_protocol::{LogEntry, QueryResponse, StatsReply, Timestamp};
 use support::*;
 use worker::config::ShardConfig;
 use worker::store::{sql, Shard};
@@ -600,4 +601,156 @@ async fn a_time_bounded_read_is_one_primary_key_range_scan() {
     assert_eq!((lo, hi), (2_008, 3_009));
     let seqs: Vec<i64> = rows.iter().map(|r| r.get(3)).collect();
     assert_eq!(seqs, (2_009..=2_108).collect::<Vec<i64>>());
+}
+
+/// Stats of `id` through the worker: the decoded reply and its raw body.
+async fn stats(env: &Env, client: &async_nats::Client, id: u64) -> (StatsReply, String) {
+    let body = serde_json::json!({ "id": id }).to_string();
+    let reply = request(client, &env.subject("stats"), body.into()).await;
+    let raw = String::from_utf8(reply.payload.to_vec()).unwrap();
+    let stats = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("stats {id}: {e}: {raw}"));
+    (stats, raw)
+}
+
+/// What stats must say, computed from the log itself: count(*), min/max seq and ts and
+/// sum(octet_length(log)) of the present entries; `last_seq` falls back to the head's (the
+/// last seq ever assigned) when no entry is present, 0 for an unknown object.
+async fn sql_stats(url: &str, id: u64) -> StatsReply {
+    let db = pg_connect(url).await;
+    let row = db
+        .query_one(
+            "SELECT count(*), min(l.seq), max(l.seq), min(l.ts), max(l.ts),
+                    coalesce(sum(octet_length(l.log)), 0)::bigint,
+                    (SELECT o.last_seq FROM objects o WHERE o.id = $1)
+             FROM logs l WHERE l.object_id = $1",
+            &[&(id as i64)],
+        )
+        .await
+        .unwrap();
+    let format =
+        |ts: Option<SystemTime>| ts.map(|ts| humantime::format_rfc3339_micros(ts).to_string());
+    let max_seq: Option<i64> = row.get(2);
+    let head_last_seq: Option<i64> = row.get(6);
+    StatsReply {
+        id,
+        count: row.get::<_, i64>(0) as u64,
+        first_seq: row.get::<_, Option<i64>>(1).map(|s| s as u64),
+        last_seq: max_seq.or(head_last_seq).unwrap_or(0) as u64,
+        first_ts: format(row.get(3)),
+        last_ts: format(row.get(4)),
+        bytes: row.get::<_, i64>(5) as u64,
+    }
+}
+
+async fn assert_stats_agree(
+    env: &Env,
+    client: &async_nats::Client,
+    url: &str,
+    id: u64,
+    when: &str,
+) {
+    let (got, raw) = stats(env, client, id).await;
+    assert_eq!(got, sql_stats(url, id).await, "object {id} {when}: {raw}");
+}
+
+/// Done-when 3 (appends and duplicates; deletion and retention are checked where they are
+/// tested): stats equal count(*), min/max seq and ts and sum(octet_length(log)), through
+/// single appends, multibyte and empty texts, duplicates by key, a batch with a repeated key
+/// (the careful path), a big batch (the fast path), and for an unknown object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_equal_what_the_log_holds() {
+    let (env, worker, client, url) = one_shard().await;
+
+    let (unknown, raw) = stats(&env, &client, 500).await;
+    assert_eq!(
+        raw,
+        r#"{"id":500,"count":0,"first_seq":null,"last_seq":0,"first_ts":null,"last_ts":null,"bytes":0}"#
+    );
+    assert_eq!(unknown, sql_stats(&url, 500).await);
+
+    for (i, log) in ["a", "héllo wörld", "", "日本語のログ"].iter().enumerate() {
+        env.append(&client, 1, log, Some(&format!("k{i}"))).await;
+        assert_stats_agree(&env, &client, &url, 1, &format!("after append {i}")).await;
+    }
+    let duplicate = env.append(&client, 1, "a resent", Some("k0")).await;
+    assert!(duplicate.duplicate);
+    assert_stats_agree(&env, &client, &url, 1, "after a duplicate").await;
+    let (one, _) = stats(&env, &client, 1).await;
+    assert_eq!(
+        (one.count, one.first_seq, one.last_seq, one.bytes),
+        (
+            4,
+            Some(1),
+            4,
+            (1 + "héllo wörld".len() + "日本語のログ".len()) as u64
+        )
+    );
+
+    // A batch message with a key repeated inside it and one already stored: the careful path.
+    let batch = serde_json::json!([
+        { "id": 2, "log": "x", "key": "b1" },
+        { "id": 2, "log": "yy", "key": "b1" },
+        { "id": 1, "log": "zzz", "key": "k1" },
+        { "id": 1, "log": "new" },
+    ]);
+    let reply = request(&client, &env.subject("logs"), batch.to_string().into()).await;
+    let reply: logstore_protocol::BatchReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(reply.results.len(), 4);
+    for id in [1, 2] {
+        assert_stats_agree(&env, &client, &url, id, "after a batch with duplicates").await;
+    }
+
+    // A big batch through the fast path, on an object that already has entries and one new.
+    let logs: Vec<String> = (0..1_000).map(|i| "é".repeat(i % 7)).collect();
+    let received = vec![SystemTime::now(); logs.len()];
+    seed(&url, 2, &logs, &received).await;
+    seed(&url, 3, &logs, &received).await;
+    for id in [1, 2, 3] {
+        assert_stats_agree(&env, &client, &url, id, "after a fast-path batch").await;
+    }
+    check_shard_invariants(&url).await;
+    worker.stop().await.unwrap();
+}
+
+/// The statistics of objects stored before migration 0004 are filled in by it, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stats_migration_fills_in_existing_objects() {
+    let url = fresh_db(&shared().pg[0], "upgrade").await;
+    let db = pg_connect(&url).await;
+    db.batch_execute(&format!(
+        "CREATE TABLE logstore_migrations (version integer PRIMARY KEY, name text NOT NULL, \
+         applied_at timestamptz NOT NULL DEFAULT now());
+         {}
+         {}
+         {}
+         INSERT INTO logstore_migrations (version, name)
+             VALUES (1, 'schema'), (2, 'fast_append'), (3, 'time_bounds');
+         INSERT INTO shard_identity (name) VALUES ('a');
+         SELECT count(*) FROM logstore_append(ARRAY[7, 7, 8]::bigint[], ARRAY['a', NULL, NULL],
+             ARRAY['old 1', 'ölder 2', ''], ARRAY[now(), now(), now()]);
+         SELECT count(*) FROM logstore_append(ARRAY[7, 9]::bigint[], ARRAY['a', NULL],
+             ARRAY['dup', 'nine'], ARRAY[now(), now()]);",
+        include_str!("../../migrations/0001_schema.sql"),
+        include_str!("../../migrations/0002_fast_append.sql"),
+        include_str!("../../migrations/0003_time_bounds.sql"),
+    ))
+    .await
+    .unwrap();
+    let shard = Shard::new(
+        &ShardConfig {
+            name: "a".into(),
+            url: url.clone(),
+        },
+        1,
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    within(30, "initialise", shard.initialise()).await.unwrap();
+    let counts = check_shard_invariants(&url).await;
+    assert_eq!(counts.len(), 3);
+    let seven = within(10, "stats", shard.stats(7)).await.unwrap();
+    assert_eq!(
+        (seven.count, seven.first_seq, seven.last_seq, seven.bytes),
+        (2, Some(1), 2, ("old 1".len() + "ölder 2".len()) as u64)
+    );
 }

@@ -89,6 +89,7 @@ pub fn append_body(append: &Append) -> Result<Bytes, AttemptError> {
         id: append.id,
         log: append.log.clone(),
         key: Some(append.key.clone()),
+        expected_seq: None,
     };
     serde_json::to_vec(&request)
         .map(Bytes::from)

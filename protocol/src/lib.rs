@@ -81,6 +81,9 @@ pub enum ErrorCode {
     Timeout,
     /// A fault of the worker or the database that is not the sender's doing.
     Internal,
+    /// An append's `expected_seq` was not the object's last seq when it was to be committed:
+    /// nothing was stored. The error carries the object's `last_seq` at that moment.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -93,6 +96,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
+            ErrorCode::Conflict => "conflict",
         }
     }
 
@@ -105,6 +109,7 @@ impl ErrorCode {
             ErrorCode::Unavailable | ErrorCode::Busy => 503,
             ErrorCode::Timeout => 504,
             ErrorCode::Internal => 500,
+            ErrorCode::Conflict => 409,
         }
     }
 }
@@ -115,6 +120,11 @@ impl ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// With [`ErrorCode::Conflict`]: the object's last seq when the append was refused (what
+    /// `expected_seq` must be for the next try). Absent from every other error, which
+    /// therefore encodes exactly as before this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
 }
 
 impl ErrorBody {
@@ -122,6 +132,18 @@ impl ErrorBody {
         ErrorBody {
             code,
             message: message.into(),
+            last_seq: None,
+        }
+    }
+
+    /// The refusal of an append whose `expected_seq` was not the object's `last_seq`.
+    pub fn conflict(expected_seq: u64, last_seq: u64) -> Self {
+        ErrorBody {
+            code: ErrorCode::Conflict,
+            message: format!(
+                "expected_seq {expected_seq} is not the object's last seq {last_seq}; nothing was stored"
+            ),
+            last_seq: Some(last_seq),
         }
     }
 
@@ -144,6 +166,10 @@ pub struct AppendRequest {
     pub log: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Optimistic concurrency: store only if the object's last seq is this when the append
+    /// commits (0: the object has no entries yet), else answer [`ErrorCode::Conflict`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_seq: Option<u64>,
 }
 
 impl AppendRequest {
@@ -192,7 +218,16 @@ impl AppendRequest {
                 )))
             }
         };
-        Ok(AppendRequest { id, log, key })
+        let expected_seq = match object.get("expected_seq") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(decode_u64("expected_seq", value)?),
+        };
+        Ok(AppendRequest {
+            id,
+            log,
+            key,
+            expected_seq,
+        })
     }
 }
 
@@ -556,17 +591,21 @@ mod tests {
     #[test]
     fn batches_decode_all_or_nothing_naming_the_bad_entry() {
         assert_eq!(
-            batch(r#"[{"id":1,"log":"a","key":"k"},{"id":18446744073709551615,"log":"b"}]"#),
+            batch(
+                r#"[{"id":1,"log":"a","key":"k"},{"id":18446744073709551615,"log":"b","expected_seq":0}]"#
+            ),
             Ok(AppendBody::Batch(vec![
                 AppendRequest {
                     id: 1,
                     log: "a".into(),
-                    key: Some("k".into())
+                    key: Some("k".into()),
+                    expected_seq: None,
                 },
                 AppendRequest {
                     id: u64::MAX,
                     log: "b".into(),
-                    key: None
+                    key: None,
+                    expected_seq: Some(0),
                 },
             ]))
         );
@@ -619,6 +658,46 @@ mod tests {
         let e = batch(&long).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);
         assert!(e.message.starts_with("entry 1: "), "{e}");
+    }
+
+    #[test]
+    fn expected_seq_decodes_and_conflicts_carry_the_last_seq() {
+        let r = append(r#"{"id":5,"log":"a","expected_seq":3}"#).unwrap();
+        assert_eq!(r.expected_seq, Some(3));
+        assert_eq!(append(r#"{"id":5,"log":"a"}"#).unwrap().expected_seq, None);
+        // The slow path (a field the fast path refuses) keeps it too.
+        let r = append(r#"{"id":5,"log":"a","key":null,"expected_seq":0}"#).unwrap();
+        assert_eq!(r.expected_seq, Some(0));
+        for bad in [
+            r#"{"id":5,"log":"a","expected_seq":-1}"#,
+            r#"{"id":5,"log":"a","expected_seq":"3"}"#,
+        ] {
+            let e = append(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad}");
+            assert!(e.message.contains("expected_seq"), "{bad}: {e}");
+        }
+        let e = batch(r#"[{"id":1,"log":"a"},{"id":1,"log":"b","expected_seq":1.5}]"#).unwrap_err();
+        assert!(e.message.starts_with("entry 1: "), "{e}");
+
+        let conflict = ErrorReply {
+            error: ErrorBody::conflict(3, 7),
+        };
+        let json = serde_json::to_string(&conflict).unwrap();
+        assert!(
+            json.starts_with(r#"{"error":{"code":"conflict","message":"#)
+                && json.ends_with(r#","last_seq":7}}"#),
+            "{json}"
+        );
+        assert_eq!(ErrorCode::Conflict.status(), 409);
+        assert_eq!(serde_json::from_str::<ErrorReply>(&json).unwrap(), conflict);
+        // Other errors encode exactly as before `last_seq` existed.
+        let busy = ErrorReply {
+            error: ErrorBody::new(ErrorCode::Busy, "later"),
+        };
+        assert_eq!(
+            serde_json::to_string(&busy).unwrap(),
+            r#"{"error":{"code":"busy","message":"later"}}"#
+        );
     }
 
     #[test]

@@ -402,6 +402,7 @@ impl Router {
                         log: request.log,
                         received,
                     },
+                    expected_seq: request.expected_seq,
                     settle: Settle::Single { origin, in_flight },
                     started,
                     deadline,
@@ -431,6 +432,7 @@ impl Router {
                     log: request.log,
                     received,
                 },
+                expected_seq: request.expected_seq,
                 settle: Settle::Entry {
                     batch: batch.clone(),
                     index,

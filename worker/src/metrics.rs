@@ -11,7 +11,8 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     /// Appends by shard and result: stored, duplicate, rejected (bad input, shard "none"),
-    /// failed (not stored: shard down, load shed, fault), timeout (outcome unknown).
+    /// failed (not stored: shard down, load shed, fault), timeout (outcome unknown), conflict
+    /// (`expected_seq` was not the object's last seq).
     pub appends: IntCounterVec,
     /// Queries by result: ok, rejected, failed, busy (shed at admission), timeout (deadline).
     pub queries: IntCounterVec,
@@ -153,6 +154,7 @@ impl Metrics {
             duplicate: self.appends.with_label_values(&[shard, "duplicate"]),
             failed: self.appends.with_label_values(&[shard, "failed"]),
             timeout: self.appends.with_label_values(&[shard, "timeout"]),
+            conflict: self.appends.with_label_values(&[shard, "conflict"]),
             append_duration: self.append_duration.with_label_values(&[shard]),
             batch_size: self.batch_size.with_label_values(&[shard]),
         }
@@ -176,6 +178,8 @@ pub struct ShardMetrics {
     pub duplicate: IntCounter,
     pub failed: IntCounter,
     pub timeout: IntCounter,
+    /// Refused because `expected_seq` was not the object's last seq.
+    pub conflict: IntCounter,
     pub append_duration: Histogram,
     pub batch_size: Histogram,
 }

@@ -38,6 +38,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "head_stats",
         include_str!("../../migrations/0004_head_stats.sql"),
     ),
+    (
+        5,
+        "expected_seq",
+        include_str!("../../migrations/0005_expected_seq.sql"),
+    ),
 ];
 
 /// Serialises migrations across every worker that starts at once (an arbitrary constant:
@@ -68,6 +73,9 @@ pub enum StoreError {
          (fix POSTGRES_SHARDS: a name must always map to the same database)"
     )]
     WrongShard { shard: String, found: String },
+    /// The append function answered something it never answers (a bug, not an outage).
+    #[error("shard {shard}: unexpected answer: {what}")]
+    Unexpected { shard: String, what: String },
     #[error("shard {shard}: {source}")]
     Database {
         shard: String,
@@ -86,7 +94,7 @@ impl StoreError {
             | StoreError::NotReady { .. }
             | StoreError::Down { .. }
             | StoreError::OutcomeUnknown { .. } => true,
-            StoreError::WrongShard { .. } => false,
+            StoreError::WrongShard { .. } | StoreError::Unexpected { .. } => false,
             // No SQLSTATE: the connection itself failed. 08: connection exception; 53: out of
             // resources (e.g. too many connections); 57P: the server is shutting down or starting.
             StoreError::Database { source, .. } => match source.code() {
@@ -129,6 +137,17 @@ pub struct Stored {
     pub ts: SystemTime,
     /// The key was already stored: `seq`/`ts` are the original entry's.
     pub duplicate: bool,
+}
+
+/// An append's outcome: stored (or already stored), or refused because its `expected_seq`
+/// was not the object's last seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Stored(Stored),
+    /// Nothing was stored; `last_seq` is the object's last seq at the check.
+    Conflict {
+        last_seq: u64,
+    },
 }
 
 /// One stored entry, as read back.
@@ -418,7 +437,31 @@ impl Shard {
         .await
     }
 
-    /// Append a batch in one transaction (one round trip). The result has one element per
+    /// Append a batch without conditions in one transaction (one round trip); see
+    /// [`Shard::append_expecting`].
+    pub async fn append(
+        &self,
+        entries: &[&NewEntry],
+        deadline: Instant,
+    ) -> Result<Vec<Stored>, StoreError> {
+        self.append_expecting(entries, &[], deadline)
+            .await?
+            .into_iter()
+            .map(|appended| match appended {
+                Appended::Stored(stored) => Ok(stored),
+                Appended::Conflict { last_seq } => Err(StoreError::Unexpected {
+                    shard: self.name.clone(),
+                    what: format!(
+                        "a conflict (last seq {last_seq}) for an append without expected_seq"
+                    ),
+                }),
+            })
+            .collect()
+    }
+
+    /// Append a batch in one transaction (one round trip). `expected` is empty (no conditions)
+    /// or has one element per entry: the seq the object's last entry must have for that entry
+    /// to be stored (see migrations/0005_expected_seq.sql). The result has one element per
     /// entry, in order.
     ///
     /// Failures before the statement is sent (no connection by `deadline`, shard not ready)
@@ -426,16 +469,22 @@ impl Shard {
     /// too: the statement rolled back. No answer by `deadline` after sending, or a connection
     /// lost while waiting, is [`StoreError::OutcomeUnknown`]; the shard is then marked down so
     /// the appends queued behind fail fast instead of each waiting out the timeout.
-    pub async fn append(
+    pub async fn append_expecting(
         &self,
         entries: &[&NewEntry],
+        expected: &[Option<u64>],
         deadline: Instant,
-    ) -> Result<Vec<Stored>, StoreError> {
+    ) -> Result<Vec<Appended>, StoreError> {
         self.ready()?;
         let ids: Vec<i64> = entries.iter().map(|e| e.id as i64).collect();
         let keys: Vec<Option<&str>> = entries.iter().map(|e| e.key.as_deref()).collect();
         let logs: Vec<&str> = entries.iter().map(|e| e.log.as_str()).collect();
         let received: Vec<SystemTime> = entries.iter().map(|e| e.received).collect();
+        // NULL when no entry has a condition: the function then takes its usual paths.
+        let expected: Option<Vec<Option<i64>>> = expected
+            .iter()
+            .any(Option::is_some)
+            .then(|| expected.iter().map(|e| e.map(seq_bound)).collect());
         let not_sent = || StoreError::Timeout {
             shard: self.name.clone(),
             after: self.timeout,
@@ -446,14 +495,14 @@ impl Shard {
         let statement = tokio::time::timeout_at(
             deadline,
             client.prepare_cached(
-                "SELECT ord, seq, ts, duplicate FROM logstore_append($1, $2, $3, $4)",
+                "SELECT ord, seq, ts, duplicate, conflict FROM logstore_append($1, $2, $3, $4, $5)",
             ),
         )
         .await
         .map_err(|_| not_sent())?
         .map_err(|e| self.db(e))?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&ids, &keys, &logs, &received];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&ids, &keys, &logs, &received, &expected];
         let sent = client.query(&statement, &params);
         let rows = match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(rows)) => rows,
@@ -472,15 +521,32 @@ impl Shard {
                 });
             }
         };
-        let mut stored = Vec::with_capacity(entries.len());
+        let mut appended = Vec::with_capacity(entries.len());
         for row in rows {
-            stored.push(Stored {
-                seq: row.get::<_, i64>(1) as u64,
-                ts: row.get(2),
-                duplicate: row.get(3),
+            let seq = row.get::<_, i64>(1) as u64;
+            // `ts` is NULL exactly for conflicts.
+            appended.push(match (row.get::<_, bool>(4), row.get(2)) {
+                (true, _) => Appended::Conflict { last_seq: seq },
+                (false, Some(ts)) => Appended::Stored(Stored {
+                    seq,
+                    ts,
+                    duplicate: row.get(3),
+                }),
+                (false, None) => {
+                    return Err(StoreError::Unexpected {
+                        shard: self.name.clone(),
+                        what: format!("a stored entry (seq {seq}) without ts"),
+                    })
+                }
             });
         }
-        Ok(stored)
+        if appended.len() != entries.len() {
+            return Err(StoreError::Unexpected {
+                shard: self.name.clone(),
+                what: format!("{} results for {} entries", appended.len(), entries.len()),
+            });
+        }
+        Ok(appended)
     }
 
     /// The object's head and the first page of the requested range, in one snapshot. An

@@ -1,7 +1,7 @@
 //! The query API beyond "after N, oldest first" (issue 12), end to end through a real
 //! nats-server into real PostgreSQL: newest-first reads with `before`, time ranges with
-//! `since`/`until` (and proof by EXPLAIN that they are one primary-key range scan), and stats
-//! kept exactly in the head row.
+//! `since`/`until` (and proof by EXPLAIN that they are one primary-key range scan), stats
+//! kept exactly in the head row, and optimistic concurrency with `expected_seq`.
 //!
 //! Tests share one NATS and two Postgres servers; each has its own subjects and databases. Big
 //! logs are seeded by calling the append function directly (one statement instead of 10,000
@@ -11,7 +11,13 @@ mod support;
 
 use std::time::{Duration, SystemTime};
 
-use logstore_protocol::{LogEntry, QueryResponse, StatsReply, Timestamp};
+use std::collections::{BTreeMap, HashSet};
+
+use futures::StreamExt;
+use logstore_protocol::{
+    AppendReply, BatchReply, EntryResult, ErrorCode, ErrorReply, LogEntry, QueryResponse,
+    StatsReply, Timestamp,
+};
 use support::*;
 use worker::config::ShardConfig;
 use worker::store::{sql, Shard};
@@ -753,4 +759,269 @@ async fn the_stats_migration_fills_in_existing_objects() {
         (seven.count, seven.first_seq, seven.last_seq, seven.bytes),
         (2, Some(1), 2, ("old 1".len() + "ölder 2".len()) as u64)
     );
+}
+
+/// A conditional append through NATS request-reply: the reply, or the error reply.
+async fn append_expecting(
+    env: &Env,
+    client: &async_nats::Client,
+    id: u64,
+    log: &str,
+    key: &str,
+    expected_seq: u64,
+) -> Result<AppendReply, ErrorReply> {
+    let body =
+        serde_json::json!({ "id": id, "log": log, "key": key, "expected_seq": expected_seq });
+    let reply = request(client, &env.subject("logs"), body.to_string().into()).await;
+    parse_reply(&reply.payload)
+}
+
+/// Done-when 4: 8 writers race to append to one object, each always expecting the last seq it
+/// knows, through two workers. Every acknowledged append got exactly the seq after the one it
+/// expected; every refusal is `conflict` (409) carrying a last seq past what it expected, from
+/// which the writer continues; the log is gapless and holds exactly the acknowledged appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_with_expected_seq_store_exactly_the_acknowledged_appends() {
+    const WRITERS: usize = 8;
+    const EACH: usize = 25;
+    let env = Env::shared(&["a"]).await;
+    let workers = [env.start_worker().await, env.start_worker().await];
+    let url = env.shards[0].1.clone();
+    let id = 77u64;
+
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let env = env.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = env.client().await;
+            let mut known = 0u64;
+            let (mut stored, mut conflicts) = (Vec::new(), Vec::new());
+            let mut attempt = 0;
+            while stored.len() < EACH {
+                attempt += 1;
+                let log = format!("w{w}-{attempt}");
+                match append_expecting(&env, &client, id, &log, &log, known).await {
+                    Ok(reply) => {
+                        assert!(!reply.duplicate, "{log}");
+                        assert_eq!(reply.seq, known + 1, "{log} expected {known}");
+                        known = reply.seq;
+                        stored.push((reply.seq, log));
+                    }
+                    Err(ErrorReply { error }) => {
+                        assert_eq!(error.code, ErrorCode::Conflict, "{log}: {error}");
+                        let last = error.last_seq.unwrap_or_else(|| panic!("{log}: {error}"));
+                        assert!(last > known, "{log}: conflict at {last}, expected {known}");
+                        conflicts.push((known, last));
+                        known = last;
+                    }
+                }
+            }
+            (stored, conflicts)
+        }));
+    }
+    let mut acknowledged: BTreeMap<u64, String> = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    for task in tasks {
+        let (stored, refused) = within(120, "racing writers", task).await.unwrap();
+        for (seq, log) in stored {
+            assert!(
+                acknowledged.insert(seq, log).is_none(),
+                "seq {seq} acknowledged twice"
+            );
+        }
+        conflicts.extend(refused);
+    }
+    let total = (WRITERS * EACH) as u64;
+    assert_eq!(
+        acknowledged.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>(),
+        "acknowledged seqs are 1..=n"
+    );
+    // The log holds exactly the acknowledged appends: refused ones stored nothing.
+    let rows = db_rows(&url, id).await;
+    let stored: BTreeMap<u64, String> = rows
+        .into_iter()
+        .map(|(seq, _, log, _)| (seq as u64, log))
+        .collect();
+    assert_eq!(stored, acknowledged);
+    // Every refusal named a last seq the object really had: one of the acknowledged ones.
+    assert!(
+        !conflicts.is_empty(),
+        "8 writers on one object must collide"
+    );
+    for (expected, last) in &conflicts {
+        assert!(
+            acknowledged.contains_key(last),
+            "conflict named seq {last} (expected {expected})"
+        );
+    }
+    // Each refusal was counted once, by whichever worker answered it.
+    let mut counted = 0.0;
+    for worker in &workers {
+        let (_, metrics) = worker.get("/metrics").await;
+        counted += metric_sum(
+            &metrics,
+            "logstore_appends_total",
+            &[("result", "conflict")],
+        );
+    }
+    assert_eq!(counted as usize, conflicts.len());
+    check_shard_invariants(&url).await;
+    for worker in workers {
+        worker.stop().await.unwrap();
+    }
+}
+
+/// `expected_seq` in a batch is checked entry by entry in array order, each seeing the
+/// entries before it; a key already stored answers as a duplicate whatever it expected (a
+/// retry of a stored conditional append learns its seq); 0 means "no entries yet"; a
+/// conflict's error body carries `last_seq`, other errors stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expected_seq_in_batches_is_checked_in_array_order() {
+    let (env, worker, client, url) = one_shard().await;
+    let batch = serde_json::json!([
+        { "id": 5, "log": "a", "expected_seq": 0 },
+        { "id": 5, "log": "b", "expected_seq": 1, "key": "kb" },
+        { "id": 5, "log": "c", "expected_seq": 1 },
+        { "id": 5, "log": "d" },
+        { "id": 6, "log": "e", "expected_seq": 3 },
+        { "id": 5, "log": "b again", "expected_seq": 0, "key": "kb" },
+        { "id": 6, "log": "f", "expected_seq": 0 },
+    ]);
+    let reply = request(&client, &env.subject("logs"), batch.to_string().into()).await;
+    let raw = String::from_utf8(reply.payload.to_vec()).unwrap();
+    let results: BatchReply = serde_json::from_str(&raw).unwrap();
+    /// An entry's result: (id, Ok((seq, duplicate)) or Err((code, last_seq))).
+    type Outcome = (u64, Result<(u64, bool), (ErrorCode, Option<u64>)>);
+    let view: Vec<Outcome> = results
+        .results
+        .iter()
+        .map(|r| match r {
+            EntryResult::Stored(r) => (r.id, Ok((r.seq, r.duplicate))),
+            EntryResult::Failed { id, error } => (*id, Err((error.code, error.last_seq))),
+        })
+        .collect();
+    assert_eq!(
+        view,
+        vec![
+            (5, Ok((1, false))),
+            (5, Ok((2, false))),
+            (5, Err((ErrorCode::Conflict, Some(2)))),
+            (5, Ok((3, false))),
+            (6, Err((ErrorCode::Conflict, Some(0)))),
+            (5, Ok((2, true))),
+            (6, Ok((1, false))),
+        ],
+        "{raw}"
+    );
+    assert!(
+        raw.contains(r#""error":{"code":"conflict","message":"#),
+        "{raw}"
+    );
+
+    // A single conditional append: refused with the micro headers and last_seq, stored when
+    // right, and its retry (same key) answers as a duplicate though the object moved on.
+    let reply = request(
+        &client,
+        &env.subject("logs"),
+        r#"{"id":5,"log":"late","expected_seq":2}"#.into(),
+    )
+    .await;
+    assert_eq!(
+        header(&reply.headers, "Nats-Service-Error-Code").as_deref(),
+        Some("409")
+    );
+    let error: ErrorReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(
+        (error.error.code, error.error.last_seq),
+        (ErrorCode::Conflict, Some(3))
+    );
+    let stored = append_expecting(&env, &client, 5, "right", "k-right", 3)
+        .await
+        .unwrap();
+    assert_eq!((stored.seq, stored.duplicate), (4, false));
+    env.append(&client, 5, "someone else", None).await;
+    let retried = append_expecting(&env, &client, 5, "right", "k-right", 3)
+        .await
+        .unwrap();
+    assert_eq!((retried.seq, retried.duplicate), (4, true));
+    let error = append_expecting(&env, &client, 5, "x", "k-x", 0)
+        .await
+        .unwrap_err();
+    assert_eq!(error.error.last_seq, Some(5), "0 means no entries yet");
+
+    // Other error replies carry no last_seq, byte for byte as before.
+    let reply = request(&client, &env.subject("logs"), r#"{"id":5}"#.into()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&reply.payload),
+        r#"{"error":{"code":"invalid_request","message":"missing field `log`"}}"#
+    );
+    let refused: HashSet<&str> = ["c", "e", "late", "x"].into();
+    for (seq, _, log, _) in db_rows(&url, 5)
+        .await
+        .into_iter()
+        .chain(db_rows(&url, 6).await)
+    {
+        assert!(
+            !refused.contains(log.as_str()),
+            "refused {log} stored at {seq}"
+        );
+    }
+    check_shard_invariants(&url).await;
+    worker.stop().await.unwrap();
+}
+
+/// With JetStream intake a conflict is final: the message is acked (not redelivered, not
+/// dead-lettered), and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_conflict_is_acked_and_never_dead_lettered() {
+    let mut env = Env::shared(&["a"]).await;
+    env.intake = "jetstream";
+    let worker = env.start_worker().await;
+    let client = env.client().await;
+    let url = env.shards[0].1.clone();
+    let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
+    let mut events = client.subscribe(env.subject("appended.9")).await.unwrap();
+    client.flush().await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    for body in [
+        r#"{"id":9,"log":"first","expected_seq":0}"#,
+        r#"{"id":9,"log":"refused","expected_seq":0}"#,
+        r#"[{"id":9,"log":"second","expected_seq":1},{"id":9,"log":"refused too","expected_seq":1}]"#,
+    ] {
+        within(10, "publish", async {
+            js.publish(env.subject("logs"), body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        })
+        .await;
+    }
+    for seq in [1, 2] {
+        let event = within(10, "stored event", events.next()).await.unwrap();
+        let event: AppendReply = serde_json::from_slice(&event.payload).unwrap();
+        assert_eq!(event.seq, seq);
+    }
+    // Every message acked: nothing pending, nothing waiting for redelivery.
+    eventually(10, "all acked", || {
+        let js = js.clone();
+        let stream = env.stream();
+        async move {
+            let mut stream = js.get_stream(stream).await.ok()?;
+            let info = stream.info().await.ok()?;
+            (info.state.messages == 0).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), dead.next())
+            .await
+            .is_err(),
+        "a conflict was dead-lettered"
+    );
+    let logs: Vec<String> = db_rows(&url, 9).await.into_iter().map(|r| r.2).collect();
+    assert_eq!(logs, ["first", "second"]);
+    worker.stop().await.unwrap();
 }

@@ -5,6 +5,7 @@
 //! - `appended.<id>`: an [`AppendReply`] event after every stored append;
 //! - `query`: [`QueryRequest`] in, one or more [`QueryResponse`] chunks out;
 //! - `stats`: [`StatsRequest`] in, [`StatsReply`] out;
+//! - `delete`: [`DeleteRequest`] in, [`DeleteReply`] out;
 //! - `dead_letter`: a raw copy of every rejected message, with the reason in headers.
 //!
 //! Decoding is strict and never panics: [`AppendRequest::decode`] and [`QueryRequest::decode`]
@@ -475,6 +476,35 @@ pub struct StatsReply {
     pub bytes: u64,
 }
 
+/// A request to delete an object's entries with `seq < before_seq` (all of them without it).
+/// Seqs are never reused: the next append continues after the last seq ever assigned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_seq: Option<u64>,
+}
+
+impl DeleteRequest {
+    /// Decode and validate a delete body (unknown fields are ignored).
+    pub fn decode(body: &[u8]) -> Result<DeleteRequest, ErrorBody> {
+        let object = decode_object(body)?;
+        let id = decode_id(object.get("id"))?;
+        let before_seq = match object.get("before_seq") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(decode_u64("before_seq", value)?),
+        };
+        Ok(DeleteRequest { id, before_seq })
+    }
+}
+
+/// The answer to a [`DeleteRequest`]: how many entries it removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteReply {
+    pub id: u64,
+    pub deleted: u64,
+}
+
 /// One stored entry as a query returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {
@@ -829,6 +859,36 @@ mod tests {
         }
         assert!(QueryRequest::decode(br#"{"id":1,"limit":0}"#).is_err());
         assert!(QueryRequest::decode(br#"{"id":1,"after":-3}"#).is_err());
+    }
+
+    #[test]
+    fn delete_requests() {
+        assert_eq!(
+            DeleteRequest::decode(br#"{"id":42,"before_seq":7}"#),
+            Ok(DeleteRequest {
+                id: 42,
+                before_seq: Some(7)
+            })
+        );
+        assert_eq!(
+            DeleteRequest::decode(br#"{"id":42,"before_seq":null}"#),
+            Ok(DeleteRequest {
+                id: 42,
+                before_seq: None
+            })
+        );
+        for bad in [
+            r#"{"before_seq":1}"#,
+            r#"{"id":1,"before_seq":-1}"#,
+            r#"{"id":1,"before_seq":"2"}"#,
+        ] {
+            let e = DeleteRequest::decode(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad}");
+        }
+        assert_eq!(
+            serde_json::to_string(&DeleteReply { id: 1, deleted: 3 }).unwrap(),
+            r#"{"id":1,"deleted":3}"#
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Intake: where appends and requests (query, stats) enter the worker. Each message is
+//! Intake: where appends and requests (query, stats, delete) enter the worker. Each message is
 //! decoded, validated, routed through the ring and queued on its shard's pipeline; bad input is
 //! answered, dead-lettered, counted and logged here, and never reaches a shard.
 //!
@@ -16,7 +16,8 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{HeaderMap, Message, Subscriber};
 use futures::StreamExt;
 use logstore_protocol::{
-    check_key, AppendBody, ErrorBody, ErrorCode, Limits, QueryRequest, StatsRequest, MSG_ID_HEADER,
+    check_key, AppendBody, DeleteRequest, ErrorBody, ErrorCode, Limits, QueryRequest, StatsRequest,
+    MSG_ID_HEADER,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -469,6 +470,7 @@ impl Router {
         let decoded = match kind {
             RequestKind::Query => QueryRequest::decode(&message.payload).map(Request::Query),
             RequestKind::Stats => StatsRequest::decode(&message.payload).map(Request::Stats),
+            RequestKind::Delete => DeleteRequest::decode(&message.payload).map(Request::Delete),
         };
         let request = match decoded {
             Ok(request) => request,
@@ -521,6 +523,7 @@ impl Router {
 pub enum RequestKind {
     Query,
     Stats,
+    Delete,
 }
 
 impl RequestKind {
@@ -528,15 +531,17 @@ impl RequestKind {
         match self {
             RequestKind::Query => "query",
             RequestKind::Stats => "stats",
+            RequestKind::Delete => "delete",
         }
     }
 }
 
-/// The core queue subscriptions of the requests answered from a shard (query, stats), taken
-/// together: read as one stream, drained together at shutdown.
+/// The core queue subscriptions of the requests answered from a shard (query, stats,
+/// delete), taken together: read as one stream, drained together at shutdown.
 pub struct Requests {
     pub query: Subscriber,
     pub stats: Subscriber,
+    pub delete: Subscriber,
 }
 
 impl Requests {
@@ -545,6 +550,7 @@ impl Requests {
         tokio::select! {
             Some(message) = self.query.next() => Some((RequestKind::Query, message)),
             Some(message) = self.stats.next() => Some((RequestKind::Stats, message)),
+            Some(message) = self.delete.next() => Some((RequestKind::Delete, message)),
             else => None,
         }
     }
@@ -552,6 +558,7 @@ impl Requests {
     async fn drain(&mut self) {
         drain(&mut self.query).await;
         drain(&mut self.stats).await;
+        drain(&mut self.delete).await;
     }
 }
 

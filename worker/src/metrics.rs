@@ -37,6 +37,8 @@ pub struct Metrics {
     /// `appends_total{shard="none",result="rejected"}`: bad input never reaches a shard.
     pub rejected_appends: IntCounter,
     pub nats_reconnects: IntCounter,
+    /// Entries removed by the retention sweeper (RETENTION_MAX_AGE), by shard.
+    pub retention_deleted: IntCounterVec,
     /// Messages copied to the dead-letter subject, by reason (error code).
     pub dead_letters: IntCounterVec,
 }
@@ -116,6 +118,13 @@ impl Metrics {
                 "logstore_nats_reconnects_total",
                 "Times the NATS connection was re-established.",
             )?,
+            retention_deleted: IntCounterVec::new(
+                Opts::new(
+                    "logstore_retention_deleted_total",
+                    "Entries removed by the retention sweeper (older than RETENTION_MAX_AGE).",
+                ),
+                &["shard"],
+            )?,
             dead_letters: IntCounterVec::new(
                 Opts::new(
                     "logstore_dead_letters_total",
@@ -137,6 +146,7 @@ impl Metrics {
         r.register(Box::new(metrics.in_flight.clone()))?;
         r.register(Box::new(metrics.nats_reconnects.clone()))?;
         r.register(Box::new(metrics.dead_letters.clone()))?;
+        r.register(Box::new(metrics.retention_deleted.clone()))?;
         Ok(metrics)
     }
 
@@ -144,6 +154,7 @@ impl Metrics {
     pub fn init_shard(&self, shard: &str) {
         self.shard(shard);
         self.shard_up.with_label_values(&[shard]).set(0);
+        self.retention_deleted.with_label_values(&[shard]);
     }
 
     /// One shard's append series, resolved once so that the hot path does not hash label

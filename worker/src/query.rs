@@ -1,4 +1,5 @@
-//! Queries and the other requests answered from a shard outside the append path (stats):
+//! Queries and the other requests answered from a shard outside the append path (stats,
+//! delete):
 //! admission (a bounded number per worker, the rest answered `busy`), a deadline per request,
 //! a bounded number running per worker and per shard, and the streaming of a query's answer
 //! page by page as chunks no larger than the server's max_payload.
@@ -11,7 +12,8 @@ use std::time::Duration;
 
 use async_nats::Subject;
 use logstore_protocol::{
-    ErrorBody, ErrorCode, LogEntry, Order, QueryRequest, StatsReply, StatsRequest, Timestamp,
+    DeleteReply, DeleteRequest, ErrorBody, ErrorCode, LogEntry, Order, QueryRequest, StatsReply,
+    StatsRequest, Timestamp,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -26,11 +28,15 @@ use crate::store::{ReadRange, Row, Shard};
 const PAGE_ROWS: u64 = 1000;
 /// Room kept in every chunk for the closing `],"next":…,"last":…}`.
 const TRAILER_RESERVE: usize = 64;
+/// Entries a delete request removes per transaction: each step holds the object's head-row
+/// lock (and so its appends) only that long.
+const DELETE_STEP_ROWS: u32 = 10_000;
 
 /// A request answered by reading (or, for deletion, changing) one object on its shard.
 pub enum Request {
     Query(QueryRequest),
     Stats(StatsRequest),
+    Delete(DeleteRequest),
 }
 
 impl Request {
@@ -38,6 +44,7 @@ impl Request {
         match self {
             Request::Query(r) => r.id,
             Request::Stats(r) => r.id,
+            Request::Delete(r) => r.id,
         }
     }
 
@@ -46,6 +53,7 @@ impl Request {
         match self {
             Request::Query(_) => "query",
             Request::Stats(_) => "stats",
+            Request::Delete(_) => "delete",
         }
     }
 }
@@ -151,6 +159,9 @@ impl Queries {
                     Request::Stats(request) => {
                         queries.stats(&shard, request, subject.as_ref()).await
                     }
+                    Request::Delete(request) => {
+                        queries.delete(&shard, request, subject.as_ref()).await
+                    }
                 }
             };
             let result = match tokio::time::timeout_at(deadline, answer).await {
@@ -183,6 +194,40 @@ impl Queries {
                     .observe(job.started.elapsed().as_secs_f64());
             }
         });
+    }
+
+    /// Delete the entries below `before_seq` (all without it) in steps of at most
+    /// [`DELETE_STEP_ROWS`], each its own transaction, and answer how many went. Every step
+    /// leaves the object consistent (a shorter prefix gone, head exact), so a request cut
+    /// short by its deadline or a crash has deleted part of the range and can simply be sent
+    /// again.
+    async fn delete(
+        &self,
+        shard: &Shard,
+        request: &DeleteRequest,
+        subject: Option<&Subject>,
+    ) -> Result<(), ErrorBody> {
+        let mut deleted = 0u64;
+        loop {
+            let step = shard
+                .delete_step(request.id, request.before_seq, DELETE_STEP_ROWS, false)
+                .await
+                .map_err(|e| store_error_body(&e))?
+                .unwrap_or(0);
+            deleted += step;
+            if step < u64::from(DELETE_STEP_ROWS) {
+                break;
+            }
+        }
+        let body = serde_json::to_vec(&DeleteReply {
+            id: request.id,
+            deleted,
+        })
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+        if let Some(subject) = subject {
+            self.outbox.response(subject, body).await;
+        }
+        Ok(())
     }
 
     /// Answer from the head row alone (see [`Shard::stats`]).

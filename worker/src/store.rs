@@ -43,6 +43,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "expected_seq",
         include_str!("../../migrations/0005_expected_seq.sql"),
     ),
+    (
+        6,
+        "delete",
+        include_str!("../../migrations/0006_delete.sql"),
+    ),
 ];
 
 /// Serialises migrations across every worker that starts at once (an arbitrary constant:
@@ -666,6 +671,77 @@ impl Shard {
                 bytes: row.get::<_, i64>(5) as u64,
             },
         })
+    }
+
+    /// One bounded deletion step, in its own short transaction: up to `limit` of the oldest
+    /// entries of `id` with `seq < before` (`None`: all), head kept exact. Returns how many
+    /// were deleted (fewer than `limit`: nothing below `before` is left), or `None` when
+    /// `skip_locked` is set and the head row was locked by a writer (or is gone), in which
+    /// case nothing was done and nothing was waited for.
+    pub async fn delete_step(
+        &self,
+        id: u64,
+        before: Option<u64>,
+        limit: u32,
+        skip_locked: bool,
+    ) -> Result<Option<u64>, StoreError> {
+        self.ready()?;
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let row = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached("SELECT logstore_delete($1, $2, $3, $4)")
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query_one(
+                        &statement,
+                        &[&(id as i64), &before.map(seq_bound), &limit, &skip_locked],
+                    )
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        Ok(row.get::<_, Option<i64>>(0).map(|n| n.max(0) as u64))
+    }
+
+    /// Up to `limit` objects holding entries older than `cutoff`, those with the oldest first
+    /// entry first, each with the seq below which its entries are older (see
+    /// `logstore_seq_at`). An index on the heads' first ts finds them without a scan.
+    pub async fn expired(
+        &self,
+        cutoff: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.ready()?;
+        let rows = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached(
+                        "SELECT o.id, logstore_seq_at(o.id, $1) FROM objects o
+                         WHERE o.first_ts < $1
+                         ORDER BY o.first_ts
+                         LIMIT $2",
+                    )
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query(&statement, &[&cutoff, &i64::from(limit)])
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                (
+                    row.get::<_, i64>(0) as u64,
+                    row.get::<_, i64>(1).max(0) as u64,
+                )
+            })
+            .collect())
     }
 
     /// Close the pool: idle connections are dropped, later gets fail.

@@ -1,7 +1,8 @@
 //! The query API beyond "after N, oldest first" (issue 12), end to end through a real
 //! nats-server into real PostgreSQL: newest-first reads with `before`, time ranges with
 //! `since`/`until` (and proof by EXPLAIN that they are one primary-key range scan), stats
-//! kept exactly in the head row, and optimistic concurrency with `expected_seq`.
+//! kept exactly in the head row, optimistic concurrency with `expected_seq`, deletion and the
+//! retention sweeper.
 //!
 //! Tests share one NATS and two Postgres servers; each has its own subjects and databases. Big
 //! logs are seeded by calling the append function directly (one statement instead of 10,000
@@ -15,8 +16,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use futures::StreamExt;
 use logstore_protocol::{
-    AppendReply, BatchReply, EntryResult, ErrorCode, ErrorReply, LogEntry, QueryResponse,
-    StatsReply, Timestamp,
+    AppendReply, BatchReply, DeleteReply, EntryResult, ErrorCode, ErrorReply, LogEntry,
+    QueryResponse, StatsReply, Timestamp,
 };
 use support::*;
 use worker::config::ShardConfig;
@@ -1024,4 +1025,350 @@ async fn a_jetstream_conflict_is_acked_and_never_dead_lettered() {
     let logs: Vec<String> = db_rows(&url, 9).await.into_iter().map(|r| r.2).collect();
     assert_eq!(logs, ["first", "second"]);
     worker.stop().await.unwrap();
+}
+
+/// A delete request through NATS request-reply.
+async fn delete(env: &Env, client: &async_nats::Client, body: serde_json::Value) -> DeleteReply {
+    let reply = request(client, &env.subject("delete"), body.to_string().into()).await;
+    serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
+        panic!(
+            "delete {body}: {e}: {}",
+            String::from_utf8_lossy(&reply.payload)
+        )
+    })
+}
+
+fn seqs_of(logs: &[LogEntry]) -> Vec<u64> {
+    logs.iter().map(|e| e.seq).collect()
+}
+
+/// Done-when 5 (delete) and 3 (stats after deletes): `before_seq` removes exactly the entries
+/// below it and no other object's, deleting everything leaves the head's last seq, the next
+/// append continues the seq (with `expected_seq` too), and queries (seq and time bounds, both
+/// orders) and stats agree with the database after each step; a big delete runs in steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_removes_a_prefix_and_seqs_continue() {
+    let (env, worker, client, url) = one_shard().await;
+    let mut stored = Vec::new();
+    for i in 1..=10 {
+        stored.push(env.append(&client, 3, &format!("e{i}"), None).await);
+    }
+    env.append(&client, 4, "bystander", None).await;
+
+    let reply = delete(
+        &env,
+        &client,
+        serde_json::json!({ "id": 3, "before_seq": 4 }),
+    )
+    .await;
+    assert_eq!(reply, DeleteReply { id: 3, deleted: 3 });
+    let left: Vec<u64> = db_rows(&url, 3).await.iter().map(|r| r.0 as u64).collect();
+    assert_eq!(
+        left,
+        (4..=10).collect::<Vec<_>>(),
+        "seqs 1..=3 gone from the table"
+    );
+    assert_stats_agree(&env, &client, &url, 3, "after delete before_seq 4").await;
+    let (three, _) = stats(&env, &client, 3).await;
+    assert_eq!(
+        (three.count, three.first_seq, three.last_seq),
+        (7, Some(4), 10)
+    );
+    let all = env.query_all(&client, 3).await;
+    assert_eq!(
+        (all[0].total, seqs_of(&entries(&all))),
+        (7, (4..=10).collect())
+    );
+    for (body, seqs, next) in [
+        (
+            serde_json::json!({ "id": 3, "order": "desc", "limit": 3 }),
+            vec![10, 9, 8],
+            Some(8),
+        ),
+        (
+            serde_json::json!({ "id": 3, "order": "desc", "before": 6, "limit": 2 }),
+            vec![5, 4],
+            None,
+        ),
+        (
+            serde_json::json!({ "id": 3, "limit": 7 }),
+            (4..=10).collect(),
+            None,
+        ),
+        (
+            serde_json::json!({ "id": 3, "since": stored[0].ts, "limit": 2 }),
+            vec![4, 5],
+            Some(5),
+        ),
+        (
+            serde_json::json!({ "id": 3, "until": stored[4].ts }),
+            vec![4],
+            None,
+        ),
+    ] {
+        let answer = page(&env, &client, body.clone()).await;
+        assert_eq!((seqs_of(&answer.logs), answer.next), (seqs, next), "{body}");
+    }
+    // Deleting below the first present seq again removes nothing.
+    let reply = delete(
+        &env,
+        &client,
+        serde_json::json!({ "id": 3, "before_seq": 4 }),
+    )
+    .await;
+    assert_eq!(reply.deleted, 0);
+
+    assert_eq!(env.append(&client, 3, "e11", None).await.seq, 11);
+    let reply = delete(&env, &client, serde_json::json!({ "id": 3 })).await;
+    assert_eq!(reply, DeleteReply { id: 3, deleted: 8 });
+    assert!(
+        db_rows(&url, 3).await.is_empty(),
+        "everything gone from the table"
+    );
+    let (_, raw) = stats(&env, &client, 3).await;
+    assert_eq!(
+        raw,
+        r#"{"id":3,"count":0,"first_seq":null,"last_seq":11,"first_ts":null,"last_ts":null,"bytes":0}"#
+    );
+    assert_stats_agree(&env, &client, &url, 3, "after delete all").await;
+    let all = env.query_all(&client, 3).await;
+    assert_eq!((all[0].total, all[0].logs.len(), all[0].next), (0, 0, None));
+    let desc = page(
+        &env,
+        &client,
+        serde_json::json!({ "id": 3, "order": "desc", "limit": 5 }),
+    )
+    .await;
+    assert_eq!((desc.logs.len(), desc.next), (0, None));
+
+    // Seqs are never reused: the next append continues, and expected_seq sees the old last seq.
+    let error = append_expecting(&env, &client, 3, "too early", "k-early", 0)
+        .await
+        .unwrap_err();
+    assert_eq!(error.error.last_seq, Some(11));
+    let next = append_expecting(&env, &client, 3, "e12", "k12", 11)
+        .await
+        .unwrap();
+    assert_eq!(next.seq, 12);
+    let (three, _) = stats(&env, &client, 3).await;
+    assert_eq!(
+        (three.count, three.first_seq, three.last_seq),
+        (1, Some(12), 12)
+    );
+    assert_stats_agree(&env, &client, &url, 3, "after appending again").await;
+    assert_eq!(
+        seqs_of(&entries(&env.query_all(&client, 3).await)),
+        vec![12]
+    );
+
+    // Nothing to delete, and bad requests.
+    assert_eq!(
+        delete(&env, &client, serde_json::json!({ "id": 999 }))
+            .await
+            .deleted,
+        0
+    );
+    assert_eq!(
+        delete(
+            &env,
+            &client,
+            serde_json::json!({ "id": 3, "before_seq": 0 })
+        )
+        .await
+        .deleted,
+        0
+    );
+    let reply = request(
+        &client,
+        &env.subject("delete"),
+        r#"{"id":3,"before_seq":-1}"#.into(),
+    )
+    .await;
+    let error: ErrorReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(error.error.code, ErrorCode::InvalidRequest);
+    assert_stats_agree(&env, &client, &url, 4, "the bystander").await;
+    assert_eq!(
+        db_rows(&url, 4).await.len(),
+        1,
+        "another object is untouched"
+    );
+
+    // A delete larger than one step (10,000 rows) runs as several and answers the total.
+    let logs: Vec<String> = (0..25_000).map(|i| format!("big {i}")).collect();
+    seed(&url, 5, &logs, &vec![SystemTime::now(); logs.len()]).await;
+    let reply = delete(
+        &env,
+        &client,
+        serde_json::json!({ "id": 5, "before_seq": 20_001 }),
+    )
+    .await;
+    assert_eq!(reply.deleted, 20_000);
+    let left = db_rows(&url, 5).await;
+    assert_eq!((left.len(), left[0].0), (5_000, 20_001));
+    assert_stats_agree(&env, &client, &url, 5, "after a big delete").await;
+    let last = page(
+        &env,
+        &client,
+        serde_json::json!({ "id": 5, "order": "desc", "before": 20_003 }),
+    )
+    .await;
+    assert_eq!(seqs_of(&last.logs), vec![20_002, 20_001]);
+
+    let (_, metrics) = worker.get("/metrics").await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "logstore_requests_total",
+            &[("kind", "delete"), ("result", "ok")]
+        ),
+        6.0
+    );
+    worker.stop().await.unwrap();
+}
+
+/// Done-when 5 (retention) and 3 (stats after retention): with RETENTION_MAX_AGE=10m, a worker
+/// removes every entry older than that, and only those (younger entries of the same objects
+/// stay), while 4 publishers keep appending to the same objects: none of their appends fails
+/// or waits long, every acknowledged one is kept, seqs stay contiguous, stats agree, and
+/// `logstore_retention_deleted_total` counts exactly the old entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_only_old_entries_under_load() {
+    const OBJECTS: u64 = 20;
+    const OLD: usize = 5_000;
+    const YOUNG: usize = 100;
+    let env = Env::shared(&["a"]).await;
+    let url = env.shards[0].1.clone();
+    // A worker without retention creates the schema; the old entries are seeded before any
+    // live append (ts never decreases along seq, so entries seeded after live ones would get
+    // the live ones' ts).
+    let plain = WorkerProcess::start(&env, &[]).await;
+    let now = SystemTime::now();
+    let old: Vec<SystemTime> = (0..OLD)
+        .map(|i| now - Duration::from_secs(7_200) + Duration::from_millis(i as u64))
+        .collect();
+    let young = vec![now - Duration::from_secs(60); YOUNG];
+    let received: Vec<SystemTime> = old.into_iter().chain(young).collect();
+    for id in 1..=OBJECTS {
+        let logs: Vec<String> = (0..OLD + YOUNG)
+            .map(|i| {
+                if i < OLD {
+                    format!("old {i}")
+                } else {
+                    format!("young {i}")
+                }
+            })
+            .collect();
+        seed(&url, id, &logs, &received).await;
+    }
+
+    // Publishers append to the same objects while the old entries are swept.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for p in 0..4u64 {
+        let (env, stop) = (env.clone(), stop.clone());
+        publishers.push(tokio::spawn(async move {
+            let client = env.client().await;
+            let mut acknowledged = Vec::new();
+            let mut slowest = Duration::ZERO;
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = 1 + (i * 4 + p) % OBJECTS;
+                let key = format!("live-{p}-{i}");
+                let started = std::time::Instant::now();
+                let reply = env.append(&client, id, &key, Some(&key)).await;
+                slowest = slowest.max(started.elapsed());
+                acknowledged.push((id, reply.seq, key));
+                i += 1;
+            }
+            (acknowledged, slowest)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The sweeping worker joins the queue group under load (and takes appends too).
+    let sweep_started = std::time::Instant::now();
+    let worker = WorkerProcess::start(
+        &env,
+        &[
+            ("RETENTION_MAX_AGE", "10m"),
+            ("RETENTION_INTERVAL", "200ms"),
+        ],
+    )
+    .await;
+
+    let db = pg_connect(&url).await;
+    eventually(120, "retention removes every old entry", || {
+        let db = &db;
+        async move {
+            let old: i64 = db
+                .query_one("SELECT count(*) FROM logs WHERE log LIKE 'old %'", &[])
+                .await
+                .ok()?
+                .get(0);
+            (old == 0).then_some(())
+        }
+    })
+    .await;
+    // Keep appending a little past the sweep, then stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for publisher in publishers {
+        let (acked, slow) = within(60, "publishers stop", publisher).await.unwrap();
+        slowest = slowest.max(slow);
+        acknowledged.extend(acked);
+    }
+    eprintln!(
+        "retention under load: swept in {:?}, {} appends acknowledged meanwhile, slowest {slowest:?}",
+        sweep_started.elapsed(),
+        acknowledged.len()
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "an append waited {slowest:?}"
+    );
+    assert!(
+        acknowledged.len() > 100,
+        "appends kept flowing: {}",
+        acknowledged.len()
+    );
+
+    let client = env.client().await;
+    for id in 1..=OBJECTS {
+        let rows = db_rows(&url, id).await;
+        let young = rows.iter().filter(|r| r.2.starts_with("young ")).count();
+        assert_eq!(young, YOUNG, "object {id}: younger entries are kept");
+        let live: Vec<&(u64, u64, String)> = acknowledged.iter().filter(|a| a.0 == id).collect();
+        assert_eq!(
+            rows.len(),
+            YOUNG + live.len(),
+            "object {id}: nothing else removed"
+        );
+        for (_, seq, key) in live {
+            assert!(
+                rows.iter()
+                    .any(|r| r.0 as u64 == *seq && r.3.as_deref() == Some(key.as_str())),
+                "object {id}: acknowledged {key} at {seq} is missing"
+            );
+        }
+        let seqs: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        let first = seqs[0];
+        assert_eq!(
+            seqs,
+            (first..first + seqs.len() as i64).collect::<Vec<_>>(),
+            "object {id}: contiguous"
+        );
+        assert_stats_agree(&env, &client, &url, id, "after retention").await;
+    }
+    let (_, metrics) = http_get(worker.metrics, "/metrics").await.expect("metrics");
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "logstore_retention_deleted_total",
+            &[("shard", "a")]
+        ),
+        (OBJECTS as usize * OLD) as f64
+    );
+    assert_eq!(worker.terminate().await, Some(0));
+    assert_eq!(plain.terminate().await, Some(0));
 }

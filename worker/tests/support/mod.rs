@@ -116,6 +116,7 @@ impl Env {
             ("NATS_QUERY_TOPIC", self.subject("query")),
             ("NATS_RESPONSE_TOPIC", self.subject("response")),
             ("NATS_STATS_TOPIC", self.subject("stats")),
+            ("NATS_DELETE_TOPIC", self.subject("delete")),
             ("NATS_QUEUE_GROUP", self.subject("workers")),
             ("NATS_EVENTS_PREFIX", self.subject("appended")),
             ("NATS_DEAD_LETTER_TOPIC", self.subject("dead_letter")),

@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
 #
-# One image, two programs: `worker` (the default entrypoint) and `loadgen`.
+# One image, three programs: `worker` (the default entrypoint), `loadgen` and the `logstore` CLI.
 #
 #   docker build -t logstore .
 #   docker run --rm logstore --help            # worker flags
 #   docker run --rm --entrypoint loadgen logstore --help
+#   docker run --rm --entrypoint logstore logstore --help
 #
 # The build stage uses BuildKit cache mounts (the default builder since Docker 23 and in
 # Docker Compose v2), so a rebuild after a source change reuses the downloaded crates and the
@@ -25,10 +26,11 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin worker --bin loadgen \
+    cargo build --release --locked --bin worker --bin loadgen --bin logstore \
  && mkdir -p /out \
  && strip --strip-debug -o /out/worker target/release/worker \
- && strip --strip-debug -o /out/loadgen target/release/loadgen
+ && strip --strip-debug -o /out/loadgen target/release/loadgen \
+ && strip --strip-debug -o /out/logstore target/release/logstore
 
 # ---------------------------------------------------------------------------------------------
 FROM ${RUNTIME_IMAGE} AS runtime
@@ -39,7 +41,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin logstore
-COPY --from=build /out/worker /out/loadgen /usr/local/bin/
+COPY --from=build /out/worker /out/loadgen /out/logstore /usr/local/bin/
 USER logstore:logstore
 # Prometheus metrics, /healthz and /readyz (METRICS_ADDR, default 0.0.0.0:2112).
 EXPOSE 2112

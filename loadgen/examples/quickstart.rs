@@ -3,7 +3,7 @@
 //! `NATS_URL` picks the server (default nats://127.0.0.1:4222).
 
 use futures::StreamExt; // for Subscriber::next
-use logstore_protocol::{AppendReply, AppendRequest, QueryResponse};
+use logstore_protocol::{AppendReply, QueryResponse};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -24,22 +24,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!("stored seq {} at {}", stored.seq, stored.ts);
 
     // A batch: one message, many appends (one stream write, one ack, one transaction per shard).
-    let batch = vec![
-        AppendRequest {
-            id: 42,
-            log: "retrying".into(),
-            key: Some("evt-982".into()),
-        },
-        AppendRequest {
-            id: 42,
-            log: "recovered".into(),
-            key: Some("evt-983".into()),
-        },
-    ];
+    let batch = serde_json::json!([
+        { "id": 42, "log": "retrying", "key": "evt-982" },
+        { "id": 42, "log": "recovered", "key": "evt-983" },
+    ]);
     js.publish("logs", serde_json::to_vec(&batch)?.into())
         .await?
         .await?;
-    for _ in 0..batch.len() {
+    for _ in 0..2 {
         let event = events.next().await.ok_or("subscription closed")?;
         let stored: AppendReply = serde_json::from_slice(&event.payload)?;
         println!("stored seq {} at {}", stored.seq, stored.ts);

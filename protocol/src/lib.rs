@@ -4,12 +4,17 @@
 //! - `logs`: [`AppendRequest`] in, [`AppendReply`] out (to the reply subject, when there is one);
 //! - `appended.<id>`: an [`AppendReply`] event after every stored append;
 //! - `query`: [`QueryRequest`] in, one or more [`QueryResponse`] chunks out;
+//! - `stats`: [`StatsRequest`] in, [`StatsReply`] out;
+//! - `delete`: [`DeleteRequest`] in, [`DeleteReply`] out;
 //! - `dead_letter`: a raw copy of every rejected message, with the reason in headers.
 //!
 //! Decoding is strict and never panics: [`AppendRequest::decode`] and [`QueryRequest::decode`]
 //! turn any byte string into either a valid request or an [`ErrorBody`] that says what was wrong.
 
 pub mod redact;
+pub mod timestamp;
+
+pub use timestamp::Timestamp;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -77,6 +82,9 @@ pub enum ErrorCode {
     Timeout,
     /// A fault of the worker or the database that is not the sender's doing.
     Internal,
+    /// An append's `expected_seq` was not the object's last seq when it was to be committed:
+    /// nothing was stored. The error carries the object's `last_seq` at that moment.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -89,6 +97,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
+            ErrorCode::Conflict => "conflict",
         }
     }
 
@@ -101,6 +110,7 @@ impl ErrorCode {
             ErrorCode::Unavailable | ErrorCode::Busy => 503,
             ErrorCode::Timeout => 504,
             ErrorCode::Internal => 500,
+            ErrorCode::Conflict => 409,
         }
     }
 }
@@ -111,6 +121,11 @@ impl ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// With [`ErrorCode::Conflict`]: the object's last seq when the append was refused (what
+    /// `expected_seq` must be for the next try). Absent from every other error, which
+    /// therefore encodes exactly as before this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
 }
 
 impl ErrorBody {
@@ -118,6 +133,18 @@ impl ErrorBody {
         ErrorBody {
             code,
             message: message.into(),
+            last_seq: None,
+        }
+    }
+
+    /// The refusal of an append whose `expected_seq` was not the object's `last_seq`.
+    pub fn conflict(expected_seq: u64, last_seq: u64) -> Self {
+        ErrorBody {
+            code: ErrorCode::Conflict,
+            message: format!(
+                "expected_seq {expected_seq} is not the object's last seq {last_seq}; nothing was stored"
+            ),
+            last_seq: Some(last_seq),
         }
     }
 
@@ -140,6 +167,10 @@ pub struct AppendRequest {
     pub log: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Optimistic concurrency: store only if the object's last seq is this when the append
+    /// commits (0: the object has no entries yet), else answer [`ErrorCode::Conflict`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_seq: Option<u64>,
 }
 
 impl AppendRequest {
@@ -188,7 +219,16 @@ impl AppendRequest {
                 )))
             }
         };
-        Ok(AppendRequest { id, log, key })
+        let expected_seq = match object.get("expected_seq") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(decode_u64("expected_seq", value)?),
+        };
+        Ok(AppendRequest {
+            id,
+            log,
+            key,
+            expected_seq,
+        })
     }
 }
 
@@ -299,13 +339,44 @@ pub struct AppendReply {
     pub duplicate: bool,
 }
 
-/// A validated query.
+/// Which end of the range a query reads from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Oldest first (the original's order); `next` is a cursor for `after`.
+    #[default]
+    Asc,
+    /// Newest first; `next` is a cursor for `before`.
+    Desc,
+}
+
+impl Order {
+    fn is_asc(&self) -> bool {
+        *self == Order::Asc
+    }
+}
+
+/// A validated query. Every field but `id` is optional; a request with none of the newer ones
+/// (`before`, `order`, `since`, `until`) answers exactly as the original's did. The bounds
+/// combine: the answer is the entries inside all of them, in `order`, at most `limit`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryRequest {
     pub id: u64,
     /// Exclusive seq cursor: entries with `seq > after` are returned.
     #[serde(default)]
     pub after: u64,
+    /// Exclusive upper seq cursor: entries with `seq < before` are returned. With
+    /// `order: desc` it is what `next` feeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<u64>,
+    #[serde(default, skip_serializing_if = "Order::is_asc")]
+    pub order: Order,
+    /// Inclusive time bound: entries with `ts >= since`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
+    /// Exclusive time bound: entries with `ts < until`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
     /// Most entries to return; `None` means the whole log (streamed in chunks when large).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
@@ -322,6 +393,22 @@ impl QueryRequest {
             None | Some(Value::Null) => 0,
             Some(value) => decode_u64("after", value)?,
         };
+        let before = match object.get("before") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(decode_u64("before", value)?),
+        };
+        let order = match object.get("order") {
+            None | Some(Value::Null) => Order::Asc,
+            Some(Value::String(s)) if s == "asc" => Order::Asc,
+            Some(Value::String(s)) if s == "desc" => Order::Desc,
+            Some(other) => {
+                return Err(ErrorBody::invalid(format!(
+                    "`order` must be \"asc\" or \"desc\", got {other}"
+                )))
+            }
+        };
+        let since = decode_timestamp("since", object.get("since"))?;
+        let until = decode_timestamp("until", object.get("until"))?;
         let limit = match object.get("limit") {
             None | Some(Value::Null) => None,
             Some(value) => match decode_u64("limit", value)? {
@@ -345,10 +432,77 @@ impl QueryRequest {
         Ok(QueryRequest {
             id,
             after,
+            before,
+            order,
+            since,
+            until,
             limit,
             request_id,
         })
     }
+}
+
+/// A request for an object's statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRequest {
+    pub id: u64,
+}
+
+impl StatsRequest {
+    /// Decode and validate a stats body (unknown fields are ignored).
+    pub fn decode(body: &[u8]) -> Result<StatsRequest, ErrorBody> {
+        let object = decode_object(body)?;
+        Ok(StatsRequest {
+            id: decode_id(object.get("id"))?,
+        })
+    }
+}
+
+/// An object's statistics, kept exactly in its head row (no scan). `first_seq`, `first_ts` and
+/// `last_ts` are null while the object has no entries (unknown, or everything deleted);
+/// `last_seq` is the last seq ever assigned (0 for an object never appended to), even after
+/// its entries are deleted: seqs are never reused, the next append gets `last_seq + 1`, and
+/// it is what `expected_seq` is compared with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsReply {
+    pub id: u64,
+    /// Entries present.
+    pub count: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: u64,
+    pub first_ts: Option<String>,
+    pub last_ts: Option<String>,
+    /// Total UTF-8 bytes of the present entries' `log` texts.
+    pub bytes: u64,
+}
+
+/// A request to delete an object's entries with `seq < before_seq` (all of them without it).
+/// Seqs are never reused: the next append continues after the last seq ever assigned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_seq: Option<u64>,
+}
+
+impl DeleteRequest {
+    /// Decode and validate a delete body (unknown fields are ignored).
+    pub fn decode(body: &[u8]) -> Result<DeleteRequest, ErrorBody> {
+        let object = decode_object(body)?;
+        let id = decode_id(object.get("id"))?;
+        let before_seq = match object.get("before_seq") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(decode_u64("before_seq", value)?),
+        };
+        Ok(DeleteRequest { id, before_seq })
+    }
+}
+
+/// The answer to a [`DeleteRequest`]: how many entries it removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteReply {
+    pub id: u64,
+    pub deleted: u64,
 }
 
 /// One stored entry as a query returns it.
@@ -369,7 +523,8 @@ pub struct QueryResponse {
     /// The object's entry count at the time the query started.
     pub total: u64,
     pub logs: Vec<LogEntry>,
-    /// Cursor (`after`) for the next page, or null when this response reached the end.
+    /// Cursor for the next page (`after`, or `before` with `order: desc`), or null when this
+    /// response reached the end of the requested range.
     pub next: Option<u64>,
     pub chunk: u32,
     pub last: bool,
@@ -386,6 +541,21 @@ fn decode_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ErrorBod
             json_type(&other)
         ))),
         Err(e) => Err(ErrorBody::invalid(format!("invalid JSON: {e}"))),
+    }
+}
+
+fn decode_timestamp(field: &str, value: Option<&Value>) -> Result<Option<Timestamp>, ErrorBody> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Timestamp::parse(text).map(Some).map_err(|e| {
+            ErrorBody::invalid(format!(
+                "`{field}` is not an RFC 3339 timestamp ({text:?}): {e}"
+            ))
+        }),
+        Some(other) => Err(ErrorBody::invalid(format!(
+            "`{field}` must be an RFC 3339 timestamp string, got {}",
+            json_type(other)
+        ))),
     }
 }
 
@@ -451,17 +621,21 @@ mod tests {
     #[test]
     fn batches_decode_all_or_nothing_naming_the_bad_entry() {
         assert_eq!(
-            batch(r#"[{"id":1,"log":"a","key":"k"},{"id":18446744073709551615,"log":"b"}]"#),
+            batch(
+                r#"[{"id":1,"log":"a","key":"k"},{"id":18446744073709551615,"log":"b","expected_seq":0}]"#
+            ),
             Ok(AppendBody::Batch(vec![
                 AppendRequest {
                     id: 1,
                     log: "a".into(),
-                    key: Some("k".into())
+                    key: Some("k".into()),
+                    expected_seq: None,
                 },
                 AppendRequest {
                     id: u64::MAX,
                     log: "b".into(),
-                    key: None
+                    key: None,
+                    expected_seq: Some(0),
                 },
             ]))
         );
@@ -514,6 +688,46 @@ mod tests {
         let e = batch(&long).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);
         assert!(e.message.starts_with("entry 1: "), "{e}");
+    }
+
+    #[test]
+    fn expected_seq_decodes_and_conflicts_carry_the_last_seq() {
+        let r = append(r#"{"id":5,"log":"a","expected_seq":3}"#).unwrap();
+        assert_eq!(r.expected_seq, Some(3));
+        assert_eq!(append(r#"{"id":5,"log":"a"}"#).unwrap().expected_seq, None);
+        // The slow path (a field the fast path refuses) keeps it too.
+        let r = append(r#"{"id":5,"log":"a","key":null,"expected_seq":0}"#).unwrap();
+        assert_eq!(r.expected_seq, Some(0));
+        for bad in [
+            r#"{"id":5,"log":"a","expected_seq":-1}"#,
+            r#"{"id":5,"log":"a","expected_seq":"3"}"#,
+        ] {
+            let e = append(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad}");
+            assert!(e.message.contains("expected_seq"), "{bad}: {e}");
+        }
+        let e = batch(r#"[{"id":1,"log":"a"},{"id":1,"log":"b","expected_seq":1.5}]"#).unwrap_err();
+        assert!(e.message.starts_with("entry 1: "), "{e}");
+
+        let conflict = ErrorReply {
+            error: ErrorBody::conflict(3, 7),
+        };
+        let json = serde_json::to_string(&conflict).unwrap();
+        assert!(
+            json.starts_with(r#"{"error":{"code":"conflict","message":"#)
+                && json.ends_with(r#","last_seq":7}}"#),
+            "{json}"
+        );
+        assert_eq!(ErrorCode::Conflict.status(), 409);
+        assert_eq!(serde_json::from_str::<ErrorReply>(&json).unwrap(), conflict);
+        // Other errors encode exactly as before `last_seq` existed.
+        let busy = ErrorReply {
+            error: ErrorBody::new(ErrorCode::Busy, "later"),
+        };
+        assert_eq!(
+            serde_json::to_string(&busy).unwrap(),
+            r#"{"error":{"code":"busy","message":"later"}}"#
+        );
     }
 
     #[test]
@@ -614,7 +828,89 @@ mod tests {
             (q.after, q.limit, q.request_id.as_deref()),
             (10, Some(5), Some("r"))
         );
+        assert_eq!((q.before, q.order), (None, Order::Asc));
+        let q = QueryRequest::decode(br#"{"id":1,"order":"desc","before":7}"#).unwrap();
+        assert_eq!((q.before, q.order), (Some(7), Order::Desc));
+        // The defaults are left out, so an old request re-encodes as it was.
+        assert_eq!(
+            serde_json::to_string(&QueryRequest::decode(br#"{"id":1}"#).unwrap()).unwrap(),
+            r#"{"id":1,"after":0}"#
+        );
+        let q = QueryRequest::decode(
+            br#"{"id":1,"since":"2026-11-23T15:00:00+01:00","until":"2026-11-23T14:05:00.5Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (q.since.unwrap().to_string(), q.until.unwrap().to_string()),
+            (
+                "2026-11-23T14:00:00.000000Z".to_string(),
+                "2026-11-23T14:05:00.500000Z".to_string()
+            )
+        );
+        for bad in [
+            r#"{"id":1,"since":"yesterday"}"#,
+            r#"{"id":1,"until":1700000000}"#,
+            r#"{"id":1,"order":"DESC"}"#,
+            r#"{"id":1,"order":1}"#,
+            r#"{"id":1,"before":-1}"#,
+        ] {
+            let e = QueryRequest::decode(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad}");
+        }
         assert!(QueryRequest::decode(br#"{"id":1,"limit":0}"#).is_err());
         assert!(QueryRequest::decode(br#"{"id":1,"after":-3}"#).is_err());
+    }
+
+    #[test]
+    fn delete_requests() {
+        assert_eq!(
+            DeleteRequest::decode(br#"{"id":42,"before_seq":7}"#),
+            Ok(DeleteRequest {
+                id: 42,
+                before_seq: Some(7)
+            })
+        );
+        assert_eq!(
+            DeleteRequest::decode(br#"{"id":42,"before_seq":null}"#),
+            Ok(DeleteRequest {
+                id: 42,
+                before_seq: None
+            })
+        );
+        for bad in [
+            r#"{"before_seq":1}"#,
+            r#"{"id":1,"before_seq":-1}"#,
+            r#"{"id":1,"before_seq":"2"}"#,
+        ] {
+            let e = DeleteRequest::decode(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad}");
+        }
+        assert_eq!(
+            serde_json::to_string(&DeleteReply { id: 1, deleted: 3 }).unwrap(),
+            r#"{"id":1,"deleted":3}"#
+        );
+    }
+
+    #[test]
+    fn stats_requests_and_replies() {
+        assert_eq!(
+            StatsRequest::decode(br#"{"id":42,"extra":true}"#),
+            Ok(StatsRequest { id: 42 })
+        );
+        assert!(StatsRequest::decode(br#"{"id":"42"}"#).is_err());
+        assert!(StatsRequest::decode(b"[]").is_err());
+        let empty = StatsReply {
+            id: 9,
+            count: 0,
+            first_seq: None,
+            last_seq: 0,
+            first_ts: None,
+            last_ts: None,
+            bytes: 0,
+        };
+        assert_eq!(
+            serde_json::to_string(&empty).unwrap(),
+            r#"{"id":9,"count":0,"first_seq":null,"last_seq":0,"first_ts":null,"last_ts":null,"bytes":0}"#
+        );
     }
 }

@@ -69,6 +69,20 @@ pub struct RawConfig {
     pub nats_query_topic: String,
     #[arg(long, env = "NATS_RESPONSE_TOPIC", default_value = "response")]
     pub nats_response_topic: String,
+    /// Subject of stats requests (an object's count, seq and ts range, bytes).
+    #[arg(long, env = "NATS_STATS_TOPIC", default_value = "stats")]
+    pub nats_stats_topic: String,
+    /// Subject of delete requests (remove an object's entries below a seq).
+    #[arg(long, env = "NATS_DELETE_TOPIC", default_value = "delete")]
+    pub nats_delete_topic: String,
+    /// Entries older than this are removed by a background sweeper (e.g. `30d`, `12h`,
+    /// `90m`); `off` (the default) keeps everything.
+    #[arg(long, env = "RETENTION_MAX_AGE", default_value = "off")]
+    pub retention_max_age: String,
+    /// How often the retention sweeper looks for expired entries when it found none last
+    /// time (e.g. `60s`).
+    #[arg(long, env = "RETENTION_INTERVAL", default_value = "60s")]
+    pub retention_interval: String,
     #[arg(long, env = "NATS_QUEUE_GROUP", default_value = "workers")]
     pub nats_queue_group: String,
     #[arg(long, env = "NATS_EVENTS_PREFIX", default_value = "appended")]
@@ -195,6 +209,15 @@ pub struct JetStreamConfig {
     pub duplicate_window: Duration,
 }
 
+/// The retention sweeper's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Entries whose ts is older than now minus this are removed.
+    pub max_age: Duration,
+    /// Pause between sweeps that found nothing to remove.
+    pub interval: Duration,
+}
+
 /// The validated configuration. `Debug` redacts.
 #[derive(Clone)]
 pub struct Config {
@@ -207,6 +230,10 @@ pub struct Config {
     pub logs_subject: String,
     pub query_subject: String,
     pub response_subject: String,
+    pub stats_subject: String,
+    pub delete_subject: String,
+    /// `None`: RETENTION_MAX_AGE is off.
+    pub retention: Option<Retention>,
     pub queue_group: String,
     pub events_prefix: String,
     pub dead_letter_subject: String,
@@ -256,6 +283,10 @@ impl std::fmt::Debug for RawConfig {
             nats_logs_topic,
             nats_query_topic,
             nats_response_topic,
+            nats_stats_topic,
+            nats_delete_topic,
+            retention_max_age,
+            retention_interval,
             nats_queue_group,
             nats_events_prefix,
             nats_dead_letter_topic,
@@ -301,6 +332,10 @@ impl std::fmt::Debug for RawConfig {
             .field("nats_logs_topic", nats_logs_topic)
             .field("nats_query_topic", nats_query_topic)
             .field("nats_response_topic", nats_response_topic)
+            .field("nats_stats_topic", nats_stats_topic)
+            .field("nats_delete_topic", nats_delete_topic)
+            .field("retention_max_age", retention_max_age)
+            .field("retention_interval", retention_interval)
             .field("nats_queue_group", nats_queue_group)
             .field("nats_events_prefix", nats_events_prefix)
             .field("nats_dead_letter_topic", nats_dead_letter_topic)
@@ -342,6 +377,9 @@ impl std::fmt::Debug for Config {
             logs_subject,
             query_subject,
             response_subject,
+            stats_subject,
+            delete_subject,
+            retention,
             queue_group,
             events_prefix,
             dead_letter_subject,
@@ -368,6 +406,9 @@ impl std::fmt::Debug for Config {
             .field("logs_subject", logs_subject)
             .field("query_subject", query_subject)
             .field("response_subject", response_subject)
+            .field("stats_subject", stats_subject)
+            .field("delete_subject", delete_subject)
+            .field("retention", retention)
             .field("queue_group", queue_group)
             .field("events_prefix", events_prefix)
             .field("dead_letter_subject", dead_letter_subject)
@@ -402,6 +443,9 @@ impl RawConfig {
             logs_subject: subject("NATS_LOGS_TOPIC", &self.nats_logs_topic)?,
             query_subject: subject("NATS_QUERY_TOPIC", &self.nats_query_topic)?,
             response_subject: subject("NATS_RESPONSE_TOPIC", &self.nats_response_topic)?,
+            stats_subject: subject("NATS_STATS_TOPIC", &self.nats_stats_topic)?,
+            delete_subject: subject("NATS_DELETE_TOPIC", &self.nats_delete_topic)?,
+            retention: self.retention()?,
             queue_group: subject("NATS_QUEUE_GROUP", &self.nats_queue_group)?,
             events_prefix: subject("NATS_EVENTS_PREFIX", &self.nats_events_prefix)?,
             dead_letter_subject: subject("NATS_DEAD_LETTER_TOPIC", &self.nats_dead_letter_topic)?,
@@ -457,6 +501,19 @@ impl RawConfig {
             )?,
             max_query_bytes: number("MAX_QUERY_BYTES", &self.max_query_bytes, 1, usize::MAX)?,
         })
+    }
+
+    fn retention(&self) -> Result<Option<Retention>, ConfigError> {
+        let max_age = match self.retention_max_age.trim() {
+            "" | "off" => return Ok(None),
+            text => duration("RETENTION_MAX_AGE", text, Duration::from_secs(1))?,
+        };
+        let interval = duration(
+            "RETENTION_INTERVAL",
+            self.retention_interval.trim(),
+            Duration::from_millis(10),
+        )?;
+        Ok(Some(Retention { max_age, interval }))
     }
 
     fn intake(&self) -> Result<Intake, ConfigError> {
@@ -693,6 +750,26 @@ fn name_token(var: &'static str, value: &str) -> Result<String, ConfigError> {
         return Err(bad(var, format!("{value:?} may only hold [A-Za-z0-9_-]")));
     }
     Ok(value)
+}
+
+/// A duration as humantime writes it (`30d`, `12h 30m`, `500ms`), at least `min`.
+fn duration(var: &'static str, value: &str, min: Duration) -> Result<Duration, ConfigError> {
+    let parsed = humantime::parse_duration(value).map_err(|e| {
+        bad(
+            var,
+            format!("{value:?} is not a duration like 30d, 12h or 90s ({e})"),
+        )
+    })?;
+    if parsed < min {
+        return Err(bad(
+            var,
+            format!(
+                "{value:?} is shorter than {}",
+                humantime::format_duration(min)
+            ),
+        ));
+    }
+    Ok(parsed)
 }
 
 fn number<T>(var: &'static str, value: &str, min: T, max: T) -> Result<T, ConfigError>
@@ -960,6 +1037,46 @@ mod tests {
             let debug = format!("{raw:?} {:?}", raw.validate().unwrap());
             assert!(!debug.contains(MARKER), "{debug}");
             assert!(debug.contains("***"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn retention_is_off_unless_given_a_duration() {
+        let retention = |args: &[&str]| {
+            let mut all = vec!["--postgres-ips", "h"];
+            all.extend_from_slice(args);
+            raw(&all).validate().map(|c| c.retention)
+        };
+        assert_eq!(retention(&[]).unwrap(), None);
+        assert_eq!(retention(&["--retention-max-age", "off"]).unwrap(), None);
+        assert_eq!(
+            retention(&["--retention-max-age", "30d"]).unwrap(),
+            Some(Retention {
+                max_age: Duration::from_secs(30 * 86_400),
+                interval: Duration::from_secs(60)
+            })
+        );
+        assert_eq!(
+            retention(&[
+                "--retention-max-age",
+                "2h 30m",
+                "--retention-interval",
+                "500ms"
+            ])
+            .unwrap()
+            .map(|r| (r.max_age, r.interval)),
+            Some((Duration::from_secs(9_000), Duration::from_millis(500)))
+        );
+        for (args, var) in [
+            (&["--retention-max-age", "30"][..], "RETENTION_MAX_AGE"),
+            (&["--retention-max-age", "forever"][..], "RETENTION_MAX_AGE"),
+            (&["--retention-max-age", "0s"][..], "RETENTION_MAX_AGE"),
+            (
+                &["--retention-max-age", "1d", "--retention-interval", "1ms"][..],
+                "RETENTION_INTERVAL",
+            ),
+        ] {
+            assert_eq!(retention(args).unwrap_err().var, var, "{args:?}");
         }
     }
 

@@ -1,8 +1,8 @@
-//! Intake: where appends and queries enter the worker. Each message is decoded, validated,
-//! routed through the ring and queued on its shard's pipeline; bad input is answered,
-//! dead-lettered, counted and logged here, and never reaches a shard.
+//! Intake: where appends and requests (query, stats, delete) enter the worker. Each message is
+//! decoded, validated, routed through the ring and queued on its shard's pipeline; bad input is
+//! answered, dead-lettered, counted and logged here, and never reaches a shard.
 //!
-//! Queries always arrive on a core queue subscription. Appends arrive either the same way
+//! Requests always arrive on core queue subscriptions. Appends arrive either the same way
 //! ([`run_core`], the original's design) or from a durable JetStream pull consumer shared by the
 //! fleet ([`run_jetstream`]), which keeps every publish until a worker has committed it.
 //!
@@ -16,7 +16,8 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{HeaderMap, Message, Subscriber};
 use futures::StreamExt;
 use logstore_protocol::{
-    check_key, AppendBody, ErrorBody, ErrorCode, Limits, QueryRequest, MSG_ID_HEADER,
+    check_key, AppendBody, DeleteRequest, ErrorBody, ErrorCode, Limits, QueryRequest, StatsRequest,
+    MSG_ID_HEADER,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +25,7 @@ use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
 use crate::origin::{AppendJob, BatchMessage, InFlight, Origin, Settle, Settler};
 use crate::pipeline::{Refused, ShardQueue, Work};
-use crate::query::{Queries, QueryJob};
+use crate::query::{Queries, QueryJob, Request};
 use crate::ring::Ring;
 use crate::store::NewEntry;
 
@@ -80,7 +81,7 @@ pub enum IntakeError {
 /// process what was already delivered. Returns when both are exhausted.
 pub async fn run_core(
     mut logs: Subscriber,
-    mut queries: Subscriber,
+    mut requests: Requests,
     router: Arc<Router>,
     cancel: CancellationToken,
 ) {
@@ -92,27 +93,27 @@ pub async fn run_core(
             biased;
             _ = cancel.cancelled() => break,
             Some(message) = logs.next() => router.core_append(message).await,
-            Some(message) = queries.next() => router.query(message).await,
+            Some((kind, message)) = requests.next() => router.request(kind, message).await,
             else => return,
         }
     }
     tracing::info!("draining NATS subscriptions");
     drain(&mut logs).await;
-    drain(&mut queries).await;
+    requests.drain().await;
     loop {
         tokio::select! {
             biased;
             Some(message) = logs.next() => router.core_append(message).await,
-            Some(message) = queries.next() => router.query(message).await,
+            Some((kind, message)) = requests.next() => router.request(kind, message).await,
             else => return,
         }
     }
 }
 
-/// JetStream intake for appends plus the core query subscription.
+/// JetStream intake for appends plus the core request subscriptions.
 pub async fn run_jetstream(
     consumer: consumer::Consumer<consumer::pull::Config>,
-    mut queries: Subscriber,
+    mut requests: Requests,
     router: Arc<Router>,
     cancel: CancellationToken,
 ) {
@@ -120,22 +121,22 @@ pub async fn run_jetstream(
         let (router, cancel) = (router.clone(), cancel.clone());
         async move { router.pull_loop(&consumer, &cancel).await }
     };
-    let queries = async {
+    let requests = async {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                message = queries.next() => match message {
-                    Some(message) => router.query(message).await,
+                message = requests.next() => match message {
+                    Some((kind, message)) => router.request(kind, message).await,
                     None => return,
                 },
             }
         }
-        drain(&mut queries).await;
-        while let Some(message) = queries.next().await {
-            router.query(message).await;
+        requests.drain().await;
+        while let Some((kind, message)) = requests.next().await {
+            router.request(kind, message).await;
         }
     };
-    futures::join!(appends, queries);
+    futures::join!(appends, requests);
 }
 
 /// Keep `logstore_jetstream_{pending,ack_pending,redelivered}_messages` current from the
@@ -476,6 +477,7 @@ impl Router {
                         log: request.log,
                         received,
                     },
+                    expected_seq: request.expected_seq,
                     settle: Settle::Single { origin, in_flight },
                     started,
                     deadline,
@@ -505,6 +507,7 @@ impl Router {
                     log: request.log,
                     received,
                 },
+                expected_seq: request.expected_seq,
                 settle: Settle::Entry {
                     batch: batch.clone(),
                     index,
@@ -533,14 +536,21 @@ impl Router {
         }
     }
 
-    async fn query(&self, message: Message) {
+    /// A query, stats or delete request: decoded, admitted (or answered `busy`), and queued on
+    /// its object's shard behind the appends received before it.
+    async fn request(&self, kind: RequestKind, message: Message) {
         let started = Instant::now();
         let in_flight = InFlight::new(&self.metrics.queries_in_flight);
-        let request = match QueryRequest::decode(&message.payload) {
+        let decoded = match kind {
+            RequestKind::Query => QueryRequest::decode(&message.payload).map(Request::Query),
+            RequestKind::Stats => StatsRequest::decode(&message.payload).map(Request::Stats),
+            RequestKind::Delete => DeleteRequest::decode(&message.payload).map(Request::Delete),
+        };
+        let request = match decoded {
             Ok(request) => request,
             Err(error) => {
-                self.metrics.queries.with_label_values(&["rejected"]).inc();
-                self.metrics.error("query", error.code);
+                self.queries.count(kind.as_str(), "rejected");
+                self.metrics.error(kind.as_str(), error.code);
                 let origin = Origin::Core {
                     reply: message.reply.clone(),
                     subject: message.subject.clone(),
@@ -552,20 +562,20 @@ impl Router {
             }
         };
         let Some(admission) = self.queries.admit() else {
-            let subject = self.queries.outbox.response_subject(message.reply);
+            let subject = self.queries.answer_to(&request, message.reply);
             let error = ErrorBody::new(
                 ErrorCode::Busy,
-                "too many queries waiting on this worker (MAX_PENDING_QUERIES); retry later",
+                "too many requests waiting on this worker (MAX_PENDING_QUERIES); retry later",
             );
             self.queries
                 .outbox
-                .error_reply(Some(&subject), &error)
+                .error_reply(subject.as_ref(), &error)
                 .await;
-            self.metrics.queries.with_label_values(&["busy"]).inc();
-            self.metrics.error("query", ErrorCode::Busy);
+            self.queries.count(kind.as_str(), "busy");
+            self.metrics.error(kind.as_str(), ErrorCode::Busy);
             return;
         };
-        let queue = &self.query_queues[self.ring.shard_of(request.id)];
+        let queue = &self.query_queues[self.ring.shard_of(request.id())];
         let job = QueryJob {
             request,
             reply: message.reply,
@@ -581,6 +591,50 @@ impl Router {
         {
             self.queries.refuse(job, error).await;
         }
+    }
+}
+
+/// Which subject a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Query,
+    Stats,
+    Delete,
+}
+
+impl RequestKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Query => "query",
+            RequestKind::Stats => "stats",
+            RequestKind::Delete => "delete",
+        }
+    }
+}
+
+/// The core queue subscriptions of the requests answered from a shard (query, stats,
+/// delete), taken together: read as one stream, drained together at shutdown.
+pub struct Requests {
+    pub query: Subscriber,
+    pub stats: Subscriber,
+    pub delete: Subscriber,
+}
+
+impl Requests {
+    /// The next request on any subject; `None` once every subscription has ended.
+    async fn next(&mut self) -> Option<(RequestKind, Message)> {
+        tokio::select! {
+            Some(message) = self.query.next() => Some((RequestKind::Query, message)),
+            Some(message) = self.stats.next() => Some((RequestKind::Stats, message)),
+            Some(message) = self.delete.next() => Some((RequestKind::Delete, message)),
+            else => None,
+        }
+    }
+
+    async fn drain(&mut self) {
+        drain(&mut self.query).await;
+        drain(&mut self.stats).await;
+        drain(&mut self.delete).await;
     }
 }
 

@@ -10,8 +10,11 @@
 //!   the appends received before them; never lets a hung shard stall intake.
 //! - [`origin`]: a message's fate once its outcome is known: reply, event, ack / nak / term,
 //!   dead letter, in-flight gauge.
-//! - [`query`]: query admission, deadlines and slots; streams answers in chunks.
-//! - [`store`]: PostgreSQL: pools, migrations, shard identity, the append function, paged reads.
+//! - [`query`]: query, stats and delete admission, deadlines and slots; streams answers in
+//!   chunks.
+//! - [`store`]: PostgreSQL: pools, migrations, shard identity, the append function, paged reads,
+//!   stats and deletion.
+//! - [`retention`]: the RETENTION_MAX_AGE sweeper, a background task per shard.
 //! - [`outbox`]: replies, `appended.<id>` events, response chunks, errors and dead letters.
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`service`]: registration with the NATS service API (`nats micro ls/info/stats`).
@@ -24,6 +27,7 @@ pub mod origin;
 pub mod outbox;
 pub mod pipeline;
 pub mod query;
+pub mod retention;
 pub mod ring;
 pub mod service;
 pub mod store;
@@ -148,6 +152,14 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     ));
     for shard in shards.iter() {
         background.spawn(watch_shard(shard.clone(), metrics.clone(), cancel.clone()));
+        if let Some(retention) = config.retention {
+            background.spawn(retention::sweep(
+                shard.clone(),
+                retention,
+                metrics.clone(),
+                cancel.clone(),
+            ));
+        }
     }
 
     let outbox = outbox::Outbox::new(
@@ -217,7 +229,11 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                 .map_err(|source| Error::Subscribe { subject, source })
         }
     };
-    let queries = subscribe(config.query_subject.clone()).await?;
+    let queries = intake::Requests {
+        query: subscribe(config.query_subject.clone()).await?,
+        stats: subscribe(config.stats_subject.clone()).await?,
+        delete: subscribe(config.delete_subject.clone()).await?,
+    };
     let mut router = intake::Router {
         ring: ring::Ring::new(
             &config
@@ -314,6 +330,9 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         intake = match config.intake { Intake::Core => "core", Intake::JetStream(_) => "jetstream" },
         logs = %config.logs_subject,
         query = %config.query_subject,
+        stats = %config.stats_subject,
+        delete = %config.delete_subject,
+        retention = ?config.retention.map(|r| r.max_age),
         group = %config.queue_group,
         shards = shards.len(),
         metrics = %metrics_addr,

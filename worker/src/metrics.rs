@@ -26,10 +26,14 @@ const ERROR_CODES: [ErrorCode; 6] = [
 pub struct Metrics {
     registry: Registry,
     /// Appends by shard and result: stored, duplicate, rejected (bad input, shard "none"),
-    /// failed (not stored: shard down, load shed, fault), timeout (outcome unknown).
+    /// failed (not stored: shard down, load shed, fault), timeout (outcome unknown), conflict
+    /// (`expected_seq` was not the object's last seq).
     pub appends: IntCounterVec,
     /// Queries by result: ok, rejected, failed, busy (shed at admission), timeout (deadline).
     pub queries: IntCounterVec,
+    /// Other requests answered from a shard (stats, delete) by kind and result, with the
+    /// results of `queries`.
+    pub requests: IntCounterVec,
     /// From receipt of an append to its reply, by shard.
     pub append_duration: HistogramVec,
     /// From receipt of a query to its last response chunk.
@@ -48,6 +52,8 @@ pub struct Metrics {
     /// `appends_total{shard="none",result="rejected"}`: bad input never reaches a shard.
     pub rejected_appends: IntCounter,
     pub nats_reconnects: IntCounter,
+    /// Entries removed by the retention sweeper (RETENTION_MAX_AGE), by shard.
+    pub retention_deleted: IntCounterVec,
     /// Messages copied to the dead-letter subject, by reason (error code).
     pub dead_letters: IntCounterVec,
     /// Error answers by kind (append, query) and code, whatever the intake: a core reply, a
@@ -96,6 +102,13 @@ impl Metrics {
                 Opts::new("logstore_queries_total", "Queries by result."),
                 &["result"],
             )?,
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "logstore_requests_total",
+                    "Stats and delete requests by kind and result.",
+                ),
+                &["kind", "result"],
+            )?,
             append_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "logstore_append_duration_seconds",
@@ -136,6 +149,13 @@ impl Metrics {
             nats_reconnects: IntCounter::new(
                 "logstore_nats_reconnects_total",
                 "Times the NATS connection was re-established.",
+            )?,
+            retention_deleted: IntCounterVec::new(
+                Opts::new(
+                    "logstore_retention_deleted_total",
+                    "Entries removed by the retention sweeper (older than RETENTION_MAX_AGE).",
+                ),
+                &["shard"],
             )?,
             dead_letters: IntCounterVec::new(
                 Opts::new(
@@ -200,6 +220,7 @@ impl Metrics {
         let r = &metrics.registry;
         r.register(Box::new(metrics.appends.clone()))?;
         r.register(Box::new(metrics.queries.clone()))?;
+        r.register(Box::new(metrics.requests.clone()))?;
         r.register(Box::new(metrics.append_duration.clone()))?;
         r.register(Box::new(metrics.query_duration.clone()))?;
         r.register(Box::new(metrics.batch_size.clone()))?;
@@ -224,6 +245,7 @@ impl Metrics {
                 metrics.errors.with_label_values(&[kind, code.as_str()]);
             }
         }
+        r.register(Box::new(metrics.retention_deleted.clone()))?;
         Ok(metrics)
     }
 
@@ -238,6 +260,7 @@ impl Metrics {
         self.pool_wait.with_label_values(&[shard]);
         self.query_duration.with_label_values(&[shard]);
         self.shard_up.with_label_values(&[shard]).set(0);
+        self.retention_deleted.with_label_values(&[shard]);
     }
 
     /// One shard's append series, resolved once so that the hot path does not hash label
@@ -248,6 +271,7 @@ impl Metrics {
             duplicate: self.appends.with_label_values(&[shard, "duplicate"]),
             failed: self.appends.with_label_values(&[shard, "failed"]),
             timeout: self.appends.with_label_values(&[shard, "timeout"]),
+            conflict: self.appends.with_label_values(&[shard, "conflict"]),
             append_duration: self.append_duration.with_label_values(&[shard]),
             batch_size: self.batch_size.with_label_values(&[shard]),
             commit_duration: self.commit_duration.with_label_values(&[shard]),
@@ -272,6 +296,8 @@ pub struct ShardMetrics {
     pub duplicate: IntCounter,
     pub failed: IntCounter,
     pub timeout: IntCounter,
+    /// Refused because `expected_seq` was not the object's last seq.
+    pub conflict: IntCounter,
     pub append_duration: Histogram,
     pub batch_size: Histogram,
     pub commit_duration: Histogram,

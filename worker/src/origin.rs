@@ -102,6 +102,8 @@ impl BatchMessage {
 /// An append on its way to its shard.
 pub struct AppendJob {
     pub entry: NewEntry,
+    /// Store only if the object's last seq is this at commit (optimistic concurrency).
+    pub expected_seq: Option<u64>,
     pub settle: Settle,
     pub started: std::time::Instant,
     /// When its answer is due (receipt + SHARD_TIMEOUT_MS): the batch it rides in is given up
@@ -154,6 +156,42 @@ impl Settler {
         }
     }
 
+    /// The append's `expected_seq` was not the object's last seq: nothing was stored. A
+    /// definite outcome, final for this append (seqs only grow, so a retry as it is cannot
+    /// succeed unless it expected a seq the object has not reached yet), so it is never
+    /// dead-lettered nor redelivered: the sender learns it from its reply (core) or batch
+    /// reply; a JetStream message is acked, its processing being complete. With core intake
+    /// and no reply subject nobody can be told: it is counted and logged at debug level.
+    pub async fn conflict(&self, job: AppendJob, last_seq: u64, m: &ShardMetrics) {
+        m.conflict.inc();
+        observe(&job, m);
+        let error = ErrorBody::conflict(job.expected_seq.unwrap_or_default(), last_seq);
+        match job.settle {
+            Settle::Single { origin, .. } => match &origin {
+                Origin::Core {
+                    reply: Some(reply), ..
+                } => self.outbox.error_reply(Some(reply), &error).await,
+                Origin::Core { reply: None, .. } => {
+                    tracing::debug!(id = job.entry.id, expected_seq = ?job.expected_seq, last_seq, "conditional append refused (no reply subject to tell)");
+                }
+                Origin::JetStream(message) => {
+                    if let Err(e) = message.ack().await {
+                        tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+                    }
+                }
+            },
+            Settle::Entry { batch, index } => {
+                let result = EntryResult::Failed {
+                    id: job.entry.id,
+                    error,
+                };
+                if let Some(results) = batch.record(index, result) {
+                    self.batch_done(&batch, results).await;
+                }
+            }
+        }
+    }
+
     /// The append failed with a store error.
     pub async fn store_failed(&self, job: AppendJob, e: &StoreError, m: &ShardMetrics) {
         self.failed(job, store_error_body(e), m).await
@@ -188,6 +226,7 @@ impl Settler {
                     id: job.entry.id,
                     log: job.entry.log.clone(),
                     key: job.entry.key.clone(),
+                    expected_seq: job.expected_seq,
                 };
                 match serde_json::to_vec(&copy) {
                     Ok(body) => {
@@ -222,8 +261,8 @@ impl Settler {
     }
 
     /// Every entry of a batch message has its outcome: answer the sender once (core), or ack
-    /// the message when all entries are stored and nak it otherwise (JetStream: the stored
-    /// ones answer as duplicates when it comes back).
+    /// the message when all entries are stored (or refused by their `expected_seq`) and nak it
+    /// otherwise (JetStream: the stored ones answer as duplicates when it comes back).
     async fn batch_done(&self, batch: &BatchMessage, results: Vec<EntryResult>) {
         match &batch.origin {
             Origin::Core { reply, .. } => {
@@ -237,11 +276,15 @@ impl Settler {
             Origin::JetStream(message) => {
                 // The message fails as its most hopeful failure: if any entry may succeed on
                 // redelivery (an outage), it is redelivered rather than dead-lettered.
+                // A conflict is a final outcome like a stored entry: it neither needs nor
+                // benefits from redelivery.
                 let failure = results
                     .into_iter()
                     .filter_map(|r| match r {
-                        EntryResult::Failed { error, .. } => Some(error),
-                        EntryResult::Stored(_) => None,
+                        EntryResult::Failed { error, .. } if error.code != ErrorCode::Conflict => {
+                            Some(error)
+                        }
+                        EntryResult::Failed { .. } | EntryResult::Stored(_) => None,
                     })
                     .min_by_key(|e| !is_transient(e.code));
                 match failure {

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::origin::{AppendJob, Settler};
 use crate::query::{Queries, QueryJob};
-use crate::store::{NewEntry, Shard};
+use crate::store::{Appended, NewEntry, Shard};
 use crate::Chain;
 
 /// How often a wait for room in a full queue checks that its shard is still making progress.
@@ -264,14 +264,15 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
     // Jobs are in arrival order, so the first one's deadline is the earliest.
     let deadline = batch.iter().map(|job| job.deadline).min().unwrap_or(now);
     let entries: Vec<&NewEntry> = batch.iter().map(|job| &job.entry).collect();
+    let expected: Vec<Option<u64>> = batch.iter().map(|job| job.expected_seq).collect();
     let commit = m.commit_duration.start_timer();
-    let result = shard.append(&entries, deadline).await;
+    let result = shard.append_expecting(&entries, &expected, deadline).await;
     commit.observe_duration();
     drop(entries);
     match result {
-        Ok(stored) => {
-            for (job, stored) in batch.drain(..).zip(stored) {
-                settler.stored(job, stored, m).await;
+        Ok(appended) => {
+            for (job, appended) in batch.drain(..).zip(appended) {
+                settle(settler, job, appended, m).await;
             }
         }
         Err(e) if e.is_unavailable() || batch.len() == 1 => {
@@ -296,11 +297,13 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
                     settler.failed(job, expired(shard), m).await;
                     continue;
                 }
-                let result = shard.append(&[&job.entry], job.deadline).await;
+                let result = shard
+                    .append_expecting(&[&job.entry], &[job.expected_seq], job.deadline)
+                    .await;
                 match result {
-                    Ok(mut stored) if stored.len() == 1 => {
-                        let stored = stored.remove(0);
-                        settler.stored(job, stored, m).await
+                    Ok(mut appended) if appended.len() == 1 => {
+                        let appended = appended.remove(0);
+                        settle(settler, job, appended, m).await
                     }
                     Ok(_) => {
                         let e = ErrorBody::new(ErrorCode::Internal, "append returned no result");
@@ -310,5 +313,13 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
                 }
             }
         }
+    }
+}
+
+/// Hand one committed append's outcome to its settlement.
+async fn settle(settler: &Settler, job: AppendJob, appended: Appended, m: &ShardMetrics) {
+    match appended {
+        Appended::Stored(stored) => settler.stored(job, stored, m).await,
+        Appended::Conflict { last_seq } => settler.conflict(job, last_seq, m).await,
     }
 }

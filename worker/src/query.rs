@@ -1,15 +1,20 @@
-//! Queries: admission (a bounded number per worker, the rest answered `busy`), a deadline per
-//! request, a bounded number running per worker and per shard, and the streaming of an answer
+//! Queries and the other requests answered from a shard outside the append path (stats,
+//! delete):
+//! admission (a bounded number per worker, the rest answered `busy`), a deadline per request,
+//! a bounded number running per worker and per shard, and the streaming of a query's answer
 //! page by page as chunks no larger than the server's max_payload.
 //!
-//! A query never holds up its shard's appends: the pipeline only starts it (a tracked task),
-//! and waiting for a slot happens in that task, bounded by the query's deadline.
+//! A request never holds up its shard's appends: the pipeline only starts it (a tracked task),
+//! and waiting for a slot happens in that task, bounded by the request's deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Subject;
-use logstore_protocol::{ErrorBody, ErrorCode, LogEntry, QueryRequest};
+use logstore_protocol::{
+    DeleteReply, DeleteRequest, ErrorBody, ErrorCode, LogEntry, Order, QueryRequest, StatsReply,
+    StatsRequest, Timestamp,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -17,21 +22,51 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use crate::origin::{store_error_body, InFlight};
 use crate::outbox::{format_ts, Outbox};
-use crate::store::{Row, Shard};
+use crate::store::{ReadRange, Row, Shard};
 
 /// Rows read per database round trip when streaming a whole log.
 const PAGE_ROWS: u64 = 1000;
 /// Room kept in every chunk for the closing `],"next":…,"last":…}`.
 const TRAILER_RESERVE: usize = 64;
+/// Entries a delete request removes per transaction: each step holds the object's head-row
+/// lock (and so its appends) only that long.
+const DELETE_STEP_ROWS: u32 = 10_000;
 
-/// A query on its way to its shard.
+/// A request answered by reading (or, for deletion, changing) one object on its shard.
+pub enum Request {
+    Query(QueryRequest),
+    Stats(StatsRequest),
+    Delete(DeleteRequest),
+}
+
+impl Request {
+    pub fn id(&self) -> u64 {
+        match self {
+            Request::Query(r) => r.id,
+            Request::Stats(r) => r.id,
+            Request::Delete(r) => r.id,
+        }
+    }
+
+    /// The `kind` label of its metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Query(_) => "query",
+            Request::Stats(_) => "stats",
+            Request::Delete(_) => "delete",
+        }
+    }
+}
+
+/// A request on its way to its shard.
 pub struct QueryJob {
-    pub request: QueryRequest,
+    pub request: Request,
     pub reply: Option<Subject>,
     pub started: std::time::Instant,
     /// When the answer must be complete (receipt + QUERY_TIMEOUT_MS).
     pub deadline: Instant,
-    /// Its place among the worker's admitted queries (MAX_PENDING_QUERIES), held until answered.
+    /// Its place among the worker's admitted requests (MAX_PENDING_QUERIES), held until
+    /// answered.
     pub admission: OwnedSemaphorePermit,
     pub in_flight: InFlight,
 }
@@ -78,67 +113,161 @@ impl Queries {
         self.admitted.clone().try_acquire_owned().ok()
     }
 
-    /// Answer `job` with an error and count it.
-    pub async fn refuse(&self, job: QueryJob, error: ErrorBody) {
-        let subject = self.outbox.response_subject(job.reply.clone());
-        self.outbox.error_reply(Some(&subject), &error).await;
-        self.metrics.error("query", error.code);
-        self.metrics
-            .queries
-            .with_label_values(&[error.code.as_str()])
-            .inc();
+    /// Where `request`'s answer goes: a query without a reply subject answers on the
+    /// response subject (the original's design); other requests only to their reply subject.
+    pub fn answer_to(&self, request: &Request, reply: Option<Subject>) -> Option<Subject> {
+        match request {
+            Request::Query(_) => Some(self.outbox.response_subject(reply)),
+            _ => reply,
+        }
     }
 
-    /// Start answering `job` as a tracked task; never waits. `shard_slots` bounds the queries
+    /// Count one answered (or refused) request under its kind.
+    pub fn count(&self, kind: &str, outcome: &str) {
+        match kind {
+            "query" => self.metrics.queries.with_label_values(&[outcome]).inc(),
+            _ => self
+                .metrics
+                .requests
+                .with_label_values(&[kind, outcome])
+                .inc(),
+        }
+    }
+
+    /// Answer `job` with an error and count it.
+    pub async fn refuse(&self, job: QueryJob, error: ErrorBody) {
+        let subject = self.answer_to(&job.request, job.reply.clone());
+        self.outbox.error_reply(subject.as_ref(), &error).await;
+        self.metrics.error(job.request.kind(), error.code);
+        self.count(job.request.kind(), error.code.as_str());
+    }
+
+    /// Start answering `job` as a tracked task; never waits. `shard_slots` bounds the requests
     /// running on one shard so that they cannot take every pooled connection from its appends.
     pub fn start(&self, shard: &Arc<Shard>, shard_slots: &Arc<Semaphore>, job: QueryJob) {
         let (queries, shard, shard_slots) = (self.clone(), shard.clone(), shard_slots.clone());
         self.tasks.spawn(async move {
             let deadline = job.deadline;
+            let subject = queries.answer_to(&job.request, job.reply.clone());
             let answer = async {
                 let _running = queries.running.acquire().await;
                 let _on_shard = shard_slots.acquire().await;
-                let subject = queries.outbox.response_subject(job.reply.clone());
-                let result = queries.stream(&shard, &job.request, &subject).await;
-                (subject, result)
+                match &job.request {
+                    Request::Query(request) => match &subject {
+                        Some(subject) => queries.stream(&shard, request, subject).await,
+                        None => Ok(()),
+                    },
+                    Request::Stats(request) => {
+                        queries.stats(&shard, request, subject.as_ref()).await
+                    }
+                    Request::Delete(request) => {
+                        queries.delete(&shard, request, subject.as_ref()).await
+                    }
+                }
             };
-            let (subject, result) = match tokio::time::timeout_at(deadline, answer).await {
+            let result = match tokio::time::timeout_at(deadline, answer).await {
                 Ok(answered) => answered,
-                Err(_) => (
-                    queries.outbox.response_subject(job.reply.clone()),
-                    Err(ErrorBody::new(
-                        ErrorCode::Timeout,
-                        format!(
-                            "the query did not complete within {:?} (QUERY_TIMEOUT_MS)",
-                            queries.timeout
-                        ),
-                    )),
-                ),
+                Err(_) => Err(ErrorBody::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the {} did not complete within {:?} (QUERY_TIMEOUT_MS)",
+                        job.request.kind(),
+                        queries.timeout
+                    ),
+                )),
             };
             let outcome = match result {
                 Ok(()) => "ok",
                 Err(error) => {
-                    queries.outbox.error_reply(Some(&subject), &error).await;
-                    queries.metrics.error("query", error.code);
+                    queries.outbox.error_reply(subject.as_ref(), &error).await;
+                    queries.metrics.error(job.request.kind(), error.code);
                     match error.code {
                         ErrorCode::Timeout => "timeout",
                         _ => "failed",
                     }
                 }
             };
-            queries.metrics.queries.with_label_values(&[outcome]).inc();
-            queries
-                .metrics
-                .query_duration
-                .with_label_values(&[&shard.name])
-                .observe(job.started.elapsed().as_secs_f64());
+            queries.count(job.request.kind(), outcome);
+            if let Request::Query(_) = job.request {
+                queries
+                    .metrics
+                    .query_duration
+                    .with_label_values(&[&shard.name])
+                    .observe(job.started.elapsed().as_secs_f64());
+            }
         });
+    }
+
+    /// Delete the entries below `before_seq` (all without it) in steps of at most
+    /// [`DELETE_STEP_ROWS`], each its own transaction, and answer how many went. Every step
+    /// leaves the object consistent (a shorter prefix gone, head exact), so a request cut
+    /// short by its deadline or a crash has deleted part of the range and can simply be sent
+    /// again.
+    async fn delete(
+        &self,
+        shard: &Shard,
+        request: &DeleteRequest,
+        subject: Option<&Subject>,
+    ) -> Result<(), ErrorBody> {
+        let mut deleted = 0u64;
+        loop {
+            let step = shard
+                .delete_step(request.id, request.before_seq, DELETE_STEP_ROWS, false)
+                .await
+                .map_err(|e| store_error_body(&e))?
+                .unwrap_or(0);
+            deleted += step;
+            if step < u64::from(DELETE_STEP_ROWS) {
+                break;
+            }
+        }
+        let body = serde_json::to_vec(&DeleteReply {
+            id: request.id,
+            deleted,
+        })
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+        if let Some(subject) = subject {
+            self.outbox.response(subject, body).await;
+        }
+        Ok(())
+    }
+
+    /// Answer from the head row alone (see [`Shard::stats`]).
+    async fn stats(
+        &self,
+        shard: &Shard,
+        request: &StatsRequest,
+        subject: Option<&Subject>,
+    ) -> Result<(), ErrorBody> {
+        let stats = shard
+            .stats(request.id)
+            .await
+            .map_err(|e| store_error_body(&e))?;
+        let reply = StatsReply {
+            id: request.id,
+            count: stats.count,
+            first_seq: stats.first_seq,
+            last_seq: stats.last_seq,
+            first_ts: stats.first_ts.map(format_ts),
+            last_ts: stats.last_ts.map(format_ts),
+            bytes: stats.bytes,
+        };
+        let body = serde_json::to_vec(&reply)
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+        if let Some(subject) = subject {
+            self.outbox.response(subject, body).await;
+        }
+        Ok(())
     }
 
     /// Read the requested range page by page and send it as chunks no larger than the server's
     /// max_payload. Memory holds one page and one chunk at a time, whatever the log's size.
     /// Stops after `max_bytes` with a `next` cursor, so one small request cannot make the worker
     /// send an unbounded answer; a client that follows `next` still reads everything.
+    ///
+    /// Oldest first, the cursor moves up from `after`; newest first, down from `before`. Either
+    /// way `next` is the seq of the last entry sent, which is what the request's own cursor
+    /// field (`after`, resp. `before`) takes to continue.
     async fn stream(
         &self,
         shard: &Shard,
@@ -146,13 +275,30 @@ impl Queries {
         subject: &Subject,
     ) -> Result<(), ErrorBody> {
         let wanted = request.limit.unwrap_or(u64::MAX);
+        let desc = request.order == Order::Desc;
+        let range = ReadRange {
+            after: request.after,
+            before: request.before,
+            since: request.since.map(Timestamp::to_system_time),
+            until: request.until.map(Timestamp::to_system_time),
+            desc,
+        };
         let first = shard
-            .first_page(request.id, request.after, wanted.min(PAGE_ROWS))
+            .first_page(request.id, &range, wanted.min(PAGE_ROWS))
             .await
             .map_err(|e| store_error_body(&e))?;
+        let (lo, hi) = (first.lo, first.hi);
+        // Whether entries of the range remain beyond `cursor` in the reading direction.
+        let more_after = |cursor: u64| {
+            if desc {
+                cursor > lo.saturating_add(1)
+            } else {
+                cursor.saturating_add(1) < hi
+            }
+        };
         let mut writer = ChunkWriter::new(request, first.total, self.outbox.max_payload())?;
         let mut sent = 0u64;
-        let mut cursor = request.after;
+        let mut cursor = if desc { hi } else { lo };
         let mut rows: Vec<Row> = first.rows;
         let mut capped = false;
         'pages: loop {
@@ -174,20 +320,22 @@ impl Queries {
                 sent += 1;
             }
             let asked = (wanted - (sent - fetched)).min(PAGE_ROWS);
-            if sent >= wanted || fetched < asked || cursor >= first.last_seq {
+            if sent >= wanted || fetched < asked || !more_after(cursor) {
                 break;
             }
+            let (page_lo, page_hi) = if desc { (lo, cursor) } else { (cursor, hi) };
             rows = shard
                 .page(
                     request.id,
-                    cursor,
-                    first.last_seq,
+                    page_lo,
+                    page_hi,
+                    desc,
                     (wanted - sent).min(PAGE_ROWS),
                 )
                 .await
                 .map_err(|e| store_error_body(&e))?;
         }
-        let next = ((capped || sent >= wanted) && cursor < first.last_seq).then_some(cursor);
+        let next = ((capped || sent >= wanted) && sent > 0 && more_after(cursor)).then_some(cursor);
         self.outbox.response(subject, writer.finish(next)).await;
         Ok(())
     }
@@ -301,17 +449,21 @@ mod tests {
     use super::*;
     use logstore_protocol::QueryResponse;
 
-    #[test]
-    fn chunks_are_valid_responses_under_the_budget() {
+    /// Chunks of 50 entries pushed in `seqs` order (ascending or descending).
+    fn chunks_of(seqs: &[u64]) -> Vec<Vec<u8>> {
         let request = QueryRequest {
             id: 7,
             after: 0,
+            before: None,
+            order: Order::Asc,
+            since: None,
+            until: None,
             limit: None,
             request_id: Some("r\"1".into()),
         };
         let mut writer = ChunkWriter::new(&request, 50, 600).unwrap();
         let mut chunks = Vec::new();
-        for seq in 1..=50 {
+        for &seq in seqs {
             let entry = LogEntry {
                 seq,
                 ts: "2026-11-22T09:16:27.123456Z".into(),
@@ -322,6 +474,23 @@ mod tests {
             }
         }
         chunks.push(writer.finish(None));
+        chunks
+    }
+
+    #[test]
+    fn chunks_are_valid_responses_under_the_budget() {
+        for order in [Order::Asc, Order::Desc] {
+            let mut sent: Vec<u64> = (1..=50).collect();
+            if order == Order::Desc {
+                sent.reverse();
+            }
+            check_chunks(&chunks_of(&sent), &sent);
+        }
+    }
+
+    /// Every chunk fits, parses and is numbered; a non-final chunk's `next` is the seq of its
+    /// last entry (the cursor for `after`, or for `before` when newest first).
+    fn check_chunks(chunks: &[Vec<u8>], sent: &[u64]) {
         assert!(chunks.len() > 3);
         let mut seqs = Vec::new();
         for (i, chunk) in chunks.iter().enumerate() {
@@ -336,6 +505,6 @@ mod tests {
             }
             seqs.extend(response.logs.iter().map(|e| e.seq));
         }
-        assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+        assert_eq!(seqs, sent);
     }
 }

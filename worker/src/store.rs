@@ -28,6 +28,26 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "fast_append",
         include_str!("../../migrations/0002_fast_append.sql"),
     ),
+    (
+        3,
+        "time_bounds",
+        include_str!("../../migrations/0003_time_bounds.sql"),
+    ),
+    (
+        4,
+        "head_stats",
+        include_str!("../../migrations/0004_head_stats.sql"),
+    ),
+    (
+        5,
+        "expected_seq",
+        include_str!("../../migrations/0005_expected_seq.sql"),
+    ),
+    (
+        6,
+        "delete",
+        include_str!("../../migrations/0006_delete.sql"),
+    ),
 ];
 
 /// Serialises migrations across every worker that starts at once (an arbitrary constant:
@@ -58,6 +78,9 @@ pub enum StoreError {
          (fix POSTGRES_SHARDS: a name must always map to the same database)"
     )]
     WrongShard { shard: String, found: String },
+    /// The append function answered something it never answers (a bug, not an outage).
+    #[error("shard {shard}: unexpected answer: {what}")]
+    Unexpected { shard: String, what: String },
     #[error("shard {shard}: {source}")]
     Database {
         shard: String,
@@ -76,7 +99,7 @@ impl StoreError {
             | StoreError::NotReady { .. }
             | StoreError::Down { .. }
             | StoreError::OutcomeUnknown { .. } => true,
-            StoreError::WrongShard { .. } => false,
+            StoreError::WrongShard { .. } | StoreError::Unexpected { .. } => false,
             // No SQLSTATE: the connection itself failed. 08: connection exception; 53: out of
             // resources (e.g. too many connections); 57P: the server is shutting down or starting.
             StoreError::Database { source, .. } => match source.code() {
@@ -121,6 +144,17 @@ pub struct Stored {
     pub duplicate: bool,
 }
 
+/// An append's outcome: stored (or already stored), or refused because its `expected_seq`
+/// was not the object's last seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Stored(Stored),
+    /// Nothing was stored; `last_seq` is the object's last seq at the check.
+    Conflict {
+        last_seq: u64,
+    },
+}
+
 /// One stored entry, as read back.
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -129,12 +163,112 @@ pub struct Row {
     pub log: String,
 }
 
+/// What a read asks for, besides its object and size: the range of entries and its order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadRange {
+    /// Exclusive lower seq bound.
+    pub after: u64,
+    /// Exclusive upper seq bound.
+    pub before: Option<u64>,
+    /// Inclusive lower time bound.
+    pub since: Option<SystemTime>,
+    /// Exclusive upper time bound.
+    pub until: Option<SystemTime>,
+    /// Newest first.
+    pub desc: bool,
+}
+
 /// The first page of a read, with the object's head at the same snapshot.
 #[derive(Debug, Default)]
 pub struct FirstPage {
     pub total: u64,
-    pub last_seq: u64,
+    /// The range resolved against the head at that snapshot: every entry of the requested
+    /// range has `lo < seq < hi`, and entries exist right after `lo` and right before `hi`
+    /// (unless the range is empty). Later pages stay inside it, so a long read does not chase
+    /// appends made after it started.
+    pub lo: u64,
+    pub hi: u64,
     pub rows: Vec<Row>,
+}
+
+/// An object's statistics as its head row keeps them (migrations/0004_head_stats.sql).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeadStats {
+    /// Entries present.
+    pub count: u64,
+    /// The first present entry's seq and ts: `None` without entries.
+    pub first_seq: Option<u64>,
+    /// The last seq ever assigned (kept when entries are deleted: seqs are never reused).
+    pub last_seq: u64,
+    pub first_ts: Option<SystemTime>,
+    /// The last entry's ts: `None` without entries.
+    pub last_ts: Option<SystemTime>,
+    /// sum(octet_length(log)) of the present entries.
+    pub bytes: u64,
+}
+
+/// The read statements, public so that a test can EXPLAIN exactly what the worker runs.
+pub mod sql {
+    /// `$1` id. One primary-key lookup of the head row; the CASEs keep "no entries" as NULL
+    /// whatever the columns hold (a head row can exist without entries).
+    pub const STATS: &str = "SELECT entries,
+                CASE WHEN entries > 0 THEN first_seq END,
+                last_seq,
+                CASE WHEN entries > 0 THEN first_ts END,
+                CASE WHEN entries > 0 THEN last_ts END,
+                bytes
+         FROM objects WHERE id = $1";
+
+    /// `$1` id, `$2` after, `$3` before, `$4` limit, `$5` since, `$6` until (NULL: none).
+    /// Every bound becomes a seq bound in the same statement: the time bounds by
+    /// `logstore_seq_at` (migrations/0003_time_bounds.sql: a binary search of primary-key
+    /// probes), and the range is narrowed to the entries that exist (`lo` from the head's
+    /// first present seq, `hi` from its last seq). So the page itself is one range scan of
+    /// the primary key with both ends in its index condition, whatever bounds were given.
+    /// (`OFFSET 0` keeps the bounds computed once: a flattened subquery would repeat the
+    /// binary searches for the select list and for the index condition.)
+    macro_rules! first_page {
+        ($order:literal) => {
+            concat!(
+                "SELECT b.entries, b.lo, b.hi, l.seq, l.ts, l.log
+                 FROM (
+                     SELECT o.entries,
+                            greatest($2::bigint,
+                                     o.first_seq - 1,
+                                     logstore_seq_at(o.id, $5::timestamptz) - 1) AS lo,
+                            least($3::bigint,
+                                  o.last_seq + 1,
+                                  logstore_seq_at(o.id, $6::timestamptz)) AS hi
+                     FROM objects o
+                     WHERE o.id = $1
+                     OFFSET 0
+                 ) b
+                 LEFT JOIN LATERAL (
+                     SELECT seq, ts, log FROM logs
+                     WHERE object_id = $1 AND seq > b.lo AND seq < b.hi
+                     ORDER BY seq ",
+                $order,
+                " LIMIT $4
+                 ) l ON true"
+            )
+        };
+    }
+    /// `$1` id, `$2` lo, `$3` hi (both exclusive), `$4` limit.
+    macro_rules! page {
+        ($order:literal) => {
+            concat!(
+                "SELECT seq, ts, log FROM logs
+                 WHERE object_id = $1 AND seq > $2 AND seq < $3
+                 ORDER BY seq ",
+                $order,
+                " LIMIT $4"
+            )
+        };
+    }
+    pub const FIRST_PAGE_ASC: &str = first_page!("ASC");
+    pub const FIRST_PAGE_DESC: &str = first_page!("DESC");
+    pub const PAGE_ASC: &str = page!("ASC");
+    pub const PAGE_DESC: &str = page!("DESC");
 }
 
 const STATE_PENDING: u8 = 0;
@@ -322,7 +456,31 @@ impl Shard {
         .await
     }
 
-    /// Append a batch in one transaction (one round trip). The result has one element per
+    /// Append a batch without conditions in one transaction (one round trip); see
+    /// [`Shard::append_expecting`].
+    pub async fn append(
+        &self,
+        entries: &[&NewEntry],
+        deadline: Instant,
+    ) -> Result<Vec<Stored>, StoreError> {
+        self.append_expecting(entries, &[], deadline)
+            .await?
+            .into_iter()
+            .map(|appended| match appended {
+                Appended::Stored(stored) => Ok(stored),
+                Appended::Conflict { last_seq } => Err(StoreError::Unexpected {
+                    shard: self.name.clone(),
+                    what: format!(
+                        "a conflict (last seq {last_seq}) for an append without expected_seq"
+                    ),
+                }),
+            })
+            .collect()
+    }
+
+    /// Append a batch in one transaction (one round trip). `expected` is empty (no conditions)
+    /// or has one element per entry: the seq the object's last entry must have for that entry
+    /// to be stored (see migrations/0005_expected_seq.sql). The result has one element per
     /// entry, in order.
     ///
     /// Failures before the statement is sent (no connection by `deadline`, shard not ready)
@@ -330,16 +488,22 @@ impl Shard {
     /// too: the statement rolled back. No answer by `deadline` after sending, or a connection
     /// lost while waiting, is [`StoreError::OutcomeUnknown`]; the shard is then marked down so
     /// the appends queued behind fail fast instead of each waiting out the timeout.
-    pub async fn append(
+    pub async fn append_expecting(
         &self,
         entries: &[&NewEntry],
+        expected: &[Option<u64>],
         deadline: Instant,
-    ) -> Result<Vec<Stored>, StoreError> {
+    ) -> Result<Vec<Appended>, StoreError> {
         self.ready()?;
         let ids: Vec<i64> = entries.iter().map(|e| e.id as i64).collect();
         let keys: Vec<Option<&str>> = entries.iter().map(|e| e.key.as_deref()).collect();
         let logs: Vec<&str> = entries.iter().map(|e| e.log.as_str()).collect();
         let received: Vec<SystemTime> = entries.iter().map(|e| e.received).collect();
+        // NULL when no entry has a condition: the function then takes its usual paths.
+        let expected: Option<Vec<Option<i64>>> = expected
+            .iter()
+            .any(Option::is_some)
+            .then(|| expected.iter().map(|e| e.map(seq_bound)).collect());
         let not_sent = || StoreError::Timeout {
             shard: self.name.clone(),
             after: self.timeout,
@@ -350,14 +514,14 @@ impl Shard {
         let statement = tokio::time::timeout_at(
             deadline,
             client.prepare_cached(
-                "SELECT ord, seq, ts, duplicate FROM logstore_append($1, $2, $3, $4)",
+                "SELECT ord, seq, ts, duplicate, conflict FROM logstore_append($1, $2, $3, $4, $5)",
             ),
         )
         .await
         .map_err(|_| not_sent())?
         .map_err(|e| self.db(e))?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&ids, &keys, &logs, &received];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&ids, &keys, &logs, &received, &expected];
         let sent = client.query(&statement, &params);
         let rows = match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(rows)) => rows,
@@ -376,46 +540,63 @@ impl Shard {
                 });
             }
         };
-        let mut stored = Vec::with_capacity(entries.len());
+        let mut appended = Vec::with_capacity(entries.len());
         for row in rows {
-            stored.push(Stored {
-                seq: row.get::<_, i64>(1) as u64,
-                ts: row.get(2),
-                duplicate: row.get(3),
+            let seq = row.get::<_, i64>(1) as u64;
+            // `ts` is NULL exactly for conflicts.
+            appended.push(match (row.get::<_, bool>(4), row.get(2)) {
+                (true, _) => Appended::Conflict { last_seq: seq },
+                (false, Some(ts)) => Appended::Stored(Stored {
+                    seq,
+                    ts,
+                    duplicate: row.get(3),
+                }),
+                (false, None) => {
+                    return Err(StoreError::Unexpected {
+                        shard: self.name.clone(),
+                        what: format!("a stored entry (seq {seq}) without ts"),
+                    })
+                }
             });
         }
-        Ok(stored)
+        if appended.len() != entries.len() {
+            return Err(StoreError::Unexpected {
+                shard: self.name.clone(),
+                what: format!("{} results for {} entries", appended.len(), entries.len()),
+            });
+        }
+        Ok(appended)
     }
 
-    /// The object's head and its first page of entries with `seq > after`, in one snapshot.
-    /// An unknown object gives an empty page with total 0.
+    /// The object's head and the first page of the requested range, in one snapshot. An
+    /// unknown object gives an empty page with total 0.
     pub async fn first_page(
         &self,
         id: u64,
-        after: u64,
+        range: &ReadRange,
         limit: u64,
     ) -> Result<FirstPage, StoreError> {
         self.ready()?;
+        let sql = if range.desc {
+            sql::FIRST_PAGE_DESC
+        } else {
+            sql::FIRST_PAGE_ASC
+        };
         let rows = self
             .bounded(async {
                 let client = self.client().await?;
-                let statement = client
-                    .prepare_cached(
-                        "SELECT o.entries, o.last_seq, l.seq, l.ts, l.log
-                         FROM objects o
-                         LEFT JOIN LATERAL (
-                             SELECT seq, ts, log FROM logs
-                             WHERE object_id = o.id AND seq > $2
-                             ORDER BY seq LIMIT $3
-                         ) l ON true
-                         WHERE o.id = $1",
-                    )
-                    .await
-                    .map_err(|e| self.db(e))?;
+                let statement = client.prepare_cached(sql).await.map_err(|e| self.db(e))?;
                 client
                     .query(
                         &statement,
-                        &[&(id as i64), &seq_bound(after), &seq_bound(limit)],
+                        &[
+                            &(id as i64),
+                            &seq_bound(range.after),
+                            &seq_bound(range.before.unwrap_or(u64::MAX)),
+                            &seq_bound(limit),
+                            &range.since,
+                            &range.until,
+                        ],
                     )
                     .await
                     .map_err(|e| self.db(e))
@@ -424,45 +605,42 @@ impl Shard {
         let mut page = FirstPage::default();
         for row in rows {
             page.total = row.get::<_, i64>(0) as u64;
-            page.last_seq = row.get::<_, i64>(1) as u64;
-            if let Some(seq) = row.get::<_, Option<i64>>(2) {
+            // Both are clamped to 0 in SQL; a negative value cannot occur.
+            page.lo = row.get::<_, i64>(1).max(0) as u64;
+            page.hi = row.get::<_, i64>(2).max(0) as u64;
+            if let Some(seq) = row.get::<_, Option<i64>>(3) {
                 page.rows.push(Row {
                     seq: seq as u64,
-                    ts: row.get(3),
-                    log: row.get(4),
+                    ts: row.get(4),
+                    log: row.get(5),
                 });
             }
         }
         Ok(page)
     }
 
-    /// Entries with `after < seq <= until`, at most `limit`, in seq order.
+    /// Entries with `lo < seq < hi`, at most `limit`, in seq order (descending when `desc`).
     pub async fn page(
         &self,
         id: u64,
-        after: u64,
-        until: u64,
+        lo: u64,
+        hi: u64,
+        desc: bool,
         limit: u64,
     ) -> Result<Vec<Row>, StoreError> {
         self.ready()?;
+        let sql = if desc { sql::PAGE_DESC } else { sql::PAGE_ASC };
         let rows = self
             .bounded(async {
                 let client = self.client().await?;
-                let statement = client
-                    .prepare_cached(
-                        "SELECT seq, ts, log FROM logs
-                         WHERE object_id = $1 AND seq > $2 AND seq <= $3
-                         ORDER BY seq LIMIT $4",
-                    )
-                    .await
-                    .map_err(|e| self.db(e))?;
+                let statement = client.prepare_cached(sql).await.map_err(|e| self.db(e))?;
                 client
                     .query(
                         &statement,
                         &[
                             &(id as i64),
-                            &seq_bound(after),
-                            &seq_bound(until),
+                            &seq_bound(lo),
+                            &seq_bound(hi),
                             &seq_bound(limit),
                         ],
                     )
@@ -476,6 +654,106 @@ impl Shard {
                 seq: row.get::<_, i64>(0) as u64,
                 ts: row.get(1),
                 log: row.get(2),
+            })
+            .collect())
+    }
+
+    /// The object's statistics from its head row alone. An unknown object has count 0.
+    pub async fn stats(&self, id: u64) -> Result<HeadStats, StoreError> {
+        self.ready()?;
+        let row = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached(sql::STATS)
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query_opt(&statement, &[&(id as i64)])
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        Ok(match row {
+            None => HeadStats::default(),
+            Some(row) => HeadStats {
+                count: row.get::<_, i64>(0) as u64,
+                first_seq: row.get::<_, Option<i64>>(1).map(|s| s as u64),
+                last_seq: row.get::<_, i64>(2) as u64,
+                first_ts: row.get(3),
+                last_ts: row.get(4),
+                bytes: row.get::<_, i64>(5) as u64,
+            },
+        })
+    }
+
+    /// One bounded deletion step, in its own short transaction: up to `limit` of the oldest
+    /// entries of `id` with `seq < before` (`None`: all), head kept exact. Returns how many
+    /// were deleted (fewer than `limit`: nothing below `before` is left), or `None` when
+    /// `skip_locked` is set and the head row was locked by a writer (or is gone), in which
+    /// case nothing was done and nothing was waited for.
+    pub async fn delete_step(
+        &self,
+        id: u64,
+        before: Option<u64>,
+        limit: u32,
+        skip_locked: bool,
+    ) -> Result<Option<u64>, StoreError> {
+        self.ready()?;
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let row = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached("SELECT logstore_delete($1, $2, $3, $4)")
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query_one(
+                        &statement,
+                        &[&(id as i64), &before.map(seq_bound), &limit, &skip_locked],
+                    )
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        Ok(row.get::<_, Option<i64>>(0).map(|n| n.max(0) as u64))
+    }
+
+    /// Up to `limit` objects holding entries older than `cutoff`, those with the oldest first
+    /// entry first, each with the seq below which its entries are older (see
+    /// `logstore_seq_at`). An index on the heads' first ts finds them without a scan.
+    pub async fn expired(
+        &self,
+        cutoff: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.ready()?;
+        let rows = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached(
+                        "SELECT o.id, logstore_seq_at(o.id, $1) FROM objects o
+                         WHERE o.first_ts < $1
+                         ORDER BY o.first_ts
+                         LIMIT $2",
+                    )
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query(&statement, &[&cutoff, &i64::from(limit)])
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                (
+                    row.get::<_, i64>(0) as u64,
+                    row.get::<_, i64>(1).max(0) as u64,
+                )
             })
             .collect())
     }

@@ -115,6 +115,8 @@ impl Env {
             ("NATS_LOGS_TOPIC", self.subject("logs")),
             ("NATS_QUERY_TOPIC", self.subject("query")),
             ("NATS_RESPONSE_TOPIC", self.subject("response")),
+            ("NATS_STATS_TOPIC", self.subject("stats")),
+            ("NATS_DELETE_TOPIC", self.subject("delete")),
             ("NATS_QUEUE_GROUP", self.subject("workers")),
             ("NATS_EVENTS_PREFIX", self.subject("appended")),
             ("NATS_DEAD_LETTER_TOPIC", self.subject("dead_letter")),
@@ -543,22 +545,27 @@ pub fn report_num(report: &serde_json::Value, path: &[&str]) -> f64 {
 
 /// Every storage invariant of one shard database, for every object on it: seq 1..=n without
 /// gaps, ts never decreasing along seq, each key once, and the head row equal to what the log
-/// holds. Returns the number of entries per object.
+/// holds (count, last seq/ts, and the statistics: first seq/ts, bytes). Returns the number of
+/// entries per object. (For shards where nothing was deleted: it expects seqs from 1.)
 pub async fn check_shard_invariants(url: &str) -> HashMap<i64, i64> {
     let db = pg_connect(url).await;
     let rows = db
         .query(
-            "SELECT object_id, seq, ts, key FROM logs ORDER BY object_id, seq",
+            "SELECT object_id, seq, ts, key, octet_length(log) FROM logs ORDER BY object_id, seq",
             &[],
         )
         .await
         .unwrap();
-    let mut per_object: HashMap<i64, (i64, SystemTime)> = HashMap::new();
+    // Per object: (last seq, last ts, first ts, bytes).
+    let mut per_object: HashMap<i64, (i64, SystemTime, SystemTime, i64)> = HashMap::new();
     let mut keys = HashSet::new();
     for row in &rows {
-        let (id, seq, ts, key): (i64, i64, SystemTime, Option<String>) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        let (last_seq, last_ts) = per_object.entry(id).or_insert((0, SystemTime::UNIX_EPOCH));
+        let (id, seq, ts, key, bytes): (i64, i64, SystemTime, Option<String>, i32) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let (last_seq, last_ts, _, total) =
+            per_object
+                .entry(id)
+                .or_insert((0, SystemTime::UNIX_EPOCH, ts, 0));
         assert_eq!(
             seq,
             *last_seq + 1,
@@ -566,6 +573,7 @@ pub async fn check_shard_invariants(url: &str) -> HashMap<i64, i64> {
         );
         assert!(ts >= *last_ts, "object {id}: ts decreases at seq {seq}");
         (*last_seq, *last_ts) = (seq, ts);
+        *total += i64::from(bytes);
         if let Some(key) = key {
             assert!(
                 keys.insert((id, key.clone())),
@@ -574,20 +582,39 @@ pub async fn check_shard_invariants(url: &str) -> HashMap<i64, i64> {
         }
     }
     let heads = db
-        .query("SELECT id, entries, last_seq, last_ts FROM objects", &[])
+        .query(
+            "SELECT id, entries, last_seq, last_ts, first_seq, first_ts, bytes FROM objects",
+            &[],
+        )
         .await
         .unwrap();
     let mut counts = HashMap::new();
     for row in &heads {
         let (id, entries, last_seq, last_ts): (i64, i64, i64, SystemTime) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
-        let (seq, ts) = per_object
-            .get(&id)
-            .copied()
-            .unwrap_or((0, SystemTime::UNIX_EPOCH));
+        let (first_seq, first_ts, bytes): (Option<i64>, Option<SystemTime>, i64) =
+            (row.get(4), row.get(5), row.get(6));
+        let (seq, ts, first, total) = per_object.get(&id).copied().unwrap_or((
+            0,
+            SystemTime::UNIX_EPOCH,
+            SystemTime::UNIX_EPOCH,
+            0,
+        ));
         assert_eq!((entries, last_seq), (seq, seq), "object {id}: head row");
+        assert_eq!(bytes, total, "object {id}: head bytes");
         if seq > 0 {
             assert_eq!(last_ts, ts, "object {id}: head last_ts");
+            assert_eq!(
+                (first_seq, first_ts),
+                (Some(1), Some(first)),
+                "object {id}: head first_seq/first_ts"
+            );
+        } else {
+            assert_eq!(
+                (first_seq, first_ts),
+                (None, None),
+                "object {id}: empty head"
+            );
         }
         counts.insert(id, entries);
     }

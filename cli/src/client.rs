@@ -1,0 +1,244 @@
+//! The NATS side of the CLI: one connection, request-reply with a bound on every wait, and
+//! query answers read whole (every chunk until `last`, every page by following `next`).
+
+use std::time::Duration;
+
+use async_nats::{Client, StatusCode, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt;
+use logstore_protocol::redact::{NatsAuth, NatsServers};
+use logstore_protocol::{ErrorBody, ErrorReply, LogEntry, Order, QueryRequest, QueryResponse};
+use serde::de::DeserializeOwned;
+
+/// Entries asked for per query request when reading a long range page by page.
+pub const PAGE: u64 = 1_000;
+
+/// Why a request got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// Nobody answered: no worker subscribed, or none answered in time. Retrying may help.
+    #[error("no answer on {subject}: {why}")]
+    NoAnswer { subject: String, why: String },
+    /// The service answered with an error.
+    #[error("{0}")]
+    Service(ErrorBody),
+    #[error("NATS: {0}")]
+    Nats(#[source] async_nats::Error),
+    /// An answer that is not what the protocol promises.
+    #[error("unexpected answer on {subject}: {why}")]
+    BadReply { subject: String, why: String },
+}
+
+impl ClientError {
+    /// Worth sending again (the service may be restarting or briefly overloaded).
+    pub fn is_transient(&self) -> bool {
+        use logstore_protocol::ErrorCode::*;
+        match self {
+            ClientError::NoAnswer { .. } | ClientError::Nats(_) => true,
+            ClientError::Service(body) => matches!(body.code, Unavailable | Busy | Timeout),
+            ClientError::Connect { .. } | ClientError::BadReply { .. } => false,
+        }
+    }
+}
+
+/// The subjects the workers listen on (the same settings as the worker's).
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    pub logs: String,
+    pub query: String,
+    pub stats: String,
+    pub delete: String,
+    pub events_prefix: String,
+}
+
+/// A connection plus what every request needs.
+pub struct Connection {
+    pub client: Client,
+    pub subjects: Subjects,
+    pub timeout: Duration,
+}
+
+impl Connection {
+    /// Connect with NATS_URL's credentials passed as connect options (never inside a URL the
+    /// client could log); errors show the URL redacted.
+    pub async fn open(
+        nats: &NatsServers,
+        subjects: Subjects,
+        timeout: Duration,
+    ) -> Result<Connection, ClientError> {
+        let options = match &nats.auth {
+            NatsAuth::None => async_nats::ConnectOptions::new(),
+            NatsAuth::UserPassword { user, password } => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+        };
+        let connect = options
+            .name("logstore-cli")
+            .connection_timeout(timeout)
+            .request_timeout(Some(timeout))
+            .connect(nats.servers.as_slice());
+        let client = connect.await.map_err(|source| ClientError::Connect {
+            url: nats.shown.clone(),
+            source,
+        })?;
+        Ok(Connection {
+            client,
+            subjects,
+            timeout,
+        })
+    }
+
+    /// Request-reply: the answer decoded as `T`, or the service's error.
+    pub async fn request<T: DeserializeOwned>(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        let answer = self
+            .client
+            .request(subject.to_string(), Bytes::from(body))
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => ClientError::NoAnswer {
+                    subject: subject.to_string(),
+                    why: "no worker is listening (no responders)".into(),
+                },
+                async_nats::RequestErrorKind::TimedOut => ClientError::NoAnswer {
+                    subject: subject.to_string(),
+                    why: format!("no answer within {:?}", self.timeout),
+                },
+                _ => ClientError::Nats(e.into()),
+            })?;
+        decode(subject, &answer.payload)
+    }
+
+    /// One query request, read whole: every chunk until the one marked `last`.
+    pub async fn query(&self, request: &QueryRequest) -> Result<Vec<QueryResponse>, ClientError> {
+        let subject = &self.subjects.query;
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::BadReply {
+            subject: subject.clone(),
+            why: format!("cannot encode the query: {e}"),
+        })?;
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| ClientError::Nats(e.into()))?;
+        self.client
+            .publish_with_reply(subject.clone(), inbox, body.into())
+            .await
+            .map_err(|e| ClientError::Nats(e.into()))?;
+        let chunks = self.chunks(subject, &mut replies).await;
+        // Best effort: the subscription ends with the inbox anyway.
+        let _ = replies.unsubscribe().await;
+        chunks
+    }
+
+    async fn chunks(
+        &self,
+        subject: &str,
+        replies: &mut Subscriber,
+    ) -> Result<Vec<QueryResponse>, ClientError> {
+        let mut chunks = Vec::new();
+        loop {
+            let message = match tokio::time::timeout(self.timeout, replies.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => {
+                    return Err(ClientError::Nats(
+                        "the reply subscription closed (connection lost)".into(),
+                    ))
+                }
+                Err(_) => {
+                    return Err(ClientError::NoAnswer {
+                        subject: subject.to_string(),
+                        why: format!("no answer within {:?}", self.timeout),
+                    })
+                }
+            };
+            if message.status == Some(StatusCode::NO_RESPONDERS) {
+                return Err(ClientError::NoAnswer {
+                    subject: subject.to_string(),
+                    why: "no worker is listening (no responders)".into(),
+                });
+            }
+            let chunk: QueryResponse = decode(subject, &message.payload)?;
+            if chunk.chunk as usize != chunks.len() {
+                return Err(ClientError::BadReply {
+                    subject: subject.to_string(),
+                    why: format!(
+                        "chunk {} arrived after {} chunks",
+                        chunk.chunk,
+                        chunks.len()
+                    ),
+                });
+            }
+            let last = chunk.last;
+            chunks.push(chunk);
+            if last {
+                return Ok(chunks);
+            }
+        }
+    }
+
+    /// Read the range `request` describes to its end, following `next` (`after` oldest
+    /// first, `before` newest first), handing each entry to `each` in order; stops after
+    /// `limit` entries in all when given. Returns the object's total at the last request.
+    pub async fn read(
+        &self,
+        mut request: QueryRequest,
+        limit: Option<u64>,
+        mut each: impl FnMut(LogEntry) -> std::io::Result<()>,
+    ) -> Result<u64, ReadError> {
+        let mut left = limit.unwrap_or(u64::MAX);
+        let mut total = 0;
+        while left > 0 {
+            request.limit = Some(left.min(PAGE));
+            let chunks = self.query(&request).await?;
+            let next = chunks.last().and_then(|c| c.next);
+            for chunk in chunks {
+                total = chunk.total;
+                for entry in chunk.logs {
+                    left = left.saturating_sub(1);
+                    each(entry)?;
+                }
+            }
+            match (next, request.order) {
+                (None, _) => break,
+                (Some(next), Order::Asc) => request.after = next,
+                (Some(next), Order::Desc) => request.before = Some(next),
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// A read that failed on the wire or while writing its output.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Decode an answer: the expected body, else an error reply, else a description of what came.
+fn decode<T: DeserializeOwned>(subject: &str, payload: &[u8]) -> Result<T, ClientError> {
+    match serde_json::from_slice::<T>(payload) {
+        Ok(body) => Ok(body),
+        Err(e) => match serde_json::from_slice::<ErrorReply>(payload) {
+            Ok(reply) => Err(ClientError::Service(reply.error)),
+            Err(_) => Err(ClientError::BadReply {
+                subject: subject.to_string(),
+                why: format!("{e}: {}", String::from_utf8_lossy(payload)),
+            }),
+        },
+    }
+}

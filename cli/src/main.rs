@@ -1,0 +1,48 @@
+//! `logstore`: the command-line client (see `logstore --help` and the crate documentation).
+//! Exit codes: 0 ok; 1 the service refused or failed the request; 2 bad usage; 3 conflict
+//! (`--expect-seq`); 4 NATS or the workers could not be reached.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use logstore_cli::{Args, CliError};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("logstore: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match runtime.block_on(logstore_cli::run(args, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `logstore get 42 | head`: the reader had enough, which is not a failure.
+        Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("logstore: {}", chain(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// An error with its causes, each said once (async-nats repeats its cause in its message).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}

@@ -569,8 +569,16 @@ fn decode_id(value: Option<&Value>) -> Result<u64, ErrorBody> {
 fn decode_u64(field: &str, value: &Value) -> Result<u64, ErrorBody> {
     match value {
         Value::Number(n) => n.as_u64().ok_or_else(|| {
+            // An integer beyond u64 arrives as a float (1.8446744073709552e19): say what it
+            // is rather than echo a number the sender never wrote.
+            let got = match n.as_f64() {
+                Some(f) if n.is_f64() && f.fract() == 0.0 && f >= 0.0 => {
+                    "a larger integer".to_string()
+                }
+                _ => n.to_string(),
+            };
             ErrorBody::invalid(format!(
-                "`{field}` must be an integer in 0..=18446744073709551615, got {n}"
+                "`{field}` must be an integer in 0..=18446744073709551615, got {got}"
             ))
         }),
         other => Err(ErrorBody::invalid(format!(
@@ -728,6 +736,21 @@ mod tests {
             serde_json::to_string(&busy).unwrap(),
             r#"{"error":{"code":"busy","message":"later"}}"#
         );
+    }
+
+    #[test]
+    fn an_id_beyond_u64_is_not_echoed_as_a_float() {
+        let e = AppendRequest::decode(
+            br#"{"id":18446744073709551616,"log":"a"}"#,
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            "`id` must be an integer in 0..=18446744073709551615, got a larger integer"
+        );
+        let e = AppendRequest::decode(br#"{"id":1.5,"log":"a"}"#, &Limits::default()).unwrap_err();
+        assert!(e.message.ends_with("got 1.5"), "{e}");
     }
 
     #[test]

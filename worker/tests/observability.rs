@@ -184,8 +184,17 @@ async fn every_running_worker_answers_the_nats_service_api() {
     ];
     let client = env.client().await;
 
-    let pings = service_answers(&client, "$SRV.PING").await;
-    let pings = ours(&env, &pings);
+    // A worker registers with the service API as a background task once it takes work, so
+    // right after /readyz says ready its registration may still be on its way to the server.
+    let all_pings = eventually(30, "both workers answer PING", || {
+        let (client, env) = (client.clone(), env.clone());
+        async move {
+            let pings = service_answers(&client, "$SRV.PING").await;
+            (ours(&env, &pings).len() == 2).then_some(pings)
+        }
+    })
+    .await;
+    let pings = ours(&env, &all_pings);
     assert_eq!(pings.len(), 2, "each worker answers PING: {pings:?}");
     for ping in &pings {
         assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -18,6 +18,9 @@ use crate::workload::Append;
 const ERROR_SAMPLES: usize = 5;
 /// Histogram range: 1 µs .. 1 hour, 3 significant digits (0.1 % error).
 const HIST_MAX_MICROS: u64 = 3_600_000_000;
+/// The per-second histogram is coarser (1 %): only its p50/p99 are kept, and it is reset
+/// every second.
+const SECOND_HIST_DIGITS: u8 = 2;
 
 /// Shared by every operation task. One mutex: operations take it once, for microseconds,
 /// and the progress reporter reads a consistent snapshot of everything.
@@ -29,6 +32,8 @@ pub struct Recorder {
 }
 
 struct Inner {
+    /// Second 0 of the per-second series.
+    started: Instant,
     appends: Counts,
     queries: Counts,
     append_latency: Histogram<u64>,
@@ -37,6 +42,56 @@ struct Inner {
     samples: Vec<String>,
     acked: Vec<Acked>,
     touched: BTreeSet<u64>,
+    /// The seconds already over, in order (second `n` at index `n`).
+    series: Vec<Second>,
+    /// The second now being counted: its number, counts and latency histogram. Events come
+    /// under the lock with their time read under it too, so they arrive in time order and a
+    /// second is final once a later one has begun: only one histogram is ever held.
+    current: Current,
+}
+
+struct Current {
+    second: u64,
+    appends: u64,
+    queries: u64,
+    latency: Histogram<u64>,
+}
+
+/// One second of the run, in the `--report`'s `series`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Second {
+    /// Seconds since the start: this entry covers `[second, second + 1)`.
+    pub second: u64,
+    /// Appends acknowledged in this second (entries, like `appends.ok`).
+    pub appends: u64,
+    /// Queries answered completely in this second (like `queries.ok`).
+    pub queries: u64,
+    /// Append messages settled in this second: the latency samples below.
+    pub messages: u64,
+    /// Latency of those messages, in ms (as `appends.latency_ms`); `null` when there were none.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl Current {
+    fn point(&self) -> Second {
+        let (p50_ms, p99_ms) = if self.latency.is_empty() {
+            (None, None)
+        } else {
+            (
+                Some(millis(self.latency.value_at_quantile(0.50))),
+                Some(millis(self.latency.value_at_quantile(0.99))),
+            )
+        };
+        Second {
+            second: self.second,
+            appends: self.appends,
+            queries: self.queries,
+            messages: self.latency.len(),
+            p50_ms,
+            p99_ms,
+        }
+    }
 }
 
 /// Per operation kind.
@@ -63,6 +118,7 @@ impl Recorder {
         let histogram = || Histogram::<u64>::new_with_bounds(1, HIST_MAX_MICROS, 3);
         Ok(Recorder {
             inner: Mutex::new(Inner {
+                started: Instant::now(),
                 appends: Counts::default(),
                 queries: Counts::default(),
                 append_latency: histogram()?,
@@ -71,6 +127,13 @@ impl Recorder {
                 samples: Vec::new(),
                 acked: Vec::new(),
                 touched: BTreeSet::new(),
+                series: Vec::new(),
+                current: Current {
+                    second: 0,
+                    appends: 0,
+                    queries: 0,
+                    latency: Histogram::new_with_bounds(1, HIST_MAX_MICROS, SECOND_HIST_DIGITS)?,
+                },
             }),
             keep_acked,
         })
@@ -98,8 +161,10 @@ impl Recorder {
     /// Entries acknowledged, each with its receipt (one lock for a whole batch).
     pub fn appends_acked<'a>(&self, acked: impl IntoIterator<Item = (&'a Append, Receipt)>) {
         let mut inner = self.lock();
+        let now = inner.started.elapsed();
         for (append, receipt) in acked {
             inner.appends.ok += 1;
+            inner.at(now).appends += 1;
             if receipt.duplicate {
                 inner.appends.duplicates += 1;
             }
@@ -118,9 +183,10 @@ impl Recorder {
     /// attempt, retries of some of its entries included. One sample per message, whatever the
     /// entry count: a batch's entries share one round trip.
     pub fn message_done(&self, latency: Duration) {
-        self.lock()
-            .append_latency
-            .saturating_record(micros(latency));
+        let mut inner = self.lock();
+        let now = inner.started.elapsed();
+        inner.append_latency.saturating_record(micros(latency));
+        inner.at(now).latency.saturating_record(micros(latency));
     }
 
     /// `entries` appends are sent again after `error` (counted per append, like `sent`).
@@ -144,7 +210,9 @@ impl Recorder {
 
     pub fn query_done(&self, latency: Duration) {
         let mut inner = self.lock();
+        let now = inner.started.elapsed();
         inner.queries.ok += 1;
+        inner.at(now).queries += 1;
         inner.query_latency.saturating_record(micros(latency));
     }
 
@@ -214,11 +282,42 @@ impl Recorder {
             errors: inner.errors.clone(),
             error_samples: inner.samples.clone(),
             verify: None,
+            series: inner.series_until(elapsed),
         }
     }
 }
 
 impl Inner {
+    /// The second `elapsed` falls in, closing the seconds before it.
+    fn at(&mut self, elapsed: Duration) -> &mut Current {
+        let second = elapsed.as_secs();
+        while self.current.second < second {
+            self.series.push(self.current.point());
+            self.current.second += 1;
+            self.current.appends = 0;
+            self.current.queries = 0;
+            self.current.latency.reset();
+        }
+        &mut self.current
+    }
+
+    /// Every second from 0 through the one `elapsed` falls in (and any later one something
+    /// happened in: operations still finishing after an interrupt), empty seconds included.
+    fn series_until(&self, elapsed: Duration) -> Vec<Second> {
+        let mut series = self.series.clone();
+        series.push(self.current.point());
+        // The second that `elapsed` ends in (a run of exactly 3 s has seconds 0, 1, 2).
+        let last = elapsed
+            .saturating_sub(Duration::from_nanos(1))
+            .as_secs()
+            .max(self.current.second);
+        series.extend((self.current.second + 1..=last).map(|second| Second {
+            second,
+            ..Second::default()
+        }));
+        series
+    }
+
     fn note(&mut self, error: &AttemptError, times: usize) {
         *self.errors.entry(error.kind().to_string()).or_default() += times as u64;
     }
@@ -303,6 +402,10 @@ pub struct Summary {
     /// The first few errors that made an operation fail, verbatim.
     pub error_samples: Vec<String>,
     pub verify: Option<Verdict>,
+    /// The run second by second from its start (the last one partial): what was
+    /// acknowledged and answered in each, and the latency of the append messages settled in
+    /// it. Its counts add up to `appends.ok`, `queries.ok` and `appends.latency_ms.count`.
+    pub series: Vec<Second>,
 }
 
 impl fmt::Display for Summary {
@@ -386,5 +489,122 @@ impl fmt::Display for Percentiles {
             "p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2} (n={})",
             self.p50, self.p90, self.p99, self.max, self.count
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn settings() -> Settings {
+        let argv = [
+            "loadgen",
+            "--id-base",
+            "1000",
+            "--objects",
+            "10",
+            "--seed",
+            "3",
+        ];
+        crate::Args::try_parse_from(argv)
+            .unwrap()
+            .validate()
+            .unwrap()
+    }
+
+    fn append(n: u64) -> Append {
+        Append {
+            n,
+            id: 1000 + n % 10,
+            key: format!("k-{n}"),
+            log: String::new(),
+        }
+    }
+
+    fn receipt() -> Receipt {
+        Receipt {
+            seq: None,
+            ts: None,
+            duplicate: false,
+        }
+    }
+
+    /// Make the recorder's clock read `secs` from now: what is recorded next lands there.
+    fn jump_to(recorder: &Recorder, secs: f64) {
+        recorder.lock().started = Instant::now() - Duration::from_secs_f64(secs);
+    }
+
+    #[test]
+    fn the_series_has_every_second_and_its_counts_add_up_to_the_totals() {
+        let recorder = Recorder::new(false).unwrap();
+        let appends: Vec<Append> = (0..40).map(append).collect();
+        recorder.appends_started(&appends);
+        // Second 0: a batch of 10 entries (one message, 4 ms) and 2 single appends (1 and
+        // 100 ms), one query.
+        recorder.appends_acked(appends[..10].iter().map(|a| (a, receipt())));
+        recorder.message_done(Duration::from_millis(4));
+        for (a, ms) in appends[10..12].iter().zip([1, 100]) {
+            recorder.appends_acked([(a, receipt())]);
+            recorder.message_done(Duration::from_millis(ms));
+        }
+        recorder.query_done(Duration::from_millis(2));
+        // Nothing in second 1; second 2: 25 single appends of 10 ms; 3 queries.
+        jump_to(&recorder, 2.5);
+        for a in &appends[12..37] {
+            recorder.appends_acked([(a, receipt())]);
+            recorder.message_done(Duration::from_millis(10));
+        }
+        for _ in 0..3 {
+            recorder.query_done(Duration::from_millis(1));
+        }
+        // Second 4: 3 entries acknowledged, their message not yet settled (a batch retrying).
+        jump_to(&recorder, 4.2);
+        recorder.appends_acked(appends[37..].iter().map(|a| (a, receipt())));
+
+        let summary = recorder.summary(&settings(), Duration::from_secs_f64(5.5), false);
+        let seconds: Vec<u64> = summary.series.iter().map(|s| s.second).collect();
+        assert_eq!(
+            seconds,
+            vec![0, 1, 2, 3, 4, 5],
+            "every second, empty ones too"
+        );
+        let total = |f: fn(&Second) -> u64| summary.series.iter().map(f).sum::<u64>();
+        assert_eq!(total(|s| s.appends), summary.appends.counts.ok);
+        assert_eq!(total(|s| s.appends), 40);
+        assert_eq!(total(|s| s.queries), summary.queries.counts.ok);
+        assert_eq!(total(|s| s.messages), summary.appends.latency_ms.count);
+
+        let s = &summary.series;
+        assert_eq!((s[0].appends, s[0].queries, s[0].messages), (12, 1, 3));
+        assert_eq!(s[0].p50_ms.map(|p| p.round()), Some(4.0));
+        assert_eq!(s[0].p99_ms.map(|p| p.round()), Some(100.0));
+        assert_eq!(
+            s[1],
+            Second {
+                second: 1,
+                ..Second::default()
+            }
+        );
+        assert_eq!((s[2].appends, s[2].queries, s[2].messages), (25, 3, 25));
+        assert_eq!(s[2].p50_ms.map(|p| p.round()), Some(10.0));
+        assert_eq!((s[4].appends, s[4].messages, s[4].p99_ms), (3, 0, None));
+        assert_eq!(
+            s[5],
+            Second {
+                second: 5,
+                ..Second::default()
+            }
+        );
+
+        // A run of exactly 3 s has seconds 0..=2 (and the later seconds something happened in).
+        let exact = Recorder::new(false).unwrap();
+        let summary = exact.summary(&settings(), Duration::from_secs(3), false);
+        assert_eq!(summary.series.len(), 3);
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(
+            json["series"][0],
+            serde_json::json!({"second": 0, "appends": 0, "queries": 0, "messages": 0, "p50_ms": null, "p99_ms": null})
+        );
     }
 }

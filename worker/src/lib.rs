@@ -436,11 +436,40 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
 async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::Client, Error> {
     let reconnects = metrics.nats_reconnects.clone();
     let connected_once = Arc::new(AtomicBool::new(false));
+    // Per server URL (redacted), the failed attempts already logged.
+    let failures_seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        usize,
+    >::new()));
     config
         .nats_options() // NATS_URL's credentials: passed here, never inside logged URLs
         .name("logstore-worker")
         // Start (not ready) while NATS is down, and connect when it comes up.
         .retry_on_initial_connect()
+        // Called before every connection attempt (initial and reconnect) with the server pool,
+        // which holds each server's failed-attempt count and last error: a count that grew
+        // since the last call is one failed attempt, logged once, with the (redacted) URL and
+        // the cause. Returning None keeps async-nats's own server choice and backoff.
+        .reconnect_to_server_callback(move |servers, _info| {
+            let seen = failures_seen.clone();
+            async move {
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                for server in &servers {
+                    let url = logstore_protocol::redact::redact(server.addr.as_url_str());
+                    let before = seen.insert(url.clone(), server.failed_attempts);
+                    if server.failed_attempts > before.unwrap_or(0) {
+                        let cause = server.last_error.as_deref().unwrap_or("unknown");
+                        tracing::warn!(
+                            url = %url,
+                            attempts = server.failed_attempts,
+                            error = %logstore_protocol::redact::redact(cause),
+                            "cannot connect to NATS; retrying"
+                        );
+                    }
+                }
+                None
+            }
+        })
         .event_callback(move |event| {
             let reconnects = reconnects.clone();
             let connected_once = connected_once.clone();
@@ -453,6 +482,16 @@ async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::
                         tracing::info!("connected to NATS");
                     }
                     async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    // A failed connection attempt: its only detail is the error kind ("IO
+                    // error"); the attempt is logged with URL and cause above.
+                    async_nats::Event::ClientError(async_nats::ClientError::Other(kind)) => {
+                        tracing::debug!(%kind, "NATS connection attempt failed")
+                    }
+                    other @ (async_nats::Event::ServerError(_)
+                    | async_nats::Event::ClientError(_)
+                    | async_nats::Event::SlowConsumer(_)) => {
+                        tracing::warn!(event = %other, "NATS error")
+                    }
                     other => tracing::info!(event = %other, "NATS event"),
                 }
             }

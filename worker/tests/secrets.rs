@@ -241,14 +241,21 @@ struct LoggedWorker {
 }
 
 impl LoggedWorker {
-    /// `env`'s settings plus `extra`, nothing inherited.
+    /// `env`'s settings plus `extra`, nothing inherited, `RUST_LOG=debug`.
     fn spawn(env: &Env, extra: &[(&str, String)]) -> LoggedWorker {
+        LoggedWorker::spawn_logging(env, extra, Some("debug"))
+    }
+
+    /// The same with `RUST_LOG` as given, or unset: the worker's default log level.
+    fn spawn_logging(env: &Env, extra: &[(&str, String)], rust_log: Option<&str>) -> LoggedWorker {
         let port = free_port();
-        let mut child = tokio::process::Command::new(bin_path("worker"))
-            .env_clear()
-            .envs(env.settings(port))
+        let mut command = tokio::process::Command::new(bin_path("worker"));
+        command.env_clear().envs(env.settings(port));
+        if let Some(level) = rust_log {
+            command.env("RUST_LOG", level);
+        }
+        let mut child = command
             .envs(extra.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -363,6 +370,44 @@ async fn nats_logins_never_print_the_password() {
         "loadgen with a wrong NATS password",
         &format!("{stdout}{stderr}"),
     );
+}
+
+/// NATS unreachable (nothing listens on the port): at the default log level (no RUST_LOG) the
+/// worker logs
+/// each failed connection attempt once, as a warning naming the server URL (without the
+/// password given in NATS_URL) and the cause, and no other line per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_nats_is_logged_once_per_attempt_with_url_and_cause() {
+    let port = free_port(); // nobody listens there
+    let mut env = Env::shared(&["a"]).await;
+    env.nats_url = format!("nats://logstore:{MARKER}@127.0.0.1:{port}");
+    let worker = LoggedWorker::spawn_logging(&env, &[], None);
+    // Attempts 1..=3 come within ~10 ms of each other (async-nats backs off from the 2nd).
+    worker.wait_for("attempts=3").await;
+    let output = worker.stop().await;
+    assert_no_marker("worker with NATS unreachable", &output);
+    let attempts: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("cannot connect to NATS"))
+        .collect();
+    let url = format!("url=nats://127.0.0.1:{port}");
+    for n in 1..=3 {
+        let lines: Vec<&&str> = attempts
+            .iter()
+            .filter(|l| l.contains(&format!("attempts={n} ")))
+            .collect();
+        assert_eq!(lines.len(), 1, "attempt {n} logged once:\n{output}");
+        let line = lines[0];
+        assert!(line.contains("WARN"), "{line}");
+        assert!(line.contains(&url), "names the server: {line}");
+        assert!(
+            line.contains("Connection refused"),
+            "names the cause: {line}"
+        );
+    }
+    // Nothing else repeats per attempt (async-nats's own "client error" event included).
+    assert!(!output.contains("NATS event"), "{output}");
+    assert!(!output.contains("client error"), "{output}");
 }
 
 /// PostgreSQL that requires a password (scram-sha-256). A wrong password in POSTGRES_SHARDS and

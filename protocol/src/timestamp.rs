@@ -13,6 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
+/// 0000-01-01T00:00:00Z and 10000-01-01T00:00:00Z: parsed instants lie in between.
+const FIRST_MICROS: i64 = -719_528 * MICROS_PER_DAY;
+const END_MICROS: i64 = 2_932_897 * MICROS_PER_DAY;
 
 /// An instant with microsecond precision (microseconds since 1970-01-01T00:00:00Z). Displays
 /// and serializes as the contract's `YYYY-MM-DDTHH:MM:SS.ffffffZ`, which sorts as text.
@@ -28,6 +31,10 @@ pub enum TimestampError {
     Shape,
     #[error("{field} {value} is out of range")]
     Range { field: &'static str, value: u32 },
+    /// The offset moves the instant before 0000-01-01T00:00:00Z or past 9999-12-31T23:59:59Z
+    /// (found by fuzzing): such an instant could not be written back in this format.
+    #[error("the instant in UTC is outside the years 0000 to 9999")]
+    Years,
 }
 
 impl Timestamp {
@@ -104,9 +111,11 @@ impl Timestamp {
         let seconds =
             days * 86_400 + i64::from(hour) * 3_600 + i64::from(minute) * 60 + i64::from(second)
                 - offset_minutes * 60;
-        Ok(Timestamp {
-            micros: seconds * 1_000_000 + micros,
-        })
+        let micros = seconds * 1_000_000 + micros;
+        if !(FIRST_MICROS..END_MICROS).contains(&micros) {
+            return Err(TimestampError::Years);
+        }
+        Ok(Timestamp { micros })
     }
 
     pub fn to_system_time(self) -> SystemTime {
@@ -310,6 +319,10 @@ mod tests {
             "+2026-11-23T14:00:00Z",
             "2026-11-23T14:00:00.12a456Z",
             "１９７０-01-01T00:00:00Z",
+            // Found by fuzzing: valid text whose UTC instant has no four-digit year.
+            "0000-01-01T00:00:00+00:01",
+            "9999-12-31T23:59:59.9999999Z",
+            "9999-12-31T23:59:59-00:01",
         ] {
             assert!(Timestamp::parse(text).is_err(), "{text:?} was accepted");
         }

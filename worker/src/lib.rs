@@ -406,7 +406,8 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
 }
 
 /// Build every shard's pool and try to initialise each once. A shard that is down is retried
-/// in the background; a shard whose database belongs to another name stops the start.
+/// in the background; a shard whose database belongs to another name, or whose schema is not
+/// current while the worker's role may not migrate it, stops the start.
 async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<Shard>>>, Error> {
     let mut shards = Vec::with_capacity(config.shards.len());
     for shard_config in &config.shards {
@@ -422,7 +423,9 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
     for (shard, result) in futures::future::join_all(attempts).await {
         match result {
             Ok(()) => metrics.shard_up.with_label_values(&[&shard.name]).set(1),
-            Err(e @ StoreError::WrongShard { .. }) => return Err(e.into()),
+            Err(e @ (StoreError::WrongShard { .. } | StoreError::CannotMigrate { .. })) => {
+                return Err(e.into())
+            }
             Err(e) => tracing::warn!(
                 shard = %shard.name,
                 error = %Chain(&e),

@@ -78,6 +78,19 @@ pub enum StoreError {
          (fix POSTGRES_SHARDS: a name must always map to the same database)"
     )]
     WrongShard { shard: String, found: String },
+    /// The schema lacks migrations and the worker's role may not apply them (a least-privilege
+    /// role: see deploy/postgres/roles.sql). Stops the start: retrying cannot fix it.
+    #[error(
+        "shard {shard}: the schema lacks migration(s) {missing} and role {role:?} may not apply \
+         them ({reason}); migrate once as the owner role (a worker started with its URL), then \
+         run deploy/postgres/roles.sql"
+    )]
+    CannotMigrate {
+        shard: String,
+        role: String,
+        missing: String,
+        reason: String,
+    },
     /// The append function answered something it never answers (a bug, not an outage).
     #[error("shard {shard}: unexpected answer: {what}")]
     Unexpected { shard: String, what: String },
@@ -99,7 +112,9 @@ impl StoreError {
             | StoreError::NotReady { .. }
             | StoreError::Down { .. }
             | StoreError::OutcomeUnknown { .. } => true,
-            StoreError::WrongShard { .. } | StoreError::Unexpected { .. } => false,
+            StoreError::WrongShard { .. }
+            | StoreError::CannotMigrate { .. }
+            | StoreError::Unexpected { .. } => false,
             // No SQLSTATE: the connection itself failed. 08: connection exception; 53: out of
             // resources (e.g. too many connections); 57P: the server is shutting down or starting.
             StoreError::Database { source, .. } => match source.code() {
@@ -386,6 +401,48 @@ impl Shard {
     async fn migrate_and_check(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.db(e))?;
+        // A current schema needs no DDL (nor the lock): a least-privilege role, which may not
+        // create anything, starts here. Every migration commits in one transaction with its
+        // row in logstore_migrations, so seeing all rows means they are all in place.
+        let row = tx
+            .query_one(
+                "SELECT current_user::text, to_regclass('logstore_migrations') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        let (role, has_table): (String, bool) = (row.get(0), row.get(1));
+        let applied: Vec<i32> = if has_table {
+            tx.query("SELECT version FROM logstore_migrations", &[])
+                .await
+                .map_err(|e| self.db(e))?
+                .iter()
+                .map(|row| row.get(0))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if MIGRATIONS.iter().all(|(v, _, _)| applied.contains(v)) {
+            return self.check_identity(tx).await;
+        }
+        let missing: Vec<String> = MIGRATIONS
+            .iter()
+            .filter(|(v, _, _)| !applied.contains(v))
+            .map(|(v, name, _)| format!("{v:04}_{name}"))
+            .collect();
+        let refused = |e: tokio_postgres::Error| match e.code() {
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                StoreError::CannotMigrate {
+                    shard: self.name.clone(),
+                    role: role.clone(),
+                    missing: missing.join(", "),
+                    reason: e
+                        .as_db_error()
+                        .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+                }
+            }
+            _ => self.db(e),
+        };
         // Every start after the first would otherwise log Postgres's NOTICE "relation
         // logstore_migrations already exists, skipping" at INFO; warnings still come through.
         tx.batch_execute("SET LOCAL client_min_messages = warning")
@@ -402,7 +459,7 @@ impl Shard {
              )",
         )
         .await
-        .map_err(|e| self.db(e))?;
+        .map_err(refused)?;
         let applied: Vec<i32> = tx
             .query("SELECT version FROM logstore_migrations", &[])
             .await
@@ -415,7 +472,7 @@ impl Shard {
                 continue;
             }
             tracing::info!(shard = %self.name, version, name, "applying migration");
-            tx.batch_execute(sql).await.map_err(|e| self.db(e))?;
+            tx.batch_execute(sql).await.map_err(refused)?;
             tx.execute(
                 "INSERT INTO logstore_migrations (version, name) VALUES ($1, $2)",
                 &[version, name],
@@ -423,6 +480,14 @@ impl Shard {
             .await
             .map_err(|e| self.db(e))?;
         }
+        self.check_identity(tx).await
+    }
+
+    /// Record the shard's name on a new database, or check that it is this shard's.
+    async fn check_identity(
+        &self,
+        tx: deadpool_postgres::Transaction<'_>,
+    ) -> Result<(), StoreError> {
         tx.execute(
             "INSERT INTO shard_identity (name) VALUES ($1) ON CONFLICT DO NOTHING",
             &[&self.name],

@@ -289,30 +289,21 @@ async fn drain(subscriber: &mut Subscriber) {
 }
 
 impl Router {
-    /// Pull and route until `cancel`, keeping the next pull request outstanding while a batch
-    /// is routed, so the consumer never waits a round trip for this worker. Batches are routed
-    /// one after the other in the order they were requested (the server fills pull requests in
-    /// that order), so this worker routes messages in stream order. After `cancel`, every batch
-    /// already requested is still routed: nothing delivered here waits for ack_wait.
+    /// Pull and route until `cancel`, one pull request at a time, routing each batch whole (in
+    /// stream order) before asking for the next. Not pipelined on purpose: async-nats gives up
+    /// on a pull's buffered messages `expires` + 5 s after the request, so a request made ahead
+    /// of time, while another batch is routed into full queues, could have its messages
+    /// abandoned to wait out ack_wait; and keeping one outstanding measured no faster on 16
+    /// cores (BENCHMARKS.md). After `cancel`, the batch in hand is still routed: nothing
+    /// delivered here waits for ack_wait.
     async fn pull_loop(
         &self,
         consumer: &consumer::Consumer<consumer::pull::Config>,
         cancel: &CancellationToken,
     ) {
-        let mut current = None;
-        loop {
-            let next = if cancel.is_cancelled() {
-                None
-            } else {
-                self.request_batch(consumer, cancel).await
-            };
-            if let Some(batch) = current.take() {
+        while !cancel.is_cancelled() {
+            if let Some(batch) = self.request_batch(consumer, cancel).await {
                 self.route_batch(batch).await;
-            }
-            match next {
-                Some(batch) => current = Some(batch),
-                None if cancel.is_cancelled() => return,
-                None => {}
             }
         }
     }

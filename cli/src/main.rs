@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use logstore_cli::{Args, CliError};
+use logstore_protocol::chain::Chain;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -26,23 +27,8 @@ fn main() -> ExitCode {
         // `logstore get 42 | head`: the reader had enough, which is not a failure.
         Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("logstore: {}", chain(&e));
+            eprintln!("logstore: {}", Chain(&e));
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-/// An error with its causes, each said once (async-nats repeats its cause in its message).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::context::{GetStreamByNameErrorKind, RequestError, RequestErrorKind};
 
 use crate::args::{Mode, Settings};
+use logstore_protocol::chain::Chain;
 
 /// Pause between probes while waiting for the workers to create the stream.
 const POLL: Duration = Duration::from_millis(250);
@@ -34,7 +35,7 @@ pub async fn capture(js: &async_nats::jetstream::Context, subject: &str) -> Capt
         // Nobody answers the JetStream API: the server runs without JetStream, so no stream
         // can capture anything.
         Err(e) if no_responders(&e) => Capture::None,
-        Err(e) => Capture::Unknown(chain(&e)),
+        Err(e) => Capture::Unknown(Chain(&e).to_string()),
     }
 }
 
@@ -50,20 +51,6 @@ fn no_responders(error: &(dyn std::error::Error + 'static)) -> bool {
         source = e.source();
     }
     false
-}
-
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let next = cause.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// How long loadgen waits for the workers to create the stream in JetStream mode: as long as

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use loadgen::Args;
+use logstore_protocol::chain::Chain;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -44,7 +45,7 @@ async fn run(args: Args) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("loadgen: {}", chain(&e));
+                eprintln!("loadgen: {}", Chain(&e));
                 ExitCode::FAILURE
             }
         };
@@ -65,25 +66,10 @@ async fn run(args: Args) -> ExitCode {
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("loadgen: {}", chain(&e));
+            eprintln!("loadgen: {}", Chain(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error with its causes, each said once (async-nats repeats its cause in its own message).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 /// The first SIGINT/SIGTERM completes the returned future (a clean stop: summary, verify); a

@@ -11,6 +11,7 @@
 //! Decoding is strict and never panics: [`AppendRequest::decode`] and [`QueryRequest::decode`]
 //! turn any byte string into either a valid request or an [`ErrorBody`] that says what was wrong.
 
+pub mod chain;
 pub mod redact;
 pub mod timestamp;
 

@@ -45,27 +45,7 @@ use crate::config::{Config, Intake};
 use crate::metrics::Metrics;
 use crate::store::{Shard, StoreError};
 
-/// Displays an error with its causes (`top: cause: cause`), for log lines: a driver's top-level
-/// text alone is often just "db error". A cause whose text the previous one already shows is
-/// skipped, so `#[error("…: {0}")]` wrappers do not print it twice.
-pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut shown = self.0.to_string();
-        f.write_str(&shown)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            let text = cause.to_string();
-            if !shown.contains(&text) {
-                write!(f, ": {text}")?;
-                shown = text;
-            }
-            source = cause.source();
-        }
-        Ok(())
-    }
-}
+pub use logstore_protocol::chain::Chain;
 
 /// How often each shard is health-checked (and, while it has never been reachable, retried).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -585,28 +565,4 @@ fn readiness_problems(
         }
     }
     problems
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Chain;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("db error")]
-    struct Driver(#[source] std::io::Error);
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("shard a: {0}")]
-    struct Wrapper(#[source] Driver);
-
-    #[test]
-    fn chains_show_each_cause_once() {
-        let e = Wrapper(Driver(std::io::Error::other(
-            "password authentication failed",
-        )));
-        assert_eq!(
-            Chain(&e).to_string(),
-            "shard a: db error: password authentication failed"
-        );
-    }
 }

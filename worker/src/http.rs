@@ -5,8 +5,8 @@
 //! connection holds a file descriptor, and descriptors are shared with the NATS and PostgreSQL
 //! connections (a worker starved of them cannot reconnect a shard). So a connection that sends
 //! nothing is closed after [`HEADER_READ_TIMEOUT`], a kept-alive one after the same time idle,
-//! and at most [`MAX_CONNECTIONS`] are open at once. At the cap a new connection is still
-//! accepted and the oldest one with no request in progress is closed instead: refusing new
+//! and at most [`MAX_CONNECTIONS`] are open at once. At the cap the oldest connection with no
+//! request in progress is closed (its socket gone) before the next one is accepted: refusing new
 //! connections would make a fresh `/readyz` probe or scrape wait behind whoever holds the idle
 //! sockets, while a prompt client is answered within milliseconds of being accepted, so it
 //! could only be evicted if [`MAX_CONNECTIONS`] newer connections arrived in that time.
@@ -25,6 +25,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,7 +68,24 @@ pub async fn serve(
         .keep_alive(true)
         .max_buf_size(MAX_BUF_SIZE);
     let registry = Registry::new(MAX_CONNECTIONS);
+    // One permit per open socket, held by its connection task until the socket is dropped, and
+    // taken BEFORE accepting: an evicted connection's socket closes only when its task runs, so
+    // counting the registry alone let a burst of arrivals hold a few more than the cap.
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                registry.evict_one();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => return, // never closed
+                    },
+                }
+            }
+        };
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -87,6 +105,7 @@ pub async fn serve(
         let cancel = cancel.clone();
         let http = http.clone();
         tasks.spawn(async move {
+            let _slot = slot;
             let state = connection.state.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 // In progress until hyper has taken the whole body and dropped it, so that
@@ -163,23 +182,37 @@ impl Registry {
         }
     }
 
-    /// Register a newly accepted connection, evicting the oldest idle one (or, when every
-    /// connection has a request in progress, the oldest) while the cap is reached.
-    fn admit(&self) -> Admitted {
+    /// Close one connection to make room: the oldest idle one, or, when every connection has
+    /// a request in progress, the oldest.
+    fn evict_one(&self) {
         // The lock guards plain bookkeeping that is never left half-updated, so a panic
         // elsewhere while it was held does not make its contents wrong.
         let mut open = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::evict(&mut open);
+    }
+
+    fn evict(open: &mut Open) -> bool {
+        let victim = open
+            .connections
+            .iter()
+            .find(|(_, c)| c.in_flight.load(Ordering::Acquire) == 0)
+            .or_else(|| open.connections.iter().next())
+            .map(|(id, _)| *id);
+        let Some(victim) = victim else { return false };
+        if let Some(state) = open.connections.remove(&victim) {
+            state.evict.cancel();
+            open.evicted_unreported += 1;
+        }
+        true
+    }
+
+    /// Register a newly accepted connection, evicting (see [`Registry::evict_one`]) while the
+    /// cap is reached.
+    fn admit(&self) -> Admitted {
+        let mut open = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         while open.connections.len() >= self.cap {
-            let victim = open
-                .connections
-                .iter()
-                .find(|(_, c)| c.in_flight.load(Ordering::Acquire) == 0)
-                .or_else(|| open.connections.iter().next())
-                .map(|(id, _)| *id);
-            let Some(victim) = victim else { break };
-            if let Some(state) = open.connections.remove(&victim) {
-                state.evict.cancel();
-                open.evicted_unreported += 1;
+            if !Self::evict(&mut open) {
+                break;
             }
         }
         if open.evicted_unreported > 0

@@ -119,6 +119,15 @@ pub struct RawConfig {
     /// reuses an id.
     #[arg(long, env = "JS_DUPLICATE_WINDOW_MS", default_value = "100")]
     pub js_duplicate_window_ms: String,
+    /// `true`: one worker at a time pulls the stream (a lease in NATS KV) and stores each
+    /// object's appends in stream order, across crashes and shard outages. `false`: every
+    /// worker pulls, faster, and appends to one object may be stored out of publish order.
+    #[arg(long, env = "JS_ORDERED", default_value = "true")]
+    pub js_ordered: String,
+    /// How long the intake lease outlives its holder's last renewal (milliseconds): how soon
+    /// another worker takes over the stream after the puller dies.
+    #[arg(long, env = "JS_LEASE_MS", default_value = "3000")]
+    pub js_lease_ms: String,
     /// Address of the HTTP server for /metrics, /healthz and /readyz (`:PORT` = all interfaces).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:2112")]
     pub metrics_addr: String,
@@ -207,6 +216,9 @@ pub struct JetStreamConfig {
     pub max_ack_pending: i64,
     pub max_bytes: i64,
     pub duplicate_window: Duration,
+    /// Single puller under a lease, stream order per object (JS_ORDERED).
+    pub ordered: bool,
+    pub lease: Duration,
 }
 
 /// The retention sweeper's settings.
@@ -298,6 +310,8 @@ impl std::fmt::Debug for RawConfig {
             js_max_ack_pending,
             js_max_bytes,
             js_duplicate_window_ms,
+            js_ordered,
+            js_lease_ms,
             metrics_addr,
             log_format,
             ring_vnodes,
@@ -347,6 +361,8 @@ impl std::fmt::Debug for RawConfig {
             .field("js_max_ack_pending", js_max_ack_pending)
             .field("js_max_bytes", js_max_bytes)
             .field("js_duplicate_window_ms", js_duplicate_window_ms)
+            .field("js_ordered", js_ordered)
+            .field("js_lease_ms", js_lease_ms)
             .field("metrics_addr", metrics_addr)
             .field("log_format", log_format)
             .field("ring_vnodes", ring_vnodes)
@@ -541,6 +557,13 @@ impl RawConfig {
                     &self.js_duplicate_window_ms,
                     100,
                     86_400_000,
+                )?),
+                ordered: boolean("JS_ORDERED", &self.js_ordered)?,
+                lease: Duration::from_millis(number(
+                    "JS_LEASE_MS",
+                    &self.js_lease_ms,
+                    300,
+                    600_000,
                 )?),
             })),
             other => Err(bad("INTAKE", format!("{other:?} is not jetstream or core"))),
@@ -752,6 +775,15 @@ fn name_token(var: &'static str, value: &str) -> Result<String, ConfigError> {
     Ok(value)
 }
 
+/// `true` or `false` (also `1`/`0`, `yes`/`no`, any case).
+fn boolean(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(bad(var, format!("{value:?} is not true or false"))),
+    }
+}
+
 /// A duration as humantime writes it (`30d`, `12h 30m`, `500ms`), at least `min`.
 fn duration(var: &'static str, value: &str, min: Duration) -> Result<Duration, ConfigError> {
     let parsed = humantime::parse_duration(value).map_err(|e| {
@@ -834,8 +866,16 @@ mod tests {
 
     #[test]
     fn every_error_names_its_variable() {
-        let cases: [(&[&str], &str); 12] = [
+        let cases: [(&[&str], &str); 14] = [
             (&["--postgres-ips", "h", "--intake", "kafka"], "INTAKE"),
+            (
+                &["--postgres-ips", "h", "--js-ordered", "maybe"],
+                "JS_ORDERED",
+            ),
+            (
+                &["--postgres-ips", "h", "--js-lease-ms", "10"],
+                "JS_LEASE_MS",
+            ),
             (
                 &["--postgres-ips", "h", "--nats-stream", "a.b"],
                 "NATS_STREAM",

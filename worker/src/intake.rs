@@ -35,7 +35,7 @@ const FETCH_BATCH: usize = 500;
 /// a pull must be able to take the largest message).
 const FETCH_MAX_BYTES: usize = 256 << 10;
 /// How long one pull request waits for messages; also the most a shutdown waits for a fetch.
-const FETCH_EXPIRES: Duration = Duration::from_millis(500);
+pub(crate) const FETCH_EXPIRES: Duration = Duration::from_millis(500);
 /// How often the consumer's lag is read from the server: as often as compose's Prometheus
 /// scrapes, and one small JetStream API request per worker per period.
 pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -59,6 +59,11 @@ pub struct Router {
     /// of a JetStream message that carries none. The creation time keeps keys unique when the
     /// stream is deleted and re-created (its sequence restarts at 1).
     pub stream_identity: Option<String>,
+    /// JS_ORDERED: JetStream appends are held (see [`AppendJob::hold`]); offering them waits
+    /// for room until this token (shutdown) fires.
+    pub ordered: Option<CancellationToken>,
+    /// Stream sequences of the JetStream messages in this worker.
+    pub held: crate::origin::Held,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +73,12 @@ pub enum IntakeError {
         stream: String,
         #[source]
         source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot open or create the KV bucket {bucket}: {source}")]
+    Lease {
+        bucket: &'static str,
+        #[source]
+        source: jetstream::context::KeyValueError,
     },
     #[error("cannot create JetStream consumer {consumer}: {source}")]
     Consumer {
@@ -111,15 +122,23 @@ pub async fn run_core(
 }
 
 /// JetStream intake for appends plus the core request subscriptions.
+/// With a `lease` (JS_ORDERED), appends are pulled by one worker at a time, in stream order
+/// (see [`crate::ordered`]); without, every worker pulls.
 pub async fn run_jetstream(
     consumer: consumer::Consumer<consumer::pull::Config>,
+    lease: Option<crate::ordered::Lease>,
     mut requests: Requests,
     router: Arc<Router>,
     cancel: CancellationToken,
 ) {
     let appends = {
         let (router, cancel) = (router.clone(), cancel.clone());
-        async move { router.pull_loop(&consumer, &cancel).await }
+        async move {
+            match lease {
+                Some(lease) => crate::ordered::run(&router, &consumer, lease, &cancel).await,
+                None => router.pull_loop(&consumer, &cancel).await,
+            }
+        }
     };
     let requests = async {
         loop {
@@ -301,15 +320,17 @@ impl Router {
         consumer: &consumer::Consumer<consumer::pull::Config>,
         cancel: &CancellationToken,
     ) {
+        self.metrics.jetstream_pulling.set(1);
         while !cancel.is_cancelled() {
             if let Some(batch) = self.request_batch(consumer, cancel).await {
                 self.route_batch(batch).await;
             }
         }
+        self.metrics.jetstream_pulling.set(0);
     }
 
     /// Send one pull request; its messages arrive into the returned batch.
-    async fn request_batch(
+    pub(crate) async fn request_batch(
         &self,
         consumer: &consumer::Consumer<consumer::pull::Config>,
         cancel: &CancellationToken,
@@ -366,7 +387,7 @@ impl Router {
                     msg_id: msg_id.as_deref(),
                     identity: None,
                 };
-                self.route(body, keys, received, origin, started, in_flight)
+                self.route(body, keys, received, origin, started, in_flight, None)
                     .await
             }
             Err(error) => {
@@ -379,9 +400,8 @@ impl Router {
         }
     }
 
-    async fn jetstream_append(&self, message: jetstream::Message) {
+    pub(crate) async fn jetstream_append(&self, message: jetstream::Message) {
         let started = Instant::now();
-        let in_flight = InFlight::new(&self.metrics.appends_in_flight);
         // Decoded from borrowed bytes before the message moves into its origin: no copy of the
         // payload per append.
         let body = self.decode(&message.payload, message.headers.as_ref());
@@ -398,6 +418,12 @@ impl Router {
                 (SystemTime::now(), None)
             }
         };
+        let in_flight = InFlight::jetstream(
+            &self.metrics.appends_in_flight,
+            &self.metrics.jetstream_held,
+            &self.held,
+            stream_sequence,
+        );
         match body {
             Ok((body, msg_id)) => {
                 let identity = match (&self.stream_identity, stream_sequence) {
@@ -409,7 +435,8 @@ impl Router {
                     identity,
                 };
                 let origin = Origin::JetStream(Box::new(message));
-                self.route(body, keys, received, origin, started, in_flight)
+                let hold = self.ordered.as_ref();
+                self.route(body, keys, received, origin, started, in_flight, hold)
                     .await
             }
             Err(error) => {
@@ -447,7 +474,10 @@ impl Router {
         Ok((body, msg_id))
     }
 
-    /// Queue a valid message's appends on their shards' pipelines.
+    /// Queue a valid message's appends on their shards' pipelines. With `hold` (the ordered
+    /// intake's shutdown token) they are held: offered until there is room, however long that
+    /// takes, and dropped unacknowledged only if shutdown comes first.
+    #[allow(clippy::too_many_arguments)]
     async fn route(
         &self,
         body: AppendBody,
@@ -456,6 +486,7 @@ impl Router {
         origin: Origin,
         started: Instant,
         in_flight: InFlight,
+        hold: Option<&CancellationToken>,
     ) {
         let deadline = tokio::time::Instant::from_std(started) + self.shard_timeout;
         let entries = match body {
@@ -472,8 +503,15 @@ impl Router {
                     settle: Settle::Single { origin, in_flight },
                     started,
                     deadline,
+                    hold: hold.is_some(),
                 };
                 let queue = &self.queues[self.ring.shard_of(job.entry.id)];
+                if let Some(cancel) = hold {
+                    if queue.offer_held(Work::Append(job), cancel).await.is_err() {
+                        tracing::debug!("shutting down: a held append is left for redelivery");
+                    }
+                    return;
+                }
                 if let Err(Refused {
                     work: Work::Append(job),
                     error,
@@ -505,6 +543,7 @@ impl Router {
                 },
                 started,
                 deadline,
+                hold: hold.is_some(),
             });
         }
         drop(batch);
@@ -513,6 +552,12 @@ impl Router {
                 continue;
             }
             let queue = &self.queues[shard];
+            if let Some(cancel) = hold {
+                if queue.offer_held(Work::Appends(jobs), cancel).await.is_err() {
+                    tracing::debug!("shutting down: held appends are left for redelivery");
+                }
+                continue;
+            }
             if let Err(Refused {
                 work: Work::Appends(jobs),
                 error,

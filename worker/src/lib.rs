@@ -23,6 +23,7 @@ pub mod config;
 pub mod http;
 pub mod intake;
 pub mod metrics;
+pub mod ordered;
 pub mod origin;
 pub mod outbox;
 pub mod pipeline;
@@ -46,6 +47,9 @@ use crate::metrics::Metrics;
 use crate::store::{Shard, StoreError};
 
 pub use logstore_protocol::chain::Chain;
+
+/// Most appends the ordered intake parks in one shard's queue while the shard is down.
+const MAX_HELD_PER_SHARD: usize = 100_000;
 
 /// How often each shard is health-checked (and, while it has never been reachable, retried).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -174,12 +178,23 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         batch_linger: config.batch_linger,
         // Leave at least half of each pool to the shard's appends.
         queries_per_shard: (config.pool_size / 2).max(1),
+        cancel: cancel.clone(),
     };
     let mut queues = Vec::with_capacity(shards.len());
     let mut query_queues = Vec::with_capacity(shards.len());
     for shard in shards.iter() {
-        // Room for two full transactions, and always for one whole batch message.
-        let capacity = (config.batch_max_rows * 2).max(config.max_batch_entries);
+        // Room for two full transactions, and always for one whole batch message. The ordered
+        // intake parks a down shard's appends here rather than nak'ing them (which would let
+        // later ones overtake them): room for as many as the stream lets be unacknowledged,
+        // so the other shards keep going as long as they would have with nak'ing.
+        let capacity = match &config.intake {
+            Intake::JetStream(js) if js.ordered => usize::try_from(js.max_ack_pending)
+                .unwrap_or(usize::MAX)
+                .min(MAX_HELD_PER_SHARD),
+            _ => 0,
+        }
+        .max(config.batch_max_rows * 2)
+        .max(config.max_batch_entries);
         let (queue, task) = pipeline::shard_pipeline(shard.clone(), capacity, context.clone());
         work.spawn(task);
         match config.intake {
@@ -232,6 +247,11 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         metrics: metrics.clone(),
         shard_timeout: config.shard_timeout,
         stream_identity: None,
+        ordered: match &config.intake {
+            Intake::JetStream(js) if js.ordered => Some(cancel.clone()),
+            _ => None,
+        },
+        held: origin::Held::default(),
     };
     tokio::pin!(shutdown);
     let mut shutdown_seen = false;
@@ -250,7 +270,14 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             // NATS may not be up yet (the worker starts anyway and connects when it is).
             let setup = loop {
                 tokio::select! {
-                    result = intake::setup_jetstream(&client, &config.logs_subject, js) => match result {
+                    result = async {
+                        let (consumer, stream) = intake::setup_jetstream(&client, &config.logs_subject, js).await?;
+                        let lease = match js.ordered {
+                            true => Some(ordered::Lease::open(&client, js).await?),
+                            false => None,
+                        };
+                        Ok::<_, intake::IntakeError>((consumer, stream, lease))
+                    } => match result {
                         Ok(setup) => break Some(setup),
                         Err(e) => {
                             tracing::warn!(error = %e, "JetStream not available yet; retrying");
@@ -261,7 +288,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                 }
             };
             match setup {
-                Some((consumer, stream)) => {
+                Some((consumer, stream, lease)) => {
                     router.stream_identity = Some(format!(
                         "js:{}:{}",
                         stream.config.name,
@@ -274,6 +301,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                     ));
                     Box::pin(intake::run_jetstream(
                         consumer,
+                        lease,
                         queries,
                         Arc::new(router),
                         cancel.clone(),

@@ -73,6 +73,15 @@ pub struct Metrics {
     /// JetStream messages this worker received that had been delivered before (nak'ed,
     /// ack_wait expired, or a worker died holding them).
     pub jetstream_redeliveries: IntCounter,
+    /// 1 while this worker pulls the stream: the lease holder with JS_ORDERED, every
+    /// JetStream worker without.
+    pub jetstream_pulling: IntGauge,
+    /// Times this worker paused pulling until every unacknowledged message was in its hands
+    /// (taking over the stream, after a reconnect, or on a gap in stream sequences).
+    pub jetstream_resyncs: IntCounter,
+    /// JetStream messages this worker has received and not yet settled (acked, nak'ed or
+    /// terminated); the ordered intake waits for 0 before it resyncs.
+    pub jetstream_held: IntGauge,
 }
 
 impl Metrics {
@@ -215,6 +224,18 @@ impl Metrics {
                 "logstore_jetstream_redeliveries_total",
                 "JetStream messages received by this worker that had been delivered before.",
             )?,
+            jetstream_pulling: IntGauge::new(
+                "logstore_jetstream_pulling",
+                "1 while this worker pulls the JetStream stream (with JS_ORDERED: holds the intake lease).",
+            )?,
+            jetstream_resyncs: IntCounter::new(
+                "logstore_jetstream_resyncs_total",
+                "Pauses of the ordered intake until every unacknowledged message was in this worker's hands.",
+            )?,
+            jetstream_held: IntGauge::new(
+                "logstore_jetstream_held_messages",
+                "JetStream messages received by this worker and not yet acked, nak'ed or terminated.",
+            )?,
             registry,
         };
         let r = &metrics.registry;
@@ -236,6 +257,9 @@ impl Metrics {
         r.register(Box::new(metrics.jetstream_ack_pending.clone()))?;
         r.register(Box::new(metrics.jetstream_redelivered.clone()))?;
         r.register(Box::new(metrics.jetstream_redeliveries.clone()))?;
+        r.register(Box::new(metrics.jetstream_pulling.clone()))?;
+        r.register(Box::new(metrics.jetstream_resyncs.clone()))?;
+        r.register(Box::new(metrics.jetstream_held.clone()))?;
         // The prometheus crate's own process collector needs its `process` feature (and the
         // procfs crate); what the dashboard needs is a few lines of /proc.
         r.register(Box::new(ProcessCollector::new()?))?;

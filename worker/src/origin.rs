@@ -21,20 +21,73 @@ use crate::metrics::{Metrics, ShardMetrics};
 use crate::outbox::{format_ts, Outbox};
 use crate::store::{NewEntry, StoreError, Stored};
 
-/// Holds one unit of `logstore_in_flight{kind}` and gives it back when dropped, so no path
-/// (answered, failed, shed, dropped at shutdown) can leave the gauge raised.
-pub struct InFlight(IntGauge);
+/// Holds one unit of `logstore_in_flight{kind}` (and, for a JetStream message,
+/// `logstore_jetstream_held_messages`) and gives it back when dropped, so no path (answered,
+/// failed, shed, dropped at shutdown) can leave a gauge raised.
+pub struct InFlight {
+    gauge: IntGauge,
+    also: Option<IntGauge>,
+    /// A JetStream message's stream sequence, listed in `Held` while it is in this worker.
+    sequence: Option<(u64, Held)>,
+}
+
+/// Stream sequences of the JetStream messages this worker holds (received, not yet settled):
+/// a redelivery of one of them is a second copy, dropped by the ordered intake.
+#[derive(Clone, Default)]
+pub struct Held(Arc<Mutex<std::collections::HashSet<u64>>>);
+
+impl Held {
+    pub fn contains(&self, sequence: u64) -> bool {
+        self.lock().contains(&sequence)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        // A panic while holding the lock cannot leave the set half-updated.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 impl InFlight {
     pub fn new(gauge: &IntGauge) -> InFlight {
         gauge.inc();
-        InFlight(gauge.clone())
+        InFlight {
+            gauge: gauge.clone(),
+            also: None,
+            sequence: None,
+        }
+    }
+
+    /// A JetStream message: one unit of each gauge, and its stream sequence in `held`.
+    pub fn jetstream(
+        gauge: &IntGauge,
+        also: &IntGauge,
+        held: &Held,
+        sequence: Option<u64>,
+    ) -> InFlight {
+        gauge.inc();
+        also.inc();
+        if let Some(sequence) = sequence {
+            held.lock().insert(sequence);
+        }
+        InFlight {
+            gauge: gauge.clone(),
+            also: Some(also.clone()),
+            sequence: sequence.map(|sequence| (sequence, held.clone())),
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
+        if let Some(also) = &self.also {
+            also.dec();
+        }
+        if let Some((sequence, held)) = &self.sequence {
+            held.lock().remove(sequence);
+        }
     }
 }
 
@@ -108,7 +161,12 @@ pub struct AppendJob {
     pub started: std::time::Instant,
     /// When its answer is due (receipt + SHARD_TIMEOUT_MS): the batch it rides in is given up
     /// by then, and a job still queued by then is answered `unavailable` without being sent.
+    /// Not for a held job, which waits as long as its shard needs.
     pub deadline: Instant,
+    /// An ordered JetStream append (JS_ORDERED): never refused, expired or nak'ed for an outage
+    /// or an unknown outcome; its shard pipeline retries it in place until it commits, so no
+    /// later append to its object can overtake it.
+    pub hold: bool,
 }
 
 /// What settling needs besides the job.

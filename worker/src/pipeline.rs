@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use logstore_protocol::{ErrorBody, ErrorCode};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::origin::{AppendJob, Settler};
@@ -29,6 +30,9 @@ const FULL_WAIT: Duration = Duration::from_millis(100);
 /// How long one transaction may run before its shard counts as stuck: then a full queue
 /// refuses at once instead of holding up intake (and with it every other shard).
 const STUCK_AFTER: Duration = Duration::from_secs(1);
+/// First and longest pause between retries of held appends (see [`AppendJob::hold`]).
+const HOLD_RETRY_FIRST: Duration = Duration::from_millis(100);
+const HOLD_RETRY_MAX: Duration = Duration::from_secs(1);
 
 pub enum Work {
     Append(AppendJob),
@@ -65,6 +69,8 @@ pub struct Context {
     pub batch_linger: Duration,
     /// Queries running at once on one shard (leaves pooled connections for its appends).
     pub queries_per_shard: usize,
+    /// Shutdown: held appends stop being retried (they stay unacknowledged, for redelivery).
+    pub cancel: CancellationToken,
 }
 
 /// The sending side of one shard's pipeline. Cloning is cheap.
@@ -115,6 +121,26 @@ impl ShardQueue {
             let work = e.0.work;
             self.refused(work, "is shutting down")
         })
+    }
+
+    /// Queue held work ([`AppendJob::hold`]): waits for room however long the shard needs,
+    /// since refusing would let later appends to the same objects overtake it. Hands the work
+    /// back only when `cancel` fires (shutdown) or the pipeline has stopped.
+    pub async fn offer_held(&self, work: Work, cancel: &CancellationToken) -> Result<(), Work> {
+        let places = tokio::select! {
+            // Room wins over a shutdown that began meanwhile: queued work is still processed.
+            biased;
+            places = self.places.clone().acquire_many_owned(work.weight()) => match places {
+                Ok(places) => places,
+                Err(_) => return Err(work),
+            },
+            _ = cancel.cancelled() => return Err(work),
+        };
+        let queued = Queued {
+            work,
+            _places: places,
+        };
+        self.sender.send(queued).await.map_err(|e| e.0.work)
     }
 
     fn refused(&self, work: Work, why: &str) -> Refused {
@@ -249,9 +275,10 @@ fn expired(shard: &Shard) -> ErrorBody {
 async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetrics, ctx: &Context) {
     let settler = &ctx.settler;
     let now = Instant::now();
-    if batch.iter().any(|job| job.deadline <= now) {
-        let (late, current): (Vec<AppendJob>, Vec<AppendJob>) =
-            batch.drain(..).partition(|job| job.deadline <= now);
+    if batch.iter().any(|job| !job.hold && job.deadline <= now) {
+        let (late, current): (Vec<AppendJob>, Vec<AppendJob>) = batch
+            .drain(..)
+            .partition(|job| !job.hold && job.deadline <= now);
         for job in late {
             settler.failed(job, expired(shard), m).await;
         }
@@ -261,57 +288,126 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
         }
     }
     m.batch_size.observe(batch.len() as f64);
-    // Jobs are in arrival order, so the first one's deadline is the earliest.
-    let deadline = batch.iter().map(|job| job.deadline).min().unwrap_or(now);
-    let entries: Vec<&NewEntry> = batch.iter().map(|job| &job.entry).collect();
-    let expected: Vec<Option<u64>> = batch.iter().map(|job| job.expected_seq).collect();
-    let commit = m.commit_duration.start_timer();
-    let result = shard.append_expecting(&entries, &expected, deadline).await;
-    commit.observe_duration();
-    drop(entries);
+    let result = try_commit(shard, batch, m).await;
     match result {
         Ok(appended) => {
             for (job, appended) in batch.drain(..).zip(appended) {
                 settle(settler, job, appended, m).await;
             }
         }
-        Err(e) if e.is_unavailable() || batch.len() == 1 => {
+        Err(e) if e.is_unavailable() => {
             // An outage is logged once by the health checker, not once per batch.
             if e.is_outcome_unknown() {
                 tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch outcome unknown; answered `timeout`");
-            } else if e.is_unavailable() {
-                tracing::debug!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed");
             } else {
-                tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed");
+                tracing::debug!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed");
             }
-            for job in batch.drain(..) {
+            let (held, rest): (Vec<AppendJob>, Vec<AppendJob>) =
+                batch.drain(..).partition(|job| job.hold);
+            for job in rest {
                 settler.store_failed(job, &e, m).await;
             }
-        }
-        Err(e) => {
-            // One bad entry must not fail its neighbours: the batch rolled back as a whole,
-            // so store the entries one by one to isolate it.
-            tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed; retrying entries one by one");
-            for job in batch.drain(..) {
-                if job.deadline <= Instant::now() {
-                    settler.failed(job, expired(shard), m).await;
-                    continue;
-                }
-                let result = shard
-                    .append_expecting(&[&job.entry], &[job.expected_seq], job.deadline)
-                    .await;
-                match result {
-                    Ok(mut appended) if appended.len() == 1 => {
-                        let appended = appended.remove(0);
-                        settle(settler, job, appended, m).await
-                    }
-                    Ok(_) => {
-                        let e = ErrorBody::new(ErrorCode::Internal, "append returned no result");
-                        settler.failed(job, e, m).await
-                    }
-                    Err(e) => settler.store_failed(job, &e, m).await,
-                }
+            if !held.is_empty() {
+                retry_held(shard, held, m, ctx).await;
             }
+        }
+        Err(e) => isolate(shard, batch, e, m, ctx).await,
+    }
+}
+
+/// One `logstore_append` call for the whole batch, due by its earliest deadline and at most
+/// the shard's timeout from now.
+async fn try_commit(
+    shard: &Shard,
+    batch: &[AppendJob],
+    m: &ShardMetrics,
+) -> Result<Vec<Appended>, crate::store::StoreError> {
+    let latest = Instant::now() + shard.timeout();
+    let deadline = batch
+        .iter()
+        .filter(|job| !job.hold)
+        .map(|job| job.deadline)
+        .min()
+        .map_or(latest, |d| d.min(latest));
+    let entries: Vec<&NewEntry> = batch.iter().map(|job| &job.entry).collect();
+    let expected: Vec<Option<u64>> = batch.iter().map(|job| job.expected_seq).collect();
+    let commit = m.commit_duration.start_timer();
+    let result = shard.append_expecting(&entries, &expected, deadline).await;
+    commit.observe_duration();
+    result
+}
+
+/// Held appends whose commit failed with an outage or an unknown outcome: retried in place,
+/// in order, until they commit (keys make a retry of a commit that did land a duplicate), so
+/// nothing queued behind them on this shard can overtake them. The shard's queue fills
+/// meanwhile and the ordered intake waits for it. At shutdown they are dropped unacknowledged:
+/// JetStream redelivers them to the next puller, which stores them before anything later.
+async fn retry_held(shard: &Shard, mut held: Vec<AppendJob>, m: &ShardMetrics, ctx: &Context) {
+    let mut pause = HOLD_RETRY_FIRST;
+    loop {
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => {
+                tracing::warn!(shard = %shard.name, appends = held.len(), "shutting down with held appends uncommitted; JetStream redelivers them");
+                return;
+            }
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(HOLD_RETRY_MAX);
+        if !shard.is_up() {
+            continue;
+        }
+        match try_commit(shard, &held, m).await {
+            Ok(appended) => {
+                for (job, appended) in held.drain(..).zip(appended) {
+                    settle(&ctx.settler, job, appended, m).await;
+                }
+                return;
+            }
+            Err(e) if e.is_unavailable() => {
+                tracing::debug!(shard = %shard.name, error = %Chain(&e), rows = held.len(), "held appends not committed yet; retrying");
+            }
+            Err(e) => return isolate(shard, &mut held, e, m, ctx).await,
+        }
+    }
+}
+
+/// A batch that failed for a reason other than an outage. One bad entry must not fail its
+/// neighbours: the batch rolled back as a whole, so store the entries one by one to isolate
+/// it.
+async fn isolate(
+    shard: &Shard,
+    batch: &mut Vec<AppendJob>,
+    e: crate::store::StoreError,
+    m: &ShardMetrics,
+    ctx: &Context,
+) {
+    let settler = &ctx.settler;
+    if batch.len() == 1 {
+        tracing::warn!(shard = %shard.name, error = %Chain(&e), "append failed");
+        for job in batch.drain(..) {
+            settler.store_failed(job, &e, m).await;
+        }
+        return;
+    }
+    tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed; retrying entries one by one");
+    for job in batch.drain(..) {
+        if !job.hold && job.deadline <= Instant::now() {
+            settler.failed(job, expired(shard), m).await;
+            continue;
+        }
+        match try_commit(shard, std::slice::from_ref(&job), m).await {
+            Ok(mut appended) if appended.len() == 1 => {
+                let appended = appended.remove(0);
+                settle(settler, job, appended, m).await
+            }
+            Ok(_) => {
+                let e = ErrorBody::new(ErrorCode::Internal, "append returned no result");
+                settler.failed(job, e, m).await
+            }
+            Err(e) if job.hold && e.is_unavailable() => {
+                Box::pin(retry_held(shard, vec![job], m, ctx)).await
+            }
+            Err(e) => settler.store_failed(job, &e, m).await,
         }
     }
 }

@@ -47,7 +47,8 @@ async fn publish(env: &Env, client: &async_nats::Client, id: u64, range: std::op
 /// JS_MAX_ACK_PENDING 100, 300 appends show as 200 pending and 100 ack-pending, the nak'ed
 /// ones come back as redeliveries, and the refusals count as `unavailable` errors; once the
 /// shard is back, everything is stored and the gauges return to 0. Commit and pool-wait
-/// histograms and the process's resident memory are exported along the way.
+/// histograms and the process's resident memory are exported along the way. Run with
+/// JS_ORDERED=false, whose outage path naks (the ordered intake holds instead: tests/order.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_lag_commit_and_pool_metrics_follow_the_fleet() {
     let mut own = PgServer::start();
@@ -55,7 +56,11 @@ async fn consumer_lag_commit_and_pool_metrics_follow_the_fleet() {
     env.intake = "jetstream";
     env.shards
         .push(("own".to_string(), fresh_db(&own, "own").await));
-    let worker = WorkerProcess::start(&env, &[("JS_MAX_ACK_PENDING", "100")]).await;
+    let worker = WorkerProcess::start(
+        &env,
+        &[("JS_MAX_ACK_PENDING", "100"), ("JS_ORDERED", "false")],
+    )
+    .await;
     let w = worker.metrics;
     let client = env.client().await;
     let labels = [

@@ -358,7 +358,10 @@ impl WorkerProcess {
         let child = tokio::process::Command::new(bin_path("worker"))
             .envs(env.settings(port))
             .envs(extra.iter().copied())
-            .env("RUST_LOG", "error")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_WORKER_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -655,7 +658,10 @@ impl WorkerProcess {
         command
             .envs(env.settings(port))
             .envs(extra.iter().copied())
-            .env("RUST_LOG", "error")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_WORKER_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true);
         // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and the

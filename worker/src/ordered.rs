@@ -1,0 +1,435 @@
+//! The ordered JetStream intake (JS_ORDERED=true, the default): each object's appends are
+//! stored in the order the stream holds them, with any number of workers, across worker crashes,
+//! NATS reconnects and shard outages.
+//!
+//! # How
+//! - One puller at a time. Workers compete for a lease, a key in the NATS KV bucket
+//!   [`LEASE_BUCKET`] whose entries expire `JS_LEASE_MS` after their last write. The holder
+//!   renews it every third of that and pulls; the others wait to take it over. A holder that
+//!   cannot renew in time stops pulling.
+//! - The puller routes every fetched batch in stream-sequence order, and each shard pipeline
+//!   commits in queue order, one transaction at a time.
+//! - Nothing it routes is refused, expired or nak'ed for an outage or an unknown outcome: the
+//!   shard pipeline retries it in place (`AppendJob::hold`), so nothing later for its object
+//!   can overtake it. A shard that stays down fills its queue, and then the puller waits
+//!   (head-of-line blocking, as in any ordered log; core intake keeps answering
+//!   `unavailable` instead).
+//! - Resync: before pulling as the new holder, after a NATS reconnect (deliveries may have been
+//!   lost in flight) and whenever the stream sequence skips (another puller got messages), the
+//!   puller waits until everything it routed is settled, then fetches and holds back messages
+//!   until every delivered-and-unacknowledged message of the consumer is in its hands (the
+//!   consumer's `num_ack_pending` equals what it holds up to the consumer's delivered
+//!   sequence). Messages a dead or deposed puller held come back once their ack_wait expires;
+//!   only then is the whole set routed, sorted. So a takeover after a SIGKILL pauses intake for
+//!   up to `JS_LEASE_MS` + `JS_ACK_WAIT_MS`; a clean handover (the holder drains and releases
+//!   the lease at shutdown) pauses it only for the drain.
+//! - A deposed puller that still commits what it had (a paused process, a partition) can only
+//!   write entries the new puller routes first anyway: the same keys, stored once.
+//!
+//! Entries that fail for a reason other than an outage (a fault in the database) are nak'ed
+//! and retried up to JS_MAX_DELIVER times as before; later appends to the same object may be
+//! stored before such a retry succeeds.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::JetStreamConfig;
+use crate::intake::{IntakeError, Router, FETCH_EXPIRES};
+
+/// The KV bucket holding the intake leases (one key per stream and consumer).
+pub const LEASE_BUCKET: &str = "logstore_leases";
+/// How often a resync looks at the consumer's state and at this worker's settled messages.
+const RESYNC_POLL: Duration = Duration::from_millis(20);
+/// Longest wait for one consumer info answer.
+const INFO_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Consumer = consumer::Consumer<consumer::pull::Config>;
+
+/// The intake lease of one stream and consumer.
+pub struct Lease {
+    context: jetstream::Context,
+    kv: kv::Store,
+    /// The bucket's stream, as this worker would create it.
+    bucket: jetstream::stream::Config,
+    key: String,
+    holder: Bytes,
+    /// How long the lease outlives its last renewal (the bucket's max_age).
+    ttl: Duration,
+}
+
+impl Lease {
+    /// Open (or create) the lease bucket. The bucket's max_age is the lease's lifetime: the
+    /// first worker's JS_LEASE_MS creates it, and every worker renews at the bucket's pace.
+    pub async fn open(
+        client: &async_nats::Client,
+        js: &JetStreamConfig,
+    ) -> Result<Lease, IntakeError> {
+        let context = jetstream::new(client.clone());
+        // The bucket's stream is created here as async-nats's create_key_value would, without
+        // its account-info request, which it cannot parse from nats-server 2.9. File storage:
+        // a memory stream does not survive a nats-server restart.
+        let bucket = jetstream::stream::Config {
+            name: format!("KV_{LEASE_BUCKET}"),
+            description: Some("logstore: which worker pulls each stream (JS_ORDERED)".into()),
+            subjects: vec![format!("$KV.{LEASE_BUCKET}.>")],
+            max_messages_per_subject: 1,
+            max_age: js.lease,
+            max_message_size: -1,
+            storage: jetstream::stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: jetstream::stream::DiscardPolicy::New,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        let kv = ensure_bucket(&context, &bucket).await?;
+        let ttl = match kv.status().await {
+            Ok(status) if !status.info.config.max_age.is_zero() => status.info.config.max_age,
+            _ => js.lease,
+        };
+        if ttl != js.lease {
+            tracing::info!(bucket = LEASE_BUCKET, lease = ?ttl, "the lease bucket's lifetime differs from JS_LEASE_MS; using the bucket's");
+        }
+        Ok(Lease {
+            context,
+            kv,
+            bucket,
+            key: format!("intake.{}.{}", js.stream, js.consumer),
+            holder: Bytes::from(format!("pid {}", std::process::id())),
+            ttl,
+        })
+    }
+
+    /// After a failure: the bucket may be gone (deleted by an operator, or lost with a
+    /// nats-server's store), so make sure it exists again.
+    async fn reopen(&mut self) {
+        match ensure_bucket(&self.context, &self.bucket).await {
+            Ok(kv) => self.kv = kv,
+            Err(e) => tracing::debug!(error = %crate::Chain(&e), "cannot reopen the lease bucket"),
+        }
+    }
+
+    /// Take the lease if nobody holds it: its revision, or None while another worker does.
+    async fn try_acquire(&self) -> Result<Option<u64>, kv::CreateError> {
+        match self.kv.create(&self.key, self.holder.clone()).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn renew(&self, revision: u64) -> Result<u64, kv::UpdateError> {
+        self.kv
+            .update(&self.key, self.holder.clone(), revision)
+            .await
+    }
+
+    /// Give the lease up at once (clean shutdown), so another worker takes over without
+    /// waiting for it to expire.
+    async fn release(&self, revision: u64) {
+        if let Err(e) = self
+            .kv
+            .delete_expect_revision(&self.key, Some(revision))
+            .await
+        {
+            tracing::debug!(error = %e, "cannot release the intake lease; it expires by itself");
+        }
+    }
+}
+
+/// Compete for the lease and pull while holding it, until `cancel`.
+pub async fn run(
+    router: &Router,
+    consumer: &Consumer,
+    mut lease: Lease,
+    cancel: &CancellationToken,
+) {
+    let metrics = &router.metrics;
+    let mut waiting_logged = false;
+    let mut failing = false;
+    while !cancel.is_cancelled() {
+        let revision = match lease.try_acquire().await {
+            Ok(Some(revision)) => revision,
+            Ok(None) => {
+                if !waiting_logged {
+                    tracing::info!(lease = %lease.key, "another worker pulls the stream; standing by to take over");
+                    waiting_logged = true;
+                }
+                pause(lease.ttl / 3, cancel).await;
+                continue;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot reach the intake lease; retrying");
+                    failing = true;
+                }
+                pause(lease.ttl / 3, cancel).await;
+                lease.reopen().await;
+                continue;
+            }
+        };
+        failing = false;
+        waiting_logged = false;
+        tracing::info!(lease = %lease.key, "took the intake lease; pulling the stream in order");
+        metrics.jetstream_pulling.set(1);
+        let lost = cancel.child_token();
+        let done = CancellationToken::new();
+        // Until when (ms after `epoch`) the lease is surely still ours: the puller checks it
+        // before every pull, so a process paused past its lease pulls nothing when it wakes.
+        let epoch = Instant::now();
+        let valid_until = AtomicU64::new(ms(lease.ttl * 2 / 3));
+        let renew = async {
+            let mut revision = revision;
+            let mut renewed = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => return revision,
+                    _ = tokio::time::sleep(lease.ttl / 3) => {}
+                }
+                // A renewal that cannot finish before the lease would expire counts as lost.
+                let left = (renewed + lease.ttl * 2 / 3).saturating_duration_since(Instant::now());
+                let started = Instant::now();
+                match tokio::time::timeout(left, lease.renew(revision)).await {
+                    Ok(Ok(next)) => {
+                        revision = next;
+                        renewed = started;
+                        let until = started.saturating_duration_since(epoch) + lease.ttl * 2 / 3;
+                        valid_until.store(ms(until), Ordering::Release);
+                    }
+                    outcome => {
+                        let why = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "no answer in time".to_string(),
+                        };
+                        tracing::warn!(error = %why, "lost the intake lease; stopping the pull");
+                        lost.cancel();
+                        return revision;
+                    }
+                }
+            }
+        };
+        let pull = async {
+            let valid = || ms(epoch.elapsed()) < valid_until.load(Ordering::Acquire);
+            lead(router, consumer, &lost, &valid).await;
+            done.cancel();
+        };
+        let (revision, ()) = futures::join!(renew, pull);
+        metrics.jetstream_pulling.set(0);
+        if cancel.is_cancelled() {
+            lease.release(revision).await;
+        }
+    }
+}
+
+/// The lease bucket, created when missing.
+async fn ensure_bucket(
+    context: &jetstream::Context,
+    bucket: &jetstream::stream::Config,
+) -> Result<kv::Store, IntakeError> {
+    if context.get_stream(&bucket.name).await.is_err() {
+        // Another worker may create it at the same moment: then this one's attempt fails and
+        // the bucket is there all the same.
+        if let Err(e) = context.create_stream(bucket.clone()).await {
+            tracing::debug!(error = %e, "lease bucket creation raced");
+        }
+    }
+    context
+        .get_key_value(LEASE_BUCKET)
+        .await
+        .map_err(|source| IntakeError::Lease {
+            bucket: LEASE_BUCKET,
+            source,
+        })
+}
+
+fn ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn pause(period: Duration, cancel: &CancellationToken) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(period) => {}
+    }
+}
+
+/// Pull and route in stream order until `stop`.
+async fn lead(
+    router: &Router,
+    consumer: &Consumer,
+    stop: &CancellationToken,
+    valid: &(dyn Fn() -> bool + Sync),
+) {
+    let reconnects = &router.metrics.nats_reconnects;
+    // The highest stream sequence delivered to this puller; None until a resync set it.
+    let mut highest: Option<u64> = None;
+    let mut in_hand: Vec<jetstream::Message> = Vec::new();
+    let mut seen_reconnects = reconnects.get();
+    while !stop.is_cancelled() {
+        if !valid() {
+            tracing::warn!("the intake lease was not renewed in time; stopping the pull");
+            return;
+        }
+        if reconnects.get() != seen_reconnects {
+            seen_reconnects = reconnects.get();
+            tracing::info!("reconnected to NATS; resyncing the ordered intake");
+            highest = None;
+        }
+        let Some(mark) = highest else {
+            match resync(router, consumer, stop, std::mem::take(&mut in_hand)).await {
+                Some(mark) => highest = Some(mark),
+                None => return,
+            }
+            continue;
+        };
+        let (batch, complete) = fetch(router, consumer, stop).await;
+        let batch = sorted(batch);
+        // A sequence beyond the next one means deliveries went elsewhere (a deposed puller) or
+        // were lost: nothing from here is routed until everything outstanding is in hand.
+        let skipped = batch
+            .keys()
+            .next_back()
+            .is_some_and(|&last| last > mark + batch.range(mark + 1..).count() as u64);
+        if skipped || !complete {
+            tracing::info!(
+                after = mark,
+                "stream sequence skipped or a fetch failed; resyncing the ordered intake"
+            );
+            in_hand = batch.into_values().collect();
+            highest = None;
+            continue;
+        }
+        let top = batch.keys().next_back().copied().unwrap_or(mark).max(mark);
+        for (sequence, message) in batch {
+            // A redelivery of a message still in this worker (parked past ack_wait behind a
+            // down shard): the copy in hand settles it.
+            if sequence <= mark && router.held.contains(sequence) {
+                router.metrics.jetstream_redeliveries.inc();
+                continue;
+            }
+            router.jetstream_append(message).await;
+        }
+        highest = Some(top);
+    }
+}
+
+/// Wait until this worker has settled everything it routed, then gather messages until every
+/// unacknowledged delivery of the consumer is among them, and route them all in stream order.
+/// Returns the highest delivered sequence, or None when `stop` fired first.
+async fn resync(
+    router: &Router,
+    consumer: &Consumer,
+    stop: &CancellationToken,
+    already: Vec<jetstream::Message>,
+) -> Option<u64> {
+    router.metrics.jetstream_resyncs.inc();
+    let started = Instant::now();
+    while router.metrics.jetstream_held.get() > 0 {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(RESYNC_POLL) => {}
+        }
+    }
+    let mut gathered = sorted(already);
+    let mut failing = false;
+    let delivered = loop {
+        if stop.is_cancelled() {
+            return None;
+        }
+        match tokio::time::timeout(INFO_TIMEOUT, consumer.get_info()).await {
+            Ok(Ok(info)) => {
+                failing = false;
+                let delivered = info.delivered.stream_sequence;
+                if gathered.range(..=delivered).count() >= info.num_ack_pending {
+                    break delivered;
+                }
+            }
+            outcome => {
+                if !failing {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {INFO_TIMEOUT:?}"),
+                    };
+                    tracing::warn!(%error, "cannot read the consumer's state to resync; retrying");
+                    failing = true;
+                }
+                pause(RESYNC_POLL * 10, stop).await;
+                continue;
+            }
+        }
+        let (batch, _) = fetch(router, consumer, stop).await;
+        for (sequence, message) in sorted(batch) {
+            // A second delivery of a message already gathered: its first copy is settled.
+            gathered.entry(sequence).or_insert(message);
+        }
+    };
+    tracing::info!(
+        messages = gathered.len(),
+        waited_ms = started.elapsed().as_millis() as u64,
+        "ordered intake in sync; routing in stream order"
+    );
+    let top = gathered
+        .keys()
+        .next_back()
+        .copied()
+        .unwrap_or(0)
+        .max(delivered);
+    for (_, message) in gathered {
+        router.jetstream_append(message).await;
+    }
+    Some(top)
+}
+
+/// One pull request, read to its end before anything is routed (a pull whose messages sit
+/// unread is abandoned by the client after its expiry, and they would come back out of order).
+/// Returns the messages and whether the pull ended without an error.
+async fn fetch(
+    router: &Router,
+    consumer: &Consumer,
+    stop: &CancellationToken,
+) -> (Vec<jetstream::Message>, bool) {
+    let mut messages = Vec::new();
+    let Some(mut batch) = router.request_batch(consumer, stop).await else {
+        return (messages, false);
+    };
+    let deadline = Instant::now() + FETCH_EXPIRES * 4;
+    loop {
+        match tokio::time::timeout_at(deadline, batch.next()).await {
+            Ok(Some(Ok(message))) => messages.push(message),
+            Ok(None) => return (messages, true),
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "JetStream delivery error");
+                return (messages, false);
+            }
+            Err(_) => {
+                tracing::warn!("a JetStream pull did not end in time");
+                return (messages, false);
+            }
+        }
+    }
+}
+
+/// Messages by stream sequence (the first copy of each); those without metadata are dropped
+/// unacknowledged, to be redelivered.
+fn sorted(messages: Vec<jetstream::Message>) -> BTreeMap<u64, jetstream::Message> {
+    let mut by_sequence = BTreeMap::new();
+    for message in messages {
+        match message.info() {
+            Ok(info) => {
+                by_sequence.entry(info.stream_sequence).or_insert(message);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream message without metadata; left for redelivery")
+            }
+        }
+    }
+    by_sequence
+}

@@ -1,0 +1,474 @@
+//! Per-object order: with any number of workers, each object's entries are stored in the order
+//! they were published (JetStream: the stream's order, with the stream's own timestamps; core:
+//! each publisher's order, since it waits for each reply). Proven across a SIGKILLed worker and
+//! a shard outage, with concurrent publishers writing the same objects.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream;
+use support::*;
+
+/// Objects every publisher writes to, interleaved.
+const OBJECTS: u64 = 8;
+/// Short, so a takeover after a SIGKILL (lease expiry + ack_wait) takes seconds.
+const ACK_WAIT: (&str, &str) = ("JS_ACK_WAIT_MS", "3000");
+
+/// What a publisher recorded of one append: object, stream sequence (JetStream) or the
+/// publisher's own counter (core), and the log text (unique).
+type Sent = (u64, u64, String);
+
+/// A stored entry: object, seq, ts, log.
+type Row = (u64, u64, SystemTime, String);
+
+async fn js_env(names: &[&str]) -> Env {
+    let mut env = Env::shared(names).await;
+    env.intake = "jetstream";
+    env
+}
+
+fn object_of(publisher: usize, i: usize) -> u64 {
+    ((i * 7 + publisher * 3) as u64) % OBJECTS + 1
+}
+
+/// `n` appends, one at a time, each waiting for its PubAck (`pace` apart, so the load spans the
+/// faults the tests inject). Returns what the stream acknowledged.
+async fn js_publisher(
+    client: async_nats::Client,
+    subject: String,
+    publisher: usize,
+    n: usize,
+    pace: Option<Duration>,
+    acked: Arc<AtomicUsize>,
+) -> Vec<Sent> {
+    let js = jetstream::new(client);
+    let mut sent = Vec::with_capacity(n);
+    let mut ticker = pace.map(tokio::time::interval);
+    for i in 0..n {
+        if let Some(ticker) = ticker.as_mut() {
+            ticker.tick().await;
+        }
+        let id = object_of(publisher, i);
+        let log = format!("p{publisher}-{i}");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", log.as_str());
+        let body = serde_json::json!({ "id": id, "log": log }).to_string();
+        let ack = within(10, "PubAck", async {
+            js.publish_with_headers(subject.clone(), headers, body.into())
+                .await
+                .expect("publish")
+                .await
+                .expect("PubAck")
+        })
+        .await;
+        assert!(!ack.duplicate, "{log}: the stream took it for a duplicate");
+        sent.push((id, ack.sequence, log));
+        acked.fetch_add(1, Ordering::Relaxed);
+    }
+    sent
+}
+
+/// Every entry on every shard (a shard that is down right now is skipped).
+async fn rows(env: &Env) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (_, url) in &env.shards {
+        let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await
+        else {
+            continue;
+        };
+        tokio::spawn(connection);
+        let Ok(found) = client
+            .query("SELECT object_id, seq, ts, log FROM logs", &[])
+            .await
+        else {
+            continue;
+        };
+        for row in found {
+            let (id, seq): (i64, i64) = (row.get(0), row.get(1));
+            rows.push((id as u64, seq as u64, row.get(2), row.get(3)));
+        }
+    }
+    rows
+}
+
+/// Wait until `expected` entries are stored; then check each is stored exactly once, on the
+/// object it was sent to, and return the rows by object in seq order.
+async fn stored(env: &Env, sent: &[Sent], secs: u64) -> HashMap<u64, Vec<Row>> {
+    let all = eventually(secs, "every acknowledged append stored", || async {
+        let all = rows(env).await;
+        (all.len() >= sent.len()).then_some(all)
+    })
+    .await;
+    assert_eq!(
+        all.len(),
+        sent.len(),
+        "entries stored vs appends acknowledged"
+    );
+    let objects: HashMap<&str, u64> = sent
+        .iter()
+        .map(|(id, _, log)| (log.as_str(), *id))
+        .collect();
+    let mut by_object: HashMap<u64, Vec<Row>> = HashMap::new();
+    for row in all {
+        assert_eq!(
+            objects.get(row.3.as_str()),
+            Some(&row.0),
+            "{} stored on the wrong object or never sent",
+            row.3
+        );
+        by_object.entry(row.0).or_default().push(row);
+    }
+    for entries in by_object.values_mut() {
+        entries.sort_by_key(|row| row.1);
+        for (i, row) in entries.iter().enumerate() {
+            assert_eq!(row.1, i as u64 + 1, "object {}: seq gap", row.0);
+        }
+    }
+    for (_, url) in &env.shards {
+        check_shard_invariants(url).await;
+    }
+    by_object
+}
+
+/// Per object: entries in seq order must be in stream order. Returns every inversion found.
+fn inversions(by_object: &HashMap<u64, Vec<Row>>, sent: &[Sent]) -> Vec<String> {
+    let position: HashMap<&str, u64> = sent
+        .iter()
+        .map(|(_, at, log)| (log.as_str(), *at))
+        .collect();
+    let mut found = Vec::new();
+    for (id, entries) in by_object {
+        for pair in entries.windows(2) {
+            let (a, b) = (position[pair[0].3.as_str()], position[pair[1].3.as_str()]);
+            if a >= b {
+                found.push(format!(
+                    "object {id}: seq {} = {} (stream seq {a}) before seq {} = {} (stream seq {b})",
+                    pair[0].1, pair[0].3, pair[1].1, pair[1].3
+                ));
+            }
+        }
+    }
+    found
+}
+
+fn assert_no_inversions(by_object: &HashMap<u64, Vec<Row>>, sent: &[Sent]) {
+    let found = inversions(by_object, sent);
+    assert!(
+        found.is_empty(),
+        "{} inversions, first: {:#?}",
+        found.len(),
+        &found[..found.len().min(5)]
+    );
+}
+
+async fn is_leader(worker: &WorkerProcess) -> bool {
+    match http_get(worker.metrics, "/metrics").await {
+        Some((200, body)) => metric_sum(&body, "logstore_jetstream_pulling", &[]) == 1.0,
+        _ => false,
+    }
+}
+
+/// Concurrent publishers on shared objects, 3 workers, the one pulling the stream SIGKILLed
+/// mid-run (with deliveries in its hands) and replaced: every acknowledged append stored once,
+/// and each object's entries in stream order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_keeps_stream_order_when_the_puller_is_sigkilled() {
+    let env = js_env(&["a", "b"]).await;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(WorkerProcess::start(&env, &[ACK_WAIT]).await);
+    }
+    let client = env.client().await;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publishers: Vec<_> = (0..6)
+        .map(|p| {
+            tokio::spawn(js_publisher(
+                client.clone(),
+                env.subject("logs"),
+                p,
+                800,
+                Some(Duration::from_millis(5)),
+                acked.clone(),
+            ))
+        })
+        .collect();
+    eventually(60, "appends being stored", || async {
+        (rows(&env).await.len() > 600).then_some(())
+    })
+    .await;
+    let leader = eventually(10, "one worker pulls the stream", || async {
+        for (i, worker) in workers.iter().enumerate() {
+            if is_leader(worker).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    workers.remove(leader).kill().await;
+    let at_kill = acked.load(Ordering::Relaxed);
+    workers.push(WorkerProcess::start(&env, &[ACK_WAIT]).await);
+    let mut sent = Vec::new();
+    for publisher in publishers {
+        sent.extend(
+            within(120, "publisher", publisher)
+                .await
+                .expect("publisher"),
+        );
+    }
+    assert!(
+        at_kill < sent.len(),
+        "the kill came before the last publish"
+    );
+    let by_object = stored(&env, &sent, 120).await;
+    assert_no_inversions(&by_object, &sent);
+    for entries in by_object.values() {
+        for pair in entries.windows(2) {
+            assert!(pair[0].2 <= pair[1].2, "object {}: ts went back", pair[0].0);
+        }
+    }
+    let (mut leaders, mut redeliveries) = (0, 0.0);
+    for worker in &workers {
+        leaders += usize::from(is_leader(worker).await);
+        let (_, metrics) = within(10, "metrics", http_get(worker.metrics, "/metrics"))
+            .await
+            .expect("metrics");
+        redeliveries += metric_sum(&metrics, "logstore_jetstream_redeliveries_total", &[]);
+    }
+    assert_eq!(leaders, 1, "exactly one worker pulls the stream");
+    assert!(
+        redeliveries > 0.0,
+        "the kill left deliveries unacknowledged, taken over by the next puller"
+    );
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}
+
+/// A backlog published by concurrent publishers while no worker runs, then taken by 3 workers:
+/// each entry's ts is exactly its message's stream timestamp, and each object's entries are in
+/// stream order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_entries_carry_the_stream_timestamps_in_stream_order() {
+    let env = js_env(&["a", "b"]).await;
+    // Create the stream and consumer, then leave no worker running.
+    WorkerProcess::start(&env, &[]).await.terminate().await;
+    let client = env.client().await;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publishers: Vec<_> = (0..6)
+        .map(|p| {
+            tokio::spawn(js_publisher(
+                client.clone(),
+                env.subject("logs"),
+                p,
+                100,
+                None,
+                acked.clone(),
+            ))
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for publisher in publishers {
+        sent.extend(within(60, "publisher", publisher).await.expect("publisher"));
+    }
+    let stream = jetstream::new(client.clone())
+        .get_stream(env.stream())
+        .await
+        .expect("stream");
+    let mut stream_ts = HashMap::new();
+    for (_, sequence, log) in &sent {
+        let message = stream
+            .get_raw_message(*sequence)
+            .await
+            .expect("message in the stream");
+        stream_ts.insert(log.clone(), SystemTime::from(message.time));
+    }
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(WorkerProcess::start(&env, &[]).await);
+    }
+    let by_object = stored(&env, &sent, 120).await;
+    assert_no_inversions(&by_object, &sent);
+    for entries in by_object.values() {
+        for (_, _, ts, log) in entries {
+            let published = stream_ts[log.as_str()];
+            let micros = |t: SystemTime| {
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .expect("after 1970")
+                    .as_micros()
+            };
+            assert_eq!(
+                micros(*ts),
+                micros(published),
+                "{log}: ts is not the stream timestamp"
+            );
+        }
+    }
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}
+
+/// One of two shards SIGKILLed mid-run and restarted: its appends wait in the puller (nothing
+/// nak'ed, nothing overtaken), the other shard keeps storing meanwhile, and afterwards every
+/// object is in stream order with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_order_holds_across_a_shard_outage() {
+    let mut own = PgServer::start();
+    let mut env = js_env(&["steady"]).await;
+    env.shards
+        .push(("flaky".to_string(), fresh_db(&own, "flaky").await));
+    let workers = vec![
+        WorkerProcess::start(&env, &[ACK_WAIT]).await,
+        WorkerProcess::start(&env, &[ACK_WAIT]).await,
+    ];
+    let client = env.client().await;
+    let steady_rows = || async {
+        let db = pg_connect(&env.shards[0].1).await;
+        db.query_one("SELECT count(*) FROM logs", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+    };
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            tokio::spawn(js_publisher(
+                client.clone(),
+                env.subject("logs"),
+                p,
+                1_500,
+                Some(Duration::from_millis(5)),
+                acked.clone(),
+            ))
+        })
+        .collect();
+    eventually(60, "appends being stored", || async {
+        (steady_rows().await > 200).then_some(())
+    })
+    .await;
+    own.kill();
+    let at_kill = steady_rows().await;
+    eventually(30, "the steady shard storing during the outage", || async {
+        (steady_rows().await > at_kill + 300).then_some(())
+    })
+    .await;
+    // The flaky shard's appends wait in the puller: held, never nak'ed or refused.
+    let mut held = 0.0;
+    for worker in &workers {
+        if is_leader(worker).await {
+            let (_, metrics) = within(10, "metrics", http_get(worker.metrics, "/metrics"))
+                .await
+                .expect("metrics");
+            held = metric_sum(&metrics, "logstore_jetstream_held_messages", &[]);
+            let refused = metric_sum(&metrics, "logstore_errors_total", &[("kind", "append")]);
+            assert_eq!(
+                refused, 0.0,
+                "an append was refused or nak'ed during the outage"
+            );
+        }
+    }
+    assert!(held > 0.0, "the puller holds the down shard's appends");
+    own.restart();
+    let mut sent = Vec::new();
+    for publisher in publishers {
+        sent.extend(
+            within(120, "publisher", publisher)
+                .await
+                .expect("publisher"),
+        );
+    }
+    let by_object = stored(&env, &sent, 120).await;
+    assert_no_inversions(&by_object, &sent);
+    let total = rows(&env).await.len();
+    assert!(
+        total > steady_rows().await as usize,
+        "some objects live on the flaky shard"
+    );
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}
+
+/// Core intake: concurrent publishers on shared objects, each waiting for its reply (and
+/// retrying with the same key when a reply does not come), one of 3 workers SIGKILLed mid-run:
+/// each publisher's entries appear in each object in the order it sent them, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_keeps_each_publishers_order_when_a_worker_is_sigkilled() {
+    let env = Env::shared(&["a", "b"]).await;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(WorkerProcess::start(&env, &[]).await);
+    }
+    let client = env.client().await;
+    let publishers: Vec<_> = (0..6)
+        .map(|p| {
+            let (client, subject) = (client.clone(), env.subject("logs"));
+            tokio::spawn(async move {
+                let mut sent = Vec::new();
+                for i in 0..300 {
+                    let id = object_of(p, i);
+                    let log = format!("p{p}-{i}");
+                    let body = append_body(id, &log, Some(&log));
+                    // Until a reply says stored (or already stored): a request to the killed
+                    // worker gets none, and its retry goes to another.
+                    within(60, "append answered", async {
+                        loop {
+                            let reply = tokio::time::timeout(
+                                Duration::from_secs(2),
+                                client.request(subject.clone(), body.clone()),
+                            )
+                            .await;
+                            if let Ok(Ok(reply)) = reply {
+                                if parse_reply(&reply.payload).is_ok() {
+                                    return;
+                                }
+                            }
+                        }
+                    })
+                    .await;
+                    sent.push((id, i as u64, log));
+                }
+                sent
+            })
+        })
+        .collect();
+    eventually(60, "appends being stored", || async {
+        (rows(&env).await.len() > 400).then_some(())
+    })
+    .await;
+    workers.remove(0).kill().await;
+    let mut sent = Vec::new();
+    for publisher in publishers {
+        sent.extend(
+            within(180, "publisher", publisher)
+                .await
+                .expect("publisher"),
+        );
+    }
+    let by_object = stored(&env, &sent, 60).await;
+    // Order is each publisher's: its counter must grow along each object's seqs.
+    let counter: HashMap<&str, (&str, u64)> = sent
+        .iter()
+        .map(|(_, i, log)| (log.as_str(), (log.split('-').next().unwrap_or(""), *i)))
+        .collect();
+    for (id, entries) in &by_object {
+        let mut last: HashMap<&str, u64> = HashMap::new();
+        for (_, seq, _, log) in entries {
+            let (publisher, i) = counter[log.as_str()];
+            if let Some(previous) = last.insert(publisher, i) {
+                assert!(
+                    previous < i,
+                    "object {id}: {log} (seq {seq}) after {publisher}-{previous}"
+                );
+            }
+        }
+    }
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}

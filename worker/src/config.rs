@@ -4,16 +4,18 @@
 //! Raw values are read as text and validated here rather than by clap's typed parsers, so that a
 //! missing or malformed setting fails with exactly one line naming the variable.
 //!
-//! Secrets (`NATS_URL`, `POSTGRES_SHARDS`, `POSTGRES_PASSWORD`) are never shown: `--help` hides
-//! their environment values, errors and `Debug` pass every connection string through
-//! [`redact`], and NATS credentials travel in the connect options rather than in the URLs the
-//! client library logs.
+//! Secrets (`NATS_URL`, `POSTGRES_SHARDS`, `POSTGRES_PASSWORD`, the NATS secret files) are
+//! never shown: `--help` hides their environment values, errors and `Debug` pass every
+//! connection string through [`redact`], and NATS credentials travel in the connect options
+//! rather than in the URLs the client library logs. The NATS login and TLS settings are the
+//! ones loadgen and the CLI read too ([`logstore_protocol::nats`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
-use logstore_protocol::redact::{redact, split_list, NatsAuth, NatsServers, MASK};
+use logstore_protocol::nats::{NatsAccess, NatsSecurityArgs};
+use logstore_protocol::redact::{redact, split_list, MASK};
 use logstore_protocol::Limits;
 
 /// A configuration problem, always naming the variable at fault.
@@ -43,6 +45,10 @@ pub struct RawConfig {
         hide_env_values = true
     )]
     pub nats_url: String,
+    /// NATS login (NATS_USER + NATS_PASSWORD_FILE, NATS_TOKEN_FILE, NATS_NKEY_SEED_FILE,
+    /// NATS_CREDS_FILE) and TLS (NATS_TLS_CA_FILE, NATS_TLS_CERT_FILE, NATS_TLS_KEY_FILE).
+    #[command(flatten)]
+    pub nats_security: NatsSecurityArgs,
     /// Shards as `name=postgres://user:pass@host:port/db,name2=…` (URLs only, no spaces). The
     /// name is the shard's identity on the ring; the URL may change freely.
     #[arg(long, env = "POSTGRES_SHARDS", hide_env_values = true)]
@@ -224,8 +230,9 @@ pub struct Config {
     pub intake: Intake,
     /// NATS_URL as given (with any credentials): show it only through [`redact`].
     pub nats_url: String,
-    /// NATS_URL split into credential-free server URLs and the credentials.
-    pub nats: NatsServers,
+    /// NATS_URL's credential-free server URLs, the login (from NATS_URL or the secret files,
+    /// read once at start) and TLS.
+    pub nats: NatsAccess,
     pub shards: Vec<ShardConfig>,
     pub logs_subject: String,
     pub query_subject: String,
@@ -253,27 +260,13 @@ pub struct Config {
     pub max_query_bytes: usize,
 }
 
-impl Config {
-    /// Connect options carrying NATS_URL's credentials; connect them to `nats.servers`. The
-    /// client ignores credentials in URLs and would print them in its debug logs.
-    pub fn nats_options(&self) -> async_nats::ConnectOptions {
-        let options = async_nats::ConnectOptions::new();
-        match &self.nats.auth {
-            NatsAuth::None => options,
-            NatsAuth::UserPassword { user, password } => {
-                options.user_and_password(user.clone(), password.clone())
-            }
-            NatsAuth::Token(token) => options.token(token.clone()),
-        }
-    }
-}
-
 /// Hand-written so that secrets never reach a log line or a panic message. The destructuring
 /// lists every field, so a new one cannot be added without deciding how it is shown.
 impl std::fmt::Debug for RawConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let RawConfig {
             nats_url,
+            nats_security,
             postgres_shards,
             postgres_ips,
             postgres_port,
@@ -316,6 +309,7 @@ impl std::fmt::Debug for RawConfig {
         } = self;
         f.debug_struct("RawConfig")
             .field("nats_url", &redact(nats_url))
+            .field("nats_security", nats_security)
             .field("postgres_shards", &postgres_shards.as_deref().map(redact))
             .field("postgres_ips", &postgres_ips.as_deref().map(redact))
             .field("postgres_port", postgres_port)
@@ -437,7 +431,10 @@ impl RawConfig {
         let nats_url = non_empty("NATS_URL", &self.nats_url)?;
         Ok(Config {
             intake: self.intake()?,
-            nats: nats_servers(&nats_url)?,
+            nats: self
+                .nats_security
+                .resolve(&nats_url)
+                .map_err(|e| bad(e.var, e.problem))?,
             nats_url,
             shards,
             logs_subject: subject("NATS_LOGS_TOPIC", &self.nats_logs_topic)?,
@@ -681,26 +678,6 @@ fn check_unique(var: &'static str, shards: &[ShardConfig]) -> Result<(), ConfigE
     Ok(())
 }
 
-/// NATS_URL split into servers and credentials; every server must parse as the client's
-/// address type, so a bad URL stops the start here (redacted) instead of in the client.
-fn nats_servers(value: &str) -> Result<NatsServers, ConfigError> {
-    let nats = NatsServers::parse(value).map_err(|problem| bad("NATS_URL", problem))?;
-    for (i, server) in nats.servers.iter().enumerate() {
-        // The client's parse errors name the problem (port, scheme), never the URL.
-        if let Err(e) = server.parse::<async_nats::ServerAddr>() {
-            return Err(bad(
-                "NATS_URL",
-                format!(
-                    "server {} of {:?} is not a NATS server URL ({e})",
-                    i + 1,
-                    nats.shown
-                ),
-            ));
-        }
-    }
-    Ok(nats)
-}
-
 /// `host:port`, or `:port` for every interface (the Go service's form).
 fn metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
     let trimmed = value.trim();
@@ -790,6 +767,7 @@ where
 mod tests {
     use super::*;
     use clap::Parser;
+    use logstore_protocol::nats::Login;
 
     #[derive(Parser)]
     struct Cli {
@@ -1011,15 +989,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.nats.servers, ["nats://h1:4222", "nats://h2:4222"]);
         assert_eq!(
-            c.nats.auth,
-            NatsAuth::UserPassword {
+            c.nats.login,
+            Login::UserPassword {
                 user: "u".into(),
-                password: MARKER.into()
+                password: MARKER.into(),
+                from: "NATS_URL".into(),
             }
         );
         let c = raw(&["--postgres-ips", "h"]).validate().unwrap();
         assert_eq!(c.nats.servers, ["nats://127.0.0.1:4222"]);
-        assert_eq!(c.nats.auth, NatsAuth::None);
+        assert_eq!(c.nats.login, Login::None);
     }
 
     #[test]

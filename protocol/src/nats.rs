@@ -310,7 +310,9 @@ impl NatsSecurityArgs {
         }
         if let Some(path) = given(&self.nats_creds_file) {
             const VAR: &str = "NATS_CREDS_FILE";
-            let contents = read_secret(VAR, path)?;
+            // Whole: the format's closing line ends with its newline.
+            let contents = std::fs::read_to_string(path)
+                .map_err(|e| bad(VAR, format!("cannot read {path}: {e}")))?;
             // Parsed now so that a broken file stops the start; its errors hold no content.
             ConnectOptions::new().credentials(&contents).map_err(|e| {
                 bad(

@@ -95,6 +95,11 @@ pub struct RawConfig {
     pub nats_events_prefix: String,
     #[arg(long, env = "NATS_DEAD_LETTER_TOPIC", default_value = "dead_letter")]
     pub nats_dead_letter_topic: String,
+    /// Prefix of the worker's own reply subjects (JetStream API answers, pulled messages). A
+    /// prefix of its own (e.g. `_INBOX_worker`) lets the server's permissions keep clients,
+    /// who may subscribe to `_INBOX.>`, from reading what the stream delivers to workers.
+    #[arg(long, env = "NATS_INBOX_PREFIX", default_value = "_INBOX")]
+    pub nats_inbox_prefix: String,
     /// How appends arrive: `jetstream` (durable: a stream captures every publish, workers ack
     /// after commit) or `core` (the original's plain queue subscription, at most once).
     #[arg(long, env = "INTAKE", default_value = "jetstream")]
@@ -244,6 +249,8 @@ pub struct Config {
     pub queue_group: String,
     pub events_prefix: String,
     pub dead_letter_subject: String,
+    /// NATS_INBOX_PREFIX: the worker's reply subjects start with it.
+    pub inbox_prefix: String,
     pub metrics_addr: SocketAddr,
     pub json_logs: bool,
     pub ring_vnodes: u32,
@@ -283,6 +290,7 @@ impl std::fmt::Debug for RawConfig {
             nats_queue_group,
             nats_events_prefix,
             nats_dead_letter_topic,
+            nats_inbox_prefix,
             intake,
             nats_stream,
             nats_consumer,
@@ -333,6 +341,7 @@ impl std::fmt::Debug for RawConfig {
             .field("nats_queue_group", nats_queue_group)
             .field("nats_events_prefix", nats_events_prefix)
             .field("nats_dead_letter_topic", nats_dead_letter_topic)
+            .field("nats_inbox_prefix", nats_inbox_prefix)
             .field("intake", intake)
             .field("nats_stream", nats_stream)
             .field("nats_consumer", nats_consumer)
@@ -377,6 +386,7 @@ impl std::fmt::Debug for Config {
             queue_group,
             events_prefix,
             dead_letter_subject,
+            inbox_prefix,
             metrics_addr,
             json_logs,
             ring_vnodes,
@@ -406,6 +416,7 @@ impl std::fmt::Debug for Config {
             .field("queue_group", queue_group)
             .field("events_prefix", events_prefix)
             .field("dead_letter_subject", dead_letter_subject)
+            .field("inbox_prefix", inbox_prefix)
             .field("metrics_addr", metrics_addr)
             .field("json_logs", json_logs)
             .field("ring_vnodes", ring_vnodes)
@@ -446,6 +457,7 @@ impl RawConfig {
             queue_group: subject("NATS_QUEUE_GROUP", &self.nats_queue_group)?,
             events_prefix: subject("NATS_EVENTS_PREFIX", &self.nats_events_prefix)?,
             dead_letter_subject: subject("NATS_DEAD_LETTER_TOPIC", &self.nats_dead_letter_topic)?,
+            inbox_prefix: subject("NATS_INBOX_PREFIX", &self.nats_inbox_prefix)?,
             metrics_addr: metrics_addr(&self.metrics_addr)?,
             json_logs: match self.log_format.trim() {
                 "text" => false,

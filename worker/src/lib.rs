@@ -423,7 +423,11 @@ async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::
         connected_once: Arc::new(AtomicBool::new(false)),
         failures_seen: Arc::default(),
     };
-    let failure = match config.nats.connect(|o| with_callbacks(o, &state)).await {
+    let failure = match config
+        .nats
+        .connect(|o| with_callbacks(o, config, &state))
+        .await
+    {
         Ok(client) => return Ok(client),
         Err(failure) if failure.rejected => return Err(failure.into()),
         Err(failure) => failure,
@@ -433,7 +437,7 @@ async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::
         "NATS is not reachable at start; the worker starts (not ready) and connects when it is"
     );
     // Start (not ready) while NATS is down, and connect when it comes up.
-    let retrying = |o| with_callbacks(o, &state).retry_on_initial_connect();
+    let retrying = |o| with_callbacks(o, config, &state).retry_on_initial_connect();
     Ok(config.nats.connect(retrying).await?)
 }
 
@@ -448,10 +452,11 @@ struct ConnectionLog {
 }
 
 /// `options` (the login and TLS of the NATS_* settings: credentials travel there, never
-/// inside logged URLs) with the worker's name and callbacks that log each connection event
-/// once.
+/// inside logged URLs) with the worker's name, its inbox prefix and callbacks that log each
+/// connection event once.
 fn with_callbacks(
     options: async_nats::ConnectOptions,
+    config: &Config,
     state: &ConnectionLog,
 ) -> async_nats::ConnectOptions {
     let ConnectionLog {
@@ -461,6 +466,7 @@ fn with_callbacks(
     } = state.clone();
     options
         .name("logstore-worker")
+        .custom_inbox_prefix(&config.inbox_prefix)
         // Called before every connection attempt (initial and reconnect) with the server pool,
         // which holds each server's failed-attempt count and last error: a count that grew
         // since the last call is one failed attempt, logged once, with the (redacted) URL and

@@ -1032,6 +1032,56 @@ mod tests {
     }
 
     #[test]
+    fn nats_secret_files_are_read_once_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, format!("{MARKER}\n")).unwrap();
+        let path = file.display().to_string();
+        let raw = raw(&[
+            "--postgres-ips",
+            "h",
+            "--nats-user",
+            "worker",
+            "--nats-password-file",
+            &path,
+        ]);
+        let config = raw.validate().unwrap();
+        assert_eq!(
+            config.nats.login,
+            Login::UserPassword {
+                user: "worker".into(),
+                password: MARKER.into(),
+                from: format!("NATS_PASSWORD_FILE {path}"),
+            }
+        );
+        let debug = format!("{raw:?} {config:?}");
+        assert!(!debug.contains(MARKER), "{debug}");
+        assert!(debug.contains(&path), "{debug}");
+        // Two logins at once, or a file that is not there: one line naming the variable.
+        let err = self::raw(&[
+            "--postgres-ips",
+            "h",
+            "--nats-url",
+            &format!("nats://u:{MARKER}@h"),
+            "--nats-token-file",
+            &path,
+        ])
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.var, "NATS_TOKEN_FILE", "{err}");
+        assert!(!err.to_string().contains(MARKER), "{err}");
+        refused(
+            &[
+                "--postgres-ips",
+                "h",
+                "--nats-nkey-seed-file",
+                "/nonexistent/seed",
+            ],
+            "NATS_NKEY_SEED_FILE",
+        );
+    }
+
+    #[test]
     fn retention_is_off_unless_given_a_duration() {
         let retention = |args: &[&str]| {
             let mut all = vec!["--postgres-ips", "h"];

@@ -226,6 +226,14 @@ async fn refused(
         // The CLI and loadgen print nothing else at all.
         assert_eq!(stderr.lines().count(), 1, "{what}:\n{stderr}");
     }
+    // Exit codes: a configuration error is 2 (worker); a refusal is loadgen's and the worker's
+    // 1 and the CLI's 4 ("NATS could not be reached or refused the login").
+    let expected = match bin {
+        _ if line.contains("invalid configuration") => 2,
+        "logstore" => 4,
+        _ => 1,
+    };
+    assert_eq!(code, Some(expected), "{what}:\n{stderr}");
     line.to_string()
 }
 

@@ -8,7 +8,8 @@
 # - Checks a few promises of the topology on the parsed result (3 worker replicas, no host port
 #   for the workers' metrics, workers start after healthy dependencies, loadgen in the test file,
 #   Prometheus's rule files mounted next to its config, Grafana on 3000 with anonymous viewing
-#   and its provisioning mounted), and that every panel of the Grafana dashboards has PromQL
+#   and its provisioning mounted, NATS started with deploy/nats/nats-server.conf and the users'
+#   password secrets), and that every panel of the Grafana dashboards has PromQL
 #   on the provisioned Prometheus data source.
 # - Checks deploy/prometheus/prometheus.yml (and the alert rules it loads) with `promtool check
 #   config`, runs the rules' unit tests (`promtool test rules deploy/prometheus/alerts_test.yml`)
@@ -76,6 +77,17 @@ for name in ("docker-compose.yaml", "docker-compose.test.yaml"):
     for svc in ("nats", "postgres1", "postgres2", "worker"):
         if "healthcheck" not in services[svc]:
             problems.append(f"{name}: {svc} has no healthcheck")
+    # NATS requires logins: the shipped configuration, both passwords as secrets; the workers
+    # log in as `worker` with theirs.
+    nats = services["nats"]
+    if "/etc/nats/run-nats.sh" not in " ".join(nats.get("entrypoint") or []):
+        problems.append(f"{name}: nats must start through deploy/nats/run-nats.sh")
+    nats_secrets = {s if isinstance(s, str) else s.get("source") for s in nats.get("secrets") or []}
+    if nats_secrets != {"nats_worker_password", "nats_client_password"}:
+        problems.append(f"{name}: nats must get the secrets nats_worker_password and nats_client_password, has {sorted(nats_secrets)}")
+    wenv = worker.get("environment") or {}
+    if wenv.get("NATS_USER") != "worker" or wenv.get("NATS_PASSWORD_FILE") != "/run/secrets/nats_worker_password":
+        problems.append(f"{name}: the workers must log in as NATS_USER=worker with NATS_PASSWORD_FILE=/run/secrets/nats_worker_password")
     shards = worker.get("environment", {}).get("POSTGRES_SHARDS", "")
     for host in ("postgres1", "postgres2"):
         if f"@{host}:" not in shards:
@@ -186,9 +198,11 @@ if untested:
 print(f"  ok ({len(rules)} rules)")
 EOF
 
-echo "==> bash -n scripts/*.sh scripts/lib/*.sh"
+echo "==> bash -n scripts/*.sh scripts/lib/*.sh; sh -n deploy/nats/run-nats.sh"
 for script in scripts/*.sh scripts/lib/*.sh; do
   bash -n "$script"
 done
+# Run by the nats image's busybox sh: POSIX sh, not bash.
+sh -n deploy/nats/run-nats.sh
 
 echo "deploy files: ok"

@@ -3,7 +3,9 @@
 #
 # The topology of docker-compose.yaml, from local binaries, everything in one temp dir and on
 # free loopback ports (nothing already running on 4222/5432/9090 is used or touched):
-#   nats-server with JetStream, two PostgreSQL servers (shards pg1 and pg2), N workers on
+#   nats-server with JetStream and the logins of docker-compose.yaml (deploy/nats/nats-server.conf:
+#   users `worker` and `client`, random passwords in DIR/secrets), two PostgreSQL servers
+#   (shards pg1 and pg2), N workers on
 #   distinct metrics ports, Prometheus scraping them (when installed), loadgen (optional).
 # It prints where everything is and waits. Ctrl-C (or SIGTERM) stops loadgen, then the workers
 # (SIGTERM: they drain and finish in-flight work), then Prometheus, Postgres and NATS, and
@@ -327,11 +329,18 @@ state dir "$dir"
 pick_port
 nats_port=$port
 mkdir -p "$dir/nats"
-spawn "$dir/nats.log" "$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$dir/nats"
+# The configuration docker-compose.yaml runs, with fresh passwords for this run.
+"$repo/scripts/nats-secrets.sh" "$dir/secrets" >/dev/null
+worker_password_file=$dir/secrets/worker.password
+client_password_file=$dir/secrets/client.password
+spawn "$dir/nats.log" env NATS_SERVER_BIN="$nats_bin" NATS_WORKER_PASSWORD_FILE="$worker_password_file" \
+  NATS_CLIENT_PASSWORD_FILE="$client_password_file" sh "$repo/deploy/nats/run-nats.sh" \
+  -a 127.0.0.1 -p "$nats_port" -js -sd "$dir/nats"
 nats_pid=$!
 nats_url=nats://127.0.0.1:$nats_port
 state nats_pid "$nats_pid"
 state nats_url "$nats_url"
+state nats_client_password_file "$client_password_file"
 wait_until 20 nats-server "$nats_pid" "$dir/nats.log" nats_greets "$nats_port"
 log "nats-server up on $nats_url"
 
@@ -375,7 +384,8 @@ for i in $(seq 1 "$WORKERS"); do
   pick_port
   # -u POSTGRES_IPS: a leftover of the original's settings in this shell must not compete with
   # POSTGRES_SHARDS.
-  spawn "$dir/worker$i.log" env -u POSTGRES_IPS NATS_URL="$nats_url" POSTGRES_SHARDS="$shards_spec" \
+  spawn "$dir/worker$i.log" env -u POSTGRES_IPS NATS_URL="$nats_url" NATS_USER=worker \
+    NATS_PASSWORD_FILE="$worker_password_file" NATS_INBOX_PREFIX=_INBOX_worker POSTGRES_SHARDS="$shards_spec" \
     INTAKE="$INTAKE" METRICS_ADDR="127.0.0.1:$port" RUST_LOG="${RUST_LOG:-info}" \
     "$BIN_DIR/worker"
   pid=$!
@@ -428,7 +438,7 @@ js_flag=""
 {
   echo
   echo "logstore is up (everything lives in $dir; Ctrl-C stops it and removes it)"
-  echo "  NATS         $nats_url  (JetStream, intake: $INTAKE)"
+  echo "  NATS         $nats_url  (JetStream, intake: $INTAKE; user client, password in $client_password_file)"
   for n in 1 2; do
     echo "  shard pg$n    ${shards[n - 1]#*=}"
   done
@@ -441,14 +451,17 @@ js_flag=""
     echo "  Prometheus   not running (install the 'prometheus' package, or PROMETHEUS=1 as root)"
   fi
   echo
+  login="NATS_USER=client NATS_PASSWORD_FILE=$client_password_file"
+  nats_cli="nats -s $nats_url --user client --password \"\$(cat $client_password_file)\""
   echo "Try:"
   if [ "$INTAKE" = core ]; then
-    echo "  nats -s $nats_url req logs '{\"id\":1,\"log\":\"hello\"}'"
+    echo "  $nats_cli req logs '{\"id\":1,\"log\":\"hello\"}'"
   else
-    echo "  nats -s $nats_url pub logs '{\"id\":1,\"log\":\"hello\",\"key\":\"k-1\"}'   # stored via JetStream"
+    echo "  $nats_cli pub logs '{\"id\":1,\"log\":\"hello\",\"key\":\"k-1\"}'   # stored via JetStream"
   fi
-  echo "  nats -s $nats_url req query '{\"id\":1}'"
-  echo "  NATS_URL=$nats_url QUERIES_MIN=600 $BIN_DIR/loadgen ${js_flag}--duration 60 --verify"
+  echo "  $nats_cli req query '{\"id\":1}'"
+  echo "  NATS_URL=$nats_url $login $BIN_DIR/logstore get 1"
+  echo "  NATS_URL=$nats_url $login QUERIES_MIN=600 $BIN_DIR/loadgen ${js_flag}--duration 60 --verify"
   echo
 } >&2
 
@@ -460,7 +473,8 @@ if [ "$LOADGEN" = 1 ]; then
   log "loadgen ${loadgen_args[*]} (QUERIES_MIN=$QUERIES_MIN)"
   # Its output goes to this terminal. Own session like the servers: a Ctrl-C reaches only
   # this script, which sends loadgen exactly one SIGINT (a second could mean "quit now").
-  NATS_URL=$nats_url QUERIES_MIN=$QUERIES_MIN setsid "$BIN_DIR/loadgen" "${loadgen_args[@]}" </dev/null &
+  NATS_URL=$nats_url NATS_USER=client NATS_PASSWORD_FILE=$client_password_file QUERIES_MIN=$QUERIES_MIN \
+    setsid "$BIN_DIR/loadgen" "${loadgen_args[@]}" </dev/null &
   loadgen_pid=$!
   state loadgen_pid "$loadgen_pid"
 fi

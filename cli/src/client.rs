@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::{Client, StatusCode, Subscriber};
 use bytes::Bytes;
 use futures::StreamExt;
-use logstore_protocol::redact::{NatsAuth, NatsServers};
+use logstore_protocol::nats::{ConnectFailure, NatsAccess};
 use logstore_protocol::{ErrorBody, ErrorReply, LogEntry, Order, QueryRequest, QueryResponse};
 use serde::de::DeserializeOwned;
 
@@ -16,12 +16,9 @@ pub const PAGE: u64 = 1_000;
 /// Why a request got no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    /// NATS could not be reached, or refused the login or the TLS handshake.
+    #[error(transparent)]
+    Connect(ConnectFailure),
     /// Nobody answered: no worker subscribed, or none answered in time. Retrying may help.
     #[error("no answer on {subject}: {why}")]
     NoAnswer { subject: String, why: String },
@@ -65,29 +62,23 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connect with NATS_URL's credentials passed as connect options (never inside a URL the
-    /// client could log); errors show the URL redacted.
+    /// Connect with the login and TLS of the NATS_* settings (credentials passed as connect
+    /// options, never inside a URL the client could log); errors show the URL redacted and
+    /// say whether the server refused the login or the TLS handshake.
     pub async fn open(
-        nats: &NatsServers,
+        nats: &NatsAccess,
         subjects: Subjects,
         timeout: Duration,
     ) -> Result<Connection, ClientError> {
-        let options = match &nats.auth {
-            NatsAuth::None => async_nats::ConnectOptions::new(),
-            NatsAuth::UserPassword { user, password } => {
-                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
-            }
-            NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
-        };
-        let connect = options
-            .name("logstore-cli")
-            .connection_timeout(timeout)
-            .request_timeout(Some(timeout))
-            .connect(nats.servers.as_slice());
-        let client = connect.await.map_err(|source| ClientError::Connect {
-            url: nats.shown.clone(),
-            source,
-        })?;
+        let client = nats
+            .connect(|options| {
+                options
+                    .name("logstore-cli")
+                    .connection_timeout(timeout)
+                    .request_timeout(Some(timeout))
+            })
+            .await
+            .map_err(ClientError::Connect)?;
         Ok(Connection {
             client,
             subjects,

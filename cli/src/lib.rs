@@ -16,7 +16,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use logstore_protocol::redact::NatsServers;
+use logstore_protocol::nats::NatsSecurityArgs;
 use logstore_protocol::{
     AppendReply, AppendRequest, DeleteReply, DeleteRequest, ErrorCode, LogEntry, Order,
     QueryRequest, StatsReply, StatsRequest, Timestamp,
@@ -39,7 +39,8 @@ Examples:
 
 Output: one line per entry, `SEQ TS TEXT` (control characters in TEXT escaped); --json prints
 JSON lines. Exit codes: 0 ok; 1 the service refused or failed the request; 2 bad usage;
-3 conflict (--expect-seq was not the last seq); 4 NATS or the workers could not be reached.";
+3 conflict (--expect-seq was not the last seq); 4 NATS or the workers could not be reached, or
+NATS refused the login or the TLS handshake (the line says which).";
 
 /// The command line. Every connection setting has the worker's environment variable.
 #[derive(Debug, Parser)]
@@ -60,6 +61,9 @@ pub struct Args {
         global = true
     )]
     pub nats_url: String,
+    /// NATS login and TLS: the workers' settings of the same names.
+    #[command(flatten)]
+    pub nats_security: NatsSecurityArgs,
     /// Subject of appends (the workers' NATS_LOGS_TOPIC).
     #[arg(long, env = "NATS_LOGS_TOPIC", default_value = "logs", global = true)]
     pub logs_subject: String,
@@ -187,8 +191,10 @@ impl CliError {
 
 /// Run one command, writing its output to `out`.
 pub async fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
-    let nats = NatsServers::parse(&args.nats_url)
-        .map_err(|why| CliError::Usage(format!("NATS_URL: {why}")))?;
+    let nats = args
+        .nats_security
+        .resolve(&args.nats_url)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let subjects = Subjects {
         logs: args.logs_subject.clone(),
         query: args.query_subject.clone(),

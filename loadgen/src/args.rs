@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::Parser;
-use logstore_protocol::redact::{redact, NatsServers};
+use logstore_protocol::nats::{NatsAccess, NatsSecurityArgs};
+use logstore_protocol::redact::redact;
 use rand::Rng;
 
 use logstore_protocol::DEFAULT_MAX_BATCH_ENTRIES;
@@ -35,6 +36,10 @@ pub struct Args {
         hide_env_values = true
     )]
     pub nats_url: String,
+
+    /// NATS login and TLS: the workers' settings of the same names.
+    #[command(flatten)]
+    pub nats_security: NatsSecurityArgs,
 
     /// Instead of generating load: read object ID's whole log in one query (streamed in chunks),
     /// check it is in order and report entries per second. For benchmarking large reads.
@@ -230,6 +235,7 @@ impl std::fmt::Debug for Args {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let Args {
             nats_url,
+            nats_security,
             read_whole,
             logs_subject,
             query_subject,
@@ -256,6 +262,7 @@ impl std::fmt::Debug for Args {
         } = self;
         f.debug_struct("Args")
             .field("nats_url", &redact(nats_url))
+            .field("nats_security", nats_security)
             .field("read_whole", read_whole)
             .field("logs_subject", logs_subject)
             .field("query_subject", query_subject)
@@ -286,9 +293,9 @@ impl std::fmt::Debug for Args {
 /// Validated settings with every random default drawn. Everything a run needs to know.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// NATS_URL split into credential-free server URLs and the credentials (`Debug` hides
-    /// them).
-    pub nats: NatsServers,
+    /// NATS_URL's credential-free server URLs, the login (from NATS_URL or the secret files,
+    /// read once here) and TLS (`Debug` hides the secrets).
+    pub nats: NatsAccess,
     pub logs_subject: String,
     pub query_subject: String,
     pub pace: Pace,
@@ -354,8 +361,10 @@ fn seconds(
 impl Args {
     /// Check every setting and draw the random defaults. Errors name the flag and variable.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
-        let nats = NatsServers::parse(&self.nats_url)
-            .map_err(|reason| invalid("nats-url", "NATS_URL", reason))?;
+        let nats = self
+            .nats_security
+            .resolve(&self.nats_url)
+            .map_err(|e| invalid(e.flag(), e.var, e.problem))?;
         let rate = match (self.max_rate, self.rate) {
             (true, _) => None,
             (false, Some(rate)) => Some(("rate", "LOADGEN_RATE", rate)),

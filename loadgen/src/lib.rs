@@ -34,7 +34,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::Subject;
-use logstore_protocol::redact::{NatsAuth, NatsServers};
+use logstore_protocol::nats::{ConnectFailure, NatsAccess};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -56,12 +56,9 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    /// NATS could not be reached, or refused the login or the TLS handshake.
+    #[error(transparent)]
+    Connect(#[from] ConnectFailure),
     #[error("cannot create latency histograms: {0}")]
     Histogram(#[from] hdrhistogram::CreationError),
     #[error("cannot encode the report: {0}")]
@@ -419,28 +416,15 @@ fn read_back_settings(settings: &Settings) -> verify::ReadBack {
 }
 
 /// Connection number `n` (0-based) of this process, named so the server's monitoring tells
-/// them apart. NATS_URL's credentials go in as connect options: the client ignores credentials
-/// in URLs and would print them in its debug logs. The error shows the list redacted.
-async fn connect(nats: &NatsServers, n: usize) -> Result<async_nats::Client, Error> {
-    let options = match &nats.auth {
-        NatsAuth::None => async_nats::ConnectOptions::new(),
-        NatsAuth::UserPassword { user, password } => {
-            async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
-        }
-        NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
-    };
+/// them apart, with the login and TLS of the NATS_* settings (credentials go in as connect
+/// options: the client ignores credentials in URLs and would print them in its debug logs).
+/// The error shows the list redacted and says whether the server refused the login or TLS.
+async fn connect(nats: &NatsAccess, n: usize) -> Result<async_nats::Client, Error> {
     let name = match n {
         0 => "loadgen".to_string(),
         n => format!("loadgen-{}", n + 1),
     };
-    options
-        .name(name)
-        .connect(nats.servers.as_slice())
-        .await
-        .map_err(|source| Error::Connect {
-            url: nats.shown.clone(),
-            source,
-        })
+    Ok(nats.connect(|options| options.name(name)).await?)
 }
 
 /// The start line: everything needed to understand, and to repeat, the run.

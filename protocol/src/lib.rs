@@ -12,6 +12,8 @@
 //! turn any byte string into either a valid request or an [`ErrorBody`] that says what was wrong.
 
 pub mod chain;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod redact;
 pub mod timestamp;
 

@@ -4,16 +4,18 @@
 //! Raw values are read as text and validated here rather than by clap's typed parsers, so that a
 //! missing or malformed setting fails with exactly one line naming the variable.
 //!
-//! Secrets (`NATS_URL`, `POSTGRES_SHARDS`, `POSTGRES_PASSWORD`) are never shown: `--help` hides
-//! their environment values, errors and `Debug` pass every connection string through
-//! [`redact`], and NATS credentials travel in the connect options rather than in the URLs the
-//! client library logs.
+//! Secrets (`NATS_URL`, `POSTGRES_SHARDS`, `POSTGRES_PASSWORD`, the NATS secret files) are
+//! never shown: `--help` hides their environment values, errors and `Debug` pass every
+//! connection string through [`redact`], and NATS credentials travel in the connect options
+//! rather than in the URLs the client library logs. The NATS login and TLS settings are the
+//! ones loadgen and the CLI read too ([`logstore_protocol::nats`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
-use logstore_protocol::redact::{redact, split_list, NatsAuth, NatsServers, MASK};
+use logstore_protocol::nats::{NatsAccess, NatsSecurityArgs};
+use logstore_protocol::redact::{redact, split_list, MASK};
 use logstore_protocol::Limits;
 
 /// A configuration problem, always naming the variable at fault.
@@ -43,6 +45,10 @@ pub struct RawConfig {
         hide_env_values = true
     )]
     pub nats_url: String,
+    /// NATS login (NATS_USER + NATS_PASSWORD_FILE, NATS_TOKEN_FILE, NATS_NKEY_SEED_FILE,
+    /// NATS_CREDS_FILE) and TLS (NATS_TLS_CA_FILE, NATS_TLS_CERT_FILE, NATS_TLS_KEY_FILE).
+    #[command(flatten)]
+    pub nats_security: NatsSecurityArgs,
     /// Shards as `name=postgres://user:pass@host:port/db,name2=…` (URLs only, no spaces). The
     /// name is the shard's identity on the ring; the URL may change freely.
     #[arg(long, env = "POSTGRES_SHARDS", hide_env_values = true)]
@@ -89,6 +95,11 @@ pub struct RawConfig {
     pub nats_events_prefix: String,
     #[arg(long, env = "NATS_DEAD_LETTER_TOPIC", default_value = "dead_letter")]
     pub nats_dead_letter_topic: String,
+    /// Prefix of the worker's own reply subjects (JetStream API answers, pulled messages). A
+    /// prefix of its own (e.g. `_INBOX_worker`) lets the server's permissions keep clients,
+    /// who may subscribe to `_INBOX.>`, from reading what the stream delivers to workers.
+    #[arg(long, env = "NATS_INBOX_PREFIX", default_value = "_INBOX")]
+    pub nats_inbox_prefix: String,
     /// How appends arrive: `jetstream` (durable: a stream captures every publish, workers ack
     /// after commit) or `core` (the original's plain queue subscription, at most once).
     #[arg(long, env = "INTAKE", default_value = "jetstream")]
@@ -236,8 +247,9 @@ pub struct Config {
     pub intake: Intake,
     /// NATS_URL as given (with any credentials): show it only through [`redact`].
     pub nats_url: String,
-    /// NATS_URL split into credential-free server URLs and the credentials.
-    pub nats: NatsServers,
+    /// NATS_URL's credential-free server URLs, the login (from NATS_URL or the secret files,
+    /// read once at start) and TLS.
+    pub nats: NatsAccess,
     pub shards: Vec<ShardConfig>,
     pub logs_subject: String,
     pub query_subject: String,
@@ -249,6 +261,8 @@ pub struct Config {
     pub queue_group: String,
     pub events_prefix: String,
     pub dead_letter_subject: String,
+    /// NATS_INBOX_PREFIX: the worker's reply subjects start with it.
+    pub inbox_prefix: String,
     pub metrics_addr: SocketAddr,
     pub json_logs: bool,
     pub ring_vnodes: u32,
@@ -265,27 +279,13 @@ pub struct Config {
     pub max_query_bytes: usize,
 }
 
-impl Config {
-    /// Connect options carrying NATS_URL's credentials; connect them to `nats.servers`. The
-    /// client ignores credentials in URLs and would print them in its debug logs.
-    pub fn nats_options(&self) -> async_nats::ConnectOptions {
-        let options = async_nats::ConnectOptions::new();
-        match &self.nats.auth {
-            NatsAuth::None => options,
-            NatsAuth::UserPassword { user, password } => {
-                options.user_and_password(user.clone(), password.clone())
-            }
-            NatsAuth::Token(token) => options.token(token.clone()),
-        }
-    }
-}
-
 /// Hand-written so that secrets never reach a log line or a panic message. The destructuring
 /// lists every field, so a new one cannot be added without deciding how it is shown.
 impl std::fmt::Debug for RawConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let RawConfig {
             nats_url,
+            nats_security,
             postgres_shards,
             postgres_ips,
             postgres_port,
@@ -302,6 +302,7 @@ impl std::fmt::Debug for RawConfig {
             nats_queue_group,
             nats_events_prefix,
             nats_dead_letter_topic,
+            nats_inbox_prefix,
             intake,
             nats_stream,
             nats_consumer,
@@ -330,6 +331,7 @@ impl std::fmt::Debug for RawConfig {
         } = self;
         f.debug_struct("RawConfig")
             .field("nats_url", &redact(nats_url))
+            .field("nats_security", nats_security)
             .field("postgres_shards", &postgres_shards.as_deref().map(redact))
             .field("postgres_ips", &postgres_ips.as_deref().map(redact))
             .field("postgres_port", postgres_port)
@@ -353,6 +355,7 @@ impl std::fmt::Debug for RawConfig {
             .field("nats_queue_group", nats_queue_group)
             .field("nats_events_prefix", nats_events_prefix)
             .field("nats_dead_letter_topic", nats_dead_letter_topic)
+            .field("nats_inbox_prefix", nats_inbox_prefix)
             .field("intake", intake)
             .field("nats_stream", nats_stream)
             .field("nats_consumer", nats_consumer)
@@ -399,6 +402,7 @@ impl std::fmt::Debug for Config {
             queue_group,
             events_prefix,
             dead_letter_subject,
+            inbox_prefix,
             metrics_addr,
             json_logs,
             ring_vnodes,
@@ -428,6 +432,7 @@ impl std::fmt::Debug for Config {
             .field("queue_group", queue_group)
             .field("events_prefix", events_prefix)
             .field("dead_letter_subject", dead_letter_subject)
+            .field("inbox_prefix", inbox_prefix)
             .field("metrics_addr", metrics_addr)
             .field("json_logs", json_logs)
             .field("ring_vnodes", ring_vnodes)
@@ -453,7 +458,10 @@ impl RawConfig {
         let nats_url = non_empty("NATS_URL", &self.nats_url)?;
         Ok(Config {
             intake: self.intake()?,
-            nats: nats_servers(&nats_url)?,
+            nats: self
+                .nats_security
+                .resolve(&nats_url)
+                .map_err(|e| bad(e.var, e.problem))?,
             nats_url,
             shards,
             logs_subject: subject("NATS_LOGS_TOPIC", &self.nats_logs_topic)?,
@@ -465,6 +473,7 @@ impl RawConfig {
             queue_group: subject("NATS_QUEUE_GROUP", &self.nats_queue_group)?,
             events_prefix: subject("NATS_EVENTS_PREFIX", &self.nats_events_prefix)?,
             dead_letter_subject: subject("NATS_DEAD_LETTER_TOPIC", &self.nats_dead_letter_topic)?,
+            inbox_prefix: subject("NATS_INBOX_PREFIX", &self.nats_inbox_prefix)?,
             metrics_addr: metrics_addr(&self.metrics_addr)?,
             json_logs: match self.log_format.trim() {
                 "text" => false,
@@ -704,26 +713,6 @@ fn check_unique(var: &'static str, shards: &[ShardConfig]) -> Result<(), ConfigE
     Ok(())
 }
 
-/// NATS_URL split into servers and credentials; every server must parse as the client's
-/// address type, so a bad URL stops the start here (redacted) instead of in the client.
-fn nats_servers(value: &str) -> Result<NatsServers, ConfigError> {
-    let nats = NatsServers::parse(value).map_err(|problem| bad("NATS_URL", problem))?;
-    for (i, server) in nats.servers.iter().enumerate() {
-        // The client's parse errors name the problem (port, scheme), never the URL.
-        if let Err(e) = server.parse::<async_nats::ServerAddr>() {
-            return Err(bad(
-                "NATS_URL",
-                format!(
-                    "server {} of {:?} is not a NATS server URL ({e})",
-                    i + 1,
-                    nats.shown
-                ),
-            ));
-        }
-    }
-    Ok(nats)
-}
-
 /// `host:port`, or `:port` for every interface (the Go service's form).
 fn metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
     let trimmed = value.trim();
@@ -822,6 +811,7 @@ where
 mod tests {
     use super::*;
     use clap::Parser;
+    use logstore_protocol::nats::Login;
 
     #[derive(Parser)]
     struct Cli {
@@ -1051,15 +1041,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.nats.servers, ["nats://h1:4222", "nats://h2:4222"]);
         assert_eq!(
-            c.nats.auth,
-            NatsAuth::UserPassword {
+            c.nats.login,
+            Login::UserPassword {
                 user: "u".into(),
-                password: MARKER.into()
+                password: MARKER.into(),
+                from: "NATS_URL".into(),
             }
         );
         let c = raw(&["--postgres-ips", "h"]).validate().unwrap();
         assert_eq!(c.nats.servers, ["nats://127.0.0.1:4222"]);
-        assert_eq!(c.nats.auth, NatsAuth::None);
+        assert_eq!(c.nats.login, Login::None);
     }
 
     #[test]
@@ -1078,6 +1069,56 @@ mod tests {
             assert!(!debug.contains(MARKER), "{debug}");
             assert!(debug.contains("***"), "{debug}");
         }
+    }
+
+    #[test]
+    fn nats_secret_files_are_read_once_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, format!("{MARKER}\n")).unwrap();
+        let path = file.display().to_string();
+        let raw = raw(&[
+            "--postgres-ips",
+            "h",
+            "--nats-user",
+            "worker",
+            "--nats-password-file",
+            &path,
+        ]);
+        let config = raw.validate().unwrap();
+        assert_eq!(
+            config.nats.login,
+            Login::UserPassword {
+                user: "worker".into(),
+                password: MARKER.into(),
+                from: format!("NATS_PASSWORD_FILE {path}"),
+            }
+        );
+        let debug = format!("{raw:?} {config:?}");
+        assert!(!debug.contains(MARKER), "{debug}");
+        assert!(debug.contains(&path), "{debug}");
+        // Two logins at once, or a file that is not there: one line naming the variable.
+        let err = self::raw(&[
+            "--postgres-ips",
+            "h",
+            "--nats-url",
+            &format!("nats://u:{MARKER}@h"),
+            "--nats-token-file",
+            &path,
+        ])
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.var, "NATS_TOKEN_FILE", "{err}");
+        assert!(!err.to_string().contains(MARKER), "{err}");
+        refused(
+            &[
+                "--postgres-ips",
+                "h",
+                "--nats-nkey-seed-file",
+                "/nonexistent/seed",
+            ],
+            "NATS_NKEY_SEED_FILE",
+        );
     }
 
     #[test]

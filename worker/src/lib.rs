@@ -63,12 +63,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Nats {
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    /// NATS refused the login or the TLS handshake at start (or, with retries, the client
+    /// could not be set up at all).
+    #[error(transparent)]
+    Nats(#[from] logstore_protocol::nats::ConnectFailure),
     #[error("cannot subscribe to {subject}: {source}")]
     Subscribe {
         subject: String,
@@ -444,19 +442,59 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
     Ok(Arc::new(shards))
 }
 
+/// Connect to NATS. One attempt first: a server that refuses the login or the TLS handshake
+/// stops the start with a line saying so (no retry cures that). A server that cannot be
+/// reached is retried in the background while the worker runs, not ready, as before.
 async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::Client, Error> {
-    let reconnects = metrics.nats_reconnects.clone();
-    let connected_once = Arc::new(AtomicBool::new(false));
-    // Per server URL (redacted), the failed attempts already logged.
-    let failures_seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
-        String,
-        usize,
-    >::new()));
-    config
-        .nats_options() // NATS_URL's credentials: passed here, never inside logged URLs
+    let state = ConnectionLog {
+        reconnects: metrics.nats_reconnects.clone(),
+        connected_once: Arc::new(AtomicBool::new(false)),
+        failures_seen: Arc::default(),
+    };
+    let failure = match config
+        .nats
+        .connect(|o| with_callbacks(o, config, &state))
+        .await
+    {
+        Ok(client) => return Ok(client),
+        Err(failure) if failure.rejected => return Err(failure.into()),
+        Err(failure) => failure,
+    };
+    tracing::warn!(
+        error = %Chain(&failure),
+        "NATS is not reachable at start; the worker starts (not ready) and connects when it is"
+    );
+    // Start (not ready) while NATS is down, and connect when it comes up.
+    let retrying = |o| with_callbacks(o, config, &state).retry_on_initial_connect();
+    Ok(config.nats.connect(retrying).await?)
+}
+
+/// What the connection callbacks share across connection attempts (and the two clients
+/// [`connect_nats`] may build).
+#[derive(Clone)]
+struct ConnectionLog {
+    reconnects: prometheus::IntCounter,
+    connected_once: Arc<AtomicBool>,
+    /// Per server URL (redacted), the failed attempts already logged.
+    failures_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// `options` (the login and TLS of the NATS_* settings: credentials travel there, never
+/// inside logged URLs) with the worker's name, its inbox prefix and callbacks that log each
+/// connection event once.
+fn with_callbacks(
+    options: async_nats::ConnectOptions,
+    config: &Config,
+    state: &ConnectionLog,
+) -> async_nats::ConnectOptions {
+    let ConnectionLog {
+        reconnects,
+        connected_once,
+        failures_seen,
+    } = state.clone();
+    options
         .name("logstore-worker")
-        // Start (not ready) while NATS is down, and connect when it comes up.
-        .retry_on_initial_connect()
+        .custom_inbox_prefix(&config.inbox_prefix)
         // Called before every connection attempt (initial and reconnect) with the server pool,
         // which holds each server's failed-attempt count and last error: a count that grew
         // since the last call is one failed attempt, logged once, with the (redacted) URL and
@@ -506,12 +544,6 @@ async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::
                     other => tracing::info!(event = %other, "NATS event"),
                 }
             }
-        })
-        .connect(config.nats.servers.as_slice())
-        .await
-        .map_err(|source| Error::Nats {
-            url: logstore_protocol::redact::redact(&config.nats_url),
-            source,
         })
 }
 

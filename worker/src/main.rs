@@ -80,8 +80,11 @@ fn run(config: Arc<worker::config::Config>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("worker: {e:#}");
+            // One line with every cause once (anyhow's `{:#}` would repeat the causes that
+            // async-nats already writes into its own messages).
+            let line = worker::Chain(e.as_ref()).to_string();
+            tracing::error!("{line}");
+            eprintln!("worker: {line}");
             ExitCode::FAILURE
         }
     }

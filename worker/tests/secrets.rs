@@ -341,8 +341,11 @@ async fn nats_logins_never_print_the_password() {
     let mut env = Env::shared(&["a"]).await;
 
     env.nats_url = format!("nats://logstore:wrong-{MARKER}@127.0.0.1:{}", nats.port());
+    // A refused login stops the worker at start (no retry cures it), saying so.
     let worker = LoggedWorker::spawn(&env, &[]);
-    worker.wait_for("authorization violation").await;
+    worker
+        .wait_for("refused the login for user logstore: authorization violation")
+        .await;
     let output = worker.stop().await;
     assert!(output.contains("attempting connection"), "{output}");
     assert_no_marker("worker with a wrong NATS password", &output);
@@ -354,7 +357,7 @@ async fn nats_logins_never_print_the_password() {
     assert!(output.contains("connected to NATS"), "{output}");
     assert_no_marker("worker with the right NATS password", &output);
 
-    // loadgen does not retry a failed first connection: it exits 1 with the reason.
+    // loadgen does not retry a failed first connection either: it exits 1 with the reason.
     let (code, stdout, stderr) = run_once(
         "loadgen",
         &["--count", "1"],
@@ -365,7 +368,10 @@ async fn nats_logins_never_print_the_password() {
     )
     .await;
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("cannot connect to NATS"), "{stderr}");
+    assert!(
+        stderr.contains("refused the login for user logstore"),
+        "{stderr}"
+    );
     assert_no_marker(
         "loadgen with a wrong NATS password",
         &format!("{stdout}{stderr}"),

@@ -77,6 +77,9 @@ pub struct NatsServer {
     child: Option<Child>,
     store: PathBuf,
     log: PathBuf,
+    /// The config file and launcher it was started with (see [`NatsServer::restart_as_started`]).
+    conf: Option<PathBuf>,
+    launcher: Launcher,
     // Last field: dropped after `Drop::drop` has killed the process.
     dir: TempDir,
 }
@@ -91,7 +94,10 @@ impl NatsServer {
 
     /// [`NatsServer::start`], with `extra_conf` (nats-server config syntax) when given.
     fn launch(extra_conf: Option<&str>) -> NatsServer {
-        let bin = nats_binary();
+        Self::launch_with(extra_conf, Launcher::default())
+    }
+
+    fn launch_with(extra_conf: Option<&str>, launcher: Launcher) -> NatsServer {
         let dir = new_server_dir("nats", false);
         let store = dir.path().join("jetstream");
         fs::create_dir_all(&store).expect("create nats store dir");
@@ -104,13 +110,15 @@ impl NatsServer {
         let mut last_err = String::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            match launch_nats(&bin, port, &store, &log, conf.as_deref()) {
+            match launch_nats(&launcher, port, &store, &log, conf.as_deref()) {
                 Ok(child) => {
                     return NatsServer {
                         port,
                         child: Some(child),
                         store,
                         log,
+                        conf,
+                        launcher,
                         dir,
                     }
                 }
@@ -155,7 +163,13 @@ impl NatsServer {
         if self.child.is_some() {
             self.stop();
         }
-        match launch_nats(&nats_binary(), self.port, &self.store, &self.log, None) {
+        match launch_nats(
+            &Launcher::default(),
+            self.port,
+            &self.store,
+            &self.log,
+            None,
+        ) {
             Ok(child) => self.child = Some(child),
             Err(e) => panic!("restarting nats-server on port {}: {}", self.port, e.msg),
         }
@@ -183,16 +197,35 @@ struct LaunchError {
     port_clash: bool,
 }
 
+/// How nats-server is started: the binary itself (the default), or a wrapper script that
+/// ends with `exec nats-server "$@"`, given the same arguments and extra environment (as
+/// deploy/nats/run-nats.sh is).
+#[derive(Clone, Default)]
+pub struct Launcher {
+    pub script: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
 /// Starts nats-server (with `-c conf` when given: a server that requires a login still greets
 /// every client with `INFO`, so readiness is checked the same way).
 fn launch_nats(
-    bin: &Path,
+    launcher: &Launcher,
     port: u16,
     store: &Path,
     log: &Path,
     conf: Option<&Path>,
 ) -> Result<Child, LaunchError> {
-    let mut cmd = Command::new(bin);
+    let mut cmd = match &launcher.script {
+        Some(script) => {
+            let mut cmd = Command::new("sh");
+            cmd.arg(script);
+            // The wrapper finds the binary where the tests do.
+            cmd.env("NATS_SERVER_BIN", nats_binary());
+            cmd
+        }
+        None => Command::new(nats_binary()),
+    };
+    cmd.envs(launcher.env.iter().map(|(k, v)| (k, v)));
     if let Some(conf) = conf {
         cmd.arg("-c").arg(conf);
     }
@@ -278,6 +311,36 @@ impl NatsServer {
     /// [`NatsServer::restart`] brings the server back WITHOUT `extra_conf`.
     pub fn start_with_config(extra_conf: &str) -> NatsServer {
         Self::launch(Some(extra_conf))
+    }
+
+    /// Starts nats-server through `launcher` (a wrapper script and its environment), which
+    /// is given the test's arguments (`-a 127.0.0.1 -p PORT -js -sd STORE`) and brings its
+    /// own configuration.
+    pub fn start_launched(launcher: Launcher) -> NatsServer {
+        Self::launch_with(None, launcher)
+    }
+
+    /// Like [`NatsServer::restart`], but with the configuration and launcher it was started
+    /// with (a server that requires a login keeps requiring it).
+    pub fn restart_as_started(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        match launch_nats(
+            &self.launcher,
+            self.port,
+            &self.store,
+            &self.log,
+            self.conf.as_deref(),
+        ) {
+            Ok(child) => self.child = Some(child),
+            Err(e) => panic!("restarting nats-server on port {}: {}", self.port, e.msg),
+        }
+    }
+
+    /// The server's log so far (to show when a test fails).
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

@@ -364,8 +364,9 @@ impl Router {
         while let Some(message) = batch.next().await {
             match message {
                 Ok(message) => self.jetstream_append(message).await,
+                // A status that ends the pull (max bytes reached, max ack pending, ...).
                 Err(e) => {
-                    tracing::warn!(error = %e, "JetStream delivery error");
+                    tracing::debug!(error = %e, "JetStream pull ended by the server");
                     break;
                 }
             }

@@ -390,7 +390,8 @@ async fn resync(
 
 /// One pull request, read to its end before anything is routed (a pull whose messages sit
 /// unread is abandoned by the client after its expiry, and they would come back out of order).
-/// Returns the messages and whether the pull ended without an error.
+/// Returns the messages and whether the pull ended as a pull does (a message dropped on the way
+/// shows as a skipped sequence instead).
 async fn fetch(
     router: &Router,
     consumer: &Consumer,
@@ -405,9 +406,11 @@ async fn fetch(
         match tokio::time::timeout_at(deadline, batch.next()).await {
             Ok(Some(Ok(message))) => messages.push(message),
             Ok(None) => return (messages, true),
+            // A status that ends the pull (max bytes reached, max ack pending, ...): what was
+            // delivered before it is all here, in order.
             Ok(Some(Err(e))) => {
-                tracing::warn!(error = %e, "JetStream delivery error");
-                return (messages, false);
+                tracing::debug!(error = %e, "JetStream pull ended by the server");
+                return (messages, true);
             }
             Err(_) => {
                 tracing::warn!("a JetStream pull did not end in time");

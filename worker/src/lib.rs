@@ -25,6 +25,7 @@ pub mod intake;
 pub mod metrics;
 pub mod origin;
 pub mod outbox;
+pub mod pgtls;
 pub mod pipeline;
 pub mod query;
 pub mod retention;

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::ShardConfig;
 
@@ -308,16 +308,27 @@ pub struct Shard {
 impl Shard {
     /// Build the shard's pool. Connects lazily: a shard that is down does not fail this.
     pub fn new(config: &ShardConfig, pool_size: usize, timeout: Duration) -> Result<Shard, String> {
-        let mut pg: tokio_postgres::Config = config
-            .url
+        // libpq's TLS parameters (sslmode verify-ca/verify-full, sslrootcert, sslcert, sslkey)
+        // are ours to handle: tokio-postgres knows only disable/prefer/require.
+        let (url, tls) =
+            crate::pgtls::split(&config.url).map_err(|e| format!("shard {}: {e}", config.name))?;
+        let mut pg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("shard {}: bad URL: {e}", config.name))?;
+        if config.url.contains("://") {
+            // The URL's sslmode, taken out by split (or libpq's default, prefer). The key=value
+            // form keeps what tokio-postgres read from it (disable/prefer/require).
+            pg.ssl_mode(tls.mode.for_tokio_postgres());
+        }
+        let connector = crate::pgtls::client_config(&tls)
+            .map(MakeRustlsConnect::new)
+            .map_err(|e| format!("shard {}: {e}", config.name))?;
         pg.connect_timeout(timeout.min(Duration::from_secs(5)));
         pg.keepalives_idle(Duration::from_secs(30));
         pg.application_name("logstore-worker");
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            connector,
             ManagerConfig {
                 // Fast: a connection whose socket died is dropped on return anyway; a broken one
                 // that still looks open fails its next statement, which answers `unavailable`.

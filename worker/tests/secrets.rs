@@ -5,14 +5,9 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use support::*;
-use tokio::io::AsyncReadExt;
-use tokio::task::JoinHandle;
 
 /// Stands in for every secret. Distinctive enough never to appear by accident.
 const MARKER: &str = "S3CRET-MARKER-5d1c";
@@ -230,104 +225,6 @@ async fn bad_configurations_fail_in_one_line_without_the_secret() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("NATS_URL"), "{stderr}");
     assert_no_marker("loadgen with a bad NATS_URL", &format!("{stdout}{stderr}"));
-}
-
-/// A worker process at `RUST_LOG=debug` whose stdout and stderr are collected as it runs.
-struct LoggedWorker {
-    child: tokio::process::Child,
-    output: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-    metrics: SocketAddr,
-}
-
-impl LoggedWorker {
-    /// `env`'s settings plus `extra`, nothing inherited, `RUST_LOG=debug`.
-    fn spawn(env: &Env, extra: &[(&str, String)]) -> LoggedWorker {
-        LoggedWorker::spawn_logging(env, extra, Some("debug"))
-    }
-
-    /// The same with `RUST_LOG` as given, or unset: the worker's default log level.
-    fn spawn_logging(env: &Env, extra: &[(&str, String)], rust_log: Option<&str>) -> LoggedWorker {
-        let port = free_port();
-        let mut command = tokio::process::Command::new(bin_path("worker"));
-        command.env_clear().envs(env.settings(port));
-        if let Some(level) = rust_log {
-            command.env("RUST_LOG", level);
-        }
-        let mut child = command
-            .envs(extra.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the worker binary");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        readers.push(tokio::spawn(collect(stdout, output.clone())));
-        readers.push(tokio::spawn(collect(stderr, output.clone())));
-        LoggedWorker {
-            child,
-            output,
-            readers,
-            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    fn output(&self) -> String {
-        String::from_utf8_lossy(&self.output.lock().expect("output lock")).into_owned()
-    }
-
-    /// Waits until the output contains `needle`.
-    async fn wait_for(&self, needle: &str) {
-        eventually(30, &format!("worker logs {needle:?}"), || async move {
-            self.output().contains(needle).then_some(())
-        })
-        .await;
-    }
-
-    async fn wait_ready(&self) {
-        let addr = self.metrics;
-        eventually(60, "worker ready", || async move {
-            matches!(http_get(addr, "/readyz").await, Some((200, _))).then_some(())
-        })
-        .await;
-    }
-
-    /// SIGTERM; SIGKILL if it has not exited within 20 s (a worker that never reached NATS
-    /// may wait for it at shutdown, which is not what these tests are about). Returns
-    /// everything it printed.
-    async fn stop(mut self) -> String {
-        let pid = self.child.id().expect("worker still running") as i32;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .is_err()
-        {
-            self.child.kill().await.expect("SIGKILL the worker");
-        }
-        for reader in self.readers.drain(..) {
-            within(10, "worker output read to its end", reader)
-                .await
-                .expect("output reader");
-        }
-        self.output()
-    }
-}
-
-async fn collect(mut from: impl tokio::io::AsyncRead + Unpin, into: Arc<Mutex<Vec<u8>>>) {
-    let mut buf = [0u8; 8192];
-    while let Ok(n) = from.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-        into.lock()
-            .expect("output lock")
-            .extend_from_slice(&buf[..n]);
-    }
 }
 
 /// NATS that requires a user and password. A wrong password and the right one, both given in

@@ -1,7 +1,8 @@
 //! Secrets are never printed. A marker string stands in for every password and token
-//! (NATS_URL, POSTGRES_SHARDS, POSTGRES_PASSWORD), and no output may contain it: not `--help`,
-//! not the one-line error of a bad configuration, not a worker's debug log while its NATS or
-//! PostgreSQL login fails, nor while it succeeds.
+//! (NATS_URL, POSTGRES_SHARDS, POSTGRES_PASSWORD, the content of POSTGRES_PASSWORD_FILE), and
+//! no output may contain it: not `--help`, not the one-line error of a bad configuration, not
+//! a worker's debug log (nor /metrics) while its NATS or PostgreSQL login fails, nor while it
+//! succeeds.
 
 mod support;
 
@@ -353,4 +354,58 @@ async fn postgres_logins_never_print_the_password() {
     worker.wait_ready().await;
     let output = worker.stop().await;
     assert_no_marker("worker with the right password", &output);
+}
+
+/// POSTGRES_PASSWORD_FILE: a wrong password in the file, then the right one (with the newline
+/// an editor leaves), for a POSTGRES_SHARDS URL without a password. Neither shows up in what
+/// the worker prints at debug level, nor in /metrics or /readyz.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_password_file_is_never_printed() {
+    let pg = PgServer::start(); // its own: require_password changes pg_hba.conf for good
+    let role = "logstore_file";
+    let db = pg.require_password(role, MARKER).await;
+    let env = Env {
+        nats_url: shared().nats.url(),
+        prefix: unique_name("t"),
+        shards: vec![(
+            "a".to_string(),
+            format!("postgres://{role}@127.0.0.1:{}/{db}", pg.port()),
+        )],
+        intake: "core",
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("postgres-password");
+    let setting = [("POSTGRES_PASSWORD_FILE", file.display().to_string())];
+
+    std::fs::write(&file, format!("wrong-{MARKER}\n")).expect("write the password file");
+    let worker = LoggedWorker::spawn(&env, &setting);
+    worker.wait_for("shard unreachable at start").await;
+    worker.wait_for("shard still unreachable").await;
+    for path in ["/metrics", "/readyz"] {
+        let (_, body) = within(10, "GET", http_get(worker.metrics, path))
+            .await
+            .unwrap_or_else(|| panic!("GET {path}"));
+        assert_no_marker(&format!("{path} with a wrong password file"), &body);
+    }
+    let output = worker.stop().await;
+    assert!(
+        output.contains("password authentication failed"),
+        "{output}"
+    );
+    assert_no_marker("worker with a wrong password file", &output);
+
+    std::fs::write(&file, format!("{MARKER}\n")).expect("write the password file");
+    let worker = LoggedWorker::spawn(&env, &setting);
+    worker.wait_ready().await;
+    let client = env.client().await;
+    env.append(&client, 1, "logged in from a file", None).await;
+    for path in ["/metrics", "/readyz"] {
+        let (status, body) = within(10, "GET", http_get(worker.metrics, path))
+            .await
+            .unwrap_or_else(|| panic!("GET {path}"));
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_no_marker(&format!("{path} with the password file"), &body);
+    }
+    let output = worker.stop().await;
+    assert_no_marker("worker with the right password file", &output);
 }

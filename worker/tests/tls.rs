@@ -273,7 +273,7 @@ async fn tls_failures_are_one_clear_line() {
     ];
     for (what, url, says) in cases {
         let env = server.env(url);
-        let worker = LoggedWorker::spawn_logging(&env, &[password.clone()], None);
+        let worker = LoggedWorker::spawn_logging(&env, std::slice::from_ref(&password), None);
         worker.wait_for("shard unreachable at start").await;
         let (status, body) = within(10, "GET /readyz", http_get(worker.metrics, "/readyz"))
             .await

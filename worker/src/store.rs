@@ -834,6 +834,16 @@ impl Shard {
             .collect())
     }
 
+    /// Run `sql` (statements without parameters) on the shard within the shard timeout: for
+    /// operator tasks such as `worker migrate --grant`, not for the data path.
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), StoreError> {
+        self.bounded(async {
+            let client = self.client().await?;
+            client.batch_execute(sql).await.map_err(|e| self.db(e))
+        })
+        .await
+    }
+
     /// Close the pool: idle connections are dropped, later gets fail.
     pub fn close(&self) {
         self.pool.close();

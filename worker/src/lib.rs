@@ -445,11 +445,15 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
             Err(e @ (StoreError::WrongShard { .. } | StoreError::CannotMigrate { .. })) => {
                 return Err(e.into())
             }
-            Err(e) => tracing::warn!(
-                shard = %shard.name,
-                error = %Chain(&e),
-                "shard unreachable at start; its objects answer `unavailable` until it is back"
-            ),
+            Err(e) => {
+                let cause = Chain(&e).to_string();
+                shard.note_init_failure(&cause);
+                tracing::warn!(
+                    shard = %shard.name,
+                    error = %cause,
+                    "shard unreachable at start; its objects answer `unavailable` until it is back"
+                )
+            }
         }
     }
     Ok(Arc::new(shards))
@@ -544,7 +548,14 @@ async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: CancellationTo
             })
         } else {
             shard.initialise().await.map_err(|e| {
-                tracing::debug!(shard = %name, error = %Chain(&e), "shard still unreachable");
+                // Once per cause at warn (a shard down at start may come back refusing TLS or
+                // the login), every retry at debug.
+                let cause = Chain(&e).to_string();
+                if shard.note_init_failure(&cause) {
+                    tracing::warn!(shard = %name, error = %cause, "shard still unreachable; retrying");
+                } else {
+                    tracing::debug!(shard = %name, error = %cause, "shard still unreachable");
+                }
             })
         };
         let up = result.is_ok();

@@ -303,6 +303,9 @@ pub struct Shard {
     up: AtomicBool,
     /// `logstore_pool_wait_seconds{shard}`, when the worker's metrics are attached.
     pool_wait: Option<prometheus::Histogram>,
+    /// The cause of the last failed initialisation, as logged: a new cause (say, a TLS
+    /// handshake refused once the server is up again) is worth a warning, a repeat is not.
+    last_init_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl Shard {
@@ -350,7 +353,22 @@ impl Shard {
             state: AtomicU8::new(STATE_PENDING),
             up: AtomicBool::new(false),
             pool_wait: None,
+            last_init_failure: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Record why initialising failed (`cause`, already made printable); true when the cause
+    /// differs from the last one recorded, i.e. when it is news to whoever reads the log.
+    pub fn note_init_failure(&self, cause: &str) -> bool {
+        let mut last = self
+            .last_init_failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.as_deref() == Some(cause) {
+            return false;
+        }
+        *last = Some(cause.to_string());
+        true
     }
 
     /// Time every wait for a pooled connection into `histogram`.

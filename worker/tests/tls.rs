@@ -299,3 +299,34 @@ async fn tls_failures_are_one_clear_line() {
         );
     }
 }
+
+/// A shard that is down at start and comes back refusing the connection for another reason
+/// (here: `require` against a server without TLS) gets a warning with the new cause, once,
+/// at the default log level; the retries after it log at debug only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cause_after_start_is_one_more_line() {
+    let mut pg = PgServer::start(); // its own: stopped and restarted
+    let db = fresh_db(&pg, "later").await; // a URL
+    pg.stop();
+    let env = Env {
+        nats_url: shared().nats.url(),
+        prefix: unique_name("t"),
+        shards: vec![("a".to_string(), format!("{db}?sslmode=require"))],
+        intake: "core",
+    };
+    let worker = LoggedWorker::spawn_logging(&env, &[], None);
+    worker.wait_for("shard unreachable at start").await;
+    pg.restart();
+    worker.wait_for("server does not support TLS").await;
+    let output = worker.stop().await;
+    let lines: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("server does not support TLS"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the new cause:\n{output}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("shard=a"),
+        "{}",
+        lines[0]
+    );
+}

@@ -68,6 +68,19 @@ pub struct RawConfig {
     pub postgres_password_file: Option<String>,
     #[arg(long, env = "POSTGRES_DB", default_value = "postgres")]
     pub postgres_db: String,
+    /// TLS for every shard whose URL names no `sslmode` (and the POSTGRES_IPS form): disable,
+    /// prefer (libpq's default), require, verify-ca or verify-full.
+    #[arg(long, env = "POSTGRES_SSLMODE")]
+    pub postgres_sslmode: Option<String>,
+    /// CA certificate(s) (PEM file) for every shard whose URL names no `sslrootcert`.
+    #[arg(long, env = "POSTGRES_SSLROOTCERT")]
+    pub postgres_sslrootcert: Option<String>,
+    /// Client certificate (PEM file) for every shard whose URL names no `sslcert`.
+    #[arg(long, env = "POSTGRES_SSLCERT")]
+    pub postgres_sslcert: Option<String>,
+    /// Client certificate's key (PEM file) for every shard whose URL names no `sslkey`.
+    #[arg(long, env = "POSTGRES_SSLKEY")]
+    pub postgres_sslkey: Option<String>,
     #[arg(long, env = "NATS_LOGS_TOPIC", default_value = "logs")]
     pub nats_logs_topic: String,
     #[arg(long, env = "NATS_QUERY_TOPIC", default_value = "query")]
@@ -286,6 +299,10 @@ impl std::fmt::Debug for RawConfig {
             postgres_password,
             postgres_password_file,
             postgres_db,
+            postgres_sslmode,
+            postgres_sslrootcert,
+            postgres_sslcert,
+            postgres_sslkey,
             nats_logs_topic,
             nats_query_topic,
             nats_response_topic,
@@ -337,6 +354,11 @@ impl std::fmt::Debug for RawConfig {
             // A path, not the secret itself.
             .field("postgres_password_file", postgres_password_file)
             .field("postgres_db", postgres_db)
+            // Paths and a mode: no secret.
+            .field("postgres_sslmode", postgres_sslmode)
+            .field("postgres_sslrootcert", postgres_sslrootcert)
+            .field("postgres_sslcert", postgres_sslcert)
+            .field("postgres_sslkey", postgres_sslkey)
             .field("nats_logs_topic", nats_logs_topic)
             .field("nats_query_topic", nats_query_topic)
             .field("nats_response_topic", nats_response_topic)
@@ -576,6 +598,51 @@ impl RawConfig {
                     "not set (set POSTGRES_SHARDS=name=postgres://…,… or POSTGRES_IPS=host1,host2)",
                 )),
             };
+        self.with_tls_defaults(shards)
+    }
+
+    /// POSTGRES_SSLMODE, POSTGRES_SSLROOTCERT, POSTGRES_SSLCERT and POSTGRES_SSLKEY fill each
+    /// shard's connection string where it names no such parameter itself; the result must make
+    /// sense (a verify-* mode with a CA, a certificate with its key).
+    fn with_tls_defaults(
+        &self,
+        mut shards: Vec<ShardConfig>,
+    ) -> Result<Vec<ShardConfig>, ConfigError> {
+        let mut defaults: Vec<(&str, &str)> = Vec::new();
+        for (var, param, value) in [
+            ("POSTGRES_SSLMODE", "sslmode", &self.postgres_sslmode),
+            (
+                "POSTGRES_SSLROOTCERT",
+                "sslrootcert",
+                &self.postgres_sslrootcert,
+            ),
+            ("POSTGRES_SSLCERT", "sslcert", &self.postgres_sslcert),
+            ("POSTGRES_SSLKEY", "sslkey", &self.postgres_sslkey),
+        ] {
+            match value.as_deref().map(str::trim) {
+                None | Some("") => {}
+                Some(value) => {
+                    if param == "sslmode" {
+                        crate::pgtls::SslMode::parse(value).map_err(|e| bad(var, e))?;
+                    }
+                    defaults.push((param, value));
+                }
+            }
+        }
+        if defaults.is_empty() {
+            return Ok(shards);
+        }
+        for shard in &mut shards {
+            let name = &shard.name;
+            shard.url = crate::pgtls::with_defaults(&shard.url, &defaults)
+                .and_then(|url| crate::pgtls::split(&url).map(|_| url))
+                .map_err(|problem| {
+                    bad(
+                        "POSTGRES_SSLMODE",
+                        format!("shard {name} with POSTGRES_SSL*: {problem}"),
+                    )
+                })?;
+        }
         Ok(shards)
     }
 
@@ -1141,6 +1208,42 @@ mod tests {
             let text = refused(&["--postgres-shards", spec], "POSTGRES_SHARDS");
             assert!(text.contains(says) && text.contains("shard a"), "{text}");
         }
+    }
+
+    #[test]
+    fn tls_settings_fill_every_shard_that_names_none() {
+        let c = raw(&[
+            "--postgres-shards",
+            "a=postgres://u@h/db,b=postgres://u@h2/db?sslmode=disable",
+            "--postgres-sslmode",
+            "verify-full",
+            "--postgres-sslrootcert",
+            "/etc/ca.pem",
+        ])
+        .validate()
+        .unwrap();
+        let tls = |i: usize| crate::pgtls::split(&c.shards[i].url).unwrap().1;
+        assert_eq!(tls(0).mode, crate::pgtls::SslMode::VerifyFull);
+        assert_eq!(
+            tls(0).root_cert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(tls(1).mode, crate::pgtls::SslMode::Disable);
+        let c = raw(&["--postgres-ips", "h", "--postgres-sslmode", "require"])
+            .validate()
+            .unwrap();
+        let (rest, tls) = crate::pgtls::split(&c.shards[0].url).unwrap();
+        assert_eq!(tls.mode, crate::pgtls::SslMode::Require);
+        assert!(rest.parse::<tokio_postgres::Config>().is_ok(), "{rest}");
+        refused(
+            &["--postgres-ips", "h", "--postgres-sslmode", "allow"],
+            "POSTGRES_SSLMODE",
+        );
+        let text = refused(
+            &["--postgres-ips", "h", "--postgres-sslmode", "verify-ca"],
+            "POSTGRES_SSLMODE",
+        );
+        assert!(text.contains("needs sslrootcert"), "{text}");
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    fn parse(value: &str) -> Result<SslMode, String> {
+    pub fn parse(value: &str) -> Result<SslMode, String> {
         Ok(match value {
             "disable" => SslMode::Disable,
             "prefer" => SslMode::Prefer,
@@ -94,30 +94,42 @@ const TLS_PARAMS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
 /// Split a connection string into what tokio-postgres parses and our TLS settings. URLs
 /// (`postgres://…?sslmode=…&sslrootcert=…`) lose the four TLS parameters (later ones win, as in
-/// tokio-postgres); other query parameters stay as they were. A key=value string (built from
-/// POSTGRES_IPS) is returned unchanged, with the default settings. Errors never repeat the URL.
+/// tokio-postgres); other query parameters stay as they were. The key=value form (built from
+/// POSTGRES_IPS: `host=h port=5432 sslmode='verify-full' …`) likewise, its other pairs
+/// re-quoted. Errors never repeat the connection string.
 pub fn split(conn: &str) -> Result<(String, TlsSettings), String> {
     let mut settings = TlsSettings::default();
     let is_url = conn.starts_with("postgres://") || conn.starts_with("postgresql://");
-    let Some((base, query)) = conn.split_once('?').filter(|_| is_url) else {
-        return Ok((conn.to_string(), settings));
+    let rest = if is_url {
+        let Some((base, query)) = conn.split_once('?') else {
+            return Ok((conn.to_string(), settings));
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&') {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if TLS_PARAMS.contains(&key) {
+                let value = percent_decode(value).map_err(|e| format!("{key}: {e}"))?;
+                settings.set(key, &value)?;
+            } else {
+                kept.push(pair);
+            }
+        }
+        if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        }
+    } else {
+        let mut kept = Vec::new();
+        for (key, value) in conninfo_pairs(conn)? {
+            if TLS_PARAMS.contains(&key.as_str()) {
+                settings.set(&key, &value)?;
+            } else {
+                kept.push(format!("{key}={}", quote_conninfo(&value)));
+            }
+        }
+        kept.join(" ")
     };
-    let mut kept = Vec::new();
-    for pair in query.split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if !TLS_PARAMS.contains(&key) {
-            kept.push(pair);
-            continue;
-        }
-        let value = percent_decode(value).map_err(|e| format!("{key}: {e}"))?;
-        match key {
-            "sslmode" => settings.mode = SslMode::parse(&value)?,
-            _ if value.is_empty() => return Err(format!("{key} is empty (give a file path)")),
-            "sslrootcert" => settings.root_cert = Some(PathBuf::from(value)),
-            "sslcert" => settings.cert = Some(PathBuf::from(value)),
-            _ => settings.key = Some(PathBuf::from(value)),
-        }
-    }
     match (&settings.cert, &settings.key) {
         (Some(_), None) => return Err("sslcert is given without sslkey".to_string()),
         (None, Some(_)) => return Err("sslkey is given without sslcert".to_string()),
@@ -132,12 +144,99 @@ pub fn split(conn: &str) -> Result<(String, TlsSettings), String> {
             settings.mode.as_str()
         ));
     }
-    let rest = if kept.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
     Ok((rest, settings))
+}
+
+impl TlsSettings {
+    fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        match key {
+            "sslmode" => self.mode = SslMode::parse(value)?,
+            _ if value.is_empty() => return Err(format!("{key} is empty (give a file path)")),
+            "sslrootcert" => self.root_cert = Some(PathBuf::from(value)),
+            "sslcert" => self.cert = Some(PathBuf::from(value)),
+            _ => self.key = Some(PathBuf::from(value)),
+        }
+        Ok(())
+    }
+}
+
+/// libpq's key=value form: `key = value` pairs separated by whitespace, a value in single
+/// quotes when it holds spaces, `\'` and `\\` escaped.
+fn conninfo_pairs(conn: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    let mut chars = conn.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| !c.is_whitespace() && *c != '=') {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err("a key=value pair lacks its =".to_string());
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    None => return Err("a quoted value lacks its closing quote".to_string()),
+                    Some('\'') => break,
+                    Some('\\') => value.extend(chars.next()),
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+}
+
+/// `conn` with each of `defaults` (parameter, value) that it does not name itself: appended to
+/// a URL's query (escaped) or to a key=value string (quoted). For settings that apply to every
+/// shard (POSTGRES_SSLMODE and its kin).
+pub fn with_defaults(conn: &str, defaults: &[(&str, &str)]) -> Result<String, String> {
+    let is_url = conn.starts_with("postgres://") || conn.starts_with("postgresql://");
+    let present: Vec<String> = if is_url {
+        conn.split_once('?')
+            .map(|(_, query)| {
+                query
+                    .split('&')
+                    .map(|pair| pair.split_once('=').map_or(pair, |(k, _)| k).to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        conninfo_pairs(conn)?.into_iter().map(|(k, _)| k).collect()
+    };
+    let mut out = conn.to_string();
+    for (key, value) in defaults {
+        if present.iter().any(|k| k == key) {
+            continue;
+        }
+        if is_url {
+            let separator = if out.contains('?') { '&' } else { '?' };
+            out.push_str(&format!("{separator}{key}={}", percent_encode(value)));
+        } else {
+            out.push_str(&format!(" {key}={}", quote_conninfo(value)));
+        }
+    }
+    Ok(out)
+}
+
+/// A key=value value in single quotes, `\` and `'` escaped.
+pub fn quote_conninfo(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// `%XX` escapes to bytes (`+` stays `+`, as in tokio-postgres's URL parser), as UTF-8.
@@ -395,9 +494,15 @@ mod tests {
             SslMode::Prefer,
             "libpq's default"
         );
-        // The key=value form is not ours to take apart.
+        // The key=value form without TLS parameters: the same pairs.
         let kv = "host=h port=5432 user='u' dbname='d'";
-        assert_eq!(split(kv).unwrap(), (kv.to_string(), TlsSettings::default()));
+        assert_eq!(
+            split(kv).unwrap(),
+            (
+                "host='h' port='5432' user='u' dbname='d'".to_string(),
+                TlsSettings::default()
+            )
+        );
         let (_, tls) =
             split("postgres://h/db?sslcert=/c.pem&sslkey=/k.pem&sslmode=disable").unwrap();
         assert_eq!(
@@ -407,6 +512,45 @@ mod tests {
                 Some(Path::new("/c.pem")),
                 Some(Path::new("/k.pem"))
             )
+        );
+    }
+
+    #[test]
+    fn the_key_value_form_is_split_too() {
+        let (rest, tls) = split(
+            r"host=h port=5432 user='u' password='a b\'c\\d' sslmode='verify-ca' sslrootcert=/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(rest, r"host='h' port='5432' user='u' password='a b\'c\\d'");
+        assert_eq!(
+            (tls.mode, tls.root_cert.as_deref()),
+            (SslMode::VerifyCa, Some(Path::new("/ca.pem")))
+        );
+        let config: tokio_postgres::Config = rest.parse().unwrap();
+        assert_eq!(config.get_password(), Some(&b"a b'c\\d"[..]));
+        assert!(split("host='h").unwrap_err().contains("closing quote"));
+        assert!(split("host h").unwrap_err().contains("lacks its ="));
+    }
+
+    #[test]
+    fn defaults_fill_what_a_connection_string_does_not_say() {
+        let defaults = [("sslmode", "verify-full"), ("sslrootcert", "/a b.pem")];
+        assert_eq!(
+            with_defaults("postgres://h/db", &defaults).unwrap(),
+            "postgres://h/db?sslmode=verify-full&sslrootcert=%2Fa%20b.pem"
+        );
+        assert_eq!(
+            with_defaults("postgres://h/db?sslmode=disable", &defaults).unwrap(),
+            "postgres://h/db?sslmode=disable&sslrootcert=%2Fa%20b.pem"
+        );
+        assert_eq!(
+            with_defaults("host=h sslrootcert=/own.pem", &defaults).unwrap(),
+            "host=h sslrootcert=/own.pem sslmode='verify-full'"
+        );
+        let (_, tls) = split(&with_defaults("host=h", &defaults).unwrap()).unwrap();
+        assert_eq!(
+            (tls.mode, tls.root_cert.as_deref()),
+            (SslMode::VerifyFull, Some(Path::new("/a b.pem")))
         );
     }
 

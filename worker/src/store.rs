@@ -318,11 +318,8 @@ impl Shard {
         let mut pg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("shard {}: bad URL: {e}", config.name))?;
-        if config.url.contains("://") {
-            // The URL's sslmode, taken out by split (or libpq's default, prefer). The key=value
-            // form keeps what tokio-postgres read from it (disable/prefer/require).
-            pg.ssl_mode(tls.mode.for_tokio_postgres());
-        }
+        // The sslmode split took out (or libpq's default, prefer).
+        pg.ssl_mode(tls.mode.for_tokio_postgres());
         let connector = crate::pgtls::client_config(&tls)
             .map(MakeRustlsConnect::new)
             .map_err(|e| format!("shard {}: {e}", config.name))?;

@@ -27,6 +27,8 @@ struct TlsServer {
     db: String,
     /// Owned by CERT_ROLE.
     cert_db: String,
+    /// Owned by ROLE, for the POSTGRES_IPS form (whose shard is named after its host).
+    ips_db: String,
     /// PASSWORD and a newline, as `echo` or an editor writes it.
     password_file: PathBuf,
 }
@@ -37,7 +39,9 @@ impl TlsServer {
         let db = pg.require_password(ROLE, PASSWORD).await;
         let admin = pg.socket_connect("postgres").await;
         let cert_db = unique_name("certdb");
+        let ips_db = unique_name("ipsdb");
         for sql in [
+            format!("CREATE DATABASE {ips_db} OWNER {ROLE} TEMPLATE template0"),
             format!("CREATE ROLE {CERT_ROLE} LOGIN"),
             format!("CREATE DATABASE {cert_db} OWNER {CERT_ROLE} TEMPLATE template0"),
             format!("CREATE ROLE {EITHER_ROLE} LOGIN PASSWORD '{PASSWORD}' IN ROLE {ROLE}"),
@@ -66,6 +70,7 @@ impl TlsServer {
             pki,
             db,
             cert_db,
+            ips_db,
             password_file,
         }
     }
@@ -117,7 +122,8 @@ fn query(pairs: &[(&str, &Path)]) -> String {
 }
 
 /// verify-full (CA and the host the URL names, 127.0.0.1) serves the core scenarios with the
-/// password from POSTGRES_PASSWORD_FILE, every session on TLS; verify-ca accepts a certificate
+/// password from POSTGRES_PASSWORD_FILE, every session on TLS; so does the POSTGRES_IPS form
+/// with POSTGRES_SSLMODE/POSTGRES_SSLROOTCERT; verify-ca accepts a certificate
 /// that does not name the host; `prefer` uses TLS where plaintext would be allowed too; a
 /// client certificate logs in where pg_hba.conf says `cert`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,6 +146,29 @@ async fn tls_connections_serve_and_are_encrypted() {
     let (sessions, on_tls) = server.worker_sessions(ROLE).await;
     assert!(sessions > 0, "no worker session of {ROLE}");
     assert_eq!(on_tls, sessions, "every worker session is on TLS");
+    worker.stop().await.expect("the worker stops");
+
+    // The original's form (POSTGRES_IPS) with POSTGRES_SSLMODE and POSTGRES_SSLROOTCERT, which
+    // also stand for every POSTGRES_SHARDS URL that names no TLS parameter of its own.
+    let mut env = server.env(String::new());
+    env.shards.clear(); // POSTGRES_SHARDS="" gives way to POSTGRES_IPS
+    let (port, ca) = (server.pg.port().to_string(), pki.ca.display().to_string());
+    let worker = env
+        .start_worker_with(&[
+            extra[0],
+            ("POSTGRES_IPS", "127.0.0.1"),
+            ("POSTGRES_PORT", &port),
+            ("POSTGRES_USER", ROLE),
+            ("POSTGRES_DB", &server.ips_db),
+            ("POSTGRES_SSLMODE", "verify-full"),
+            ("POSTGRES_SSLROOTCERT", &ca),
+        ])
+        .await;
+    let client = env.client().await;
+    let reply = env
+        .append(&client, 6, "by POSTGRES_IPS", Some("ips-1"))
+        .await;
+    assert_eq!(reply.seq, 1);
     worker.stop().await.expect("the worker stops");
 
     // verify-ca: the chain is checked, the name is not (the URL names a host the certificate

@@ -6,7 +6,9 @@
 #   Compose v2 plugin (`docker compose config`) when one is installed. As root on Debian it
 #   installs `docker-compose` when missing; otherwise it says what to install and fails.
 # - Checks a few promises of the topology on the parsed result (3 worker replicas, no host port
-#   for the workers' metrics, workers start after healthy dependencies, loadgen in the test file,
+#   for the workers' metrics, workers start after healthy dependencies and the one-shot
+#   `migrate` service, as the least-privileged login with its password from a compose secret
+#   (PostgreSQL nodes create that login on first start), loadgen in the test file,
 #   Prometheus's rule files mounted next to its config, Grafana on 3000 with anonymous viewing
 #   and its provisioning mounted, NATS started with deploy/nats/nats-server.conf and the users'
 #   password secrets), and that every panel of the Grafana dashboards has PromQL
@@ -92,6 +94,29 @@ for name in ("docker-compose.yaml", "docker-compose.test.yaml"):
     for host in ("postgres1", "postgres2"):
         if f"@{host}:" not in shards:
             problems.append(f"{name}: POSTGRES_SHARDS does not name {host}")
+    # Least privilege: the workers log in as logstore_worker (no password in the URL; it comes
+    # from a secret file), after the one-shot migrate service has run as the owner, and every
+    # PostgreSQL node creates that login on its first start.
+    def secret_names(service):
+        return {s if isinstance(s, str) else s.get("source") for s in service.get("secrets") or []}
+    for part in shards.split(","):
+        url = part.partition("=")[2]
+        if not url.startswith("postgres://logstore_worker@"):
+            problems.append(f"{name}: worker shard {part.partition('=')[0]} must log in as logstore_worker@ without a password in the URL")
+    if worker.get("environment", {}).get("POSTGRES_PASSWORD_FILE") != "/run/secrets/postgres_worker_password" \
+            or "postgres_worker_password" not in secret_names(worker):
+        problems.append(f"{name}: worker must read POSTGRES_PASSWORD_FILE from the secret postgres_worker_password")
+    if (deps.get("migrate") or {}).get("condition") != "service_completed_successfully":
+        problems.append(f"{name}: worker must wait for the migrate service to complete successfully")
+    migrate = services.get("migrate") or {}
+    if migrate.get("command") != ["migrate", "--grant"] or "postgres_owner_password" not in secret_names(migrate):
+        problems.append(f"{name}: the migrate service must run `worker migrate --grant` with the secret postgres_owner_password")
+    for pg in ("postgres1", "postgres2"):
+        mounts = [str(v) for v in services[pg].get("volumes") or []]
+        if not any("deploy/postgres/worker-login.sh:/docker-entrypoint-initdb.d/" in m for m in mounts):
+            problems.append(f"{name}: {pg} must run deploy/postgres/worker-login.sh on its first start")
+        if "postgres_worker_password" not in secret_names(services[pg]):
+            problems.append(f"{name}: {pg} needs the secret postgres_worker_password for worker-login.sh")
     # Prometheus reads its rule files relative to its config (/etc/prometheus): each one named in
     # prometheus.yml must be mounted there, or the container starts without its alerts.
     mounts = {}

@@ -5,8 +5,9 @@
 # free loopback ports (nothing already running on 4222/5432/9090 is used or touched):
 #   nats-server with JetStream and the logins of docker-compose.yaml (deploy/nats/nats-server.conf:
 #   users `worker` and `client`, random passwords in DIR/secrets), two PostgreSQL servers
-#   (shards pg1 and pg2), N workers on
-#   distinct metrics ports, Prometheus scraping them (when installed), loadgen (optional).
+#   (shards pg1 and pg2, migrated once by `worker migrate --grant` as the superuser), N workers
+#   on distinct metrics ports logging in as the least-privileged `logstore_worker` (password
+#   file made up in the temp dir), Prometheus scraping them (when installed), loadgen (optional).
 # It prints where everything is and waits. Ctrl-C (or SIGTERM) stops loadgen, then the workers
 # (SIGTERM: they drain and finish in-flight work), then Prometheus, Postgres and NATS, and
 # removes the temp dir. No process is left behind. A worker or a Postgres server that exits
@@ -331,9 +332,9 @@ nats_port=$port
 mkdir -p "$dir/nats"
 # The configuration docker-compose.yaml runs, with fresh passwords for this run.
 "$repo/scripts/nats-secrets.sh" "$dir/secrets" >/dev/null
-worker_password_file=$dir/secrets/worker.password
+nats_worker_password_file=$dir/secrets/worker.password
 client_password_file=$dir/secrets/client.password
-spawn "$dir/nats.log" env NATS_SERVER_BIN="$nats_bin" NATS_WORKER_PASSWORD_FILE="$worker_password_file" \
+spawn "$dir/nats.log" env NATS_SERVER_BIN="$nats_bin" NATS_WORKER_PASSWORD_FILE="$nats_worker_password_file" \
   NATS_CLIENT_PASSWORD_FILE="$client_password_file" sh "$repo/deploy/nats/run-nats.sh" \
   -a 127.0.0.1 -p "$nats_port" -js -sd "$dir/nats"
 nats_pid=$!
@@ -346,14 +347,24 @@ log "nats-server up on $nats_url"
 
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL: initdb once, copy the cluster for the second shard (initdb is the slow part).
-# Tuned for a throw-away local run, not for durability.
+# Tuned for a throw-away local run, not for durability. As in docker-compose.yaml, the workers
+# log in as the least-privileged `logstore_worker` (deploy/postgres/roles.sql) with a password
+# from a file (POSTGRES_PASSWORD_FILE, made up here); the superuser `postgres` (no password, on
+# loopback) owns the schema and migrates it once (`worker migrate --grant`).
 # ---------------------------------------------------------------------------------------------
 mkdir -p "$dir/pg"
 [ "${#as_pg[@]}" -gt 0 ] && chown postgres: "$dir/pg"
 "${as_pg[@]}" "$pg_bindir/initdb" -D "$dir/pg/template" -U postgres --auth=trust \
   -E UTF8 --locale=C.UTF-8 --no-sync >"$dir/initdb.log" 2>&1 ||
   { tail -n 30 "$dir/initdb.log" >&2; die "initdb failed"; }
+# Every login but the superuser's needs its password (scram-sha-256).
+printf '%s\n' 'local all all trust' 'host all postgres 127.0.0.1/32 trust' \
+  'host all all 127.0.0.1/32 scram-sha-256' | "${as_pg[@]}" tee "$dir/pg/template/pg_hba.conf" >/dev/null
+worker_password_file=$dir/postgres-worker-password
+(umask 077 && head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"$worker_password_file")
+state postgres_password_file "$worker_password_file"
 shards=()
+owner_shards=()
 for n in 1 2; do
   data=$dir/pg/pg$n
   "${as_pg[@]}" cp -a "$dir/pg/template" "$data"
@@ -369,12 +380,24 @@ for n in 1 2; do
   wait_until 30 "postgres pg$n" "$pid" "$dir/pg$n.log" pg_ready "$port"
   "$pg_bindir/psql" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres \
     -c 'CREATE DATABASE logstore' >/dev/null
-  shards+=("pg$n=postgres://postgres@127.0.0.1:$port/logstore")
+  # The workers' login, as a compose node's first start creates it.
+  PATH="$pg_bindir:$PATH" PGHOST=127.0.0.1 PGPORT=$port POSTGRES_USER=postgres \
+    POSTGRES_DB=logstore LOGSTORE_WORKER_PASSWORD_FILE=$worker_password_file \
+    "$repo/deploy/postgres/worker-login.sh" || die "creating the workers' login on pg$n failed"
+  shards+=("pg$n=postgres://logstore_worker@127.0.0.1:$port/logstore")
+  owner_shards+=("pg$n=postgres://postgres@127.0.0.1:$port/logstore")
   log "postgres pg$n up on 127.0.0.1:$port"
 done
 rm -rf "$dir/pg/template"
 shards_spec=$(IFS=,; echo "${shards[*]}")
 state postgres_shards "$shards_spec"
+owner_spec=$(IFS=,; echo "${owner_shards[*]}")
+state postgres_owner_shards "$owner_spec"
+# The schema and roles.sql's grants, once, as the owner (the compose file's migrate service).
+env -u POSTGRES_IPS -u POSTGRES_PASSWORD -u POSTGRES_PASSWORD_FILE POSTGRES_SHARDS="$owner_spec" \
+  RUST_LOG="${RUST_LOG:-info}" "$BIN_DIR/worker" migrate --grant >"$dir/migrate.log" 2>&1 ||
+  { tail -n 30 "$dir/migrate.log" >&2; die "worker migrate --grant failed"; }
+log "shards migrated; workers log in as logstore_worker"
 
 # ---------------------------------------------------------------------------------------------
 # Workers: same settings as in docker-compose.yaml, each on its own metrics port.
@@ -384,8 +407,9 @@ for i in $(seq 1 "$WORKERS"); do
   pick_port
   # -u POSTGRES_IPS: a leftover of the original's settings in this shell must not compete with
   # POSTGRES_SHARDS.
-  spawn "$dir/worker$i.log" env -u POSTGRES_IPS NATS_URL="$nats_url" NATS_USER=worker \
-    NATS_PASSWORD_FILE="$worker_password_file" NATS_INBOX_PREFIX=_INBOX_worker POSTGRES_SHARDS="$shards_spec" \
+  spawn "$dir/worker$i.log" env -u POSTGRES_IPS -u POSTGRES_PASSWORD NATS_URL="$nats_url" NATS_USER=worker \
+    NATS_PASSWORD_FILE="$nats_worker_password_file" NATS_INBOX_PREFIX=_INBOX_worker \
+    POSTGRES_SHARDS="$shards_spec" POSTGRES_PASSWORD_FILE="$worker_password_file" \
     INTAKE="$INTAKE" METRICS_ADDR="127.0.0.1:$port" RUST_LOG="${RUST_LOG:-info}" \
     "$BIN_DIR/worker"
   pid=$!
@@ -440,8 +464,9 @@ js_flag=""
   echo "logstore is up (everything lives in $dir; Ctrl-C stops it and removes it)"
   echo "  NATS         $nats_url  (JetStream, intake: $INTAKE; user client, password in $client_password_file)"
   for n in 1 2; do
-    echo "  shard pg$n    ${shards[n - 1]#*=}"
+    echo "  shard pg$n    ${shards[n - 1]#*=}  (owner: ${owner_shards[n - 1]#*=})"
   done
+  echo "  worker login logstore_worker, password in $worker_password_file (POSTGRES_PASSWORD_FILE)"
   for i in $(seq 1 "$WORKERS"); do
     echo "  worker $i     http://127.0.0.1:${metrics_ports[i - 1]}/metrics  (/readyz, /healthz; log $dir/worker$i.log)"
   done

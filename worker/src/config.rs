@@ -4,11 +4,12 @@
 //! Raw values are read as text and validated here rather than by clap's typed parsers, so that a
 //! missing or malformed setting fails with exactly one line naming the variable.
 //!
-//! Secrets (`NATS_URL`, `POSTGRES_SHARDS`, `POSTGRES_PASSWORD`, the NATS secret files) are
-//! never shown: `--help` hides their environment values, errors and `Debug` pass every
-//! connection string through [`redact`], and NATS credentials travel in the connect options
-//! rather than in the URLs the client library logs. The NATS login and TLS settings are the
-//! ones loadgen and the CLI read too ([`logstore_protocol::nats`]).
+//! Secrets (`NATS_URL`, `POSTGRES_SHARDS`, `POSTGRES_PASSWORD`, the content of
+//! `POSTGRES_PASSWORD_FILE` and of the NATS secret files) are never shown: `--help` hides their
+//! environment values, errors and `Debug` pass every connection string through [`redact`], and
+//! NATS credentials travel in the connect options rather than in the URLs the client library
+//! logs. The NATS login and TLS settings are the ones loadgen and the CLI read too
+//! ([`logstore_protocol::nats`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -67,8 +68,26 @@ pub struct RawConfig {
         hide_env_values = true
     )]
     pub postgres_password: String,
+    /// A file holding the PostgreSQL password (read once at start; a trailing newline is
+    /// dropped), e.g. a Docker/Kubernetes secret. Like POSTGRES_PASSWORD, it fills every shard
+    /// URL that has no password of its own. Set one of the two, not both.
+    #[arg(long, env = "POSTGRES_PASSWORD_FILE")]
+    pub postgres_password_file: Option<String>,
     #[arg(long, env = "POSTGRES_DB", default_value = "postgres")]
     pub postgres_db: String,
+    /// TLS for every shard whose URL names no `sslmode` (and the POSTGRES_IPS form): disable,
+    /// prefer (libpq's default), require, verify-ca or verify-full.
+    #[arg(long, env = "POSTGRES_SSLMODE")]
+    pub postgres_sslmode: Option<String>,
+    /// CA certificate(s) (PEM file) for every shard whose URL names no `sslrootcert`.
+    #[arg(long, env = "POSTGRES_SSLROOTCERT")]
+    pub postgres_sslrootcert: Option<String>,
+    /// Client certificate (PEM file) for every shard whose URL names no `sslcert`.
+    #[arg(long, env = "POSTGRES_SSLCERT")]
+    pub postgres_sslcert: Option<String>,
+    /// Client certificate's key (PEM file) for every shard whose URL names no `sslkey`.
+    #[arg(long, env = "POSTGRES_SSLKEY")]
+    pub postgres_sslkey: Option<String>,
     #[arg(long, env = "NATS_LOGS_TOPIC", default_value = "logs")]
     pub nats_logs_topic: String,
     #[arg(long, env = "NATS_QUERY_TOPIC", default_value = "query")]
@@ -291,7 +310,12 @@ impl std::fmt::Debug for RawConfig {
             postgres_port,
             postgres_user,
             postgres_password,
+            postgres_password_file,
             postgres_db,
+            postgres_sslmode,
+            postgres_sslrootcert,
+            postgres_sslcert,
+            postgres_sslkey,
             nats_logs_topic,
             nats_query_topic,
             nats_response_topic,
@@ -344,7 +368,14 @@ impl std::fmt::Debug for RawConfig {
                     MASK
                 },
             )
+            // A path, not the secret itself.
+            .field("postgres_password_file", postgres_password_file)
             .field("postgres_db", postgres_db)
+            // Paths and a mode: no secret.
+            .field("postgres_sslmode", postgres_sslmode)
+            .field("postgres_sslrootcert", postgres_sslrootcert)
+            .field("postgres_sslcert", postgres_sslcert)
+            .field("postgres_sslkey", postgres_sslkey)
             .field("nats_logs_topic", nats_logs_topic)
             .field("nats_query_topic", nats_query_topic)
             .field("nats_response_topic", nats_response_topic)
@@ -580,19 +611,117 @@ impl RawConfig {
     }
 
     fn shards(&self) -> Result<Vec<ShardConfig>, ConfigError> {
+        let password = self.password()?;
         let shards =
             match (&self.postgres_shards, &self.postgres_ips) {
-                (Some(spec), _) if !spec.trim().is_empty() => parse_shards(spec)?,
-                (_, Some(ips)) if !ips.trim().is_empty() => self.shards_from_ips(ips)?,
+                (Some(spec), _) if !spec.trim().is_empty() => {
+                    let mut shards = parse_shards(spec)?;
+                    if let Some(password) = &password {
+                        for shard in &mut shards {
+                            fill_password(shard, password);
+                        }
+                    }
+                    shards
+                }
+                (_, Some(ips)) if !ips.trim().is_empty() => {
+                    self.shards_from_ips(ips, password.as_deref())?
+                }
                 _ => return Err(bad(
                     "POSTGRES_SHARDS",
                     "not set (set POSTGRES_SHARDS=name=postgres://…,… or POSTGRES_IPS=host1,host2)",
                 )),
             };
+        self.with_tls_defaults(shards)
+    }
+
+    /// POSTGRES_SSLMODE, POSTGRES_SSLROOTCERT, POSTGRES_SSLCERT and POSTGRES_SSLKEY fill each
+    /// shard's connection string where it names no such parameter itself; the result must make
+    /// sense (a verify-* mode with a CA, a certificate with its key).
+    fn with_tls_defaults(
+        &self,
+        mut shards: Vec<ShardConfig>,
+    ) -> Result<Vec<ShardConfig>, ConfigError> {
+        let mut defaults: Vec<(&str, &str)> = Vec::new();
+        for (var, param, value) in [
+            ("POSTGRES_SSLMODE", "sslmode", &self.postgres_sslmode),
+            (
+                "POSTGRES_SSLROOTCERT",
+                "sslrootcert",
+                &self.postgres_sslrootcert,
+            ),
+            ("POSTGRES_SSLCERT", "sslcert", &self.postgres_sslcert),
+            ("POSTGRES_SSLKEY", "sslkey", &self.postgres_sslkey),
+        ] {
+            match value.as_deref().map(str::trim) {
+                None | Some("") => {}
+                Some(value) => {
+                    if param == "sslmode" {
+                        crate::pgtls::SslMode::parse(value).map_err(|e| bad(var, e))?;
+                    }
+                    defaults.push((param, value));
+                }
+            }
+        }
+        if defaults.is_empty() {
+            return Ok(shards);
+        }
+        for shard in &mut shards {
+            let name = &shard.name;
+            shard.url = crate::pgtls::with_defaults(&shard.url, &defaults)
+                .and_then(|url| crate::pgtls::split(&url).map(|_| url))
+                .map_err(|problem| {
+                    bad(
+                        "POSTGRES_SSLMODE",
+                        format!("shard {name} with POSTGRES_SSL*: {problem}"),
+                    )
+                })?;
+        }
         Ok(shards)
     }
 
-    fn shards_from_ips(&self, ips: &str) -> Result<Vec<ShardConfig>, ConfigError> {
+    /// POSTGRES_PASSWORD, or the content of POSTGRES_PASSWORD_FILE (read here, once; one
+    /// trailing newline dropped). Errors name the file, never show its content.
+    fn password(&self) -> Result<Option<String>, ConfigError> {
+        const VAR: &str = "POSTGRES_PASSWORD_FILE";
+        let path = match self.postgres_password_file.as_deref().map(str::trim) {
+            None | Some("") => {
+                return Ok(
+                    (!self.postgres_password.is_empty()).then(|| self.postgres_password.clone())
+                )
+            }
+            Some(path) => path,
+        };
+        if !self.postgres_password.is_empty() {
+            return Err(bad(
+                VAR,
+                "POSTGRES_PASSWORD is set too; set only one of them",
+            ));
+        }
+        let content =
+            std::fs::read(path).map_err(|e| bad(VAR, format!("cannot read {path:?}: {e}")))?;
+        let content = String::from_utf8(content)
+            .map_err(|_| bad(VAR, format!("{path:?} is not UTF-8 text")))?;
+        let password = content
+            .strip_suffix('\n')
+            .map(|p| p.strip_suffix('\r').unwrap_or(p))
+            .unwrap_or(&content);
+        if password.is_empty() {
+            return Err(bad(VAR, format!("{path:?} is empty")));
+        }
+        if password.contains(['\n', '\r', '\0']) {
+            return Err(bad(
+                VAR,
+                format!("{path:?} holds more than one line (or a NUL); a password is one line"),
+            ));
+        }
+        Ok(Some(password.to_string()))
+    }
+
+    fn shards_from_ips(
+        &self,
+        ips: &str,
+        password: Option<&str>,
+    ) -> Result<Vec<ShardConfig>, ConfigError> {
         let port: u16 = number("POSTGRES_PORT", &self.postgres_port, 1, 65_535)?;
         non_empty("POSTGRES_USER", &self.postgres_user)?;
         non_empty("POSTGRES_DB", &self.postgres_db)?;
@@ -614,11 +743,8 @@ impl RawConfig {
                 quote_conninfo(&self.postgres_user),
                 quote_conninfo(&self.postgres_db)
             );
-            if !self.postgres_password.is_empty() {
-                url.push_str(&format!(
-                    " password={}",
-                    quote_conninfo(&self.postgres_password)
-                ));
+            if let Some(password) = password {
+                url.push_str(&format!(" password={}", quote_conninfo(password)));
             }
             shards.push(ShardConfig {
                 name: host.to_string(),
@@ -681,7 +807,12 @@ pub fn parse_shards(spec: &str) -> Result<Vec<ShardConfig>, ConfigError> {
                 ),
             ));
         }
-        if let Err(e) = url.parse::<tokio_postgres::Config>() {
+        // libpq's TLS parameters are handled by the worker (crate::pgtls), not tokio-postgres.
+        let url_for_driver = match crate::pgtls::split(url) {
+            Ok((rest, _)) => rest,
+            Err(problem) => return Err(bad(VAR, format!("shard {name}: {entry:?}: {problem}"))),
+        };
+        if let Err(e) = url_for_driver.parse::<tokio_postgres::Config>() {
             // Its Display is only the kind; the cause names the option (never its value).
             let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(": {c}"));
             return Err(bad(
@@ -699,6 +830,23 @@ pub fn parse_shards(spec: &str) -> Result<Vec<ShardConfig>, ConfigError> {
     }
     check_unique(VAR, &shards)?;
     Ok(shards)
+}
+
+/// Give a shard URL without a password of its own the configured one, as a `password` query
+/// parameter (tokio-postgres reads it there; redaction hides it like one in the user info).
+fn fill_password(shard: &mut ShardConfig, password: &str) {
+    let has_password = crate::pgtls::split(&shard.url)
+        .ok()
+        .and_then(|(url, _)| url.parse::<tokio_postgres::Config>().ok())
+        .is_some_and(|config| config.get_password().is_some());
+    if !has_password {
+        let separator = if shard.url.contains('?') { '&' } else { '?' };
+        shard.url = format!(
+            "{}{separator}password={}",
+            shard.url,
+            crate::pgtls::percent_encode(password)
+        );
+    }
 }
 
 fn check_unique(var: &'static str, shards: &[ShardConfig]) -> Result<(), ConfigError> {
@@ -1118,6 +1266,130 @@ mod tests {
                 "/nonexistent/seed",
             ],
             "NATS_NKEY_SEED_FILE",
+        );
+    }
+
+    #[test]
+    fn tls_parameters_are_accepted_and_checked() {
+        let c = raw(&[
+            "--postgres-shards",
+            "a=postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem,\
+             b=postgres://u@h2/db?sslmode=require&sslcert=/c.pem&sslkey=/k.pem",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(c.shards.len(), 2);
+        for (spec, says) in [
+            (
+                "a=postgres://u@h/db?sslmode=verify-full",
+                "needs sslrootcert",
+            ),
+            ("a=postgres://u@h/db?sslmode=allow", "is not disable"),
+            ("a=postgres://u@h/db?sslcert=/c.pem", "without sslkey"),
+        ] {
+            let text = refused(&["--postgres-shards", spec], "POSTGRES_SHARDS");
+            assert!(text.contains(says) && text.contains("shard a"), "{text}");
+        }
+    }
+
+    #[test]
+    fn tls_settings_fill_every_shard_that_names_none() {
+        let c = raw(&[
+            "--postgres-shards",
+            "a=postgres://u@h/db,b=postgres://u@h2/db?sslmode=disable",
+            "--postgres-sslmode",
+            "verify-full",
+            "--postgres-sslrootcert",
+            "/etc/ca.pem",
+        ])
+        .validate()
+        .unwrap();
+        let tls = |i: usize| crate::pgtls::split(&c.shards[i].url).unwrap().1;
+        assert_eq!(tls(0).mode, crate::pgtls::SslMode::VerifyFull);
+        assert_eq!(
+            tls(0).root_cert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(tls(1).mode, crate::pgtls::SslMode::Disable);
+        let c = raw(&["--postgres-ips", "h", "--postgres-sslmode", "require"])
+            .validate()
+            .unwrap();
+        let (rest, tls) = crate::pgtls::split(&c.shards[0].url).unwrap();
+        assert_eq!(tls.mode, crate::pgtls::SslMode::Require);
+        assert!(rest.parse::<tokio_postgres::Config>().is_ok(), "{rest}");
+        refused(
+            &["--postgres-ips", "h", "--postgres-sslmode", "allow"],
+            "POSTGRES_SSLMODE",
+        );
+        let text = refused(
+            &["--postgres-ips", "h", "--postgres-sslmode", "verify-ca"],
+            "POSTGRES_SSLMODE",
+        );
+        assert!(text.contains("needs sslrootcert"), "{text}");
+    }
+
+    #[test]
+    fn the_password_file_fills_every_url_without_a_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, format!("{MARKER} &x\n")).unwrap();
+        let file = file.to_str().unwrap();
+        let c = raw(&[
+            "--postgres-shards",
+            "a=postgres://u@h/db,b=postgres://u:own@h2/db?sslmode=disable",
+            "--postgres-password-file",
+            file,
+        ])
+        .validate()
+        .unwrap();
+        let a: tokio_postgres::Config = c.shards[0].url.parse().unwrap();
+        assert_eq!(a.get_password(), Some(format!("{MARKER} &x").as_bytes()));
+        assert!(c.shards[1].url.contains("u:own@"), "{:?}", c.shards[1]);
+        assert!(!c.shards[1].url.contains(MARKER));
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains(MARKER) && !debug.contains("MARKER"),
+            "{debug}"
+        );
+        // The original's form too.
+        let c = raw(&["--postgres-ips", "h", "--postgres-password-file", file])
+            .validate()
+            .unwrap();
+        let h: tokio_postgres::Config = c.shards[0].url.parse().unwrap();
+        assert_eq!(h.get_password(), Some(format!("{MARKER} &x").as_bytes()));
+        // Both, a missing file, an empty one: one line naming the variable, no content.
+        let text = refused(
+            &[
+                "--postgres-ips",
+                "h",
+                "--postgres-password-file",
+                file,
+                "--postgres-password",
+                "p",
+            ],
+            "POSTGRES_PASSWORD_FILE",
+        );
+        assert!(text.contains("only one"), "{text}");
+        let text = refused(
+            &[
+                "--postgres-ips",
+                "h",
+                "--postgres-password-file",
+                "/nonexistent/pw",
+            ],
+            "POSTGRES_PASSWORD_FILE",
+        );
+        assert!(text.contains("/nonexistent/pw"), "{text}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        refused(
+            &[
+                "--postgres-ips",
+                "h",
+                "--postgres-password-file",
+                empty.to_str().unwrap(),
+            ],
+            "POSTGRES_PASSWORD_FILE",
         );
     }
 

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod ordered;
 pub mod origin;
 pub mod outbox;
+pub mod pgtls;
 pub mod pipeline;
 pub mod query;
 pub mod retention;
@@ -411,6 +412,44 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     Ok(())
 }
 
+/// deploy/postgres/roles.sql: the least-privileged group role's grants (`worker migrate
+/// --grant` runs it in every shard).
+pub const ROLES_SQL: &str = include_str!("../../deploy/postgres/roles.sql");
+
+/// `worker migrate`: apply the embedded migrations to every shard and record its name (what a
+/// worker does at start), then, with `grant`, run [`ROLES_SQL`] there too, and return. Run it
+/// once per upgrade with the owner role's login (a superuser or a role with CREATEROLE for
+/// `grant`); the workers can then log in as members of `logstore_app`. A shard that does not
+/// answer yet is retried every second for up to `wait` (a database that is still starting).
+pub async fn migrate(config: &Config, grant: bool, wait: Duration) -> Result<(), Error> {
+    for shard_config in &config.shards {
+        let shard = Shard::new(shard_config, 1, config.shard_timeout).map_err(Error::Setup)?;
+        let deadline = Instant::now() + wait;
+        let mut logged: Option<String> = None;
+        loop {
+            match shard.initialise().await {
+                Ok(()) => break,
+                Err(e) if e.is_unavailable() && Instant::now() < deadline => {
+                    let cause = Chain(&e).to_string();
+                    if logged.as_deref() != Some(cause.as_str()) {
+                        tracing::warn!(shard = %shard.name, error = %cause, "shard not reachable yet; retrying");
+                        logged = Some(cause);
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!(shard = %shard.name, "schema current, shard name recorded");
+        if grant {
+            shard.batch_execute(ROLES_SQL).await?;
+            tracing::info!(shard = %shard.name, "deploy/postgres/roles.sql applied");
+        }
+        shard.close();
+    }
+    Ok(())
+}
+
 /// Build every shard's pool and try to initialise each once. A shard that is down is retried
 /// in the background; a shard whose database belongs to another name, or whose schema is not
 /// current while the worker's role may not migrate it, stops the start.
@@ -432,11 +471,15 @@ async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<
             Err(e @ (StoreError::WrongShard { .. } | StoreError::CannotMigrate { .. })) => {
                 return Err(e.into())
             }
-            Err(e) => tracing::warn!(
-                shard = %shard.name,
-                error = %Chain(&e),
-                "shard unreachable at start; its objects answer `unavailable` until it is back"
-            ),
+            Err(e) => {
+                let cause = Chain(&e).to_string();
+                shard.note_init_failure(&cause);
+                tracing::warn!(
+                    shard = %shard.name,
+                    error = %cause,
+                    "shard unreachable at start; its objects answer `unavailable` until it is back"
+                )
+            }
         }
     }
     Ok(Arc::new(shards))
@@ -565,7 +608,14 @@ async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: CancellationTo
             })
         } else {
             shard.initialise().await.map_err(|e| {
-                tracing::debug!(shard = %name, error = %Chain(&e), "shard still unreachable");
+                // Once per cause at warn (a shard down at start may come back refusing TLS or
+                // the login), every retry at debug.
+                let cause = Chain(&e).to_string();
+                if shard.note_init_failure(&cause) {
+                    tracing::warn!(shard = %name, error = %cause, "shard still unreachable; retrying");
+                } else {
+                    tracing::debug!(shard = %name, error = %cause, "shard still unreachable");
+                }
             })
         };
         let up = result.is_ok();

@@ -1,5 +1,6 @@
-//! `worker`: runs a logstore worker (the default), or answers operator questions about the
-//! configuration (`worker ring <id>...`). All settings come from env vars or flags (`--help`).
+//! `worker`: runs a logstore worker (the default), migrates the shards once (`worker migrate
+//! [--grant]`), or answers operator questions about the configuration (`worker ring <id>...`).
+//! All settings come from env vars or flags (`--help`).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -26,6 +27,18 @@ struct Cli {
 enum Command {
     /// Run the worker (the default when no command is given).
     Run,
+    /// Apply the schema migrations to every shard and record its name, then exit: run it once
+    /// (per upgrade) with the owner role's login, so that the workers can log in as a
+    /// least-privileged role (deploy/postgres/roles.sql).
+    Migrate {
+        /// Also apply deploy/postgres/roles.sql (embedded) in every shard: the grants of the
+        /// group role `logstore_app`. Needs a superuser or CREATEROLE login.
+        #[arg(long)]
+        grant: bool,
+        /// How long to wait for a shard that does not answer yet, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+    },
     /// Print the shard that owns each given object id under the current configuration.
     Ring {
         /// Object ids (u64).
@@ -53,7 +66,31 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Some(Command::Migrate { grant, wait_secs }) => migrate(&config, grant, wait_secs),
         None | Some(Command::Run) => run(config),
+    }
+}
+
+fn migrate(config: &worker::config::Config, grant: bool, wait_secs: u64) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let wait = std::time::Duration::from_secs(wait_secs);
+    match runtime.block_on(worker::migrate(config, grant, wait)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let line = logstore_protocol::chain::Chain(&e).to_string();
+            tracing::error!("{line}");
+            eprintln!("worker migrate: {line}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::ShardConfig;
 
@@ -303,21 +303,32 @@ pub struct Shard {
     up: AtomicBool,
     /// `logstore_pool_wait_seconds{shard}`, when the worker's metrics are attached.
     pool_wait: Option<prometheus::Histogram>,
+    /// The cause of the last failed initialisation, as logged: a new cause (say, a TLS
+    /// handshake refused once the server is up again) is worth a warning, a repeat is not.
+    last_init_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl Shard {
     /// Build the shard's pool. Connects lazily: a shard that is down does not fail this.
     pub fn new(config: &ShardConfig, pool_size: usize, timeout: Duration) -> Result<Shard, String> {
-        let mut pg: tokio_postgres::Config = config
-            .url
+        // libpq's TLS parameters (sslmode verify-ca/verify-full, sslrootcert, sslcert, sslkey)
+        // are ours to handle: tokio-postgres knows only disable/prefer/require.
+        let (url, tls) =
+            crate::pgtls::split(&config.url).map_err(|e| format!("shard {}: {e}", config.name))?;
+        let mut pg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("shard {}: bad URL: {e}", config.name))?;
+        // The sslmode split took out (or libpq's default, prefer).
+        pg.ssl_mode(tls.mode.for_tokio_postgres());
+        let connector = crate::pgtls::client_config(&tls)
+            .map(MakeRustlsConnect::new)
+            .map_err(|e| format!("shard {}: {e}", config.name))?;
         pg.connect_timeout(timeout.min(Duration::from_secs(5)));
         pg.keepalives_idle(Duration::from_secs(30));
         pg.application_name("logstore-worker");
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            connector,
             ManagerConfig {
                 // Fast: a connection whose socket died is dropped on return anyway; a broken one
                 // that still looks open fails its next statement, which answers `unavailable`.
@@ -339,7 +350,22 @@ impl Shard {
             state: AtomicU8::new(STATE_PENDING),
             up: AtomicBool::new(false),
             pool_wait: None,
+            last_init_failure: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Record why initialising failed (`cause`, already made printable); true when the cause
+    /// differs from the last one recorded, i.e. when it is news to whoever reads the log.
+    pub fn note_init_failure(&self, cause: &str) -> bool {
+        let mut last = self
+            .last_init_failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.as_deref() == Some(cause) {
+            return false;
+        }
+        *last = Some(cause.to_string());
+        true
     }
 
     /// Time every wait for a pooled connection into `histogram`.
@@ -821,6 +847,16 @@ impl Shard {
                 )
             })
             .collect())
+    }
+
+    /// Run `sql` (statements without parameters) on the shard within the shard timeout: for
+    /// operator tasks such as `worker migrate --grant`, not for the data path.
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), StoreError> {
+        self.bounded(async {
+            let client = self.client().await?;
+            client.batch_execute(sql).await.map_err(|e| self.db(e))
+        })
+        .await
     }
 
     /// Close the pool: idle connections are dropped, later gets fail.

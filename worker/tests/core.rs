@@ -9,42 +9,17 @@ use futures::StreamExt;
 use logstore_protocol::{AppendReply, ErrorCode, QueryResponse};
 use support::*;
 
-/// Original's format: two appends, then a query with no reply subject; the answer arrives on
-/// the response subject, in order.
+/// The core scenarios shared with privilege.rs and tls.rs (support::core_scenarios: the
+/// original's format, keys and duplicates, sorted and paged queries, extreme ids), here with
+/// two workers as the servers' superuser.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn originals_format_answers_on_the_response_subject() {
+async fn core_scenarios_hold_for_a_superuser() {
     let env = Env::shared(&["a", "b"]).await;
-    let worker = env.start_worker().await;
-    let client = env.client().await;
-    let mut responses = client.subscribe(env.subject("response")).await.unwrap();
-    client.flush().await.unwrap();
-
-    for log in ["a", "b"] {
-        let body = serde_json::json!({ "id": 5, "log": log }).to_string();
-        client
-            .publish(env.subject("logs"), body.into())
-            .await
-            .unwrap();
+    let workers = [env.start_worker().await, env.start_worker().await];
+    core_scenarios(&env, 5).await;
+    for worker in workers {
+        worker.stop().await.unwrap();
     }
-    client
-        .publish(env.subject("query"), r#"{"id":5}"#.into())
-        .await
-        .unwrap();
-
-    let chunks = collect_chunks(&mut responses).await;
-    let logs = entries(&chunks);
-    assert_eq!(chunks[0].total, 2);
-    assert_eq!(
-        logs.iter()
-            .map(|e| (e.seq, e.log.as_str()))
-            .collect::<Vec<_>>(),
-        vec![(1, "a"), (2, "b")]
-    );
-    assert!(logs[0].ts <= logs[1].ts);
-    assert_eq!(logs[0].ts.len(), "2026-11-22T09:16:27.123456Z".len());
-    assert!(logs[0].ts.ends_with('Z'));
-    assert_eq!(chunks.last().unwrap().next, None);
-    worker.stop().await.unwrap();
 }
 
 /// 4 workers in one queue group, 4 concurrent publishers, 20,000 keyed appends over 50 objects.

@@ -259,9 +259,9 @@ async fn wait_stored(workers: &[SocketAddr], acknowledged: u64) {
     .await;
 }
 
-/// `scripts/local-up.sh` with 2 workers and loadgen: comes up (every worker ready), takes
-/// loadgen's appends (verified, and counted by the workers), and on SIGINT stops every process
-/// it started and removes its temp dir.
+/// `scripts/local-up.sh` with 2 workers and loadgen: comes up (every worker ready, logged in as
+/// the least-privileged `logstore_worker`), takes loadgen's appends (verified, and counted by
+/// the workers), and on SIGINT stops every process it started and removes its temp dir.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_up_runs_the_topology_takes_load_and_leaves_nothing_behind() {
     const APPENDS: u64 = 300;
@@ -321,6 +321,32 @@ async fn local_up_runs_the_topology_takes_load_and_leaves_nothing_behind() {
     assert!(acknowledged > 0, "loadgen acknowledged nothing");
     // Exactly: every acknowledged append stored once (loadgen's retries reuse their keys).
     wait_stored(&workers, acknowledged).await;
+
+    // The workers log in as the least-privileged login, with the password from their file.
+    for n in 1..=2 {
+        let shard = pg_connect(&format!(
+            "postgres://postgres@127.0.0.1:{}/logstore",
+            state[&format!("pg{n}_port")]
+        ))
+        .await;
+        let logins: Vec<String> = shard
+            .query(
+                "SELECT DISTINCT usename::text FROM pg_stat_activity
+                 WHERE application_name = 'logstore-worker'",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_activity")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(logins, ["logstore_worker"], "pg{n}: the workers' logins");
+    }
+    assert!(
+        state["postgres_shards"].contains("logstore_worker@")
+            && Path::new(&state["postgres_password_file"]).is_file(),
+        "{state:?}"
+    );
 
     // Every server the script reported is up, with its children (Postgres backends).
     let servers: Vec<u32> = state

@@ -1,5 +1,6 @@
-//! Least privilege in PostgreSQL (issue 13): an owner role migrates; a worker whose login has
-//! only the grants of deploy/postgres/roles.sql stores appends and answers queries, stats and
+//! Least privilege in PostgreSQL (issue 13): an owner role migrates; workers whose login has
+//! only the grants of deploy/postgres/roles.sql pass the core scenarios (support::core_scenarios,
+//! as core.rs runs them for a superuser), store conditional appends and answer stats and
 //! deletes, and cannot drop, truncate or create anything. A worker whose role may not migrate a
 //! schema that is not current stops at start with one line that says so.
 
@@ -84,9 +85,14 @@ async fn a_least_privileged_worker_works_and_cannot_drop_anything() {
         .await
         .expect("grant the group");
 
-    // 3. The least-privileged worker does its whole job.
+    // 3. Least-privileged workers do their whole job: the core scenarios core.rs runs as a
+    //    superuser (two workers, so keys race across them), then conditional appends, stats
+    //    and deletes.
     let env = env_for(url(WORKER, WORKER_PASSWORD, &db));
     let worker = env.start_worker().await;
+    let second = env.start_worker().await;
+    core_scenarios(&env, 100).await;
+    second.stop().await.expect("the second worker stops");
     let client = env.client().await;
     let id = 42;
     for (i, log) in ["one", "two", "three"].iter().enumerate() {
@@ -182,9 +188,74 @@ async fn a_least_privileged_worker_works_and_cannot_drop_anything() {
     }
     // The data is still there.
     let rows: i64 = worker_db
-        .query_one("SELECT count(*) FROM logs", &[])
+        .query_one("SELECT count(*) FROM logs WHERE object_id = 42", &[])
         .await
         .expect("count")
         .get(0);
     assert_eq!(rows, 2);
+}
+
+/// `worker migrate --grant` (the binary, as the compose file and local-up.sh run it with the
+/// owner's login): migrates a fresh database, records the shard's name and applies roles.sql,
+/// so `logstore_app` may write but not truncate; a second run changes nothing and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_migrate_grant_prepares_every_shard() {
+    let servers = shared();
+    let shards = [
+        ("m1", fresh_db(&servers.pg[0], "m1").await),
+        ("m2", fresh_db(&servers.pg[1], "m2").await),
+    ];
+    let spec = shards
+        .iter()
+        .map(|(name, url)| format!("{name}={url}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for run in 1..=2 {
+        let output = within(
+            60,
+            "worker migrate --grant",
+            tokio::process::Command::new(bin_path("worker"))
+                .args(["migrate", "--grant"])
+                .env_clear()
+                .env("POSTGRES_SHARDS", &spec)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("run worker migrate");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "run {run}: {stderr}");
+        assert!(stderr.contains("roles.sql applied"), "run {run}: {stderr}");
+    }
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations"))
+        .expect("migrations/")
+        .filter(|f| {
+            f.as_ref()
+                .is_ok_and(|f| f.path().extension().is_some_and(|e| e == "sql"))
+        })
+        .count() as i64;
+    for (name, url) in &shards {
+        let db = pg_connect(url).await;
+        let row = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM logstore_migrations),
+                        (SELECT name FROM shard_identity),
+                        has_table_privilege('logstore_app', 'logs', 'INSERT'),
+                        has_table_privilege('logstore_app', 'logs', 'TRUNCATE'),
+                        has_function_privilege('logstore_app',
+                            'logstore_seq_at(bigint, timestamptz)', 'EXECUTE')",
+                &[],
+            )
+            .await
+            .expect("read the shard");
+        let (migrations, identity): (i64, String) = (row.get(0), row.get(1));
+        let (insert, truncate, execute): (bool, bool, bool) = (row.get(2), row.get(3), row.get(4));
+        assert_eq!((migrations, identity.as_str()), (files, *name));
+        assert_eq!(
+            (insert, truncate, execute),
+            (true, false, true),
+            "shard {name}"
+        );
+    }
 }

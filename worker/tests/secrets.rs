@@ -1,18 +1,14 @@
 //! Secrets are never printed. A marker string stands in for every password and token
-//! (NATS_URL, POSTGRES_SHARDS, POSTGRES_PASSWORD), and no output may contain it: not `--help`,
-//! not the one-line error of a bad configuration, not a worker's debug log while its NATS or
-//! PostgreSQL login fails, nor while it succeeds.
+//! (NATS_URL, POSTGRES_SHARDS, POSTGRES_PASSWORD, the content of POSTGRES_PASSWORD_FILE), and
+//! no output may contain it: not `--help`, not the one-line error of a bad configuration, not
+//! a worker's debug log (nor /metrics) while its NATS or PostgreSQL login fails, nor while it
+//! succeeds.
 
 mod support;
 
-use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use support::*;
-use tokio::io::AsyncReadExt;
-use tokio::task::JoinHandle;
 
 /// Stands in for every secret. Distinctive enough never to appear by accident.
 const MARKER: &str = "S3CRET-MARKER-5d1c";
@@ -232,104 +228,6 @@ async fn bad_configurations_fail_in_one_line_without_the_secret() {
     assert_no_marker("loadgen with a bad NATS_URL", &format!("{stdout}{stderr}"));
 }
 
-/// A worker process at `RUST_LOG=debug` whose stdout and stderr are collected as it runs.
-struct LoggedWorker {
-    child: tokio::process::Child,
-    output: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-    metrics: SocketAddr,
-}
-
-impl LoggedWorker {
-    /// `env`'s settings plus `extra`, nothing inherited, `RUST_LOG=debug`.
-    fn spawn(env: &Env, extra: &[(&str, String)]) -> LoggedWorker {
-        LoggedWorker::spawn_logging(env, extra, Some("debug"))
-    }
-
-    /// The same with `RUST_LOG` as given, or unset: the worker's default log level.
-    fn spawn_logging(env: &Env, extra: &[(&str, String)], rust_log: Option<&str>) -> LoggedWorker {
-        let port = free_port();
-        let mut command = tokio::process::Command::new(bin_path("worker"));
-        command.env_clear().envs(env.settings(port));
-        if let Some(level) = rust_log {
-            command.env("RUST_LOG", level);
-        }
-        let mut child = command
-            .envs(extra.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the worker binary");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        readers.push(tokio::spawn(collect(stdout, output.clone())));
-        readers.push(tokio::spawn(collect(stderr, output.clone())));
-        LoggedWorker {
-            child,
-            output,
-            readers,
-            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    fn output(&self) -> String {
-        String::from_utf8_lossy(&self.output.lock().expect("output lock")).into_owned()
-    }
-
-    /// Waits until the output contains `needle`.
-    async fn wait_for(&self, needle: &str) {
-        eventually(30, &format!("worker logs {needle:?}"), || async move {
-            self.output().contains(needle).then_some(())
-        })
-        .await;
-    }
-
-    async fn wait_ready(&self) {
-        let addr = self.metrics;
-        eventually(60, "worker ready", || async move {
-            matches!(http_get(addr, "/readyz").await, Some((200, _))).then_some(())
-        })
-        .await;
-    }
-
-    /// SIGTERM; SIGKILL if it has not exited within 20 s (a worker that never reached NATS
-    /// may wait for it at shutdown, which is not what these tests are about). Returns
-    /// everything it printed.
-    async fn stop(mut self) -> String {
-        let pid = self.child.id().expect("worker still running") as i32;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .is_err()
-        {
-            self.child.kill().await.expect("SIGKILL the worker");
-        }
-        for reader in self.readers.drain(..) {
-            within(10, "worker output read to its end", reader)
-                .await
-                .expect("output reader");
-        }
-        self.output()
-    }
-}
-
-async fn collect(mut from: impl tokio::io::AsyncRead + Unpin, into: Arc<Mutex<Vec<u8>>>) {
-    let mut buf = [0u8; 8192];
-    while let Ok(n) = from.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-        into.lock()
-            .expect("output lock")
-            .extend_from_slice(&buf[..n]);
-    }
-}
-
 /// NATS that requires a user and password. A wrong password and the right one, both given in
 /// NATS_URL: debug logs (where the client prints each server address it tries) never show the
 /// password, and the right one logs in (credentials in the URL work).
@@ -462,4 +360,58 @@ async fn postgres_logins_never_print_the_password() {
     worker.wait_ready().await;
     let output = worker.stop().await;
     assert_no_marker("worker with the right password", &output);
+}
+
+/// POSTGRES_PASSWORD_FILE: a wrong password in the file, then the right one (with the newline
+/// an editor leaves), for a POSTGRES_SHARDS URL without a password. Neither shows up in what
+/// the worker prints at debug level, nor in /metrics or /readyz.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_password_file_is_never_printed() {
+    let pg = PgServer::start(); // its own: require_password changes pg_hba.conf for good
+    let role = "logstore_file";
+    let db = pg.require_password(role, MARKER).await;
+    let env = Env {
+        nats_url: shared().nats.url(),
+        prefix: unique_name("t"),
+        shards: vec![(
+            "a".to_string(),
+            format!("postgres://{role}@127.0.0.1:{}/{db}", pg.port()),
+        )],
+        intake: "core",
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("postgres-password");
+    let setting = [("POSTGRES_PASSWORD_FILE", file.display().to_string())];
+
+    std::fs::write(&file, format!("wrong-{MARKER}\n")).expect("write the password file");
+    let worker = LoggedWorker::spawn(&env, &setting);
+    worker.wait_for("shard unreachable at start").await;
+    worker.wait_for("shard still unreachable").await;
+    for path in ["/metrics", "/readyz"] {
+        let (_, body) = within(10, "GET", http_get(worker.metrics, path))
+            .await
+            .unwrap_or_else(|| panic!("GET {path}"));
+        assert_no_marker(&format!("{path} with a wrong password file"), &body);
+    }
+    let output = worker.stop().await;
+    assert!(
+        output.contains("password authentication failed"),
+        "{output}"
+    );
+    assert_no_marker("worker with a wrong password file", &output);
+
+    std::fs::write(&file, format!("{MARKER}\n")).expect("write the password file");
+    let worker = LoggedWorker::spawn(&env, &setting);
+    worker.wait_ready().await;
+    let client = env.client().await;
+    env.append(&client, 1, "logged in from a file", None).await;
+    for path in ["/metrics", "/readyz"] {
+        let (status, body) = within(10, "GET", http_get(worker.metrics, path))
+            .await
+            .unwrap_or_else(|| panic!("GET {path}"));
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_no_marker(&format!("{path} with the password file"), &body);
+    }
+    let output = worker.stop().await;
+    assert_no_marker("worker with the right password file", &output);
 }

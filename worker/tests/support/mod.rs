@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of this module
 
 pub mod servers;
+pub mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -152,6 +153,45 @@ impl Env {
         let worker = self.spawn_worker();
         worker.wait_ready().await;
         worker
+    }
+
+    /// [`Env::config`] with `extra` settings (variable, value) on top, e.g.
+    /// `POSTGRES_PASSWORD_FILE`.
+    pub fn config_with(&self, metrics_port: u16, extra: &[(&str, &str)]) -> Arc<Config> {
+        let mut args = vec!["worker".to_string()];
+        let settings = self.settings(metrics_port);
+        let all = settings
+            .iter()
+            .map(|(var, value)| (*var, value.as_str()))
+            .chain(extra.iter().copied());
+        for (var, value) in all {
+            args.push(format!("--{}", var.to_lowercase().replace('_', "-")));
+            args.push(value.to_string());
+        }
+        let raw = Args::try_parse_from(args).expect("test config parses").raw;
+        Arc::new(raw.validate().expect("test config is valid"))
+    }
+
+    /// [`Env::start_worker`] with `extra` settings.
+    pub async fn start_worker_with(&self, extra: &[(&str, &str)]) -> TestWorker {
+        let worker = self.spawn_worker_with(extra);
+        worker.wait_ready().await;
+        worker
+    }
+
+    /// [`Env::spawn_worker`] with `extra` settings.
+    pub fn spawn_worker_with(&self, extra: &[(&str, &str)]) -> TestWorker {
+        let port = free_port();
+        let config = self.config_with(port, extra);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(worker::run(config, async move {
+            let _ = stopped.await;
+        }));
+        TestWorker {
+            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Start a worker in this process without waiting for it.
@@ -692,5 +732,272 @@ impl WorkerProcess {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .expect("read the worker's /proc/<pid>/fd")
             .count()
+    }
+}
+
+/// A worker process at `RUST_LOG=debug` (or another level) whose stdout and stderr are
+/// collected as it runs, for tests that read its log lines.
+pub struct LoggedWorker {
+    child: tokio::process::Child,
+    output: Arc<std::sync::Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+    pub metrics: SocketAddr,
+}
+
+impl LoggedWorker {
+    /// `env`'s settings plus `extra`, nothing inherited, `RUST_LOG=debug`.
+    pub fn spawn(env: &Env, extra: &[(&str, String)]) -> LoggedWorker {
+        LoggedWorker::spawn_logging(env, extra, Some("debug"))
+    }
+
+    /// The same with `RUST_LOG` as given, or unset: the worker's default log level.
+    pub fn spawn_logging(
+        env: &Env,
+        extra: &[(&str, String)],
+        rust_log: Option<&str>,
+    ) -> LoggedWorker {
+        let port = free_port();
+        let mut command = tokio::process::Command::new(bin_path("worker"));
+        command.env_clear().envs(env.settings(port));
+        if let Some(level) = rust_log {
+            command.env("RUST_LOG", level);
+        }
+        let mut child = command
+            .envs(extra.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the worker binary");
+        let output = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let readers = vec![
+            tokio::spawn(collect_output(stdout, output.clone())),
+            tokio::spawn(collect_output(stderr, output.clone())),
+        ];
+        LoggedWorker {
+            child,
+            output,
+            readers,
+            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().expect("output lock")).into_owned()
+    }
+
+    /// Waits (at most 30 s) until the output contains `needle`; a timeout fails the test with
+    /// the output so far.
+    pub async fn wait_for(&self, needle: &str) {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while !self.output().contains(needle) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if found.is_err() {
+            panic!(
+                "timed out after 30s: worker logs {needle:?}; its output:\n{}",
+                self.output()
+            );
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let addr = self.metrics;
+        eventually(60, "worker ready", || async move {
+            matches!(http_get(addr, "/readyz").await, Some((200, _))).then_some(())
+        })
+        .await;
+    }
+
+    /// SIGTERM; SIGKILL if it has not exited within 20 s (a worker that never reached NATS
+    /// may wait for it at shutdown, which is not what these tests are about). Returns
+    /// everything it printed.
+    pub async fn stop(mut self) -> String {
+        let pid = self.child.id().expect("worker still running") as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .is_err()
+        {
+            self.child.kill().await.expect("SIGKILL the worker");
+        }
+        for reader in self.readers.drain(..) {
+            within(10, "worker output read to its end", reader)
+                .await
+                .expect("output reader");
+        }
+        self.output()
+    }
+}
+
+async fn collect_output(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    into: Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        into.lock()
+            .expect("output lock")
+            .extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The worker's core behaviour through NATS, for any setup that should not change it (the
+/// shared superuser servers in core.rs, a least-privileged role in privilege.rs, TLS in
+/// tls.rs): the original's format (appends and a query without reply subjects, the answer on
+/// the response subject, in order); keyed appends, each key stored once however often and
+/// however concurrently it is sent (also as a `Nats-Msg-Id` header), duplicates answered with
+/// the original seq and ts; queries sorted by seq with ts never decreasing, paged with
+/// `after`/`next` and newest first with `order: desc`; the extreme ids. Uses ids from `base`
+/// to `base + 4` and `0`/`u64::MAX`, so give each call its own databases.
+pub async fn core_scenarios(env: &Env, base: u64) {
+    let client = env.client().await;
+
+    // 1. The original's format: no reply subjects, the answer on the response subject.
+    let mut responses = client
+        .subscribe(env.subject("response"))
+        .await
+        .expect("subscribe to the response subject");
+    let mut events = client
+        .subscribe(format!("{}.{base}", env.subject("appended")))
+        .await
+        .expect("subscribe to the append events");
+    client.flush().await.expect("flush");
+    // One at a time (each stored, as its event says, before the next is sent): with several
+    // workers in the queue group two plain publishes may be stored in either order.
+    for log in ["a", "b"] {
+        let body = serde_json::json!({ "id": base, "log": log }).to_string();
+        client
+            .publish(env.subject("logs"), body.into())
+            .await
+            .expect("publish an append");
+        within(10, "the append's event", events.next())
+            .await
+            .expect("an append event");
+    }
+    let query = serde_json::json!({ "id": base }).to_string();
+    client
+        .publish(env.subject("query"), query.into())
+        .await
+        .expect("publish a query");
+    let chunks = collect_chunks(&mut responses).await;
+    let logs = entries(&chunks);
+    assert_eq!(chunks[0].total, 2, "{chunks:?}");
+    assert_eq!(
+        logs.iter()
+            .map(|e| (e.seq, e.log.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(1, "a"), (2, "b")]
+    );
+    assert!(logs[0].ts <= logs[1].ts);
+    assert!(logs[0].ts.ends_with('Z'), "{}", logs[0].ts);
+
+    // 2. Keys: racing copies store once; later copies are duplicates with the original's
+    //    seq and ts; the Nats-Msg-Id header works as a key.
+    let id = base + 1;
+    for round in 0..3 {
+        let (key, log) = (format!("race-{round}"), format!("once {round}"));
+        let replies =
+            futures::future::join_all((0..5).map(|_| env.append(&client, id, &log, Some(&key))))
+                .await;
+        let originals: Vec<&AppendReply> = replies.iter().filter(|r| !r.duplicate).collect();
+        assert_eq!(originals.len(), 1, "round {round}: {replies:?}");
+        assert_eq!(originals[0].seq, round + 1, "round {round}: {replies:?}");
+        for reply in &replies {
+            assert_eq!((reply.seq, &reply.ts), (originals[0].seq, &originals[0].ts));
+        }
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "header-key");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let reply = within(
+            10,
+            "append with a Nats-Msg-Id header",
+            client.request_with_headers(
+                env.subject("logs"),
+                headers.clone(),
+                append_body(id, "by header", None),
+            ),
+        )
+        .await
+        .expect("append with a Nats-Msg-Id header");
+        seen.push(parse_reply(&reply.payload).expect("stored"));
+    }
+    assert_eq!(
+        (
+            seen[0].seq,
+            seen[0].duplicate,
+            seen[1].seq,
+            seen[1].duplicate
+        ),
+        (4, false, 4, true)
+    );
+
+    // 3. Queries: sorted by seq, ts never decreasing, paged, and newest first.
+    let id = base + 2;
+    let n = 250u64;
+    futures::future::join_all((0..n).map(|i| {
+        let client = &client;
+        async move {
+            let key = format!("bulk-{i}");
+            env.append(client, id, &format!("entry {i}"), Some(&key))
+                .await
+        }
+    }))
+    .await;
+    let mut after = 0;
+    let mut paged = Vec::new();
+    loop {
+        let chunks = env
+            .query(
+                &client,
+                serde_json::json!({ "id": id, "after": after, "limit": 100 }),
+            )
+            .await;
+        assert_eq!(chunks[0].total, n);
+        paged.extend(entries(&chunks));
+        match chunks.last().and_then(|c| c.next) {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(
+        paged.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+    assert!(paged.windows(2).all(|w| w[0].ts <= w[1].ts), "ts decreases");
+    let logs: HashSet<String> = paged.iter().map(|e| e.log.clone()).collect();
+    assert_eq!(logs.len() as u64, n, "every entry once");
+    let newest = env
+        .query(
+            &client,
+            serde_json::json!({ "id": id, "order": "desc", "limit": 3 }),
+        )
+        .await;
+    assert_eq!(
+        entries(&newest).iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [n, n - 1, n - 2]
+    );
+
+    // 4. The extreme ids.
+    for id in [0, u64::MAX] {
+        let reply = env.append(&client, id, &format!("log of {id}"), None).await;
+        assert_eq!(reply.id, id);
+        let logs = entries(&env.query_all(&client, id).await);
+        assert_eq!(
+            logs.last().map(|e| e.log.clone()),
+            Some(format!("log of {id}"))
+        );
     }
 }

@@ -417,6 +417,99 @@ impl PgServer {
 }
 
 // ---------------------------------------------------------------------------------------------
+// PostgreSQL with TLS (additive: every server above runs without it)
+// ---------------------------------------------------------------------------------------------
+
+impl PgServer {
+    /// A superuser connection to database `db` over the server's unix socket, which no
+    /// pg_hba.conf written by the helpers here restricts (`local all all trust`): for tests
+    /// whose server refuses plain TCP.
+    pub async fn socket_connect(&self, db: &str) -> tokio_postgres::Client {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&self.sock)
+            .port(self.port)
+            .user("postgres")
+            .dbname(db)
+            .connect_timeout(Duration::from_secs(5));
+        let (client, conn) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connect to postgres on port {} by its socket: {e}",
+                    self.port
+                )
+            });
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Turns TLS on with the server certificate and key given (PEM; copied into the data dir,
+    /// owned by the server's user, the key with mode 0600) and `ca` as the CA for client
+    /// certificates, replaces pg_hba.conf with `hba` (keep `local all all trust` in it for
+    /// [`PgServer::socket_connect`]), reloads, and returns once a new session sees `ssl = on`,
+    /// i.e. once the new configuration and pg_hba.conf are in force. Use a dedicated server:
+    /// the change is for good.
+    pub async fn enable_tls(&self, cert: &Path, key: &Path, ca: &Path, hba: &str) {
+        let copy = |from: &Path, name: &str, mode: u32| {
+            let to = self.data.join(name);
+            fs::copy(from, &to)
+                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode))
+                .unwrap_or_else(|e| panic!("chmod {}: {e}", to.display()));
+            if let Some(ids) = pg_run_as() {
+                chown(&to, ids);
+            }
+            to
+        };
+        let cert = copy(cert, "test-server.crt", 0o644);
+        let key = copy(key, "test-server.key", 0o600);
+        let ca = copy(ca, "test-ca.crt", 0o644);
+        let hba_file = self.data.join("pg_hba.conf");
+        fs::write(&hba_file, hba).unwrap_or_else(|e| panic!("write {}: {e}", hba_file.display()));
+        let admin = self.socket_connect("postgres").await;
+        for sql in [
+            format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display()),
+            format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()),
+            format!("ALTER SYSTEM SET ssl_ca_file = '{}'", ca.display()),
+            "ALTER SYSTEM SET ssl = on".to_string(),
+            "SELECT pg_reload_conf()".to_string(),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql} on port {}: {e:?}", self.port));
+        }
+        // The postmaster rereads postgresql.conf and pg_hba.conf together, asynchronously after
+        // the signal; a new session sees `ssl = on` once it has.
+        let deadline = Instant::now() + PG_READY_TIMEOUT;
+        loop {
+            let ssl: String = self
+                .socket_connect("postgres")
+                .await
+                .query_one("SHOW ssl", &[])
+                .await
+                .expect("SHOW ssl")
+                .get(0);
+            if ssl == "on" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres on port {}: ssl still off {PG_READY_TIMEOUT:?} after the reload; log {}:\n{}",
+                self.port,
+                self.log.display(),
+                log_tail(&self.log)
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // PostgreSQL
 // ---------------------------------------------------------------------------------------------
 

@@ -272,6 +272,9 @@ async fn lead(
     // The highest stream sequence delivered to this puller; None until a resync set it.
     let mut highest: Option<u64> = None;
     let mut in_hand: Vec<jetstream::Message> = Vec::new();
+    // The next pull, made while the previous one was being routed (read to its end at once, so
+    // none of its messages can be abandoned by the client however long the routing waits).
+    let mut prefetched: Option<(Vec<jetstream::Message>, bool)> = None;
     let mut seen_reconnects = reconnects.get();
     while !stop.is_cancelled() {
         if !valid() {
@@ -284,21 +287,21 @@ async fn lead(
             highest = None;
         }
         let Some(mark) = highest else {
+            if let Some((messages, _)) = prefetched.take() {
+                in_hand.extend(messages);
+            }
             match resync(router, consumer, stop, std::mem::take(&mut in_hand)).await {
                 Some(mark) => highest = Some(mark),
                 None => return,
             }
             continue;
         };
-        let (batch, complete) = fetch(router, consumer, stop).await;
+        let (batch, complete) = match prefetched.take() {
+            Some(pulled) => pulled,
+            None => fetch(router, consumer, stop).await,
+        };
         let batch = sorted(batch);
-        // A sequence beyond the next one means deliveries went elsewhere (a deposed puller) or
-        // were lost: nothing from here is routed until everything outstanding is in hand.
-        let skipped = batch
-            .keys()
-            .next_back()
-            .is_some_and(|&last| last > mark + batch.range(mark + 1..).count() as u64);
-        if skipped || !complete {
+        if skipped(mark, &batch) || !complete {
             tracing::info!(
                 after = mark,
                 "stream sequence skipped or a fetch failed; resyncing the ordered intake"
@@ -308,16 +311,47 @@ async fn lead(
             continue;
         }
         let top = batch.keys().next_back().copied().unwrap_or(mark).max(mark);
-        for (sequence, message) in batch {
-            // A redelivery of a message still in this worker (parked past ack_wait behind a
-            // down shard): the copy in hand settles it.
-            if sequence <= mark && router.held.contains(sequence) {
-                router.metrics.jetstream_redeliveries.inc();
-                continue;
+        let route = route_sorted(router, batch, mark);
+        // Pulls stay one at a time (the next is asked for once this one has ended), so
+        // deliveries still arrive in stream order.
+        let next = async {
+            match !stop.is_cancelled() && valid() {
+                true => Some(fetch(router, consumer, stop).await),
+                false => None,
             }
-            router.jetstream_append(message).await;
-        }
+        };
+        let ((), next) = futures::join!(route, next);
+        prefetched = next;
         highest = Some(top);
+    }
+    // Stopping: a pull made meanwhile is routed too (shutdown finishes what was taken in).
+    if let (Some(mark), Some((batch, true))) = (highest, prefetched) {
+        let batch = sorted(batch);
+        if !skipped(mark, &batch) {
+            route_sorted(router, batch, mark).await;
+        }
+    }
+}
+
+/// Whether `batch` skips a stream sequence after `mark`: deliveries went elsewhere (a deposed
+/// puller) or were lost, so nothing from here is routed until everything outstanding is in hand.
+fn skipped(mark: u64, batch: &BTreeMap<u64, jetstream::Message>) -> bool {
+    batch
+        .keys()
+        .next_back()
+        .is_some_and(|&last| last > mark + batch.range(mark + 1..).count() as u64)
+}
+
+/// Route a batch in stream order, `mark` being the highest sequence routed before it.
+async fn route_sorted(router: &Router, batch: BTreeMap<u64, jetstream::Message>, mark: u64) {
+    for (sequence, message) in batch {
+        // A redelivery of a message still in this worker (parked past ack_wait behind a down
+        // shard): the copy in hand settles it.
+        if sequence <= mark && router.held.contains(sequence) {
+            router.metrics.jetstream_redeliveries.inc();
+            continue;
+        }
+        router.jetstream_append(message).await;
     }
 }
 

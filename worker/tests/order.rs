@@ -249,6 +249,89 @@ async fn jetstream_keeps_stream_order_when_the_puller_is_sigkilled() {
     }
 }
 
+/// SIGTERM to the puller hands the stream over cleanly: it drains, acks and releases its lease,
+/// so a standby takes over at once (well within the default 30 s ack_wait a crash would cost),
+/// and order holds across the handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_stream_over_without_waiting_for_ack_wait() {
+    let env = js_env(&["a", "b"]).await;
+    let mut workers = vec![
+        WorkerProcess::start(&env, &[]).await,
+        WorkerProcess::start(&env, &[]).await,
+    ];
+    let client = env.client().await;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            tokio::spawn(js_publisher(
+                client.clone(),
+                env.subject("logs"),
+                p,
+                600,
+                Some(Duration::from_millis(5)),
+                acked.clone(),
+            ))
+        })
+        .collect();
+    eventually(60, "appends being stored", || async {
+        (rows(&env).await.len() > 300).then_some(())
+    })
+    .await;
+    let leader = eventually(10, "one worker pulls the stream", || async {
+        for (i, worker) in workers.iter().enumerate() {
+            if is_leader(worker).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let stopped = workers.remove(leader);
+    let holder = format!("pid {}", stopped.pid());
+    assert_eq!(stopped.terminate().await, Some(0));
+    // It released the lease on its way out (else the standby would wait for it to expire).
+    let leases = jetstream::new(client.clone())
+        .get_key_value("logstore_leases")
+        .await
+        .expect("the lease bucket");
+    let lease = leases
+        .get(format!("intake.{}.workers", env.stream()))
+        .await
+        .expect("read the lease");
+    assert_ne!(
+        lease.as_deref(),
+        Some(holder.as_bytes()),
+        "the stopped puller still holds the lease"
+    );
+    let standby = &workers[0];
+    // A crash would leave its deliveries to expire first (JS_ACK_WAIT_MS, 30 s here).
+    eventually(10, "the standby takes over", || async {
+        is_leader(standby).await.then_some(())
+    })
+    .await;
+    let mut sent = Vec::new();
+    for publisher in publishers {
+        sent.extend(
+            within(120, "publisher", publisher)
+                .await
+                .expect("publisher"),
+        );
+    }
+    let by_object = stored(&env, &sent, 60).await;
+    assert_no_inversions(&by_object, &sent);
+    let (_, metrics) = within(10, "metrics", http_get(standby.metrics, "/metrics"))
+        .await
+        .expect("metrics");
+    assert_eq!(
+        metric_sum(&metrics, "logstore_jetstream_redeliveries_total", &[]),
+        0.0,
+        "a clean handover redelivers nothing"
+    );
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}
+
 /// A backlog published by concurrent publishers while no worker runs, then taken by 3 workers:
 /// each entry's ts is exactly its message's stream timestamp, and each object's entries are in
 /// stream order.

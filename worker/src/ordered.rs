@@ -16,13 +16,14 @@
 //!   `unavailable` instead).
 //! - Resync: before pulling as the new holder, after a NATS reconnect (deliveries may have been
 //!   lost in flight) and whenever the stream sequence skips (another puller got messages), the
-//!   puller waits until everything it routed is settled, then fetches and holds back messages
-//!   until every delivered-and-unacknowledged message of the consumer is in its hands (the
-//!   consumer's `num_ack_pending` equals what it holds up to the consumer's delivered
-//!   sequence). Messages a dead or deposed puller held come back once their ack_wait expires;
-//!   only then is the whole set routed, sorted. So a takeover after a SIGKILL pauses intake for
-//!   up to `JS_LEASE_MS` + `JS_ACK_WAIT_MS`; a clean handover (the holder drains and releases
-//!   the lease at shutdown) pauses it only for the drain.
+//!   puller fetches and holds back messages until every delivered-and-unacknowledged message of
+//!   the consumer is in its hands (the consumer's `num_ack_pending` equals what it gathered plus
+//!   what it routed earlier and has not settled, up to the consumer's delivered sequence).
+//!   Messages a dead or deposed puller held come back once their ack_wait expires; only then is
+//!   the gathered set routed, sorted. So a takeover after a SIGKILL pauses intake for up to
+//!   `JS_LEASE_MS` + `JS_ACK_WAIT_MS`; a clean handover (the holder drains and releases the
+//!   lease at shutdown) pauses it only for the drain. Appends parked behind a down shard count
+//!   as in hand, so a resync during an outage does not wait for the shard.
 //! - A deposed puller that still commits what it had (a paused process, a partition) can only
 //!   write entries the new puller routes first anyway: the same keys, stored once.
 //!
@@ -45,8 +46,8 @@ use crate::intake::{IntakeError, Router, FETCH_EXPIRES};
 
 /// The KV bucket holding the intake leases (one key per stream and consumer).
 pub const LEASE_BUCKET: &str = "logstore_leases";
-/// How often a resync looks at the consumer's state and at this worker's settled messages.
-const RESYNC_POLL: Duration = Duration::from_millis(20);
+/// Pause between failed attempts to read the consumer's state during a resync.
+const RESYNC_POLL: Duration = Duration::from_millis(200);
 /// Longest wait for one consumer info answer.
 const INFO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -355,8 +356,9 @@ async fn route_sorted(router: &Router, batch: BTreeMap<u64, jetstream::Message>,
     }
 }
 
-/// Wait until this worker has settled everything it routed, then gather messages until every
-/// unacknowledged delivery of the consumer is among them, and route them all in stream order.
+/// Gather messages until every unacknowledged delivery of the consumer is in this worker's
+/// hands (gathered now, or routed before and not settled yet), and route the gathered ones in
+/// stream order.
 /// Returns the highest delivered sequence, or None when `stop` fired first.
 async fn resync(
     router: &Router,
@@ -366,12 +368,6 @@ async fn resync(
 ) -> Option<u64> {
     router.metrics.jetstream_resyncs.inc();
     let started = Instant::now();
-    while router.metrics.jetstream_held.get() > 0 {
-        tokio::select! {
-            _ = stop.cancelled() => return None,
-            _ = tokio::time::sleep(RESYNC_POLL) => {}
-        }
-    }
     let mut gathered = sorted(already);
     let mut failing = false;
     let delivered = loop {
@@ -382,7 +378,17 @@ async fn resync(
             Ok(Ok(info)) => {
                 failing = false;
                 let delivered = info.delivered.stream_sequence;
-                if gathered.range(..=delivered).count() >= info.num_ack_pending {
+                // In hand: what this resync gathered, and what this worker routed before it
+                // and has not settled yet (parked behind a down shard, say), each counted once.
+                // Read after the consumer's state, so a message settled meanwhile is missing
+                // from both sides or only from this one: never counted without being pending.
+                let held = router.held.up_to(delivered);
+                let in_hand = held.len()
+                    + gathered
+                        .range(..=delivered)
+                        .filter(|(sequence, _)| !held.contains(sequence))
+                        .count();
+                if in_hand >= info.num_ack_pending {
                     break delivered;
                 }
             }
@@ -395,7 +401,7 @@ async fn resync(
                     tracing::warn!(%error, "cannot read the consumer's state to resync; retrying");
                     failing = true;
                 }
-                pause(RESYNC_POLL * 10, stop).await;
+                pause(RESYNC_POLL, stop).await;
                 continue;
             }
         }
@@ -416,7 +422,12 @@ async fn resync(
         .copied()
         .unwrap_or(0)
         .max(delivered);
-    for (_, message) in gathered {
+    for (sequence, message) in gathered {
+        // A copy of a message routed before the resync: that one settles it.
+        if router.held.contains(sequence) {
+            router.metrics.jetstream_redeliveries.inc();
+            continue;
+        }
         router.jetstream_append(message).await;
     }
     Some(top)
@@ -435,7 +446,8 @@ async fn fetch(
     let Some(mut batch) = router.request_batch(consumer, stop).await else {
         return (messages, false);
     };
-    let deadline = Instant::now() + FETCH_EXPIRES * 4;
+    // The server ends a pull by its expiry; this only guards against an end that never comes.
+    let deadline = Instant::now() + FETCH_EXPIRES + Duration::from_secs(5);
     loop {
         match tokio::time::timeout_at(deadline, batch.next()).await {
             Ok(Some(Ok(message))) => messages.push(message),

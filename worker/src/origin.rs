@@ -41,6 +41,11 @@ impl Held {
         self.lock().contains(&sequence)
     }
 
+    /// The sequences held now that are at most `max`.
+    pub fn up_to(&self, max: u64) -> std::collections::HashSet<u64> {
+        self.lock().iter().copied().filter(|&s| s <= max).collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
         // A panic while holding the lock cannot leave the set half-updated.
         self.0

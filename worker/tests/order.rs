@@ -477,6 +477,97 @@ async fn jetstream_order_holds_across_a_shard_outage() {
     }
 }
 
+/// A resync while a shard is down (here: forced by a NATS restart, after which the puller
+/// must re-check what it holds) counts the appends parked behind that shard as in hand: intake
+/// to the other shard goes on during the outage, and nothing is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_during_a_shard_outage_does_not_wait_for_the_shard() {
+    let mut nats = NatsServer::start();
+    let mut own = PgServer::start();
+    let mut env = js_env(&["steady"]).await;
+    env.nats_url = nats.url();
+    env.shards
+        .push(("flaky".to_string(), fresh_db(&own, "flaky").await));
+    let worker = WorkerProcess::start(&env, &[ACK_WAIT]).await;
+    let steady_rows = || async {
+        let db = pg_connect(&env.shards[0].1).await;
+        db.query_one("SELECT count(*) FROM logs", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+    };
+    let publish_round = |round: usize| {
+        let env = env.clone();
+        async move {
+            let client = env.client().await;
+            let acked = Arc::new(AtomicUsize::new(0));
+            let publishers: Vec<_> = (0..4)
+                .map(|p| {
+                    tokio::spawn(js_publisher(
+                        client.clone(),
+                        env.subject("logs"),
+                        round * 10 + p,
+                        200,
+                        None,
+                        acked.clone(),
+                    ))
+                })
+                .collect();
+            let mut sent = Vec::new();
+            for publisher in publishers {
+                sent.extend(within(60, "publisher", publisher).await.expect("publisher"));
+            }
+            sent
+        }
+    };
+    let mut sent = publish_round(0).await;
+    eventually(30, "the first round stored", || async {
+        (rows(&env).await.len() == sent.len()).then_some(())
+    })
+    .await;
+    assert!(
+        steady_rows().await > 0,
+        "some objects live on the steady shard"
+    );
+    assert!(
+        (rows(&env).await.len() as i64) > steady_rows().await,
+        "some objects live on the flaky shard"
+    );
+    // The flaky shard goes down; appends to it are parked in the worker.
+    own.kill();
+    sent.extend(publish_round(1).await);
+    eventually(30, "appends parked behind the down shard", || async {
+        let (_, metrics) = http_get(worker.metrics, "/metrics").await?;
+        (metric_sum(&metrics, "logstore_jetstream_held_messages", &[]) > 0.0).then_some(())
+    })
+    .await;
+    let resyncs = |metrics: &str| metric_sum(metrics, "logstore_jetstream_resyncs_total", &[]);
+    let (_, before) = within(10, "metrics", http_get(worker.metrics, "/metrics"))
+        .await
+        .expect("metrics");
+    nats.stop();
+    nats.restart();
+    eventually(30, "the puller resynced after the reconnect", || async {
+        let (_, metrics) = http_get(worker.metrics, "/metrics").await?;
+        (resyncs(&metrics) > resyncs(&before)).then_some(())
+    })
+    .await;
+    let at_restart = steady_rows().await;
+    sent.extend(publish_round(2).await);
+    // Every publisher cycles through all 8 objects, so each shard that owns one gets at least
+    // 100 of this round's 800 appends.
+    eventually(
+        30,
+        "the steady shard storing while the other is still down",
+        || async { (steady_rows().await > at_restart + 50).then_some(()) },
+    )
+    .await;
+    own.restart();
+    let by_object = stored(&env, &sent, 120).await;
+    assert_no_inversions(&by_object, &sent);
+    assert_eq!(worker.terminate().await, Some(0));
+}
+
 /// Core intake: concurrent publishers on shared objects, each waiting for its reply (and
 /// retrying with the same key when a reply does not come), one of 3 workers SIGKILLed mid-run:
 /// each publisher's entries appear in each object in the order it sent them, once each.

@@ -72,6 +72,57 @@ async fn js_publisher(
     sent
 }
 
+/// `ids.len()` publishers (`js_publisher`, numbered by `ids`), each sending `n` appends.
+fn spawn_publishers(
+    env: &Env,
+    client: &async_nats::Client,
+    ids: std::ops::Range<usize>,
+    n: usize,
+    pace: Option<Duration>,
+    acked: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<Sent>>> {
+    ids.map(|p| {
+        tokio::spawn(js_publisher(
+            client.clone(),
+            env.subject("logs"),
+            p,
+            n,
+            pace,
+            acked.clone(),
+        ))
+    })
+    .collect()
+}
+
+/// Everything the publishers sent, each given at most `secs` to finish.
+async fn join_publishers(
+    publishers: Vec<tokio::task::JoinHandle<Vec<Sent>>>,
+    secs: u64,
+) -> Vec<Sent> {
+    let mut sent = Vec::new();
+    for publisher in publishers {
+        sent.extend(
+            within(secs, "publisher", publisher)
+                .await
+                .expect("publisher"),
+        );
+    }
+    sent
+}
+
+/// The index of the worker that pulls the stream.
+async fn puller(workers: &[WorkerProcess]) -> usize {
+    eventually(10, "one worker pulls the stream", || async {
+        for (i, worker) in workers.iter().enumerate() {
+            if is_leader(worker).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
+
 /// Every entry on every shard (a shard that is down right now is skipped).
 async fn rows(env: &Env) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -184,42 +235,23 @@ async fn jetstream_keeps_stream_order_when_the_puller_is_sigkilled() {
     }
     let client = env.client().await;
     let acked = Arc::new(AtomicUsize::new(0));
-    let publishers: Vec<_> = (0..6)
-        .map(|p| {
-            tokio::spawn(js_publisher(
-                client.clone(),
-                env.subject("logs"),
-                p,
-                800,
-                Some(Duration::from_millis(5)),
-                acked.clone(),
-            ))
-        })
-        .collect();
+    let publishers = spawn_publishers(
+        &env,
+        &client,
+        0..6,
+        800,
+        Some(Duration::from_millis(5)),
+        &acked,
+    );
     eventually(60, "appends being stored", || async {
         (rows(&env).await.len() > 600).then_some(())
     })
     .await;
-    let leader = eventually(10, "one worker pulls the stream", || async {
-        for (i, worker) in workers.iter().enumerate() {
-            if is_leader(worker).await {
-                return Some(i);
-            }
-        }
-        None
-    })
-    .await;
+    let leader = puller(&workers).await;
     workers.remove(leader).kill().await;
     let at_kill = acked.load(Ordering::Relaxed);
     workers.push(WorkerProcess::start(&env, &[ACK_WAIT]).await);
-    let mut sent = Vec::new();
-    for publisher in publishers {
-        sent.extend(
-            within(120, "publisher", publisher)
-                .await
-                .expect("publisher"),
-        );
-    }
+    let sent = join_publishers(publishers, 120).await;
     assert!(
         at_kill < sent.len(),
         "the kill came before the last publish"
@@ -261,31 +293,19 @@ async fn sigterm_hands_the_stream_over_without_waiting_for_ack_wait() {
     ];
     let client = env.client().await;
     let acked = Arc::new(AtomicUsize::new(0));
-    let publishers: Vec<_> = (0..4)
-        .map(|p| {
-            tokio::spawn(js_publisher(
-                client.clone(),
-                env.subject("logs"),
-                p,
-                600,
-                Some(Duration::from_millis(5)),
-                acked.clone(),
-            ))
-        })
-        .collect();
+    let publishers = spawn_publishers(
+        &env,
+        &client,
+        0..4,
+        600,
+        Some(Duration::from_millis(5)),
+        &acked,
+    );
     eventually(60, "appends being stored", || async {
         (rows(&env).await.len() > 300).then_some(())
     })
     .await;
-    let leader = eventually(10, "one worker pulls the stream", || async {
-        for (i, worker) in workers.iter().enumerate() {
-            if is_leader(worker).await {
-                return Some(i);
-            }
-        }
-        None
-    })
-    .await;
+    let leader = puller(&workers).await;
     let stopped = workers.remove(leader);
     let holder = format!("pid {}", stopped.pid());
     assert_eq!(stopped.terminate().await, Some(0));
@@ -309,14 +329,7 @@ async fn sigterm_hands_the_stream_over_without_waiting_for_ack_wait() {
         is_leader(standby).await.then_some(())
     })
     .await;
-    let mut sent = Vec::new();
-    for publisher in publishers {
-        sent.extend(
-            within(120, "publisher", publisher)
-                .await
-                .expect("publisher"),
-        );
-    }
+    let sent = join_publishers(publishers, 120).await;
     let by_object = stored(&env, &sent, 60).await;
     assert_no_inversions(&by_object, &sent);
     let (_, metrics) = within(10, "metrics", http_get(standby.metrics, "/metrics"))
@@ -342,22 +355,8 @@ async fn jetstream_entries_carry_the_stream_timestamps_in_stream_order() {
     WorkerProcess::start(&env, &[]).await.terminate().await;
     let client = env.client().await;
     let acked = Arc::new(AtomicUsize::new(0));
-    let publishers: Vec<_> = (0..6)
-        .map(|p| {
-            tokio::spawn(js_publisher(
-                client.clone(),
-                env.subject("logs"),
-                p,
-                100,
-                None,
-                acked.clone(),
-            ))
-        })
-        .collect();
-    let mut sent = Vec::new();
-    for publisher in publishers {
-        sent.extend(within(60, "publisher", publisher).await.expect("publisher"));
-    }
+    let publishers = spawn_publishers(&env, &client, 0..6, 100, None, &acked);
+    let sent = join_publishers(publishers, 60).await;
     let stream = jetstream::new(client.clone())
         .get_stream(env.stream())
         .await
@@ -418,18 +417,14 @@ async fn jetstream_order_holds_across_a_shard_outage() {
             .get::<_, i64>(0)
     };
     let acked = Arc::new(AtomicUsize::new(0));
-    let publishers: Vec<_> = (0..4)
-        .map(|p| {
-            tokio::spawn(js_publisher(
-                client.clone(),
-                env.subject("logs"),
-                p,
-                1_500,
-                Some(Duration::from_millis(5)),
-                acked.clone(),
-            ))
-        })
-        .collect();
+    let publishers = spawn_publishers(
+        &env,
+        &client,
+        0..4,
+        1_500,
+        Some(Duration::from_millis(5)),
+        &acked,
+    );
     eventually(60, "appends being stored", || async {
         (steady_rows().await > 200).then_some(())
     })
@@ -457,14 +452,7 @@ async fn jetstream_order_holds_across_a_shard_outage() {
     }
     assert!(held > 0.0, "the puller holds the down shard's appends");
     own.restart();
-    let mut sent = Vec::new();
-    for publisher in publishers {
-        sent.extend(
-            within(120, "publisher", publisher)
-                .await
-                .expect("publisher"),
-        );
-    }
+    let sent = join_publishers(publishers, 120).await;
     let by_object = stored(&env, &sent, 120).await;
     assert_no_inversions(&by_object, &sent);
     let total = rows(&env).await.len();
@@ -501,23 +489,9 @@ async fn a_resync_during_a_shard_outage_does_not_wait_for_the_shard() {
         async move {
             let client = env.client().await;
             let acked = Arc::new(AtomicUsize::new(0));
-            let publishers: Vec<_> = (0..4)
-                .map(|p| {
-                    tokio::spawn(js_publisher(
-                        client.clone(),
-                        env.subject("logs"),
-                        round * 10 + p,
-                        200,
-                        None,
-                        acked.clone(),
-                    ))
-                })
-                .collect();
-            let mut sent = Vec::new();
-            for publisher in publishers {
-                sent.extend(within(60, "publisher", publisher).await.expect("publisher"));
-            }
-            sent
+            let publishers =
+                spawn_publishers(&env, &client, round * 10..round * 10 + 4, 200, None, &acked);
+            join_publishers(publishers, 60).await
         }
     };
     let mut sent = publish_round(0).await;
@@ -616,14 +590,7 @@ async fn core_keeps_each_publishers_order_when_a_worker_is_sigkilled() {
     })
     .await;
     workers.remove(0).kill().await;
-    let mut sent = Vec::new();
-    for publisher in publishers {
-        sent.extend(
-            within(180, "publisher", publisher)
-                .await
-                .expect("publisher"),
-        );
-    }
+    let sent = join_publishers(publishers, 180).await;
     let by_object = stored(&env, &sent, 60).await;
     // Order is each publisher's: its counter must grow along each object's seqs.
     let counter: HashMap<&str, (&str, u64)> = sent

@@ -282,21 +282,28 @@ pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
     let roots = settings.root_cert.as_deref().map(load_roots).transpose()?;
-    let builder = match (settings.mode, roots) {
-        (SslMode::VerifyFull, Some(roots)) => {
-            let verifier =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|e| format!("TLS setup: {e}"))?;
-            builder.with_webpki_verifier(verifier)
-        }
-        (SslMode::Disable, _) | (_, None) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoCertCheck { provider })),
-        (_, Some(roots)) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly { roots, provider })),
-    };
+    let builder =
+        match (settings.mode, roots) {
+            (SslMode::VerifyFull, Some(roots)) => {
+                let verifier =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| format!("TLS setup: {e}"))?;
+                builder.with_webpki_verifier(verifier)
+            }
+            (SslMode::Disable, _) | (_, None) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NameUnchecked {
+                    roots: None,
+                    provider,
+                })),
+            (_, Some(roots)) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NameUnchecked {
+                    roots: Some(roots),
+                    provider,
+                })),
+        };
     match (&settings.cert, &settings.key) {
         (Some(cert), Some(key)) => {
             let chain = load_certs(cert, "sslcert")?;
@@ -342,68 +349,17 @@ fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// `prefer`/`require` without `sslrootcert`: encrypt, accept any certificate (libpq's
-/// semantics), but still check that the server holds the key of the certificate it sent.
+/// A server certificate check that never looks at the host name. With `roots` (`verify-ca`,
+/// or `prefer`/`require` with `sslrootcert`): the chain must lead to one of them. Without
+/// (`prefer`/`require`): any certificate, as libpq does. Either way the server must prove it
+/// holds the key of the certificate it sent.
 #[derive(Debug)]
-struct NoCertCheck {
+struct NameUnchecked {
+    roots: Option<RootCertStore>,
     provider: Arc<CryptoProvider>,
 }
 
-/// `verify-ca`: the chain must lead to one of `roots`; the name is not checked.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: RootCertStore,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for NoCertCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NameUnchecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -412,14 +368,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 

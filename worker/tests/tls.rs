@@ -242,8 +242,8 @@ async fn tls_connections_serve_and_are_encrypted() {
 
 /// Each way a TLS connection can be wrong leaves the worker not ready, with one line at the
 /// default log level naming the shard and the cause, and no password: plaintext to a server
-/// that takes TLS only, a server certificate from another CA, one that does not name the
-/// host (verify-full), no client certificate where one is required, and `require` against a
+/// that takes TLS only, a server certificate from another CA (verify-full and verify-ca), one
+/// that does not name the host (verify-full), no client certificate where one is required, and `require` against a
 /// server without TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_failures_are_one_clear_line() {
@@ -266,6 +266,19 @@ async fn tls_failures_are_one_clear_line() {
                 &server.db,
                 &format!(
                     "sslmode=verify-full&{}",
+                    query(&[("sslrootcert", &pki.other_ca)])
+                ),
+            ),
+            &["shard a", "TLS handshake", "UnknownIssuer"],
+        ),
+        (
+            "verify-ca with a server certificate from another CA",
+            server.url(
+                ROLE,
+                "127.0.0.1",
+                &server.db,
+                &format!(
+                    "sslmode=verify-ca&{}",
                     query(&[("sslrootcert", &pki.other_ca)])
                 ),
             ),

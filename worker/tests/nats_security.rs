@@ -152,32 +152,6 @@ fn creds(account: &nkeys::KeyPair, name: &str) -> String {
 
 type Vars = Vec<(&'static str, String)>;
 
-/// Runs `bin` with exactly `env` (nothing inherited) to its end: exit code, stdout, stderr.
-async fn run_once(
-    bin: &str,
-    args: &[&str],
-    env: &[(&'static str, String)],
-) -> (Option<i32>, String, String) {
-    let output = within(
-        40,
-        &format!("{bin} {args:?} exits"),
-        tokio::process::Command::new(bin_path(bin))
-            .args(args)
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("run the binary");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 /// Runs `bin` and expects it to succeed; returns its stdout.
 async fn run_ok(
     bin: &str,
@@ -185,7 +159,7 @@ async fn run_ok(
     env: &[(&'static str, String)],
     secrets: &[&str],
 ) -> String {
-    let (code, stdout, stderr) = run_once(bin, args, env).await;
+    let (code, stdout, stderr) = run_once(bin, args, env, 40).await;
     assert_eq!(code, Some(0), "{bin} {args:?}:\n{stdout}\n{stderr}");
     assert_no_secret(
         &format!("{bin} {args:?}"),
@@ -204,7 +178,7 @@ async fn refused(
     says: &str,
     secrets: &[&str],
 ) -> String {
-    let (code, stdout, stderr) = run_once(bin, args, env).await;
+    let (code, stdout, stderr) = run_once(bin, args, env, 40).await;
     let what = format!("{bin} {args:?} ({says})");
     assert!(
         code.is_some_and(|c| c != 0),
@@ -862,7 +836,7 @@ async fn shipped_server_config_keeps_each_user_to_its_job() {
     eventually(20, "the worker stores the client's append", || {
         let client_vars = client_vars.clone();
         async move {
-            let (code, stdout, _) = run_once("logstore", &["get", id], &client_vars).await;
+            let (code, stdout, _) = run_once("logstore", &["get", id], &client_vars, 40).await;
             (code == Some(0) && stdout.contains("stored for the client")).then_some(())
         }
     })

@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::process::Stdio;
-
 use support::*;
 
 /// Stands in for every secret. Distinctive enough never to appear by accident.
@@ -18,33 +16,6 @@ fn assert_no_marker(what: &str, output: &str) {
         !output.contains(MARKER),
         "{what}: the secret was printed:\n{output}"
     );
-}
-
-/// Runs `bin` with exactly `env` (nothing inherited, so settings of the calling shell cannot
-/// interfere) and `args` to its end; returns the exit code, stdout and stderr.
-async fn run_once(
-    bin: &str,
-    args: &[&str],
-    env: &[(&str, String)],
-) -> (Option<i32>, String, String) {
-    let output = within(
-        30,
-        &format!("{bin} {args:?} exits"),
-        tokio::process::Command::new(bin_path(bin))
-            .args(args)
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("run the binary");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 /// `--help` (and `-h`) show which variables a setting reads, never their values.
@@ -64,7 +35,7 @@ async fn help_shows_no_secret_values() {
         ("loadgen", "--help"),
         ("loadgen", "-h"),
     ] {
-        let (code, stdout, stderr) = run_once(bin, &[flag], &env).await;
+        let (code, stdout, stderr) = run_once(bin, &[flag], &env, 30).await;
         let what = format!("{bin} {flag}");
         assert_eq!(code, Some(0), "{what}: {stderr}");
         // The variable is named (so the help still says where a setting comes from)...
@@ -206,7 +177,7 @@ async fn bad_configurations_fail_in_one_line_without_the_secret() {
     for (what, settings, var) in cases {
         let mut env = vec![("NATS_URL", nats.clone())];
         env.extend(settings);
-        let (code, stdout, stderr) = run_once("worker", &[], &env).await;
+        let (code, stdout, stderr) = run_once("worker", &[], &env, 30).await;
         assert_eq!(code, Some(2), "{what}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
         assert!(
@@ -221,6 +192,7 @@ async fn bad_configurations_fail_in_one_line_without_the_secret() {
         "loadgen",
         &["--count", "1"],
         &[("NATS_URL", format!("nats://{m}@h1 nats://{m}@h2"))],
+        30,
     )
     .await;
     assert_eq!(code, Some(2), "{stderr}");
@@ -263,6 +235,7 @@ async fn nats_logins_never_print_the_password() {
             "NATS_URL",
             format!("nats://logstore:wrong-{MARKER}@127.0.0.1:{}", nats.port()),
         )],
+        30,
     )
     .await;
     assert_eq!(code, Some(1), "{stderr}");

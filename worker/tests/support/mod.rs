@@ -1001,3 +1001,31 @@ pub async fn core_scenarios(env: &Env, base: u64) {
         );
     }
 }
+
+/// Runs binary `bin` with exactly `env` (nothing inherited) to its end, within `secs`: exit code,
+/// stdout, stderr.
+pub async fn run_once(
+    bin: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    secs: u64,
+) -> (Option<i32>, String, String) {
+    let output = within(
+        secs,
+        &format!("{bin} {args:?} exits"),
+        tokio::process::Command::new(bin_path(bin))
+            .args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run the binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -174,6 +174,18 @@ pub struct AppendJob {
     pub hold: bool,
 }
 
+impl AppendJob {
+    /// When its answer is due; a held job has no deadline.
+    pub fn due(&self) -> Option<Instant> {
+        (!self.hold).then_some(self.deadline)
+    }
+
+    /// Past its deadline at `now` (never, for a held job).
+    pub fn late(&self, now: Instant) -> bool {
+        self.due().is_some_and(|due| due <= now)
+    }
+}
+
 /// What settling needs besides the job.
 #[derive(Clone)]
 pub struct Settler {

@@ -275,10 +275,9 @@ fn expired(shard: &Shard) -> ErrorBody {
 async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetrics, ctx: &Context) {
     let settler = &ctx.settler;
     let now = Instant::now();
-    if batch.iter().any(|job| !job.hold && job.deadline <= now) {
-        let (late, current): (Vec<AppendJob>, Vec<AppendJob>) = batch
-            .drain(..)
-            .partition(|job| !job.hold && job.deadline <= now);
+    if batch.iter().any(|job| job.late(now)) {
+        let (late, current): (Vec<AppendJob>, Vec<AppendJob>) =
+            batch.drain(..).partition(|job| job.late(now));
         for job in late {
             settler.failed(job, expired(shard), m).await;
         }
@@ -325,8 +324,7 @@ async fn try_commit(
     let latest = Instant::now() + shard.timeout();
     let deadline = batch
         .iter()
-        .filter(|job| !job.hold)
-        .map(|job| job.deadline)
+        .filter_map(AppendJob::due)
         .min()
         .map_or(latest, |d| d.min(latest));
     let entries: Vec<&NewEntry> = batch.iter().map(|job| &job.entry).collect();
@@ -391,7 +389,7 @@ async fn isolate(
     }
     tracing::warn!(shard = %shard.name, error = %Chain(&e), rows = batch.len(), "append batch failed; retrying entries one by one");
     for job in batch.drain(..) {
-        if !job.hold && job.deadline <= Instant::now() {
+        if job.late(Instant::now()) {
             settler.failed(job, expired(shard), m).await;
             continue;
         }

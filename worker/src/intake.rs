@@ -506,20 +506,8 @@ impl Router {
                     deadline,
                     hold: hold.is_some(),
                 };
-                let queue = &self.queues[self.ring.shard_of(job.entry.id)];
-                if let Some(cancel) = hold {
-                    if queue.offer_held(Work::Append(job), cancel).await.is_err() {
-                        tracing::debug!("shutting down: a held append is left for redelivery");
-                    }
-                    return;
-                }
-                if let Err(Refused {
-                    work: Work::Append(job),
-                    error,
-                }) = queue.offer(Work::Append(job)).await
-                {
-                    self.settler.failed(job, error, &queue.metrics).await;
-                }
+                let shard = self.ring.shard_of(job.entry.id);
+                self.enqueue(shard, Work::Append(job), hold).await;
                 return;
             }
             AppendBody::Batch(entries) => entries,
@@ -552,24 +540,33 @@ impl Router {
             if jobs.is_empty() {
                 continue;
             }
-            let queue = &self.queues[shard];
-            if let Some(cancel) = hold {
-                if queue.offer_held(Work::Appends(jobs), cancel).await.is_err() {
-                    tracing::debug!("shutting down: held appends are left for redelivery");
-                }
-                continue;
+            self.enqueue(shard, Work::Appends(jobs), hold).await;
+        }
+    }
+
+    /// Queue appends on `shard`'s pipeline: held (see [`Router::route`]) when `hold` is given,
+    /// else offered, and settled as failed when the queue refuses them.
+    async fn enqueue(&self, shard: usize, work: Work, hold: Option<&CancellationToken>) {
+        let queue = &self.queues[shard];
+        if let Some(cancel) = hold {
+            if queue.offer_held(work, cancel).await.is_err() {
+                tracing::debug!("shutting down: held appends are left for redelivery");
             }
-            if let Err(Refused {
-                work: Work::Appends(jobs),
-                error,
-            }) = queue.offer(Work::Appends(jobs)).await
-            {
-                for job in jobs {
-                    self.settler
-                        .failed(job, error.clone(), &queue.metrics)
-                        .await;
-                }
-            }
+            return;
+        }
+        let Err(Refused { work, error }) = queue.offer(work).await else {
+            return;
+        };
+        let jobs = match work {
+            Work::Append(job) => vec![job],
+            Work::Appends(jobs) => jobs,
+            // Only appends are enqueued here.
+            Work::Query(_) => return,
+        };
+        for job in jobs {
+            self.settler
+                .failed(job, error.clone(), &queue.metrics)
+                .await;
         }
     }
 

@@ -189,19 +189,18 @@ pub async fn run(
         let valid_until = AtomicU64::new(ms(lease.ttl * 2 / 3));
         let renew = async {
             let mut revision = revision;
-            let mut renewed = Instant::now();
             loop {
                 tokio::select! {
                     _ = done.cancelled() => return revision,
                     _ = tokio::time::sleep(lease.ttl / 3) => {}
                 }
-                // A renewal that cannot finish before the lease would expire counts as lost.
-                let left = (renewed + lease.ttl * 2 / 3).saturating_duration_since(Instant::now());
+                // A renewal that cannot finish while the lease is surely ours counts as lost.
+                let left = Duration::from_millis(valid_until.load(Ordering::Acquire))
+                    .saturating_sub(epoch.elapsed());
                 let started = Instant::now();
                 match tokio::time::timeout(left, lease.renew(revision)).await {
                     Ok(Ok(next)) => {
                         revision = next;
-                        renewed = started;
                         let until = started.saturating_duration_since(epoch) + lease.ttl * 2 / 3;
                         valid_until.store(ms(until), Ordering::Release);
                     }

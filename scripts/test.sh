@@ -22,6 +22,9 @@ have_postgres || missing+=(postgresql)
 # files with a real compose implementation (Debian's docker-compose works without an engine).
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+# check-deploy.sh reads the rendered compose files and the dashboard with python3 (Debian's
+# docker-compose pulls it in, but say so rather than rely on that).
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 install_packages "${missing[@]}"
 # Postgres refuses to run as root; the tests run it as this user when they are root.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then

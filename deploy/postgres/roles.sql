@@ -34,6 +34,9 @@ GRANT USAGE ON SCHEMA public TO logstore_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON objects, logs TO logstore_app;
 -- The shard's name is recorded on first start (by whoever starts first) and checked on every one.
 GRANT SELECT, INSERT ON shard_identity TO logstore_app;
+-- The ring's epoch fence (migrations/0007_resharding.sql): read by every append and read,
+-- raised by the first request of a new epoch and by the mover.
+GRANT SELECT, UPDATE ON ring_fence TO logstore_app;
 -- Read only: every start compares it with the migrations the binary carries.
 GRANT SELECT ON logstore_migrations TO logstore_app;
 -- logstore_append, logstore_append_checked, logstore_append_careful, logstore_seq_at,

@@ -206,6 +206,15 @@ pub struct RawConfig {
     /// cursor to continue from (paging still reads everything).
     #[arg(long, env = "MAX_QUERY_BYTES", default_value = "16777216")]
     pub max_query_bytes: String,
+    /// Resharding: most objects per second the mover moves (`worker shards add/remove`), so
+    /// appends keep their latency while a move runs.
+    #[arg(long, env = "MOVE_RATE", default_value = "200")]
+    pub move_rate: String,
+    /// Resharding: how long after the last object moved its old copies are purged, in
+    /// milliseconds. Keep it above QUERY_TIMEOUT_MS: a query that began reading an old copy
+    /// before its object moved finishes reading it.
+    #[arg(long, env = "MOVE_GRACE_MS", default_value = "30000")]
+    pub move_grace_ms: String,
 }
 
 /// One PostgreSQL node on the ring. `Debug` redacts the connection string.
@@ -296,6 +305,109 @@ pub struct Config {
     pub query_timeout: Duration,
     pub max_pending_queries: usize,
     pub max_query_bytes: usize,
+    pub moves: Moves,
+    /// How this worker logs in to a ring member it learns of from NATS (whose URL is stored
+    /// there without a password).
+    pub member_access: MemberAccess,
+}
+
+/// The mover's settings (MOVE_RATE, MOVE_GRACE_MS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moves {
+    /// Objects per second.
+    pub rate: u32,
+    pub grace: Duration,
+}
+
+/// POSTGRES_PASSWORD / POSTGRES_PASSWORD_FILE and the POSTGRES_SSL* defaults, kept to fill the
+/// URLs of ring members learnt from NATS as POSTGRES_SHARDS URLs are filled. `Debug` redacts.
+#[derive(Clone, Default)]
+pub struct MemberAccess {
+    password: Option<String>,
+    tls: Vec<(&'static str, String)>,
+}
+
+impl std::fmt::Debug for MemberAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemberAccess")
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl MemberAccess {
+    /// The shard `name` at `url` (as stored in the ring record: no password), with this
+    /// worker's password and TLS defaults filled in where the URL names none.
+    pub fn shard(&self, name: &str, url: &str) -> Result<ShardConfig, String> {
+        let mut shard = ShardConfig {
+            name: name.to_string(),
+            url: url.to_string(),
+        };
+        if let Some(password) = &self.password {
+            fill_password(&mut shard, password);
+        }
+        if !self.tls.is_empty() {
+            let defaults: Vec<(&str, &str)> =
+                self.tls.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            shard.url = crate::pgtls::with_defaults(&shard.url, &defaults)
+                .map_err(|problem| format!("shard {name} with POSTGRES_SSL*: {problem}"))?;
+        }
+        crate::pgtls::split(&shard.url).map_err(|problem| format!("shard {name}: {problem}"))?;
+        Ok(shard)
+    }
+}
+
+/// `url` without any password (in the userinfo of a `postgres://` URL, or as a `password`
+/// parameter of either form): what may be stored in NATS and shown to an operator.
+pub fn without_password(url: &str) -> String {
+    let trimmed = url.trim();
+    if let Some((scheme, rest)) = trimmed.split_once("://") {
+        let (authority_end, _) = rest
+            .char_indices()
+            .find(|(_, c)| matches!(c, '/' | '?'))
+            .unwrap_or((rest.len(), ' '));
+        let (authority, tail) = rest.split_at(authority_end);
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                format!("{user}@{host}")
+            }
+            None => authority.to_string(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|p| !p.to_ascii_lowercase().starts_with("password="))
+                    .collect();
+                if kept.is_empty() {
+                    path.to_string()
+                } else {
+                    format!("{path}?{}", kept.join("&"))
+                }
+            }
+            None => tail.to_string(),
+        };
+        return format!("{scheme}://{authority}{tail}");
+    }
+    // key=value form: drop the password pair (a quoted value may hold spaces).
+    let mut out = Vec::new();
+    let mut words = trimmed.split(' ').peekable();
+    while let Some(word) = words.next() {
+        if word.to_ascii_lowercase().starts_with("password=") {
+            if word.starts_with("password='") && !(word.len() > 10 && word.ends_with('\'')) {
+                for next in words.by_ref() {
+                    if next.ends_with('\'') {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(word);
+    }
+    out.join(" ")
 }
 
 /// Hand-written so that secrets never reach a log line or a panic message. The destructuring
@@ -352,6 +464,8 @@ impl std::fmt::Debug for RawConfig {
             query_timeout_ms,
             max_pending_queries,
             max_query_bytes,
+            move_rate,
+            move_grace_ms,
         } = self;
         f.debug_struct("RawConfig")
             .field("nats_url", &redact(nats_url))
@@ -412,6 +526,8 @@ impl std::fmt::Debug for RawConfig {
             .field("query_timeout_ms", query_timeout_ms)
             .field("max_pending_queries", max_pending_queries)
             .field("max_query_bytes", max_query_bytes)
+            .field("move_rate", move_rate)
+            .field("move_grace_ms", move_grace_ms)
             .finish()
     }
 }
@@ -448,6 +564,8 @@ impl std::fmt::Debug for Config {
             query_timeout,
             max_pending_queries,
             max_query_bytes,
+            moves,
+            member_access,
         } = self;
         f.debug_struct("Config")
             .field("intake", intake)
@@ -478,6 +596,8 @@ impl std::fmt::Debug for Config {
             .field("query_timeout", query_timeout)
             .field("max_pending_queries", max_pending_queries)
             .field("max_query_bytes", max_query_bytes)
+            .field("moves", moves)
+            .field("member_access", member_access)
             .finish()
     }
 }
@@ -556,6 +676,19 @@ impl RawConfig {
                 1_000_000,
             )?,
             max_query_bytes: number("MAX_QUERY_BYTES", &self.max_query_bytes, 1, usize::MAX)?,
+            moves: Moves {
+                rate: number("MOVE_RATE", &self.move_rate, 1, 1_000_000)?,
+                grace: Duration::from_millis(number(
+                    "MOVE_GRACE_MS",
+                    &self.move_grace_ms,
+                    0,
+                    86_400_000,
+                )?),
+            },
+            member_access: MemberAccess {
+                password: self.password()?,
+                tls: self.tls_defaults()?,
+            },
         })
     }
 
@@ -641,7 +774,28 @@ impl RawConfig {
         &self,
         mut shards: Vec<ShardConfig>,
     ) -> Result<Vec<ShardConfig>, ConfigError> {
-        let mut defaults: Vec<(&str, &str)> = Vec::new();
+        let defaults = self.tls_defaults()?;
+        if defaults.is_empty() {
+            return Ok(shards);
+        }
+        let defaults: Vec<(&str, &str)> = defaults.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        for shard in &mut shards {
+            let name = &shard.name;
+            shard.url = crate::pgtls::with_defaults(&shard.url, &defaults)
+                .and_then(|url| crate::pgtls::split(&url).map(|_| url))
+                .map_err(|problem| {
+                    bad(
+                        "POSTGRES_SSLMODE",
+                        format!("shard {name} with POSTGRES_SSL*: {problem}"),
+                    )
+                })?;
+        }
+        Ok(shards)
+    }
+
+    /// The POSTGRES_SSL* settings given, as (connection parameter, value).
+    fn tls_defaults(&self) -> Result<Vec<(&'static str, String)>, ConfigError> {
+        let mut defaults: Vec<(&'static str, String)> = Vec::new();
         for (var, param, value) in [
             ("POSTGRES_SSLMODE", "sslmode", &self.postgres_sslmode),
             (
@@ -658,25 +812,11 @@ impl RawConfig {
                     if param == "sslmode" {
                         crate::pgtls::SslMode::parse(value).map_err(|e| bad(var, e))?;
                     }
-                    defaults.push((param, value));
+                    defaults.push((param, value.to_string()));
                 }
             }
         }
-        if defaults.is_empty() {
-            return Ok(shards);
-        }
-        for shard in &mut shards {
-            let name = &shard.name;
-            shard.url = crate::pgtls::with_defaults(&shard.url, &defaults)
-                .and_then(|url| crate::pgtls::split(&url).map(|_| url))
-                .map_err(|problem| {
-                    bad(
-                        "POSTGRES_SSLMODE",
-                        format!("shard {name} with POSTGRES_SSL*: {problem}"),
-                    )
-                })?;
-        }
-        Ok(shards)
+        Ok(defaults)
     }
 
     /// POSTGRES_PASSWORD, or the content of POSTGRES_PASSWORD_FILE (read here, once; one

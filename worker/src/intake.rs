@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
 use crate::origin::{AppendJob, BatchMessage, InFlight, Origin, Settle, Settler};
-use crate::pipeline::{Refused, ShardQueue, Work};
+use crate::pipeline::{Refused, Work};
 use crate::query::{Queries, QueryJob, Request};
-use crate::ring::Ring;
+use crate::shards::Shards;
 use crate::store::NewEntry;
 
 /// Messages fetched from JetStream per pull request.
@@ -42,11 +42,9 @@ pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Routes decoded requests to the shard pipelines.
 pub struct Router {
-    pub ring: Ring,
-    /// Per shard: appends (and, with core intake, the queries that must follow them).
-    pub queues: Vec<ShardQueue>,
-    /// Per shard: where queries go (the same queues as appends with core intake).
-    pub query_queues: Vec<ShardQueue>,
+    /// The shards and the ring that places objects on them (live: it follows the fleet's
+    /// ring record).
+    pub shards: Arc<Shards>,
     pub limits: Limits,
     /// MAX_BATCH_ENTRIES: most entries in one batch message.
     pub max_batch_entries: usize,
@@ -505,20 +503,30 @@ impl Router {
                     started,
                     deadline,
                     hold: hold.is_some(),
+                    moved_at: None,
                 };
-                let shard = self.ring.shard_of(job.entry.id);
-                self.enqueue(shard, Work::Append(job), hold).await;
+                let view = self.shards.view();
+                let shard = view.layout.route(job.entry.id).shard.to_string();
+                self.enqueue(&view, &shard, Work::Append(job), hold).await;
                 return;
             }
             AppendBody::Batch(entries) => entries,
         };
         let batch = BatchMessage::new(origin, entries.len(), in_flight);
         // One group per shard, each in array order.
-        let mut groups: Vec<Vec<AppendJob>> = (0..self.queues.len()).map(|_| Vec::new()).collect();
+        let view = self.shards.view();
+        let mut groups: Vec<(&str, Vec<AppendJob>)> = Vec::new();
         for (index, request) in entries.into_iter().enumerate() {
             let key = request.key.or_else(|| keys.entry(index));
-            let shard = self.ring.shard_of(request.id);
-            groups[shard].push(AppendJob {
+            let shard = view.layout.route(request.id).shard;
+            let group = match groups.iter().position(|(name, _)| *name == shard) {
+                Some(i) => i,
+                None => {
+                    groups.push((shard, Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            groups[group].1.push(AppendJob {
                 entry: NewEntry {
                     id: request.id,
                     key,
@@ -533,21 +541,28 @@ impl Router {
                 started,
                 deadline,
                 hold: hold.is_some(),
+                moved_at: None,
             });
         }
         drop(batch);
-        for (shard, jobs) in groups.into_iter().enumerate() {
-            if jobs.is_empty() {
-                continue;
-            }
-            self.enqueue(shard, Work::Appends(jobs), hold).await;
+        for (shard, jobs) in groups {
+            self.enqueue(&view, shard, Work::Appends(jobs), hold).await;
         }
     }
 
     /// Queue appends on `shard`'s pipeline: held (see [`Router::route`]) when `hold` is given,
     /// else offered, and settled as failed when the queue refuses them.
-    async fn enqueue(&self, shard: usize, work: Work, hold: Option<&CancellationToken>) {
-        let queue = &self.queues[shard];
+    async fn enqueue(
+        &self,
+        view: &crate::shards::View,
+        shard: &str,
+        work: Work,
+        hold: Option<&CancellationToken>,
+    ) {
+        let Some(lane) = view.lane(shard) else {
+            return self.no_lane(shard, work).await;
+        };
+        let queue = &lane.appends;
         if let Some(cancel) = hold {
             if queue.offer_held(work, cancel).await.is_err() {
                 tracing::debug!("shutting down: held appends are left for redelivery");
@@ -566,6 +581,22 @@ impl Router {
         for job in jobs {
             self.settler
                 .failed(job, error.clone(), &queue.metrics)
+                .await;
+        }
+    }
+
+    /// Appends for a shard this worker has no lane for (it could not open one): answered
+    /// `unavailable` (nak'ed with JetStream), as for a shard that is down.
+    async fn no_lane(&self, shard: &str, work: Work) {
+        let jobs = match work {
+            Work::Append(job) => vec![job],
+            Work::Appends(jobs) => jobs,
+            Work::Query(_) => return,
+        };
+        let metrics = self.metrics.shard(shard);
+        for job in jobs {
+            self.settler
+                .failed(job, no_lane_error(shard), &metrics)
                 .await;
         }
     }
@@ -609,7 +640,8 @@ impl Router {
             self.metrics.error(kind.as_str(), ErrorCode::Busy);
             return;
         };
-        let queue = &self.query_queues[self.ring.shard_of(request.id())];
+        let view = self.shards.view();
+        let shard = view.layout.route(request.id()).shard;
         let job = QueryJob {
             request,
             reply: message.reply,
@@ -618,6 +650,11 @@ impl Router {
             admission,
             in_flight,
         };
+        let Some(lane) = view.lane(shard) else {
+            let error = no_lane_error(shard);
+            return self.queries.refuse(job, error).await;
+        };
+        let queue = &lane.queries;
         if let Err(Refused {
             work: Work::Query(job),
             error,
@@ -695,4 +732,12 @@ impl KeySource<'_> {
     fn entry(&self, index: usize) -> Option<String> {
         self.single().map(|key| format!("{key}#{index}"))
     }
+}
+
+/// The answer for work whose shard this worker cannot reach at all.
+fn no_lane_error(shard: &str) -> logstore_protocol::ErrorBody {
+    logstore_protocol::ErrorBody::new(
+        logstore_protocol::ErrorCode::Unavailable,
+        format!("shard {shard} is not open on this worker; nothing was stored, retry later"),
+    )
 }

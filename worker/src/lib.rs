@@ -19,10 +19,12 @@
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`service`]: registration with the NATS service API (`nats micro ls/info/stats`).
 
+pub mod admin;
 pub mod config;
 pub mod http;
 pub mod intake;
 pub mod metrics;
+pub mod mover;
 pub mod ordered;
 pub mod origin;
 pub mod outbox;
@@ -32,6 +34,7 @@ pub mod query;
 pub mod retention;
 pub mod ring;
 pub mod service;
+pub mod shards;
 pub mod store;
 
 use std::future::Future;
@@ -49,8 +52,9 @@ use crate::store::{Shard, StoreError};
 
 pub use logstore_protocol::chain::Chain;
 
-/// Most appends the ordered intake parks in one shard's queue while the shard is down.
-const MAX_HELD_PER_SHARD: usize = 100_000;
+/// How long a starting worker waits for the fleet's ring record before it routes by
+/// POSTGRES_SHARDS (and keeps trying in the background).
+const RING_LOAD_WAIT: Duration = Duration::from_secs(10);
 
 /// How often each shard is health-checked (and, while it has never been reachable, retried).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -108,43 +112,13 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let metrics_addr = listener.local_addr().unwrap_or(config.metrics_addr);
     tracing::info!(addr = %metrics_addr, "serving /metrics, /healthz and /readyz");
 
-    let shards = start_shards(&config, &metrics).await?;
-    let client = connect_nats(&config, &metrics).await?;
-
     let cancel = CancellationToken::new();
     // Background tasks (HTTP, health checks) stop on `cancel`; work tasks (pipelines, queries)
     // stop when their input ends, so nothing received is abandoned.
     let background = TaskTracker::new();
     let work = TaskTracker::new();
 
-    // Ready only while subscribed: before the subscriptions exist and once draining starts,
-    // a load balancer or test must not count on this worker taking messages.
-    let subscribed = Arc::new(AtomicBool::new(false));
-    let readiness: http::ReadinessCheck = {
-        let client = client.clone();
-        let shards = shards.clone();
-        let subscribed = subscribed.clone();
-        Arc::new(move || readiness_problems(&client, &shards, &subscribed))
-    };
-    background.spawn(http::serve(
-        listener,
-        metrics.clone(),
-        readiness.clone(),
-        cancel.clone(),
-        background.clone(),
-    ));
-    for shard in shards.iter() {
-        background.spawn(watch_shard(shard.clone(), metrics.clone(), cancel.clone()));
-        if let Some(retention) = config.retention {
-            background.spawn(retention::sweep(
-                shard.clone(),
-                retention,
-                metrics.clone(),
-                cancel.clone(),
-            ));
-        }
-    }
-
+    let client = connect_nats(&config, &metrics).await?;
     let outbox = outbox::Outbox::new(
         client.clone(),
         &config.events_prefix,
@@ -169,50 +143,57 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         config.query_timeout,
         config.max_query_bytes,
     );
-    let context = pipeline::Context {
-        settler: settler.clone(),
-        queries: query_machinery.clone(),
-        metrics: metrics.clone(),
-        batch_max_rows: config.batch_max_rows,
-        batch_linger: config.batch_linger,
-        // Leave at least half of each pool to the shard's appends.
-        queries_per_shard: (config.pool_size / 2).max(1),
-        cancel: cancel.clone(),
-    };
-    let mut queues = Vec::with_capacity(shards.len());
-    let mut query_queues = Vec::with_capacity(shards.len());
-    for shard in shards.iter() {
-        // Room for two full transactions, and always for one whole batch message. The ordered
-        // intake parks a down shard's appends here rather than nak'ing them (which would let
-        // later ones overtake them): room for as many as the stream lets be unacknowledged,
-        // so the other shards keep going as long as they would have with nak'ing.
-        let capacity = match &config.intake {
-            Intake::JetStream(js) if js.ordered => usize::try_from(js.max_ack_pending)
-                .unwrap_or(usize::MAX)
-                .min(MAX_HELD_PER_SHARD),
-            _ => 0,
-        }
-        .max(config.batch_max_rows * 2)
-        .max(config.max_batch_entries);
-        let (queue, task) = pipeline::shard_pipeline(shard.clone(), capacity, context.clone());
-        work.spawn(task);
-        match config.intake {
-            // Core: a query queues behind the appends received before it (read your writes).
-            Intake::Core => query_queues.push(queue.clone()),
-            // JetStream: appends arrive on another path anyway, so queries get their own lane
-            // rather than waiting behind fetched batches.
-            Intake::JetStream(_) => {
-                let (query_queue, task) = pipeline::shard_pipeline(
-                    shard.clone(),
-                    config.max_pending_queries,
-                    context.clone(),
-                );
-                work.spawn(task);
-                query_queues.push(query_queue);
+    let shards = shards::Shards::new(
+        config.clone(),
+        metrics.clone(),
+        |fleet| {
+            query_machinery.attach(fleet.clone());
+            pipeline::Context {
+                settler: settler.clone(),
+                queries: query_machinery.clone(),
+                metrics: metrics.clone(),
+                batch_max_rows: config.batch_max_rows,
+                batch_linger: config.batch_linger,
+                // Leave at least half of each pool to the shard's appends.
+                queries_per_shard: (config.pool_size / 2).max(1),
+                cancel: cancel.clone(),
+                fleet,
             }
-        }
-        queues.push(queue);
-    }
+        },
+        work.clone(),
+        background.clone(),
+        cancel.clone(),
+    )
+    .map_err(|e| Error::Setup(e.to_string()))?;
+    shards.initialise().await?;
+
+    // Ready only while subscribed: before the subscriptions exist and once draining starts,
+    // a load balancer or test must not count on this worker taking messages.
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let readiness: http::ReadinessCheck = {
+        let client = client.clone();
+        let shards = shards.clone();
+        let subscribed = subscribed.clone();
+        Arc::new(move || readiness_problems(&client, &shards.all(), &subscribed))
+    };
+    background.spawn(http::serve(
+        listener,
+        metrics.clone(),
+        readiness.clone(),
+        cancel.clone(),
+        background.clone(),
+    ));
+    // Route by the fleet's ring record before taking work (a few seconds at most: without it,
+    // by POSTGRES_SHARDS at epoch 0, which the shards' fences refuse if the fleet moved on),
+    // then follow it, and take a move up when one is written.
+    shards.load(&client, RING_LOAD_WAIT).await;
+    background.spawn(shards.clone().follow(client.clone(), cancel.clone()));
+    background.spawn(mover::run(
+        shards.clone(),
+        client.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
     let subscribe = |subject: String| {
         let client = client.clone();
         let group = config.queue_group.clone();
@@ -229,16 +210,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         delete: subscribe(config.delete_subject.clone()).await?,
     };
     let mut router = intake::Router {
-        ring: ring::Ring::new(
-            &config
-                .shards
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>(),
-            config.ring_vnodes,
-        ),
-        queues,
-        query_queues,
+        shards: shards.clone(),
         limits: config.limits,
         max_batch_entries: config.max_batch_entries,
         settler,
@@ -341,7 +313,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         delete = %config.delete_subject,
         retention = ?config.retention.map(|r| r.max_age),
         group = %config.queue_group,
-        shards = shards.len(),
+        shards = shards.all().len(),
         metrics = %metrics_addr,
         "worker started"
     );
@@ -367,7 +339,10 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             deadline
         }
     };
-    drop(intake); // the shard pipelines end once their queues are empty
+    drop(intake);
+    // The shard pipelines end once their queues are empty.
+    let pools = shards.all();
+    shards.close();
 
     work.close();
     if tokio::time::timeout_at(deadline, work.wait())
@@ -394,7 +369,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             "background tasks did not stop in time"
         );
     }
-    for shard in shards.iter() {
+    for shard in pools {
         shard.close();
     }
     let (appends, queries) = (
@@ -448,41 +423,6 @@ pub async fn migrate(config: &Config, grant: bool, wait: Duration) -> Result<(),
         shard.close();
     }
     Ok(())
-}
-
-/// Build every shard's pool and try to initialise each once. A shard that is down is retried
-/// in the background; a shard whose database belongs to another name, or whose schema is not
-/// current while the worker's role may not migrate it, stops the start.
-async fn start_shards(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<Arc<Shard>>>, Error> {
-    let mut shards = Vec::with_capacity(config.shards.len());
-    for shard_config in &config.shards {
-        let shard = Shard::new(shard_config, config.pool_size, config.shard_timeout)
-            .map_err(Error::Setup)?
-            .with_pool_wait(metrics.pool_wait.with_label_values(&[&shard_config.name]));
-        metrics.init_shard(&shard.name);
-        shards.push(Arc::new(shard));
-    }
-    let attempts = shards
-        .iter()
-        .map(|shard| async move { (shard, shard.initialise().await) });
-    for (shard, result) in futures::future::join_all(attempts).await {
-        match result {
-            Ok(()) => metrics.shard_up.with_label_values(&[&shard.name]).set(1),
-            Err(e @ (StoreError::WrongShard { .. } | StoreError::CannotMigrate { .. })) => {
-                return Err(e.into())
-            }
-            Err(e) => {
-                let cause = Chain(&e).to_string();
-                shard.note_init_failure(&cause);
-                tracing::warn!(
-                    shard = %shard.name,
-                    error = %cause,
-                    "shard unreachable at start; its objects answer `unavailable` until it is back"
-                )
-            }
-        }
-    }
-    Ok(Arc::new(shards))
 }
 
 /// Connect to NATS. One attempt first: a server that refuses the login or the TLS handshake
@@ -592,7 +532,7 @@ fn with_callbacks(
 
 /// Health-check one shard every second: initialise it if it never was, else ping it. Keeps
 /// `logstore_shard_up` and the pool gauges current.
-async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: CancellationToken) {
+pub(crate) async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: CancellationToken) {
     let name = shard.name.clone();
     let mut refused_logged = false;
     loop {

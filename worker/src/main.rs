@@ -39,11 +39,36 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         wait_secs: u64,
     },
+    /// Grow or shrink the fleet's shard set online, or show it (the ring record in NATS).
+    Shards {
+        #[command(subcommand)]
+        command: ShardsCommand,
+    },
     /// Print the shard that owns each given object id under the current configuration.
     Ring {
         /// Object ids (u64).
         #[arg(required = true)]
         ids: Vec<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShardsCommand {
+    /// Add a PostgreSQL node: NAME=URL as in POSTGRES_SHARDS (a password in the URL is used to
+    /// prepare the node now and never stored: the workers log in with their own
+    /// POSTGRES_PASSWORD). Returns once the move has started.
+    Add {
+        #[arg(value_name = "NAME=URL")]
+        spec: String,
+    },
+    /// Remove a node: its objects move to the others. Returns once the move has started.
+    Remove { name: String },
+    /// Print the epoch, the members and the move's progress. Exit 0 when no move runs, 3
+    /// while one does.
+    Status {
+        /// One JSON line: {"ring": <record>, "progress": <progress or null>}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -67,6 +92,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Migrate { grant, wait_secs }) => migrate(&config, grant, wait_secs),
+        Some(Command::Shards { command }) => shards(&config, command),
         None | Some(Command::Run) => run(config),
     }
 }
@@ -89,6 +115,38 @@ fn migrate(config: &worker::config::Config, grant: bool, wait_secs: u64) -> Exit
             let line = logstore_protocol::chain::Chain(&e).to_string();
             tracing::error!("{line}");
             eprintln!("worker migrate: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn shards(config: &worker::config::Config, command: ShardsCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let command = match command {
+        ShardsCommand::Add { spec } => worker::admin::Command::Add { spec },
+        ShardsCommand::Remove { name } => worker::admin::Command::Remove { name },
+        ShardsCommand::Status { json } => worker::admin::Command::Status { json },
+    };
+    let work = worker::admin::shards(config, command);
+    match runtime
+        .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(60), work).await })
+    {
+        Ok(Ok(status)) => ExitCode::from(status),
+        Ok(Err(e)) => {
+            eprintln!("worker shards: {}", logstore_protocol::chain::Chain(&e));
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("worker shards: no answer from NATS within 60 s");
             ExitCode::FAILURE
         }
     }

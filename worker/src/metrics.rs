@@ -82,6 +82,17 @@ pub struct Metrics {
     /// JetStream messages this worker has received and not yet settled (acked, nak'ed or
     /// terminated); the ordered intake waits for 0 before it resyncs.
     pub jetstream_held: IntGauge,
+    /// The ring epoch this worker routes by (docs/resharding.md).
+    pub ring_epoch: IntGauge,
+    /// 1 while this worker performs a move (holds the mover's lease).
+    pub move_running: IntGauge,
+    /// The move this worker performs: objects found to move in its last scan (`todo`) and
+    /// moved so far (`moved`).
+    pub move_objects: IntGaugeVec,
+    /// Objects whose move failed (a shard down, a timeout); each is retried.
+    pub move_errors: IntCounter,
+    /// Appends sent on to an object's new owner because the old owner said it moved.
+    pub appends_redirected: IntCounter,
 }
 
 impl Metrics {
@@ -236,6 +247,29 @@ impl Metrics {
                 "logstore_jetstream_held_messages",
                 "JetStream messages received by this worker and not yet acked, nak'ed or terminated.",
             )?,
+            ring_epoch: IntGauge::new(
+                "logstore_ring_epoch",
+                "The ring membership epoch this worker routes by.",
+            )?,
+            move_running: IntGauge::new(
+                "logstore_move_running",
+                "1 while this worker performs a shard move (holds the mover's lease).",
+            )?,
+            move_objects: IntGaugeVec::new(
+                Opts::new(
+                    "logstore_move_objects",
+                    "The move this worker performs: objects to move (todo) and moved so far (moved).",
+                ),
+                &["state"],
+            )?,
+            move_errors: IntCounter::new(
+                "logstore_move_errors_total",
+                "Object moves that failed and are retried (a shard down, a timeout).",
+            )?,
+            appends_redirected: IntCounter::new(
+                "logstore_appends_redirected_total",
+                "Appends sent on to an object's new owner because its old owner said it moved.",
+            )?,
             registry,
         };
         let r = &metrics.registry;
@@ -260,6 +294,14 @@ impl Metrics {
         r.register(Box::new(metrics.jetstream_pulling.clone()))?;
         r.register(Box::new(metrics.jetstream_resyncs.clone()))?;
         r.register(Box::new(metrics.jetstream_held.clone()))?;
+        r.register(Box::new(metrics.ring_epoch.clone()))?;
+        r.register(Box::new(metrics.move_running.clone()))?;
+        r.register(Box::new(metrics.move_objects.clone()))?;
+        r.register(Box::new(metrics.move_errors.clone()))?;
+        r.register(Box::new(metrics.appends_redirected.clone()))?;
+        for state in ["todo", "moved"] {
+            metrics.move_objects.with_label_values(&[state]);
+        }
         // The prometheus crate's own process collector needs its `process` feature (and the
         // procfs crate); what the dashboard needs is a few lines of /proc.
         r.register(Box::new(ProcessCollector::new()?))?;

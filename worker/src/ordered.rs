@@ -62,7 +62,7 @@ pub struct Lease {
     key: String,
     holder: Bytes,
     /// How long the lease outlives its last renewal (the bucket's max_age).
-    ttl: Duration,
+    pub(crate) ttl: Duration,
 }
 
 impl Lease {
@@ -71,6 +71,17 @@ impl Lease {
     pub async fn open(
         client: &async_nats::Client,
         js: &JetStreamConfig,
+    ) -> Result<Lease, IntakeError> {
+        let key = format!("intake.{}.{}", js.stream, js.consumer);
+        Lease::open_named(client, key, js.lease).await
+    }
+
+    /// Open (or create) the lease bucket and address the lease `key`; `lease` is the lifetime
+    /// used if this call creates the bucket.
+    pub async fn open_named(
+        client: &async_nats::Client,
+        key: String,
+        lease: Duration,
     ) -> Result<Lease, IntakeError> {
         let context = jetstream::new(client.clone());
         // The bucket's stream is created here as async-nats's create_key_value would, without
@@ -81,7 +92,7 @@ impl Lease {
             description: Some("logstore: which worker pulls each stream (JS_ORDERED)".into()),
             subjects: vec![format!("$KV.{LEASE_BUCKET}.>")],
             max_messages_per_subject: 1,
-            max_age: js.lease,
+            max_age: lease,
             max_message_size: -1,
             storage: jetstream::stream::StorageType::File,
             allow_rollup: true,
@@ -94,16 +105,16 @@ impl Lease {
         let kv = ensure_bucket(&context, &bucket).await?;
         let ttl = match kv.status().await {
             Ok(status) if !status.info.config.max_age.is_zero() => status.info.config.max_age,
-            _ => js.lease,
+            _ => lease,
         };
-        if ttl != js.lease {
+        if ttl != lease {
             tracing::info!(bucket = LEASE_BUCKET, lease = ?ttl, "the lease bucket's lifetime differs from JS_LEASE_MS; using the bucket's");
         }
         Ok(Lease {
             context,
             kv,
             bucket,
-            key: format!("intake.{}.{}", js.stream, js.consumer),
+            key,
             holder: Bytes::from(format!("pid {}", std::process::id())),
             ttl,
         })
@@ -111,7 +122,7 @@ impl Lease {
 
     /// After a failure: the bucket may be gone (deleted by an operator, or lost with a
     /// nats-server's store), so make sure it exists again.
-    async fn reopen(&mut self) {
+    pub(crate) async fn reopen(&mut self) {
         match ensure_bucket(&self.context, &self.bucket).await {
             Ok(kv) => self.kv = kv,
             Err(e) => tracing::debug!(error = %crate::Chain(&e), "cannot reopen the lease bucket"),
@@ -119,7 +130,7 @@ impl Lease {
     }
 
     /// Take the lease if nobody holds it: its revision, or None while another worker does.
-    async fn try_acquire(&self) -> Result<Option<u64>, kv::CreateError> {
+    pub(crate) async fn try_acquire(&self) -> Result<Option<u64>, kv::CreateError> {
         match self.kv.create(&self.key, self.holder.clone()).await {
             Ok(revision) => Ok(Some(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
@@ -127,7 +138,7 @@ impl Lease {
         }
     }
 
-    async fn renew(&self, revision: u64) -> Result<u64, kv::UpdateError> {
+    pub(crate) async fn renew(&self, revision: u64) -> Result<u64, kv::UpdateError> {
         self.kv
             .update(&self.key, self.holder.clone(), revision)
             .await
@@ -135,7 +146,7 @@ impl Lease {
 
     /// Give the lease up at once (clean shutdown), so another worker takes over without
     /// waiting for it to expire.
-    async fn release(&self, revision: u64) {
+    pub(crate) async fn release(&self, revision: u64) {
         if let Err(e) = self
             .kv
             .delete_expect_revision(&self.key, Some(revision))

@@ -172,6 +172,10 @@ pub struct AppendJob {
     /// or an unknown outcome; its shard pipeline retries it in place until it commits, so no
     /// later append to its object can overtake it.
     pub hold: bool,
+    /// The ring epoch at which the object's old owner answered that it moved (or never lived
+    /// there): at that epoch the append goes to the new owner (see
+    /// [`crate::ring::Layout::place`]).
+    pub moved_at: Option<u64>,
 }
 
 impl AppendJob {

@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::origin::{AppendJob, Settler};
 use crate::query::{Queries, QueryJob};
-use crate::store::{Appended, NewEntry, Shard};
+use crate::shards::Shards;
+use crate::store::{Appended, NewEntry, Routing, Shard, StoreError};
 use crate::Chain;
 
 /// How often a wait for room in a full queue checks that its shard is still making progress.
@@ -33,6 +34,9 @@ const STUCK_AFTER: Duration = Duration::from_secs(1);
 /// First and longest pause between retries of held appends (see [`AppendJob::hold`]).
 const HOLD_RETRY_FIRST: Duration = Duration::from_millis(100);
 const HOLD_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Most times one append is sent on to another shard (moved, stale epoch, routed by an older
+/// view) before it is answered `unavailable`: the ring changed under it again and again.
+const MAX_HOPS: u8 = 8;
 
 pub enum Work {
     Append(AppendJob),
@@ -71,6 +75,8 @@ pub struct Context {
     pub queries_per_shard: usize,
     /// Shutdown: held appends stop being retried (they stay unacknowledged, for redelivery).
     pub cancel: CancellationToken,
+    /// The worker's shard set: where appends go when the ring moved their object.
+    pub fleet: std::sync::Weak<Shards>,
 }
 
 /// The sending side of one shard's pipeline. Cloning is cheap.
@@ -243,7 +249,7 @@ async fn run_shard(
         }
         if !batch.is_empty() {
             busy_since.store(now_ms(), Ordering::Release);
-            commit_batch(&shard, &mut batch, &m, &ctx).await;
+            commit_batch(&shard, &mut batch, &m, &ctx, 0).await;
             busy_since.store(0, Ordering::Release);
         }
         if let Some(job) = query {
@@ -272,7 +278,15 @@ fn expired(shard: &Shard) -> ErrorBody {
     )
 }
 
-async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetrics, ctx: &Context) {
+/// Commit `batch` on `shard` and settle it (see [`attempt`]); an outage holds or fails it, a
+/// fault isolates the bad entry. `hops`: how often these appends were sent on already.
+async fn commit_batch(
+    shard: &Shard,
+    batch: &mut Vec<AppendJob>,
+    m: &ShardMetrics,
+    ctx: &Context,
+    hops: u8,
+) {
     let settler = &ctx.settler;
     let now = Instant::now();
     if batch.iter().any(|job| job.late(now)) {
@@ -287,13 +301,8 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
         }
     }
     m.batch_size.observe(batch.len() as f64);
-    let result = try_commit(shard, batch, m).await;
-    match result {
-        Ok(appended) => {
-            for (job, appended) in batch.drain(..).zip(appended) {
-                settle(settler, job, appended, m).await;
-            }
-        }
+    match attempt(shard, batch, m, ctx, hops).await {
+        Ok(()) => {}
         Err(e) if e.is_unavailable() => {
             // An outage is logged once by the health checker, not once per batch.
             if e.is_outcome_unknown() {
@@ -307,20 +316,130 @@ async fn commit_batch(shard: &Shard, batch: &mut Vec<AppendJob>, m: &ShardMetric
                 settler.store_failed(job, &e, m).await;
             }
             if !held.is_empty() {
-                retry_held(shard, held, m, ctx).await;
+                retry_held(shard, held, m, ctx, hops).await;
             }
         }
-        Err(e) => isolate(shard, batch, e, m, ctx).await,
+        Err(e) => isolate(shard, batch, e, m, ctx, hops).await,
     }
 }
 
-/// One `logstore_append` call for the whole batch, due by its earliest deadline and at most
+/// One try: the appends the current ring view places on `shard` are committed there in one
+/// transaction and settled; the others (routed by an older view) are sent on, and so are
+/// those the shard answered `moved` (their object moved away: to its new owner) and, after
+/// this worker learnt the newer ring, those of a batch the shard refused for a stale epoch.
+/// On a failed commit, `batch` holds the appends that were tried, and the error is returned.
+async fn attempt(
+    shard: &Shard,
+    batch: &mut Vec<AppendJob>,
+    m: &ShardMetrics,
+    ctx: &Context,
+    hops: u8,
+) -> Result<(), StoreError> {
+    let Some(fleet) = ctx.fleet.upgrade() else {
+        return Err(StoreError::Down {
+            shard: shard.name.clone(),
+        });
+    };
+    let view = fleet.view();
+    let epoch = view.layout.epoch;
+    let mut here = Vec::with_capacity(batch.len());
+    let mut elsewhere = Vec::new();
+    let mut moving = Vec::new();
+    for job in batch.drain(..) {
+        let (target, hint) = view.layout.place(job.entry.id, job.moved_at);
+        if target != shard.name {
+            elsewhere.push(job);
+            continue;
+        }
+        if hint {
+            moving.push(job.entry.id);
+        }
+        here.push(job);
+    }
+    if !elsewhere.is_empty() {
+        forward(&fleet, elsewhere, ctx, hops + 1).await;
+    }
+    if here.is_empty() {
+        return Ok(());
+    }
+    let routing = Routing {
+        epoch,
+        moving: &moving,
+    };
+    match try_commit(shard, &here, m, routing).await {
+        Ok(appended) => {
+            let mut moved = Vec::new();
+            for (mut job, appended) in here.into_iter().zip(appended) {
+                match appended {
+                    Appended::Moved => {
+                        job.moved_at = Some(epoch);
+                        moved.push(job);
+                    }
+                    appended => settle(&ctx.settler, job, appended, m).await,
+                }
+            }
+            if !moved.is_empty() {
+                ctx.metrics.appends_redirected.inc_by(moved.len() as u64);
+                forward(&fleet, moved, ctx, hops + 1).await;
+            }
+            Ok(())
+        }
+        Err(StoreError::StaleEpoch { fence, .. }) => {
+            tracing::debug!(shard = %shard.name, epoch, fence, "shard fenced at a newer ring epoch; reading the ring again");
+            fleet.refresh(fence).await;
+            forward(&fleet, here, ctx, hops + 1).await;
+            Ok(())
+        }
+        Err(e) => {
+            *batch = here;
+            Err(e)
+        }
+    }
+}
+
+/// Appends the current view places on other shards than the one they were queued for: each
+/// group is committed on its shard from this task, in order, not through that shard's queue
+/// (which could be full of work waiting for this one).
+async fn forward(fleet: &Shards, jobs: Vec<AppendJob>, ctx: &Context, hops: u8) {
+    let view = fleet.view();
+    let mut groups: Vec<(String, Vec<AppendJob>)> = Vec::new();
+    for job in jobs {
+        let (target, _) = view.layout.place(job.entry.id, job.moved_at);
+        match groups.iter_mut().find(|(name, _)| name == target) {
+            Some((_, group)) => group.push(job),
+            None => groups.push((target.to_string(), vec![job])),
+        }
+    }
+    for (name, mut group) in groups {
+        let m = ctx.metrics.shard(&name);
+        let lane = view.lane(&name).filter(|_| hops <= MAX_HOPS);
+        let Some(lane) = lane else {
+            let why = if hops > MAX_HOPS {
+                "the ring kept changing while the append was routed"
+            } else {
+                "its shard is not open on this worker"
+            };
+            let error = ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("shard {name}: {why}; nothing was stored, retry later"),
+            );
+            for job in group {
+                ctx.settler.failed(job, error.clone(), &m).await;
+            }
+            continue;
+        };
+        Box::pin(commit_batch(&lane.shard, &mut group, &m, ctx, hops)).await;
+    }
+}
+
+/// One `logstore_append_at` call for the whole batch, due by its earliest deadline and at most
 /// the shard's timeout from now.
 async fn try_commit(
     shard: &Shard,
     batch: &[AppendJob],
     m: &ShardMetrics,
-) -> Result<Vec<Appended>, crate::store::StoreError> {
+    routing: Routing<'_>,
+) -> Result<Vec<Appended>, StoreError> {
     let latest = Instant::now() + shard.timeout();
     let deadline = batch
         .iter()
@@ -330,7 +449,9 @@ async fn try_commit(
     let entries: Vec<&NewEntry> = batch.iter().map(|job| &job.entry).collect();
     let expected: Vec<Option<u64>> = batch.iter().map(|job| job.expected_seq).collect();
     let commit = m.commit_duration.start_timer();
-    let result = shard.append_expecting(&entries, &expected, deadline).await;
+    let result = shard
+        .append_expecting(&entries, &expected, routing, deadline)
+        .await;
     commit.observe_duration();
     result
 }
@@ -340,7 +461,13 @@ async fn try_commit(
 /// nothing queued behind them on this shard can overtake them. The shard's queue fills
 /// meanwhile and the ordered intake waits for it. At shutdown they are dropped unacknowledged:
 /// JetStream redelivers them to the next puller, which stores them before anything later.
-async fn retry_held(shard: &Shard, mut held: Vec<AppendJob>, m: &ShardMetrics, ctx: &Context) {
+async fn retry_held(
+    shard: &Shard,
+    mut held: Vec<AppendJob>,
+    m: &ShardMetrics,
+    ctx: &Context,
+    hops: u8,
+) {
     let mut pause = HOLD_RETRY_FIRST;
     loop {
         tokio::select! {
@@ -354,17 +481,12 @@ async fn retry_held(shard: &Shard, mut held: Vec<AppendJob>, m: &ShardMetrics, c
         if !shard.is_up() {
             continue;
         }
-        match try_commit(shard, &held, m).await {
-            Ok(appended) => {
-                for (job, appended) in held.drain(..).zip(appended) {
-                    settle(&ctx.settler, job, appended, m).await;
-                }
-                return;
-            }
+        match attempt(shard, &mut held, m, ctx, hops).await {
+            Ok(()) => return,
             Err(e) if e.is_unavailable() => {
                 tracing::debug!(shard = %shard.name, error = %Chain(&e), rows = held.len(), "held appends not committed yet; retrying");
             }
-            Err(e) => return isolate(shard, &mut held, e, m, ctx).await,
+            Err(e) => return Box::pin(isolate(shard, &mut held, e, m, ctx, hops)).await,
         }
     }
 }
@@ -375,9 +497,10 @@ async fn retry_held(shard: &Shard, mut held: Vec<AppendJob>, m: &ShardMetrics, c
 async fn isolate(
     shard: &Shard,
     batch: &mut Vec<AppendJob>,
-    e: crate::store::StoreError,
+    e: StoreError,
     m: &ShardMetrics,
     ctx: &Context,
+    hops: u8,
 ) {
     let settler = &ctx.settler;
     if batch.len() == 1 {
@@ -393,19 +516,17 @@ async fn isolate(
             settler.failed(job, expired(shard), m).await;
             continue;
         }
-        match try_commit(shard, std::slice::from_ref(&job), m).await {
-            Ok(mut appended) if appended.len() == 1 => {
-                let appended = appended.remove(0);
-                settle(settler, job, appended, m).await
+        let mut one = vec![job];
+        match attempt(shard, &mut one, m, ctx, hops).await {
+            Ok(()) => {}
+            Err(e) if e.is_unavailable() && one.iter().all(|job| job.hold) => {
+                Box::pin(retry_held(shard, one, m, ctx, hops)).await
             }
-            Ok(_) => {
-                let e = ErrorBody::new(ErrorCode::Internal, "append returned no result");
-                settler.failed(job, e, m).await
+            Err(e) => {
+                for job in one {
+                    settler.store_failed(job, &e, m).await;
+                }
             }
-            Err(e) if job.hold && e.is_unavailable() => {
-                Box::pin(retry_held(shard, vec![job], m, ctx)).await
-            }
-            Err(e) => settler.store_failed(job, &e, m).await,
         }
     }
 }
@@ -415,5 +536,10 @@ async fn settle(settler: &Settler, job: AppendJob, appended: Appended, m: &Shard
     match appended {
         Appended::Stored(stored) => settler.stored(job, stored, m).await,
         Appended::Conflict { last_seq } => settler.conflict(job, last_seq, m).await,
+        // Sent on by `attempt` before settling; never reaches here.
+        Appended::Moved => {
+            let error = ErrorBody::new(ErrorCode::Internal, "an append answered `moved` twice");
+            settler.failed(job, error, m).await
+        }
     }
 }

@@ -22,7 +22,8 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use crate::origin::{store_error_body, InFlight};
 use crate::outbox::{format_ts, Outbox};
-use crate::store::{ReadRange, Row, Shard};
+use crate::shards::Shards;
+use crate::store::{ReadRange, Row, Shard, StoreError};
 
 /// Rows read per database round trip when streaming a whole log.
 const PAGE_ROWS: u64 = 1000;
@@ -31,6 +32,9 @@ const TRAILER_RESERVE: usize = 64;
 /// Entries a delete request removes per transaction: each step holds the object's head-row
 /// lock (and so its appends) only that long.
 const DELETE_STEP_ROWS: u32 = 10_000;
+/// Most times one request follows its object to another shard (a tombstone, a move, a newer
+/// ring) before it is answered `unavailable`.
+const MAX_HOPS: usize = 8;
 
 /// A request answered by reading (or, for deletion, changing) one object on its shard.
 pub enum Request {
@@ -84,6 +88,9 @@ pub struct Queries {
     pub timeout: Duration,
     /// Most response bytes one request streams before it stops with a `next` cursor.
     pub max_bytes: usize,
+    /// The worker's shard set (set once it exists): where a request goes when its object
+    /// moved.
+    fleet: Arc<std::sync::OnceLock<std::sync::Weak<Shards>>>,
 }
 
 impl Queries {
@@ -97,6 +104,7 @@ impl Queries {
         max_bytes: usize,
     ) -> Queries {
         Queries {
+            fleet: Arc::default(),
             outbox,
             metrics,
             tasks,
@@ -105,6 +113,11 @@ impl Queries {
             timeout,
             max_bytes,
         }
+    }
+
+    /// Attach the worker's shard set, once it exists.
+    pub fn attach(&self, fleet: std::sync::Weak<Shards>) {
+        let _ = self.fleet.set(fleet);
     }
 
     /// A place for one more query, or `None` when MAX_PENDING_QUERIES are already waiting or
@@ -198,6 +211,62 @@ impl Queries {
         });
     }
 
+    /// Run `read` (given a shard and the ring epoch to name) where object `id` lives, starting
+    /// on `first`, the shard it was routed to: a tombstone sends it to the object's new owner,
+    /// an object absent from its old owner while the ring moves it to its new one, and a
+    /// shard fenced at a newer epoch makes this worker learn that ring and route again.
+    /// `read` answers its result and whether the object exists on that shard. Returns the
+    /// result and the shard that gave it.
+    async fn locate<T, F, Fut>(
+        &self,
+        first: &Arc<Shard>,
+        id: u64,
+        mut read: F,
+    ) -> Result<(T, Arc<Shard>), ErrorBody>
+    where
+        F: FnMut(Arc<Shard>, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, bool), StoreError>>,
+    {
+        let Some(fleet) = self.fleet.get().and_then(std::sync::Weak::upgrade) else {
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "the worker is shutting down; retry",
+            ));
+        };
+        let mut shard = first.clone();
+        for _ in 0..MAX_HOPS {
+            let view = fleet.view();
+            let route = view.layout.route(id);
+            let next = match read(shard.clone(), view.layout.epoch).await {
+                Ok((answer, exists)) => match route.moving_to {
+                    Some(to) if !exists && route.shard == shard.name => to.to_string(),
+                    _ => return Ok((answer, shard)),
+                },
+                Err(StoreError::Moved { to, .. }) => to,
+                Err(StoreError::StaleEpoch { fence, .. }) => {
+                    fleet.refresh(fence).await;
+                    let view = fleet.view();
+                    let name = view.layout.route(id).shard.to_string();
+                    name
+                }
+                Err(e) => return Err(store_error_body(&e)),
+            };
+            match fleet.view().lane(&next) {
+                Some(lane) => shard = lane.shard.clone(),
+                None => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Unavailable,
+                        format!("object {id} lives on shard {next}, which this worker has not opened; retry later"),
+                    ))
+                }
+            }
+        }
+        Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!("object {id}: the ring kept changing while it was looked up; retry"),
+        ))
+    }
+
     /// Delete the entries below `before_seq` (all without it) in steps of at most
     /// [`DELETE_STEP_ROWS`], each its own transaction, and answer how many went. Every step
     /// leaves the object consistent (a shorter prefix gone, head exact), so a request cut
@@ -205,17 +274,30 @@ impl Queries {
     /// again.
     async fn delete(
         &self,
-        shard: &Shard,
+        shard: &Arc<Shard>,
         request: &DeleteRequest,
         subject: Option<&Subject>,
     ) -> Result<(), ErrorBody> {
         let mut deleted = 0u64;
+        let mut shard = shard.clone();
         loop {
-            let step = shard
-                .delete_step(request.id, request.before_seq, DELETE_STEP_ROWS, false)
-                .await
-                .map_err(|e| store_error_body(&e))?
-                .unwrap_or(0);
+            let (step, on) = self
+                .locate(&shard, request.id, |shard, epoch| async move {
+                    let step = shard
+                        .delete_step(
+                            request.id,
+                            request.before_seq,
+                            DELETE_STEP_ROWS,
+                            false,
+                            Some(epoch),
+                        )
+                        .await?
+                        .unwrap_or(0);
+                    let exists = step > 0 || shard.whereabouts(request.id).await?.0;
+                    Ok((step, exists))
+                })
+                .await?;
+            shard = on;
             deleted += step;
             if step < u64::from(DELETE_STEP_ROWS) {
                 break;
@@ -235,14 +317,15 @@ impl Queries {
     /// Answer from the head row alone (see [`Shard::stats`]).
     async fn stats(
         &self,
-        shard: &Shard,
+        shard: &Arc<Shard>,
         request: &StatsRequest,
         subject: Option<&Subject>,
     ) -> Result<(), ErrorBody> {
-        let stats = shard
-            .stats(request.id)
-            .await
-            .map_err(|e| store_error_body(&e))?;
+        let (stats, _) = self
+            .locate(shard, request.id, |shard, epoch| async move {
+                shard.stats(request.id, epoch).await
+            })
+            .await?;
         let reply = StatsReply {
             id: request.id,
             count: stats.count,
@@ -270,7 +353,7 @@ impl Queries {
     /// field (`after`, resp. `before`) takes to continue.
     async fn stream(
         &self,
-        shard: &Shard,
+        shard: &Arc<Shard>,
         request: &QueryRequest,
         subject: &Subject,
     ) -> Result<(), ErrorBody> {
@@ -283,10 +366,21 @@ impl Queries {
             until: request.until.map(Timestamp::to_system_time),
             desc,
         };
-        let first = shard
-            .first_page(request.id, &range, wanted.min(PAGE_ROWS))
-            .await
-            .map_err(|e| store_error_body(&e))?;
+        // The shard that holds the object at the first page's snapshot: the later pages read
+        // there too (an object that moved meanwhile keeps its old copy until every read that
+        // began on it has ended: MOVE_GRACE_MS).
+        let (first, shard) = self
+            .locate(shard, request.id, |shard, epoch| {
+                let range = &range;
+                async move {
+                    let page = shard
+                        .first_page(request.id, range, wanted.min(PAGE_ROWS), epoch)
+                        .await?;
+                    let exists = page.exists;
+                    Ok((page, exists))
+                }
+            })
+            .await?;
         let (lo, hi) = (first.lo, first.hi);
         // Whether entries of the range remain beyond `cursor` in the reading direction.
         let more_after = |cursor: u64| {

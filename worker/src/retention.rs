@@ -88,13 +88,19 @@ async fn round(
     let mut more = expired.len() as u32 == ROUND_OBJECTS;
     let mut deleted = 0;
     for (id, below) in expired {
-        match shard.delete_step(id, Some(below), STEP_ROWS, true).await? {
-            Some(n) => {
+        match shard
+            .delete_step(id, Some(below), STEP_ROWS, true, None)
+            .await
+        {
+            // It moved to another shard meanwhile: that shard's sweeper has it.
+            Err(crate::store::StoreError::Moved { .. }) => {}
+            Err(e) => return Err(e),
+            Ok(Some(n)) => {
                 deleted += n;
                 more |= n == u64::from(STEP_ROWS);
             }
             // A writer holds the object right now: leave it to a later round.
-            None => more = true,
+            Ok(None) => more = true,
         }
     }
     Ok((deleted, more))

@@ -1,4 +1,7 @@
-//! The consistent-hash ring that maps an object id to the shard owning its whole log.
+//! Placement: the consistent-hash ring that maps an object id to the shard owning its whole
+//! log, and the ring's membership, shared by the fleet through NATS, with the epoch and move
+//! state that say where an append or read goes while objects move (docs/resharding.md). No
+//! other module decides placement.
 //!
 //! Placement must be identical on every worker, build, Rust version and CPU, or two workers
 //! would write one object to two shards. So nothing here relies on `Hash` impls of std types
@@ -9,6 +12,7 @@
 use std::hash::{Hash, Hasher};
 
 use hashring::HashRing;
+use serde::{Deserialize, Serialize};
 
 /// A virtual node: one of the `vnodes` points a shard occupies on the ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +78,339 @@ impl Ring {
     /// Name of the shard that owns `id`.
     pub fn shard_name_of(&self, id: u64) -> &str {
         &self.names[self.shard_of(id)]
+    }
+}
+
+/// One ring member as the fleet shares it: its name (placement and identity) and its URL
+/// without a password (each worker fills in its own POSTGRES_PASSWORD).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub url: String,
+}
+
+/// Whether objects are moving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MoveState {
+    /// Every object lives where `members` places it.
+    Steady,
+    /// Objects whose owner differs between `previous` and `members` are being moved; each
+    /// lives on its old owner until moved (then a tombstone there names the new one).
+    Moving,
+    /// Everything moved; the old copies are being purged. Placement is `members` only.
+    Purging,
+}
+
+/// The ring membership record: one per queue group, in the KV bucket [`BUCKET`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Grows by one with every membership change.
+    pub epoch: u64,
+    pub state: MoveState,
+    pub members: Vec<Member>,
+    pub vnodes: u32,
+    /// The members before the change, while it is being carried out (not `steady`).
+    pub previous: Option<Vec<Member>>,
+}
+
+impl Record {
+    /// Members named in the record now or before the change: every shard a worker may need.
+    pub fn all_members(&self) -> Vec<&Member> {
+        let mut all: Vec<&Member> = self.members.iter().collect();
+        for member in self.previous.iter().flatten() {
+            if !all.iter().any(|m| m.name == member.name) {
+                all.push(member);
+            }
+        }
+        all
+    }
+
+    fn names(members: &[Member]) -> Vec<&str> {
+        members.iter().map(|m| m.name.as_str()).collect()
+    }
+}
+
+/// Where a request for one object goes under a [`Layout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// The shard to ask.
+    pub shard: &'a str,
+    /// While the object's owner changes in the running move: its new owner. `shard` (the old
+    /// owner) then stores or answers only if the object still lives there, else the request
+    /// goes here.
+    pub moving_to: Option<&'a str>,
+}
+
+/// A worker's view of placement at one epoch: built from a [`Record`], swapped whole.
+pub struct Layout {
+    pub epoch: u64,
+    pub state: MoveState,
+    ring: Ring,
+    /// The previous ring while objects move.
+    old: Option<Ring>,
+    pub record: Record,
+}
+
+impl Layout {
+    pub fn new(record: Record) -> Layout {
+        let ring = Ring::new(&Record::names(&record.members), record.vnodes);
+        let old = match (record.state, &record.previous) {
+            (MoveState::Moving, Some(previous)) => {
+                Some(Ring::new(&Record::names(previous), record.vnodes))
+            }
+            _ => None,
+        };
+        Layout {
+            epoch: record.epoch,
+            state: record.state,
+            ring,
+            old,
+            record,
+        }
+    }
+
+    /// The shard that owns `id` once the current change is done (now, when steady).
+    pub fn owner(&self, id: u64) -> &str {
+        self.ring.shard_name_of(id)
+    }
+
+    /// Where an append or read for `id` goes now.
+    pub fn route(&self, id: u64) -> Route<'_> {
+        let new = self.ring.shard_name_of(id);
+        match &self.old {
+            Some(old) => {
+                let old = old.shard_name_of(id);
+                Route {
+                    shard: old,
+                    moving_to: (old != new).then_some(new),
+                }
+            }
+            None => Route {
+                shard: new,
+                moving_to: None,
+            },
+        }
+    }
+
+    /// Where an append for `id` is committed now: the shard, and whether it goes there as a
+    /// moving object (stored only if it still lives there). `moved_at` is the epoch at which
+    /// its old owner answered `moved`: at this epoch it then goes to the new owner.
+    pub fn place(&self, id: u64, moved_at: Option<u64>) -> (&str, bool) {
+        let route = self.route(id);
+        match route.moving_to {
+            Some(to) if moved_at == Some(self.epoch) => (to, false),
+            Some(_) => (route.shard, true),
+            None => (route.shard, false),
+        }
+    }
+
+    /// The owner of `id` before the running move (None when steady or purging).
+    pub fn previous_owner(&self, id: u64) -> Option<&str> {
+        self.old.as_ref().map(|old| old.shard_name_of(id))
+    }
+}
+
+/// The KV bucket holding the ring records (key: the queue group) and move progress.
+pub const BUCKET: &str = "logstore_ring";
+
+/// The move's progress, written by the mover for `worker shards status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub epoch: u64,
+    /// Objects found to move in the last scan.
+    pub todo: u64,
+    pub moved: u64,
+    pub errors: u64,
+    /// Old copies purged.
+    pub purged: u64,
+}
+
+/// The ring record of one fleet in NATS KV.
+#[derive(Clone)]
+pub struct Membership {
+    kv: async_nats::jetstream::kv::Store,
+    key: String,
+}
+
+/// Why the ring record could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("cannot open the NATS KV bucket {BUCKET} (does the NATS server have JetStream enabled?): {0}")]
+    Bucket(String),
+    #[error("cannot read the ring record {key}: {source}")]
+    Read {
+        key: String,
+        #[source]
+        source: async_nats::jetstream::kv::EntryError,
+    },
+    #[error("cannot write the ring record {key}: {reason}")]
+    Write { key: String, reason: String },
+    #[error("the ring record {key} is not valid JSON: {source}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The record changed since it was read (compare-and-set lost).
+    #[error("the ring record {key} changed meanwhile; read it again")]
+    Changed { key: String },
+}
+
+impl Membership {
+    /// Open (creating if missing) the bucket and address the record of `group`.
+    pub async fn open(
+        client: &async_nats::Client,
+        group: &str,
+    ) -> Result<Membership, MembershipError> {
+        use async_nats::jetstream;
+        let context = jetstream::new(client.clone());
+        // Created as async-nats's create_key_value would, without its account-info request
+        // (which it cannot parse from nats-server 2.9). File storage, all history kept short:
+        // the record is the fleet's truth and must survive a nats-server restart.
+        let name = format!("KV_{BUCKET}");
+        if context.get_stream(&name).await.is_err() {
+            let config = jetstream::stream::Config {
+                name: name.clone(),
+                description: Some("logstore: ring membership per queue group".into()),
+                subjects: vec![format!("$KV.{BUCKET}.>")],
+                max_messages_per_subject: 5,
+                max_message_size: -1,
+                storage: jetstream::stream::StorageType::File,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: jetstream::stream::DiscardPolicy::New,
+                num_replicas: 1,
+                ..Default::default()
+            };
+            // Another process may create it at the same moment: then this attempt fails and
+            // the bucket is there all the same.
+            if let Err(e) = context.create_stream(config).await {
+                tracing::debug!(error = %e, "ring bucket creation raced");
+            }
+        }
+        let kv = context
+            .get_key_value(BUCKET)
+            .await
+            .map_err(|e| MembershipError::Bucket(crate::Chain(&e).to_string()))?;
+        Ok(Membership {
+            kv,
+            key: group.to_string(),
+        })
+    }
+
+    /// The record and its revision, if the fleet has one.
+    pub async fn read(&self) -> Result<Option<(Record, u64)>, MembershipError> {
+        let entry = self
+            .kv
+            .entry(&self.key)
+            .await
+            .map_err(|source| MembershipError::Read {
+                key: self.key.clone(),
+                source,
+            })?;
+        match entry {
+            Some(entry) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
+                let record = serde_json::from_slice(&entry.value).map_err(|source| {
+                    MembershipError::Decode {
+                        key: self.key.clone(),
+                        source,
+                    }
+                })?;
+                Ok(Some((record, entry.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The record, seeded with `seed` if the fleet has none yet (exactly one seed wins).
+    pub async fn read_or_seed(&self, seed: &Record) -> Result<(Record, u64), MembershipError> {
+        loop {
+            if let Some(found) = self.read().await? {
+                return Ok(found);
+            }
+            let value = serde_json::to_vec(seed).map_err(|e| MembershipError::Write {
+                key: self.key.clone(),
+                reason: e.to_string(),
+            })?;
+            match self.kv.create(&self.key, value.into()).await {
+                Ok(revision) => {
+                    tracing::info!(epoch = seed.epoch, members = ?Record::names(&seed.members), "seeded the ring record from POSTGRES_SHARDS");
+                    return Ok((seed.clone(), revision));
+                }
+                Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                    continue
+                }
+                Err(e) => {
+                    return Err(MembershipError::Write {
+                        key: self.key.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Replace the record read at `revision` (compare-and-set); the new revision.
+    pub async fn write(&self, record: &Record, revision: u64) -> Result<u64, MembershipError> {
+        let value = serde_json::to_vec(record).map_err(|e| MembershipError::Write {
+            key: self.key.clone(),
+            reason: e.to_string(),
+        })?;
+        self.kv
+            .update(&self.key, value.into(), revision)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                    MembershipError::Changed {
+                        key: self.key.clone(),
+                    }
+                }
+                _ => MembershipError::Write {
+                    key: self.key.clone(),
+                    reason: e.to_string(),
+                },
+            })
+    }
+
+    /// Updates of the record, as they happen (the current one first).
+    pub async fn watch(
+        &self,
+    ) -> Result<async_nats::jetstream::kv::Watch, async_nats::jetstream::kv::WatchError> {
+        self.kv.watch_with_history(&self.key).await
+    }
+
+    /// Decode a watched entry (None for a deletion).
+    pub fn decode(&self, entry: &async_nats::jetstream::kv::Entry) -> Option<Record> {
+        if entry.operation != async_nats::jetstream::kv::Operation::Put {
+            return None;
+        }
+        match serde_json::from_slice(&entry.value) {
+            Ok(record) => Some(record),
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "ignoring an invalid ring record");
+                None
+            }
+        }
+    }
+
+    fn progress_key(&self) -> String {
+        format!("{}.progress", self.key)
+    }
+
+    /// Publish the mover's progress (best effort: only `worker shards status` reads it).
+    pub async fn put_progress(&self, progress: &Progress) {
+        if let Ok(value) = serde_json::to_vec(progress) {
+            if let Err(e) = self.kv.put(self.progress_key(), value.into()).await {
+                tracing::debug!(error = %e, "cannot publish the move progress");
+            }
+        }
+    }
+
+    pub async fn progress(&self) -> Option<Progress> {
+        let entry = self.kv.entry(self.progress_key()).await.ok()??;
+        serde_json::from_slice(&entry.value).ok()
     }
 }
 

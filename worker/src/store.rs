@@ -48,7 +48,24 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "delete",
         include_str!("../../migrations/0006_delete.sql"),
     ),
+    (
+        7,
+        "resharding",
+        include_str!("../../migrations/0007_resharding.sql"),
+    ),
 ];
+
+/// SQLSTATE of logstore_fence's refusal of a stale ring epoch.
+const STALE_EPOCH: &str = "LS001";
+
+/// How the worker routed an append: the ring epoch it routed by, and the objects of the batch
+/// whose owner the running move changes (sent to their old owner, which stores them only if
+/// they still live there; see migrations/0007_resharding.sql).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Routing<'a> {
+    pub epoch: u64,
+    pub moving: &'a [u64],
+}
 
 /// Serialises migrations across every worker that starts at once (an arbitrary constant:
 /// "logstore" in ASCII).
@@ -91,6 +108,19 @@ pub enum StoreError {
         missing: String,
         reason: String,
     },
+    /// The request named an older ring epoch than the shard has seen (another worker or the
+    /// mover already works by a newer ring): the worker re-reads the ring and routes again.
+    #[error(
+        "shard {shard} is fenced at ring epoch {fence}; this request was routed by epoch {epoch}"
+    )]
+    StaleEpoch {
+        shard: String,
+        epoch: u64,
+        fence: u64,
+    },
+    /// The object moved to shard `to` (a tombstone here): ask there.
+    #[error("shard {shard}: object {id} moved to shard {to}")]
+    Moved { shard: String, id: u64, to: String },
     /// The append function answered something it never answers (a bug, not an outage).
     #[error("shard {shard}: unexpected answer: {what}")]
     Unexpected { shard: String, what: String },
@@ -114,6 +144,8 @@ impl StoreError {
             | StoreError::OutcomeUnknown { .. } => true,
             StoreError::WrongShard { .. }
             | StoreError::CannotMigrate { .. }
+            | StoreError::StaleEpoch { .. }
+            | StoreError::Moved { .. }
             | StoreError::Unexpected { .. } => false,
             // No SQLSTATE: the connection itself failed. 08: connection exception; 53: out of
             // resources (e.g. too many connections); 57P: the server is shutting down or starting.
@@ -168,6 +200,9 @@ pub enum Appended {
     Conflict {
         last_seq: u64,
     },
+    /// Nothing was stored: the object does not live on this shard (it moved, or was never
+    /// here) and ring moves it; the append goes to its new owner.
+    Moved,
 }
 
 /// One stored entry, as read back.
@@ -204,6 +239,8 @@ pub struct FirstPage {
     pub lo: u64,
     pub hi: u64,
     pub rows: Vec<Row>,
+    /// Whether the object has a head row here (without one, `total` is 0).
+    pub exists: bool,
 }
 
 /// An object's statistics as its head row keeps them (migrations/0004_head_stats.sql).
@@ -226,13 +263,19 @@ pub struct HeadStats {
 pub mod sql {
     /// `$1` id. One primary-key lookup of the head row; the CASEs keep "no entries" as NULL
     /// whatever the columns hold (a head row can exist without entries).
+    /// Also the shard's ring fence and the object's tombstone marker, in the same snapshot.
     pub const STATS: &str = "SELECT entries,
                 CASE WHEN entries > 0 THEN first_seq END,
                 last_seq,
                 CASE WHEN entries > 0 THEN first_ts END,
                 CASE WHEN entries > 0 THEN last_ts END,
-                bytes
+                bytes,
+                logstore_ring_fence(),
+                moved_to
          FROM objects WHERE id = $1";
+
+    /// The shard's ring fence (migrations/0007_resharding.sql).
+    pub const FENCE: &str = "SELECT logstore_ring_fence()";
 
     /// `$1` id, `$2` after, `$3` before, `$4` limit, `$5` since, `$6` until (NULL: none).
     /// Every bound becomes a seq bound in the same statement: the time bounds by
@@ -241,13 +284,14 @@ pub mod sql {
     /// first present seq, `hi` from its last seq). So the page itself is one range scan of
     /// the primary key with both ends in its index condition, whatever bounds were given.
     /// (`OFFSET 0` keeps the bounds computed once: a flattened subquery would repeat the
-    /// binary searches for the select list and for the index condition.)
+    /// binary searches for the select list and for the index condition.) The last two columns
+    /// are the shard's ring fence and the object's tombstone marker, in the same snapshot.
     macro_rules! first_page {
         ($order:literal) => {
             concat!(
-                "SELECT b.entries, b.lo, b.hi, l.seq, l.ts, l.log
+                "SELECT b.entries, b.lo, b.hi, l.seq, l.ts, l.log, b.fence, b.moved_to
                  FROM (
-                     SELECT o.entries,
+                     SELECT o.entries, logstore_ring_fence() AS fence, o.moved_to,
                             greatest($2::bigint,
                                      o.first_seq - 1,
                                      logstore_seq_at(o.id, $5::timestamptz) - 1) AS lo,
@@ -554,7 +598,7 @@ impl Shard {
         entries: &[&NewEntry],
         deadline: Instant,
     ) -> Result<Vec<Stored>, StoreError> {
-        self.append_expecting(entries, &[], deadline)
+        self.append_expecting(entries, &[], Routing::default(), deadline)
             .await?
             .into_iter()
             .map(|appended| match appended {
@@ -564,6 +608,10 @@ impl Shard {
                     what: format!(
                         "a conflict (last seq {last_seq}) for an append without expected_seq"
                     ),
+                }),
+                Appended::Moved => Err(StoreError::Unexpected {
+                    shard: self.name.clone(),
+                    what: "`moved` for an append that named no moving object".into(),
                 }),
             })
             .collect()
@@ -583,9 +631,12 @@ impl Shard {
         &self,
         entries: &[&NewEntry],
         expected: &[Option<u64>],
+        routing: Routing<'_>,
         deadline: Instant,
     ) -> Result<Vec<Appended>, StoreError> {
         self.ready()?;
+        let epoch = seq_bound(routing.epoch);
+        let moving: Vec<i64> = routing.moving.iter().map(|&id| id as i64).collect();
         let ids: Vec<i64> = entries.iter().map(|e| e.id as i64).collect();
         let keys: Vec<Option<&str>> = entries.iter().map(|e| e.key.as_deref()).collect();
         let logs: Vec<&str> = entries.iter().map(|e| e.log.as_str()).collect();
@@ -605,14 +656,15 @@ impl Shard {
         let statement = tokio::time::timeout_at(
             deadline,
             client.prepare_cached(
-                "SELECT ord, seq, ts, duplicate, conflict FROM logstore_append($1, $2, $3, $4, $5)",
+                "SELECT ord, seq, ts, duplicate, conflict, moved
+                 FROM logstore_append_at($1, $2, $3, $4, $5, $6, $7)",
             ),
         )
         .await
         .map_err(|_| not_sent())?
         .map_err(|e| self.db(e))?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&ids, &keys, &logs, &received, &expected];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+            [&epoch, &moving, &ids, &keys, &logs, &received, &expected];
         let sent = client.query(&statement, &params);
         let rows = match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(rows)) => rows,
@@ -631,41 +683,60 @@ impl Shard {
                 });
             }
         };
-        let mut appended = Vec::with_capacity(entries.len());
+        let unexpected = |what: String| StoreError::Unexpected {
+            shard: self.name.clone(),
+            what,
+        };
+        if rows.len() != entries.len() {
+            return Err(unexpected(format!(
+                "{} results for {} entries",
+                rows.len(),
+                entries.len()
+            )));
+        }
+        // One result per entry, placed by its `ord` (moved entries come after the others).
+        let mut appended: Vec<Option<Appended>> = vec![None; entries.len()];
         for row in rows {
-            let seq = row.get::<_, i64>(1) as u64;
-            // `ts` is NULL exactly for conflicts.
-            appended.push(match (row.get::<_, bool>(4), row.get(2)) {
-                (true, _) => Appended::Conflict { last_seq: seq },
-                (false, Some(ts)) => Appended::Stored(Stored {
-                    seq,
-                    ts,
-                    duplicate: row.get(3),
-                }),
-                (false, None) => {
-                    return Err(StoreError::Unexpected {
-                        shard: self.name.clone(),
-                        what: format!("a stored entry (seq {seq}) without ts"),
-                    })
-                }
-            });
+            let ord = row.get::<_, i32>(0);
+            let slot = usize::try_from(ord - 1)
+                .ok()
+                .and_then(|i| appended.get_mut(i))
+                .ok_or_else(|| unexpected(format!("a result for entry {ord}")))?;
+            let seq = row.get::<_, Option<i64>>(1).unwrap_or(0) as u64;
+            // `ts` is NULL exactly for conflicts and moved entries.
+            *slot = Some(
+                match (row.get::<_, bool>(5), row.get::<_, bool>(4), row.get(2)) {
+                    (true, _, _) => Appended::Moved,
+                    (false, true, _) => Appended::Conflict { last_seq: seq },
+                    (false, false, Some(ts)) => Appended::Stored(Stored {
+                        seq,
+                        ts,
+                        duplicate: row.get(3),
+                    }),
+                    (false, false, None) => {
+                        return Err(unexpected(format!("a stored entry (seq {seq}) without ts")))
+                    }
+                },
+            );
         }
-        if appended.len() != entries.len() {
-            return Err(StoreError::Unexpected {
-                shard: self.name.clone(),
-                what: format!("{} results for {} entries", appended.len(), entries.len()),
-            });
-        }
-        Ok(appended)
+        appended
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| a.ok_or_else(|| unexpected(format!("no result for entry {}", i + 1))))
+            .collect()
     }
 
     /// The object's head and the first page of the requested range, in one snapshot. An
     /// unknown object gives an empty page with total 0.
+    ///
+    /// Fails with [`StoreError::StaleEpoch`] when the shard has seen a newer ring than `epoch`
+    /// and with [`StoreError::Moved`] when the object moved away.
     pub async fn first_page(
         &self,
         id: u64,
         range: &ReadRange,
         limit: u64,
+        epoch: u64,
     ) -> Result<FirstPage, StoreError> {
         self.ready()?;
         let sql = if range.desc {
@@ -694,6 +765,16 @@ impl Shard {
             })
             .await?;
         let mut page = FirstPage::default();
+        match rows.first() {
+            None => self.check_fence(epoch).await?,
+            Some(row) => {
+                self.fenced(epoch, row.get(6))?;
+                if let Some(to) = row.get::<_, Option<String>>(7) {
+                    return Err(self.moved(id, to));
+                }
+                page.exists = true;
+            }
+        }
         for row in rows {
             page.total = row.get::<_, i64>(0) as u64;
             // Both are clamped to 0 in SQL; a negative value cannot occur.
@@ -749,8 +830,10 @@ impl Shard {
             .collect())
     }
 
-    /// The object's statistics from its head row alone. An unknown object has count 0.
-    pub async fn stats(&self, id: u64) -> Result<HeadStats, StoreError> {
+    /// The object's statistics from its head row alone, and whether it has one here. An
+    /// unknown object has count 0. Fails as [`Shard::first_page`] does for a stale epoch or a
+    /// moved object.
+    pub async fn stats(&self, id: u64, epoch: u64) -> Result<(HeadStats, bool), StoreError> {
         self.ready()?;
         let row = self
             .bounded(async {
@@ -765,17 +848,23 @@ impl Shard {
                     .map_err(|e| self.db(e))
             })
             .await?;
-        Ok(match row {
-            None => HeadStats::default(),
-            Some(row) => HeadStats {
-                count: row.get::<_, i64>(0) as u64,
-                first_seq: row.get::<_, Option<i64>>(1).map(|s| s as u64),
-                last_seq: row.get::<_, i64>(2) as u64,
-                first_ts: row.get(3),
-                last_ts: row.get(4),
-                bytes: row.get::<_, i64>(5) as u64,
-            },
-        })
+        let Some(row) = row else {
+            self.check_fence(epoch).await?;
+            return Ok((HeadStats::default(), false));
+        };
+        self.fenced(epoch, row.get(6))?;
+        if let Some(to) = row.get::<_, Option<String>>(7) {
+            return Err(self.moved(id, to));
+        }
+        let stats = HeadStats {
+            count: row.get::<_, i64>(0) as u64,
+            first_seq: row.get::<_, Option<i64>>(1).map(|s| s as u64),
+            last_seq: row.get::<_, i64>(2) as u64,
+            first_ts: row.get(3),
+            last_ts: row.get(4),
+            bytes: row.get::<_, i64>(5) as u64,
+        };
+        Ok((stats, true))
     }
 
     /// One bounded deletion step, in its own short transaction: up to `limit` of the oldest
@@ -783,12 +872,16 @@ impl Shard {
     /// were deleted (fewer than `limit`: nothing below `before` is left), or `None` when
     /// `skip_locked` is set and the head row was locked by a writer (or is gone), in which
     /// case nothing was done and nothing was waited for.
+    /// Fails with [`StoreError::Moved`] when the object moved away, and with
+    /// [`StoreError::StaleEpoch`] when the shard has seen a newer ring than `epoch` (None: no
+    /// fence, for the retention sweeper).
     pub async fn delete_step(
         &self,
         id: u64,
         before: Option<u64>,
         limit: u32,
         skip_locked: bool,
+        epoch: Option<u64>,
     ) -> Result<Option<u64>, StoreError> {
         self.ready()?;
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
@@ -796,19 +889,32 @@ impl Shard {
             .bounded(async {
                 let client = self.client().await?;
                 let statement = client
-                    .prepare_cached("SELECT logstore_delete($1, $2, $3, $4)")
+                    .prepare_cached("SELECT logstore_delete_at($1, $2, $3, $4, $5)")
                     .await
                     .map_err(|e| self.db(e))?;
                 client
                     .query_one(
                         &statement,
-                        &[&(id as i64), &before.map(seq_bound), &limit, &skip_locked],
+                        &[
+                            &epoch.map(seq_bound),
+                            &(id as i64),
+                            &before.map(seq_bound),
+                            &limit,
+                            &skip_locked,
+                        ],
                     )
                     .await
                     .map_err(|e| self.db(e))
             })
             .await?;
-        Ok(row.get::<_, Option<i64>>(0).map(|n| n.max(0) as u64))
+        match row.get::<_, Option<i64>>(0) {
+            // A tombstone: the marker names where it went; read it to say so.
+            Some(-1) => {
+                let (_, to) = self.whereabouts(id).await?;
+                Err(self.moved(id, to.unwrap_or_default()))
+            }
+            n => Ok(n.map(|n| n.max(0) as u64)),
+        }
     }
 
     /// Up to `limit` objects holding entries older than `cutoff`, those with the oldest first
@@ -826,7 +932,7 @@ impl Shard {
                 let statement = client
                     .prepare_cached(
                         "SELECT o.id, logstore_seq_at(o.id, $1) FROM objects o
-                         WHERE o.first_ts < $1
+                         WHERE o.first_ts < $1 AND o.moved_to IS NULL
                          ORDER BY o.first_ts
                          LIMIT $2",
                     )
@@ -847,6 +953,243 @@ impl Shard {
                 )
             })
             .collect())
+    }
+
+    /// Raise this shard's ring fence to `epoch` (the mover, before it scans for objects to
+    /// move: from then on no worker of an older epoch can create an object here).
+    pub async fn raise_fence(&self, epoch: u64) -> Result<(), StoreError> {
+        self.ready()?;
+        self.bounded(async {
+            let client = self.client().await?;
+            client
+                .execute("SELECT logstore_fence($1)", &[&seq_bound(epoch)])
+                .await
+                .map_err(|e| self.db(e))
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Up to `limit` ids of the objects living here (head rows without a tombstone marker),
+    /// the next ones after `after` in the table's (bigint) id order.
+    pub async fn live_ids(&self, after: Option<i64>, limit: i64) -> Result<Vec<i64>, StoreError> {
+        self.ready()?;
+        let rows = self
+            .bounded(async {
+                let client = self.client().await?;
+                client
+                    .query(
+                        "SELECT id FROM objects WHERE moved_to IS NULL AND id > $1
+                         ORDER BY id LIMIT $2",
+                        &[&after.unwrap_or(i64::MIN), &limit],
+                    )
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        // `id > i64::MIN` leaves out that one id: ask for it on the first page.
+        let mut ids: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+        if after.is_none() {
+            if let (true, None) = self.whereabouts(i64::MIN as u64).await? {
+                ids.insert(0, i64::MIN);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Move object `id` from this shard to `to` under its head-row lock (see
+    /// docs/resharding.md, "Moving one object"): the head row here is locked, the entries are
+    /// copied to `to` in pages of `page` rows with their seq, ts and key (replacing whatever an
+    /// interrupted earlier attempt left there) and committed there, then the head row here
+    /// becomes a tombstone naming `to`. Returns the entries copied, or None when the object
+    /// was already moved (or is not here). Idempotent: run again after a failure at any point,
+    /// it finishes the move without losing or doubling anything.
+    pub async fn move_to(
+        &self,
+        to: &Shard,
+        id: u64,
+        epoch: u64,
+        page: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.ready()?;
+        to.ready()?;
+        let limit = (self.timeout * 10).max(Duration::from_secs(30));
+        match tokio::time::timeout(
+            limit,
+            self.move_inner(to, id as i64, seq_bound(epoch), page),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout {
+                shard: self.name.clone(),
+                after: limit,
+            }),
+        }
+    }
+
+    async fn move_inner(
+        &self,
+        to: &Shard,
+        id: i64,
+        epoch: i64,
+        page: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut source = self.client().await?;
+        let mut target = to.client().await?;
+        let a = source.transaction().await.map_err(|e| self.db(e))?;
+        a.execute("SELECT logstore_fence($1)", &[&epoch])
+            .await
+            .map_err(|e| self.db(e))?;
+        let Some(head) = a
+            .query_opt(
+                // Timestamps as text: a head without entries holds '-infinity', which has no
+                // SystemTime (ISO output carries its offset, so the text is unambiguous).
+                "SELECT entries, last_seq, last_ts::text, prev_ts::text, first_seq,
+                        first_ts::text, bytes, moved_to
+                 FROM objects WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(|e| self.db(e))?
+        else {
+            return Ok(None);
+        };
+        if head.get::<_, Option<String>>(7).is_some() {
+            return Ok(None);
+        }
+        let b = target.transaction().await.map_err(|e| to.db(e))?;
+        b.execute("SELECT logstore_fence($1)", &[&epoch])
+            .await
+            .map_err(|e| to.db(e))?;
+        // Not authoritative for this object until the marker below commits: whatever is there
+        // is a copy from an interrupted attempt (or a tombstone of an earlier move away).
+        b.execute("DELETE FROM logs WHERE object_id = $1", &[&id])
+            .await
+            .map_err(|e| to.db(e))?;
+        b.execute("DELETE FROM objects WHERE id = $1", &[&id])
+            .await
+            .map_err(|e| to.db(e))?;
+        b.execute(
+            "INSERT INTO objects (id, entries, last_seq, last_ts, prev_ts, first_seq, first_ts, bytes)
+             VALUES ($1, $2, $3, $4::text::timestamptz, $5::text::timestamptz, $6,
+                     $7::text::timestamptz, $8)",
+            &[
+                &id,
+                &head.get::<_, i64>(0),
+                &head.get::<_, i64>(1),
+                &head.get::<_, String>(2),
+                &head.get::<_, Option<String>>(3),
+                &head.get::<_, Option<i64>>(4),
+                &head.get::<_, Option<String>>(5),
+                &head.get::<_, i64>(6),
+            ],
+        )
+        .await
+        .map_err(|e| to.db(e))?;
+        let mut after = i64::MIN;
+        let mut copied = 0u64;
+        loop {
+            let rows = a
+                .query(
+                    "SELECT seq, ts, key, log FROM logs
+                     WHERE object_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &[&id, &after, &page],
+                )
+                .await
+                .map_err(|e| self.db(e))?;
+            let Some(last) = rows.last() else { break };
+            after = last.get(0);
+            let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            let ts: Vec<SystemTime> = rows.iter().map(|r| r.get(1)).collect();
+            let keys: Vec<Option<String>> = rows.iter().map(|r| r.get(2)).collect();
+            let logs: Vec<String> = rows.iter().map(|r| r.get(3)).collect();
+            b.execute(
+                "INSERT INTO logs (object_id, seq, ts, key, log)
+                 SELECT $1, u.seq, u.ts, u.key, u.log
+                 FROM unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[])
+                      AS u(seq, ts, key, log)",
+                &[&id, &seqs, &ts, &keys, &logs],
+            )
+            .await
+            .map_err(|e| to.db(e))?;
+            copied += rows.len() as u64;
+            if (rows.len() as i64) < page {
+                break;
+            }
+        }
+        b.commit().await.map_err(|e| to.db(e))?;
+        a.execute(
+            "UPDATE objects SET moved_to = $2, moved_epoch = $3 WHERE id = $1",
+            &[&id, &to.name, &epoch],
+        )
+        .await
+        .map_err(|e| self.db(e))?;
+        a.commit().await.map_err(|e| self.db(e))?;
+        Ok(Some(copied))
+    }
+
+    /// Up to `limit` tombstones here that still hold their old entries.
+    pub async fn tombstones(&self, limit: i64) -> Result<Vec<i64>, StoreError> {
+        self.ready()?;
+        let rows = self
+            .bounded(async {
+                let client = self.client().await?;
+                client
+                    .query(
+                        "SELECT id FROM objects
+                         WHERE moved_to IS NOT NULL AND (entries > 0 OR first_seq IS NOT NULL)
+                         ORDER BY id LIMIT $1",
+                        &[&limit],
+                    )
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// Delete a tombstone's old entries, `step` rows per transaction, and empty its head row.
+    /// Only ever touches an object whose head row here is a tombstone.
+    pub async fn purge(&self, id: i64, step: i64) -> Result<u64, StoreError> {
+        self.ready()?;
+        let mut purged = 0;
+        loop {
+            let n = self
+                .bounded(async {
+                    let client = self.client().await?;
+                    client
+                        .execute(
+                            "DELETE FROM logs l
+                             WHERE l.object_id = $1
+                               AND l.seq IN (SELECT seq FROM logs
+                                             WHERE object_id = $1 ORDER BY seq LIMIT $2)
+                               AND EXISTS (SELECT 1 FROM objects o
+                                           WHERE o.id = $1 AND o.moved_to IS NOT NULL)",
+                            &[&id, &step],
+                        )
+                        .await
+                        .map_err(|e| self.db(e))
+                })
+                .await?;
+            purged += n;
+            if (n as i64) < step {
+                break;
+            }
+        }
+        self.bounded(async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "UPDATE objects SET entries = 0, bytes = 0, first_seq = NULL, first_ts = NULL
+                     WHERE id = $1 AND moved_to IS NOT NULL",
+                    &[&id],
+                )
+                .await
+                .map_err(|e| self.db(e))
+        })
+        .await?;
+        Ok(purged)
     }
 
     /// Run `sql` (statements without parameters) on the shard within the shard timeout: for
@@ -902,9 +1245,87 @@ impl Shard {
     }
 
     fn db(&self, source: tokio_postgres::Error) -> StoreError {
+        // logstore_fence's refusal (SQLSTATE LS001) carries the fence in its detail.
+        if let Some(db) = source.as_db_error() {
+            if db.code().code() == STALE_EPOCH {
+                let fence = db.detail().and_then(|d| d.parse().ok()).unwrap_or(u64::MAX);
+                let epoch = db
+                    .message()
+                    .split_whitespace()
+                    .nth(3)
+                    .and_then(|e| e.trim_end_matches(':').parse().ok())
+                    .unwrap_or(0);
+                return StoreError::StaleEpoch {
+                    shard: self.name.clone(),
+                    epoch,
+                    fence,
+                };
+            }
+        }
         StoreError::Database {
             shard: self.name.clone(),
             source,
         }
+    }
+
+    fn moved(&self, id: u64, to: String) -> StoreError {
+        StoreError::Moved {
+            shard: self.name.clone(),
+            id,
+            to,
+        }
+    }
+
+    /// `fence` (the shard's, read with the data) against the request's `epoch`.
+    fn fenced(&self, epoch: u64, fence: i64) -> Result<(), StoreError> {
+        let fence = u64::try_from(fence).unwrap_or(0);
+        if fence > epoch {
+            return Err(StoreError::StaleEpoch {
+                shard: self.name.clone(),
+                epoch,
+                fence,
+            });
+        }
+        Ok(())
+    }
+
+    /// The fence, read on its own: for a read that found no head row. The fence only grows, so
+    /// reading it after the data is as strict as reading it with them.
+    async fn check_fence(&self, epoch: u64) -> Result<(), StoreError> {
+        let fence: i64 = self
+            .bounded(async {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached(sql::FENCE)
+                    .await
+                    .map_err(|e| self.db(e))?;
+                client
+                    .query_one(&statement, &[])
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?
+            .get(0);
+        self.fenced(epoch, fence)
+    }
+
+    /// Whether `id` has a head row here, and where it moved if it is a tombstone.
+    pub async fn whereabouts(&self, id: u64) -> Result<(bool, Option<String>), StoreError> {
+        let row = self
+            .bounded(async {
+                let client = self.client().await?;
+                client
+                    .query_opt(
+                        "SELECT moved_to FROM objects WHERE id = $1",
+                        &[&(id as i64)],
+                    )
+                    .await
+                    .map_err(|e| self.db(e))
+            })
+            .await?;
+        Ok(match row {
+            None => (false, None),
+            Some(row) => (true, row.get(0)),
+        })
     }
 }

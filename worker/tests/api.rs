@@ -755,7 +755,8 @@ async fn the_stats_migration_fills_in_existing_objects() {
     within(30, "initialise", shard.initialise()).await.unwrap();
     let counts = check_shard_invariants(&url).await;
     assert_eq!(counts.len(), 3);
-    let seven = within(10, "stats", shard.stats(7)).await.unwrap();
+    let (seven, exists) = within(10, "stats", shard.stats(7, 0)).await.unwrap();
+    assert!(exists, "object 7 has a head row");
     assert_eq!(
         (seven.count, seven.first_seq, seven.last_seq, seven.bytes),
         (2, Some(1), 2, ("old 1".len() + "ölder 2".len()) as u64)

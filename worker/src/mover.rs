@@ -1,0 +1,463 @@
+//! The mover: carries out a ring change written by `worker shards add/remove`
+//! (docs/resharding.md). Every worker runs this task; the one holding the mover's lease (a key
+//! in the intake lease bucket) does the work, and if it dies another takes over and starts
+//! again from what the shards hold: nothing about progress is stored but the tombstones.
+//!
+//! For ring epoch N in state `moving`:
+//! 1. raise every member's fence to N (no worker still routing by N-1 can create an object
+//!    where ring N does not place it);
+//! 2. scan every previous member's live objects; each whose owner changes is moved on its own
+//!    under its head-row lock ([`Shard::move_to`]), at most MOVE_RATE per second; a failure
+//!    (a shard down) is retried with backoff, so the move pauses and resumes;
+//! 3. when a scan finds nothing left to move, the record becomes `purging` (placement by ring
+//!    N alone), and after MOVE_GRACE_MS (every read that began on an old copy has ended) the
+//!    old copies' entries are deleted; the tombstone head rows stay, so a lagging worker is
+//!    still sent on. Then the record becomes `steady`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Intake;
+use crate::metrics::Metrics;
+use crate::ordered::Lease;
+use crate::ring::{Membership, MoveState, Progress, Record};
+use crate::shards::{Shards, View};
+use crate::store::Shard;
+use crate::Chain;
+
+/// Ids read per scan page.
+const SCAN_PAGE: i64 = 1_000;
+/// Entries copied per round trip while moving one object.
+const COPY_PAGE: i64 = 1_000;
+/// Entries deleted per transaction when purging an old copy.
+const PURGE_STEP: i64 = 5_000;
+/// How often an idle worker looks for a move to take up.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// First and longest pause before retrying a failed object move.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often progress is published for `worker shards status`.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Lease lifetime when this worker creates the lease bucket without JetStream intake settings.
+const DEFAULT_LEASE: Duration = Duration::from_secs(3);
+
+/// Why a move stopped before it finished (it is taken up again).
+#[derive(Debug, thiserror::Error)]
+enum Stopped {
+    #[error("the mover's lease was lost or the worker is stopping")]
+    Lost,
+    #[error(transparent)]
+    Ring(#[from] crate::ring::MembershipError),
+}
+
+/// Take up moves until `cancel`.
+pub async fn run(
+    shards: Arc<Shards>,
+    client: async_nats::Client,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    let mut lease: Option<Lease> = None;
+    let mut standing_by = false;
+    while !cancel.is_cancelled() {
+        if shards.view().layout.state == MoveState::Steady {
+            standing_by = false;
+            pause(IDLE_POLL, &cancel).await;
+            continue;
+        }
+        let Ok(membership) = shards.membership(&client).await else {
+            pause(IDLE_POLL, &cancel).await;
+            continue;
+        };
+        let held = match lease.as_mut() {
+            Some(lease) => lease,
+            None => {
+                let ttl = match &shards.config().intake {
+                    Intake::JetStream(js) => js.lease,
+                    Intake::Core => DEFAULT_LEASE,
+                };
+                let key = format!("move.{}", shards.config().queue_group);
+                match Lease::open_named(&client, key, ttl).await {
+                    Ok(opened) => lease.insert(opened),
+                    Err(e) => {
+                        tracing::debug!(error = %Chain(&e), "cannot open the mover's lease");
+                        pause(IDLE_POLL, &cancel).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        let revision = match held.try_acquire().await {
+            Ok(Some(revision)) => revision,
+            Ok(None) => {
+                if !standing_by {
+                    tracing::info!("another worker performs the move; standing by");
+                    standing_by = true;
+                }
+                pause(held.ttl / 3, &cancel).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot reach the mover's lease");
+                held.reopen().await;
+                pause(IDLE_POLL, &cancel).await;
+                continue;
+            }
+        };
+        standing_by = false;
+        tracing::info!("took the mover's lease; carrying out the ring change");
+        metrics.move_running.set(1);
+        let lost = cancel.child_token();
+        let done = CancellationToken::new();
+        let renew = async {
+            let mut revision = revision;
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => return revision,
+                    _ = tokio::time::sleep(held.ttl / 3) => {}
+                }
+                match tokio::time::timeout(held.ttl / 3, held.renew(revision)).await {
+                    Ok(Ok(next)) => revision = next,
+                    outcome => {
+                        let why = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "no answer in time".to_string(),
+                        };
+                        tracing::warn!(error = %why, "lost the mover's lease; stopping the move");
+                        lost.cancel();
+                        return revision;
+                    }
+                }
+            }
+        };
+        let work = async {
+            let result = carry_out(&shards, &membership, &metrics, &lost).await;
+            done.cancel();
+            result
+        };
+        let (revision, result) = futures::join!(renew, work);
+        metrics.move_running.set(0);
+        match result {
+            Ok(()) => tracing::info!("ring change complete"),
+            Err(e) => tracing::info!(reason = %e, "move interrupted; it is taken up again"),
+        }
+        held.release(revision).await;
+    }
+}
+
+/// Carry the ring record to `steady`, step by step, re-reading it after each.
+async fn carry_out(
+    shards: &Shards,
+    membership: &Membership,
+    metrics: &Metrics,
+    lost: &CancellationToken,
+) -> Result<(), Stopped> {
+    let config = shards.config().clone();
+    let mut progress = Progress::default();
+    let mut grace_done = false;
+    loop {
+        if lost.is_cancelled() {
+            return Err(Stopped::Lost);
+        }
+        let Some((mut record, revision)) = membership.read().await? else {
+            return Ok(());
+        };
+        shards.apply(record.clone()).await;
+        let view = shards.view();
+        if view.layout.epoch != record.epoch {
+            // A lane could not be opened yet; try again shortly.
+            pause(IDLE_POLL, lost).await;
+            continue;
+        }
+        if progress.epoch != record.epoch {
+            progress = Progress {
+                epoch: record.epoch,
+                ..Progress::default()
+            };
+        }
+        match record.state {
+            MoveState::Steady => return Ok(()),
+            MoveState::Moving => {
+                raise_fences(&view, record.epoch, metrics, &mut progress, lost).await?;
+                let todo = count(&view, lost).await?;
+                progress.todo = todo;
+                metrics
+                    .move_objects
+                    .with_label_values(&["todo"])
+                    .set(todo as i64);
+                membership.put_progress(&progress).await;
+                if todo == 0 {
+                    record.state = MoveState::Purging;
+                    write(membership, &record, revision).await?;
+                    tracing::info!(
+                        epoch = record.epoch,
+                        moved = progress.moved,
+                        "every object moved; purging the old copies after MOVE_GRACE_MS"
+                    );
+                    continue;
+                }
+                tracing::info!(epoch = record.epoch, todo, "moving objects");
+                move_all(
+                    &view,
+                    membership,
+                    metrics,
+                    &mut progress,
+                    config.moves.rate,
+                    lost,
+                )
+                .await?;
+            }
+            MoveState::Purging => {
+                if !grace_done {
+                    pause(config.moves.grace, lost).await;
+                    grace_done = true;
+                    continue;
+                }
+                purge(&view, metrics, &mut progress, membership, lost).await?;
+                record.state = MoveState::Steady;
+                record.previous = None;
+                write(membership, &record, revision).await?;
+                metrics.move_objects.with_label_values(&["todo"]).set(0);
+                membership.put_progress(&progress).await;
+                tracing::info!(epoch = record.epoch, "old copies purged; ring steady");
+            }
+        }
+    }
+}
+
+/// Compare-and-set the record; a record changed meanwhile is re-read by the caller's loop.
+async fn write(membership: &Membership, record: &Record, revision: u64) -> Result<(), Stopped> {
+    match membership.write(record, revision).await {
+        Ok(_) | Err(crate::ring::MembershipError::Changed { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Raise the fence of every shard of the view to `epoch`, retrying a shard that is down.
+async fn raise_fences(
+    view: &View,
+    epoch: u64,
+    metrics: &Metrics,
+    progress: &mut Progress,
+    lost: &CancellationToken,
+) -> Result<(), Stopped> {
+    for lane in view.lanes.values() {
+        retry(
+            metrics,
+            progress,
+            lost,
+            "raise the fence",
+            &lane.shard.name,
+            || lane.shard.raise_fence(epoch),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Objects whose owner the change moves: live on a previous member that owned them and
+/// placed elsewhere now.
+async fn count(view: &View, lost: &CancellationToken) -> Result<u64, Stopped> {
+    let mut todo = 0;
+    for (source, ids) in sources(view) {
+        let mut after = None;
+        loop {
+            if lost.is_cancelled() {
+                return Err(Stopped::Lost);
+            }
+            let page = match source.live_ids(after, SCAN_PAGE).await {
+                Ok(page) => page,
+                Err(e) => {
+                    // Counted as unknown for now: the move itself waits for the shard.
+                    tracing::debug!(shard = %source.name, error = %Chain(&e), "cannot count the objects to move");
+                    todo += 1;
+                    break;
+                }
+            };
+            todo += page.iter().filter(|&&id| ids(id as u64).is_some()).count() as u64;
+            match page.last() {
+                Some(&last) if page.len() as i64 == SCAN_PAGE => after = Some(last),
+                _ => break,
+            }
+        }
+    }
+    Ok(todo)
+}
+
+/// Each previous member's shard, with the test "does `id`, living there, move, and where to".
+#[allow(clippy::type_complexity)]
+fn sources(
+    view: &View,
+) -> Vec<(
+    Arc<Shard>,
+    Box<dyn Fn(u64) -> Option<String> + Send + Sync + '_>,
+)> {
+    let layout = &view.layout;
+    let mut sources = Vec::new();
+    for member in layout.record.previous.iter().flatten() {
+        let Some(lane) = view.lane(&member.name) else {
+            continue;
+        };
+        let name = member.name.clone();
+        let test = move |id: u64| {
+            let owner = layout.owner(id);
+            (layout.previous_owner(id) == Some(name.as_str()) && owner != name)
+                .then(|| owner.to_string())
+        };
+        sources.push((
+            lane.shard.clone(),
+            Box::new(test) as Box<dyn Fn(u64) -> Option<String> + Send + Sync>,
+        ));
+    }
+    sources
+}
+
+/// One pass over every previous member, moving each object whose owner changes.
+async fn move_all(
+    view: &View,
+    membership: &Membership,
+    metrics: &Metrics,
+    progress: &mut Progress,
+    rate: u32,
+    lost: &CancellationToken,
+) -> Result<(), Stopped> {
+    let mut pace = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut published = Instant::now();
+    for (source, moves) in sources(view) {
+        let mut after = None;
+        loop {
+            let page = retry(metrics, progress, lost, "scan", &source.name, || {
+                source.live_ids(after, SCAN_PAGE)
+            })
+            .await?;
+            for &id in &page {
+                let Some(target) = moves(id as u64) else {
+                    continue;
+                };
+                let Some(lane) = view.lane(&target) else {
+                    continue;
+                };
+                pace.tick().await;
+                let moved = retry(
+                    metrics,
+                    progress,
+                    lost,
+                    "move an object",
+                    &source.name,
+                    || source.move_to(&lane.shard, id as u64, view.layout.epoch, COPY_PAGE),
+                )
+                .await?;
+                if moved.is_some() {
+                    progress.moved += 1;
+                    metrics
+                        .move_objects
+                        .with_label_values(&["moved"])
+                        .set(progress.moved as i64);
+                }
+                if published.elapsed() >= PROGRESS_EVERY {
+                    membership.put_progress(progress).await;
+                    published = Instant::now();
+                }
+            }
+            match page.last() {
+                Some(&last) if page.len() as i64 == SCAN_PAGE => after = Some(last),
+                _ => break,
+            }
+        }
+    }
+    membership.put_progress(progress).await;
+    Ok(())
+}
+
+/// Delete the old copies' entries on every shard of the view (tombstones keep their head row).
+async fn purge(
+    view: &View,
+    metrics: &Metrics,
+    progress: &mut Progress,
+    membership: &Membership,
+    lost: &CancellationToken,
+) -> Result<(), Stopped> {
+    for lane in view.lanes.values() {
+        let shard = &lane.shard;
+        loop {
+            let ids = retry(
+                metrics,
+                progress,
+                lost,
+                "find old copies",
+                &shard.name,
+                || shard.tombstones(100),
+            )
+            .await?;
+            if ids.is_empty() {
+                break;
+            }
+            for id in ids {
+                retry(
+                    metrics,
+                    progress,
+                    lost,
+                    "purge an old copy",
+                    &shard.name,
+                    || shard.purge(id, PURGE_STEP),
+                )
+                .await?;
+                progress.purged += 1;
+            }
+            membership.put_progress(progress).await;
+        }
+    }
+    Ok(())
+}
+
+/// Run `op` until it succeeds, pausing with backoff after each failure (a shard down or slow:
+/// the move pauses and resumes), until the lease is lost.
+async fn retry<T, F, Fut>(
+    metrics: &Metrics,
+    progress: &mut Progress,
+    lost: &CancellationToken,
+    what: &str,
+    shard: &str,
+    mut op: F,
+) -> Result<T, Stopped>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let mut wait = RETRY_FIRST;
+    let mut logged = false;
+    loop {
+        if lost.is_cancelled() {
+            return Err(Stopped::Lost);
+        }
+        match op().await {
+            Ok(value) => {
+                if logged {
+                    tracing::info!(shard, "{what}: succeeded again; the move resumes");
+                }
+                return Ok(value);
+            }
+            Err(e) => {
+                metrics.move_errors.inc();
+                progress.errors += 1;
+                if !logged {
+                    tracing::warn!(shard, error = %Chain(&e), "{what} failed; the move pauses and retries");
+                    logged = true;
+                }
+                pause(wait, lost).await;
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+async fn pause(period: Duration, cancel: &CancellationToken) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(period) => {}
+    }
+}

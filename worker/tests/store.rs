@@ -348,3 +348,134 @@ async fn a_shard_from_schema_version_1_continues_after_the_upgrade() {
 fn soon() -> tokio::time::Instant {
     tokio::time::Instant::now() + std::time::Duration::from_secs(20)
 }
+
+/// The ring's epoch fence and tombstones (migrations/0007_resharding.sql), called directly: a
+/// request routed by an older ring than the shard has seen stores nothing (so a worker that
+/// has not learnt of a move cannot create an object where the new ring does not place it), the
+/// first request of a newer epoch raises the fence, an object named as moving is stored only
+/// where it lives, and a moved object answers `moved` to appends and reads alike.
+#[tokio::test]
+async fn the_epoch_fence_and_tombstones_decide_what_a_shard_stores() {
+    use worker::store::{Appended, Routing, StoreError};
+    let (a, a_url) = new_shard(2).await;
+    let b_url = fresh_db(&shared().pg[1], "store_b").await;
+    let b = Shard::new(
+        &ShardConfig {
+            name: "b".into(),
+            url: b_url.clone(),
+        },
+        2,
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    within(30, "initialise b", b.initialise()).await.unwrap();
+    let at = |epoch: u64, moving: &'static [u64]| Routing { epoch, moving };
+    let now = now_micros();
+    let first = entry(1, Some("k1"), "one", now);
+    let append_at = |shard: &'static str, routing: Routing<'static>, e: &NewEntry| {
+        let shard = if shard == "a" { &a } else { &b };
+        let e = e.clone();
+        async move {
+            within(
+                30,
+                "append",
+                shard.append_expecting(&[&e], &[], routing, soon()),
+            )
+            .await
+        }
+    };
+
+    // Epoch 2 raises the fence; epoch 1 is refused from then on, and stores nothing.
+    let stored = append_at("a", at(2, &[]), &first).await.unwrap();
+    assert!(matches!(stored[..], [Appended::Stored(_)]), "{stored:?}");
+    let fresh = entry(99, Some("k99"), "stale", now);
+    match append_at("a", at(1, &[]), &fresh).await {
+        Err(StoreError::StaleEpoch { epoch, fence, .. }) => assert_eq!((epoch, fence), (1, 2)),
+        other => panic!("an epoch-1 append after epoch 2: {other:?}"),
+    }
+    assert_eq!(
+        count(&a_url, "SELECT count(*) FROM objects WHERE id = 99").await,
+        0,
+        "a stale append created its object"
+    );
+    match a.stats(1, 1).await {
+        Err(StoreError::StaleEpoch { fence: 2, .. }) => {}
+        other => panic!("an epoch-1 read after epoch 2: {other:?}"),
+    }
+
+    // An object named as moving is stored where it lives, and answered `moved` where it never
+    // lived (it goes to its new owner instead).
+    let more = entry(1, Some("k2"), "two", now);
+    let stored = append_at("a", at(2, &[1]), &more).await.unwrap();
+    assert!(
+        matches!(stored[..], [Appended::Stored(Stored { seq: 2, .. })]),
+        "{stored:?}"
+    );
+    let absent = entry(7, Some("k7"), "never here", now);
+    let moved = append_at("a", at(2, &[7]), &absent).await.unwrap();
+    assert_eq!(moved, vec![Appended::Moved]);
+    assert_eq!(
+        count(&a_url, "SELECT count(*) FROM objects WHERE id = 7").await,
+        0
+    );
+
+    // Moving object 1 to b: b continues its seqs and keys, a keeps a tombstone that sends
+    // appends and reads on.
+    let copied = within(30, "move", a.move_to(&b, 1, 2, 1)).await.unwrap();
+    assert_eq!(copied, Some(2));
+    assert_eq!(
+        within(30, "move again", a.move_to(&b, 1, 2, 1))
+            .await
+            .unwrap(),
+        None
+    );
+    let again = append_at("a", at(2, &[1]), &entry(1, Some("k3"), "three", now))
+        .await
+        .unwrap();
+    assert_eq!(again, vec![Appended::Moved]);
+    let on_b = append_at("b", at(2, &[]), &entry(1, Some("k3"), "three", now))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            on_b[..],
+            [Appended::Stored(Stored {
+                seq: 3,
+                duplicate: false,
+                ..
+            })]
+        ),
+        "{on_b:?}"
+    );
+    let dup = append_at("b", at(2, &[]), &entry(1, Some("k1"), "one", now))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            dup[..],
+            [Appended::Stored(Stored {
+                seq: 1,
+                duplicate: true,
+                ..
+            })]
+        ),
+        "{dup:?}"
+    );
+    match a.stats(1, 2).await {
+        Err(StoreError::Moved { to, .. }) => assert_eq!(to, "b"),
+        other => panic!("stats of a moved object on its old shard: {other:?}"),
+    }
+    let (stats, exists) = b.stats(1, 2).await.unwrap();
+    assert!(exists);
+    assert_eq!((stats.count, stats.last_seq), (3, 3));
+}
+
+/// The single bigint `sql` answers on the database at `url`.
+async fn count(url: &str, sql: &str) -> i64 {
+    pg_connect(url)
+        .await
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}

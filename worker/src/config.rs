@@ -1107,6 +1107,52 @@ mod tests {
         raw: RawConfig,
     }
 
+    /// Ring members are stored in NATS without any password, in both connection-string forms.
+    #[test]
+    fn without_password_keeps_everything_but_the_password() {
+        for (given, kept) in [
+            ("postgres://u:s3cret@h:5432/db", "postgres://u@h:5432/db"),
+            (
+                "postgres://u@h/db?password=s3cret&sslmode=require",
+                "postgres://u@h/db?sslmode=require",
+            ),
+            ("postgresql://h/db?password=s3cret", "postgresql://h/db"),
+            ("postgres://h/db", "postgres://h/db"),
+            (
+                "host=h port=5432 user=u password=s3cret dbname=db",
+                "host=h port=5432 user=u dbname=db",
+            ),
+            ("host=h password='s3 cr et' dbname=db", "host=h dbname=db"),
+        ] {
+            let stripped = without_password(given);
+            assert_eq!(stripped, kept, "{given}");
+            assert!(!stripped.contains("s3"), "{stripped}");
+        }
+    }
+
+    /// A member learnt from the ring record gets this worker's password and TLS defaults.
+    #[test]
+    fn members_get_this_workers_password_and_tls_defaults() {
+        let access = MemberAccess {
+            password: Some("pw".into()),
+            tls: vec![("sslmode", "require".to_string())],
+        };
+        let shard = access.shard("pg3", "postgres://u@h3/db").unwrap();
+        assert_eq!(shard.name, "pg3");
+        assert!(shard.url.contains("password=pw"), "{}", shard.url);
+        assert!(shard.url.contains("sslmode=require"), "{}", shard.url);
+        let own = access
+            .shard("pg4", "postgres://u:mine@h4/db?sslmode=disable")
+            .unwrap();
+        assert!(!own.url.contains("password=pw"), "{}", own.url);
+        assert!(
+            own.url.contains("sslmode=disable") && !own.url.contains("require"),
+            "{}",
+            own.url
+        );
+        assert!(!format!("{access:?}").contains("pw"));
+    }
+
     fn raw(args: &[&str]) -> RawConfig {
         Cli::parse_from(std::iter::once("worker").chain(args.iter().copied())).raw
     }

@@ -5,7 +5,9 @@
 //! Data flows one way, top to bottom:
 //! - [`config`]: settings from env/CLI, validated once into an `Arc<Config>`.
 //! - [`intake`]: the NATS queue subscriptions; decodes and validates, rejects bad input.
-//! - [`ring`]: which shard owns an object id.
+//! - [`ring`]: which shard owns an object id at which epoch, and the fleet's ring record in
+//!   NATS; [`shards`]: the live set of shards (pools, pipelines, health) that record names;
+//!   [`mover`]: carries a ring change out; [`admin`]: `worker shards add/remove/status`.
 //! - [`pipeline`]: per-shard queue; batches appends into one transaction, starts queries after
 //!   the appends received before them; never lets a hung shard stall intake.
 //! - [`origin`]: a message's fate once its outcome is known: reply, event, ack / nak / term,

@@ -167,9 +167,19 @@ async fn carry_out(
         };
         shards.apply(record.clone()).await;
         let view = shards.view();
-        if view.layout.epoch != record.epoch {
-            // A lane could not be opened yet; try again shortly.
-            pause(IDLE_POLL, lost).await;
+        let missing: Vec<&str> = record
+            .all_members()
+            .into_iter()
+            .filter(|m| view.lane(&m.name).is_none())
+            .map(|m| m.name.as_str())
+            .collect();
+        if view.layout.epoch != record.epoch || !missing.is_empty() {
+            // This worker could not open a member's lane (its log says why): nothing can move
+            // to or from it until it can.
+            metrics.move_errors.inc();
+            progress.errors += 1;
+            tracing::warn!(missing = ?missing, "cannot open every ring member; the move waits");
+            pause(RETRY_MAX, lost).await;
             continue;
         }
         if progress.epoch != record.epoch {
@@ -338,6 +348,7 @@ async fn move_all(
                 let Some(target) = moves(id as u64) else {
                     continue;
                 };
+                // Every member has a lane (checked in `carry_out`).
                 let Some(lane) = view.lane(&target) else {
                     continue;
                 };

@@ -44,7 +44,12 @@ pub enum AdminError {
 pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError> {
     let client = config
         .nats
-        .connect(|o| o.name("logstore-worker-admin"))
+        // The worker's inbox prefix: the shipped NATS config lets the worker user read only
+        // its own inboxes.
+        .connect(|o| {
+            o.name("logstore-worker-admin")
+                .custom_inbox_prefix(&config.inbox_prefix)
+        })
         .await?;
     let membership = Membership::open(&client, &config.queue_group).await?;
     let seed = crate::shards::seed_record(config, 1);

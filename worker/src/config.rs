@@ -344,8 +344,14 @@ impl MemberAccess {
             name: name.to_string(),
             url: url.to_string(),
         };
-        if let Some(password) = &self.password {
-            fill_password(&mut shard, password);
+        let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        match &self.password {
+            Some(password) if is_url => fill_password(&mut shard, password),
+            // The key=value form (a ring seeded from POSTGRES_IPS), which never holds one here.
+            Some(password) => {
+                shard.url = format!("{url} password={}", quote_conninfo(password));
+            }
+            None => {}
         }
         if !self.tls.is_empty() {
             let defaults: Vec<(&str, &str)> =
@@ -1151,6 +1157,10 @@ mod tests {
             own.url
         );
         assert!(!format!("{access:?}").contains("pw"));
+        let ips = access
+            .shard("h5", "host=h5 port=5432 user=u dbname=db")
+            .unwrap();
+        assert!(ips.url.contains(" password=pw"), "{}", ips.url);
     }
 
     fn raw(args: &[&str]) -> RawConfig {

@@ -54,9 +54,17 @@ use crate::store::{Shard, StoreError};
 
 pub use logstore_protocol::chain::Chain;
 
+/// Run `task` until it ends or `cancel` fires.
+async fn until_cancelled(cancel: CancellationToken, task: impl Future<Output = ()>) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = task => {}
+    }
+}
+
 /// How long a starting worker waits for the fleet's ring record before it routes by
 /// POSTGRES_SHARDS (and keeps trying in the background).
-const RING_LOAD_WAIT: Duration = Duration::from_secs(10);
+const RING_LOAD_WAIT: Duration = Duration::from_secs(3);
 
 /// How often each shard is health-checked (and, while it has never been reachable, retried).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -185,16 +193,26 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         cancel.clone(),
         background.clone(),
     ));
-    // Route by the fleet's ring record before taking work (a few seconds at most: without it,
-    // by POSTGRES_SHARDS at epoch 0, which the shards' fences refuse if the fleet moved on),
-    // then follow it, and take a move up when one is written.
-    shards.load(&client, RING_LOAD_WAIT).await;
-    background.spawn(shards.clone().follow(client.clone(), cancel.clone()));
-    background.spawn(mover::run(
-        shards.clone(),
-        client.clone(),
-        metrics.clone(),
+    // Route by the fleet's ring record before taking work (when NATS is up, and a few seconds
+    // at most: without it, by POSTGRES_SHARDS at epoch 0, which the shards' fences refuse if
+    // the fleet moved on), then follow it, and take a move up when one is written.
+    if client.connection_state() == async_nats::connection::State::Connected {
+        shards.load(&client, RING_LOAD_WAIT).await;
+    }
+    // Both stop at once on `cancel`, whatever NATS or a shard is doing (a move cut short is
+    // rolled back and taken up again; its lease expires by itself).
+    background.spawn(until_cancelled(
         cancel.clone(),
+        shards.clone().follow(client.clone(), cancel.clone()),
+    ));
+    background.spawn(until_cancelled(
+        cancel.clone(),
+        mover::run(
+            shards.clone(),
+            client.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        ),
     ));
     let subscribe = |subject: String| {
         let client = client.clone();

@@ -387,8 +387,17 @@ async fn attempt(
         Err(StoreError::StaleEpoch { fence, .. }) => {
             tracing::debug!(shard = %shard.name, epoch, fence, "shard fenced at a newer ring epoch; reading the ring again");
             fleet.refresh(fence).await;
-            forward(&fleet, here, ctx, hops + 1).await;
-            Ok(())
+            if fleet.view().layout.epoch >= fence {
+                forward(&fleet, here, ctx, hops + 1).await;
+                return Ok(());
+            }
+            // The newer ring cannot be read: an outage for these appends (held ones wait).
+            *batch = here;
+            Err(StoreError::StaleEpoch {
+                shard: shard.name.clone(),
+                epoch,
+                fence,
+            })
         }
         Err(e) => {
             *batch = here;

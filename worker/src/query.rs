@@ -243,9 +243,13 @@ impl Queries {
                     _ => return Ok((answer, shard)),
                 },
                 Err(StoreError::Moved { to, .. }) => to,
-                Err(StoreError::StaleEpoch { fence, .. }) => {
+                Err(e @ StoreError::StaleEpoch { fence, .. }) => {
                     fleet.refresh(fence).await;
                     let view = fleet.view();
+                    if view.layout.epoch < fence {
+                        // The newer ring cannot be read: an outage for this request.
+                        return Err(store_error_body(&e));
+                    }
                     let name = view.layout.route(id).shard.to_string();
                     name
                 }

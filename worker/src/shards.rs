@@ -249,13 +249,15 @@ impl Shards {
             if self.view().layout.epoch >= fence {
                 return;
             }
-            let membership = self.membership.lock().await.clone();
-            if let Some(membership) = membership {
-                if let Ok(Some((record, _))) = membership.read().await {
-                    self.apply(record).await;
-                    if self.view().layout.epoch >= fence {
-                        return;
-                    }
+            // Without the record (NATS or its KV out of reach) there is nothing to learn: the
+            // request fails as in an outage instead of waiting.
+            let Some(membership) = self.membership.lock().await.clone() else {
+                return;
+            };
+            if let Ok(Some((record, _))) = membership.read().await {
+                self.apply(record).await;
+                if self.view().layout.epoch >= fence {
+                    return;
                 }
             }
             if tokio::time::Instant::now() >= deadline {

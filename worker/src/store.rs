@@ -142,9 +142,11 @@ impl StoreError {
             | StoreError::NotReady { .. }
             | StoreError::Down { .. }
             | StoreError::OutcomeUnknown { .. } => true,
+            // Routed by a ring this worker has not caught up with: like an outage until it
+            // learns the newer one (see `pipeline::attempt`).
+            StoreError::StaleEpoch { .. } => true,
             StoreError::WrongShard { .. }
             | StoreError::CannotMigrate { .. }
-            | StoreError::StaleEpoch { .. }
             | StoreError::Moved { .. }
             | StoreError::Unexpected { .. } => false,
             // No SQLSTATE: the connection itself failed. 08: connection exception; 53: out of

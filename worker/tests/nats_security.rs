@@ -647,9 +647,11 @@ async fn token_nkey_and_creds_logins() {
         &account.public_key(),
         "logstore",
         serde_json::json!({
+            // JetStream on (unlimited): the workers keep their ring record in a KV bucket.
             "limits": {
                 "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-                "wildcards": true, "conn": -1, "leaf": -1
+                "wildcards": true, "conn": -1, "leaf": -1,
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
             },
             "default_permissions": { "pub": {}, "sub": {} },
             "type": "account", "version": 2
@@ -817,6 +819,13 @@ async fn shipped_server_config_keeps_each_user_to_its_job() {
     ];
     let mut worker = Worker::spawn(&worker_vars, "info");
     worker.wait_ready().await;
+    // The worker user may read and change the ring record (`worker shards`), which the
+    // worker seeded at start.
+    let status = run_ok("worker", &["shards", "status"], &worker_vars, &secrets).await;
+    assert!(
+        status.contains("epoch 1: steady") && status.contains("a postgres://"),
+        "{status}"
+    );
 
     let client_vars: Vars = vec![
         ("NATS_URL", url.clone()),

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod config;
 pub mod http;
 pub mod intake;
+pub mod kv;
 pub mod metrics;
 pub mod mover;
 pub mod ordered;

@@ -97,16 +97,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn migrate(config: &worker::config::Config, grant: bool, wait_secs: u64) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// A single-threaded runtime for the one-shot commands (`migrate`, `shards`); None (said on
+/// stderr) if it cannot start.
+fn one_shot_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => Some(runtime),
         Err(e) => {
             eprintln!("worker: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+fn migrate(config: &worker::config::Config, grant: bool, wait_secs: u64) -> ExitCode {
+    let Some(runtime) = one_shot_runtime() else {
+        return ExitCode::FAILURE;
     };
     let wait = std::time::Duration::from_secs(wait_secs);
     match runtime.block_on(worker::migrate(config, grant, wait)) {
@@ -121,15 +129,8 @@ fn migrate(config: &worker::config::Config, grant: bool, wait_secs: u64) -> Exit
 }
 
 fn shards(config: &worker::config::Config, command: ShardsCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("worker: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = one_shot_runtime() else {
+        return ExitCode::FAILURE;
     };
     let command = match command {
         ShardsCommand::Add { spec } => worker::admin::Command::Add { spec },

@@ -110,35 +110,12 @@ pub async fn run(
         standing_by = false;
         tracing::info!("took the mover's lease; carrying out the ring change");
         metrics.move_running.set(1);
-        let lost = cancel.child_token();
-        let done = CancellationToken::new();
-        let renew = async {
-            let mut revision = revision;
-            loop {
-                tokio::select! {
-                    _ = done.cancelled() => return revision,
-                    _ = tokio::time::sleep(held.ttl / 3) => {}
-                }
-                match tokio::time::timeout(held.ttl / 3, held.renew(revision)).await {
-                    Ok(Ok(next)) => revision = next,
-                    outcome => {
-                        let why = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "no answer in time".to_string(),
-                        };
-                        tracing::warn!(error = %why, "lost the mover's lease; stopping the move");
-                        lost.cancel();
-                        return revision;
-                    }
-                }
-            }
-        };
-        let work = async {
-            let result = carry_out(&shards, &membership, &metrics, &lost).await;
-            done.cancel();
-            result
-        };
-        let (revision, result) = futures::join!(renew, work);
+        let (shards, membership, metrics) = (&shards, &membership, &metrics);
+        let (result, revision) = held
+            .hold(revision, &cancel, "mover", |lost, _| async move {
+                carry_out(shards, membership, metrics, &lost).await
+            })
+            .await;
         metrics.move_running.set(0);
         match result {
             Ok(()) => tracing::info!("ring change complete"),

@@ -84,24 +84,12 @@ impl Lease {
         lease: Duration,
     ) -> Result<Lease, IntakeError> {
         let context = jetstream::new(client.clone());
-        // The bucket's stream is created here as async-nats's create_key_value would, without
-        // its account-info request, which it cannot parse from nats-server 2.9. File storage:
-        // a memory stream does not survive a nats-server restart.
-        let bucket = jetstream::stream::Config {
-            name: format!("KV_{LEASE_BUCKET}"),
-            description: Some("logstore: which worker pulls each stream (JS_ORDERED)".into()),
-            subjects: vec![format!("$KV.{LEASE_BUCKET}.>")],
-            max_messages_per_subject: 1,
-            max_age: lease,
-            max_message_size: -1,
-            storage: jetstream::stream::StorageType::File,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: jetstream::stream::DiscardPolicy::New,
-            num_replicas: 1,
-            ..Default::default()
-        };
+        let bucket = crate::kv::bucket(
+            LEASE_BUCKET,
+            "logstore: which worker pulls each stream (JS_ORDERED) and which moves objects",
+            lease,
+            1,
+        );
         let kv = ensure_bucket(&context, &bucket).await?;
         let ttl = match kv.status().await {
             Ok(status) if !status.info.config.max_age.is_zero() => status.info.config.max_age,
@@ -157,6 +145,85 @@ impl Lease {
     }
 }
 
+/// Until when a held lease is surely still this worker's (its last renewal plus two thirds of
+/// its lifetime, as ms after a start instant). Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Validity {
+    start: Instant,
+    until_ms: std::sync::Arc<AtomicU64>,
+}
+
+impl Validity {
+    /// The lease is surely still ours now.
+    pub(crate) fn holds(&self) -> bool {
+        ms(self.start.elapsed()) < self.until_ms.load(Ordering::Acquire)
+    }
+
+    fn left(&self) -> Duration {
+        Duration::from_millis(self.until_ms.load(Ordering::Acquire))
+            .saturating_sub(self.start.elapsed())
+    }
+}
+
+impl Lease {
+    /// Hold the lease taken at `revision` while `work` runs, renewing it every third of its
+    /// lifetime. A renewal that fails, or cannot finish while the lease is surely still ours,
+    /// counts as losing it: `work`'s token (a child of `cancel`) is cancelled. `work` also gets
+    /// the lease's [`Validity`]. Returns what `work` returned and the last revision.
+    pub(crate) async fn hold<T, F, Fut>(
+        &self,
+        revision: u64,
+        cancel: &CancellationToken,
+        what: &str,
+        work: F,
+    ) -> (T, u64)
+    where
+        F: FnOnce(CancellationToken, Validity) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let lost = cancel.child_token();
+        let done = CancellationToken::new();
+        let validity = Validity {
+            start: Instant::now(),
+            until_ms: std::sync::Arc::new(AtomicU64::new(ms(self.ttl * 2 / 3))),
+        };
+        let renew = async {
+            let mut revision = revision;
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => return revision,
+                    _ = tokio::time::sleep(self.ttl / 3) => {}
+                }
+                let started = Instant::now();
+                match tokio::time::timeout(validity.left(), self.renew(revision)).await {
+                    Ok(Ok(next)) => {
+                        revision = next;
+                        let until =
+                            started.saturating_duration_since(validity.start) + self.ttl * 2 / 3;
+                        validity.until_ms.store(ms(until), Ordering::Release);
+                    }
+                    outcome => {
+                        let why = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "no answer in time".to_string(),
+                        };
+                        tracing::warn!(error = %why, "lost the {what} lease; stopping");
+                        lost.cancel();
+                        return revision;
+                    }
+                }
+            }
+        };
+        let run = async {
+            let out = work(lost.clone(), validity.clone()).await;
+            done.cancel();
+            out
+        };
+        let (revision, out) = futures::join!(renew, run);
+        (out, revision)
+    }
+}
+
 /// Compete for the lease and pull while holding it, until `cancel`.
 pub async fn run(
     router: &Router,
@@ -192,47 +259,13 @@ pub async fn run(
         waiting_logged = false;
         tracing::info!(lease = %lease.key, "took the intake lease; pulling the stream in order");
         metrics.jetstream_pulling.set(1);
-        let lost = cancel.child_token();
-        let done = CancellationToken::new();
-        // Until when (ms after `epoch`) the lease is surely still ours: the puller checks it
-        // before every pull, so a process paused past its lease pulls nothing when it wakes.
-        let epoch = Instant::now();
-        let valid_until = AtomicU64::new(ms(lease.ttl * 2 / 3));
-        let renew = async {
-            let mut revision = revision;
-            loop {
-                tokio::select! {
-                    _ = done.cancelled() => return revision,
-                    _ = tokio::time::sleep(lease.ttl / 3) => {}
-                }
-                // A renewal that cannot finish while the lease is surely ours counts as lost.
-                let left = Duration::from_millis(valid_until.load(Ordering::Acquire))
-                    .saturating_sub(epoch.elapsed());
-                let started = Instant::now();
-                match tokio::time::timeout(left, lease.renew(revision)).await {
-                    Ok(Ok(next)) => {
-                        revision = next;
-                        let until = started.saturating_duration_since(epoch) + lease.ttl * 2 / 3;
-                        valid_until.store(ms(until), Ordering::Release);
-                    }
-                    outcome => {
-                        let why = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "no answer in time".to_string(),
-                        };
-                        tracing::warn!(error = %why, "lost the intake lease; stopping the pull");
-                        lost.cancel();
-                        return revision;
-                    }
-                }
-            }
-        };
-        let pull = async {
-            let valid = || ms(epoch.elapsed()) < valid_until.load(Ordering::Acquire);
-            lead(router, consumer, &lost, &valid).await;
-            done.cancel();
-        };
-        let (revision, ()) = futures::join!(renew, pull);
+        // The puller checks the lease before every pull, so a process paused past its lease
+        // pulls nothing when it wakes.
+        let ((), revision) = lease
+            .hold(revision, cancel, "intake", |lost, validity| async move {
+                lead(router, consumer, &lost, &|| validity.holds()).await
+            })
+            .await;
         metrics.jetstream_pulling.set(0);
         if cancel.is_cancelled() {
             lease.release(revision).await;
@@ -245,15 +278,7 @@ async fn ensure_bucket(
     context: &jetstream::Context,
     bucket: &jetstream::stream::Config,
 ) -> Result<kv::Store, IntakeError> {
-    if context.get_stream(&bucket.name).await.is_err() {
-        // Another worker may create it at the same moment: then this one's attempt fails and
-        // the bucket is there all the same.
-        if let Err(e) = context.create_stream(bucket.clone()).await {
-            tracing::debug!(error = %e, "lease bucket creation raced");
-        }
-    }
-    context
-        .get_key_value(LEASE_BUCKET)
+    crate::kv::ensure(context, bucket)
         .await
         .map_err(|source| IntakeError::Lease {
             bucket: LEASE_BUCKET,

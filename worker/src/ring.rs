@@ -263,35 +263,15 @@ impl Membership {
         client: &async_nats::Client,
         group: &str,
     ) -> Result<Membership, MembershipError> {
-        use async_nats::jetstream;
-        let context = jetstream::new(client.clone());
-        // Created as async-nats's create_key_value would, without its account-info request
-        // (which it cannot parse from nats-server 2.9). File storage, all history kept short:
-        // the record is the fleet's truth and must survive a nats-server restart.
-        let name = format!("KV_{BUCKET}");
-        if context.get_stream(&name).await.is_err() {
-            let config = jetstream::stream::Config {
-                name: name.clone(),
-                description: Some("logstore: ring membership per queue group".into()),
-                subjects: vec![format!("$KV.{BUCKET}.>")],
-                max_messages_per_subject: 5,
-                max_message_size: -1,
-                storage: jetstream::stream::StorageType::File,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: jetstream::stream::DiscardPolicy::New,
-                num_replicas: 1,
-                ..Default::default()
-            };
-            // Another process may create it at the same moment: then this attempt fails and
-            // the bucket is there all the same.
-            if let Err(e) = context.create_stream(config).await {
-                tracing::debug!(error = %e, "ring bucket creation raced");
-            }
-        }
-        let kv = context
-            .get_key_value(BUCKET)
+        let context = async_nats::jetstream::new(client.clone());
+        // The record is the fleet's truth: it never expires (a few revisions kept).
+        let config = crate::kv::bucket(
+            BUCKET,
+            "logstore: ring membership per queue group",
+            std::time::Duration::ZERO,
+            5,
+        );
+        let kv = crate::kv::ensure(&context, &config)
             .await
             .map_err(|e| MembershipError::Bucket(crate::Chain(&e).to_string()))?;
         Ok(Membership {

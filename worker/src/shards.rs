@@ -140,15 +140,25 @@ impl Shards {
     /// Try each shard's initialisation once; a shard whose database belongs to another name,
     /// or whose schema this worker's role may not migrate, stops the start.
     pub async fn initialise(&self) -> Result<(), StoreError> {
-        let view = self.view();
-        let attempts = view.lanes.values().map(|lane| {
-            let shard = lane.shard.clone();
-            async move {
-                let result = shard.initialise().await;
-                (shard, result)
-            }
-        });
-        for (shard, result) in futures::future::join_all(attempts).await {
+        let shards: Vec<Arc<Shard>> = self.all();
+        self.initialise_each(
+            &shards,
+            "shard unreachable at start; its objects answer `unavailable` until it is back",
+        )
+        .await
+    }
+
+    /// Initialise `shards` at once. One that answers is marked up; one that does not is left to
+    /// its health watcher, with `unreachable` as the warning. Returns the first refusal that
+    /// retrying cannot cure (a database of another shard, a schema this role may not migrate).
+    async fn initialise_each(
+        &self,
+        shards: &[Arc<Shard>],
+        unreachable: &str,
+    ) -> Result<(), StoreError> {
+        let attempts = shards.iter().map(|shard| shard.initialise());
+        let mut refused = None;
+        for (shard, result) in shards.iter().zip(futures::future::join_all(attempts).await) {
             match result {
                 Ok(()) => self
                     .builder
@@ -157,20 +167,16 @@ impl Shards {
                     .with_label_values(&[&shard.name])
                     .set(1),
                 Err(e @ (StoreError::WrongShard { .. } | StoreError::CannotMigrate { .. })) => {
-                    return Err(e)
+                    refused.get_or_insert(e);
                 }
                 Err(e) => {
                     let cause = Chain(&e).to_string();
                     shard.note_init_failure(&cause);
-                    tracing::warn!(
-                        shard = %shard.name,
-                        error = %cause,
-                        "shard unreachable at start; its objects answer `unavailable` until it is back"
-                    )
+                    tracing::warn!(shard = %shard.name, error = %cause, "{unreachable}");
                 }
             }
         }
-        Ok(())
+        refused.map_or(Ok(()), Err)
     }
 
     /// Read the fleet's ring record (seeding it from POSTGRES_SHARDS when the fleet has none)
@@ -322,19 +328,9 @@ impl Shards {
             }
         }
         // New members answer before the switch where they can (a member being added is up).
-        let attempts = opened.iter().map(|shard| shard.initialise());
-        for (shard, result) in opened.iter().zip(futures::future::join_all(attempts).await) {
-            match result {
-                Ok(()) => self
-                    .builder
-                    .metrics
-                    .shard_up
-                    .with_label_values(&[&shard.name])
-                    .set(1),
-                Err(e) => {
-                    tracing::warn!(shard = %shard.name, error = %Chain(&e), "new ring member not reachable yet; retrying in the background")
-                }
-            }
+        let unreachable = "new ring member not reachable yet; retrying in the background";
+        if let Err(e) = self.initialise_each(&opened, unreachable).await {
+            tracing::error!(error = %Chain(&e), "a new ring member refuses this worker");
         }
         let gone: Vec<Arc<Lane>> = current
             .lanes

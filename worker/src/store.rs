@@ -961,15 +961,9 @@ impl Shard {
     /// move: from then on no worker of an older epoch can create an object here).
     pub async fn raise_fence(&self, epoch: u64) -> Result<(), StoreError> {
         self.ready()?;
-        self.bounded(async {
-            let client = self.client().await?;
-            client
-                .execute("SELECT logstore_fence($1)", &[&seq_bound(epoch)])
-                .await
-                .map_err(|e| self.db(e))
-        })
-        .await
-        .map(drop)
+        self.rows("SELECT logstore_fence($1)", &[&seq_bound(epoch)])
+            .await
+            .map(drop)
     }
 
     /// Up to `limit` ids of the objects living here (head rows without a tombstone marker),
@@ -977,17 +971,10 @@ impl Shard {
     pub async fn live_ids(&self, after: Option<i64>, limit: i64) -> Result<Vec<i64>, StoreError> {
         self.ready()?;
         let rows = self
-            .bounded(async {
-                let client = self.client().await?;
-                client
-                    .query(
-                        "SELECT id FROM objects WHERE moved_to IS NULL AND id > $1
-                         ORDER BY id LIMIT $2",
-                        &[&after.unwrap_or(i64::MIN), &limit],
-                    )
-                    .await
-                    .map_err(|e| self.db(e))
-            })
+            .rows(
+                "SELECT id FROM objects WHERE moved_to IS NULL AND id > $1 ORDER BY id LIMIT $2",
+                &[&after.unwrap_or(i64::MIN), &limit],
+            )
             .await?;
         // `id > i64::MIN` leaves out that one id: ask for it on the first page.
         let mut ids: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
@@ -1135,18 +1122,12 @@ impl Shard {
     pub async fn tombstones(&self, limit: i64) -> Result<Vec<i64>, StoreError> {
         self.ready()?;
         let rows = self
-            .bounded(async {
-                let client = self.client().await?;
-                client
-                    .query(
-                        "SELECT id FROM objects
-                         WHERE moved_to IS NOT NULL AND (entries > 0 OR first_seq IS NOT NULL)
-                         ORDER BY id LIMIT $1",
-                        &[&limit],
-                    )
-                    .await
-                    .map_err(|e| self.db(e))
-            })
+            .rows(
+                "SELECT id FROM objects
+                 WHERE moved_to IS NOT NULL AND (entries > 0 OR first_seq IS NOT NULL)
+                 ORDER BY id LIMIT $1",
+                &[&limit],
+            )
             .await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
@@ -1157,39 +1138,33 @@ impl Shard {
         self.ready()?;
         let mut purged = 0;
         loop {
-            let n = self
-                .bounded(async {
-                    let client = self.client().await?;
-                    client
-                        .execute(
-                            "DELETE FROM logs l
-                             WHERE l.object_id = $1
-                               AND l.seq IN (SELECT seq FROM logs
-                                             WHERE object_id = $1 ORDER BY seq LIMIT $2)
-                               AND EXISTS (SELECT 1 FROM objects o
-                                           WHERE o.id = $1 AND o.moved_to IS NOT NULL)",
-                            &[&id, &step],
-                        )
-                        .await
-                        .map_err(|e| self.db(e))
-                })
-                .await?;
-            purged += n;
-            if (n as i64) < step {
+            let n: i64 = self
+                .rows(
+                    "WITH gone AS (
+                         DELETE FROM logs l
+                         WHERE l.object_id = $1
+                           AND l.seq IN (SELECT seq FROM logs
+                                         WHERE object_id = $1 ORDER BY seq LIMIT $2)
+                           AND EXISTS (SELECT 1 FROM objects o
+                                       WHERE o.id = $1 AND o.moved_to IS NOT NULL)
+                         RETURNING 1
+                     )
+                     SELECT count(*) FROM gone",
+                    &[&id, &step],
+                )
+                .await?
+                .first()
+                .map_or(0, |row| row.get(0));
+            purged += n as u64;
+            if n < step {
                 break;
             }
         }
-        self.bounded(async {
-            let client = self.client().await?;
-            client
-                .execute(
-                    "UPDATE objects SET entries = 0, bytes = 0, first_seq = NULL, first_ts = NULL
-                     WHERE id = $1 AND moved_to IS NOT NULL",
-                    &[&id],
-                )
-                .await
-                .map_err(|e| self.db(e))
-        })
+        self.rows(
+            "UPDATE objects SET entries = 0, bytes = 0, first_seq = NULL, first_ts = NULL
+             WHERE id = $1 AND moved_to IS NOT NULL",
+            &[&id],
+        )
         .await?;
         Ok(purged)
     }
@@ -1231,6 +1206,23 @@ impl Shard {
                 source: Box::new(other),
             },
         })
+    }
+
+    /// `sql` (prepared once per connection) with `params`, within the shard timeout.
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.bounded(async {
+            let client = self.client().await?;
+            let statement = client.prepare_cached(sql).await.map_err(|e| self.db(e))?;
+            client
+                .query(&statement, params)
+                .await
+                .map_err(|e| self.db(e))
+        })
+        .await
     }
 
     async fn bounded<T>(
@@ -1294,38 +1286,20 @@ impl Shard {
     /// The fence, read on its own: for a read that found no head row. The fence only grows, so
     /// reading it after the data is as strict as reading it with them.
     async fn check_fence(&self, epoch: u64) -> Result<(), StoreError> {
-        let fence: i64 = self
-            .bounded(async {
-                let client = self.client().await?;
-                let statement = client
-                    .prepare_cached(sql::FENCE)
-                    .await
-                    .map_err(|e| self.db(e))?;
-                client
-                    .query_one(&statement, &[])
-                    .await
-                    .map_err(|e| self.db(e))
-            })
-            .await?
-            .get(0);
+        let rows = self.rows(sql::FENCE, &[]).await?;
+        let fence = rows.first().map_or(0, |row| row.get(0));
         self.fenced(epoch, fence)
     }
 
     /// Whether `id` has a head row here, and where it moved if it is a tombstone.
     pub async fn whereabouts(&self, id: u64) -> Result<(bool, Option<String>), StoreError> {
-        let row = self
-            .bounded(async {
-                let client = self.client().await?;
-                client
-                    .query_opt(
-                        "SELECT moved_to FROM objects WHERE id = $1",
-                        &[&(id as i64)],
-                    )
-                    .await
-                    .map_err(|e| self.db(e))
-            })
+        let rows = self
+            .rows(
+                "SELECT moved_to FROM objects WHERE id = $1",
+                &[&(id as i64)],
+            )
             .await?;
-        Ok(match row {
+        Ok(match rows.first() {
             None => (false, None),
             Some(row) => (true, row.get(0)),
         })

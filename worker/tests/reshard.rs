@@ -699,6 +699,58 @@ async fn assert_moving(env: &Env, epoch: u64, members: &[&str], previous: &[&str
 }
 
 /// `worker shards add NAME=URL` starts a move to `epoch` and says so.
+/// Appends on every object (a share of them on objects the move changes) and a reader checking
+/// its answers; once `stored` more appends are in, the reader counts its answers as during the
+/// move, and pg3 is added (epoch 2, moving from the 2-shard ring).
+async fn add_pg3_under_load(
+    world: &World,
+    client: &async_nats::Client,
+    ledger: &LedgerRef,
+    moving_ids: &HashSet<u64>,
+    answers: Answers,
+    stored: usize,
+) -> (Load, Reader, Arc<AtomicBool>) {
+    let env = &world.env;
+    let load = start_load(env, client, ledger, "load", &mixed(moving_ids, 16));
+    let moving = Arc::new(AtomicBool::new(false));
+    let reader = start_reader(
+        env,
+        client,
+        ledger,
+        mixed(moving_ids, 100),
+        answers,
+        &moving,
+    );
+    wait_stored(ledger, stored, "appends being stored before the add").await;
+    moving.store(true, Ordering::Relaxed);
+    add_shard(env, "pg3", &world.pg3_url, 2).await;
+    assert_moving(env, 2, &NEW, &OLD).await;
+    (load, reader, moving)
+}
+
+/// Wait for the change to epoch `epoch` (members `members`) to finish, stop the reader (it must
+/// have checked answers during the move) and then, once every worker routes by that epoch and
+/// none moves anything, the load.
+async fn finish_move(
+    env: &Env,
+    workers: &[WorkerProcess],
+    epoch: u64,
+    members: &[&str],
+    (load, reader, moving): (Load, Reader, Arc<AtomicBool>),
+) {
+    let done = wait_steady(env, 60).await;
+    moving.store(false, Ordering::Relaxed);
+    assert_steady(&done, epoch, members);
+    let read = reader.stop().await;
+    assert!(
+        read.answered_while_moving >= 20,
+        "the reader checked queries during the move to epoch {epoch}: {read:?}"
+    );
+    wait_epoch(workers, epoch).await;
+    wait_no_mover(workers).await;
+    load.stop().await;
+}
+
 async fn add_shard(env: &Env, name: &str, url: &str, epoch: u64) {
     let (code, stdout, stderr) = shards_cli(env, &["add", &format!("{name}={url}")]).await;
     assert_eq!(
@@ -1098,22 +1150,9 @@ async fn adding_a_shard_under_load_moves_a_third_and_keeps_every_append() {
     assert_steady(&json, 1, &OLD);
     wait_epoch(&workers, 1).await;
 
-    let load = start_load(env, &client, &ledger, "load", &mixed(&moving_ids, 16));
-    let moving = Arc::new(AtomicBool::new(false));
-    let reader = start_reader(
-        env,
-        &client,
-        &ledger,
-        mixed(&moving_ids, 100),
-        Answers::Always,
-        &moving,
-    );
-    wait_stored(&ledger, 300, "appends being stored before the add").await;
-
-    moving.store(true, Ordering::Relaxed);
-    add_shard(env, "pg3", &world.pg3_url, 2).await;
+    let (load, reader, moving) =
+        add_pg3_under_load(&world, &client, &ledger, &moving_ids, Answers::Always, 300).await;
     let late = world.spawn_worker();
-    assert_moving(env, 2, &NEW, &OLD).await;
     assert_refused(
         env,
         &["add", &format!("pg3={}", world.pg3_url)],
@@ -1123,7 +1162,6 @@ async fn adding_a_shard_under_load_moves_a_third_and_keeps_every_append() {
     late.wait_ready().await;
     workers.push(late);
     let done = wait_steady(env, 60).await;
-    moving.store(false, Ordering::Relaxed);
     assert_steady(&done, 2, &NEW);
     let (code, stdout, stderr) = shards_cli(env, &["status"]).await;
     assert_eq!(
@@ -1131,7 +1169,7 @@ async fn adding_a_shard_under_load_moves_a_third_and_keeps_every_append() {
         Some(0),
         "`worker shards status` once steady:\n{stdout}\n{stderr}"
     );
-
+    moving.store(false, Ordering::Relaxed);
     let read = reader.stop().await;
     assert!(
         read.answered_while_moving >= 20,
@@ -1180,20 +1218,8 @@ async fn the_mover_killed_half_way_resumes_and_then_a_shard_is_removed() {
     seed(env, &client, &ledger).await;
 
     // Adding pg3, its mover killed.
-    let load = start_load(env, &client, &ledger, "add", &mixed(&moving_ids, 16));
-    let moving = Arc::new(AtomicBool::new(false));
-    let reader = start_reader(
-        env,
-        &client,
-        &ledger,
-        mixed(&moving_ids, 100),
-        Answers::MayFail,
-        &moving,
-    );
-    wait_stored(&ledger, 200, "appends being stored before the add").await;
-    moving.store(true, Ordering::Relaxed);
-    add_shard(env, "pg3", &world.pg3_url, 2).await;
-    assert_moving(env, 2, &NEW, &OLD).await;
+    let (load, reader, moving) =
+        add_pg3_under_load(&world, &client, &ledger, &moving_ids, Answers::MayFail, 200).await;
     let pg4 = fresh_db(&world.pg3, "pg4").await;
     assert_refused(env, &["add", &format!("pg4={pg4}")], "a move is running").await;
     let (mover, moved) = eventually(40, "the mover has moved part of the objects", || async {
@@ -1220,17 +1246,7 @@ async fn the_mover_killed_half_way_resumes_and_then_a_shard_is_removed() {
         "the move cannot have finished without its mover: {json}"
     );
     workers.push(world.start_worker().await);
-    let done = wait_steady(env, 60).await;
-    moving.store(false, Ordering::Relaxed);
-    assert_steady(&done, 2, &NEW);
-    let read = reader.stop().await;
-    assert!(
-        read.answered_while_moving >= 20,
-        "the reader checked queries during the move: {read:?}"
-    );
-    wait_epoch(&workers, 2).await;
-    wait_no_mover(&workers).await;
-    load.stop().await;
+    finish_move(env, &workers, 2, &NEW, (load, reader, moving.clone())).await;
     let placement = verify(&shards, &NEW, &ledger).await;
     assert_a_third_moved(&placement);
     resend_old_keys(env, &client, &shards, &placement, &moving_ids).await;
@@ -1254,17 +1270,7 @@ async fn the_mover_killed_half_way_resumes_and_then_a_shard_is_removed() {
         "`worker shards remove pg3`:\n{stdout}\n{stderr}"
     );
     assert_moving(env, 3, &OLD, &NEW).await;
-    let done = wait_steady(env, 60).await;
-    moving.store(false, Ordering::Relaxed);
-    assert_steady(&done, 3, &OLD);
-    let read = reader.stop().await;
-    assert!(
-        read.answered_while_moving >= 20,
-        "the reader checked queries during the remove: {read:?}"
-    );
-    wait_epoch(&workers, 3).await;
-    wait_no_mover(&workers).await;
-    load.stop().await;
+    finish_move(env, &workers, 3, &OLD, (load, reader, moving)).await;
     let placement = verify(&shards, &OLD, &ledger).await;
     let pg3 = connect_all(&shards[2..]).await;
     assert_eq!(
@@ -1297,20 +1303,8 @@ async fn a_shard_down_during_a_move_pauses_it_and_nothing_is_lost() {
     let moving_ids = changed_owner(&OLD, &NEW);
     seed(env, &client, &ledger).await;
 
-    let load = start_load(env, &client, &ledger, "load", &mixed(&moving_ids, 16));
-    let moving = Arc::new(AtomicBool::new(false));
-    let reader = start_reader(
-        env,
-        &client,
-        &ledger,
-        mixed(&moving_ids, 100),
-        Answers::MayFail,
-        &moving,
-    );
-    wait_stored(&ledger, 200, "appends being stored before the add").await;
-    moving.store(true, Ordering::Relaxed);
-    add_shard(env, "pg3", &world.pg3_url, 2).await;
-    assert_moving(env, 2, &NEW, &OLD).await;
+    let (load, reader, moving) =
+        add_pg3_under_load(&world, &client, &ledger, &moving_ids, Answers::MayFail, 200).await;
     eventually(30, "some objects moved to pg3", || async {
         (fleet_sum(&workers, "logstore_move_objects", &[MOVED]).await? >= 50.0).then_some(())
     })
@@ -1345,17 +1339,7 @@ async fn a_shard_down_during_a_move_pauses_it_and_nothing_is_lost() {
     );
 
     world.pg3.restart();
-    let done = wait_steady(env, 60).await;
-    moving.store(false, Ordering::Relaxed);
-    assert_steady(&done, 2, &NEW);
-    let read = reader.stop().await;
-    assert!(
-        read.answered_while_moving >= 20,
-        "the reader checked queries during the move: {read:?}"
-    );
-    wait_epoch(&workers, 2).await;
-    wait_no_mover(&workers).await;
-    load.stop().await;
+    finish_move(env, &workers, 2, &NEW, (load, reader, moving)).await;
     let shards = world.all_shards();
     let placement = verify(&shards, &NEW, &ledger).await;
     assert_a_third_moved(&placement);

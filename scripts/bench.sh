@@ -4,8 +4,8 @@
 # In ONE run on this machine it starts nats-server and two PostgreSQL shards (default durability:
 # fsync and synchronous_commit on), then measures:
 #   (a) the ceiling: pgbench 1,000-row multi-row INSERTs into the same table, both shards at once;
-#   (a') our own storage ceiling: pgbench calling logstore_append (the function the workers call)
-#       with 1,000-entry batches over the same objects, both shards at once, with (a)'s clients and
+#   (a') our own storage ceiling: pgbench calling logstore_append_at (the function the workers
+#       call: the ring-epoch fence, then logstore_append) with 1,000-entry batches over the same objects, both shards at once, with (a)'s clients and
 #       duration; (c)/(a') is what the pipeline costs, (a')/(a) what the storage design costs;
 #   (b) the original's design: pgbench single-row autocommit INSERTs, both shards at once;
 #   (c) end to end: loadgen at max rate through 2 workers, core and JetStream intake,
@@ -136,11 +136,11 @@ EOF
 # objects, each with a unique key of (a)'s shape (md5 of a sequence value: unique, so every batch
 # takes the fast path, as the workers' batches do), 100-byte logs, one timestamp.
 cat >"$tmp/function.sql" <<'EOF'
-SELECT count(*) FROM logstore_append(
+SELECT count(*) FROM logstore_append_at(1, NULL,
   array(SELECT (random() * 9999)::bigint FROM generate_series(1, 1000)),
   array(SELECT md5(nextval('bench_seq')::text) FROM generate_series(1, 1000)),
   array_fill(repeat('x', 100), ARRAY[1000]),
-  array_fill(now(), ARRAY[1000]));
+  array_fill(now(), ARRAY[1000]), NULL);
 EOF
 cat >"$tmp/single.sql" <<'EOF'
 INSERT INTO logs (object_id, seq, ts, key, log)
@@ -164,7 +164,7 @@ pgbench_rows() { # pgbench_rows SCRIPT ROWS_PER_TX CLIENTS [DATABASE]
 log "(a) pgbench: 1,000-row INSERTs, both shards"
 ceiling=$(pgbench_rows "$tmp/batched.sql" 1000 2)
 log "    $ceiling rows/s"
-log "(a') pgbench: logstore_append with 1,000-entry batches, both shards"
+log "(a') pgbench: logstore_append_at with 1,000-entry batches, both shards"
 fn_ceiling=$(pgbench_rows "$tmp/function.sql" 1000 2 pgbench_fn)
 log "    $fn_ceiling entries/s"
 log "(b) pgbench: single-row autocommit INSERTs, both shards"
@@ -412,7 +412,7 @@ def row(name, rate, lat, rss, cpu):
 print(f"\n| measurement | rows or appends/s | of (a) | of (a') | of (b) | latency p50 / p99 / max (ms) | worker peak RSS (MiB) | worker CPU (s) |")
 print("|---|---:|---:|---:|---:|---|---:|---:|")
 print(f"| (a) pgbench 1,000-row INSERTs, 2 shards | {a:,.0f} | 100% | {a / a2:.0%} | {a / b:.1f}x | | | |")
-print(f"| (a') pgbench logstore_append, 1,000-entry batches, 2 shards | {a2:,.0f} | {a2 / a:.0%} | 100% | {a2 / b:.1f}x | | | |")
+print(f"| (a') pgbench logstore_append_at, 1,000-entry batches, 2 shards | {a2:,.0f} | {a2 / a:.0%} | 100% | {a2 / b:.1f}x | | | |")
 print(f"| (b) pgbench single-row autocommit, 2 shards | {b:,.0f} | {b / a:.0%} | {b / a2:.0%} | 1.0x | | | |")
 print(row("(c) end to end, core intake, max rate", r["c_core"]["appends_per_s"], r["c_core"]["latency_ms"], $core_rss, core_cpu["worker"]))
 print(row("(c) end to end, JetStream intake, max rate", r["c_jetstream"]["appends_per_s"], r["c_jetstream"]["latency_ms"], $js_rss, js_cpu["worker"]))

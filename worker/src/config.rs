@@ -1160,7 +1160,7 @@ mod tests {
         let ips = access
             .shard("h5", "host=h5 port=5432 user=u dbname=db")
             .unwrap();
-        assert!(ips.url.contains(" password=pw"), "{}", ips.url);
+        assert!(ips.url.contains(" password='pw'"), "{}", ips.url);
     }
 
     fn raw(args: &[&str]) -> RawConfig {

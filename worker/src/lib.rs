@@ -129,6 +129,20 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let background = TaskTracker::new();
     let work = TaskTracker::new();
 
+    // The shards first: a database that belongs to another shard name stops the start before
+    // anything else happens.
+    let opened = config
+        .shards
+        .iter()
+        .map(|shard| shards::open(&config, &metrics, shard))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::Setup)?;
+    shards::initialise(
+        &opened,
+        &metrics,
+        "shard unreachable at start; its objects answer `unavailable` until it is back",
+    )
+    .await?;
     let client = connect_nats(&config, &metrics).await?;
     let outbox = outbox::Outbox::new(
         client.clone(),
@@ -157,6 +171,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     let shards = shards::Shards::new(
         config.clone(),
         metrics.clone(),
+        opened,
         |fleet| {
             query_machinery.attach(fleet.clone());
             pipeline::Context {
@@ -171,12 +186,12 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                 fleet,
             }
         },
-        work.clone(),
-        background.clone(),
-        cancel.clone(),
-    )
-    .map_err(|e| Error::Setup(e.to_string()))?;
-    shards.initialise().await?;
+        shards::Tasks {
+            work: work.clone(),
+            background: background.clone(),
+            cancel: cancel.clone(),
+        },
+    );
 
     // Ready only while subscribed: before the subscriptions exist and once draining starts,
     // a load balancer or test must not count on this worker taking messages.

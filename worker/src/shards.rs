@@ -55,16 +55,21 @@ impl View {
     }
 }
 
+/// Where a lane's tasks run.
+pub struct Tasks {
+    /// Pipelines: they end when their queues close and are empty.
+    pub work: TaskTracker,
+    /// Health watchers and sweepers: they end on the lane's stop token, a child of `cancel`.
+    pub background: TaskTracker,
+    pub cancel: CancellationToken,
+}
+
 /// What building a lane needs: the worker's settings, metrics and task trackers.
 struct Builder {
     config: Arc<Config>,
     metrics: Metrics,
     context: pipeline::Context,
-    /// Pipelines: they end when their queues close and are empty.
-    work: TaskTracker,
-    /// Health watchers and sweepers: they end on the lane's stop token.
-    background: TaskTracker,
-    cancel: CancellationToken,
+    tasks: Tasks,
 }
 
 /// The worker's live shard set. See the module documentation.
@@ -76,46 +81,30 @@ pub struct Shards {
     applying: tokio::sync::Mutex<()>,
 }
 
-/// Why the shard set could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ShardsError {
-    #[error("{0}")]
-    Setup(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 impl Shards {
     /// Lanes for the shards of POSTGRES_SHARDS, placed by a ring of epoch 0 until the fleet's
     /// record is read ([`Shards::load`]). `context` is completed with a handle to the set.
+    /// `opened`: the pools of POSTGRES_SHARDS's shards ([`open`]); `tasks`: where the lanes'
+    /// tasks run.
     pub fn new(
         config: Arc<Config>,
         metrics: Metrics,
+        opened: Vec<Arc<Shard>>,
         context: impl FnOnce(Weak<Shards>) -> pipeline::Context,
-        work: TaskTracker,
-        background: TaskTracker,
-        cancel: CancellationToken,
-    ) -> Result<Arc<Shards>, ShardsError> {
+        tasks: Tasks,
+    ) -> Arc<Shards> {
         let seed = seed_record(&config, 0);
-        let mut built = Err(ShardsError::Setup(String::new()));
-        let shards = Arc::new_cyclic(|weak| {
+        Arc::new_cyclic(|weak| {
             let builder = Builder {
-                config: config.clone(),
+                config,
                 metrics,
                 context: context(weak.clone()),
-                work,
-                background,
-                cancel,
+                tasks,
             };
-            let mut lanes = HashMap::new();
-            built = config
-                .shards
-                .iter()
-                .try_for_each(|shard| {
-                    lanes.insert(shard.name.clone(), builder.lane(shard)?);
-                    Ok(())
-                })
-                .map_err(ShardsError::Setup);
+            let lanes = opened
+                .into_iter()
+                .map(|shard| (shard.name.clone(), builder.lane(shard)))
+                .collect();
             Shards {
                 view: RwLock::new(Arc::new(View {
                     layout: Layout::new(seed),
@@ -125,8 +114,7 @@ impl Shards {
                 membership: tokio::sync::Mutex::new(None),
                 applying: tokio::sync::Mutex::new(()),
             }
-        });
-        built.map(|()| shards)
+        })
     }
 
     /// The current view.
@@ -135,48 +123,6 @@ impl Shards {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
-    }
-
-    /// Try each shard's initialisation once; a shard whose database belongs to another name,
-    /// or whose schema this worker's role may not migrate, stops the start.
-    pub async fn initialise(&self) -> Result<(), StoreError> {
-        let shards: Vec<Arc<Shard>> = self.all();
-        self.initialise_each(
-            &shards,
-            "shard unreachable at start; its objects answer `unavailable` until it is back",
-        )
-        .await
-    }
-
-    /// Initialise `shards` at once. One that answers is marked up; one that does not is left to
-    /// its health watcher, with `unreachable` as the warning. Returns the first refusal that
-    /// retrying cannot cure (a database of another shard, a schema this role may not migrate).
-    async fn initialise_each(
-        &self,
-        shards: &[Arc<Shard>],
-        unreachable: &str,
-    ) -> Result<(), StoreError> {
-        let attempts = shards.iter().map(|shard| shard.initialise());
-        let mut refused = None;
-        for (shard, result) in shards.iter().zip(futures::future::join_all(attempts).await) {
-            match result {
-                Ok(()) => self
-                    .builder
-                    .metrics
-                    .shard_up
-                    .with_label_values(&[&shard.name])
-                    .set(1),
-                Err(e @ (StoreError::WrongShard { .. } | StoreError::CannotMigrate { .. })) => {
-                    refused.get_or_insert(e);
-                }
-                Err(e) => {
-                    let cause = Chain(&e).to_string();
-                    shard.note_init_failure(&cause);
-                    tracing::warn!(shard = %shard.name, error = %cause, "{unreachable}");
-                }
-            }
-        }
-        refused.map_or(Ok(()), Err)
     }
 
     /// Read the fleet's ring record (seeding it from POSTGRES_SHARDS when the fleet has none)
@@ -317,7 +263,7 @@ impl Shards {
                 lanes.insert(member.name.clone(), lane.clone());
                 continue;
             }
-            match self.builder.member_lane(member) {
+            match self.builder.member_lane(member, &self.builder.metrics) {
                 Ok(lane) => {
                     opened.push(lane.shard.clone());
                     lanes.insert(member.name.clone(), lane);
@@ -329,7 +275,7 @@ impl Shards {
         }
         // New members answer before the switch where they can (a member being added is up).
         let unreachable = "new ring member not reachable yet; retrying in the background";
-        if let Err(e) = self.initialise_each(&opened, unreachable).await {
+        if let Err(e) = initialise(&opened, &self.builder.metrics, unreachable).await {
             tracing::error!(error = %Chain(&e), "a new ring member refuses this worker");
         }
         let gone: Vec<Arc<Lane>> = current
@@ -415,24 +361,16 @@ pub fn seed_record(config: &Config, epoch: u64) -> Record {
 impl Builder {
     /// A lane for a member of the ring record: POSTGRES_SHARDS's URL when it names the member
     /// (this worker's own way to reach it), else the record's with this worker's password.
-    fn member_lane(&self, member: &Member) -> Result<Arc<Lane>, String> {
+    fn member_lane(&self, member: &Member, metrics: &Metrics) -> Result<Arc<Lane>, String> {
         let shard = match self.config.shards.iter().find(|s| s.name == member.name) {
             Some(shard) => shard.clone(),
             None => self.config.member_access.shard(&member.name, &member.url)?,
         };
-        self.lane(&shard)
+        Ok(self.lane(open(&self.config, metrics, &shard)?))
     }
 
-    fn lane(&self, shard_config: &ShardConfig) -> Result<Arc<Lane>, String> {
+    fn lane(&self, shard: Arc<Shard>) -> Arc<Lane> {
         let config = &self.config;
-        let shard = Shard::new(shard_config, config.pool_size, config.shard_timeout)?
-            .with_pool_wait(
-                self.metrics
-                    .pool_wait
-                    .with_label_values(&[&shard_config.name]),
-            );
-        self.metrics.init_shard(&shard.name);
-        let shard = Arc::new(shard);
         // Room for two full transactions, and always for one whole batch message. The ordered
         // intake parks a down shard's appends here rather than nak'ing them (which would let
         // later ones overtake them): room for as many as the stream lets be unacknowledged,
@@ -447,7 +385,7 @@ impl Builder {
         .max(config.max_batch_entries);
         let (appends, task) =
             pipeline::shard_pipeline(shard.clone(), capacity, self.context.clone());
-        self.work.spawn(task);
+        self.tasks.work.spawn(task);
         let queries = match config.intake {
             // Core: a query queues behind the appends received before it (read your writes).
             Intake::Core => appends.clone(),
@@ -459,29 +397,63 @@ impl Builder {
                     config.max_pending_queries,
                     self.context.clone(),
                 );
-                self.work.spawn(task);
+                self.tasks.work.spawn(task);
                 queue
             }
         };
-        let stop = self.cancel.child_token();
-        self.background.spawn(crate::watch_shard(
+        let stop = self.tasks.cancel.child_token();
+        self.tasks.background.spawn(crate::watch_shard(
             shard.clone(),
             self.metrics.clone(),
             stop.clone(),
         ));
         if let Some(retention) = config.retention {
-            self.background.spawn(crate::retention::sweep(
+            self.tasks.background.spawn(crate::retention::sweep(
                 shard.clone(),
                 retention,
                 self.metrics.clone(),
                 stop.clone(),
             ));
         }
-        Ok(Arc::new(Lane {
+        Arc::new(Lane {
             shard,
             appends,
             queries,
             stop,
-        }))
+        })
     }
+}
+
+/// The pool of one shard, its metrics series created (connects lazily).
+pub fn open(config: &Config, metrics: &Metrics, shard: &ShardConfig) -> Result<Arc<Shard>, String> {
+    let opened = Shard::new(shard, config.pool_size, config.shard_timeout)?
+        .with_pool_wait(metrics.pool_wait.with_label_values(&[&shard.name]));
+    metrics.init_shard(&opened.name);
+    Ok(Arc::new(opened))
+}
+
+/// Initialise `shards` at once. One that answers is marked up; one that does not is left to its
+/// health watcher, with `unreachable` as the warning. Returns the first refusal that retrying
+/// cannot cure (a database of another shard, a schema this role may not migrate).
+pub async fn initialise(
+    shards: &[Arc<Shard>],
+    metrics: &Metrics,
+    unreachable: &str,
+) -> Result<(), StoreError> {
+    let attempts = shards.iter().map(|shard| shard.initialise());
+    let mut refused = None;
+    for (shard, result) in shards.iter().zip(futures::future::join_all(attempts).await) {
+        match result {
+            Ok(()) => metrics.shard_up.with_label_values(&[&shard.name]).set(1),
+            Err(e @ (StoreError::WrongShard { .. } | StoreError::CannotMigrate { .. })) => {
+                refused.get_or_insert(e);
+            }
+            Err(e) => {
+                let cause = Chain(&e).to_string();
+                shard.note_init_failure(&cause);
+                tracing::warn!(shard = %shard.name, error = %cause, "{unreachable}");
+            }
+        }
+    }
+    refused.map_or(Ok(()), Err)
 }

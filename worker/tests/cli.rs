@@ -205,7 +205,7 @@ async fn tail_follows_every_entry_once_across_worker_restarts() {
     }
 
     let mut printed: Vec<LogEntry> = Vec::new();
-    within(120, "tail prints every entry", async {
+    let all_printed = tokio::time::timeout(Duration::from_secs(120), async {
         while (printed.len() as u64) < TOTAL {
             let line = lines
                 .next_line()
@@ -218,6 +218,26 @@ async fn tail_follows_every_entry_once_across_worker_restarts() {
         }
     })
     .await;
+    if all_printed.is_err() {
+        // Say what is missing: not printed, or not stored?
+        let client = env.client().await;
+        let stored = entries(&env.query_all(&client, id).await);
+        let seqs: Vec<u64> = printed.iter().map(|e| e.seq).collect();
+        let gaps: Vec<u64> = seqs
+            .windows(2)
+            .filter(|w| w[1] != w[0] + 1)
+            .map(|w| w[0])
+            .collect();
+        panic!(
+            "tail printed {} of {TOTAL} entries within 120 s (last seq {:?}, jumps after seqs {:?}); \
+             the log holds {} (last seq {:?})",
+            printed.len(),
+            seqs.last(),
+            &gaps[..gaps.len().min(10)],
+            stored.len(),
+            stored.last().map(|e| e.seq)
+        );
+    }
     // Nothing more comes: no entry is printed twice, even late.
     let extra = tokio::time::timeout(Duration::from_millis(1_500), lines.next_line()).await;
     assert!(

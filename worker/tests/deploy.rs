@@ -368,11 +368,21 @@ async fn local_up_runs_the_topology_takes_load_and_leaves_nothing_behind() {
     assert!(Path::new(&dir).is_dir(), "{dir} exists while running");
 
     script.signal(libc::SIGINT);
-    let status = eventually(90, "local-up.sh stops on SIGINT", || {
-        let status = script.exited();
-        async move { status }
+    let stopped = tokio::time::timeout(Duration::from_secs(90), async {
+        loop {
+            if let Some(status) = script.exited() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
+    let status = stopped.unwrap_or_else(|_| {
+        panic!(
+            "local-up.sh did not stop within 90 s of SIGINT; its output:\n{}",
+            script.tail()
+        )
+    });
     assert!(
         matches!(status.code(), Some(0) | Some(130)),
         "local-up.sh exit status {status}; output:\n{}",

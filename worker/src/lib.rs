@@ -280,7 +280,10 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                     result = async {
                         let (consumer, stream) = intake::setup_jetstream(&client, &config.logs_subject, js).await?;
                         let lease = match js.ordered {
-                            true => Some(ordered::Lease::open(&client, js).await?),
+                            true => {
+                                ordered::check_server(&client.server_info().version);
+                                Some(ordered::Lease::open(&client, js).await?)
+                            }
                             false => None,
                         };
                         Ok::<_, intake::IntakeError>((consumer, stream, lease))

@@ -48,6 +48,8 @@ use crate::intake::{IntakeError, Router, FETCH_EXPIRES};
 pub const LEASE_BUCKET: &str = "logstore_leases";
 /// Pause between failed attempts to read the consumer's state during a resync.
 const RESYNC_POLL: Duration = Duration::from_millis(200);
+/// How often a resync that is still waiting says so.
+const RESYNC_REPORT: Duration = Duration::from_secs(5);
 /// Longest wait for one consumer info answer.
 const INFO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -221,6 +223,40 @@ impl Lease {
         };
         let (revision, out) = futures::join!(renew, run);
         (out, revision)
+    }
+}
+
+/// The oldest nats-server the ordered intake is safe with. Older servers lose track of a
+/// redelivery that finds no pull request waiting: the consumer's delivered sequence goes back
+/// by one each time and the message is not redelivered (nats-server pull requests #5305 and
+/// #5995, fixed in 2.10.15 and 2.10.22). A resync waits for every unacknowledged delivery to
+/// come back, so on such a server a takeover after a crash can wait forever.
+pub const MIN_SERVER: (u64, u64, u64) = (2, 10, 22);
+
+/// Whether a nats-server `version` ("2.10.22", "v2.11.0-RC.1") is at least [`MIN_SERVER`];
+/// None when it cannot be read.
+pub fn server_is_safe(version: &str) -> Option<bool> {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u64>);
+    let mut next = || parts.next().and_then(Result::ok);
+    let found = (next()?, next()?, next()?);
+    Some(found >= MIN_SERVER)
+}
+
+/// Say loudly when the connected nats-server is too old for the ordered intake.
+pub fn check_server(version: &str) {
+    let (major, minor, patch) = MIN_SERVER;
+    match server_is_safe(version) {
+        Some(true) => {}
+        Some(false) => tracing::warn!(
+            server = version,
+            "this nats-server is older than {major}.{minor}.{patch}: it can lose track of \
+             JetStream redeliveries, and a takeover of the ordered intake (JS_ORDERED) after a \
+             worker crash can then wait forever; upgrade nats-server"
+        ),
+        None => tracing::debug!(server = version, "cannot read the nats-server version"),
     }
 }
 
@@ -405,6 +441,7 @@ async fn resync(
     let started = Instant::now();
     let mut gathered = sorted(already);
     let mut failing = false;
+    let mut reported = Instant::now();
     let delivered = loop {
         if stop.is_cancelled() {
             return None;
@@ -425,6 +462,18 @@ async fn resync(
                         .count();
                 if in_hand >= info.num_ack_pending {
                     break delivered;
+                }
+                if reported.elapsed() >= RESYNC_REPORT {
+                    reported = Instant::now();
+                    tracing::info!(
+                        pending = info.num_ack_pending,
+                        in_hand,
+                        delivered,
+                        gathered = gathered.len(),
+                        held = held.len(),
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "resyncing: waiting for the consumer's unacknowledged deliveries to come back"
+                    );
                 }
             }
             outcome => {
@@ -516,4 +565,20 @@ fn sorted(messages: Vec<jetstream::Message>) -> BTreeMap<u64, jetstream::Message
         }
     }
     by_sequence
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_older_than_2_10_22_are_unsafe_for_the_ordered_intake() {
+        assert_eq!(server_is_safe("2.9.10"), Some(false));
+        assert_eq!(server_is_safe("2.10.21"), Some(false));
+        assert_eq!(server_is_safe("2.10.22"), Some(true));
+        assert_eq!(server_is_safe("v2.11.0-RC.1"), Some(true));
+        assert_eq!(server_is_safe("2.15.1"), Some(true));
+        assert_eq!(server_is_safe(""), None);
+        assert_eq!(server_is_safe("2.x"), None);
+    }
 }

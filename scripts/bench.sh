@@ -29,6 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 . scripts/lib/packages.sh
+. scripts/lib/nats.sh
 
 APPENDS=${BENCH_APPENDS:-500000}
 BIG=${BENCH_BIG_ENTRIES:-1000000}
@@ -54,7 +55,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   install_packages "${missing[@]}"
   exec "$0" "$@" # find the freshly installed binaries
 fi
-nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+# A nats-server 2.10.22+ when there is one (LOGSTORE_NATS_SERVER, the tests' cached 2.15.1, PATH);
+# else whichever is installed (no crash happens here, so 2.9's redelivery bug does not matter).
+nats_bin=$(find_nats_server 2>/dev/null || command -v nats-server || echo /usr/sbin/nats-server)
+log "nats-server: $nats_bin ($(nats_server_version "$nats_bin"))"
 
 if [ -n "${BIN_DIR:-}" ]; then
   bin=$(cd "$BIN_DIR" && pwd) || die "BIN_DIR=$BIN_DIR is not a directory"

@@ -1002,19 +1002,11 @@ impl Shard {
     ) -> Result<Option<u64>, StoreError> {
         self.ready()?;
         to.ready()?;
+        // Each round trip is bounded, not the move as a whole: a large object takes as long as
+        // its copy keeps making progress, and a shard that stops answering fails the attempt.
         let limit = (self.timeout * 10).max(Duration::from_secs(30));
-        match tokio::time::timeout(
-            limit,
-            self.move_inner(to, id as i64, seq_bound(epoch), page),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout {
-                shard: self.name.clone(),
-                after: limit,
-            }),
-        }
+        self.move_inner(to, id as i64, seq_bound(epoch), page, limit)
+            .await
     }
 
     async fn move_inner(
@@ -1023,99 +1015,142 @@ impl Shard {
         id: i64,
         epoch: i64,
         page: i64,
+        limit: Duration,
     ) -> Result<Option<u64>, StoreError> {
-        let mut source = self.client().await?;
-        let mut target = to.client().await?;
-        let a = source.transaction().await.map_err(|e| self.db(e))?;
-        a.execute("SELECT logstore_fence($1)", &[&epoch])
-            .await
-            .map_err(|e| self.db(e))?;
-        let Some(head) = a
-            .query_opt(
-                // Timestamps as text: a head without entries holds '-infinity', which has no
-                // SystemTime (ISO output carries its offset, so the text is unambiguous).
-                "SELECT entries, last_seq, last_ts::text, prev_ts::text, first_seq,
-                        first_ts::text, bytes, moved_to
-                 FROM objects WHERE id = $1 FOR UPDATE",
-                &[&id],
+        let mut source = self.client_within(limit).await?;
+        let mut target = to.client_within(limit).await?;
+        let a = self.step(limit, source.transaction()).await?;
+        self.step(limit, a.execute("SELECT logstore_fence($1)", &[&epoch]))
+            .await?;
+        let Some(head) = self
+            .step(
+                limit,
+                a.query_opt(
+                    // Timestamps as text: a head without entries holds '-infinity', which has
+                    // no SystemTime (ISO output carries its offset, so the text is unambiguous).
+                    "SELECT entries, last_seq, last_ts::text, prev_ts::text, first_seq,
+                            first_ts::text, bytes, moved_to
+                     FROM objects WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                ),
             )
-            .await
-            .map_err(|e| self.db(e))?
+            .await?
         else {
             return Ok(None);
         };
         if head.get::<_, Option<String>>(7).is_some() {
             return Ok(None);
         }
-        let b = target.transaction().await.map_err(|e| to.db(e))?;
-        b.execute("SELECT logstore_fence($1)", &[&epoch])
-            .await
-            .map_err(|e| to.db(e))?;
+        let b = to.step(limit, target.transaction()).await?;
+        to.step(limit, b.execute("SELECT logstore_fence($1)", &[&epoch]))
+            .await?;
         // Not authoritative for this object until the marker below commits: whatever is there
         // is a copy from an interrupted attempt (or a tombstone of an earlier move away).
-        b.execute("DELETE FROM logs WHERE object_id = $1", &[&id])
-            .await
-            .map_err(|e| to.db(e))?;
-        b.execute("DELETE FROM objects WHERE id = $1", &[&id])
-            .await
-            .map_err(|e| to.db(e))?;
-        b.execute(
-            "INSERT INTO objects (id, entries, last_seq, last_ts, prev_ts, first_seq, first_ts, bytes)
-             VALUES ($1, $2, $3, $4::text::timestamptz, $5::text::timestamptz, $6,
-                     $7::text::timestamptz, $8)",
-            &[
-                &id,
-                &head.get::<_, i64>(0),
-                &head.get::<_, i64>(1),
-                &head.get::<_, String>(2),
-                &head.get::<_, Option<String>>(3),
-                &head.get::<_, Option<i64>>(4),
-                &head.get::<_, Option<String>>(5),
-                &head.get::<_, i64>(6),
-            ],
+        to.step(
+            limit,
+            b.execute("DELETE FROM logs WHERE object_id = $1", &[&id]),
         )
-        .await
-        .map_err(|e| to.db(e))?;
+        .await?;
+        to.step(
+            limit,
+            b.execute("DELETE FROM objects WHERE id = $1", &[&id]),
+        )
+        .await?;
+        to.step(
+            limit,
+            b.execute(
+                "INSERT INTO objects (id, entries, last_seq, last_ts, prev_ts, first_seq, first_ts, bytes)
+                 VALUES ($1, $2, $3, $4::text::timestamptz, $5::text::timestamptz, $6,
+                         $7::text::timestamptz, $8)",
+                &[
+                    &id,
+                    &head.get::<_, i64>(0),
+                    &head.get::<_, i64>(1),
+                    &head.get::<_, String>(2),
+                    &head.get::<_, Option<String>>(3),
+                    &head.get::<_, Option<i64>>(4),
+                    &head.get::<_, Option<String>>(5),
+                    &head.get::<_, i64>(6),
+                ],
+            ),
+        )
+        .await?;
         let mut after = i64::MIN;
         let mut copied = 0u64;
         loop {
-            let rows = a
-                .query(
-                    "SELECT seq, ts, key, log FROM logs
-                     WHERE object_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                    &[&id, &after, &page],
+            let rows = self
+                .step(
+                    limit,
+                    a.query(
+                        "SELECT seq, ts, key, log FROM logs
+                         WHERE object_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                        &[&id, &after, &page],
+                    ),
                 )
-                .await
-                .map_err(|e| self.db(e))?;
+                .await?;
             let Some(last) = rows.last() else { break };
             after = last.get(0);
             let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
             let ts: Vec<SystemTime> = rows.iter().map(|r| r.get(1)).collect();
             let keys: Vec<Option<String>> = rows.iter().map(|r| r.get(2)).collect();
             let logs: Vec<String> = rows.iter().map(|r| r.get(3)).collect();
-            b.execute(
-                "INSERT INTO logs (object_id, seq, ts, key, log)
-                 SELECT $1, u.seq, u.ts, u.key, u.log
-                 FROM unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[])
-                      AS u(seq, ts, key, log)",
-                &[&id, &seqs, &ts, &keys, &logs],
+            to.step(
+                limit,
+                b.execute(
+                    "INSERT INTO logs (object_id, seq, ts, key, log)
+                     SELECT $1, u.seq, u.ts, u.key, u.log
+                     FROM unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[])
+                          AS u(seq, ts, key, log)",
+                    &[&id, &seqs, &ts, &keys, &logs],
+                ),
             )
-            .await
-            .map_err(|e| to.db(e))?;
+            .await?;
             copied += rows.len() as u64;
             if (rows.len() as i64) < page {
                 break;
             }
         }
-        b.commit().await.map_err(|e| to.db(e))?;
-        a.execute(
-            "UPDATE objects SET moved_to = $2, moved_epoch = $3 WHERE id = $1",
-            &[&id, &to.name, &epoch],
+        to.step(limit, b.commit()).await?;
+        self.step(
+            limit,
+            a.execute(
+                "UPDATE objects SET moved_to = $2, moved_epoch = $3 WHERE id = $1",
+                &[&id, &to.name, &epoch],
+            ),
         )
-        .await
-        .map_err(|e| self.db(e))?;
-        a.commit().await.map_err(|e| self.db(e))?;
+        .await?;
+        self.step(limit, a.commit()).await?;
         Ok(Some(copied))
+    }
+
+    async fn client_within(
+        &self,
+        limit: Duration,
+    ) -> Result<deadpool_postgres::Client, StoreError> {
+        tokio::time::timeout(limit, self.client())
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Timeout {
+                    shard: self.name.clone(),
+                    after: limit,
+                })
+            })
+    }
+
+    /// `operation` on this shard, failed as a timeout after `limit`: one step of a long job,
+    /// which as a whole may take as long as its steps keep answering.
+    async fn step<T>(
+        &self,
+        limit: Duration,
+        operation: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, operation).await {
+            Ok(result) => result.map_err(|e| self.db(e)),
+            Err(_) => Err(StoreError::Timeout {
+                shard: self.name.clone(),
+                after: limit,
+            }),
+        }
     }
 
     /// Up to `limit` tombstones here that still hold their old entries.

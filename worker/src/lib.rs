@@ -221,14 +221,12 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         cancel.clone(),
         shards.clone().follow(client.clone(), cancel.clone()),
     ));
-    background.spawn(until_cancelled(
+    // Stops at once on `cancel` by itself, releasing the mover's lease on the way out.
+    background.spawn(mover::run(
+        shards.clone(),
+        client.clone(),
+        metrics.clone(),
         cancel.clone(),
-        mover::run(
-            shards.clone(),
-            client.clone(),
-            metrics.clone(),
-            cancel.clone(),
-        ),
     ));
     let subscribe = |subject: String| {
         let client = client.clone();

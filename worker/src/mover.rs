@@ -41,6 +41,8 @@ const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often progress is published for `worker shards status`.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for releasing the mover's lease once a move stops.
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
 /// Lease lifetime when this worker creates the lease bucket without JetStream intake settings.
 const DEFAULT_LEASE: Duration = Duration::from_secs(3);
 
@@ -53,7 +55,8 @@ enum Stopped {
     Ring(#[from] crate::ring::MembershipError),
 }
 
-/// Take up moves until `cancel`.
+/// Take up moves until `cancel`. At shutdown the work in hand is dropped (a move is idempotent
+/// from any point) and the lease released, so another worker takes the move up at once.
 pub async fn run(
     shards: Arc<Shards>,
     client: async_nats::Client,
@@ -62,58 +65,25 @@ pub async fn run(
 ) {
     let mut lease: Option<Lease> = None;
     let mut standing_by = false;
-    while !cancel.is_cancelled() {
-        if shards.view().layout.state == MoveState::Steady {
-            standing_by = false;
-            pause(IDLE_POLL, &cancel).await;
+    loop {
+        let taken = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            taken = take_up(&shards, &client, &mut lease, &mut standing_by, &cancel) => taken,
+        };
+        let (Some((membership, revision)), Some(held)) = (taken, lease.as_ref()) else {
             continue;
-        }
-        let Ok(membership) = shards.membership(&client).await else {
-            pause(IDLE_POLL, &cancel).await;
-            continue;
         };
-        let held = match lease.as_mut() {
-            Some(lease) => lease,
-            None => {
-                let ttl = match &shards.config().intake {
-                    Intake::JetStream(js) => js.lease,
-                    Intake::Core => DEFAULT_LEASE,
-                };
-                let key = format!("move.{}", shards.config().queue_group);
-                match Lease::open_named(&client, key, ttl).await {
-                    Ok(opened) => lease.insert(opened),
-                    Err(e) => {
-                        tracing::debug!(error = %Chain(&e), "cannot open the mover's lease");
-                        pause(IDLE_POLL, &cancel).await;
-                        continue;
-                    }
-                }
-            }
-        };
-        let revision = match held.try_acquire().await {
-            Ok(Some(revision)) => revision,
-            Ok(None) => {
-                if !standing_by {
-                    tracing::info!("another worker performs the move; standing by");
-                    standing_by = true;
-                }
-                pause(held.ttl / 3, &cancel).await;
-                continue;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot reach the mover's lease");
-                held.reopen().await;
-                pause(IDLE_POLL, &cancel).await;
-                continue;
-            }
-        };
-        standing_by = false;
         tracing::info!("took the mover's lease; carrying out the ring change");
         metrics.move_running.set(1);
         let (shards, membership, metrics) = (&shards, &membership, &metrics);
         let (result, revision) = held
             .hold(revision, &cancel, "mover", |lost, _| async move {
-                carry_out(shards, membership, metrics, &lost).await
+                tokio::select! {
+                    biased;
+                    _ = lost.cancelled() => Err(Stopped::Lost),
+                    result = carry_out(shards, membership, metrics, &lost) => result,
+                }
             })
             .await;
         metrics.move_running.set(0);
@@ -121,7 +91,72 @@ pub async fn run(
             Ok(()) => tracing::info!("ring change complete"),
             Err(e) => tracing::info!(reason = %e, "move interrupted; it is taken up again"),
         }
-        held.release(revision).await;
+        // Bounded, so a worker stopping while NATS is away does not wait for it: the lease
+        // then expires by itself.
+        if tokio::time::timeout(RELEASE_WAIT, held.release(revision))
+            .await
+            .is_err()
+        {
+            tracing::debug!("could not release the mover's lease in time; it expires by itself");
+        }
+    }
+}
+
+/// Wait for a ring change and try to take the mover's lease (opened into `lease` on first
+/// use): the ring's membership and the lease's revision once taken, None to look again.
+async fn take_up(
+    shards: &Shards,
+    client: &async_nats::Client,
+    lease: &mut Option<Lease>,
+    standing_by: &mut bool,
+    cancel: &CancellationToken,
+) -> Option<(Membership, u64)> {
+    if shards.view().layout.state == MoveState::Steady {
+        *standing_by = false;
+        pause(IDLE_POLL, cancel).await;
+        return None;
+    }
+    let Ok(membership) = shards.membership(client).await else {
+        pause(IDLE_POLL, cancel).await;
+        return None;
+    };
+    let held = match lease {
+        Some(lease) => lease,
+        None => {
+            let ttl = match &shards.config().intake {
+                Intake::JetStream(js) => js.lease,
+                Intake::Core => DEFAULT_LEASE,
+            };
+            let key = format!("move.{}", shards.config().queue_group);
+            match Lease::open_named(client, key, ttl).await {
+                Ok(opened) => lease.insert(opened),
+                Err(e) => {
+                    tracing::debug!(error = %Chain(&e), "cannot open the mover's lease");
+                    pause(IDLE_POLL, cancel).await;
+                    return None;
+                }
+            }
+        }
+    };
+    match held.try_acquire().await {
+        Ok(Some(revision)) => {
+            *standing_by = false;
+            Some((membership, revision))
+        }
+        Ok(None) => {
+            if !*standing_by {
+                tracing::info!("another worker performs the move; standing by");
+                *standing_by = true;
+            }
+            pause(held.ttl / 3, cancel).await;
+            None
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot reach the mover's lease");
+            held.reopen().await;
+            pause(IDLE_POLL, cancel).await;
+            None
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream;
+use async_nats::jetstream::kv::Operation;
 use futures::StreamExt;
 use logstore_protocol::{AppendReply, ErrorCode, LogEntry, QueryResponse, Timestamp};
 use serde_json::Value;
@@ -1204,8 +1205,9 @@ async fn adding_a_shard_under_load_moves_a_third_and_keeps_every_append() {
 /// Core intake, 3 workers on the 2-shard configuration, a slow move (MOVE_RATE 40): the mover
 /// SIGKILLed part-way is replaced, and the move resumes and completes with the same guarantees
 /// as above (and a second move is refused while it runs). Then, still under load, pg3 is
-/// removed: its objects go back, pg3 holds no live object, everything is where the 2-shard
-/// ring says, nothing lost or doubled.
+/// removed, and the worker carrying that move out is stopped with SIGTERM part-way (it
+/// releases the mover's lease on the way out): its objects go back, pg3 holds no live object,
+/// everything is where the 2-shard ring says, nothing lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mover_killed_half_way_resumes_and_then_a_shard_is_removed() {
     let world = World::new("core", 40).await;
@@ -1270,6 +1272,36 @@ async fn the_mover_killed_half_way_resumes_and_then_a_shard_is_removed() {
         "`worker shards remove pg3`:\n{stdout}\n{stderr}"
     );
     assert_moving(env, 3, &OLD, &NEW).await;
+    // The worker carrying the remove out, stopped with SIGTERM part-way, hands it over at once:
+    // its lease is released (a delete marker, or already another worker's), not left to expire.
+    let mover = eventually(40, "a worker carries the remove out", || async {
+        let running = each_worker(&workers, "logstore_move_running", &[]).await?;
+        let moved = each_worker(&workers, "logstore_move_objects", &[MOVED]).await?;
+        let at = running.iter().position(|r| *r == 1.0)?;
+        (moved[at] >= 50.0).then_some(at)
+    })
+    .await;
+    let stopped = workers.remove(mover);
+    let holder = format!("pid {}", stopped.child.id().expect("the mover's pid"));
+    assert_eq!(stopped.terminate().await, Some(0));
+    let leases = jetstream::new(client.clone())
+        .get_key_value("logstore_leases")
+        .await
+        .expect("the lease bucket");
+    let lease = leases
+        .entry(format!("move.{}", env.subject("workers")))
+        .await
+        .expect("read the mover's lease");
+    match lease {
+        Some(entry) if entry.operation != Operation::Put => {}
+        Some(entry) => assert_ne!(
+            entry.value.as_ref(),
+            holder.as_bytes(),
+            "the stopped worker still holds the mover's lease"
+        ),
+        None => panic!("the mover's lease was left to expire, not released"),
+    }
+    workers.push(world.start_worker().await);
     finish_move(env, &workers, 3, &OLD, (load, reader, moving)).await;
     let placement = verify(&shards, &OLD, &ledger).await;
     let pg3 = connect_all(&shards[2..]).await;

@@ -167,6 +167,26 @@ impl StoreError {
     }
 }
 
+/// Copies of an object's entries, as `(object_id, seq, ts, key, log)` arrays: `$1` the id,
+/// then the columns of [`entry_columns`]. A row already there is the same entry (seqs are
+/// never reused), so a conflict is skipped.
+const INSERT_ENTRIES: &str = "INSERT INTO logs (object_id, seq, ts, key, log)
+     SELECT $1, u.seq, u.ts, u.key, u.log
+     FROM unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[]) AS u(seq, ts, key, log)
+     ON CONFLICT DO NOTHING";
+
+type EntryColumns = (Vec<i64>, Vec<SystemTime>, Vec<Option<String>>, Vec<String>);
+
+/// The columns of `SELECT seq, ts, key, log` rows, for [`INSERT_ENTRIES`].
+fn entry_columns(rows: &[tokio_postgres::Row]) -> EntryColumns {
+    (
+        rows.iter().map(|r| r.get(0)).collect(),
+        rows.iter().map(|r| r.get(1)).collect(),
+        rows.iter().map(|r| r.get(2)).collect(),
+        rows.iter().map(|r| r.get(3)).collect(),
+    )
+}
+
 /// A u64 cursor as the `bigint` it is compared with. Stored seqs never exceed `i64::MAX`, so a
 /// larger cursor means "past the end" and clamping keeps that meaning (a plain cast would wrap
 /// to a negative number and restart the log from seq 1).
@@ -986,13 +1006,14 @@ impl Shard {
         Ok(ids)
     }
 
-    /// Move object `id` from this shard to `to` under its head-row lock (see
-    /// docs/resharding.md, "Moving one object"): the head row here is locked, the entries are
-    /// copied to `to` in pages of `page` rows with their seq, ts and key (replacing whatever an
-    /// interrupted earlier attempt left there) and committed there, then the head row here
-    /// becomes a tombstone naming `to`. Returns the entries copied, or None when the object
-    /// was already moved (or is not here). Idempotent: run again after a failure at any point,
-    /// it finishes the move without losing or doubling anything.
+    /// Move object `id` from this shard to `to` (see docs/resharding.md, "Moving one object"):
+    /// an object of more than one `page` of entries first has its bulk copied without any lock
+    /// ([`Shard::precopy`]); then its head row here is locked, `to` keeps the copied entries
+    /// that are still here (trimming what was deleted here meanwhile), the rest are copied in
+    /// pages of `page` rows with their seq, ts and key, and `to` commits; then the head row here
+    /// becomes a tombstone naming `to`. Returns the entries copied under the lock, or None when
+    /// the object was already moved (or is not here). Idempotent: run again after a failure at
+    /// any point, it finishes the move without losing or doubling anything.
     pub async fn move_to(
         &self,
         to: &Shard,
@@ -1004,9 +1025,80 @@ impl Shard {
         to.ready()?;
         // Each round trip is bounded, not the move as a whole: a large object takes as long as
         // its copy keeps making progress, and a shard that stops answering fails the attempt.
-        let limit = (self.timeout * 10).max(Duration::from_secs(30));
+        let limit = self.step_limit();
+        self.precopy(to, id, page).await?;
         self.move_inner(to, id as i64, seq_bound(epoch), page, limit)
             .await
+    }
+
+    /// Copy the bulk of object `id` to `to` without locking it here, one page of `page` entries
+    /// per transaction, up to its last entry when this starts; resumes after the highest seq
+    /// `to` holds for it. Does nothing for an object of at most one page, a tombstone, or an
+    /// object not here. Returns the entries copied.
+    ///
+    /// Sound because entries are never changed and seqs never reused: a deletion (a request or
+    /// retention) removes a prefix, and the head keeps `last_seq`. So every entry `to` holds
+    /// for `id` equals the one here with the same seq, or was deleted here since, below the
+    /// head's `first_seq`; [`Shard::move_to`] trims those under the lock and checks that what
+    /// is left runs without a gap from `first_seq`.
+    pub async fn precopy(&self, to: &Shard, id: u64, page: i64) -> Result<u64, StoreError> {
+        self.ready()?;
+        to.ready()?;
+        let limit = self.step_limit();
+        let id = id as i64;
+        let source = self.client_within(limit).await?;
+        let head = self
+            .step(
+                limit,
+                source.query_opt(
+                    "SELECT entries, last_seq FROM objects WHERE id = $1 AND moved_to IS NULL",
+                    &[&id],
+                ),
+            )
+            .await?;
+        let Some(head) = head.filter(|head| head.get::<_, i64>(0) > page) else {
+            return Ok(0);
+        };
+        let until: i64 = head.get(1);
+        let target = to.client_within(limit).await?;
+        let mut after: i64 = to
+            .step(
+                limit,
+                target.query_one(
+                    "SELECT coalesce(max(seq), 0) FROM logs WHERE object_id = $1",
+                    &[&id],
+                ),
+            )
+            .await?
+            .get(0);
+        let mut copied = 0;
+        while after < until {
+            let rows = self
+                .step(
+                    limit,
+                    source.query(
+                        "SELECT seq, ts, key, log FROM logs
+                         WHERE object_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+                        &[&id, &after, &until, &page],
+                    ),
+                )
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.get(0);
+            let (seqs, ts, keys, logs) = entry_columns(&rows);
+            to.step(
+                limit,
+                target.execute(INSERT_ENTRIES, &[&id, &seqs, &ts, &keys, &logs]),
+            )
+            .await?;
+            copied += rows.len() as u64;
+        }
+        Ok(copied)
+    }
+
+    /// The bound on one round trip of a long job (moving or copying an object).
+    fn step_limit(&self) -> Duration {
+        (self.timeout * 10).max(Duration::from_secs(30))
     }
 
     async fn move_inner(
@@ -1044,13 +1136,44 @@ impl Shard {
         let b = to.step(limit, target.transaction()).await?;
         to.step(limit, b.execute("SELECT logstore_fence($1)", &[&epoch]))
             .await?;
-        // Not authoritative for this object until the marker below commits: whatever is there
-        // is a copy from an interrupted attempt (or a tombstone of an earlier move away).
+        // `b` is not authoritative for this object until the marker below commits: its head
+        // row is a copy from an interrupted attempt or a tombstone of an earlier move away, and
+        // its entries are copies (see `precopy`). Those below the first entry here were
+        // deleted here since; the rest are kept if they run without a gap from it (always, by
+        // the reasoning in `precopy`; else everything is copied again).
+        let (first, last): (Option<i64>, i64) = (head.get(4), head.get(1));
         to.step(
             limit,
-            b.execute("DELETE FROM logs WHERE object_id = $1", &[&id]),
+            b.execute(
+                "DELETE FROM logs WHERE object_id = $1
+                 AND ($2::bigint IS NULL OR seq < $2 OR seq > $3)",
+                &[&id, &first, &last],
+            ),
         )
         .await?;
+        let held = to
+            .step(
+                limit,
+                b.query_one(
+                    "SELECT count(*), max(seq) FROM logs WHERE object_id = $1",
+                    &[&id],
+                ),
+            )
+            .await?;
+        let (count, top): (i64, Option<i64>) = (held.get(0), held.get(1));
+        let mut after = match (first, top) {
+            (Some(first), Some(top)) if top - first + 1 == count => top,
+            (_, None) => i64::MIN,
+            _ => {
+                tracing::warn!(shard = %to.name, id, "copied entries do not match; copying the object again");
+                to.step(
+                    limit,
+                    b.execute("DELETE FROM logs WHERE object_id = $1", &[&id]),
+                )
+                .await?;
+                i64::MIN
+            }
+        };
         to.step(
             limit,
             b.execute("DELETE FROM objects WHERE id = $1", &[&id]),
@@ -1075,7 +1198,6 @@ impl Shard {
             ),
         )
         .await?;
-        let mut after = i64::MIN;
         let mut copied = 0u64;
         loop {
             let rows = self
@@ -1090,19 +1212,10 @@ impl Shard {
                 .await?;
             let Some(last) = rows.last() else { break };
             after = last.get(0);
-            let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-            let ts: Vec<SystemTime> = rows.iter().map(|r| r.get(1)).collect();
-            let keys: Vec<Option<String>> = rows.iter().map(|r| r.get(2)).collect();
-            let logs: Vec<String> = rows.iter().map(|r| r.get(3)).collect();
+            let (seqs, ts, keys, logs) = entry_columns(&rows);
             to.step(
                 limit,
-                b.execute(
-                    "INSERT INTO logs (object_id, seq, ts, key, log)
-                     SELECT $1, u.seq, u.ts, u.key, u.log
-                     FROM unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[])
-                          AS u(seq, ts, key, log)",
-                    &[&id, &seqs, &ts, &keys, &logs],
-                ),
+                b.execute(INSERT_ENTRIES, &[&id, &seqs, &ts, &keys, &logs]),
             )
             .await?;
             copied += rows.len() as u64;

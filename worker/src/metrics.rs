@@ -91,6 +91,9 @@ pub struct Metrics {
     pub move_objects: IntGaugeVec,
     /// Objects whose move failed (a shard down, a timeout); each is retried.
     pub move_errors: IntCounter,
+    /// Entries copied by this worker's completed object moves: before the object's lock
+    /// (`bulk`) and under it (`locked`).
+    pub move_entries: IntCounterVec,
     /// Appends sent on to an object's new owner because the old owner said it moved.
     pub appends_redirected: IntCounter,
 }
@@ -266,6 +269,13 @@ impl Metrics {
                 "logstore_move_errors_total",
                 "Object moves that failed and are retried (a shard down, a timeout).",
             )?,
+            move_entries: IntCounterVec::new(
+                Opts::new(
+                    "logstore_move_entries_total",
+                    "Entries copied by completed object moves: before the object's lock (bulk) and under it (locked).",
+                ),
+                &["phase"],
+            )?,
             appends_redirected: IntCounter::new(
                 "logstore_appends_redirected_total",
                 "Appends sent on to an object's new owner because its old owner said it moved.",
@@ -298,9 +308,13 @@ impl Metrics {
         r.register(Box::new(metrics.move_running.clone()))?;
         r.register(Box::new(metrics.move_objects.clone()))?;
         r.register(Box::new(metrics.move_errors.clone()))?;
+        r.register(Box::new(metrics.move_entries.clone()))?;
         r.register(Box::new(metrics.appends_redirected.clone()))?;
         for state in ["todo", "moved"] {
             metrics.move_objects.with_label_values(&[state]);
+        }
+        for phase in ["bulk", "locked"] {
+            metrics.move_entries.with_label_values(&[phase]);
         }
         // The prometheus crate's own process collector needs its `process` feature (and the
         // procfs crate); what the dashboard needs is a few lines of /proc.

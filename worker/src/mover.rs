@@ -374,7 +374,13 @@ async fn move_all(
                     || source.move_to(&lane.shard, id as u64, view.layout.epoch, COPY_PAGE),
                 )
                 .await?;
-                if moved.is_some() {
+                if let Some(copied) = moved {
+                    for (phase, entries) in [("bulk", copied.bulk), ("locked", copied.locked)] {
+                        metrics
+                            .move_entries
+                            .with_label_values(&[phase])
+                            .inc_by(entries);
+                    }
                     progress.moved += 1;
                     metrics
                         .move_objects

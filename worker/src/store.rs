@@ -194,6 +194,13 @@ fn seq_bound(cursor: u64) -> i64 {
     i64::try_from(cursor).unwrap_or(i64::MAX)
 }
 
+/// What moving one object copied: entries before its lock (`bulk`) and under it (`locked`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    pub bulk: u64,
+    pub locked: u64,
+}
+
 /// One entry to append.
 #[derive(Debug, Clone)]
 pub struct NewEntry {
@@ -1011,8 +1018,8 @@ impl Shard {
     /// ([`Shard::precopy`]); then its head row here is locked, `to` keeps the copied entries
     /// that are still here (trimming what was deleted here meanwhile), the rest are copied in
     /// pages of `page` rows with their seq, ts and key, and `to` commits; then the head row here
-    /// becomes a tombstone naming `to`. Returns the entries copied under the lock, or None when
-    /// the object was already moved (or is not here). Idempotent: run again after a failure at
+    /// becomes a tombstone naming `to`. Returns the entries copied, or None when the object was
+    /// already moved (or is not here). Idempotent: run again after a failure at
     /// any point, it finishes the move without losing or doubling anything.
     pub async fn move_to(
         &self,
@@ -1020,15 +1027,17 @@ impl Shard {
         id: u64,
         epoch: u64,
         page: i64,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<Copied>, StoreError> {
         self.ready()?;
         to.ready()?;
         // Each round trip is bounded, not the move as a whole: a large object takes as long as
         // its copy keeps making progress, and a shard that stops answering fails the attempt.
         let limit = self.step_limit();
-        self.precopy(to, id, page).await?;
-        self.move_inner(to, id as i64, seq_bound(epoch), page, limit)
-            .await
+        let bulk = self.precopy(to, id, page).await?;
+        let locked = self
+            .move_inner(to, id as i64, seq_bound(epoch), page, limit)
+            .await?;
+        Ok(locked.map(|locked| Copied { bulk, locked }))
     }
 
     /// Copy the bulk of object `id` to `to` without locking it here, one page of `page` entries

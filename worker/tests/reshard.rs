@@ -1129,7 +1129,8 @@ async fn resend_old_keys(
 // The tests
 // ---------------------------------------------------------------------------------------------
 
-/// JetStream intake, 3 workers on the 2-shard configuration, appends over 2,000 objects: pg3
+/// JetStream intake, 3 workers on the 2-shard configuration, appends over 2,000 objects (one
+/// that moves with more than 1,200 entries, so its bulk is copied before its lock): pg3
 /// added mid-load. The move finishes under load; a reader never misses a stored entry; a 4th
 /// worker started during the move with the old configuration follows the new ring, and alone
 /// stores the last appends correctly; afterwards every acknowledged append is on the shard the
@@ -1146,6 +1147,23 @@ async fn adding_a_shard_under_load_moves_a_third_and_keeps_every_append() {
     let moving_ids = changed_owner(&OLD, &NEW);
 
     seed(env, &client, &ledger).await;
+    // One object that moves, and that the load keeps appending to, gets more than a page
+    // (1,000) of entries: its bulk is copied before its lock while appends to it go on.
+    let big = mixed(&moving_ids, 1)[0];
+    let js = jetstream::new(client.clone());
+    within(
+        120,
+        "1,200 more appends to one object acknowledged",
+        futures::stream::iter(0..1_200).for_each_concurrent(64, |n| {
+            let (js, client, ledger) = (&js, &client, &ledger);
+            async move { append_acked(env, client, js, ledger, big, &format!("bulk-{n}")).await }
+        }),
+    )
+    .await;
+    eventually(60, "the big object's entries stored", || async {
+        (lock(&ledger).stored.get(&big).map_or(0, |e| e.len()) > 1_200).then_some(())
+    })
+    .await;
     let (code, json) = status(env).await.expect("status before the move");
     assert_eq!(code, 0, "{json}");
     assert_steady(&json, 1, &OLD);
@@ -1184,6 +1202,17 @@ async fn adding_a_shard_under_load_moves_a_third_and_keeps_every_append() {
     assert!(
         redirected > 0.0,
         "appends to moved objects were redirected during the move"
+    );
+    let bulk = fleet_sum(
+        &workers,
+        "logstore_move_entries_total",
+        &[("phase", "bulk")],
+    )
+    .await
+    .expect("metrics");
+    assert!(
+        bulk > 1_000.0,
+        "the big object's bulk was copied before its lock ({bulk} entries)"
     );
 
     // The three told about pg3 only through the ring record leave; the 4th, never told, alone.

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use support::*;
 use worker::config::ShardConfig;
-use worker::store::{NewEntry, Shard, Stored};
+use worker::store::{Copied, NewEntry, Shard, Stored};
 
 fn entry(id: u64, key: Option<&str>, log: &str, received: SystemTime) -> NewEntry {
     NewEntry {
@@ -423,7 +423,7 @@ async fn the_epoch_fence_and_tombstones_decide_what_a_shard_stores() {
     // appends and reads on.
     // (Pages of 2: an object of one page is copied under its lock, with nothing copied first.)
     let copied = within(30, "move", a.move_to(&b, 1, 2, 2)).await.unwrap();
-    assert_eq!(copied, Some(2));
+    assert_eq!(copied, Some(Copied { bulk: 0, locked: 2 }));
     assert_eq!(
         within(30, "move again", a.move_to(&b, 1, 2, 2))
             .await
@@ -525,12 +525,19 @@ async fn a_large_object_is_copied_in_bulk_first_and_arrives_exactly_as_it_was() 
     assert_eq!(before.len(), 1_400);
     let head_before = heads(&a_url, 5).await;
 
-    // The move copies the 100 new entries before its lock, trims the deleted ones, and finds
-    // nothing left to copy under the lock.
+    // The move copies the 100 new entries before its lock too, trims the deleted ones, and
+    // finds nothing left to copy under the lock.
     let copied = within(60, "move", a.move_to(&b, 5, 2, 1_000))
         .await
         .unwrap();
-    assert_eq!(copied, Some(0), "entries copied under the lock");
+    assert_eq!(
+        copied,
+        Some(Copied {
+            bulk: 100,
+            locked: 0
+        }),
+        "entries copied before and under the lock"
+    );
     assert_eq!(rows(&b_url, 5).await, before, "object 5 on b");
     assert_eq!(heads(&b_url, 5).await, head_before, "object 5's head on b");
     assert_eq!(
@@ -554,7 +561,13 @@ async fn a_large_object_is_copied_in_bulk_first_and_arrives_exactly_as_it_was() 
     let copied = within(60, "move", a.move_to(&b, 6, 2, 1_000))
         .await
         .unwrap();
-    assert_eq!(copied, Some(1_500));
+    assert_eq!(
+        copied,
+        Some(Copied {
+            bulk: 0,
+            locked: 1_500
+        })
+    );
     assert_eq!(rows(&b_url, 6).await, before, "object 6 on b");
 }
 

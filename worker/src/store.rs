@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::GenericClient;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::ShardConfig;
@@ -1070,7 +1071,7 @@ impl Shard {
         };
         let until: i64 = head.get(1);
         let target = to.client_within(limit).await?;
-        let mut after: i64 = to
+        let after: i64 = to
             .step(
                 limit,
                 target.query_one(
@@ -1080,6 +1081,23 @@ impl Shard {
             )
             .await?
             .get(0);
+        self.copy_entries(to, (&**source, &**target), id, after, until, page, limit)
+            .await
+    }
+
+    /// Copy object `id`'s entries with seqs in `after+1..=until` from here (`source`) to `to`
+    /// (`target`), in pages of `page`, each round trip within `limit`. Returns how many.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_entries(
+        &self,
+        to: &Shard,
+        (source, target): (&impl GenericClient, &impl GenericClient),
+        id: i64,
+        mut after: i64,
+        until: i64,
+        page: i64,
+        limit: Duration,
+    ) -> Result<u64, StoreError> {
         let mut copied = 0;
         while after < until {
             let rows = self
@@ -1170,7 +1188,7 @@ impl Shard {
             )
             .await?;
         let (count, top): (i64, Option<i64>) = (held.get(0), held.get(1));
-        let mut after = match (first, top) {
+        let after = match (first, top) {
             (Some(first), Some(top)) if top - first + 1 == count => top,
             (_, None) => i64::MIN,
             _ => {
@@ -1207,31 +1225,9 @@ impl Shard {
             ),
         )
         .await?;
-        let mut copied = 0u64;
-        loop {
-            let rows = self
-                .step(
-                    limit,
-                    a.query(
-                        "SELECT seq, ts, key, log FROM logs
-                         WHERE object_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                        &[&id, &after, &page],
-                    ),
-                )
-                .await?;
-            let Some(last) = rows.last() else { break };
-            after = last.get(0);
-            let (seqs, ts, keys, logs) = entry_columns(&rows);
-            to.step(
-                limit,
-                b.execute(INSERT_ENTRIES, &[&id, &seqs, &ts, &keys, &logs]),
-            )
+        let copied = self
+            .copy_entries(to, (&*a, &*b), id, after, last, page, limit)
             .await?;
-            copied += rows.len() as u64;
-            if (rows.len() as i64) < page {
-                break;
-            }
-        }
         to.step(limit, b.commit()).await?;
         self.step(
             limit,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
+use async_nats::jetstream::kv::Operation;
 use support::*;
 
 /// Objects every publisher writes to, interleaved.
@@ -310,14 +311,10 @@ async fn sigterm_hands_the_stream_over_without_waiting_for_ack_wait() {
     let holder = format!("pid {}", stopped.pid());
     assert_eq!(stopped.terminate().await, Some(0));
     // It released the lease on its way out (else the standby would wait for it to expire).
-    let leases = jetstream::new(client.clone())
-        .get_key_value("logstore_leases")
+    let lease = lease_entry(&client, &format!("intake.{}.workers", env.stream()))
         .await
-        .expect("the lease bucket");
-    let lease = leases
-        .get(format!("intake.{}.workers", env.stream()))
-        .await
-        .expect("read the lease");
+        .filter(|entry| entry.operation == Operation::Put)
+        .map(|entry| entry.value);
     assert_ne!(
         lease.as_deref(),
         Some(holder.as_bytes()),

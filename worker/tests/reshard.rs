@@ -1311,17 +1311,9 @@ async fn the_mover_killed_half_way_resumes_and_then_a_shard_is_removed() {
     })
     .await;
     let stopped = workers.remove(mover);
-    let holder = format!("pid {}", stopped.child.id().expect("the mover's pid"));
+    let holder = format!("pid {}", stopped.pid());
     assert_eq!(stopped.terminate().await, Some(0));
-    let leases = jetstream::new(client.clone())
-        .get_key_value("logstore_leases")
-        .await
-        .expect("the lease bucket");
-    let lease = leases
-        .entry(format!("move.{}", env.subject("workers")))
-        .await
-        .expect("read the mover's lease");
-    match lease {
+    match lease_entry(&client, &format!("move.{}", env.subject("workers"))).await {
         Some(entry) if entry.operation != Operation::Put => {}
         Some(entry) => assert_ne!(
             entry.value.as_ref(),

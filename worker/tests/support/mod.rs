@@ -47,6 +47,21 @@ where
     .await
 }
 
+/// The latest entry of lease `key` in the workers' lease bucket: a put names its holder
+/// ("pid N"), a delete marker says it was released; None once it expired (or never existed).
+pub async fn lease_entry(
+    client: &async_nats::Client,
+    key: &str,
+) -> Option<async_nats::jetstream::kv::Entry> {
+    async_nats::jetstream::new(client.clone())
+        .get_key_value(worker::ordered::LEASE_BUCKET)
+        .await
+        .expect("the lease bucket")
+        .entry(key)
+        .await
+        .expect("read the lease")
+}
+
 #[derive(Parser)]
 struct Args {
     #[command(flatten)]

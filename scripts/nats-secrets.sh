@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Writes the NATS users' passwords for docker-compose.yaml: `scripts/nats-secrets.sh [DIR]`.
 #
-# DIR (default deploy/nats/secrets, which git ignores) gets worker.password and
-# client.password, 32 random letters and digits each, unless they exist already (an existing
+# DIR (default deploy/nats/secrets, which git ignores) gets worker.password, admin.password
+# and client.password, 32 random letters and digits each, unless they exist already (an existing
 # password is kept: the running server and the workers must agree on it). The directory is
 # readable by its owner only; the files themselves are world-readable so that the containers'
 # users (nats, logstore) can read them where compose mounts them (/run/secrets/...).
@@ -14,7 +14,7 @@ set -euo pipefail
 dir=${1:-$(cd "$(dirname "$0")/.." && pwd)/deploy/nats/secrets}
 mkdir -p "$dir"
 chmod 700 "$dir"
-for user in worker client; do
+for user in worker admin client; do
   file="$dir/$user.password"
   if [ -s "$file" ]; then
     echo "kept    $file"

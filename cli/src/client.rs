@@ -30,6 +30,18 @@ pub enum ClientError {
     /// An answer that is not what the protocol promises.
     #[error("unexpected answer on {subject}: {why}")]
     BadReply { subject: String, why: String },
+    /// The NATS server refused something this user may not do (its permissions): the
+    /// server's own words, naming the subject.
+    #[error("NATS refused it: {violation}{hint}")]
+    Denied { violation: String, hint: String },
+    /// The JetStream stream refused the append (full, or another JetStream error): nothing
+    /// was queued.
+    #[error("stream refused the append on {subject}: {description} (JetStream error {code})")]
+    Stream {
+        subject: String,
+        code: u64,
+        description: String,
+    },
 }
 
 impl ClientError {
@@ -39,7 +51,10 @@ impl ClientError {
         match self {
             ClientError::NoAnswer { .. } | ClientError::Nats(_) => true,
             ClientError::Service(body) => matches!(body.code, Unavailable | Busy | Timeout),
-            ClientError::Connect { .. } | ClientError::BadReply { .. } => false,
+            ClientError::Stream { .. } => true,
+            ClientError::Connect { .. }
+            | ClientError::BadReply { .. }
+            | ClientError::Denied { .. } => false,
         }
     }
 }
@@ -59,6 +74,21 @@ pub struct Connection {
     pub client: Client,
     pub subjects: Subjects,
     pub timeout: Duration,
+    /// The first permissions violation the server reported on this connection. The server
+    /// drops what the user may not publish or subscribe to and says so out of band; without
+    /// this, such a request would look like one nobody answered.
+    denied: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+/// The server's permissions-violation error, if `error` is one.
+fn violation(error: &async_nats::ServerError) -> Option<String> {
+    let async_nats::ServerError::Other(text) = error else {
+        return None;
+    };
+    let text = text.trim().trim_matches('\'').to_string();
+    text.to_ascii_lowercase()
+        .contains("permissions violation")
+        .then_some(text)
 }
 
 impl Connection {
@@ -70,12 +100,25 @@ impl Connection {
         subjects: Subjects,
         timeout: Duration,
     ) -> Result<Connection, ClientError> {
+        let (denied_tx, denied) = tokio::sync::watch::channel(None);
         let client = nats
             .connect(|options| {
                 options
                     .name("logstore-cli")
                     .connection_timeout(timeout)
                     .request_timeout(Some(timeout))
+                    .event_callback(move |event| {
+                        if let async_nats::Event::ServerError(error) = &event {
+                            if let Some(text) = violation(error) {
+                                // The first one is the cause; later ones follow from it.
+                                denied_tx.send_if_modified(|first| {
+                                    first.get_or_insert(text);
+                                    true
+                                });
+                            }
+                        }
+                        async {}
+                    })
             })
             .await
             .map_err(ClientError::Connect)?;
@@ -83,7 +126,48 @@ impl Connection {
             client,
             subjects,
             timeout,
+            denied,
         })
+    }
+
+    /// `work`, unless the server reports a permissions violation first: then that, as
+    /// [`ClientError::Denied`] with a hint where the fix is on this side.
+    pub async fn guarded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        let mut denied = self.denied.clone();
+        let refused = async {
+            match denied.wait_for(Option::is_some).await {
+                Ok(violation) => violation.clone().unwrap_or_default(),
+                // The connection is gone: `work` ends on its own.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            violation = refused => Err(self.denied_error(violation)),
+            result = work => result,
+        }
+    }
+
+    fn denied_error(&self, violation: String) -> ClientError {
+        let lower = violation.to_ascii_lowercase();
+        let hint = if lower.contains("subscription") && lower.contains("_inbox") {
+            " (answers come on this user's inbox prefix: set NATS_INBOX_PREFIX to one the user \
+             may subscribe to)"
+        } else if lower.contains(&format!(
+            "\"{}\"",
+            self.subjects.delete.to_ascii_lowercase()
+        )) {
+            " (deleting is for the operator's user, `admin` in the shipped NATS config)"
+        } else {
+            " (this NATS user is not allowed to; see the server's permissions for it)"
+        };
+        ClientError::Denied {
+            violation,
+            hint: hint.to_string(),
+        }
     }
 
     /// Request-reply: the answer decoded as `T`, or the service's error.
@@ -92,8 +176,16 @@ impl Connection {
         subject: &str,
         body: Vec<u8>,
     ) -> Result<T, ClientError> {
-        let answer = self
-            .client
+        let answer = self.guarded(self.raw_request(subject, body)).await?;
+        decode(subject, &answer.payload)
+    }
+
+    async fn raw_request(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+    ) -> Result<async_nats::Message, ClientError> {
+        self.client
             .request(subject.to_string(), Bytes::from(body))
             .await
             .map_err(|e| match e.kind() {
@@ -106,12 +198,18 @@ impl Connection {
                     why: format!("no answer within {:?}", self.timeout),
                 },
                 _ => ClientError::Nats(e.into()),
-            })?;
-        decode(subject, &answer.payload)
+            })
     }
 
     /// One query request, read whole: every chunk until the one marked `last`.
     pub async fn query(&self, request: &QueryRequest) -> Result<Vec<QueryResponse>, ClientError> {
+        self.guarded(self.query_chunks(request)).await
+    }
+
+    async fn query_chunks(
+        &self,
+        request: &QueryRequest,
+    ) -> Result<Vec<QueryResponse>, ClientError> {
         let subject = &self.subjects.query;
         let body = serde_json::to_vec(request).map_err(|e| ClientError::BadReply {
             subject: subject.clone(),
@@ -220,16 +318,36 @@ pub enum ReadError {
     Output(#[from] std::io::Error),
 }
 
-/// Decode an answer: the expected body, else an error reply, else a description of what came.
+/// A JetStream API error answer (`{"error":{"code":503,"err_code":10077,"description":…}}`),
+/// as the stream answers a publish it refuses.
+#[derive(serde::Deserialize)]
+struct JetStreamErrorReply {
+    error: JetStreamError,
+}
+
+#[derive(serde::Deserialize)]
+struct JetStreamError {
+    #[serde(default)]
+    err_code: u64,
+    description: String,
+}
+
+/// Decode an answer: an error reply (the service's, or the stream's refusing a publish: its
+/// PubAck then carries `"error"` beside `"stream"` and `"seq": 0`), else the expected body,
+/// else a description of what came. No successful answer has an `error` field.
 fn decode<T: DeserializeOwned>(subject: &str, payload: &[u8]) -> Result<T, ClientError> {
-    match serde_json::from_slice::<T>(payload) {
-        Ok(body) => Ok(body),
-        Err(e) => match serde_json::from_slice::<ErrorReply>(payload) {
-            Ok(reply) => Err(ClientError::Service(reply.error)),
-            Err(_) => Err(ClientError::BadReply {
-                subject: subject.to_string(),
-                why: format!("{e}: {}", String::from_utf8_lossy(payload)),
-            }),
-        },
+    if let Ok(reply) = serde_json::from_slice::<ErrorReply>(payload) {
+        return Err(ClientError::Service(reply.error));
     }
+    if let Ok(reply) = serde_json::from_slice::<JetStreamErrorReply>(payload) {
+        return Err(ClientError::Stream {
+            subject: subject.to_string(),
+            code: reply.error.err_code,
+            description: reply.error.description,
+        });
+    }
+    serde_json::from_slice::<T>(payload).map_err(|e| ClientError::BadReply {
+        subject: subject.to_string(),
+        why: format!("{e}: {}", String::from_utf8_lossy(payload)),
+    })
 }

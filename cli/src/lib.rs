@@ -177,11 +177,12 @@ impl From<ReadError> for CliError {
 }
 
 impl CliError {
-    /// 1: the service refused or failed the request; 2: bad usage; 3: conflict; 4: NATS or the
+    /// 1: the service refused or failed the request; 2: bad usage, or NATS refused this user a
+    /// subject (its permissions); 3: conflict; 4: NATS or the
     /// workers could not be reached (nothing was done, or for an append: retry with its key).
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Usage(_) => 2,
+            CliError::Usage(_) | CliError::Client(ClientError::Denied { .. }) => 2,
             CliError::Client(ClientError::Service(body)) if body.code == ErrorCode::Conflict => 3,
             CliError::Client(ClientError::Connect { .. } | ClientError::NoAnswer { .. }) => 4,
             CliError::Client(_) | CliError::Output(_) => 1,

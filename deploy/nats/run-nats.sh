@@ -4,13 +4,14 @@
 #
 # Environment:
 #   NATS_WORKER_PASSWORD_FILE  the worker user's password (default /run/secrets/nats_worker_password)
+#   NATS_ADMIN_PASSWORD_FILE   the admin user's password (default /run/secrets/nats_admin_password)
 #   NATS_CLIENT_PASSWORD_FILE  the client user's password (default /run/secrets/nats_client_password)
 #   NATS_CONF                  the configuration (default: nats-server.conf beside this script)
 #   NATS_SERVER_BIN            the server binary (default: nats-server from PATH)
 #
-# The configuration reads the passwords as $NATS_WORKER_PASSWORD and $NATS_CLIENT_PASSWORD; the
-# server parses such a value as a configuration value, so it is handed over quoted, and a
-# password may hold only letters, digits and . _ ~ + / = - (what `openssl rand -base64` or
+# The configuration reads the passwords as $NATS_WORKER_PASSWORD, $NATS_ADMIN_PASSWORD and
+# $NATS_CLIENT_PASSWORD; the server parses such a value as a configuration value, so it is
+# handed over quoted, and a password may hold only letters, digits and . _ ~ + / = - (what `openssl rand -base64` or
 # scripts/nats-secrets.sh produce). A trailing newline in a file is ignored. The passwords
 # never appear on a command line (where `ps` would show them).
 set -eu
@@ -39,5 +40,6 @@ read_password() {
 }
 
 read_password NATS_WORKER_PASSWORD "${NATS_WORKER_PASSWORD_FILE:-/run/secrets/nats_worker_password}"
+read_password NATS_ADMIN_PASSWORD "${NATS_ADMIN_PASSWORD_FILE:-/run/secrets/nats_admin_password}"
 read_password NATS_CLIENT_PASSWORD "${NATS_CLIENT_PASSWORD_FILE:-/run/secrets/nats_client_password}"
 exec "${NATS_SERVER_BIN:-nats-server}" -c "$conf" "$@"

@@ -57,6 +57,11 @@ pub struct NatsSecurityArgs {
     /// PEM private key of NATS_TLS_CERT_FILE.
     #[arg(long, env = "NATS_TLS_KEY_FILE", value_name = "PATH", global = true)]
     pub nats_tls_key_file: Option<String>,
+    /// Prefix of this program's reply subjects (the answers it waits for). Default:
+    /// `_INBOX_<NATS_USER>` when logging in with NATS_USER (each user reads only its own
+    /// answers), else `_INBOX`.
+    #[arg(long, env = "NATS_INBOX_PREFIX", value_name = "PREFIX", global = true)]
+    pub nats_inbox_prefix: Option<String>,
 }
 
 /// Paths and the user name are not secrets; the listing is complete on purpose (a new field
@@ -72,6 +77,7 @@ impl fmt::Debug for NatsSecurityArgs {
             nats_tls_ca_file,
             nats_tls_cert_file,
             nats_tls_key_file,
+            nats_inbox_prefix,
         } = self;
         f.debug_struct("NatsSecurityArgs")
             .field("nats_user", nats_user)
@@ -82,6 +88,7 @@ impl fmt::Debug for NatsSecurityArgs {
             .field("nats_tls_ca_file", nats_tls_ca_file)
             .field("nats_tls_cert_file", nats_tls_cert_file)
             .field("nats_tls_key_file", nats_tls_key_file)
+            .field("nats_inbox_prefix", nats_inbox_prefix)
             .finish()
     }
 }
@@ -113,6 +120,7 @@ pub fn flag_of(var: &'static str) -> &'static str {
         "NATS_TLS_CA_FILE" => "nats-tls-ca-file",
         "NATS_TLS_CERT_FILE" => "nats-tls-cert-file",
         "NATS_TLS_KEY_FILE" => "nats-tls-key-file",
+        "NATS_INBOX_PREFIX" => "nats-inbox-prefix",
         _ => "nats",
     }
 }
@@ -214,6 +222,44 @@ pub struct NatsAccess {
     pub login: Login,
     /// `Some` when TLS is required (a `tls://` URL, a CA file or a client certificate).
     pub tls: Option<NatsTls>,
+    /// Prefix of this client's reply subjects (NATS_INBOX_PREFIX, or see [`default_inbox_prefix`]).
+    pub inbox_prefix: String,
+}
+
+/// The inbox prefix a login reads its answers on unless NATS_INBOX_PREFIX says otherwise:
+/// `_INBOX_<user>` for a user name that is one subject token of letters, digits, `-` and `_`
+/// (so a server can give each user its own, `_INBOX_<user>.>`, and no user reads another's
+/// answers), else NATS's default `_INBOX`.
+pub fn default_inbox_prefix(login: &Login) -> String {
+    match login {
+        Login::UserPassword { user, .. }
+            if !user.is_empty()
+                && user
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        {
+            format!("_INBOX_{user}")
+        }
+        _ => "_INBOX".to_string(),
+    }
+}
+
+/// A reply-subject prefix: one or more subject tokens, no wildcards, no spaces.
+fn inbox_prefix(value: &str) -> Result<String, SettingError> {
+    let valid = !value.is_empty()
+        && value.split('.').all(|token| {
+            !token.is_empty()
+                && !token.contains(['*', '>'])
+                && !token.chars().any(char::is_whitespace)
+        });
+    if valid {
+        Ok(value.to_string())
+    } else {
+        Err(bad(
+            "NATS_INBOX_PREFIX",
+            format!("{value:?} is not a subject prefix (tokens separated by dots, no wildcards)"),
+        ))
+    }
 }
 
 impl NatsSecurityArgs {
@@ -236,11 +282,16 @@ impl NatsSecurityArgs {
         }
         let login = self.login(&parsed)?;
         let tls = self.tls(&parsed)?;
+        let inbox_prefix = match given(&self.nats_inbox_prefix) {
+            Some(prefix) => inbox_prefix(prefix)?,
+            None => default_inbox_prefix(&login),
+        };
         Ok(NatsAccess {
             servers: parsed.servers,
             shown: parsed.shown,
             login,
             tls,
+            inbox_prefix,
         })
     }
 
@@ -411,7 +462,7 @@ impl NatsAccess {
     /// callbacks) and connect them to [`NatsAccess::servers`]. Credentials travel here, never
     /// inside the URLs the client logs.
     pub fn options(&self) -> Result<ConnectOptions, SettingError> {
-        let mut options = ConnectOptions::new();
+        let mut options = ConnectOptions::new().custom_inbox_prefix(&self.inbox_prefix);
         options = match &self.login {
             Login::None => options,
             Login::UserPassword { user, password, .. } => {

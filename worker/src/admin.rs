@@ -44,12 +44,9 @@ pub enum AdminError {
 pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError> {
     let client = config
         .nats
-        // The worker's inbox prefix: the shipped NATS config lets the worker user read only
-        // its own inboxes.
-        .connect(|o| {
-            o.name("logstore-worker-admin")
-                .custom_inbox_prefix(&config.inbox_prefix)
-        })
+        // The login's own inbox prefix (NATS_INBOX_PREFIX, or `_INBOX_<NATS_USER>`): the
+        // shipped NATS config lets each user read only its own inboxes.
+        .connect(|o| o.name("logstore-worker-admin"))
         .await?;
     let membership = Membership::open(&client, &config.queue_group).await?;
     let seed = crate::shards::seed_record(config, 1);

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use clap::Args;
 use logstore_protocol::nats::{NatsAccess, NatsSecurityArgs};
+
+pub use crate::replies::ReplyPolicy;
 use logstore_protocol::redact::{redact, split_list, MASK};
 use logstore_protocol::Limits;
 
@@ -114,11 +116,18 @@ pub struct RawConfig {
     pub nats_events_prefix: String,
     #[arg(long, env = "NATS_DEAD_LETTER_TOPIC", default_value = "dead_letter")]
     pub nats_dead_letter_topic: String,
-    /// Prefix of the worker's own reply subjects (JetStream API answers, pulled messages). A
-    /// prefix of its own (e.g. `_INBOX_worker`) lets the server's permissions keep clients,
-    /// who may subscribe to `_INBOX.>`, from reading what the stream delivers to workers.
-    #[arg(long, env = "NATS_INBOX_PREFIX", default_value = "_INBOX")]
-    pub nats_inbox_prefix: String,
+    /// Reply subjects the worker answers, comma-separated prefixes: NATS inboxes (`_INBOX.`,
+    /// per-user `_INBOX_<user>.`) and the server's replies through a service import (`_R_.`).
+    /// A request whose reply subject starts otherwise is refused and never answered: the
+    /// reply subject is the sender's choice, and the worker must not publish where the sender
+    /// could not (a ring record, a lease, `appended.<id>`). The worker's own NATS_INBOX_PREFIX
+    /// is always refused.
+    #[arg(
+        long,
+        env = "NATS_REPLY_PREFIXES",
+        default_value = "_INBOX.,_INBOX_,_R_."
+    )]
+    pub nats_reply_prefixes: String,
     /// How appends arrive: `jetstream` (durable: a stream captures every publish, workers ack
     /// after commit) or `core` (the original's plain queue subscription, at most once).
     #[arg(long, env = "INTAKE", default_value = "jetstream")]
@@ -139,10 +148,14 @@ pub struct RawConfig {
     /// Most messages delivered and not yet acknowledged across the fleet (backpressure).
     #[arg(long, env = "JS_MAX_ACK_PENDING", default_value = "20000")]
     pub js_max_ack_pending: String,
-    /// Largest stream size in bytes; when full, publishers get an error instead of older
-    /// unprocessed appends being dropped. -1 = unlimited.
-    #[arg(long, env = "JS_MAX_BYTES", default_value = "-1")]
+    /// Largest stream size in bytes (default 1 GiB); when full, a publish is refused with an
+    /// error and nothing stored is dropped (discard new). -1 = unlimited.
+    #[arg(long, env = "JS_MAX_BYTES", default_value = "1073741824")]
     pub js_max_bytes: String,
+    /// Most messages the stream holds; when full, a publish is refused with an error and
+    /// nothing stored is dropped (discard new). -1 = unlimited.
+    #[arg(long, env = "JS_MAX_MSGS", default_value = "10000000")]
+    pub js_max_msgs: String,
     /// How long the stream itself drops a re-published `Nats-Msg-Id`, across ALL objects, in
     /// milliseconds (JetStream's minimum is 100). The database deduplicates keys per object
     /// forever; a short window keeps the stream from dropping another object's append that
@@ -253,7 +266,9 @@ pub struct JetStreamConfig {
     pub ack_wait: Duration,
     pub max_deliver: i64,
     pub max_ack_pending: i64,
+    /// JS_MAX_BYTES and JS_MAX_MSGS (-1: unlimited).
     pub max_bytes: i64,
+    pub max_messages: i64,
     pub duplicate_window: Duration,
     /// Single puller under a lease, stream order per object (JS_ORDERED).
     pub ordered: bool,
@@ -289,8 +304,8 @@ pub struct Config {
     pub queue_group: String,
     pub events_prefix: String,
     pub dead_letter_subject: String,
-    /// NATS_INBOX_PREFIX: the worker's reply subjects start with it.
-    pub inbox_prefix: String,
+    /// NATS_REPLY_PREFIXES: the reply subjects the worker answers (see [`ReplyPolicy`]).
+    pub replies: ReplyPolicy,
     pub metrics_addr: SocketAddr,
     pub json_logs: bool,
     pub ring_vnodes: u32,
@@ -444,7 +459,7 @@ impl std::fmt::Debug for RawConfig {
             nats_queue_group,
             nats_events_prefix,
             nats_dead_letter_topic,
-            nats_inbox_prefix,
+            nats_reply_prefixes,
             intake,
             nats_stream,
             nats_consumer,
@@ -452,6 +467,7 @@ impl std::fmt::Debug for RawConfig {
             js_max_deliver,
             js_max_ack_pending,
             js_max_bytes,
+            js_max_msgs,
             js_duplicate_window_ms,
             js_ordered,
             js_lease_ms,
@@ -506,7 +522,7 @@ impl std::fmt::Debug for RawConfig {
             .field("nats_queue_group", nats_queue_group)
             .field("nats_events_prefix", nats_events_prefix)
             .field("nats_dead_letter_topic", nats_dead_letter_topic)
-            .field("nats_inbox_prefix", nats_inbox_prefix)
+            .field("nats_reply_prefixes", nats_reply_prefixes)
             .field("intake", intake)
             .field("nats_stream", nats_stream)
             .field("nats_consumer", nats_consumer)
@@ -514,6 +530,7 @@ impl std::fmt::Debug for RawConfig {
             .field("js_max_deliver", js_max_deliver)
             .field("js_max_ack_pending", js_max_ack_pending)
             .field("js_max_bytes", js_max_bytes)
+            .field("js_max_msgs", js_max_msgs)
             .field("js_duplicate_window_ms", js_duplicate_window_ms)
             .field("js_ordered", js_ordered)
             .field("js_lease_ms", js_lease_ms)
@@ -555,7 +572,7 @@ impl std::fmt::Debug for Config {
             queue_group,
             events_prefix,
             dead_letter_subject,
-            inbox_prefix,
+            replies,
             metrics_addr,
             json_logs,
             ring_vnodes,
@@ -587,7 +604,7 @@ impl std::fmt::Debug for Config {
             .field("queue_group", queue_group)
             .field("events_prefix", events_prefix)
             .field("dead_letter_subject", dead_letter_subject)
-            .field("inbox_prefix", inbox_prefix)
+            .field("replies", replies)
             .field("metrics_addr", metrics_addr)
             .field("json_logs", json_logs)
             .field("ring_vnodes", ring_vnodes)
@@ -610,6 +627,12 @@ impl std::fmt::Debug for Config {
 
 impl RawConfig {
     /// Validate every setting; the first problem found is returned, naming its variable.
+    /// NATS_REPLY_PREFIXES, refusing the worker's own inbox prefix (`own`).
+    fn replies(&self, own: &str) -> Result<ReplyPolicy, ConfigError> {
+        ReplyPolicy::new(&self.nats_reply_prefixes, own)
+            .map_err(|problem| bad("NATS_REPLY_PREFIXES", problem))
+    }
+
     pub fn validate(&self) -> Result<Config, ConfigError> {
         // Read once (the password may come from a file): for POSTGRES_SHARDS now, and for ring
         // members learnt from NATS later.
@@ -619,12 +642,14 @@ impl RawConfig {
         };
         let shards = self.shards(&member_access)?;
         let nats_url = non_empty("NATS_URL", &self.nats_url)?;
+        let nats = self
+            .nats_security
+            .resolve(&nats_url)
+            .map_err(|e| bad(e.var, e.problem))?;
         Ok(Config {
             intake: self.intake()?,
-            nats: self
-                .nats_security
-                .resolve(&nats_url)
-                .map_err(|e| bad(e.var, e.problem))?,
+            replies: self.replies(&nats.inbox_prefix)?,
+            nats,
             nats_url,
             shards,
             logs_subject: subject("NATS_LOGS_TOPIC", &self.nats_logs_topic)?,
@@ -636,7 +661,6 @@ impl RawConfig {
             queue_group: subject("NATS_QUEUE_GROUP", &self.nats_queue_group)?,
             events_prefix: subject("NATS_EVENTS_PREFIX", &self.nats_events_prefix)?,
             dead_letter_subject: subject("NATS_DEAD_LETTER_TOPIC", &self.nats_dead_letter_topic)?,
-            inbox_prefix: subject("NATS_INBOX_PREFIX", &self.nats_inbox_prefix)?,
             metrics_addr: metrics_addr(&self.metrics_addr)?,
             json_logs: match self.log_format.trim() {
                 "text" => false,
@@ -733,7 +757,8 @@ impl RawConfig {
                     1,
                     10_000_000,
                 )?,
-                max_bytes: number("JS_MAX_BYTES", &self.js_max_bytes, -1, i64::MAX)?,
+                max_bytes: stream_limit("JS_MAX_BYTES", &self.js_max_bytes)?,
+                max_messages: stream_limit("JS_MAX_MSGS", &self.js_max_msgs)?,
                 duplicate_window: Duration::from_millis(number(
                     "JS_DUPLICATE_WINDOW_MS",
                     &self.js_duplicate_window_ms,
@@ -1038,6 +1063,15 @@ fn non_empty(var: &'static str, value: &str) -> Result<String, ConfigError> {
 
 /// NATS subject tokens: no whitespace, no empty tokens. Wildcards are refused because a worker
 /// publishing to a wildcard subject is always a mistake.
+/// A stream limit: -1 (unlimited) or a positive count (0 would refuse every publish).
+fn stream_limit(var: &'static str, value: &str) -> Result<i64, ConfigError> {
+    let limit = number(var, value, -1, i64::MAX)?;
+    if limit == 0 {
+        return Err(bad(var, "0 would refuse every publish; -1 is unlimited"));
+    }
+    Ok(limit)
+}
+
 fn subject(var: &'static str, value: &str) -> Result<String, ConfigError> {
     let value = non_empty(var, value)?;
     if value.contains(|c: char| c.is_whitespace() || c == '*' || c == '>')

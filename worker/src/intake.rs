@@ -62,6 +62,8 @@ pub struct Router {
     pub ordered: Option<CancellationToken>,
     /// Stream sequences of the JetStream messages in this worker.
     pub held: crate::origin::Held,
+    /// NATS_REPLY_PREFIXES: which reply subjects a core message may name.
+    pub replies: crate::replies::ReplyPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +232,7 @@ pub async fn setup_jetstream(
         // than silently dropping older appends that were never stored.
         discard: stream::DiscardPolicy::New,
         max_bytes: config.max_bytes,
+        max_messages: config.max_messages,
         // Keys are per object (the database deduplicates them, forever); the stream's own
         // dedupe of `Nats-Msg-Id` is per stream and drops an append to object 9 that reuses
         // object 8's id within the window, so the window is short (JS_DUPLICATE_WINDOW_MS).
@@ -371,7 +374,42 @@ impl Router {
         }
     }
 
+    /// Whether `message`'s reply subject, if any, may be answered (NATS_REPLY_PREFIXES). One
+    /// that may not is refused whole, before it is decoded: nothing is stored or answered, a
+    /// dead letter says why, and `logstore_replies_refused_total{kind}` counts it.
+    async fn reply_admitted(&self, kind: &str, message: &Message) -> bool {
+        let Some(reply) = &message.reply else {
+            return true;
+        };
+        if self.replies.admits(reply) {
+            return true;
+        }
+        self.metrics
+            .replies_refused
+            .with_label_values(&[kind])
+            .inc();
+        self.metrics.error(kind, ErrorCode::InvalidRequest);
+        let error = ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "reply subject {reply} is not an inbox (NATS_REPLY_PREFIXES); the request was \
+                 not carried out and nothing is answered"
+            ),
+        );
+        let origin = Origin::Core {
+            reply: None,
+            subject: message.subject.clone(),
+        };
+        self.settler
+            .rejected(&message.subject, message.payload.clone(), &origin, error)
+            .await;
+        false
+    }
+
     async fn core_append(&self, message: Message) {
+        if !self.reply_admitted("append", &message).await {
+            return;
+        }
         let received = SystemTime::now();
         let started = Instant::now();
         let in_flight = InFlight::new(&self.metrics.appends_in_flight);
@@ -604,6 +642,9 @@ impl Router {
     /// A query, stats or delete request: decoded, admitted (or answered `busy`), and queued on
     /// its object's shard behind the appends received before it.
     async fn request(&self, kind: RequestKind, message: Message) {
+        if !self.reply_admitted(kind.as_str(), &message).await {
+            return;
+        }
         let started = Instant::now();
         let in_flight = InFlight::new(&self.metrics.queries_in_flight);
         let decoded = match kind {

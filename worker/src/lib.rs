@@ -34,6 +34,7 @@ pub mod outbox;
 pub mod pgtls;
 pub mod pipeline;
 pub mod query;
+pub mod replies;
 pub mod retention;
 pub mod ring;
 pub mod service;
@@ -257,6 +258,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
             _ => None,
         },
         held: origin::Held::default(),
+        replies: config.replies.clone(),
     };
     tokio::pin!(shutdown);
     let mut shutdown_seen = false;
@@ -471,11 +473,7 @@ async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::
         connected_once: Arc::new(AtomicBool::new(false)),
         failures_seen: Arc::default(),
     };
-    let failure = match config
-        .nats
-        .connect(|o| with_callbacks(o, config, &state))
-        .await
-    {
+    let failure = match config.nats.connect(|o| with_callbacks(o, &state)).await {
         Ok(client) => return Ok(client),
         Err(failure) if failure.rejected => return Err(failure.into()),
         Err(failure) => failure,
@@ -485,7 +483,7 @@ async fn connect_nats(config: &Config, metrics: &Metrics) -> Result<async_nats::
         "NATS is not reachable at start; the worker starts (not ready) and connects when it is"
     );
     // Start (not ready) while NATS is down, and connect when it comes up.
-    let retrying = |o| with_callbacks(o, config, &state).retry_on_initial_connect();
+    let retrying = |o| with_callbacks(o, &state).retry_on_initial_connect();
     Ok(config.nats.connect(retrying).await?)
 }
 
@@ -500,11 +498,10 @@ struct ConnectionLog {
 }
 
 /// `options` (the login and TLS of the NATS_* settings: credentials travel there, never
-/// inside logged URLs) with the worker's name, its inbox prefix and callbacks that log each
-/// connection event once.
+/// inside logged URLs, and the inbox prefix) with the worker's name and callbacks that log
+/// each connection event once.
 fn with_callbacks(
     options: async_nats::ConnectOptions,
-    config: &Config,
     state: &ConnectionLog,
 ) -> async_nats::ConnectOptions {
     let ConnectionLog {
@@ -514,7 +511,6 @@ fn with_callbacks(
     } = state.clone();
     options
         .name("logstore-worker")
-        .custom_inbox_prefix(&config.inbox_prefix)
         // Called before every connection attempt (initial and reconnect) with the server pool,
         // which holds each server's failed-attempt count and last error: a count that grew
         // since the last call is one failed attempt, logged once, with the (redacted) URL and

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub retention_deleted: IntCounterVec,
     /// Messages copied to the dead-letter subject, by reason (error code).
     pub dead_letters: IntCounterVec,
+    /// Requests refused unanswered because their reply subject is not an inbox
+    /// (NATS_REPLY_PREFIXES), by the kind of request (append, query, stats, delete, status).
+    pub replies_refused: IntCounterVec,
     /// Error answers by kind (append, query) and code, whatever the intake: a core reply, a
     /// JetStream nak/term, a dead letter or a batch entry's result.
     pub errors: IntCounterVec,
@@ -187,6 +190,14 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            replies_refused: IntCounterVec::new(
+                Opts::new(
+                    "logstore_replies_refused_total",
+                    "Requests refused unanswered: their reply subject is not an inbox \
+                     (NATS_REPLY_PREFIXES), so answering could write where the sender may not.",
+                ),
+                &["kind"],
+            )?,
             errors: IntCounterVec::new(
                 Opts::new(
                     "logstore_errors_total",
@@ -295,6 +306,10 @@ impl Metrics {
         r.register(Box::new(metrics.nats_reconnects.clone()))?;
         r.register(Box::new(metrics.dead_letters.clone()))?;
         r.register(Box::new(metrics.errors.clone()))?;
+        r.register(Box::new(metrics.replies_refused.clone()))?;
+        for kind in ["append", "query", "stats", "delete", "status"] {
+            metrics.replies_refused.with_label_values(&[kind]);
+        }
         r.register(Box::new(metrics.commit_duration.clone()))?;
         r.register(Box::new(metrics.pool_wait.clone()))?;
         r.register(Box::new(metrics.jetstream_pending.clone()))?;

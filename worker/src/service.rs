@@ -157,6 +157,16 @@ pub async fn serve(
                 _ = cancel.cancelled() => break,
                 request = status.next() => {
                     let Some(request) = request else { break };
+                    // The reply subject is the asker's choice (NATS_REPLY_PREFIXES). The
+                    // crate's own PING/INFO/STATS verbs answer any reply subject: deployments
+                    // that let untrusted users publish `$SRV.>` put them in an account of
+                    // their own (deploy/nats/nats-server.conf), where every reply is the
+                    // server's.
+                    let reply = request.message.reply.as_deref().unwrap_or_default();
+                    if !config.replies.admits(reply) {
+                        metrics.replies_refused.with_label_values(&["status"]).inc();
+                        continue;
+                    }
                     let problems = readiness();
                     let body = serde_json::json!({
                         "id": id,

@@ -79,14 +79,14 @@ for name in ("docker-compose.yaml", "docker-compose.test.yaml"):
     for svc in ("nats", "postgres1", "postgres2", "worker"):
         if "healthcheck" not in services[svc]:
             problems.append(f"{name}: {svc} has no healthcheck")
-    # NATS requires logins: the shipped configuration, both passwords as secrets; the workers
+    # NATS requires logins: the shipped configuration, its three passwords as secrets; the workers
     # log in as `worker` with theirs.
     nats = services["nats"]
     if "/etc/nats/run-nats.sh" not in " ".join(nats.get("entrypoint") or []):
         problems.append(f"{name}: nats must start through deploy/nats/run-nats.sh")
     nats_secrets = {s if isinstance(s, str) else s.get("source") for s in nats.get("secrets") or []}
-    if nats_secrets != {"nats_worker_password", "nats_client_password"}:
-        problems.append(f"{name}: nats must get the secrets nats_worker_password and nats_client_password, has {sorted(nats_secrets)}")
+    if nats_secrets != {"nats_worker_password", "nats_admin_password", "nats_client_password"}:
+        problems.append(f"{name}: nats must get the secrets nats_worker_password, nats_admin_password and nats_client_password, has {sorted(nats_secrets)}")
     wenv = worker.get("environment") or {}
     if wenv.get("NATS_USER") != "worker" or wenv.get("NATS_PASSWORD_FILE") != "/run/secrets/nats_worker_password":
         problems.append(f"{name}: the workers must log in as NATS_USER=worker with NATS_PASSWORD_FILE=/run/secrets/nats_worker_password")

@@ -325,15 +325,18 @@ mkdir -p "$dir/nats"
 # The configuration docker-compose.yaml runs, with fresh passwords for this run.
 "$repo/scripts/nats-secrets.sh" "$dir/secrets" >/dev/null
 nats_worker_password_file=$dir/secrets/worker.password
+admin_password_file=$dir/secrets/admin.password
 client_password_file=$dir/secrets/client.password
 spawn "$dir/nats.log" env NATS_SERVER_BIN="$nats_bin" NATS_WORKER_PASSWORD_FILE="$nats_worker_password_file" \
-  NATS_CLIENT_PASSWORD_FILE="$client_password_file" sh "$repo/deploy/nats/run-nats.sh" \
+  NATS_ADMIN_PASSWORD_FILE="$admin_password_file" NATS_CLIENT_PASSWORD_FILE="$client_password_file" \
+  sh "$repo/deploy/nats/run-nats.sh" \
   -a 127.0.0.1 -p "$nats_port" -js -sd "$dir/nats"
 nats_pid=$!
 nats_url=nats://127.0.0.1:$nats_port
 state nats_pid "$nats_pid"
 state nats_url "$nats_url"
 state nats_client_password_file "$client_password_file"
+state nats_admin_password_file "$admin_password_file"
 wait_until 20 nats-server "$nats_pid" "$dir/nats.log" nats_greets "$nats_port"
 log "nats-server up on $nats_url"
 
@@ -400,7 +403,7 @@ for i in $(seq 1 "$WORKERS"); do
   # -u POSTGRES_IPS: a leftover of the original's settings in this shell must not compete with
   # POSTGRES_SHARDS.
   spawn "$dir/worker$i.log" env -u POSTGRES_IPS -u POSTGRES_PASSWORD NATS_URL="$nats_url" NATS_USER=worker \
-    NATS_PASSWORD_FILE="$nats_worker_password_file" NATS_INBOX_PREFIX=_INBOX_worker \
+    NATS_PASSWORD_FILE="$nats_worker_password_file" \
     POSTGRES_SHARDS="$shards_spec" POSTGRES_PASSWORD_FILE="$worker_password_file" \
     INTAKE="$INTAKE" METRICS_ADDR="127.0.0.1:$port" RUST_LOG="${RUST_LOG:-info}" \
     "$BIN_DIR/worker"
@@ -454,7 +457,8 @@ js_flag=""
 {
   echo
   echo "logstore is up (everything lives in $dir; Ctrl-C stops it and removes it)"
-  echo "  NATS         $nats_url  (JetStream, intake: $INTAKE; user client, password in $client_password_file)"
+  echo "  NATS         $nats_url  (JetStream, intake: $INTAKE; user client, password in $client_password_file;"
+  echo "               operator: user admin, password in $admin_password_file)"
   for n in 1 2; do
     echo "  shard pg$n    ${shards[n - 1]#*=}  (owner: ${owner_shards[n - 1]#*=})"
   done
@@ -469,7 +473,7 @@ js_flag=""
   fi
   echo
   login="NATS_USER=client NATS_PASSWORD_FILE=$client_password_file"
-  nats_cli="nats -s $nats_url --user client --password \"\$(cat $client_password_file)\""
+  nats_cli="nats -s $nats_url --user client --password \"\$(cat $client_password_file)\" --inbox-prefix _INBOX_client"
   echo "Try:"
   if [ "$INTAKE" = core ]; then
     echo "  $nats_cli req logs '{\"id\":1,\"log\":\"hello\"}'"
@@ -478,6 +482,7 @@ js_flag=""
   fi
   echo "  $nats_cli req query '{\"id\":1}'"
   echo "  NATS_URL=$nats_url $login $BIN_DIR/logstore get 1"
+  echo "  NATS_URL=$nats_url NATS_USER=admin NATS_PASSWORD_FILE=$admin_password_file $BIN_DIR/logstore delete 1 --before-seq 2"
   echo "  NATS_URL=$nats_url $login QUERIES_MIN=600 $BIN_DIR/loadgen ${js_flag}--duration 60 --verify"
   echo
 } >&2

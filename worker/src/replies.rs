@@ -43,7 +43,10 @@ impl ReplyPolicy {
 
     /// Whether the worker may publish its answer to `reply`.
     pub fn admits(&self, reply: &str) -> bool {
-        let own = self.own.as_deref().is_some_and(|own| reply.starts_with(own));
+        let own = self
+            .own
+            .as_deref()
+            .is_some_and(|own| reply.starts_with(own));
         !own && self.allowed.iter().any(|p| reply.starts_with(p.as_str()))
     }
 }

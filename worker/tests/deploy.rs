@@ -322,6 +322,55 @@ async fn local_up_runs_the_topology_takes_load_and_leaves_nothing_behind() {
     // Exactly: every acknowledged append stored once (loadgen's retries reuse their keys).
     wait_stored(&workers, acknowledged).await;
 
+    // Deleting is the operator's: as `admin` it works end to end; as `client` the CLI names
+    // the permissions violation in one line and exits 2.
+    let login = |user: &str, file: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("NATS_URL", state["nats_url"].clone()),
+            ("NATS_USER", user.to_string()),
+            ("NATS_PASSWORD_FILE", state[file].clone()),
+            ("LOGSTORE_TIMEOUT_MS", "5000".to_string()),
+        ]
+    };
+    let client = login("client", "nats_client_password_file");
+    let admin = login("admin", "nats_admin_password_file");
+    for text in ["to delete", "to keep"] {
+        let (code, out, err) = run_once("logstore", &["append", "9001", text], &client, 30).await;
+        assert_eq!(code, Some(0), "append as client:\n{out}\n{err}");
+    }
+    eventually(30, "both entries of 9001 stored", || {
+        let client = client.clone();
+        async move {
+            let (code, out, _) = run_once("logstore", &["get", "9001"], &client, 30).await;
+            (code == Some(0) && out.contains("to keep")).then_some(())
+        }
+    })
+    .await;
+    let (code, out, err) = run_once(
+        "logstore",
+        &["delete", "9001", "--before-seq", "2"],
+        &client,
+        30,
+    )
+    .await;
+    assert_eq!(code, Some(2), "delete as client:\n{out}\n{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("Permissions Violation"), "{err}");
+    let (code, out, err) = run_once(
+        "logstore",
+        &["delete", "9001", "--before-seq", "2"],
+        &admin,
+        30,
+    )
+    .await;
+    assert_eq!(code, Some(0), "delete as admin:\n{out}\n{err}");
+    let (code, out, err) = run_once("logstore", &["get", "9001"], &client, 30).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        !out.contains("to delete") && out.contains("to keep"),
+        "{out}"
+    );
+
     // The workers log in as the least-privileged login, with the password from their file.
     for n in 1..=2 {
         let shard = pg_connect(&format!(

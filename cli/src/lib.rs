@@ -39,8 +39,9 @@ Examples:
 
 Output: one line per entry, `SEQ TS TEXT` (control characters in TEXT escaped); --json prints
 JSON lines. Exit codes: 0 ok; 1 the service refused or failed the request; 2 bad usage, or
-NATS refused this user the subject (permissions; `delete` is the operator's user); 3 conflict (--expect-seq was not the last seq); 4 NATS or the workers could not be reached, or
-NATS refused the login or the TLS handshake (the line says which).";
+NATS refused this user the subject (permissions; `delete` is the operator's user); 3 conflict
+(--expect-seq was not the last seq); 4 NATS or the workers could not be reached, or NATS
+refused the login or the TLS handshake (the line says which).";
 
 /// The command line. Every connection setting has the worker's environment variable.
 #[derive(Debug, Parser)]

@@ -469,6 +469,23 @@ impl WorkerProcess {
     }
 }
 
+/// A worker whose metrics endpoint (METRICS_ADDR) a test reads.
+pub trait Metered {
+    fn metrics_addr(&self) -> SocketAddr;
+}
+
+impl Metered for WorkerProcess {
+    fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+}
+
+impl Metered for LoggedWorker {
+    fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+}
+
 /// Minimal HTTP/1.0 GET (the worker speaks HTTP/1.1; 1.0 makes it close the connection).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

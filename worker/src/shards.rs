@@ -456,11 +456,16 @@ impl Shards {
         Ok(membership)
     }
 
-    /// Route by `record` from now on (ignored unless it comes after the current one): open lanes for members this worker lacks, close those of members gone.
+    /// Route by `record` from now on (ignored unless it comes after the current one, or is the
+    /// same one given a fleet id): open lanes for members this worker lacks, close those of
+    /// members gone.
     pub async fn apply(&self, record: Record) {
         let _one_at_a_time = self.applying.lock().await;
         let current = self.view();
-        if !record.comes_after(current.layout.epoch, current.layout.state) {
+        let fleet_given = record.rank() == current.layout.record.rank()
+            && current.layout.record.fleet.is_none()
+            && record.fleet.is_some();
+        if !record.comes_after(current.layout.epoch, current.layout.state) && !fleet_given {
             return;
         }
         if current.layout.epoch == 0 {

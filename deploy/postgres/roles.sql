@@ -33,9 +33,12 @@ GRANT USAGE ON SCHEMA public TO logstore_app;
 -- The data: appends insert and update (objects' head rows, logs), deletes and retention delete.
 GRANT SELECT, INSERT, UPDATE, DELETE ON objects, logs TO logstore_app;
 -- The shard's name is recorded on first start (by whoever starts first) and checked on every one.
+-- Its fleet (migrations/0008_fleet.sql) is recorded through logstore_claim_fleet, SECURITY
+-- DEFINER, which only ever fills an empty one: no UPDATE here.
 GRANT SELECT, INSERT ON shard_identity TO logstore_app;
 -- The ring's epoch fence (migrations/0007_resharding.sql): read by every append and read,
--- raised by the first request of a new epoch and by the mover.
+-- raised by the first request of a new epoch and by the mover, which also keeps the shard's
+-- copy of the ring record there (0008).
 GRANT SELECT, UPDATE ON ring_fence TO logstore_app;
 -- Read only: every start compares it with the migrations the binary carries.
 GRANT SELECT ON logstore_migrations TO logstore_app;

@@ -1,17 +1,23 @@
-//! `worker shards add|remove|status`: the operator's side of ring membership
+//! `worker shards add|remove|status|repair`: the operator's side of ring membership
 //! (docs/resharding.md). The commands take the worker's own settings (NATS_URL and the NATS
-//! login, NATS_QUEUE_GROUP, the PostgreSQL password and TLS settings) and change or show the
-//! fleet's ring record in NATS; the workers carry the change out.
+//! login, NATS_QUEUE_GROUP, the PostgreSQL login and TLS settings) and change, show or repair
+//! the fleet's ring record in NATS; the workers carry the change out.
 
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{parse_shards, without_password, Config};
-use crate::ring::{Member, Membership, MoveState, Record};
-use crate::store::Shard;
+use crate::config::{parse_shards, without_login, Config, ShardConfig};
+use crate::ring::{Member, Membership, MembershipError, MoveState, Record, Stored};
+use crate::store::{RingCopy, Shard};
 use crate::Chain;
 
 /// Exit status of `status` while a move runs.
 pub const EXIT_MOVING: u8 = 3;
+
+/// Most shards `repair` reads (the members the copies name, transitively).
+const REPAIR_MAX_SHARDS: usize = 1_000;
 
 /// What `worker shards` was asked to do.
 #[derive(Debug, Clone)]
@@ -26,6 +32,8 @@ pub enum Command {
     Status {
         json: bool,
     },
+    /// Rewrite the ring record from the shards' copies.
+    Repair,
 }
 
 /// A refusal or failure, printed as one line.
@@ -39,6 +47,29 @@ pub enum AdminError {
     Refused(String),
 }
 
+/// Standard output for the commands' answers. A reader that goes away (`worker shards status |
+/// head -1`) ends the output quietly, where `println!` would panic on the broken pipe; any
+/// other write error is said once on stderr.
+#[derive(Default)]
+pub struct Out {
+    closed: bool,
+}
+
+impl Out {
+    pub fn line(&mut self, text: impl std::fmt::Display) {
+        if self.closed {
+            return;
+        }
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+            self.closed = true;
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                let _ = writeln!(std::io::stderr(), "worker: cannot write to stdout: {e}");
+            }
+        }
+    }
+}
+
 /// Run `command`; the exit status on success (0, or [`EXIT_MOVING`] for `status` while a move
 /// runs).
 pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError> {
@@ -49,19 +80,20 @@ pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError>
         .connect(|o| o.name("logstore-worker-admin"))
         .await?;
     let membership = Membership::open(&client, &config.queue_group).await?;
-    let seed = crate::shards::seed_record(config, 1);
-    let (record, revision) = membership.read_or_seed(&seed).await?;
+    let mut out = Out::default();
     let status = match command {
+        Command::Repair => repair(config, &membership, &mut out).await?,
         Command::Status { json } => {
+            let (record, _) = current(config, &membership).await?;
             let progress = membership
                 .progress()
                 .await
                 .filter(|p| p.epoch == record.epoch);
             if json {
                 let value = serde_json::json!({ "ring": record, "progress": progress });
-                println!("{value}");
+                out.line(value);
             } else {
-                print_status(&record, progress.as_ref());
+                print_status(&mut out, &record, progress.as_ref());
             }
             match record.state {
                 MoveState::Steady => 0,
@@ -69,6 +101,7 @@ pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError>
             }
         }
         Command::Add { spec } => {
+            let (record, revision) = current(config, &membership).await?;
             steady(&record)?;
             let shard = parse_shards(&spec)
                 .map_err(|e| AdminError::Refused(e.to_string()))?
@@ -81,37 +114,27 @@ pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError>
                     shard.name
                 )));
             }
-            let url = without_password(&shard.url);
-            // Prepare it with this login now: reachable, migrated, its name recorded (a worker
-            // role without DDL rights could not migrate it later).
-            let access = config
-                .member_access
-                .shard(&shard.name, &shard.url)
-                .map_err(AdminError::Refused)?;
-            let pool = Shard::new(&access, 1, config.shard_timeout.max(Duration::from_secs(5)))
-                .map_err(AdminError::Refused)?;
-            pool.initialise().await.map_err(|e| {
-                AdminError::Refused(format!(
-                    "cannot prepare shard {}: {}; nothing changed",
-                    shard.name,
-                    Chain(&e)
-                ))
-            })?;
-            pool.close();
+            let fleet = record
+                .fleet
+                .clone()
+                .unwrap_or_else(crate::ring::new_fleet_id);
+            let pool = prepare(config, &shard, &fleet).await?;
             let mut members = record.members.clone();
             members.push(Member {
                 name: shard.name.clone(),
-                url,
+                // Never the login the command was given: every worker logs in as itself.
+                url: without_login(&shard.url),
             });
-            change(&membership, &record, revision, members).await?;
-            println!(
+            let next = next_epoch(&record, members, fleet);
+            publish(config, &membership, &next, revision, Some(pool)).await?;
+            out.line(format_args!(
                 "epoch {}: adding shard {}; objects are moving (follow with `worker shards status`)",
-                record.epoch + 1,
-                shard.name
-            );
+                next.epoch, shard.name
+            ));
             0
         }
         Command::Remove { name } => {
+            let (record, revision) = current(config, &membership).await?;
             steady(&record)?;
             if !record.members.iter().any(|m| m.name == name) {
                 return Err(AdminError::Refused(format!(
@@ -129,11 +152,16 @@ pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError>
                 .filter(|m| m.name != name)
                 .cloned()
                 .collect();
-            change(&membership, &record, revision, members).await?;
-            println!(
+            let fleet = record
+                .fleet
+                .clone()
+                .unwrap_or_else(crate::ring::new_fleet_id);
+            let next = next_epoch(&record, members, fleet);
+            publish(config, &membership, &next, revision, None).await?;
+            out.line(format_args!(
                 "epoch {}: removing shard {name}; its objects are moving (follow with `worker shards status`)",
-                record.epoch + 1
-            );
+                next.epoch
+            ));
             0
         }
     };
@@ -141,6 +169,24 @@ pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError>
         tracing::debug!(error = %e, "flush before exit failed");
     }
     Ok(status)
+}
+
+/// The fleet's ring record and its revision, seeded from POSTGRES_SHARDS if it has none (with
+/// the fleet id its shards record, as a worker seeds it), given a fleet id if it has none. A
+/// record that does not decode is an error that names `worker shards repair`.
+async fn current(config: &Config, membership: &Membership) -> Result<(Record, u64), AdminError> {
+    if let Some((record, revision)) = membership.read().await? {
+        if record.fleet.is_some() {
+            return Ok((record, revision));
+        }
+    }
+    let copies = read_copies(config, config.shards.iter().cloned()).await;
+    let seed = Record {
+        fleet: Some(agreed_fleet(&copies).unwrap_or_else(crate::ring::new_fleet_id)),
+        ..crate::shards::seed_record(config, 1)
+    };
+    let (record, revision, _) = membership.read_or_seed(&seed).await?;
+    Ok((record, revision))
 }
 
 /// Refuse a change while another is being carried out.
@@ -154,50 +200,377 @@ fn steady(record: &Record) -> Result<(), AdminError> {
     }
 }
 
-/// Write the next epoch with `members`, moving from the current ones (compare-and-set: a
-/// concurrent change makes this one fail instead of both starting).
-async fn change(
-    membership: &Membership,
-    record: &Record,
-    revision: u64,
-    members: Vec<Member>,
-) -> Result<(), AdminError> {
-    let next = Record {
+/// The record of the next epoch, moving from `record`'s members to `members`.
+fn next_epoch(record: &Record, members: Vec<Member>, fleet: String) -> Record {
+    Record {
         epoch: record.epoch + 1,
         state: MoveState::Moving,
         members,
         vnodes: record.vnodes,
         previous: Some(record.members.clone()),
+        fleet: Some(fleet),
+    }
+}
+
+/// Prepare the new member `shard` with the login the operator gave (a password in the URL is
+/// used for this and never stored): another fleet's database (or another shard's) is refused
+/// before anything is written to it; otherwise it is migrated, its name recorded and claimed
+/// for `fleet` (a worker role without DDL rights could not migrate it later).
+async fn prepare(
+    config: &Config,
+    shard: &ShardConfig,
+    fleet: &str,
+) -> Result<Arc<Shard>, AdminError> {
+    let access = config
+        .member_access
+        .shard(&shard.name, &shard.url)
+        .map_err(AdminError::Refused)?;
+    let pool = Arc::new(
+        Shard::new(&access, 1, config.shard_timeout.max(Duration::from_secs(5)))
+            .map_err(AdminError::Refused)?,
+    );
+    let refused = |why: String| {
+        pool.close();
+        AdminError::Refused(format!(
+            "cannot add shard {}: {why}; nothing changed",
+            shard.name
+        ))
     };
-    match membership.write(&next, revision).await {
+    match pool.peek_identity().await {
+        Ok(Some((_, Some(other)))) if other != fleet => {
+            return Err(refused(format!(
+                "the database belongs to another logstore fleet ({other}; this fleet is {fleet})"
+            )))
+        }
+        Ok(Some((name, _))) if name != shard.name => {
+            return Err(refused(format!(
+            "the database belongs to shard {name:?} (a name must always map to the same database)"
+        )))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(refused(Chain(&e).to_string())),
+    }
+    pool.set_fleet(Some(fleet));
+    if let Err(e) = pool.initialise().await {
+        return Err(refused(Chain(&e).to_string()));
+    }
+    Ok(pool)
+}
+
+/// Publish the change `next` (read at `revision`): every member it names (now and before) is
+/// reached first with this worker's own login, checked to be this fleet's and made to keep
+/// `next` as its copy of the ring (`added`, the new member, with the login the operator gave);
+/// then the record is written by compare-and-set (a concurrent change makes this one fail
+/// instead of both starting), and the copies are made to hold exactly what was written. So no
+/// shard can be fenced at the new epoch (by a worker that learnt it) without the shards
+/// keeping its record for `worker shards repair`.
+async fn publish(
+    config: &Config,
+    membership: &Membership,
+    next: &Record,
+    revision: u64,
+    added: Option<Arc<Shard>>,
+) -> Result<(), AdminError> {
+    let mut pools: Vec<Arc<Shard>> = added.iter().cloned().collect();
+    let close = |pools: &[Arc<Shard>]| pools.iter().for_each(|pool| pool.close());
+    for member in next.all_members() {
+        if pools.iter().any(|pool| pool.name == member.name) {
+            continue;
+        }
+        let pool = match open_member(config, &member.name, &member.url) {
+            Ok(pool) => pool,
+            Err(why) => {
+                close(&pools);
+                return Err(AdminError::Refused(format!(
+                    "cannot reach ring member {}: {why}; nothing changed",
+                    member.name
+                )));
+            }
+        };
+        pool.set_fleet(next.fleet.as_deref());
+        let ready = pool.initialise().await;
+        pools.push(pool);
+        if let Err(e) = ready {
+            close(&pools);
+            return Err(AdminError::Refused(format!(
+                "cannot reach ring member {}: {}; nothing changed (every member must answer \
+                 to change the ring)",
+                member.name,
+                Chain(&e)
+            )));
+        }
+    }
+    for pool in &pools {
+        if let Err(e) = pool.keep_ring(next, false, false).await {
+            close(&pools);
+            return Err(AdminError::Refused(format!(
+                "cannot record the change on shard {}: {}; the ring did not change",
+                pool.name,
+                Chain(&e)
+            )));
+        }
+    }
+    let written = match membership.write(next, revision).await {
         Ok(_) => Ok(()),
-        Err(crate::ring::MembershipError::Changed { .. }) => Err(AdminError::Refused(
+        Err(MembershipError::Changed { .. }) => Err(AdminError::Refused(
             "the ring changed meanwhile (another operator?); check `worker shards status` and try again"
                 .into(),
         )),
         Err(e) => Err(e.into()),
+    };
+    if written.is_ok() {
+        for pool in &pools {
+            if let Err(e) = pool.keep_ring(next, true, false).await {
+                tracing::warn!(shard = %pool.name, error = %Chain(&e), "cannot record the change on a shard (the mover does when it raises the fences)");
+            }
+        }
     }
+    close(&pools);
+    written
 }
 
-fn print_status(record: &Record, progress: Option<&crate::ring::Progress>) {
+/// A pool of one connection to ring member `name` at `url` (as a record stores it): this
+/// worker's own URL for it when POSTGRES_SHARDS names it, else `url` with its own login.
+fn open_member(config: &Config, name: &str, url: &str) -> Result<Arc<Shard>, String> {
+    let shard = match config.shards.iter().find(|s| s.name == name) {
+        Some(shard) => shard.clone(),
+        None => config.member_access.shard(name, &without_login(url))?,
+    };
+    Shard::new(&shard, 1, config.shard_timeout.max(Duration::from_secs(5))).map(Arc::new)
+}
+
+/// What each shard in `shards` keeps of the ring (or why it could not be read), by name.
+async fn read_copies(
+    config: &Config,
+    shards: impl Iterator<Item = ShardConfig>,
+) -> Vec<(String, Result<RingCopy, String>)> {
+    let reads = shards.map(|shard| async move {
+        let copy = match open_member(config, &shard.name, &shard.url) {
+            Ok(pool) => {
+                let copy = pool.ring_copy().await.map_err(|e| Chain(&e).to_string());
+                pool.close();
+                copy
+            }
+            Err(why) => Err(why),
+        };
+        (shard.name, copy)
+    });
+    futures::future::join_all(reads).await
+}
+
+/// The fleet every shard read records, when they all answer and record the same one.
+fn agreed_fleet(copies: &[(String, Result<RingCopy, String>)]) -> Option<String> {
+    let mut fleets = copies
+        .iter()
+        .map(|(_, copy)| copy.as_ref().ok()?.fleet.clone());
+    let first = fleets.next()??;
+    fleets.all(|f| f.as_ref() == Some(&first)).then_some(first)
+}
+
+/// `worker shards repair`: rewrite the ring record from what the shards keep. Every shard this
+/// worker can reach is read (those of POSTGRES_SHARDS, those the record names if it decodes,
+/// and the members every copy found names, in turn): its identity (name and fleet), its fence
+/// and its copy of the ring record (kept by whoever raised its fence for a change, or
+/// published one). The copy of the highest epoch and step of the fleet wins (the fleet: the
+/// record's if it decodes, else that of the latest copy); no shard of the fleet may be fenced
+/// at a later epoch than it (the record of that epoch would be unknown: refused). It is written
+/// over whatever the key holds (garbage, a deletion, or an older record); a move that was
+/// running goes on from it. Without any copy (shards from before migration 0008 that never
+/// moved since), the record is rebuilt from POSTGRES_SHARDS at the highest fence.
+async fn repair(config: &Config, membership: &Membership, out: &mut Out) -> Result<u8, AdminError> {
+    let stored: Option<Stored> = membership.entry().await?;
+    let (revision, current) = match stored {
+        Some(Stored {
+            revision,
+            record: Some(Ok(record)),
+        }) => (Some(revision), Some(record)),
+        Some(Stored {
+            revision,
+            record: Some(Err(e)),
+        }) => {
+            out.line(format_args!(
+                "the ring record does not decode: {}",
+                Chain(&e)
+            ));
+            (Some(revision), None)
+        }
+        Some(Stored { record: None, .. }) | None => {
+            out.line("the ring record is missing");
+            (None, None)
+        }
+    };
+    // Every shard reachable: POSTGRES_SHARDS, the record's members, and the members each copy
+    // names.
+    let mut queue: Vec<ShardConfig> = config.shards.clone();
+    for member in current.iter().flat_map(Record::all_members) {
+        queue.push(ShardConfig {
+            name: member.name.clone(),
+            url: member.url.clone(),
+        });
+    }
+    let mut read: HashMap<String, Result<RingCopy, String>> = HashMap::new();
+    while !queue.is_empty() && read.len() < REPAIR_MAX_SHARDS {
+        let mut seen: HashSet<String> = read.keys().cloned().collect();
+        let batch: Vec<ShardConfig> = std::mem::take(&mut queue)
+            .into_iter()
+            .filter(|shard| seen.insert(shard.name.clone()))
+            .collect();
+        for (name, copy) in read_copies(config, batch.into_iter()).await {
+            let copy = copy.and_then(|copy| {
+                if copy.name == name {
+                    Ok(copy)
+                } else {
+                    Err(format!("its database belongs to shard {:?}", copy.name))
+                }
+            });
+            if let Ok(RingCopy {
+                record: Some(Ok(record)),
+                ..
+            }) = &copy
+            {
+                for member in record.all_members() {
+                    if !read.contains_key(&member.name) && member.name != name {
+                        queue.push(ShardConfig {
+                            name: member.name.clone(),
+                            url: member.url.clone(),
+                        });
+                    }
+                }
+            }
+            read.insert(name, copy);
+        }
+    }
+    let mut unread: Vec<(&String, &String)> = read
+        .iter()
+        .filter_map(|(name, copy)| Some((name, copy.as_ref().err()?)))
+        .collect();
+    unread.sort();
+    for (name, why) in unread {
+        let _ = writeln!(
+            std::io::stderr(),
+            "worker shards repair: shard {name} not read: {why}"
+        );
+    }
+    // The fleet: the record's, if it decodes and has one; else the latest copy's.
+    let copies = || {
+        read.iter().filter_map(|(name, copy)| {
+            let copy = copy.as_ref().ok()?;
+            match &copy.record {
+                Some(Ok(record)) if record.fleet.is_some() && record.fleet == copy.fleet => {
+                    Some((name, record))
+                }
+                _ => None,
+            }
+        })
+    };
+    let fleet = current
+        .as_ref()
+        .and_then(|record| record.fleet.clone())
+        .or_else(|| {
+            copies()
+                .max_by_key(|(_, r)| r.rank())
+                .and_then(|(_, r)| r.fleet.clone())
+        });
+    let best = copies()
+        .filter(|(_, record)| record.fleet == fleet)
+        .max_by_key(|(_, record)| record.rank())
+        .map(|(name, record)| (name.clone(), record.clone()));
+    let fences = read.iter().filter_map(|(name, copy)| {
+        let copy = copy.as_ref().ok()?;
+        (copy.fleet == fleet).then_some((name, copy.fence))
+    });
+    let (highest_fence, fenced_at) = fences
+        .max_by_key(|(_, fence)| *fence)
+        .map_or((0, None), |(name, fence)| (fence, Some(name.clone())));
+    let (record, source) = match best {
+        Some((name, record)) => {
+            if highest_fence > record.epoch {
+                return Err(AdminError::Refused(format!(
+                    "shard {} is fenced at ring epoch {highest_fence}, and the latest copy of the \
+                     ring record the shards keep is of epoch {} (shard {name}): the record of \
+                     epoch {highest_fence} is unknown, nothing was written",
+                    fenced_at.unwrap_or_default(),
+                    record.epoch
+                )));
+            }
+            (record, format!("shard {name}'s copy"))
+        }
+        None => {
+            let configured: Vec<(String, Result<RingCopy, String>)> = config
+                .shards
+                .iter()
+                .filter_map(|s| Some((s.name.clone(), read.get(&s.name)?.clone())))
+                .collect();
+            let fleet = fleet
+                .or_else(|| agreed_fleet(&configured))
+                .unwrap_or_else(crate::ring::new_fleet_id);
+            let record = Record {
+                fleet: Some(fleet),
+                ..crate::shards::seed_record(config, highest_fence.max(1))
+            };
+            (
+                record,
+                "POSTGRES_SHARDS (no shard keeps a copy of the ring record)".to_string(),
+            )
+        }
+    };
+    if let Some(current) = &current {
+        if current.fleet == record.fleet && current.rank() >= record.rank() {
+            out.line(format_args!(
+                "the ring record is readable and current (epoch {}, {:?}); nothing to repair",
+                current.epoch, current.state
+            ));
+            return Ok(0);
+        }
+    }
+    let written = match revision {
+        Some(revision) => membership.write(&record, revision).await,
+        None => membership.create(&record).await,
+    };
+    match written {
+        Ok(_) => {}
+        Err(MembershipError::Changed { .. }) => {
+            return Err(AdminError::Refused(
+                "the ring record changed meanwhile; run `worker shards repair` again".into(),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let names: Vec<&str> = record.members.iter().map(|m| m.name.as_str()).collect();
+    out.line(format_args!(
+        "repaired the ring record from {source}: epoch {} ({:?}), members {}",
+        record.epoch,
+        record.state,
+        names.join(", ")
+    ));
+    Ok(match record.state {
+        MoveState::Steady => 0,
+        MoveState::Moving | MoveState::Purging => EXIT_MOVING,
+    })
+}
+
+fn print_status(out: &mut Out, record: &Record, progress: Option<&crate::ring::Progress>) {
     let state = match record.state {
         MoveState::Steady => "steady",
         MoveState::Moving => "moving",
         MoveState::Purging => "purging (everything moved; old copies being deleted)",
     };
-    println!("epoch {}: {state}", record.epoch);
-    println!("members:");
+    out.line(format_args!("epoch {}: {state}", record.epoch));
+    if let Some(fleet) = &record.fleet {
+        out.line(format_args!("fleet: {fleet}"));
+    }
+    out.line("members:");
     for member in &record.members {
-        println!("  {} {}", member.name, member.url);
+        out.line(format_args!("  {} {}", member.name, member.url));
     }
     if let Some(previous) = &record.previous {
         let names: Vec<&str> = previous.iter().map(|m| m.name.as_str()).collect();
-        println!("moving from: {}", names.join(", "));
+        out.line(format_args!("moving from: {}", names.join(", ")));
     }
     if let Some(p) = progress {
-        println!(
+        out.line(format_args!(
             "progress: {} to move in the last scan, {} moved, {} errors (retried), {} old copies purged",
             p.todo, p.moved, p.errors, p.purged
-        );
+        ));
     }
 }

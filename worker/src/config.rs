@@ -334,10 +334,16 @@ pub struct Moves {
     pub grace: Duration,
 }
 
-/// POSTGRES_PASSWORD / POSTGRES_PASSWORD_FILE and the POSTGRES_SSL* defaults, kept to fill the
-/// URLs of ring members learnt from NATS as POSTGRES_SHARDS URLs are filled. `Debug` redacts.
+/// This worker's own PostgreSQL login (the user and password it logs in to its POSTGRES_SHARDS
+/// with) and the POSTGRES_SSL* defaults, kept to fill the URLs of ring members learnt from NATS
+/// (stored there without user or password) as POSTGRES_SHARDS URLs are filled. `Debug` redacts.
 #[derive(Clone, Default)]
 pub struct MemberAccess {
+    /// The user of this worker's first configured shard (its POSTGRES_SHARDS URL's, or
+    /// POSTGRES_USER with POSTGRES_IPS or a URL naming none).
+    user: Option<String>,
+    /// POSTGRES_PASSWORD / POSTGRES_PASSWORD_FILE, else the password of the first configured
+    /// shard's URL.
     password: Option<String>,
     tls: Vec<(&'static str, String)>,
 }
@@ -345,6 +351,7 @@ pub struct MemberAccess {
 impl std::fmt::Debug for MemberAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemberAccess")
+            .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
             .finish()
@@ -352,14 +359,41 @@ impl std::fmt::Debug for MemberAccess {
 }
 
 impl MemberAccess {
-    /// The shard `name` at `url` (as stored in the ring record: no password), with this
-    /// worker's password and TLS defaults filled in where the URL names none.
+    /// The login this worker uses for its own shards: the user (and, without
+    /// POSTGRES_PASSWORD, the password) of `first`, its first configured shard, or
+    /// `default_user` (POSTGRES_USER) where that names none.
+    fn with_login_of(mut self, first: Option<&ShardConfig>, default_user: &str) -> MemberAccess {
+        let parsed = first
+            .and_then(|shard| crate::pgtls::split(&shard.url).ok())
+            .and_then(|(url, _)| url.parse::<tokio_postgres::Config>().ok());
+        let user = parsed
+            .as_ref()
+            .and_then(|c| c.get_user())
+            .map(str::to_string);
+        if self.password.is_none() {
+            self.password = parsed
+                .as_ref()
+                .and_then(|c| c.get_password())
+                .and_then(|p| String::from_utf8(p.to_vec()).ok());
+        }
+        let default_user = default_user.trim();
+        self.user = user.or_else(|| (!default_user.is_empty()).then(|| default_user.to_string()));
+        self
+    }
+
+    /// The shard `name` at `url` (as stored in the ring record: no user, no password), with
+    /// this worker's own user, password and TLS defaults filled in where the URL names none.
+    /// (`worker shards add` uses it with the URL an operator gave: a user named there is
+    /// kept for that command's own connection.)
     pub fn shard(&self, name: &str, url: &str) -> Result<ShardConfig, String> {
         let mut shard = ShardConfig {
             name: name.to_string(),
             url: url.to_string(),
         };
         let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if let Some(user) = &self.user {
+            fill_user(&mut shard, user, is_url);
+        }
         match &self.password {
             Some(password) if is_url => fill_password(&mut shard, password),
             // The key=value form (a ring seeded from POSTGRES_IPS), which never holds one here.
@@ -379,8 +413,57 @@ impl MemberAccess {
     }
 }
 
+/// `url` without user or password (the userinfo of a `postgres://` URL, `user` and `password`
+/// parameters of either form): what the ring record stores. Every worker logs in to a member
+/// with its own login ([`MemberAccess::shard`]), whoever wrote the record.
+pub fn without_login(url: &str) -> String {
+    let trimmed = without_password(url);
+    if let Some((scheme, rest)) = trimmed.split_once("://") {
+        let (authority_end, _) = rest
+            .char_indices()
+            .find(|(_, c)| matches!(c, '/' | '?'))
+            .unwrap_or((rest.len(), ' '));
+        let (authority, tail) = rest.split_at(authority_end);
+        let host = authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host);
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|p| !p.to_ascii_lowercase().starts_with("user="))
+                    .collect();
+                if kept.is_empty() {
+                    path.to_string()
+                } else {
+                    format!("{path}?{}", kept.join("&"))
+                }
+            }
+            None => tail.to_string(),
+        };
+        return format!("{scheme}://{host}{tail}");
+    }
+    // key=value form (the password is gone already): drop the user pair.
+    let mut out = Vec::new();
+    let mut words = trimmed.split(' ').peekable();
+    while let Some(word) = words.next() {
+        if word.to_ascii_lowercase().starts_with("user=") {
+            if word.starts_with("user='") && !(word.len() > 6 && word.ends_with('\'')) {
+                for next in words.by_ref() {
+                    if next.ends_with('\'') {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(word);
+    }
+    out.join(" ")
+}
+
 /// `url` without any password (in the userinfo of a `postgres://` URL, or as a `password`
-/// parameter of either form): what may be stored in NATS and shown to an operator.
+/// parameter of either form): what may be shown to an operator.
 pub fn without_password(url: &str) -> String {
     let trimmed = url.trim();
     if let Some((scheme, rest)) = trimmed.split_once("://") {
@@ -637,10 +720,12 @@ impl RawConfig {
         // Read once (the password may come from a file): for POSTGRES_SHARDS now, and for ring
         // members learnt from NATS later.
         let member_access = MemberAccess {
+            user: None,
             password: self.password()?,
             tls: self.tls_defaults()?,
         };
         let shards = self.shards(&member_access)?;
+        let member_access = member_access.with_login_of(shards.first(), &self.postgres_user);
         let nats_url = non_empty("NATS_URL", &self.nats_url)?;
         let nats = self
             .nats_security
@@ -1007,6 +1092,30 @@ fn with_tls_defaults(
     Ok(shards)
 }
 
+/// Give a connection string naming no user `user`: in a URL's userinfo, or as a `user` pair.
+fn fill_user(shard: &mut ShardConfig, user: &str, is_url: bool) {
+    let has_user = crate::pgtls::split(&shard.url)
+        .ok()
+        .and_then(|(url, _)| url.parse::<tokio_postgres::Config>().ok())
+        .is_some_and(|config| config.get_user().is_some());
+    if has_user {
+        return;
+    }
+    if !is_url {
+        shard.url = format!("{} user={}", shard.url, quote_conninfo(user));
+        return;
+    }
+    if let Some((scheme, rest)) = shard.url.split_once("://") {
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        // A userinfo without a user (`:pw@host`, `@host`) gets the user in front; none, a new one.
+        let at = if authority.contains('@') { "" } else { "@" };
+        shard.url = format!(
+            "{scheme}://{}{at}{rest}",
+            crate::pgtls::percent_encode(user)
+        );
+    }
+}
+
 fn fill_password(shard: &mut ShardConfig, password: &str) {
     let has_password = crate::pgtls::split(&shard.url)
         .ok()
@@ -1176,6 +1285,7 @@ mod tests {
     #[test]
     fn members_get_this_workers_password_and_tls_defaults() {
         let access = MemberAccess {
+            user: None,
             password: Some("pw".into()),
             tls: vec![("sslmode", "require".to_string())],
         };
@@ -1197,6 +1307,76 @@ mod tests {
             .shard("h5", "host=h5 port=5432 user=u dbname=db")
             .unwrap();
         assert!(ips.url.contains(" password='pw'"), "{}", ips.url);
+    }
+
+    /// The ring record stores neither user nor password (issue 19): every worker logs in to a
+    /// member as itself.
+    #[test]
+    fn without_login_keeps_neither_user_nor_password() {
+        for (given, kept) in [
+            (
+                "postgres://postgres:s3cret@h:5432/db",
+                "postgres://h:5432/db",
+            ),
+            ("postgres://postgres@h/db", "postgres://h/db"),
+            (
+                "postgres://h/db?user=postgres&password=s3cret&sslmode=require",
+                "postgres://h/db?sslmode=require",
+            ),
+            ("postgresql://h/db?user=postgres", "postgresql://h/db"),
+            ("postgres://h/db", "postgres://h/db"),
+            (
+                "host=h port=5432 user=postgres password=s3cret dbname=db",
+                "host=h port=5432 dbname=db",
+            ),
+            ("host=h user='post gres' dbname=db", "host=h dbname=db"),
+        ] {
+            let stripped = without_login(given);
+            assert_eq!(stripped, kept, "{given}");
+            assert!(
+                !stripped.contains("s3") && !stripped.contains('@') && !stripped.contains("user"),
+                "{stripped}"
+            );
+        }
+    }
+
+    /// A member learnt from the ring record is reached with this worker's own login: the
+    /// user (and password) of its own first shard, whatever user the record once named.
+    #[test]
+    fn members_get_this_workers_own_login() {
+        let c = raw(&[
+            "--postgres-shards",
+            "a=postgres://logstore_worker:pw@h1:5432/db,b=postgres://logstore_worker@h2/db",
+        ])
+        .validate()
+        .unwrap();
+        let access = &c.member_access;
+        let member = access
+            .shard("pg3", &without_login("postgres://postgres@h3:5432/db"))
+            .unwrap();
+        let parsed: tokio_postgres::Config =
+            crate::pgtls::split(&member.url).unwrap().0.parse().unwrap();
+        assert_eq!(parsed.get_user(), Some("logstore_worker"), "{}", member.url);
+        assert_eq!(parsed.get_password(), Some(&b"pw"[..]));
+        assert!(!format!("{access:?}").contains("pw"));
+        // The URL an operator gives `worker shards add` keeps its own user for that command.
+        let given = access.shard("pg3", "postgres://postgres@h3/db").unwrap();
+        let parsed: tokio_postgres::Config =
+            crate::pgtls::split(&given.url).unwrap().0.parse().unwrap();
+        assert_eq!(parsed.get_user(), Some("postgres"));
+        // POSTGRES_IPS: POSTGRES_USER, in the key=value form too.
+        let c = raw(&["--postgres-ips", "h1", "--postgres-user", "w'x"])
+            .validate()
+            .unwrap();
+        let member = c
+            .member_access
+            .shard(
+                "h2",
+                &without_login("host=h2 port=5432 user=postgres dbname=d"),
+            )
+            .unwrap();
+        let parsed: tokio_postgres::Config = member.url.parse().unwrap();
+        assert_eq!(parsed.get_user(), Some("w'x"), "{}", member.url);
     }
 
     fn raw(args: &[&str]) -> RawConfig {

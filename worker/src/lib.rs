@@ -201,7 +201,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
         let client = client.clone();
         let shards = shards.clone();
         let subscribed = subscribed.clone();
-        Arc::new(move || readiness_problems(&client, &shards.all(), &subscribed))
+        Arc::new(move || readiness_problems(&client, &shards, &subscribed))
     };
     background.spawn(http::serve(
         listener,
@@ -575,6 +575,14 @@ pub(crate) async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: Can
                 refused_logged = true;
             }
             Err(())
+        } else if shard.is_initialised() && !shard.fleet_confirmed() {
+            // The fleet became known while the shard did not answer (or it is another fleet's,
+            // which it logged once): check it now.
+            shard.confirm_fleet().await.map_err(|e| {
+                tracing::debug!(shard = %name, error = %Chain(&e), "fleet check failed");
+            })
+        } else if shard.foreign_fleet().is_some() {
+            Err(())
         } else if shard.is_initialised() {
             shard.ping().await.map_err(|e| {
                 tracing::debug!(shard = %name, error = %Chain(&e), "health check failed");
@@ -634,7 +642,7 @@ pub(crate) async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: Can
 
 fn readiness_problems(
     client: &async_nats::Client,
-    shards: &[Arc<Shard>],
+    shards: &shards::Shards,
     subscribed: &AtomicBool,
 ) -> Vec<String> {
     let mut problems = Vec::new();
@@ -645,15 +653,6 @@ fn readiness_problems(
     if state != async_nats::connection::State::Connected {
         problems.push(format!("nats: {state}"));
     }
-    for shard in shards {
-        if shard.is_refused() {
-            problems.push(format!(
-                "shard {}: database belongs to another shard",
-                shard.name
-            ));
-        } else if !shard.is_up() {
-            problems.push(format!("shard {}: unreachable", shard.name));
-        }
-    }
+    problems.extend(shards.problems());
     problems
 }

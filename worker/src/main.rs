@@ -39,7 +39,8 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         wait_secs: u64,
     },
-    /// Grow or shrink the fleet's shard set online, or show it (the ring record in NATS).
+    /// Grow or shrink the fleet's shard set online, show it (the ring record in NATS), or
+    /// repair the record from the shards' copies.
     Shards {
         #[command(subcommand)]
         command: ShardsCommand,
@@ -54,9 +55,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ShardsCommand {
-    /// Add a PostgreSQL node: NAME=URL as in POSTGRES_SHARDS (a password in the URL is used to
-    /// prepare the node now and never stored: the workers log in with their own
-    /// POSTGRES_PASSWORD). Returns once the move has started.
+    /// Add a PostgreSQL node: NAME=URL as in POSTGRES_SHARDS (the URL's user and password are
+    /// used to prepare the node now and never stored: the workers log in with their own login).
+    /// A database of another fleet is refused. Returns once the move has started.
     Add {
         #[arg(value_name = "NAME=URL")]
         spec: String,
@@ -70,6 +71,10 @@ enum ShardsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Rewrite the ring record (missing, or not decoding: overwritten by someone allowed to
+    /// write the NATS key) from the copies the shards keep: the latest one of the fleet wins.
+    /// A move that was running goes on. Exit 0 (steady) or 3 (a move goes on).
+    Repair,
 }
 
 fn main() -> ExitCode {
@@ -86,8 +91,9 @@ fn main() -> ExitCode {
         Some(Command::Ring { ids }) => {
             let names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
             let ring = worker::ring::Ring::new(&names, config.ring_vnodes);
+            let mut out = worker::admin::Out::default();
             for id in ids {
-                println!("{id} {}", ring.shard_name_of(id));
+                out.line(format_args!("{id} {}", ring.shard_name_of(id)));
             }
             ExitCode::SUCCESS
         }
@@ -136,6 +142,7 @@ fn shards(config: &worker::config::Config, command: ShardsCommand) -> ExitCode {
         ShardsCommand::Add { spec } => worker::admin::Command::Add { spec },
         ShardsCommand::Remove { name } => worker::admin::Command::Remove { name },
         ShardsCommand::Status { json } => worker::admin::Command::Status { json },
+        ShardsCommand::Repair => worker::admin::Command::Repair,
     };
     let work = worker::admin::shards(config, command);
     match runtime

@@ -45,6 +45,11 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const RELEASE_WAIT: Duration = Duration::from_secs(1);
 /// Lease lifetime when this worker creates the lease bucket without JetStream intake settings.
 const DEFAULT_LEASE: Duration = Duration::from_secs(3);
+/// First and longest pause before reading a ring record again that is missing or does not
+/// decode (the move waits for `worker shards repair`, holding its lease), and before taking a
+/// move up again after one failed.
+const RING_RETRY_FIRST: Duration = Duration::from_millis(500);
+const RING_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Why a move stopped before it finished (it is taken up again).
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +70,16 @@ pub async fn run(
 ) {
     let mut lease: Option<Lease> = None;
     let mut standing_by = false;
+    // After a move failed (it released its lease), the next attempt waits: a failure that
+    // repeats at once (NATS refusing writes) must not turn into a take/fail/release loop.
+    let mut backoff = Duration::ZERO;
     loop {
+        if !backoff.is_zero() {
+            pause(backoff, &cancel).await;
+            if cancel.is_cancelled() {
+                return;
+            }
+        }
         let taken = tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
@@ -88,8 +102,24 @@ pub async fn run(
             .await;
         metrics.move_running.set(0);
         match result {
-            Ok(()) => tracing::info!("ring change complete"),
-            Err(e) => tracing::info!(reason = %e, "move interrupted; it is taken up again"),
+            Ok(()) => {
+                // Complete: this worker routes by a steady ring now (else take it up again
+                // only after a pause).
+                backoff = match shards.view().layout.state {
+                    MoveState::Steady => Duration::ZERO,
+                    _ => (backoff * 2).clamp(RING_RETRY_FIRST, RING_RETRY_MAX),
+                };
+                tracing::info!("ring change complete");
+            }
+            Err(Stopped::Lost) => {
+                // Another worker holds the lease now, or this one stops.
+                backoff = RING_RETRY_FIRST;
+                tracing::info!("move interrupted (lease lost or stopping); it is taken up again");
+            }
+            Err(e) => {
+                backoff = (backoff * 2).clamp(RING_RETRY_FIRST, RING_RETRY_MAX);
+                tracing::warn!(error = %Chain(&e), retry_in = ?backoff, "move interrupted; it is taken up again");
+            }
         }
         // Bounded, so a worker stopping while NATS is away does not wait for it: the lease
         // then expires by itself.
@@ -170,30 +200,86 @@ async fn carry_out(
     let config = shards.config().clone();
     let mut progress = Progress::default();
     let mut grace_done = false;
+    // A record that cannot be read (missing, or not decoding: overwritten by someone who may
+    // write the key) stops the move, never the mover's pace: it waits, holding its lease, and
+    // re-reads with backoff, logging once per cause, until `worker shards repair` (or the
+    // operator) restores it; then it goes on from what the shards hold.
+    let mut ring_wait = RING_RETRY_FIRST;
+    let mut ring_logged: Option<String> = None;
+    let mut waiting_logged: Option<Vec<String>> = None;
     loop {
         if lost.is_cancelled() {
             return Err(Stopped::Lost);
         }
-        let Some((mut record, revision)) = membership.read().await? else {
-            return Ok(());
+        let routed = shards.view().layout.record.clone();
+        let read = match membership.read().await {
+            // Behind what this worker routes by (a record deleted and seeded again, or written
+            // back by hand): going by it would undo the change.
+            Ok(Some((found, _))) if found.rank() < routed.rank() => Err(format!(
+                "the ring record {} (epoch {}, {:?}) is behind the ring this worker routes by \
+                 (epoch {}, {:?}, from the shards' copies): the move waits for `worker shards \
+                 repair`",
+                membership.key(),
+                found.epoch,
+                found.state,
+                routed.epoch,
+                routed.state
+            )),
+            Ok(Some(found)) => Ok(found),
+            Ok(None) => Err(format!(
+                "the ring record {} is missing: the move waits for `worker shards repair`",
+                membership.key()
+            )),
+            Err(e @ crate::ring::MembershipError::Decode { .. }) => Err(Chain(&e).to_string()),
+            Err(e) => return Err(e.into()),
         };
+        let (mut record, revision) = match read {
+            Ok(found) => {
+                if ring_logged.take().is_some() {
+                    tracing::info!("the ring record is readable again; the move goes on");
+                }
+                ring_wait = RING_RETRY_FIRST;
+                found
+            }
+            Err(cause) => {
+                if ring_logged.as_deref() != Some(cause.as_str()) {
+                    tracing::error!(error = %cause, "the move waits: the ring record cannot be read");
+                    ring_logged = Some(cause);
+                }
+                metrics.move_errors.inc();
+                pause(ring_wait, lost).await;
+                ring_wait = (ring_wait * 2).min(RING_RETRY_MAX);
+                continue;
+            }
+        };
+        if record.state == MoveState::Steady {
+            shards.apply(record).await;
+            return Ok(());
+        }
         shards.apply(record.clone()).await;
         let view = shards.view();
-        let missing: Vec<&str> = record
+        let missing: Vec<String> = record
             .all_members()
             .into_iter()
-            .filter(|m| view.lane(&m.name).is_none())
-            .map(|m| m.name.as_str())
+            .filter(|m| {
+                view.lane(&m.name)
+                    .is_none_or(|lane| !lane.shard.fleet_confirmed())
+            })
+            .map(|m| m.name.clone())
             .collect();
         if view.layout.epoch != record.epoch || !missing.is_empty() {
-            // This worker could not open a member's lane (its log says why): nothing can move
-            // to or from it until it can.
+            // This worker could not open a member's lane, or has not confirmed it is this
+            // fleet's (its log says why): nothing can move to or from it until it can.
             metrics.move_errors.inc();
             progress.errors += 1;
-            tracing::warn!(missing = ?missing, "cannot open every ring member; the move waits");
+            if waiting_logged.as_ref() != Some(&missing) {
+                tracing::warn!(missing = ?missing, "cannot open every ring member; the move waits");
+                waiting_logged = Some(missing);
+            }
             pause(RETRY_MAX, lost).await;
             continue;
         }
+        waiting_logged = None;
         if progress.epoch != record.epoch {
             progress = Progress {
                 epoch: record.epoch,
@@ -203,7 +289,7 @@ async fn carry_out(
         match record.state {
             MoveState::Steady => return Ok(()),
             MoveState::Moving => {
-                raise_fences(&view, record.epoch, metrics, &mut progress, lost).await?;
+                raise_fences(&view, &record, metrics, &mut progress, lost).await?;
                 let todo = count(&view, lost).await?;
                 progress.todo = todo;
                 metrics
@@ -213,6 +299,7 @@ async fn carry_out(
                 membership.put_progress(&progress).await;
                 if todo == 0 {
                     record.state = MoveState::Purging;
+                    keep_copies(&view, &record, metrics, &mut progress, lost).await?;
                     write(membership, &record, revision).await?;
                     tracing::info!(
                         epoch = record.epoch,
@@ -241,6 +328,7 @@ async fn carry_out(
                 purge(&view, metrics, &mut progress, membership, lost).await?;
                 record.state = MoveState::Steady;
                 record.previous = None;
+                keep_copies(&view, &record, metrics, &mut progress, lost).await?;
                 write(membership, &record, revision).await?;
                 metrics.move_objects.with_label_values(&["todo"]).set(0);
                 membership.put_progress(&progress).await;
@@ -258,10 +346,12 @@ async fn write(membership: &Membership, record: &Record, revision: u64) -> Resul
     }
 }
 
-/// Raise the fence of every shard of the view to `epoch`, retrying a shard that is down.
+/// Raise the fence of every shard of the view to `record`'s epoch, keeping `record` as its
+/// copy of the ring in the same transaction (what `worker shards repair` rebuilds the record
+/// from), retrying a shard that is down.
 async fn raise_fences(
     view: &View,
-    epoch: u64,
+    record: &Record,
     metrics: &Metrics,
     progress: &mut Progress,
     lost: &CancellationToken,
@@ -273,7 +363,30 @@ async fn raise_fences(
             lost,
             "raise the fence",
             &lane.shard.name,
-            || lane.shard.raise_fence(epoch),
+            || lane.shard.keep_ring(record, true, true),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Keep `record` (the next step of the change) as every shard's copy of the ring before it is
+/// written to NATS, so the shards never hold less than the fleet has reached.
+async fn keep_copies(
+    view: &View,
+    record: &Record,
+    metrics: &Metrics,
+    progress: &mut Progress,
+    lost: &CancellationToken,
+) -> Result<(), Stopped> {
+    for lane in view.lanes.values() {
+        retry(
+            metrics,
+            progress,
+            lost,
+            "keep the ring record",
+            &lane.shard.name,
+            || lane.shard.keep_ring(record, true, false),
         )
         .await?;
     }
@@ -390,6 +503,12 @@ async fn move_all(
                 if published.elapsed() >= PROGRESS_EVERY {
                     membership.put_progress(progress).await;
                     published = Instant::now();
+                    // The pass follows the record: one that changed, went missing or no longer
+                    // decodes ends it (the caller reads the record again, and waits for a
+                    // readable one).
+                    if !still_current(membership, &view.layout.record).await {
+                        return Ok(());
+                    }
                 }
             }
             match page.last() {
@@ -400,6 +519,16 @@ async fn move_all(
     }
     membership.put_progress(progress).await;
     Ok(())
+}
+
+/// Whether the ring record still is `record` (epoch and step). A record that cannot be read
+/// for now (NATS) counts as unchanged: the move goes on by what it read.
+async fn still_current(membership: &Membership, record: &Record) -> bool {
+    match membership.read().await {
+        Ok(Some((now, _))) => now.rank() == record.rank(),
+        Ok(None) | Err(crate::ring::MembershipError::Decode { .. }) => false,
+        Err(_) => true,
+    }
 }
 
 /// Delete the old copies' entries on every shard of the view (tombstones keep their head row).

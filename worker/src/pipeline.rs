@@ -386,7 +386,7 @@ async fn attempt(
         }
         Err(StoreError::StaleEpoch { fence, .. }) => {
             tracing::debug!(shard = %shard.name, epoch, fence, "shard fenced at a newer ring epoch; reading the ring again");
-            fleet.refresh(fence).await;
+            fleet.refresh(shard, fence).await;
             if fleet.view().layout.epoch >= fence {
                 forward(&fleet, here, ctx, hops + 1).await;
                 return Ok(());

@@ -244,7 +244,7 @@ impl Queries {
                 },
                 Err(StoreError::Moved { to, .. }) => to,
                 Err(e @ StoreError::StaleEpoch { fence, .. }) => {
-                    fleet.refresh(fence).await;
+                    fleet.refresh(&shard, fence).await;
                     let view = fleet.view();
                     if view.layout.epoch < fence {
                         // The newer ring cannot be read: an outage for this request.

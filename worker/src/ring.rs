@@ -82,7 +82,8 @@ impl Ring {
 }
 
 /// One ring member as the fleet shares it: its name (placement and identity) and its URL
-/// without a password (each worker fills in its own POSTGRES_PASSWORD).
+/// without user or password (each worker logs in with its own login: see
+/// [`crate::config::MemberAccess`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub name: String,
@@ -112,6 +113,16 @@ pub struct Record {
     pub vnodes: u32,
     /// The members before the change, while it is being carried out (not `steady`).
     pub previous: Option<Vec<Member>>,
+    /// The fleet's id, recorded in every member's `shard_identity` (docs/resharding.md, "Fleet
+    /// identity"). None only in a record written before fleet ids: the first worker to read
+    /// it gives it one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<String>,
+}
+
+/// A new fleet id: 128 random bits in hex.
+pub fn new_fleet_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 impl MoveState {
@@ -131,6 +142,36 @@ impl Record {
     /// they do not come after what a worker already routes by.
     pub fn comes_after(&self, epoch: u64, state: MoveState) -> bool {
         (self.epoch, self.state.step()) > (epoch, state.step())
+    }
+
+    /// The record's place in the fleet's history: epoch, then step within the change.
+    pub fn rank(&self) -> (u64, u8) {
+        (self.epoch, self.state.step())
+    }
+
+    /// The record with every member URL stripped of user and password: what is stored (in
+    /// NATS, and in the shards' copies) and what is used (a user in a record written by an
+    /// older version is ignored: every worker logs in as itself).
+    pub fn without_logins(mut self) -> Record {
+        for member in self
+            .members
+            .iter_mut()
+            .chain(self.previous.iter_mut().flatten())
+        {
+            member.url = crate::config::without_login(&member.url);
+        }
+        self
+    }
+
+    /// The record as stored: JSON, without logins.
+    pub fn to_json(&self) -> String {
+        // A record is plain strings and numbers: serialising it cannot fail.
+        serde_json::to_string(&self.clone().without_logins()).unwrap_or_default()
+    }
+
+    /// A stored record (NATS KV or a shard's copy), without logins.
+    pub fn from_json(json: &[u8]) -> Result<Record, serde_json::Error> {
+        serde_json::from_slice::<Record>(json).map(Record::without_logins)
     }
 
     /// Members named in the record now or before the change: every shard a worker may need.
@@ -244,6 +285,12 @@ pub struct Progress {
     pub purged: u64,
 }
 
+/// The latest entry of the ring record's key: its revision, and the record (None: deleted).
+pub struct Stored {
+    pub revision: u64,
+    pub record: Option<Result<Record, MembershipError>>,
+}
+
 /// The ring record of one fleet in NATS KV.
 #[derive(Clone)]
 pub struct Membership {
@@ -264,7 +311,10 @@ pub enum MembershipError {
     },
     #[error("cannot write the ring record {key}: {reason}")]
     Write { key: String, reason: String },
-    #[error("the ring record {key} is not valid JSON: {source}")]
+    #[error(
+        "the ring record {key} does not decode ({source}): ring changes stop until it is \
+         rewritten from the shards' copies with `worker shards repair`"
+    )]
     Decode {
         key: String,
         #[source]
@@ -298,8 +348,9 @@ impl Membership {
         })
     }
 
-    /// The record and its revision, if the fleet has one.
-    pub async fn read(&self) -> Result<Option<(Record, u64)>, MembershipError> {
+    /// The key's latest entry: None when the fleet never had a record; otherwise its revision
+    /// and the record, None when deleted, an error when it does not decode.
+    pub async fn entry(&self) -> Result<Option<Stored>, MembershipError> {
         let entry = self
             .kv
             .entry(&self.key)
@@ -308,54 +359,86 @@ impl Membership {
                 key: self.key.clone(),
                 source,
             })?;
-        match entry {
-            Some(entry) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
-                let record = serde_json::from_slice(&entry.value).map_err(|source| {
-                    MembershipError::Decode {
-                        key: self.key.clone(),
-                        source,
-                    }
-                })?;
-                Ok(Some((record, entry.revision)))
-            }
+        Ok(entry.map(|entry| Stored {
+            revision: entry.revision,
+            record: match entry.operation {
+                async_nats::jetstream::kv::Operation::Put => {
+                    Some(Record::from_json(&entry.value).map_err(|source| {
+                        MembershipError::Decode {
+                            key: self.key.clone(),
+                            source,
+                        }
+                    }))
+                }
+                _ => None,
+            },
+        }))
+    }
+
+    /// The record and its revision, if the fleet has one.
+    pub async fn read(&self) -> Result<Option<(Record, u64)>, MembershipError> {
+        match self.entry().await? {
+            Some(Stored {
+                revision,
+                record: Some(record),
+            }) => Ok(Some((record?, revision))),
             _ => Ok(None),
         }
     }
 
-    /// The record, seeded with `seed` if the fleet has none yet (exactly one seed wins).
-    pub async fn read_or_seed(&self, seed: &Record) -> Result<(Record, u64), MembershipError> {
+    /// The record, seeded with `seed` if the fleet has none yet (exactly one seed wins); a
+    /// record without a fleet id (written before them) is given `seed`'s. The flag says whether
+    /// this call wrote the record.
+    pub async fn read_or_seed(
+        &self,
+        seed: &Record,
+    ) -> Result<(Record, u64, bool), MembershipError> {
         loop {
-            if let Some(found) = self.read().await? {
-                return Ok(found);
+            if let Some((mut record, revision)) = self.read().await? {
+                if record.fleet.is_some() || seed.fleet.is_none() {
+                    return Ok((record, revision, false));
+                }
+                record.fleet = seed.fleet.clone();
+                match self.write(&record, revision).await {
+                    Ok(revision) => {
+                        tracing::info!(fleet = ?record.fleet, "gave the ring record a fleet id");
+                        return Ok((record, revision, true));
+                    }
+                    Err(MembershipError::Changed { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
             }
-            let value = serde_json::to_vec(seed).map_err(|e| MembershipError::Write {
+            match self.create(seed).await {
+                Ok(revision) => {
+                    tracing::info!(epoch = seed.epoch, members = ?Record::names(&seed.members), fleet = ?seed.fleet, "seeded the ring record from POSTGRES_SHARDS");
+                    return Ok((seed.clone(), revision, true));
+                }
+                Err(MembershipError::Changed { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Write `record` where the key has no record (never had one, or deleted); `Changed` when
+    /// one exists.
+    pub async fn create(&self, record: &Record) -> Result<u64, MembershipError> {
+        match self.kv.create(&self.key, record.to_json().into()).await {
+            Ok(revision) => Ok(revision),
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                Err(MembershipError::Changed {
+                    key: self.key.clone(),
+                })
+            }
+            Err(e) => Err(MembershipError::Write {
                 key: self.key.clone(),
                 reason: e.to_string(),
-            })?;
-            match self.kv.create(&self.key, value.into()).await {
-                Ok(revision) => {
-                    tracing::info!(epoch = seed.epoch, members = ?Record::names(&seed.members), "seeded the ring record from POSTGRES_SHARDS");
-                    return Ok((seed.clone(), revision));
-                }
-                Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
-                    continue
-                }
-                Err(e) => {
-                    return Err(MembershipError::Write {
-                        key: self.key.clone(),
-                        reason: e.to_string(),
-                    })
-                }
-            }
+            }),
         }
     }
 
     /// Replace the record read at `revision` (compare-and-set); the new revision.
     pub async fn write(&self, record: &Record, revision: u64) -> Result<u64, MembershipError> {
-        let value = serde_json::to_vec(record).map_err(|e| MembershipError::Write {
-            key: self.key.clone(),
-            reason: e.to_string(),
-        })?;
+        let value = record.to_json();
         self.kv
             .update(&self.key, value.into(), revision)
             .await
@@ -379,18 +462,25 @@ impl Membership {
         self.kv.watch_with_history(&self.key).await
     }
 
-    /// Decode a watched entry (None for a deletion).
-    pub fn decode(&self, entry: &async_nats::jetstream::kv::Entry) -> Option<Record> {
+    /// Decode a watched entry (Ok(None) for a deletion).
+    pub fn decode(
+        &self,
+        entry: &async_nats::jetstream::kv::Entry,
+    ) -> Result<Option<Record>, MembershipError> {
         if entry.operation != async_nats::jetstream::kv::Operation::Put {
-            return None;
+            return Ok(None);
         }
-        match serde_json::from_slice(&entry.value) {
-            Ok(record) => Some(record),
-            Err(e) => {
-                tracing::warn!(key = %self.key, error = %e, "ignoring an invalid ring record");
-                None
-            }
-        }
+        Record::from_json(&entry.value)
+            .map(Some)
+            .map_err(|source| MembershipError::Decode {
+                key: self.key.clone(),
+                source,
+            })
+    }
+
+    /// The key the record is stored under (the queue group).
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     fn progress_key(&self) -> String {
@@ -440,6 +530,38 @@ pub const GOLDEN_PLACEMENTS: [(u64, &str); 20] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record from before fleet ids decodes (with none), a user in an old record is dropped,
+    /// and what is stored holds no login.
+    #[test]
+    fn old_records_decode_and_stored_records_hold_no_login() {
+        let old = br#"{"epoch":3,"state":"moving","vnodes":1000,
+            "members":[{"name":"pg1","url":"postgres://h1/db"},
+                       {"name":"pg3","url":"postgres://postgres@h3:5432/db?sslmode=require"}],
+            "previous":[{"name":"pg1","url":"postgres://logstore:x@h1/db"}]}"#;
+        let record = Record::from_json(old).unwrap();
+        assert_eq!((record.epoch, record.fleet.as_deref()), (3, None));
+        assert_eq!(
+            record.members[1].url,
+            "postgres://h3:5432/db?sslmode=require"
+        );
+        assert_eq!(record.previous.as_ref().unwrap()[0].url, "postgres://h1/db");
+        let mut with_user = record.clone();
+        with_user.members[0].url = "postgres://postgres:pw@h1/db".into();
+        with_user.fleet = Some(new_fleet_id());
+        let json = with_user.to_json();
+        assert!(
+            !json.contains("postgres@") && !json.contains("pw"),
+            "{json}"
+        );
+        assert_eq!(
+            Record::from_json(json.as_bytes()).unwrap().fleet,
+            with_user.fleet
+        );
+        assert!(Record::from_json(br#"{"garbage":true}"#).is_err());
+        assert_ne!(new_fleet_id(), new_fleet_id());
+        assert_eq!(new_fleet_id().len(), 32);
+    }
 
     /// Pinned placements. If this test fails, a change moved existing objects to other shards:
     /// that is data misplacement in production, not a test to update casually.
@@ -496,6 +618,7 @@ mod tests {
             members: Vec::new(),
             vnodes: DEFAULT_VNODES,
             previous: None,
+            fleet: None,
         };
         use MoveState::*;
         assert!(at(2, Moving).comes_after(1, Steady));

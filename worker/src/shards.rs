@@ -31,6 +31,11 @@ const MAX_HELD_PER_SHARD: usize = 100_000;
 const REFRESH_WAIT: Duration = Duration::from_secs(5);
 /// Pause between attempts to reach the ring record.
 const RETRY: Duration = Duration::from_secs(1);
+/// Longest pause between attempts to watch a ring record that keeps failing.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long a shard fenced at an epoch the ring record does not know is not asked about again:
+/// requests to it fail at once meanwhile instead of each re-reading the record.
+const UNKNOWN_FENCE_RECHECK: Duration = Duration::from_secs(1);
 
 /// One shard and what runs for it.
 pub struct Lane {
@@ -79,6 +84,39 @@ pub struct Shards {
     membership: tokio::sync::Mutex<Option<Membership>>,
     /// Ring changes are applied one at a time.
     applying: tokio::sync::Mutex<()>,
+    /// Why the ring record cannot be read or used, as last logged (one line per cause).
+    ring_trouble: RingTrouble,
+    /// When a request last re-read the record for a fence it does not know.
+    unknown_fence_checked: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// The last cause logged for a ring record that cannot be read or used: a new cause is logged
+/// (once), a repeat is not, and the record becoming usable again is logged once.
+#[derive(Default)]
+pub struct RingTrouble(std::sync::Mutex<Option<String>>);
+
+impl RingTrouble {
+    /// `cause` happened: true when it is news (log it).
+    pub fn news(&self, cause: &str) -> bool {
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.as_deref() == Some(cause) {
+            return false;
+        }
+        *last = Some(cause.to_string());
+        true
+    }
+
+    /// The record is usable again: true when it was not (log that once).
+    pub fn over(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .is_some()
+    }
 }
 
 impl Shards {
@@ -113,6 +151,8 @@ impl Shards {
                 builder,
                 membership: tokio::sync::Mutex::new(None),
                 applying: tokio::sync::Mutex::new(()),
+                ring_trouble: RingTrouble::default(),
+                unknown_fence_checked: std::sync::Mutex::new(None),
             }
         })
     }
@@ -128,22 +168,106 @@ impl Shards {
     /// Read the fleet's ring record (seeding it from POSTGRES_SHARDS when the fleet has none)
     /// and route by it. Gives up after `wait` (NATS unreachable, or without JetStream): the
     /// worker then routes by POSTGRES_SHARDS at epoch 0, and [`Shards::follow`] keeps trying.
+    /// A record that does not decode is routed around with the shards' own copies of it
+    /// ([`Shards::best_copy`]): ring changes stop until it is repaired, requests do not.
     pub async fn load(&self, client: &async_nats::Client, wait: Duration) {
         let attempt = async {
-            let seed = seed_record(&self.builder.config, 1);
-            let (record, _) = self.membership(client).await?.read_or_seed(&seed).await?;
-            Ok::<_, crate::ring::MembershipError>(record)
+            let membership = self.membership(client).await?;
+            let seed = Record {
+                fleet: Some(self.seed_fleet().await),
+                ..seed_record(&self.builder.config, 1)
+            };
+            membership.read_or_seed(&seed).await
         };
         match tokio::time::timeout(wait, attempt).await {
-            Ok(Ok(record)) => self.apply(record).await,
+            Ok(Ok((record, _, wrote))) => {
+                self.apply(record.clone()).await;
+                if wrote {
+                    self.keep_copies(&record).await;
+                }
+            }
+            Ok(Err(e @ crate::ring::MembershipError::Decode { .. })) => {
+                self.ring_trouble.news(&Chain(&e).to_string());
+                match self.best_copy().await {
+                    Some(copy) => {
+                        tracing::error!(error = %Chain(&e), epoch = copy.epoch, "routing by the shards' copy of the ring record");
+                        self.apply(copy).await;
+                    }
+                    None => tracing::error!(error = %Chain(&e), "no shard keeps a copy of the ring record; routing by POSTGRES_SHARDS"),
+                }
+            }
             Ok(Err(e)) => tracing::warn!(error = %Chain(&e), "cannot read the ring record yet; routing by POSTGRES_SHARDS until it can be read"),
             Err(_) => tracing::warn!("the ring record could not be read in time; routing by POSTGRES_SHARDS until it can be read"),
         }
     }
 
-    /// Follow the ring record until `cancel`: every change is applied as it is written.
+    /// The fleet id for a record this worker seeds: the one its shards record when every one
+    /// that answers records the same (the record was lost, the fleet is the same), else a new
+    /// one.
+    async fn seed_fleet(&self) -> String {
+        let view = self.view();
+        let copies =
+            futures::future::join_all(view.lanes.values().map(|lane| lane.shard.ring_copy())).await;
+        let fleets: Vec<Option<String>> = copies
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|copy| copy.fleet)
+            .collect();
+        match fleets.first() {
+            Some(Some(fleet)) if fleets.iter().all(|f| f.as_ref() == Some(fleet)) => fleet.clone(),
+            _ => crate::ring::new_fleet_id(),
+        }
+    }
+
+    /// The latest copy of the ring record that this worker's shards keep and that belongs to
+    /// the fleet the keeping shard belongs to (migrations/0008_fleet.sql).
+    pub async fn best_copy(&self) -> Option<Record> {
+        let view = self.view();
+        let copies =
+            futures::future::join_all(view.lanes.values().map(|lane| lane.shard.ring_copy())).await;
+        copies
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter_map(|copy| match copy.record {
+                Some(Ok(record)) if record.fleet.is_some() && record.fleet == copy.fleet => {
+                    Some(record)
+                }
+                _ => None,
+            })
+            .max_by_key(Record::rank)
+    }
+
+    /// Keep `record` as the copy of every shard of the view (best effort: seeding).
+    async fn keep_copies(&self, record: &Record) {
+        let view = self.view();
+        for lane in view.lanes.values() {
+            if let Err(e) = lane.shard.keep_ring(record, true, false).await {
+                tracing::debug!(shard = %lane.shard.name, error = %Chain(&e), "cannot keep a copy of the ring record");
+            }
+        }
+    }
+
+    /// The ring record cannot be read or used because of `e`: logged once per cause.
+    pub fn ring_trouble(&self, e: &crate::ring::MembershipError) {
+        let cause = Chain(e).to_string();
+        if self.ring_trouble.news(&cause) {
+            tracing::error!(error = %cause, "the ring record cannot be used; routing by the last one known");
+        }
+    }
+
+    /// The ring record was read and decoded.
+    fn ring_fine(&self) {
+        if self.ring_trouble.over() {
+            tracing::info!("the ring record is readable again");
+        }
+    }
+
+    /// Follow the ring record until `cancel`: every change is applied as it is written. A
+    /// record that does not decode is ignored (logged once per cause); a watch that keeps
+    /// failing is retried with backoff.
     pub async fn follow(self: Arc<Self>, client: async_nats::Client, cancel: CancellationToken) {
         let mut logged = false;
+        let mut wait = RETRY;
         while !cancel.is_cancelled() {
             let membership = match self.membership(&client).await {
                 Ok(membership) => membership,
@@ -163,11 +287,13 @@ impl Shards {
                         tracing::warn!(error = %e, "cannot watch the ring record; retrying");
                         logged = true;
                     }
-                    pause(RETRY, &cancel).await;
+                    pause(wait, &cancel).await;
+                    wait = (wait * 2).min(RETRY_MAX);
                     continue;
                 }
             };
             logged = false;
+            let mut delivered = false;
             loop {
                 let entry = tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -175,8 +301,14 @@ impl Shards {
                 };
                 match entry {
                     Some(Ok(entry)) => {
-                        if let Some(record) = membership.decode(&entry) {
-                            self.apply(record).await;
+                        delivered = true;
+                        match membership.decode(&entry) {
+                            Ok(Some(record)) => {
+                                self.ring_fine();
+                                self.apply(record).await;
+                            }
+                            Ok(None) => {}
+                            Err(e) => self.ring_trouble(&e),
                         }
                     }
                     Some(Err(e)) => {
@@ -186,15 +318,28 @@ impl Shards {
                     None => break,
                 }
             }
-            pause(RETRY, &cancel).await;
+            // A watch that ends before delivering anything is failing: back off.
+            wait = if delivered {
+                RETRY
+            } else {
+                (wait * 2).min(RETRY_MAX)
+            };
+            pause(wait, &cancel).await;
         }
     }
 
-    /// A request met a shard fenced at `fence`: re-read the record until this worker routes
-    /// by at least that epoch (or a few seconds passed; the request is then routed again by
-    /// what is known, and meets the fence again if it must).
-    pub async fn refresh(&self, fence: u64) {
+    /// A request met `shard` fenced at `fence`: re-read the record until this worker routes
+    /// by at least that epoch (or a few seconds passed while NATS does not answer; the request
+    /// is then routed again by what is known, and meets the fence again if it must). A record
+    /// that does not decode is stood in for by the shard's own copy. A fence that the record
+    /// read does not reach is an epoch this fleet never had (the database is another fleet's,
+    /// or the record was lost or rolled back): the shard says so (log, once per fence, and
+    /// `/readyz`) and its requests fail at once.
+    pub async fn refresh(&self, shard: &Shard, fence: u64) {
         let deadline = tokio::time::Instant::now() + REFRESH_WAIT;
+        if shard.unknown_fence() >= fence && self.recently_checked() {
+            return;
+        }
         loop {
             if self.view().layout.epoch >= fence {
                 return;
@@ -204,17 +349,97 @@ impl Shards {
             let Some(membership) = self.membership.lock().await.clone() else {
                 return;
             };
-            if let Ok(Some((record, _))) = membership.read().await {
-                self.apply(record).await;
-                if self.view().layout.epoch >= fence {
-                    return;
+            match membership.read().await {
+                Ok(Some((record, _))) => {
+                    self.ring_fine();
+                    self.apply(record).await;
+                    break;
                 }
+                Ok(None) => break,
+                Err(e @ crate::ring::MembershipError::Decode { .. }) => {
+                    self.ring_trouble(&e);
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %Chain(&e), "cannot read the ring record"),
             }
             if tokio::time::Instant::now() >= deadline {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        if self.view().layout.epoch >= fence {
+            return;
+        }
+        // The record in NATS does not reach the fence: the shard's own copy may (it keeps the
+        // record whenever the mover raises its fence), if it is this fleet's.
+        if let Ok(copy) = shard.ring_copy().await {
+            let ours = self.view().layout.record.fleet.clone();
+            if let Some(Ok(record)) = copy.record {
+                if record.fleet.is_some() && record.fleet == ours && copy.fleet == ours {
+                    self.apply(record).await;
+                }
+            }
+        }
+        let epoch = self.view().layout.epoch;
+        if epoch >= fence {
+            return;
+        }
+        self.mark_checked();
+        if shard.note_unknown_fence(fence) {
+            tracing::error!(
+                shard = %shard.name,
+                fence,
+                epoch,
+                "shard {} is fenced at ring epoch {fence}, which this fleet's ring record \
+                 (epoch {epoch}) does not know: another fleet uses its database, or the ring \
+                 record was lost or rolled back (`worker shards repair`); its objects answer \
+                 `unavailable`",
+                shard.name
+            );
+        }
+    }
+
+    fn recently_checked(&self) -> bool {
+        self.unknown_fence_checked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some_and(|at| at.elapsed() < UNKNOWN_FENCE_RECHECK)
+    }
+
+    fn mark_checked(&self) {
+        *self
+            .unknown_fence_checked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(tokio::time::Instant::now());
+    }
+
+    /// What keeps the shards of the current view from serving, for `/readyz`: one line per
+    /// shard that is refused (another shard's or another fleet's database), fenced at an epoch
+    /// the ring does not know, or unreachable.
+    pub fn problems(&self) -> Vec<String> {
+        let view = self.view();
+        let mut names: Vec<&String> = view.lanes.keys().collect();
+        names.sort();
+        let mut problems = Vec::new();
+        for name in names {
+            let shard = &view.lanes[name].shard;
+            if shard.is_refused() {
+                problems.push(format!("shard {name}: database belongs to another shard"));
+            } else if let Some(fleet) = shard.foreign_fleet() {
+                problems.push(format!(
+                    "shard {name}: database belongs to another fleet ({fleet})"
+                ));
+            } else if shard.unknown_fence() > view.layout.epoch {
+                problems.push(format!(
+                    "shard {name}: fenced at ring epoch {}, which this fleet's ring (epoch {}) does not know",
+                    shard.unknown_fence(),
+                    view.layout.epoch
+                ));
+            } else if !shard.is_up() {
+                problems.push(format!("shard {name}: unreachable"));
+            }
+        }
+        problems
     }
 
     /// The ring record's handle, opened when first needed.
@@ -231,11 +456,16 @@ impl Shards {
         Ok(membership)
     }
 
-    /// Route by `record` from now on (ignored unless it comes after the current one): open lanes for members this worker lacks, close those of members gone.
+    /// Route by `record` from now on (ignored unless it comes after the current one, or is the
+    /// same one given a fleet id): open lanes for members this worker lacks, close those of
+    /// members gone.
     pub async fn apply(&self, record: Record) {
         let _one_at_a_time = self.applying.lock().await;
         let current = self.view();
-        if !record.comes_after(current.layout.epoch, current.layout.state) {
+        let fleet_given = record.rank() == current.layout.record.rank()
+            && current.layout.record.fleet.is_none()
+            && record.fleet.is_some();
+        if !record.comes_after(current.layout.epoch, current.layout.state) && !fleet_given {
             return;
         }
         if current.layout.epoch == 0 {
@@ -268,10 +498,30 @@ impl Shards {
                 }
             }
         }
+        // Every shard must be this fleet's: its identity is checked (or claimed) against the
+        // record's fleet id, once per fleet (a shard of another fleet is refused and says so).
+        for lane in lanes.values() {
+            lane.shard.set_fleet(record.fleet.as_deref());
+        }
         // New members answer before the switch where they can (a member being added is up).
         let unreachable = "new ring member not reachable yet; retrying in the background";
         if let Err(e) = initialise(&opened, &self.builder.metrics, unreachable).await {
             tracing::error!(error = %Chain(&e), "a new ring member refuses this worker");
+        }
+        let unchecked: Vec<&Arc<Lane>> = lanes
+            .values()
+            .filter(|lane| lane.shard.is_initialised() && !lane.shard.fleet_confirmed())
+            .collect();
+        let checks = unchecked.iter().map(|lane| lane.shard.confirm_fleet());
+        for (lane, result) in unchecked
+            .iter()
+            .zip(futures::future::join_all(checks).await)
+        {
+            // Another fleet's shard logged itself; one that does not answer is checked by its
+            // health watcher when it does.
+            if let Err(e) = result {
+                tracing::debug!(shard = %lane.shard.name, error = %Chain(&e), "shard's fleet not confirmed yet");
+            }
         }
         let gone: Vec<Arc<Lane>> = current
             .lanes
@@ -335,7 +585,7 @@ async fn pause(period: Duration, cancel: &CancellationToken) {
     }
 }
 
-/// The ring record POSTGRES_SHARDS describes, at `epoch`.
+/// The ring record POSTGRES_SHARDS describes, at `epoch` (without a fleet id).
 pub fn seed_record(config: &Config, epoch: u64) -> Record {
     Record {
         epoch,
@@ -345,11 +595,12 @@ pub fn seed_record(config: &Config, epoch: u64) -> Record {
             .iter()
             .map(|s| Member {
                 name: s.name.clone(),
-                url: crate::config::without_password(&s.url),
+                url: crate::config::without_login(&s.url),
             })
             .collect(),
         vnodes: config.ring_vnodes,
         previous: None,
+        fleet: None,
     }
 }
 
@@ -359,7 +610,11 @@ impl Builder {
     fn member_lane(&self, member: &Member) -> Result<Arc<Lane>, String> {
         let shard = match self.config.shards.iter().find(|s| s.name == member.name) {
             Some(shard) => shard.clone(),
-            None => self.config.member_access.shard(&member.name, &member.url)?,
+            // Whatever login the record names (none, since issue 19): this worker's own.
+            None => self
+                .config
+                .member_access
+                .shard(&member.name, &crate::config::without_login(&member.url))?,
         };
         Ok(self.lane(open(&self.config, &self.metrics, &shard)?))
     }

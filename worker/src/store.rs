@@ -5,7 +5,7 @@
 //! `unavailable` quickly instead of stalling the worker. Errors say whether they are a normal
 //! outage ([`StoreError::is_unavailable`]) or a fault.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -54,6 +54,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "resharding",
         include_str!("../../migrations/0007_resharding.sql"),
     ),
+    (8, "fleet", include_str!("../../migrations/0008_fleet.sql")),
 ];
 
 /// SQLSTATE of logstore_fence's refusal of a stale ring epoch.
@@ -96,6 +97,19 @@ pub enum StoreError {
          (fix POSTGRES_SHARDS: a name must always map to the same database)"
     )]
     WrongShard { shard: String, found: String },
+    /// The database belongs to another fleet (migrations/0008_fleet.sql): another fleet's
+    /// workers raise its fences, so this one must not use it. An outage for its objects until
+    /// the configuration is fixed, never a fault per request.
+    #[error(
+        "shard {shard}: the database belongs to another logstore fleet ({found}; this fleet is \
+         {fleet}); refusing to use it (a database of another fleet, or a ring record rebuilt \
+         by hand: see `worker shards repair`)"
+    )]
+    WrongFleet {
+        shard: String,
+        found: String,
+        fleet: String,
+    },
     /// The schema lacks migrations and the worker's role may not apply them (a least-privilege
     /// role: see deploy/postgres/roles.sql). Stops the start: retrying cannot fix it.
     #[error(
@@ -142,7 +156,8 @@ impl StoreError {
             | StoreError::Timeout { .. }
             | StoreError::NotReady { .. }
             | StoreError::Down { .. }
-            | StoreError::OutcomeUnknown { .. } => true,
+            | StoreError::OutcomeUnknown { .. }
+            | StoreError::WrongFleet { .. } => true,
             // Routed by a ring this worker has not caught up with: like an outage until it
             // learns the newer one (see `pipeline::attempt`).
             StoreError::StaleEpoch { .. } => true,
@@ -380,6 +395,37 @@ pub struct Shard {
     /// The cause of the last failed initialisation, as logged: a new cause (say, a TLS
     /// handshake refused once the server is up again) is worth a warning, a repeat is not.
     last_init_failure: std::sync::Mutex<Option<String>>,
+    /// Whose the shard must be: the fleet id of the ring record this worker routes by (None
+    /// until it read one), and what the shard's identity says of it.
+    fleet: std::sync::Mutex<Fleet>,
+    /// The shard's identity names another fleet ([`Fleet::foreign`]): every operation is
+    /// refused with [`StoreError::WrongFleet`].
+    foreign: AtomicBool,
+    /// The highest ring fence this shard answered with that this worker's ring record does not
+    /// know (0: none; see [`Shard::note_unknown_fence`]).
+    unknown_fence: AtomicU64,
+}
+
+/// A shard's fleet as this worker knows it.
+#[derive(Debug, Default)]
+struct Fleet {
+    /// The fleet this worker belongs to.
+    expected: Option<String>,
+    /// The shard's identity names `expected` (claimed, or checked).
+    confirmed: bool,
+    /// The other fleet the shard's identity names.
+    foreign: Option<String>,
+}
+
+/// What a shard keeps of the ring ([`Shard::ring_copy`]): its identity, its fence and its copy
+/// of the ring record (None before migration 0008 or before any was kept; an error when the
+/// copy does not decode).
+#[derive(Debug, Clone)]
+pub struct RingCopy {
+    pub name: String,
+    pub fleet: Option<String>,
+    pub fence: u64,
+    pub record: Option<Result<crate::ring::Record, String>>,
 }
 
 impl Shard {
@@ -425,7 +471,109 @@ impl Shard {
             up: AtomicBool::new(false),
             pool_wait: None,
             last_init_failure: std::sync::Mutex::new(None),
+            fleet: std::sync::Mutex::new(Fleet::default()),
+            foreign: AtomicBool::new(false),
+            unknown_fence: AtomicU64::new(0),
         })
+    }
+
+    fn fleet_state(&self) -> std::sync::MutexGuard<'_, Fleet> {
+        // Plain bookkeeping, never left half-updated: a panic elsewhere does not make it wrong.
+        self.fleet
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// This worker belongs to fleet `fleet` (the ring record's id) from now on: the shard is
+    /// checked against it again ([`Shard::confirm_fleet`]).
+    pub fn set_fleet(&self, fleet: Option<&str>) {
+        let mut state = self.fleet_state();
+        if state.expected.as_deref() == fleet {
+            return;
+        }
+        *state = Fleet {
+            expected: fleet.map(str::to_string),
+            ..Fleet::default()
+        };
+        self.foreign.store(false, Ordering::Release);
+    }
+
+    /// Whether the shard's identity was checked against the fleet this worker belongs to (true
+    /// while that fleet is unknown: nothing to check yet).
+    pub fn fleet_confirmed(&self) -> bool {
+        let state = self.fleet_state();
+        state.expected.is_none() || state.confirmed
+    }
+
+    /// The other fleet this shard belongs to, when it does.
+    pub fn foreign_fleet(&self) -> Option<String> {
+        self.fleet_state().foreign.clone()
+    }
+
+    /// Claim the shard for this worker's fleet where its identity names none yet, or check the
+    /// one it names (once per fleet; nothing to do while the fleet is unknown). A shard of
+    /// another fleet is refused from then on ([`StoreError::WrongFleet`]) until the fleet this
+    /// worker belongs to changes.
+    pub async fn confirm_fleet(&self) -> Result<(), StoreError> {
+        let Some(expected) = self.fleet_to_check() else {
+            return self.fleet_refusal().map_or(Ok(()), Err);
+        };
+        let rows = self
+            .rows("SELECT logstore_claim_fleet($1)", &[&expected])
+            .await?;
+        let found: Option<String> = rows.first().and_then(|row| row.get(0));
+        let mut state = self.fleet_state();
+        if state.expected.as_deref() != Some(expected.as_str()) {
+            // The fleet changed meanwhile: the next call checks the new one.
+            return Ok(());
+        }
+        match found {
+            Some(found) if found != expected => {
+                // Once per cause: the fleet is checked again only when this worker's changes.
+                tracing::error!(
+                    shard = %self.name,
+                    found = %found,
+                    fleet = %expected,
+                    "shard {}'s database belongs to another logstore fleet; refusing it (its \
+                     objects answer `unavailable`): fix the ring record or POSTGRES_SHARDS",
+                    self.name
+                );
+                state.foreign = Some(found);
+                self.foreign.store(true, Ordering::Release);
+            }
+            _ => state.confirmed = true,
+        }
+        drop(state);
+        self.fleet_refusal().map_or(Ok(()), Err)
+    }
+
+    /// The fleet to check the shard against, when it has not been (no lock is held after).
+    fn fleet_to_check(&self) -> Option<String> {
+        let state = self.fleet_state();
+        match &state.expected {
+            Some(fleet) if !state.confirmed && state.foreign.is_none() => Some(fleet.clone()),
+            _ => None,
+        }
+    }
+
+    fn fleet_refusal(&self) -> Option<StoreError> {
+        let state = self.fleet_state();
+        Some(StoreError::WrongFleet {
+            shard: self.name.clone(),
+            found: state.foreign.clone()?,
+            fleet: state.expected.clone().unwrap_or_default(),
+        })
+    }
+
+    /// A request met this shard's fence at `fence`, an epoch the fleet's ring record does not
+    /// know: true when that is news (a higher fence than the last noted), i.e. worth a log line.
+    pub fn note_unknown_fence(&self, fence: u64) -> bool {
+        self.unknown_fence.fetch_max(fence, Ordering::AcqRel) < fence
+    }
+
+    /// The highest fence noted by [`Shard::note_unknown_fence`] (0: none).
+    pub fn unknown_fence(&self) -> u64 {
+        self.unknown_fence.load(Ordering::Acquire)
     }
 
     /// Record why initialising failed (`cause`, already made printable); true when the cause
@@ -458,9 +606,11 @@ impl Shard {
         self.state.load(Ordering::Acquire) == STATE_REFUSED
     }
 
-    /// Initialised and answering, as far as this worker knows.
+    /// Initialised and answering, as far as this worker knows (and not another fleet's).
     pub fn is_up(&self) -> bool {
-        self.is_initialised() && self.up.load(Ordering::Acquire)
+        self.is_initialised()
+            && self.up.load(Ordering::Acquire)
+            && !self.foreign.load(Ordering::Acquire)
     }
 
     /// Record a health observation; returns the previous value.
@@ -479,10 +629,11 @@ impl Shard {
     }
 
     /// Apply the embedded migrations under an advisory lock and check (or, on a new database,
-    /// record) the shard's name. Idempotent; safe with any number of workers at once.
+    /// record) the shard's name, then its fleet once this worker knows it
+    /// ([`Shard::confirm_fleet`]). Idempotent; safe with any number of workers at once.
     pub async fn initialise(&self) -> Result<(), StoreError> {
         if self.is_initialised() {
-            return Ok(());
+            return self.confirm_fleet().await;
         }
         let result = self.bounded(self.migrate_and_check()).await;
         match &result {
@@ -495,7 +646,79 @@ impl Shard {
             }
             Err(_) => {}
         }
-        result
+        result?;
+        self.confirm_fleet().await
+    }
+
+    /// The shard's recorded name and fleet, read without changing anything (no migration):
+    /// None for a database without logstore's schema. For `worker shards add`, which must
+    /// refuse another fleet's database before touching it.
+    pub async fn peek_identity(&self) -> Result<Option<(String, Option<String>)>, StoreError> {
+        let rows = self
+            .rows("SELECT to_regclass('shard_identity') IS NOT NULL", &[])
+            .await?;
+        if !rows.first().is_some_and(|row| row.get::<_, bool>(0)) {
+            return Ok(None);
+        }
+        // Every column the identity has (a database from before migration 0008 has no fleet).
+        let rows = self
+            .rows("SELECT row_to_json(i)::text FROM shard_identity i", &[])
+            .await?;
+        let Some(json) = rows.first().map(|row| row.get::<_, String>(0)) else {
+            return Ok(None);
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| StoreError::Unexpected {
+                shard: self.name.clone(),
+                what: format!("shard_identity as JSON: {e}"),
+            })?;
+        let name = value["name"].as_str().unwrap_or_default().to_string();
+        let fleet = value["fleet"].as_str().map(str::to_string);
+        Ok(Some((name, fleet)))
+    }
+
+    /// The shard's identity, fence and copy of the ring record (migration 0008), read without
+    /// changing anything: for `worker shards repair` and for a worker that cannot read the
+    /// record in NATS.
+    pub async fn ring_copy(&self) -> Result<RingCopy, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT i.name, i.fleet, f.epoch, f.ring_record FROM shard_identity i, ring_fence f",
+                &[],
+            )
+            .await?;
+        let row = rows.first().ok_or_else(|| StoreError::Unexpected {
+            shard: self.name.clone(),
+            what: "no shard_identity or ring_fence row".into(),
+        })?;
+        Ok(RingCopy {
+            name: row.get(0),
+            fleet: row.get(1),
+            fence: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+            record: row.get::<_, Option<String>>(3).map(|json| {
+                crate::ring::Record::from_json(json.as_bytes()).map_err(|e| e.to_string())
+            }),
+        })
+    }
+
+    /// Keep `record` as this shard's copy of the ring (unless a later one is kept; `force`: also
+    /// over one of the same epoch and step), raising the fence to its epoch first when `raise`
+    /// (see migrations/0008_fleet.sql).
+    pub async fn keep_ring(
+        &self,
+        record: &crate::ring::Record,
+        force: bool,
+        raise: bool,
+    ) -> Result<(), StoreError> {
+        self.ready()?;
+        let (epoch, step) = record.rank();
+        let json = record.to_json();
+        self.rows(
+            "SELECT logstore_keep_ring($1, $2, $3, $4, $5)",
+            &[&seq_bound(epoch), &i16::from(step), &json, &force, &raise],
+        )
+        .await
+        .map(drop)
     }
 
     async fn migrate_and_check(&self) -> Result<(), StoreError> {
@@ -1338,6 +1561,11 @@ impl Shard {
     }
 
     fn ready(&self) -> Result<(), StoreError> {
+        if self.foreign.load(Ordering::Acquire) {
+            if let Some(refusal) = self.fleet_refusal() {
+                return Err(refusal);
+            }
+        }
         match self.state.load(Ordering::Acquire) {
             STATE_READY if self.up.load(Ordering::Acquire) => Ok(()),
             STATE_READY => Err(StoreError::Down {

@@ -469,6 +469,47 @@ impl WorkerProcess {
     }
 }
 
+/// CPU time process `pid` has used so far, user and system (`/proc/<pid>/stat`).
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // Fields after the command name (which may hold spaces, in parentheses): state is the
+    // first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> u64 {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("/proc/{pid}/stat field {i}: {stat}"))
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|t| *t > 0)
+        .unwrap_or(100);
+    Duration::from_millis((ticks(11) + ticks(12)) * 1000 / per_second)
+}
+
+/// A worker whose metrics endpoint (METRICS_ADDR) a test reads.
+pub trait Metered {
+    fn metrics_addr(&self) -> SocketAddr;
+}
+
+impl Metered for WorkerProcess {
+    fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+}
+
+impl Metered for LoggedWorker {
+    fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+}
+
 /// Minimal HTTP/1.0 GET (the worker speaks HTTP/1.1; 1.0 makes it close the connection).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -804,6 +845,11 @@ impl LoggedWorker {
         String::from_utf8_lossy(&self.output.lock().expect("output lock")).into_owned()
     }
 
+    /// The process id (panics once the process has been reaped).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("worker still running")
+    }
+
     /// Waits (at most 30 s) until the output contains `needle`; a timeout fails the test with
     /// the output so far.
     pub async fn wait_for(&self, needle: &str) {
@@ -821,12 +867,23 @@ impl LoggedWorker {
         }
     }
 
+    /// Waits (at most 60 s) until `/readyz` answers 200; a timeout fails the test with the
+    /// worker's output so far.
     pub async fn wait_ready(&self) {
         let addr = self.metrics;
-        eventually(60, "worker ready", || async move {
-            matches!(http_get(addr, "/readyz").await, Some((200, _))).then_some(())
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while !matches!(http_get(addr, "/readyz").await, Some((200, _))) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         })
         .await;
+        if ready.is_err() {
+            panic!(
+                "timed out after 60s: worker ready; /readyz {:?}; its output:\n{}",
+                http_get(addr, "/readyz").await,
+                self.output()
+            );
+        }
     }
 
     /// SIGTERM; SIGKILL if it has not exited within 20 s (a worker that never reached NATS

@@ -45,6 +45,9 @@ pub enum AdminError {
     Ring(#[from] crate::ring::MembershipError),
     #[error("{0}")]
     Refused(String),
+    /// The NATS server refused this user a subject (its permissions): the server's words.
+    #[error("NATS refused it: {0} (`worker shards` needs a user allowed the ring record, e.g. `admin` or `worker` in the shipped NATS config)")]
+    Denied(String),
 }
 
 /// Standard output for the commands' answers. A reader that goes away (`worker shards status |
@@ -73,13 +76,46 @@ impl Out {
 /// Run `command`; the exit status on success (0, or [`EXIT_MOVING`] for `status` while a move
 /// runs).
 pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError> {
+    // A request the server refuses for lack of permission is dropped and said out of band;
+    // without this it would look like a JetStream that does not answer.
+    let (denied_tx, mut denied) = tokio::sync::watch::channel(None::<String>);
     let client = config
         .nats
         // The login's own inbox prefix (NATS_INBOX_PREFIX, or `_INBOX_<NATS_USER>`): the
         // shipped NATS config lets each user read only its own inboxes.
-        .connect(|o| o.name("logstore-worker-admin"))
+        .connect(|o| {
+            o.name("logstore-worker-admin")
+                .event_callback(move |event| {
+                    if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) =
+                        &event
+                    {
+                        if text.to_ascii_lowercase().contains("permissions violation") {
+                            let text = text.trim().trim_matches('\'').to_string();
+                            denied_tx.send_if_modified(|first| {
+                                first.get_or_insert(text);
+                                true
+                            });
+                        }
+                    }
+                    async {}
+                })
+        })
         .await?;
-    let membership = Membership::open(&client, &config.queue_group).await?;
+    tokio::select! {
+        biased;
+        Ok(violation) = denied.wait_for(Option::is_some) => {
+            Err(AdminError::Denied(violation.clone().unwrap_or_default()))
+        }
+        result = run(config, &client, command) => result,
+    }
+}
+
+async fn run(
+    config: &Config,
+    client: &async_nats::Client,
+    command: Command,
+) -> Result<u8, AdminError> {
+    let membership = Membership::open(client, &config.queue_group).await?;
     let mut out = Out::default();
     let status = match command {
         Command::Repair => repair(config, &membership, &mut out).await?,

@@ -230,6 +230,13 @@ async fn shipped_config_keeps_each_user_to_its_job() {
     let (code, out, err) = run("worker", &["shards", "status"], &shards_vars).await;
     assert_eq!(code, 0, "worker shards status as admin:\n{out}\n{err}");
     assert!(out.contains("epoch 1: steady"), "{out}");
+    // The client may not: one line naming the violation, not a silent timeout.
+    let mut client_shards = client_vars.clone();
+    client_shards.push(("POSTGRES_SHARDS", env.shards_spec()));
+    let (code, out, err) = run("worker", &["shards", "status"], &client_shards).await;
+    assert_eq!(code, 1, "worker shards status as client:\n{out}\n{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("Permissions Violation"), "{err}");
 
     // What the client may not do: read the appends before the workers, read what the stream
     // delivers to them, read anyone else's answers, forge an event, reach the stream.

@@ -311,10 +311,11 @@ impl Worker {
 /// The settings of `env` (per-test subjects, stream and shards), with `nats_url`, as the
 /// worker's environment; INTAKE core unless `env.intake` says otherwise.
 fn worker_env(env: &Env, nats_url: &str, login: &[(&'static str, String)]) -> Vars {
+    // METRICS_ADDR 127.0.0.1:0 (any free port) for the runs that must fail at start: the
+    // default :2112 may be taken by another worker on this machine. Worker::spawn sets its own.
     let mut vars: Vars = env
         .settings(0)
         .into_iter()
-        .filter(|(var, _)| *var != "METRICS_ADDR")
         .map(|(var, value)| {
             if var == "NATS_URL" {
                 (var, nats_url.to_string())

@@ -1,17 +1,24 @@
 //! Prometheus metrics of one worker, in its own registry (so tests running several workers in
-//! one process do not share counters).
+//! one process do not share counters). Every series is defined and registered in the same call
+//! ([`Define`]), so none can be defined and forgotten; the `process_*` series are in
+//! [`process`].
+
+mod process;
 
 use logstore_protocol::ErrorCode;
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use process::ProcessCollector;
+
 /// Every error code, so that each `errors_total` / `dead_letters_total` series exists (at 0)
 /// from the start: a dashboard then shows a flat zero instead of "no data", and `rate()` over
 /// the first error works.
+/// Not [`ErrorCode::Conflict`]: a refused `expected_seq` is counted as
+/// `appends_total{result="conflict"}` and is never an error answer nor a dead-letter reason.
 const ERROR_CODES: [ErrorCode; 6] = [
     ErrorCode::InvalidRequest,
     ErrorCode::TooLarge,
@@ -19,6 +26,11 @@ const ERROR_CODES: [ErrorCode; 6] = [
     ErrorCode::Busy,
     ErrorCode::Timeout,
     ErrorCode::Internal,
+];
+
+/// Request latencies, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Every metric the worker exports. Cloning is cheap (the prometheus types are `Arc`s inside).
@@ -102,20 +114,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Every series, defined and registered; the labelled ones that dashboards expect at 0
+    /// are created too.
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let latency_buckets = vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ];
-        let appends = IntCounterVec::new(
-            Opts::new("logstore_appends_total", "Appends by shard and result."),
+        let d = Define(&registry);
+        let appends = d.counter_vec(
+            "logstore_appends_total",
+            "Appends by shard and result.",
             &["shard", "result"],
         )?;
-        let in_flight = IntGaugeVec::new(
-            Opts::new(
-                "logstore_in_flight",
-                "Requests received and not yet answered.",
-            ),
+        let in_flight = d.gauge_vec(
+            "logstore_in_flight",
+            "Requests received and not yet answered.",
             &["kind"],
         )?;
         let metrics = Metrics {
@@ -124,224 +135,162 @@ impl Metrics {
             rejected_appends: appends.with_label_values(&["none", "rejected"]),
             appends,
             in_flight,
-            queries: IntCounterVec::new(
-                Opts::new("logstore_queries_total", "Queries by result."),
-                &["result"],
-            )?,
-            requests: IntCounterVec::new(
-                Opts::new(
-                    "logstore_requests_total",
-                    "Stats and delete requests by kind and result.",
-                ),
+            queries: d.counter_vec("logstore_queries_total", "Queries by result.", &["result"])?,
+            requests: d.counter_vec(
+                "logstore_requests_total",
+                "Stats and delete requests by kind and result.",
                 &["kind", "result"],
             )?,
-            append_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "logstore_append_duration_seconds",
-                    "Time from receiving an append to answering it.",
-                )
-                .buckets(latency_buckets.clone()),
+            append_duration: d.histogram_vec(
+                "logstore_append_duration_seconds",
+                "Time from receiving an append to answering it.",
+                &LATENCY_BUCKETS,
                 &["shard"],
             )?,
-            query_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "logstore_query_duration_seconds",
-                    "Time from receiving a query to sending its last response.",
-                )
-                .buckets(latency_buckets.clone()),
+            query_duration: d.histogram_vec(
+                "logstore_query_duration_seconds",
+                "Time from receiving a query to sending its last response.",
+                &LATENCY_BUCKETS,
                 &["shard"],
             )?,
-            batch_size: HistogramVec::new(
-                HistogramOpts::new("logstore_batch_size", "Appends per database transaction.")
-                    .buckets(vec![
-                        1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
-                    ]),
+            batch_size: d.histogram_vec(
+                "logstore_batch_size",
+                "Appends per database transaction.",
+                &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
                 &["shard"],
             )?,
-            shard_up: IntGaugeVec::new(
-                Opts::new(
-                    "logstore_shard_up",
-                    "1 when the shard answered its last health check.",
-                ),
+            shard_up: d.gauge_vec(
+                "logstore_shard_up",
+                "1 when the shard answered its last health check.",
                 &["shard"],
             )?,
-            pool_connections: IntGaugeVec::new(
-                Opts::new(
-                    "logstore_pool_connections",
-                    "Database pool connections by shard and state (in_use, idle, max).",
-                ),
+            pool_connections: d.gauge_vec(
+                "logstore_pool_connections",
+                "Database pool connections by shard and state (in_use, idle, max).",
                 &["shard", "state"],
             )?,
-            nats_reconnects: IntCounter::new(
+            nats_reconnects: d.counter(
                 "logstore_nats_reconnects_total",
                 "Times the NATS connection was re-established.",
             )?,
-            retention_deleted: IntCounterVec::new(
-                Opts::new(
-                    "logstore_retention_deleted_total",
-                    "Entries removed by the retention sweeper (older than RETENTION_MAX_AGE).",
-                ),
+            retention_deleted: d.counter_vec(
+                "logstore_retention_deleted_total",
+                "Entries removed by the retention sweeper (older than RETENTION_MAX_AGE).",
                 &["shard"],
             )?,
-            dead_letters: IntCounterVec::new(
-                Opts::new(
-                    "logstore_dead_letters_total",
-                    "Messages copied to the dead-letter subject, by reason.",
-                ),
+            dead_letters: d.counter_vec(
+                "logstore_dead_letters_total",
+                "Messages copied to the dead-letter subject, by reason.",
                 &["reason"],
             )?,
-            replies_refused: IntCounterVec::new(
-                Opts::new(
-                    "logstore_replies_refused_total",
-                    "Requests refused unanswered: their reply subject is not an inbox \
-                     (NATS_REPLY_PREFIXES), so answering could write where the sender may not.",
-                ),
+            replies_refused: d.counter_vec(
+                "logstore_replies_refused_total",
+                "Requests refused unanswered: their reply subject is not an inbox \
+                 (NATS_REPLY_PREFIXES), so answering could write where the sender may not.",
                 &["kind"],
             )?,
-            errors: IntCounterVec::new(
-                Opts::new(
-                    "logstore_errors_total",
-                    "Error answers by kind (append, query) and error code.",
-                ),
+            errors: d.counter_vec(
+                "logstore_errors_total",
+                "Error answers by kind (append, query) and error code.",
                 &["kind", "code"],
             )?,
-            commit_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "logstore_commit_duration_seconds",
-                    "One batch's append call to its shard: connection, statement and commit.",
-                )
-                .buckets(latency_buckets),
+            commit_duration: d.histogram_vec(
+                "logstore_commit_duration_seconds",
+                "One batch's append call to its shard: connection, statement and commit.",
+                &LATENCY_BUCKETS,
                 &["shard"],
             )?,
-            pool_wait: HistogramVec::new(
-                HistogramOpts::new(
-                    "logstore_pool_wait_seconds",
-                    "Waiting for a pooled database connection (including opening one).",
-                )
-                .buckets(vec![
+            pool_wait: d.histogram_vec(
+                "logstore_pool_wait_seconds",
+                "Waiting for a pooled database connection (including opening one).",
+                &[
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     0.5, 1.0, 2.5, 5.0,
-                ]),
+                ],
                 &["shard"],
             )?,
-            jetstream_pending: IntGaugeVec::new(
-                Opts::new(
-                    "logstore_jetstream_pending_messages",
-                    "Messages of the JetStream consumer not yet delivered (consumer info num_pending).",
-                ),
+            jetstream_pending: d.gauge_vec(
+                "logstore_jetstream_pending_messages",
+                "Messages of the JetStream consumer not yet delivered (consumer info num_pending).",
                 &["stream", "consumer"],
             )?,
-            jetstream_ack_pending: IntGaugeVec::new(
-                Opts::new(
-                    "logstore_jetstream_ack_pending_messages",
-                    "Messages delivered and not yet acknowledged (consumer info num_ack_pending).",
-                ),
+            jetstream_ack_pending: d.gauge_vec(
+                "logstore_jetstream_ack_pending_messages",
+                "Messages delivered and not yet acknowledged (consumer info num_ack_pending).",
                 &["stream", "consumer"],
             )?,
-            jetstream_redelivered: IntGaugeVec::new(
-                Opts::new(
-                    "logstore_jetstream_redelivered_messages",
-                    "Unacknowledged messages delivered more than once (consumer info num_redelivered).",
-                ),
+            jetstream_redelivered: d.gauge_vec(
+                "logstore_jetstream_redelivered_messages",
+                "Unacknowledged messages delivered more than once (consumer info num_redelivered).",
                 &["stream", "consumer"],
             )?,
-            jetstream_redeliveries: IntCounter::new(
+            jetstream_redeliveries: d.counter(
                 "logstore_jetstream_redeliveries_total",
                 "JetStream messages received by this worker that had been delivered before.",
             )?,
-            jetstream_pulling: IntGauge::new(
+            jetstream_pulling: d.gauge(
                 "logstore_jetstream_pulling",
                 "1 while this worker pulls the JetStream stream (with JS_ORDERED: holds the intake lease).",
             )?,
-            jetstream_resyncs: IntCounter::new(
+            jetstream_resyncs: d.counter(
                 "logstore_jetstream_resyncs_total",
                 "Pauses of the ordered intake until every unacknowledged message was in this worker's hands.",
             )?,
-            jetstream_held: IntGauge::new(
+            jetstream_held: d.gauge(
                 "logstore_jetstream_held_messages",
                 "JetStream messages received by this worker and not yet acked, nak'ed or terminated.",
             )?,
-            ring_epoch: IntGauge::new(
+            ring_epoch: d.gauge(
                 "logstore_ring_epoch",
                 "The ring membership epoch this worker routes by.",
             )?,
-            move_running: IntGauge::new(
+            move_running: d.gauge(
                 "logstore_move_running",
                 "1 while this worker performs a shard move (holds the mover's lease).",
             )?,
-            move_objects: IntGaugeVec::new(
-                Opts::new(
-                    "logstore_move_objects",
-                    "The move this worker performs: objects to move (todo) and moved so far (moved).",
-                ),
+            move_objects: d.gauge_vec(
+                "logstore_move_objects",
+                "The move this worker performs: objects to move (todo) and moved so far (moved).",
                 &["state"],
             )?,
-            move_errors: IntCounter::new(
+            move_errors: d.counter(
                 "logstore_move_errors_total",
                 "Object moves that failed and are retried (a shard down, a timeout).",
             )?,
-            move_entries: IntCounterVec::new(
-                Opts::new(
-                    "logstore_move_entries_total",
-                    "Entries copied by completed object moves: before the object's lock (bulk) and under it (locked).",
-                ),
+            move_entries: d.counter_vec(
+                "logstore_move_entries_total",
+                "Entries copied by completed object moves: before the object's lock (bulk) and under it (locked).",
                 &["phase"],
             )?,
-            appends_redirected: IntCounter::new(
+            appends_redirected: d.counter(
                 "logstore_appends_redirected_total",
                 "Appends sent on to an object's new owner because its old owner said it moved.",
             )?,
-            registry,
+            registry: registry.clone(),
         };
-        let r = &metrics.registry;
-        r.register(Box::new(metrics.appends.clone()))?;
-        r.register(Box::new(metrics.queries.clone()))?;
-        r.register(Box::new(metrics.requests.clone()))?;
-        r.register(Box::new(metrics.append_duration.clone()))?;
-        r.register(Box::new(metrics.query_duration.clone()))?;
-        r.register(Box::new(metrics.batch_size.clone()))?;
-        r.register(Box::new(metrics.shard_up.clone()))?;
-        r.register(Box::new(metrics.pool_connections.clone()))?;
-        r.register(Box::new(metrics.in_flight.clone()))?;
-        r.register(Box::new(metrics.nats_reconnects.clone()))?;
-        r.register(Box::new(metrics.dead_letters.clone()))?;
-        r.register(Box::new(metrics.errors.clone()))?;
-        r.register(Box::new(metrics.replies_refused.clone()))?;
+        d.register(ProcessCollector::new()?)?;
+        metrics.create_zero_series();
+        Ok(metrics)
+    }
+
+    /// Create the labelled series whose label values are known in advance, so that each is
+    /// exported at 0 before its first event (see [`ERROR_CODES`]).
+    fn create_zero_series(&self) {
         for kind in ["append", "query", "stats", "delete", "status"] {
-            metrics.replies_refused.with_label_values(&[kind]);
+            self.replies_refused.with_label_values(&[kind]);
         }
-        r.register(Box::new(metrics.commit_duration.clone()))?;
-        r.register(Box::new(metrics.pool_wait.clone()))?;
-        r.register(Box::new(metrics.jetstream_pending.clone()))?;
-        r.register(Box::new(metrics.jetstream_ack_pending.clone()))?;
-        r.register(Box::new(metrics.jetstream_redelivered.clone()))?;
-        r.register(Box::new(metrics.jetstream_redeliveries.clone()))?;
-        r.register(Box::new(metrics.jetstream_pulling.clone()))?;
-        r.register(Box::new(metrics.jetstream_resyncs.clone()))?;
-        r.register(Box::new(metrics.jetstream_held.clone()))?;
-        r.register(Box::new(metrics.ring_epoch.clone()))?;
-        r.register(Box::new(metrics.move_running.clone()))?;
-        r.register(Box::new(metrics.move_objects.clone()))?;
-        r.register(Box::new(metrics.move_errors.clone()))?;
-        r.register(Box::new(metrics.move_entries.clone()))?;
-        r.register(Box::new(metrics.appends_redirected.clone()))?;
         for state in ["todo", "moved"] {
-            metrics.move_objects.with_label_values(&[state]);
+            self.move_objects.with_label_values(&[state]);
         }
         for phase in ["bulk", "locked"] {
-            metrics.move_entries.with_label_values(&[phase]);
+            self.move_entries.with_label_values(&[phase]);
         }
-        // The prometheus crate's own process collector needs its `process` feature (and the
-        // procfs crate); what the dashboard needs is a few lines of /proc.
-        r.register(Box::new(ProcessCollector::new()?))?;
         for code in ERROR_CODES {
-            metrics.dead_letters.with_label_values(&[code.as_str()]);
+            self.dead_letters.with_label_values(&[code.as_str()]);
             for kind in ["append", "query"] {
-                metrics.errors.with_label_values(&[kind, code.as_str()]);
+                self.errors.with_label_values(&[kind, code.as_str()]);
             }
         }
-        r.register(Box::new(metrics.retention_deleted.clone()))?;
-        Ok(metrics)
     }
 
     /// Count an error answer (see [`Metrics::errors`]).
@@ -398,96 +347,57 @@ pub struct ShardMetrics {
     pub commit_duration: Histogram,
 }
 
-/// `process_*` metrics of the standard names (as the prometheus crate's process collector and
-/// every official client export them), read from /proc/self on each scrape. Elsewhere than on
-/// Linux it exports nothing.
-struct ProcessCollector {
-    resident_memory: IntGauge,
-    virtual_memory: IntGauge,
-    threads: IntGauge,
-    open_fds: IntGauge,
-    descs: Vec<Desc>,
-}
+/// Defines a series and registers it in the worker's registry in one step, so that a series
+/// cannot be defined without being exported.
+struct Define<'r>(&'r Registry);
 
-impl ProcessCollector {
-    fn new() -> Result<ProcessCollector, prometheus::Error> {
-        let resident_memory = IntGauge::new(
-            "process_resident_memory_bytes",
-            "Resident memory size in bytes.",
-        )?;
-        let virtual_memory = IntGauge::new(
-            "process_virtual_memory_bytes",
-            "Virtual memory size in bytes.",
-        )?;
-        let threads = IntGauge::new("process_threads", "Number of OS threads in the process.")?;
-        let open_fds = IntGauge::new("process_open_fds", "Number of open file descriptors.")?;
-        let descs = [&resident_memory, &virtual_memory, &threads, &open_fds]
-            .iter()
-            .flat_map(|g| g.desc().into_iter().cloned())
-            .collect();
-        Ok(ProcessCollector {
-            resident_memory,
-            virtual_memory,
-            threads,
-            open_fds,
-            descs,
-        })
-    }
-}
-
-/// A `Name:   value` line of /proc/self/status, e.g. `VmRSS:  12345 kB` -> 12345.
-fn status_field(status: &str, name: &str) -> Option<i64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-impl Collector for ProcessCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
+impl Define<'_> {
+    fn register<C: Collector + Clone + 'static>(&self, c: C) -> Result<C, prometheus::Error> {
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
     }
 
-    fn collect(&self) -> Vec<MetricFamily> {
-        let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-            return Vec::new();
-        };
-        let mut families = Vec::new();
-        // /proc/self/status gives memory in kB (KiB, whatever the page size).
-        for (gauge, field, scale) in [
-            (&self.resident_memory, "VmRSS", 1024),
-            (&self.virtual_memory, "VmSize", 1024),
-            (&self.threads, "Threads", 1),
-        ] {
-            if let Some(value) = status_field(&status, field) {
-                gauge.set(value.saturating_mul(scale));
-                families.extend(gauge.collect());
-            }
-        }
-        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-            // The count includes the descriptor read_dir itself holds open: subtract it.
-            self.open_fds.set(fds.count().saturating_sub(1) as i64);
-            families.extend(self.open_fds.collect());
-        }
-        families
+    fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        self.register(IntCounter::new(name, help)?)
+    }
+
+    fn counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels)?)
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        self.register(IntGauge::new(name, help)?)
+    }
+
+    fn gauge_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, prometheus::Error> {
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels)?)
+    }
+
+    fn histogram_vec(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+        labels: &[&str],
+    ) -> Result<HistogramVec, prometheus::Error> {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.register(HistogramVec::new(opts, labels)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_fields_parse() {
-        let status = "Name:\tworker\nVmSize:\t  123456 kB\nVmRSS:\t    2048 kB\nThreads:\t7\n";
-        assert_eq!(status_field(status, "VmRSS"), Some(2048));
-        assert_eq!(status_field(status, "VmSize"), Some(123456));
-        assert_eq!(status_field(status, "Threads"), Some(7));
-        assert_eq!(status_field(status, "VmSwap"), None);
-    }
 
     #[test]
     fn process_metrics_and_zero_series_are_exported() {

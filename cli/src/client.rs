@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use async_nats::{Client, StatusCode, Subscriber};
+use async_nats::{Client, Subscriber};
 use bytes::Bytes;
-use futures::StreamExt;
+use logstore_protocol::client::{read_answer, AnswerError};
 use logstore_protocol::nats::{ConnectFailure, NatsAccess};
 use logstore_protocol::{ErrorBody, ErrorReply, LogEntry, Order, QueryRequest, QueryResponse};
 use serde::de::DeserializeOwned;
@@ -236,45 +236,37 @@ impl Connection {
         subject: &str,
         replies: &mut Subscriber,
     ) -> Result<Vec<QueryResponse>, ClientError> {
-        let mut chunks = Vec::new();
-        loop {
-            let message = match tokio::time::timeout(self.timeout, replies.next()).await {
-                Ok(Some(message)) => message,
-                Ok(None) => {
-                    return Err(ClientError::Nats(
-                        "the reply subscription closed (connection lost)".into(),
-                    ))
+        let no_answer = |why: String| ClientError::NoAnswer {
+            subject: subject.to_string(),
+            why,
+        };
+        read_answer(replies, self.timeout)
+            .await
+            .map_err(|e| match e {
+                AnswerError::TimedOut { timeout, .. } => {
+                    no_answer(format!("no answer within {timeout:?}"))
                 }
-                Err(_) => {
-                    return Err(ClientError::NoAnswer {
-                        subject: subject.to_string(),
-                        why: format!("no answer within {:?}", self.timeout),
-                    })
+                AnswerError::Closed => {
+                    ClientError::Nats("the reply subscription closed (connection lost)".into())
                 }
-            };
-            if message.status == Some(StatusCode::NO_RESPONDERS) {
-                return Err(ClientError::NoAnswer {
+                AnswerError::NoResponders => {
+                    no_answer("no worker is listening (no responders)".into())
+                }
+                AnswerError::Refused { error, .. } => ClientError::Service(error),
+                // What `decode` says of it: a stream's error reply, or not an answer.
+                AnswerError::Undecodable { reason, payload } => {
+                    decode::<QueryResponse>(subject, &payload)
+                        .err()
+                        .unwrap_or_else(|| ClientError::BadReply {
+                            subject: subject.to_string(),
+                            why: reason,
+                        })
+                }
+                AnswerError::OutOfOrder { got, expected } => ClientError::BadReply {
                     subject: subject.to_string(),
-                    why: "no worker is listening (no responders)".into(),
-                });
-            }
-            let chunk: QueryResponse = decode(subject, &message.payload)?;
-            if chunk.chunk as usize != chunks.len() {
-                return Err(ClientError::BadReply {
-                    subject: subject.to_string(),
-                    why: format!(
-                        "chunk {} arrived after {} chunks",
-                        chunk.chunk,
-                        chunks.len()
-                    ),
-                });
-            }
-            let last = chunk.last;
-            chunks.push(chunk);
-            if last {
-                return Ok(chunks);
-            }
-        }
+                    why: format!("chunk {got} arrived after {expected} chunks"),
+                },
+            })
     }
 
     /// Read the range `request` describes to its end, following `next` (`after` oldest

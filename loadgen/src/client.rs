@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::{Client, HeaderMap, RequestErrorKind, StatusCode, Subject};
+use async_nats::{Client, HeaderMap, RequestErrorKind, Subject};
 use bytes::Bytes;
-use futures::StreamExt;
+use logstore_protocol::client::{read_answer, AnswerError};
 use logstore_protocol::{
     AppendReply, BatchReply, EntryResult, ErrorBody, ErrorCode, ErrorReply, QueryResponse,
     MSG_ID_HEADER,
@@ -325,46 +325,22 @@ pub async fn query(
         .publish_with_reply(subject.clone(), inbox, body)
         .await
         .map_err(|e| AttemptError::Nats(Box::new(e)))?;
-    let mut chunks: Vec<QueryResponse> = Vec::new();
-    loop {
-        let message = match tokio::time::timeout(timeout, replies.next()).await {
-            Err(_) => return Err(AttemptError::TimedOut(timeout)),
-            Ok(None) => {
-                return Err(AttemptError::Nats(
-                    "the reply subscription closed (disconnected?)".into(),
-                ))
+    read_answer(&mut replies, timeout)
+        .await
+        .map_err(|e| match e {
+            AnswerError::TimedOut { .. } => AttemptError::TimedOut(timeout),
+            AnswerError::Closed => {
+                AttemptError::Nats("the reply subscription closed (disconnected?)".into())
             }
-            Ok(Some(message)) => message,
-        };
-        if message.status == Some(StatusCode::NO_RESPONDERS) {
-            return Err(AttemptError::NoResponders(subject.to_string()));
-        }
-        let chunk = match serde_json::from_slice::<QueryResponse>(&message.payload) {
-            Ok(chunk) => chunk,
-            Err(_) => {
-                return Err(
-                    match serde_json::from_slice::<ErrorReply>(&message.payload) {
-                        Ok(error) => AttemptError::Rejected(error.error),
-                        Err(_) => AttemptError::BadReply(
-                            String::from_utf8_lossy(&message.payload).into_owned(),
-                        ),
-                    },
-                )
+            AnswerError::NoResponders => AttemptError::NoResponders(subject.to_string()),
+            AnswerError::Refused { error, .. } => AttemptError::Rejected(error),
+            AnswerError::Undecodable { payload, .. } => {
+                AttemptError::BadReply(String::from_utf8_lossy(&payload).into_owned())
             }
-        };
-        if chunk.chunk as usize != chunks.len() {
-            return Err(AttemptError::BadReply(format!(
-                "query answer chunk {} arrived where chunk {} was expected",
-                chunk.chunk,
-                chunks.len()
-            )));
-        }
-        let last = chunk.last;
-        chunks.push(chunk);
-        if last {
-            return Ok(chunks);
-        }
-    }
+            AnswerError::OutOfOrder { got, expected } => AttemptError::BadReply(format!(
+                "query answer chunk {got} arrived where chunk {expected} was expected"
+            )),
+        })
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::Subject;
+use logstore_protocol::client::{Answer, AnswerError};
 use logstore_protocol::nats::{ConnectFailure, NatsAccess};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -323,43 +324,25 @@ pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
             .publish_with_reply(settings.query_subject.clone(), inbox.clone(), body.into())
             .await
             .map_err(|e| Error::Read(e.to_string()))?;
-        let mut chunk_no = 0u32;
+        let mut answer = Answer::new(&mut replies, settings.timeout.max(Duration::from_secs(10)));
         loop {
-            let message = match tokio::time::timeout(
-                settings.timeout.max(Duration::from_secs(10)),
-                futures::StreamExt::next(&mut replies),
-            )
-            .await
-            {
-                Ok(Some(message)) => message,
-                Ok(None) => return Err(Error::Read("reply subscription closed".into())),
-                Err(_) => {
-                    return Err(Error::Read(format!(
-                        "no chunk for {:?} after chunk {chunks}",
-                        settings.timeout
-                    )))
-                }
+            let chunk = match answer.next().await {
+                Ok(Some(chunk)) => chunk,
+                // `next` ends at the `last` chunk, below.
+                Ok(None) => break,
+                Err(e) => return Err(whole_read_error(e, settings.timeout, chunks)),
             };
-            let chunk: logstore_protocol::QueryResponse = serde_json::from_slice(&message.payload)
-                .map_err(|_| Error::Read(String::from_utf8_lossy(&message.payload).into_owned()))?;
-            if chunk.chunk != chunk_no {
-                return Err(Error::Read(format!(
-                    "chunk {} arrived where {chunk_no} was expected",
-                    chunk.chunk
-                )));
-            }
-            for entry in &chunk.logs {
+            for entry in &chunk.response.logs {
                 if entry.seq != last_seq + 1 {
                     return Err(Error::Read(format!("seq {} after {last_seq}", entry.seq)));
                 }
                 last_seq = entry.seq;
             }
-            entries += chunk.logs.len() as u64;
-            bytes += message.payload.len() as u64;
+            entries += chunk.response.logs.len() as u64;
+            bytes += chunk.bytes as u64;
             chunks += 1;
-            chunk_no += 1;
-            if chunk.last {
-                after = chunk.next;
+            if chunk.response.last {
+                after = chunk.response.next;
                 break;
             }
         }
@@ -381,6 +364,22 @@ pub async fn read_whole(args: &Args, id: u64) -> Result<WholeRead, Error> {
         })?;
     }
     Ok(result)
+}
+
+/// [`read_whole`]'s words for a failed answer; `chunks` is the count over all its queries.
+fn whole_read_error(e: AnswerError, timeout: Duration, chunks: u64) -> Error {
+    Error::Read(match e {
+        AnswerError::TimedOut { .. } => format!("no chunk for {timeout:?} after chunk {chunks}"),
+        AnswerError::Closed => "reply subscription closed".into(),
+        // A no-responders status has an empty body, which is what was shown for it.
+        AnswerError::NoResponders => String::new(),
+        AnswerError::Refused { payload, .. } | AnswerError::Undecodable { payload, .. } => {
+            String::from_utf8_lossy(&payload).into_owned()
+        }
+        AnswerError::OutOfOrder { got, expected } => {
+            format!("chunk {got} arrived where {expected} was expected")
+        }
+    })
 }
 
 /// Read back the objects an earlier [`run`] touched and check them against what it

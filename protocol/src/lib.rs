@@ -13,6 +13,8 @@
 
 pub mod chain;
 #[cfg(feature = "nats")]
+pub mod client;
+#[cfg(feature = "nats")]
 pub mod nats;
 pub mod redact;
 pub mod timestamp;

@@ -26,7 +26,7 @@ use worker::store::{sql, Shard};
 /// A one-shard world (every object on shard `a`) with a worker running, and that shard's URL.
 async fn one_shard() -> (Env, TestWorker, async_nats::Client, String) {
     let env = Env::shared(&["a"]).await;
-    let worker = env.start_worker().await; // migrates the database
+    let worker = env.start_worker(&[]).await; // migrates the database
     let client = env.client().await;
     let url = env.shards[0].1.clone();
     (env, worker, client, url)
@@ -787,7 +787,7 @@ async fn racing_writers_with_expected_seq_store_exactly_the_acknowledged_appends
     const WRITERS: usize = 8;
     const EACH: usize = 25;
     let env = Env::shared(&["a"]).await;
-    let workers = [env.start_worker().await, env.start_worker().await];
+    let workers = [env.start_worker(&[]).await, env.start_worker(&[]).await];
     let url = env.shards[0].1.clone();
     let id = 77u64;
 
@@ -979,7 +979,7 @@ async fn expected_seq_in_batches_is_checked_in_array_order() {
 async fn a_jetstream_conflict_is_acked_and_never_dead_lettered() {
     let mut env = Env::shared(&["a"]).await;
     env.intake = "jetstream";
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let url = env.shards[0].1.clone();
     let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
@@ -1242,7 +1242,7 @@ async fn retention_removes_only_old_entries_under_load() {
     // A worker without retention creates the schema; the old entries are seeded before any
     // live append (ts never decreases along seq, so entries seeded after live ones would get
     // the live ones' ts).
-    let plain = WorkerProcess::start(&env, &[]).await;
+    let plain = WorkerCommand::new(&env).start().await;
     let now = SystemTime::now();
     let old: Vec<SystemTime> = (0..OLD)
         .map(|i| now - Duration::from_secs(7_200) + Duration::from_millis(i as u64))
@@ -1287,14 +1287,13 @@ async fn retention_removes_only_old_entries_under_load() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The sweeping worker joins the queue group under load (and takes appends too).
     let sweep_started = std::time::Instant::now();
-    let worker = WorkerProcess::start(
-        &env,
-        &[
+    let worker = WorkerCommand::new(&env)
+        .extra(&[
             ("RETENTION_MAX_AGE", "10m"),
             ("RETENTION_INTERVAL", "200ms"),
-        ],
-    )
-    .await;
+        ])
+        .start()
+        .await;
 
     let db = pg_connect(&url).await;
     eventually(120, "retention removes every old entry", || {

@@ -117,7 +117,7 @@ async fn stored_rows(env: &Env) -> HashMap<u64, Vec<(i64, Option<String>, String
 async fn a_core_batch_is_answered_per_entry_in_array_order_with_one_event_each() {
     let names = ["a", "b"];
     let env = Env::shared(&names).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let (x, y) = (id_on(&names, 0, 100), id_on(&names, 1, 100));
     let mut events = client
@@ -189,7 +189,7 @@ async fn a_core_batch_is_answered_per_entry_in_array_order_with_one_event_each()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bad_entry_rejects_the_whole_batch_naming_its_index() {
     let env = Env::shared(&["v"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
     client.flush().await.unwrap();
@@ -238,7 +238,7 @@ async fn one_bad_entry_rejects_the_whole_batch_naming_its_index() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_messages_entries_of_an_object_get_consecutive_seqs() {
     let env = Env::shared(&["c"]).await;
-    let workers = [env.start_worker().await, env.start_worker().await];
+    let workers = [env.start_worker(&[]).await, env.start_worker(&[]).await];
     let client = env.client().await;
     let id = 77u64;
     let batches = 20usize;
@@ -296,7 +296,7 @@ async fn a_batch_spanning_a_shard_that_goes_down_and_comes_back_loses_and_double
             shards: shards.clone(),
             intake,
         };
-        let worker = env.start_worker().await;
+        let worker = env.start_worker(&[]).await;
         let client = env.client().await;
         let tag = |i: usize| format!("{intake}-{i}");
         let logs: Vec<String> = (0..6).map(tag).collect();
@@ -394,7 +394,7 @@ async fn a_batch_spanning_a_shard_that_goes_down_and_comes_back_loses_and_double
 async fn jetstream_batches_and_message_ids_are_per_object() {
     let mut env = Env::shared(&["j1", "j2"]).await;
     env.intake = "jetstream";
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let js = jetstream::new(client.clone());
     let entries: Vec<(u64, String)> = (0..100).map(|i| (i % 7 + 1, format!("e{i}"))).collect();
@@ -480,7 +480,7 @@ async fn jetstream_batches_and_message_ids_are_per_object() {
 async fn a_jetstream_dead_letter_names_the_stream_sequence_and_message_id() {
     let mut env = Env::shared(&["dl"]).await;
     env.intake = "jetstream";
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
     client.flush().await.unwrap();
@@ -527,7 +527,7 @@ async fn the_readme_rust_example_runs_as_written() {
         ("NATS_DEAD_LETTER_TOPIC", "dead_letter"),
         ("NATS_STREAM", "LOGS"),
     ];
-    let worker = WorkerProcess::start(&env, &defaults).await;
+    let worker = WorkerCommand::new(&env).extra(&defaults).start().await;
     let example = bin_path("examples/quickstart");
     let output = within(
         60,

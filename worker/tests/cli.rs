@@ -41,7 +41,7 @@ fn readme_examples() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_examples_run_as_written() {
     let env = Env::shared(&["a", "b"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let script = readme_examples();
     let bin_dir = bin_path("logstore")
         .parent()
@@ -155,8 +155,8 @@ async fn tail_follows_every_entry_once_across_worker_restarts() {
     const TOTAL: u64 = 5_000;
     let env = Env::shared(&["a", "b"]).await;
     let mut workers = vec![
-        WorkerProcess::start(&env, &[]).await,
-        WorkerProcess::start(&env, &[]).await,
+        WorkerCommand::new(&env).start().await,
+        WorkerCommand::new(&env).start().await,
     ];
     let id = 4_242u64;
 
@@ -198,7 +198,7 @@ async fn tail_follows_every_entry_once_across_worker_restarts() {
         } else {
             assert_eq!(old.terminate().await, Some(0));
         }
-        workers.insert(n, WorkerProcess::start(&env, &[]).await);
+        workers.insert(n, WorkerCommand::new(&env).start().await);
     }
     for publisher in publishers {
         within(300, "publishers", publisher).await.unwrap();

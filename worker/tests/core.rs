@@ -15,7 +15,7 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_scenarios_hold_for_a_superuser() {
     let env = Env::shared(&["a", "b"]).await;
-    let workers = [env.start_worker().await, env.start_worker().await];
+    let workers = [env.start_worker(&[]).await, env.start_worker(&[]).await];
     core_scenarios(&env, 5).await;
     for worker in workers {
         worker.stop().await.unwrap();
@@ -31,7 +31,7 @@ async fn concurrent_workers_and_publishers_store_every_append_exactly_once() {
     let env = Env::shared(&["a", "b"]).await;
     let mut workers = Vec::new();
     for _ in 0..4 {
-        workers.push(env.start_worker().await);
+        workers.push(env.start_worker(&[]).await);
     }
     let base = 1_000_000u64;
 
@@ -119,7 +119,7 @@ async fn an_idempotency_key_stores_once_even_when_racing() {
     let env = Env::shared(&["a", "b"]).await;
     let mut workers = Vec::new();
     for _ in 0..4 {
-        workers.push(env.start_worker().await);
+        workers.push(env.start_worker(&[]).await);
     }
     let client = env.client().await;
     let id = 77;
@@ -175,7 +175,7 @@ async fn an_idempotency_key_stores_once_even_when_racing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_land_on_the_shard_the_ring_pins() {
     let env = Env::shared(&["shard-a", "shard-b", "shard-c"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let ids: Vec<u64> = worker::ring::GOLDEN_PLACEMENTS
         .iter()
@@ -217,7 +217,7 @@ async fn objects_land_on_the_shard_the_ring_pins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extreme_ids_round_trip() {
     let env = Env::shared(&["a", "b"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     for id in [0, 1, (1u64 << 63) - 1, 1u64 << 63, u64::MAX] {
         let reply = env.append(&client, id, &format!("log of {id}"), None).await;
@@ -235,7 +235,7 @@ async fn extreme_ids_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_and_chunks_return_every_entry_once_in_order() {
     let env = Env::shared(&["a", "b"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let small = 10u64;
     append_many(&env, &client, small, 1_000, |i| format!("entry {i}")).await;
@@ -332,7 +332,7 @@ async fn append_many(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_answered_dead_lettered_and_counted() {
     let env = Env::shared(&["a", "b"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
     client.flush().await.unwrap();
@@ -470,7 +470,7 @@ async fn bad_input_is_answered_dead_lettered_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_appends_by_shard_and_result() {
     let env = Env::shared(&["a", "b"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let ring = worker::ring::Ring::new(&["a", "b"], worker::ring::DEFAULT_VNODES);
     let mut expected: BTreeMap<(String, &str), f64> = BTreeMap::new();
@@ -525,8 +525,8 @@ async fn metrics_count_appends_by_shard_and_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_starting_at_once_on_empty_databases_both_come_up() {
     let env = Env::shared(&["a", "b"]).await;
-    let first = env.spawn_worker();
-    let second = env.spawn_worker();
+    let first = env.spawn_worker(&[]);
+    let second = env.spawn_worker(&[]);
     within(
         60,
         "both ready",

@@ -464,8 +464,14 @@ async fn prometheus_sums_stored_appends_to_what_loadgen_acknowledged() {
     let env = Env::shared(&["a", "b"]).await;
 
     let processes = vec![
-        WorkerProcess::start(&env, &[("INTAKE", "core")]).await,
-        WorkerProcess::start(&env, &[("INTAKE", "core")]).await,
+        WorkerCommand::new(&env)
+            .extra(&[("INTAKE", "core")])
+            .start()
+            .await,
+        WorkerCommand::new(&env)
+            .extra(&[("INTAKE", "core")])
+            .start()
+            .await,
     ];
     let workers: Vec<SocketAddr> = processes.iter().map(|w| w.metrics).collect();
 
@@ -645,8 +651,8 @@ async fn every_dashboard_panel_shows_data_and_a_stopped_shard_alerts() {
     env.shards
         .push(("b".to_string(), fresh_db(&own, "b").await));
     let processes = vec![
-        WorkerProcess::start(&env, &[]).await,
-        WorkerProcess::start(&env, &[]).await,
+        WorkerCommand::new(&env).start().await,
+        WorkerCommand::new(&env).start().await,
     ];
     let workers: Vec<SocketAddr> = processes.iter().map(|w| w.metrics).collect();
 

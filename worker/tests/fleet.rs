@@ -12,8 +12,12 @@ use support::*;
 /// Two worker processes with core intake, both ready.
 async fn two_workers(env: &Env) -> Vec<WorkerProcess> {
     let workers = vec![
-        WorkerProcess::spawn(env, &[("INTAKE", env.intake)]),
-        WorkerProcess::spawn(env, &[("INTAKE", env.intake)]),
+        WorkerCommand::new(env)
+            .extra(&[("INTAKE", env.intake)])
+            .spawn(),
+        WorkerCommand::new(env)
+            .extra(&[("INTAKE", env.intake)])
+            .spawn(),
     ];
     for worker in &workers {
         worker.wait_ready().await;

@@ -91,7 +91,7 @@ async fn stats_error(env: &Env, client: &async_nats::Client, id: u64) -> Option<
 }
 
 /// Waits until `worker`'s `/readyz` answers 503 with a body containing `needle`.
-async fn wait_not_ready(worker: &LoggedWorker, needle: &str) -> String {
+async fn wait_not_ready(worker: &WorkerProcess, needle: &str) -> String {
     let addr = worker.metrics;
     eventually(
         30,
@@ -120,14 +120,14 @@ async fn a_database_of_another_fleet_is_refused_by_add_and_by_workers() {
     // Fleet A: one shard, pg3 = X.
     let fleet_a = Env::shared(&["pg3"]).await;
     let x = fleet_a.shards[0].1.clone();
-    let worker_a = WorkerProcess::start(&fleet_a, &[]).await;
+    let worker_a = WorkerCommand::new(&fleet_a).start().await;
     let client = fleet_a.client().await;
     fleet_a.append(&client, 7, "fleet A's entry", None).await;
     let fleet_a_id = eventually(30, "fleet A claims X", || fleet_of(&x)).await;
 
     // Fleet B: pg1 and pg2; `add pg3=X` is refused.
     let fleet_b = Env::shared(&["pg1", "pg2"]).await;
-    let worker_b = WorkerProcess::start(&fleet_b, &[]).await;
+    let worker_b = WorkerCommand::new(&fleet_b).start().await;
     let before = snapshot(&x).await;
     let (code, json) = status(&fleet_b).await.expect("fleet B's status");
     assert_eq!(code, 0, "{json}");
@@ -157,7 +157,7 @@ async fn a_database_of_another_fleet_is_refused_by_add_and_by_workers() {
     // Fleet C: a fresh shard c1 and X (as pg3) in POSTGRES_SHARDS.
     let mut fleet_c = Env::shared(&["c1"]).await;
     fleet_c.shards.push(("pg3".to_string(), x.clone()));
-    let worker_c = LoggedWorker::spawn_logging(&fleet_c, &[], None);
+    let worker_c = WorkerCommand::new(&fleet_c).default_log().capture().spawn();
     let body = wait_not_ready(&worker_c, "shard pg3").await;
     assert!(body.contains("another fleet"), "{body}");
     worker_c.wait_for("belongs to another logstore fleet").await;
@@ -192,7 +192,7 @@ async fn a_database_of_another_fleet_is_refused_by_add_and_by_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_fenced_at_an_epoch_its_ring_does_not_know_says_so() {
     let env = Env::shared(&["pg1", "pg2"]).await;
-    let worker = LoggedWorker::spawn_logging(&env, &[], None);
+    let worker = WorkerCommand::new(&env).default_log().capture().spawn();
     worker.wait_ready().await;
     let client = env.client().await;
     let id = id_on(&["pg1", "pg2"], "pg2");
@@ -273,8 +273,14 @@ async fn the_runbooks_add_leaves_every_worker_logged_in_to_the_new_shard_as_itse
         *url = url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
     }
     let workers = vec![
-        WorkerProcess::start(&env, &[("MOVE_GRACE_MS", "500")]).await,
-        WorkerProcess::start(&env, &[("MOVE_GRACE_MS", "500")]).await,
+        WorkerCommand::new(&env)
+            .extra(&[("MOVE_GRACE_MS", "500")])
+            .start()
+            .await,
+        WorkerCommand::new(&env)
+            .extra(&[("MOVE_GRACE_MS", "500")])
+            .start()
+            .await,
     ];
     let client = env.client().await;
     let ids: Vec<u64> = (1..=60).collect();
@@ -354,16 +360,15 @@ const WINDOW_MAX_CPU: Duration = Duration::from_secs(3);
 async fn a_garbage_ring_record_mid_move_is_repaired_and_the_move_completes() {
     let world = World::new("core", 40).await;
     let env = &world.env;
-    let extra: Vec<(&str, String)> = world
-        .extra()
-        .iter()
-        .map(|(k, v)| (*k, v.to_string()))
-        .collect();
-    let info = Some("info");
-    let mut workers = vec![
-        LoggedWorker::spawn_logging(env, &extra, info),
-        LoggedWorker::spawn_logging(env, &extra, info),
-    ];
+    let extra = world.extra();
+    let worker = || {
+        WorkerCommand::new(env)
+            .extra(&extra)
+            .log("info")
+            .capture()
+            .spawn()
+    };
+    let mut workers = vec![worker(), worker()];
     for worker in &workers {
         worker.wait_ready().await;
     }
@@ -453,14 +458,14 @@ async fn a_garbage_ring_record_mid_move_is_repaired_and_the_move_completes() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 
-    let mover_log: String = workers.iter().map(LoggedWorker::output).collect();
+    let mover_log: String = workers.iter().map(WorkerProcess::output).collect();
     assert!(
         mover_log.contains("the move waits: the ring record cannot be read"),
         "the mover says why it waits:\n{mover_log}"
     );
 
     // A worker started now routes by the shards' copies (epoch 2, moving).
-    let late = LoggedWorker::spawn_logging(env, &extra, info);
+    let late = worker();
     late.wait_ready().await;
     wait_epoch(std::slice::from_ref(&late), 2).await;
     workers.push(late);
@@ -538,7 +543,7 @@ async fn into_closed_pipe(env: &Env, args: &[&str]) -> (Option<i32>, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_status_into_a_closed_pipe_exits_quietly() {
     let env = Env::shared(&["pg1", "pg2"]).await;
-    let worker = WorkerProcess::start(&env, &[]).await;
+    let worker = WorkerCommand::new(&env).start().await;
     for args in [
         &["shards", "status"][..],
         &["shards", "status", "--json"],

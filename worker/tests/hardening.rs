@@ -67,7 +67,7 @@ async fn a_frozen_shard_never_gets_a_stored_append_answered_as_failed() {
         Some("3000"),
         "the test's bounds assume this shard timeout"
     );
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let ids = [ids_on(&names, 0, 1, 20), ids_on(&names, 1, 1, 20)];
 
@@ -216,7 +216,7 @@ async fn a_frozen_shard_never_gets_a_stored_append_answered_as_failed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cursors_cover_the_whole_u64_range() {
     let env = Env::shared(&["c1"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     for i in 0..3 {
         env.append(&client, 7, &format!("e{i}"), None).await;
@@ -280,7 +280,7 @@ async fn cursors_cover_the_whole_u64_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_max_payload_sized_bad_message_yields_a_dead_letter_that_arrives() {
     let env = Env::shared(&["d1"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let mut dead = client
         .subscribe(env.subject("dead_letter"))
@@ -327,7 +327,10 @@ async fn a_query_flood_is_shed_without_starving_appends() {
     let env = Env::shared(&["q1"]).await;
     // Seed one object with a 1,000-entry log (~250 KB as a whole-log answer) by SQL.
     let db = pg_connect(&env.shards[0].1).await;
-    let worker = WorkerProcess::start(&env, &[("QUERY_TIMEOUT_MS", "5000")]).await;
+    let worker = WorkerCommand::new(&env)
+        .extra(&[("QUERY_TIMEOUT_MS", "5000")])
+        .start()
+        .await;
     let big_id = 42u64;
     let n = 1000usize;
     db.execute(
@@ -462,7 +465,9 @@ async fn sigterm_with_nats_unreachable_exits_in_time() {
         let mut env = Env::shared(&["n1"]).await;
         env.intake = intake;
         env.nats_url = format!("nats://127.0.0.1:{}", free_port()); // nothing listens there
-        let worker = WorkerProcess::spawn(&env, &[("SHUTDOWN_TIMEOUT_MS", "2000")]);
+        let worker = WorkerCommand::new(&env)
+            .extra(&[("SHUTDOWN_TIMEOUT_MS", "2000")])
+            .spawn();
         let addr = worker.metrics;
         // Up (HTTP answers) but not ready: it keeps trying to reach NATS.
         eventually(30, "worker serves /healthz", || async move {
@@ -489,7 +494,10 @@ async fn sigterm_with_nats_unreachable_exits_in_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_log_answer_stops_at_max_query_bytes_and_next_continues() {
     let env = Env::shared(&["b1"]).await;
-    let worker = WorkerProcess::start(&env, &[("MAX_QUERY_BYTES", "2000")]).await;
+    let worker = WorkerCommand::new(&env)
+        .extra(&[("MAX_QUERY_BYTES", "2000")])
+        .start()
+        .await;
     let client = env.client().await;
     for i in 0..50 {
         env.append(&client, 9, &format!("{i:0>100}"), None).await;

@@ -27,7 +27,7 @@ async fn idle_connections_neither_block_readyz_nor_starve_the_worker() {
         "this test needs {IDLE_CONNECTIONS} sockets plus headroom; RLIMIT_NOFILE is {test_nofile}"
     );
     let env = Env::shared(&["a", "b"]).await;
-    let worker = WorkerProcess::spawn_with_nofile(&env, &[], WORKER_NOFILE);
+    let worker = WorkerCommand::new(&env).nofile(WORKER_NOFILE).spawn();
     worker.wait_ready().await;
     let addr = worker.metrics;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", worker.pid()))

@@ -145,7 +145,7 @@ async fn a_worker_killed_mid_load_loses_and_duplicates_nothing() {
     let env = js_env(&["a", "b"]).await;
     let mut workers = Vec::new();
     for _ in 0..3 {
-        workers.push(WorkerProcess::start(&env, &[]).await);
+        workers.push(WorkerCommand::new(&env).start().await);
     }
     let client = env.client().await;
     let publisher = {
@@ -161,7 +161,7 @@ async fn a_worker_killed_mid_load_loses_and_duplicates_nothing() {
     })
     .await;
     workers.remove(0).kill().await;
-    workers.push(WorkerProcess::start(&env, &[]).await);
+    workers.push(WorkerCommand::new(&env).start().await);
     let published = within(300, "publisher", publisher).await.unwrap();
     verify(&env, &published, 120).await;
     for worker in workers {
@@ -175,7 +175,7 @@ async fn a_worker_killed_mid_load_loses_and_duplicates_nothing() {
 async fn a_backlog_published_while_all_workers_are_down_keeps_publish_times() {
     let env = js_env(&["a", "b"]).await;
     // Create the stream and consumer, then leave no worker running.
-    WorkerProcess::start(&env, &[]).await.terminate().await;
+    WorkerCommand::new(&env).start().await.terminate().await;
     let client = env.client().await;
     let before = SystemTime::now();
     let published = publish(&env, &client, "backlog", 0..3_000, 50, false).await;
@@ -185,8 +185,8 @@ async fn a_backlog_published_while_all_workers_are_down_keeps_publish_times() {
     assert!(all_rows(&env).await.is_empty());
     let started = SystemTime::now();
     let workers = vec![
-        WorkerProcess::start(&env, &[]).await,
-        WorkerProcess::start(&env, &[]).await,
+        WorkerCommand::new(&env).start().await,
+        WorkerCommand::new(&env).start().await,
     ];
     let stored = verify(&env, &published, 120).await;
     let slack = Duration::from_secs(1);
@@ -211,8 +211,8 @@ async fn a_shard_killed_mid_load_delays_only_its_own_objects() {
     env.shards
         .push(("flaky".to_string(), fresh_db(&own, "flaky").await));
     let workers = vec![
-        WorkerProcess::start(&env, &[]).await,
-        WorkerProcess::start(&env, &[]).await,
+        WorkerCommand::new(&env).start().await,
+        WorkerCommand::new(&env).start().await,
     ];
     let client = env.client().await;
     let steady_rows = |env: Env| async move {
@@ -274,8 +274,8 @@ async fn a_nats_restart_mid_load_loses_nothing() {
     let mut env = js_env(&["a", "b"]).await;
     env.nats_url = nats.url();
     let workers = vec![
-        WorkerProcess::start(&env, &[]).await,
-        WorkerProcess::start(&env, &[]).await,
+        WorkerCommand::new(&env).start().await,
+        WorkerCommand::new(&env).start().await,
     ];
     let client = within(
         10,
@@ -333,7 +333,7 @@ async fn workers_started_before_postgres_work_once_it_is_up() {
     env.shards
         .push(("only".to_string(), fresh_db(&own, "only").await));
     own.stop();
-    let worker = WorkerProcess::spawn(&env, &[]);
+    let worker = WorkerCommand::new(&env).spawn();
     let addr = worker.metrics;
     let body = eventually(30, "worker serves /readyz", || async move {
         match http_get(addr, "/readyz").await {
@@ -356,7 +356,10 @@ async fn workers_started_before_postgres_work_once_it_is_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_is_dead_lettered_and_does_not_block_the_rest() {
     let env = js_env(&["a"]).await;
-    let worker = WorkerProcess::start(&env, &[("JS_MAX_DELIVER", "3")]).await;
+    let worker = WorkerCommand::new(&env)
+        .extra(&[("JS_MAX_DELIVER", "3")])
+        .start()
+        .await;
     // The poison: this shard refuses one particular log text, as a broken constraint would.
     let db = pg_connect(&env.shards[0].1).await;
     db.batch_execute(
@@ -413,10 +416,10 @@ async fn a_poison_message_is_dead_lettered_and_does_not_block_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_backlog_commits_and_acks_what_it_took() {
     let env = js_env(&["a", "b"]).await;
-    WorkerProcess::start(&env, &[]).await.terminate().await;
+    WorkerCommand::new(&env).start().await.terminate().await;
     let client = env.client().await;
     let published = publish(&env, &client, "b", 0..20_000, 100, false).await;
-    let worker = WorkerProcess::start(&env, &[]).await;
+    let worker = WorkerCommand::new(&env).start().await;
     eventually(60, "backlog being processed", || async {
         (!all_rows(&env).await.is_empty()).then_some(())
     })
@@ -437,7 +440,7 @@ async fn sigterm_with_a_backlog_commits_and_acks_what_it_took() {
         "the shutdown left part of the backlog for later (took {:?})",
         stopped_at.elapsed()
     );
-    let rest = WorkerProcess::start(&env, &[]).await;
+    let rest = WorkerCommand::new(&env).start().await;
     verify(&env, &published, 120).await;
     assert_eq!(consumer_info(&client, &env).await.num_redelivered, 0);
     assert_eq!(rest.terminate().await, Some(0));
@@ -448,7 +451,7 @@ async fn sigterm_with_a_backlog_commits_and_acks_what_it_took() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_through_jetstream_is_dead_lettered_and_terminated() {
     let env = js_env(&["a", "b"]).await;
-    let worker = WorkerProcess::start(&env, &[]).await;
+    let worker = WorkerCommand::new(&env).start().await;
     let client = env.client().await;
     let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
     client.flush().await.unwrap();

@@ -19,7 +19,7 @@ async fn a_stopped_shard_fails_fast_and_recovers_without_a_worker_restart() {
     let mut env = Env::shared(&["up"]).await;
     env.shards
         .push(("flaky".to_string(), fresh_db(&own, "flaky").await));
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
 
     let ring = worker::ring::Ring::new(&["up", "flaky"], worker::ring::DEFAULT_VNODES);
@@ -118,7 +118,7 @@ async fn a_stopped_shard_fails_fast_and_recovers_without_a_worker_restart() {
 async fn swapped_shard_names_refuse_to_start() {
     let env = Env::shared(&["a", "b"]).await;
     // First start records each database's shard name.
-    env.start_worker().await.stop().await.unwrap();
+    env.start_worker(&[]).await.stop().await.unwrap();
 
     let mut swapped = env.clone();
     swapped.shards[0].0 = "b".to_string();

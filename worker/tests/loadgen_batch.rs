@@ -10,8 +10,8 @@ use support::*;
 /// Two worker processes with `env`'s intake, both ready.
 async fn two_workers(env: &Env) -> Vec<WorkerProcess> {
     let workers = vec![
-        WorkerProcess::spawn(env, &[]),
-        WorkerProcess::spawn(env, &[]),
+        WorkerCommand::new(env).spawn(),
+        WorkerCommand::new(env).spawn(),
     ];
     for worker in &workers {
         worker.wait_ready().await;

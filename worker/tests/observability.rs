@@ -56,11 +56,10 @@ async fn consumer_lag_commit_and_pool_metrics_follow_the_fleet() {
     env.intake = "jetstream";
     env.shards
         .push(("own".to_string(), fresh_db(&own, "own").await));
-    let worker = WorkerProcess::start(
-        &env,
-        &[("JS_MAX_ACK_PENDING", "100"), ("JS_ORDERED", "false")],
-    )
-    .await;
+    let worker = WorkerCommand::new(&env)
+        .extra(&[("JS_MAX_ACK_PENDING", "100"), ("JS_ORDERED", "false")])
+        .start()
+        .await;
     let w = worker.metrics;
     let client = env.client().await;
     let labels = [
@@ -184,8 +183,8 @@ async fn every_running_worker_answers_the_nats_service_api() {
     let mut env = Env::shared(&["a", "b"]).await;
     env.intake = "jetstream";
     let workers = vec![
-        WorkerProcess::start(&env, &[]).await,
-        WorkerProcess::start(&env, &[]).await,
+        WorkerCommand::new(&env).start().await,
+        WorkerCommand::new(&env).start().await,
     ];
     let client = env.client().await;
 

@@ -232,7 +232,7 @@ async fn jetstream_keeps_stream_order_when_the_puller_is_sigkilled() {
     let env = js_env(&["a", "b"]).await;
     let mut workers = Vec::new();
     for _ in 0..3 {
-        workers.push(WorkerProcess::start(&env, &[ACK_WAIT]).await);
+        workers.push(WorkerCommand::new(&env).extra(&[ACK_WAIT]).start().await);
     }
     let client = env.client().await;
     let acked = Arc::new(AtomicUsize::new(0));
@@ -251,7 +251,7 @@ async fn jetstream_keeps_stream_order_when_the_puller_is_sigkilled() {
     let leader = puller(&workers).await;
     workers.remove(leader).kill().await;
     let at_kill = acked.load(Ordering::Relaxed);
-    workers.push(WorkerProcess::start(&env, &[ACK_WAIT]).await);
+    workers.push(WorkerCommand::new(&env).extra(&[ACK_WAIT]).start().await);
     let sent = join_publishers(publishers, 120).await;
     assert!(
         at_kill < sent.len(),
@@ -289,8 +289,8 @@ async fn jetstream_keeps_stream_order_when_the_puller_is_sigkilled() {
 async fn sigterm_hands_the_stream_over_without_waiting_for_ack_wait() {
     let env = js_env(&["a", "b"]).await;
     let mut workers = vec![
-        WorkerProcess::start(&env, &[]).await,
-        WorkerProcess::start(&env, &[]).await,
+        WorkerCommand::new(&env).start().await,
+        WorkerCommand::new(&env).start().await,
     ];
     let client = env.client().await;
     let acked = Arc::new(AtomicUsize::new(0));
@@ -349,7 +349,7 @@ async fn sigterm_hands_the_stream_over_without_waiting_for_ack_wait() {
 async fn jetstream_entries_carry_the_stream_timestamps_in_stream_order() {
     let env = js_env(&["a", "b"]).await;
     // Create the stream and consumer, then leave no worker running.
-    WorkerProcess::start(&env, &[]).await.terminate().await;
+    WorkerCommand::new(&env).start().await.terminate().await;
     let client = env.client().await;
     let acked = Arc::new(AtomicUsize::new(0));
     let publishers = spawn_publishers(&env, &client, 0..6, 100, None, &acked);
@@ -368,7 +368,7 @@ async fn jetstream_entries_carry_the_stream_timestamps_in_stream_order() {
     }
     let mut workers = Vec::new();
     for _ in 0..3 {
-        workers.push(WorkerProcess::start(&env, &[]).await);
+        workers.push(WorkerCommand::new(&env).start().await);
     }
     let by_object = stored(&env, &sent, 120).await;
     assert_no_inversions(&by_object, &sent);
@@ -402,8 +402,8 @@ async fn jetstream_order_holds_across_a_shard_outage() {
     env.shards
         .push(("flaky".to_string(), fresh_db(&own, "flaky").await));
     let workers = vec![
-        WorkerProcess::start(&env, &[ACK_WAIT]).await,
-        WorkerProcess::start(&env, &[ACK_WAIT]).await,
+        WorkerCommand::new(&env).extra(&[ACK_WAIT]).start().await,
+        WorkerCommand::new(&env).extra(&[ACK_WAIT]).start().await,
     ];
     let client = env.client().await;
     let steady_rows = || async {
@@ -473,7 +473,7 @@ async fn a_resync_during_a_shard_outage_does_not_wait_for_the_shard() {
     env.nats_url = nats.url();
     env.shards
         .push(("flaky".to_string(), fresh_db(&own, "flaky").await));
-    let worker = WorkerProcess::start(&env, &[ACK_WAIT]).await;
+    let worker = WorkerCommand::new(&env).extra(&[ACK_WAIT]).start().await;
     let steady_rows = || async {
         let db = pg_connect(&env.shards[0].1).await;
         db.query_one("SELECT count(*) FROM logs", &[])
@@ -547,7 +547,7 @@ async fn core_keeps_each_publishers_order_when_a_worker_is_sigkilled() {
     let env = Env::shared(&["a", "b"]).await;
     let mut workers = Vec::new();
     for _ in 0..3 {
-        workers.push(WorkerProcess::start(&env, &[]).await);
+        workers.push(WorkerCommand::new(&env).start().await);
     }
     let client = env.client().await;
     let publishers: Vec<_> = (0..6)

@@ -50,7 +50,7 @@ async fn a_least_privileged_worker_works_and_cannot_drop_anything() {
         .await
         .expect("create a fresh database");
     let env = env_for(url(WORKER, WORKER_PASSWORD, "fresh"));
-    let config = env.config(free_port());
+    let config = env.config(free_port(), &[]);
     let error = within(
         30,
         "a worker that may not migrate",
@@ -69,7 +69,7 @@ async fn a_least_privileged_worker_works_and_cannot_drop_anything() {
 
     // 2. The owner migrates (a worker started once with its login), then roles.sql grants.
     let owner_env = env_for(url(OWNER, OWNER_PASSWORD, &db));
-    let owner_worker = owner_env.start_worker().await;
+    let owner_worker = owner_env.start_worker(&[]).await;
     owner_worker.stop().await.expect("the owner's worker stops");
     admin
         .batch_execute(ROLES_SQL)
@@ -89,8 +89,8 @@ async fn a_least_privileged_worker_works_and_cannot_drop_anything() {
     //    superuser (two workers, so keys race across them), then conditional appends, stats
     //    and deletes.
     let env = env_for(url(WORKER, WORKER_PASSWORD, &db));
-    let worker = env.start_worker().await;
-    let second = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
+    let second = env.start_worker(&[]).await;
     core_scenarios(&env, 100).await;
     second.stop().await.expect("the second worker stops");
     let client = env.client().await;

@@ -212,7 +212,7 @@ async fn nats_logins_never_print_the_password() {
 
     env.nats_url = format!("nats://logstore:wrong-{MARKER}@127.0.0.1:{}", nats.port());
     // A refused login stops the worker at start (no retry cures it), saying so.
-    let worker = LoggedWorker::spawn(&env, &[]);
+    let worker = WorkerCommand::new(&env).log("debug").capture().spawn();
     worker
         .wait_for("refused the login for user logstore: authorization violation")
         .await;
@@ -221,7 +221,7 @@ async fn nats_logins_never_print_the_password() {
     assert_no_marker("worker with a wrong NATS password", &output);
 
     env.nats_url = format!("nats://logstore:{MARKER}@127.0.0.1:{}", nats.port());
-    let worker = LoggedWorker::spawn(&env, &[]);
+    let worker = WorkerCommand::new(&env).log("debug").capture().spawn();
     worker.wait_ready().await;
     let output = worker.stop().await;
     assert!(output.contains("connected to NATS"), "{output}");
@@ -258,7 +258,7 @@ async fn an_unreachable_nats_is_logged_once_per_attempt_with_url_and_cause() {
     let port = free_port(); // nobody listens there
     let mut env = Env::shared(&["a"]).await;
     env.nats_url = format!("nats://logstore:{MARKER}@127.0.0.1:{port}");
-    let worker = LoggedWorker::spawn_logging(&env, &[], None);
+    let worker = WorkerCommand::new(&env).default_log().capture().spawn();
     // Attempts 1..=3 come within ~10 ms of each other (async-nats backs off from the 2nd).
     worker.wait_for("attempts=3").await;
     let output = worker.stop().await;
@@ -303,7 +303,7 @@ async fn postgres_logins_never_print_the_password() {
         intake: "core",
     };
 
-    let worker = LoggedWorker::spawn(&env, &[]);
+    let worker = WorkerCommand::new(&env).log("debug").capture().spawn();
     worker.wait_for("shard unreachable at start").await;
     // At least one retry by the health checker, which logs its error at debug level.
     worker.wait_for("shard still unreachable").await;
@@ -322,14 +322,18 @@ async fn postgres_logins_never_print_the_password() {
     ];
     let mut by_ips = env.clone();
     by_ips.shards.clear(); // POSTGRES_SHARDS="" gives way to POSTGRES_IPS
-    let worker = LoggedWorker::spawn(&by_ips, &ips);
+    let worker = WorkerCommand::new(&by_ips)
+        .extra(&ips)
+        .log("debug")
+        .capture()
+        .spawn();
     worker.wait_for("shard unreachable at start").await;
     let output = worker.stop().await;
     assert!(output.contains("shard 127.0.0.1: db error"), "{output}");
     assert_no_marker("worker with a wrong POSTGRES_PASSWORD", &output);
 
     env.shards[0].1 = url(MARKER);
-    let worker = LoggedWorker::spawn(&env, &[]);
+    let worker = WorkerCommand::new(&env).log("debug").capture().spawn();
     worker.wait_ready().await;
     let output = worker.stop().await;
     assert_no_marker("worker with the right password", &output);
@@ -357,7 +361,11 @@ async fn the_postgres_password_file_is_never_printed() {
     let setting = [("POSTGRES_PASSWORD_FILE", file.display().to_string())];
 
     std::fs::write(&file, format!("wrong-{MARKER}\n")).expect("write the password file");
-    let worker = LoggedWorker::spawn(&env, &setting);
+    let worker = WorkerCommand::new(&env)
+        .extra(&setting)
+        .log("debug")
+        .capture()
+        .spawn();
     worker.wait_for("shard unreachable at start").await;
     worker.wait_for("shard still unreachable").await;
     for path in ["/metrics", "/readyz"] {
@@ -374,7 +382,11 @@ async fn the_postgres_password_file_is_never_printed() {
     assert_no_marker("worker with a wrong password file", &output);
 
     std::fs::write(&file, format!("{MARKER}\n")).expect("write the password file");
-    let worker = LoggedWorker::spawn(&env, &setting);
+    let worker = WorkerCommand::new(&env)
+        .extra(&setting)
+        .log("debug")
+        .capture()
+        .spawn();
     worker.wait_ready().await;
     let client = env.client().await;
     env.append(&client, 1, "logged in from a file", None).await;

@@ -158,7 +158,11 @@ async fn run(bin: &str, args: &[&str], env: &[(&'static str, String)]) -> (i32, 
 async fn shipped_config_keeps_each_user_to_its_job() {
     let shipped = Shipped::start();
     let env = Env::shared(&["a"]).await;
-    let worker = LoggedWorker::spawn_logging(&env, &shipped.worker_settings(), Some("info"));
+    let worker = WorkerCommand::new(&env)
+        .extra(&shipped.worker_settings())
+        .log("info")
+        .capture()
+        .spawn();
     worker.wait_ready().await;
     let client_vars = shipped.login("client");
     let admin_vars = shipped.login("admin");
@@ -340,7 +344,11 @@ async fn the_client_user_cannot_steer_the_fleet() {
     const APPENDS: usize = 300;
     let shipped = Shipped::start();
     let env = Env::shared(&["a"]).await;
-    let worker = LoggedWorker::spawn_logging(&env, &shipped.worker_settings(), Some("info"));
+    let worker = WorkerCommand::new(&env)
+        .extra(&shipped.worker_settings())
+        .log("info")
+        .capture()
+        .spawn();
     worker.wait_ready().await;
 
     // What must not change, read as the worker user.
@@ -494,7 +502,7 @@ async fn the_client_user_cannot_steer_the_fleet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_outside_the_inboxes_is_never_answered() {
     let env = Env::shared(&["a"]).await;
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     // Stand-ins for coordination state a worker may write: the ring record's subject, an
     // object's events.
@@ -581,7 +589,7 @@ async fn a_full_stream_refuses_publishes_and_keeps_what_it_holds() {
     let limit = LIMIT.to_string();
     let settings = [("JS_MAX_MSGS", limit.as_str())];
     // The worker creates the stream with the limit, then stops: nobody pulls.
-    let worker = WorkerProcess::start(&env, &settings).await;
+    let worker = WorkerCommand::new(&env).extra(&settings).start().await;
     assert_eq!(worker.terminate().await, Some(0));
 
     let client = env.client().await;
@@ -632,7 +640,7 @@ async fn a_full_stream_refuses_publishes_and_keeps_what_it_holds() {
     );
 
     // A worker pulls again: every acknowledged append stored, once, in order.
-    let worker = WorkerProcess::start(&env, &settings).await;
+    let worker = WorkerCommand::new(&env).extra(&settings).start().await;
     for id in 500..504 {
         let expected: Vec<String> = (0..LIMIT)
             .filter(|n| 500 + n % 4 == id)

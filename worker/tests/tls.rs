@@ -141,7 +141,7 @@ async fn tls_connections_serve_and_are_encrypted() {
         &format!("sslmode=verify-full&{}", query(&[("sslrootcert", &pki.ca)])),
     );
     let env = server.env(url);
-    let worker = env.start_worker_with(&extra).await;
+    let worker = env.start_worker(&extra).await;
     core_scenarios(&env, 1).await;
     let (sessions, on_tls) = server.worker_sessions(ROLE).await;
     assert!(sessions > 0, "no worker session of {ROLE}");
@@ -154,7 +154,7 @@ async fn tls_connections_serve_and_are_encrypted() {
     env.shards.clear(); // POSTGRES_SHARDS="" gives way to POSTGRES_IPS
     let (port, ca) = (server.pg.port().to_string(), pki.ca.display().to_string());
     let worker = env
-        .start_worker_with(&[
+        .start_worker(&[
             extra[0],
             ("POSTGRES_IPS", "127.0.0.1"),
             ("POSTGRES_PORT", &port),
@@ -183,7 +183,7 @@ async fn tls_connections_serve_and_are_encrypted() {
         ),
     );
     let env = server.env(url);
-    let worker = env.start_worker_with(&extra).await;
+    let worker = env.start_worker(&extra).await;
     let client = env.client().await;
     let reply = env.append(&client, 7, "over verify-ca", Some("ca-1")).await;
     assert_eq!(reply.seq, 1);
@@ -192,7 +192,7 @@ async fn tls_connections_serve_and_are_encrypted() {
     // prefer, for a role that may also log in without TLS: TLS it is.
     let url = server.url(EITHER_ROLE, "127.0.0.1", &server.db, "sslmode=prefer");
     let env = server.env(url);
-    let worker = env.start_worker_with(&extra).await;
+    let worker = env.start_worker(&extra).await;
     let client = env.client().await;
     env.append(&client, 8, "over prefer", None).await;
     let (sessions, on_tls) = server.worker_sessions(EITHER_ROLE).await;
@@ -226,7 +226,7 @@ async fn tls_connections_serve_and_are_encrypted() {
         ),
     );
     let env = server.env(url);
-    let worker = env.start_worker().await;
+    let worker = env.start_worker(&[]).await;
     let client = env.client().await;
     let reply = env.append(&client, 9, "by certificate", Some("c-1")).await;
     assert_eq!(reply.seq, 1);
@@ -315,7 +315,11 @@ async fn tls_failures_are_one_clear_line() {
     ];
     for (what, url, says) in cases {
         let env = server.env(url);
-        let worker = LoggedWorker::spawn_logging(&env, std::slice::from_ref(&password), None);
+        let worker = WorkerCommand::new(&env)
+            .extra(std::slice::from_ref(&password))
+            .default_log()
+            .capture()
+            .spawn();
         worker.wait_for("shard unreachable at start").await;
         let (status, body) = within(10, "GET /readyz", http_get(worker.metrics, "/readyz"))
             .await
@@ -356,7 +360,7 @@ async fn a_new_cause_after_start_is_one_more_line() {
         shards: vec![("a".to_string(), format!("{db}?sslmode=require"))],
         intake: "core",
     };
-    let worker = LoggedWorker::spawn_logging(&env, &[], None);
+    let worker = WorkerCommand::new(&env).default_log().capture().spawn();
     worker.wait_for("shard unreachable at start").await;
     pg.restart();
     worker.wait_for("server does not support TLS").await;

@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use logstore_protocol::{AppendReply, ErrorCode, LogEntry, QueryResponse, Timestamp};
+use logstore_protocol::client::{read_answer, AnswerError};
+use logstore_protocol::{AppendReply, ErrorCode, LogEntry, Timestamp};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use worker::ring::{Ring, DEFAULT_VNODES};
@@ -70,11 +71,14 @@ impl World {
     }
 
     pub fn spawn_worker(&self) -> WorkerProcess {
-        WorkerProcess::spawn(&self.env, &self.extra())
+        WorkerCommand::new(&self.env).extra(&self.extra()).spawn()
     }
 
     pub async fn start_worker(&self) -> WorkerProcess {
-        WorkerProcess::start(&self.env, &self.extra()).await
+        WorkerCommand::new(&self.env)
+            .extra(&self.extra())
+            .start()
+            .await
     }
 
     pub async fn start_workers(&self, n: usize) -> Vec<WorkerProcess> {
@@ -503,31 +507,27 @@ pub async fn read_object(
         )
         .await
         .map_err(|e| format!("publish: {e}"))?;
-    let mut chunks: Vec<QueryResponse> = Vec::new();
-    let answer = tokio::time::timeout(Duration::from_secs(secs), async {
-        while let Some(message) = replies.next().await {
-            let Ok(chunk) = serde_json::from_slice::<QueryResponse>(&message.payload) else {
-                return Err(String::from_utf8_lossy(&message.payload).into_owned());
-            };
-            assert_eq!(chunk.id, id, "an answer about another object");
-            assert_eq!(
-                chunk.chunk as usize,
-                chunks.len(),
-                "object {id}: chunks out of order"
-            );
-            let last = chunk.last;
-            chunks.push(chunk);
-            if last {
-                return Ok(());
+    let limit = Duration::from_secs(secs);
+    match tokio::time::timeout(limit, read_answer(&mut replies, limit)).await {
+        Ok(Ok(chunks)) => {
+            for chunk in &chunks {
+                assert_eq!(chunk.id, id, "an answer about another object");
             }
+            Ok(entries(&chunks))
         }
-        Err("the reply subscription ended".to_string())
-    })
-    .await;
-    match answer {
-        Ok(Ok(())) => Ok(entries(&chunks)),
-        Ok(Err(why)) => Err(why),
-        Err(_) => Err(format!("no complete answer within {secs} s")),
+        Ok(Err(AnswerError::OutOfOrder { got, expected })) => {
+            panic!("object {id}: chunks out of order: chunk {got} where {expected} was due")
+        }
+        Ok(Err(AnswerError::Refused { payload, .. }))
+        | Ok(Err(AnswerError::Undecodable { payload, .. })) => {
+            Err(String::from_utf8_lossy(&payload).into_owned())
+        }
+        Ok(Err(AnswerError::Closed)) => Err("the reply subscription ended".to_string()),
+        // A no-responders status has an empty body, which is what was returned for it.
+        Ok(Err(AnswerError::NoResponders)) => Err(String::new()),
+        Ok(Err(AnswerError::TimedOut { .. })) | Err(_) => {
+            Err(format!("no complete answer within {secs} s"))
+        }
     }
 }
 
@@ -726,7 +726,7 @@ pub async fn add_pg3_under_load(
 /// none moves anything, the load.
 pub async fn finish_move(
     env: &Env,
-    workers: &[impl Metered],
+    workers: &[WorkerProcess],
     epoch: u64,
     members: &[&str],
     (load, reader, moving): (Load, Reader, Arc<AtomicBool>),
@@ -772,13 +772,13 @@ pub async fn assert_refused(env: &Env, args: &[&str], why: &str) {
 
 /// `name{labels}` on each worker, in order; None when one of them does not answer.
 pub async fn each_worker(
-    workers: &[impl Metered],
+    workers: &[WorkerProcess],
     name: &str,
     labels: &[(&str, &str)],
 ) -> Option<Vec<f64>> {
     let mut values = Vec::new();
     for worker in workers {
-        match http_get(worker.metrics_addr(), "/metrics").await? {
+        match http_get(worker.metrics, "/metrics").await? {
             (200, body) => values.push(metric_sum(&body, name, labels)),
             _ => return None,
         }
@@ -787,7 +787,7 @@ pub async fn each_worker(
 }
 
 pub async fn fleet_sum(
-    workers: &[impl Metered],
+    workers: &[WorkerProcess],
     name: &str,
     labels: &[(&str, &str)],
 ) -> Option<f64> {
@@ -795,7 +795,7 @@ pub async fn fleet_sum(
 }
 
 /// Waits until every worker routes by `epoch`.
-pub async fn wait_epoch(workers: &[impl Metered], epoch: u64) {
+pub async fn wait_epoch(workers: &[WorkerProcess], epoch: u64) {
     eventually(
         30,
         &format!("every worker routes by epoch {epoch}"),
@@ -808,7 +808,7 @@ pub async fn wait_epoch(workers: &[impl Metered], epoch: u64) {
 }
 
 /// Waits until no worker performs a move.
-pub async fn wait_no_mover(workers: &[impl Metered]) {
+pub async fn wait_no_mover(workers: &[WorkerProcess]) {
     eventually(30, "no worker moves objects any more", || async {
         (fleet_sum(workers, "logstore_move_running", &[]).await? == 0.0).then_some(())
     })

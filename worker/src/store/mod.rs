@@ -16,45 +16,47 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::ShardConfig;
 
+pub mod tls;
+
 /// The migrations, embedded so the binary (and its container image) needs no files.
 /// Append new ones at the end; never edit one that has shipped.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         1,
         "schema",
-        include_str!("../../migrations/0001_schema.sql"),
+        include_str!("../../../migrations/0001_schema.sql"),
     ),
     (
         2,
         "fast_append",
-        include_str!("../../migrations/0002_fast_append.sql"),
+        include_str!("../../../migrations/0002_fast_append.sql"),
     ),
     (
         3,
         "time_bounds",
-        include_str!("../../migrations/0003_time_bounds.sql"),
+        include_str!("../../../migrations/0003_time_bounds.sql"),
     ),
     (
         4,
         "head_stats",
-        include_str!("../../migrations/0004_head_stats.sql"),
+        include_str!("../../../migrations/0004_head_stats.sql"),
     ),
     (
         5,
         "expected_seq",
-        include_str!("../../migrations/0005_expected_seq.sql"),
+        include_str!("../../../migrations/0005_expected_seq.sql"),
     ),
     (
         6,
         "delete",
-        include_str!("../../migrations/0006_delete.sql"),
+        include_str!("../../../migrations/0006_delete.sql"),
     ),
     (
         7,
         "resharding",
-        include_str!("../../migrations/0007_resharding.sql"),
+        include_str!("../../../migrations/0007_resharding.sql"),
     ),
-    (8, "fleet", include_str!("../../migrations/0008_fleet.sql")),
+    (8, "fleet", include_str!("../../../migrations/0008_fleet.sql")),
 ];
 
 /// SQLSTATE of logstore_fence's refusal of a stale ring epoch.
@@ -434,13 +436,13 @@ impl Shard {
         // libpq's TLS parameters (sslmode verify-ca/verify-full, sslrootcert, sslcert, sslkey)
         // are ours to handle: tokio-postgres knows only disable/prefer/require.
         let (url, tls) =
-            crate::pgtls::split(&config.url).map_err(|e| format!("shard {}: {e}", config.name))?;
+            tls::split(&config.url).map_err(|e| format!("shard {}: {e}", config.name))?;
         let mut pg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("shard {}: bad URL: {e}", config.name))?;
         // The sslmode split took out (or libpq's default, prefer).
         pg.ssl_mode(tls.mode.for_tokio_postgres());
-        let connector = crate::pgtls::client_config(&tls)
+        let connector = tls::client_config(&tls)
             .map(MakeRustlsConnect::new)
             .map_err(|e| format!("shard {}: {e}", config.name))?;
         pg.connect_timeout(timeout.min(Duration::from_secs(5)));

@@ -1158,9 +1158,7 @@ fn metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-fn quote_conninfo(value: &str) -> String {
-    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
-}
+use crate::store::tls::quote_conninfo;
 
 fn non_empty(var: &'static str, value: &str) -> Result<String, ConfigError> {
     let value = value.trim();

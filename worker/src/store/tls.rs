@@ -22,6 +22,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use logstore_protocol::redact::{percent_decode, BadEscape};
+
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -108,7 +110,8 @@ pub fn split(conn: &str) -> Result<(String, TlsSettings), String> {
         for pair in query.split('&') {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             if TLS_PARAMS.contains(&key) {
-                let value = percent_decode(value).map_err(|e| format!("{key}: {e}"))?;
+                let value =
+                    percent_decode(value, BadEscape::Refuse).map_err(|e| format!("{key}: {e}"))?;
                 settings.set(key, &value)?;
             } else {
                 kept.push(pair);
@@ -234,31 +237,10 @@ pub fn with_defaults(conn: &str, defaults: &[(&str, &str)]) -> Result<String, St
     Ok(out)
 }
 
-/// A key=value value in single quotes, `\` and `'` escaped.
+/// A key=value value in single quotes, `\` and `'` escaped. The one quoting of the workspace:
+/// the configuration's key=value URLs (POSTGRES_IPS) use it too.
 pub fn quote_conninfo(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
-}
-
-/// `%XX` escapes to bytes (`+` stays `+`, as in tokio-postgres's URL parser), as UTF-8.
-fn percent_decode(value: &str) -> Result<String, String> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("a % escape is not followed by two hex digits")?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "not UTF-8 once unescaped".to_string())
 }
 
 /// Percent-encode `value` for a URL query (every byte but RFC 3986's unreserved ones).
@@ -532,7 +514,7 @@ mod tests {
     fn passwords_are_escaped_for_a_query() {
         assert_eq!(percent_encode("a b&c=d%é/~"), "a%20b%26c%3Dd%25%C3%A9%2F~");
         assert_eq!(
-            percent_decode(&percent_encode("p@ss:w/rd&x")).unwrap(),
+            percent_decode(&percent_encode("p@ss:w/rd&x"), BadEscape::Refuse).unwrap(),
             "p@ss:w/rd&x"
         );
     }

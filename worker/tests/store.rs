@@ -627,3 +627,49 @@ async fn count(url: &str, sql: &str) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// migrations/CURRENT.sql is the schema the migrations make: a freshly migrated database's
+/// tables, indexes and logstore_* functions, as scripts/current-schema.sql reads them from the
+/// catalog, equal the file's (its header of `--` lines left out, whitespace runs read as one
+/// space). A migration that changes any of them fails this until the file is regenerated
+/// (scripts/current-schema.sh, which runs this test with LOGSTORE_WRITE_CURRENT_SQL=1).
+#[tokio::test]
+async fn current_sql_is_the_schema_the_migrations_make() {
+    let (_shard, url) = new_shard(1).await;
+    let rows = pg_connect(&url)
+        .await
+        .query(include_str!("../../scripts/current-schema.sql"), &[])
+        .await
+        .unwrap();
+    let schema: Vec<String> = rows.iter().map(|row| row.get("ddl")).collect();
+    let schema = schema.join("\n\n") + "\n";
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations/CURRENT.sql");
+    let file = std::fs::read_to_string(path).unwrap_or_default();
+    let header: String = file
+        .lines()
+        .take_while(|line| line.starts_with("--") || line.is_empty())
+        .map(|line| format!("{line}\n"))
+        .collect();
+    if std::env::var_os("LOGSTORE_WRITE_CURRENT_SQL").is_some() {
+        std::fs::write(path, format!("{header}{schema}")).unwrap();
+    }
+    let file = std::fs::read_to_string(path).unwrap();
+    let lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip_while(|line| line.starts_with("--") || line.is_empty())
+            .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|line| !line.is_empty())
+            .collect()
+    };
+    let (want, have) = (lines(&schema), lines(&file));
+    if let Some(at) = (0..want.len().max(have.len())).find(|&i| want.get(i) != have.get(i)) {
+        panic!(
+            "migrations/CURRENT.sql differs from the migrated schema at its body's line {}:\n  \
+             file:     {:?}\n  migrated: {:?}\nrun scripts/current-schema.sh (migrations stay \
+             the source of truth; CURRENT.sql only shows their result)",
+            at + 1,
+            have.get(at),
+            want.get(at)
+        );
+    }
+}

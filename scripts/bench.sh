@@ -125,7 +125,7 @@ for port in "${pg_ports[@]}"; do
   # (a') gets a database of its own: (a)'s rows carry seqs from a global sequence, which would
   # collide with the per-object seqs logstore_append gives.
   for db in pgbench pgbench_fn; do
-    for migration in "$root"/migrations/*.sql; do psql_on "$port" -d "$db" -f "$migration"; done
+    for migration in "$root"/migrations/[0-9]*.sql; do psql_on "$port" -d "$db" -f "$migration"; done
     psql_on "$port" -d "$db" -c 'CREATE SEQUENCE bench_seq CACHE 1000'
   done
 done

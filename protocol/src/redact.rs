@@ -374,8 +374,8 @@ impl NatsServers {
                 None => (NatsAuth::None, rest),
                 Some((userinfo, host)) => {
                     let decode = |part: &str, what: &str| {
-                        percent_decode(part)
-                            .ok_or_else(|| fail(&format!("has a {what} that is not UTF-8")))
+                        percent_decode(part, BadEscape::Keep)
+                            .map_err(|_| fail(&format!("has a {what} that is not UTF-8")))
                     };
                     let auth = match userinfo.split_once(':') {
                         Some((user, password)) => NatsAuth::UserPassword {
@@ -418,25 +418,49 @@ impl NatsServers {
     }
 }
 
-/// `%XX` escapes decoded (an invalid escape is kept as is, like the URL parser does); `None`
-/// when the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+/// How [`percent_decode`] treats a `%` that is not followed by two hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadEscape {
+    /// Keep it as it is, as URL parsers do (redaction must read whatever it is given).
+    Keep,
+    /// Refuse the value ([`PercentError::BadEscape`]): for a value that names something, such
+    /// as a file, where a guess would name the wrong one.
+    Refuse,
+}
+
+/// Why [`percent_decode`] refused a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PercentError {
+    #[error("a % escape is not followed by two hex digits")]
+    BadEscape,
+    #[error("not UTF-8 once unescaped")]
+    NotUtf8,
+}
+
+/// `%XX` escapes decoded to bytes, read as UTF-8 (`+` stays `+`, as in URL userinfo and
+/// tokio-postgres's URL parser). The one percent decoder of the workspace: the worker's
+/// shard-URL TLS parameters use it too.
+pub fn percent_decode(s: &str, bad: BadEscape) -> Result<String, PercentError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-                continue;
+        if bytes[i] == b'%' {
+            let hex = |b: Option<&u8>| b.and_then(|&b| (b as char).to_digit(16));
+            match (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+                (Some(hi), Some(lo)) => {
+                    out.push((hi * 16 + lo) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ if bad == BadEscape::Refuse => return Err(PercentError::BadEscape),
+                _ => {}
             }
         }
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(out).map_err(|_| PercentError::NotUtf8)
 }
 
 #[cfg(test)]
@@ -614,8 +638,15 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b%2").as_deref(), Some("a b%2"));
-        assert_eq!(percent_decode("%zz%41").as_deref(), Some("%zzA"));
-        assert_eq!(percent_decode("%ff"), None);
+        let keep = |s: &str| percent_decode(s, BadEscape::Keep);
+        assert_eq!(keep("a%20b%2").as_deref(), Ok("a b%2"));
+        assert_eq!(keep("%zz%41").as_deref(), Ok("%zzA"));
+        assert_eq!(keep("%ff"), Err(PercentError::NotUtf8));
+        let refuse = |s: &str| percent_decode(s, BadEscape::Refuse);
+        assert_eq!(refuse("a%20b%2F").as_deref(), Ok("a b/"));
+        for bad in ["a%2", "%zz", "%", "%+1"] {
+            assert_eq!(refuse(bad), Err(PercentError::BadEscape), "{bad}");
+        }
+        assert_eq!(refuse("%ff"), Err(PercentError::NotUtf8));
     }
 }

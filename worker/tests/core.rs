@@ -535,12 +535,17 @@ async fn two_workers_starting_at_once_on_empty_databases_both_come_up() {
     .await;
     let client = env.client().await;
     env.append(&client, 3, "hello", None).await;
-    // Every file in migrations/ applied, each recorded once, in order.
+    // Every migration in migrations/ (NNNN_name.sql; CURRENT.sql only shows their result)
+    // applied, each recorded once, in order.
     let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations"))
         .unwrap()
         .filter(|f| {
-            f.as_ref()
-                .is_ok_and(|f| f.path().extension().is_some_and(|e| e == "sql"))
+            f.as_ref().is_ok_and(|f| {
+                f.path().extension().is_some_and(|e| e == "sql")
+                    && f.file_name()
+                        .to_string_lossy()
+                        .starts_with(|c: char| c.is_ascii_digit())
+            })
         })
         .count() as i32;
     for (_, url) in &env.shards {

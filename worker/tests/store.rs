@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use support::*;
 use worker::config::ShardConfig;
-use worker::store::{Copied, NewEntry, Shard, Stored};
+use worker::store::{Appended, Copied, NewEntry, Routing, Shard, StoreError, Stored};
 
 fn entry(id: u64, key: Option<&str>, log: &str, received: SystemTime) -> NewEntry {
     NewEntry {
@@ -53,11 +53,32 @@ fn open_shard(url: &str, pool_size: usize) -> Shard {
     .unwrap()
 }
 
+/// Append a batch without conditions and without routing (epoch 0, nothing moving), as
+/// these tests of the append function's own semantics do: every entry must come back stored.
+async fn append_plain(
+    shard: &Shard,
+    entries: &[&NewEntry],
+    deadline: tokio::time::Instant,
+) -> Result<Vec<Stored>, StoreError> {
+    shard
+        .append_expecting(entries, &[], Routing::default(), deadline)
+        .await?
+        .into_iter()
+        .map(|appended| match appended {
+            Appended::Stored(stored) => Ok(stored),
+            other => Err(StoreError::Unexpected {
+                shard: shard.name.clone(),
+                what: format!("{other:?} for an append without conditions or routing"),
+            }),
+        })
+        .collect()
+}
+
 async fn append(shard: &Shard, batch: &[NewEntry]) -> Vec<Stored> {
     within(
         30,
         "append",
-        shard.append(&batch.iter().collect::<Vec<_>>(), soon()),
+        append_plain(shard, &batch.iter().collect::<Vec<_>>(), soon()),
     )
     .await
     .unwrap()
@@ -93,7 +114,7 @@ async fn a_batch_numbers_entries_and_answers_duplicates_with_the_original() {
     let stored = within(
         30,
         "append",
-        shard.append(&batch.iter().collect::<Vec<_>>(), soon()),
+        append_plain(&shard, &batch.iter().collect::<Vec<_>>(), soon()),
     )
     .await
     .unwrap();
@@ -123,7 +144,7 @@ async fn a_batch_numbers_entries_and_answers_duplicates_with_the_original() {
     let again = within(
         30,
         "append",
-        shard.append(&second.iter().collect::<Vec<_>>(), soon()),
+        append_plain(&shard, &second.iter().collect::<Vec<_>>(), soon()),
     )
     .await
     .unwrap();
@@ -269,8 +290,7 @@ async fn concurrent_overlapping_batches_store_each_key_once_without_gaps() {
                         entry(id, Some(&format!("k{k}")), "x", SystemTime::now())
                     })
                     .collect();
-                let stored = shard
-                    .append(&entries.iter().collect::<Vec<_>>(), soon())
+                let stored = append_plain(&shard, &entries.iter().collect::<Vec<_>>(), soon())
                     .await
                     .map_err(|e| e.to_string())?;
                 for (e, s) in entries.iter().zip(stored) {
@@ -356,7 +376,6 @@ fn soon() -> tokio::time::Instant {
 /// where it lives, and a moved object answers `moved` to appends and reads alike.
 #[tokio::test]
 async fn the_epoch_fence_and_tombstones_decide_what_a_shard_stores() {
-    use worker::store::{Appended, Routing, StoreError};
     let (a, a_url) = new_shard(2).await;
     let b_url = fresh_db(&shared().pg[1], "store_b").await;
     let b = Shard::new(
@@ -607,4 +626,50 @@ async fn count(url: &str, sql: &str) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// migrations/CURRENT.sql is the schema the migrations make: a freshly migrated database's
+/// tables, indexes and logstore_* functions, as scripts/current-schema.sql reads them from the
+/// catalog, equal the file's (its header of `--` lines left out, whitespace runs read as one
+/// space). A migration that changes any of them fails this until the file is regenerated
+/// (scripts/current-schema.sh, which runs this test with LOGSTORE_WRITE_CURRENT_SQL=1).
+#[tokio::test]
+async fn current_sql_is_the_schema_the_migrations_make() {
+    let (_shard, url) = new_shard(1).await;
+    let rows = pg_connect(&url)
+        .await
+        .query(include_str!("../../scripts/current-schema.sql"), &[])
+        .await
+        .unwrap();
+    let schema: Vec<String> = rows.iter().map(|row| row.get("ddl")).collect();
+    let schema = schema.join("\n\n") + "\n";
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations/CURRENT.sql");
+    let file = std::fs::read_to_string(path).unwrap_or_default();
+    let header: String = file
+        .lines()
+        .take_while(|line| line.starts_with("--") || line.is_empty())
+        .map(|line| format!("{line}\n"))
+        .collect();
+    if std::env::var_os("LOGSTORE_WRITE_CURRENT_SQL").is_some() {
+        std::fs::write(path, format!("{header}{schema}")).unwrap();
+    }
+    let file = std::fs::read_to_string(path).unwrap();
+    let lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip_while(|line| line.starts_with("--") || line.is_empty())
+            .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|line| !line.is_empty())
+            .collect()
+    };
+    let (want, have) = (lines(&schema), lines(&file));
+    if let Some(at) = (0..want.len().max(have.len())).find(|&i| want.get(i) != have.get(i)) {
+        panic!(
+            "migrations/CURRENT.sql differs from the migrated schema at its body's line {}:\n  \
+             file:     {:?}\n  migrated: {:?}\nrun scripts/current-schema.sh (migrations stay \
+             the source of truth; CURRENT.sql only shows their result)",
+            at + 1,
+            have.get(at),
+            want.get(at)
+        );
+    }
 }

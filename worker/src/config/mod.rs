@@ -15,6 +15,8 @@
 //! value), [`shards`] (shard URLs, the PostgreSQL login, ring-member access), [`secret`]
 //! (`Redacted`, `Masked`); the validated types live here.
 
+// libpq's quoting of a key=value value: one copy, in the store's TLS layer.
+use crate::store::tls::quote_conninfo;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -153,8 +155,4 @@ pub struct Moves {
     /// Objects per second.
     pub rate: u32,
     pub grace: Duration,
-}
-
-fn quote_conninfo(value: &str) -> String {
-    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }

@@ -1,0 +1,147 @@
+//! [`StoreError`]: what a shard operation can fail with, and the classification callers decide
+//! by ([`StoreError::is_unavailable`]: an outage worth retrying, or a fault).
+
+use std::time::Duration;
+
+/// SQLSTATE of logstore_fence's refusal of a stale ring epoch (migrations/0007_resharding.sql).
+const STALE_EPOCH: &str = "LS001";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("shard {shard} is unavailable: {source}")]
+    Unavailable {
+        shard: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("shard {shard} timed out after {after:?}")]
+    Timeout { shard: String, after: Duration },
+    /// The append was sent and no answer came: it may or may not have committed. Never
+    /// reported as a plain failure, because a client that retries without its key (or a dead
+    /// letter for something that was stored) would then double or misreport it.
+    #[error("shard {shard}: outcome unknown ({reason}); it may have been stored")]
+    OutcomeUnknown { shard: String, reason: String },
+    #[error("shard {shard} has not been initialised yet (unreachable since start)")]
+    NotReady { shard: String },
+    #[error("shard {shard} is down (its last health check or operation failed)")]
+    Down { shard: String },
+    #[error(
+        "shard {shard}: the database at this URL belongs to shard {found:?}; refusing to use it \
+         (fix POSTGRES_SHARDS: a name must always map to the same database)"
+    )]
+    WrongShard { shard: String, found: String },
+    /// The database belongs to another fleet (migrations/0008_fleet.sql): another fleet's
+    /// workers raise its fences, so this one must not use it. An outage for its objects until
+    /// the configuration is fixed, never a fault per request.
+    #[error(
+        "shard {shard}: the database belongs to another logstore fleet ({found}; this fleet is \
+         {fleet}); refusing to use it (a database of another fleet, or a ring record rebuilt \
+         by hand: see `worker shards repair`)"
+    )]
+    WrongFleet {
+        shard: String,
+        found: String,
+        fleet: String,
+    },
+    /// The schema lacks migrations and the worker's role may not apply them (a least-privilege
+    /// role: see deploy/postgres/roles.sql). Stops the start: retrying cannot fix it.
+    #[error(
+        "shard {shard}: the schema lacks migration(s) {missing} and role {role:?} may not apply \
+         them ({reason}); migrate once as the owner role (a worker started with its URL), then \
+         run deploy/postgres/roles.sql"
+    )]
+    CannotMigrate {
+        shard: String,
+        role: String,
+        missing: String,
+        reason: String,
+    },
+    /// The request named an older ring epoch than the shard has seen (another worker or the
+    /// mover already works by a newer ring): the worker re-reads the ring and routes again.
+    #[error(
+        "shard {shard} is fenced at ring epoch {fence}; this request was routed by epoch {epoch}"
+    )]
+    StaleEpoch {
+        shard: String,
+        epoch: u64,
+        fence: u64,
+    },
+    /// The object moved to shard `to` (a tombstone here): ask there.
+    #[error("shard {shard}: object {id} moved to shard {to}")]
+    Moved { shard: String, id: u64, to: String },
+    /// The append function answered something it never answers (a bug, not an outage).
+    #[error("shard {shard}: unexpected answer: {what}")]
+    Unexpected { shard: String, what: String },
+    #[error("shard {shard}: {source}")]
+    Database {
+        shard: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl StoreError {
+    /// True for outages (connection refused or lost, pool exhausted, timeout): the same request
+    /// may succeed later. False for faults that retrying will not fix.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable { .. }
+            | StoreError::Timeout { .. }
+            | StoreError::NotReady { .. }
+            | StoreError::Down { .. }
+            | StoreError::OutcomeUnknown { .. }
+            | StoreError::WrongFleet { .. } => true,
+            // Routed by a ring this worker has not caught up with: like an outage until it
+            // learns the newer one (see `pipeline::attempt`).
+            StoreError::StaleEpoch { .. } => true,
+            StoreError::WrongShard { .. }
+            | StoreError::CannotMigrate { .. }
+            | StoreError::Moved { .. }
+            | StoreError::Unexpected { .. } => false,
+            // No SQLSTATE: the connection itself failed. 08: connection exception; 53: out of
+            // resources (e.g. too many connections); 57P: the server is shutting down or starting.
+            StoreError::Database { source, .. } => match source.code() {
+                None => true,
+                Some(state) => ["08", "53", "57P"]
+                    .iter()
+                    .any(|class| state.code().starts_with(class)),
+            },
+        }
+    }
+
+    /// True when the operation may have taken effect although it failed (see
+    /// [`StoreError::OutcomeUnknown`]).
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, StoreError::OutcomeUnknown { .. })
+    }
+
+    /// `source`, an error of a statement on shard `shard` that was routed by ring epoch `epoch`
+    /// (0 for a statement that names no epoch). logstore_fence's refusal (SQLSTATE LS001)
+    /// becomes [`StoreError::StaleEpoch`]: the fence comes from the error's detail, the epoch
+    /// from the caller, who sent it.
+    pub(crate) fn from_db(shard: &str, source: tokio_postgres::Error, epoch: u64) -> StoreError {
+        if let Some(db) = source.as_db_error() {
+            if db.code().code() == STALE_EPOCH {
+                let fence = db.detail().and_then(|d| d.parse().ok()).unwrap_or(u64::MAX);
+                return StoreError::StaleEpoch {
+                    shard: shard.to_string(),
+                    epoch,
+                    fence,
+                };
+            }
+        }
+        StoreError::Database {
+            shard: shard.to_string(),
+            source,
+        }
+    }
+
+    /// A row without the columns its statement names, or of other types (a bug, not an outage:
+    /// never a [`StoreError::Database`], whose missing SQLSTATE would read as a lost connection).
+    pub(crate) fn bad_row(shard: &str, source: tokio_postgres::Error) -> StoreError {
+        StoreError::Unexpected {
+            shard: shard.to_string(),
+            what: format!("a row that does not decode: {source}"),
+        }
+    }
+}

@@ -21,6 +21,7 @@ use logstore_protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::pause;
 use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
 use crate::origin::{AppendJob, BatchMessage, InFlight, Origin, Settle, Settler};
@@ -206,9 +207,8 @@ pub async fn sample_consumer_lag(
                 }
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(LAG_SAMPLE_INTERVAL) => {}
+        if !pause(&cancel, LAG_SAMPLE_INTERVAL).await {
+            return;
         }
     }
 }
@@ -352,10 +352,7 @@ impl Router {
             Ok(batch) => Some(batch),
             Err(e) => {
                 tracing::warn!(error = %e, "JetStream fetch failed; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
+                pause(cancel, Duration::from_millis(500)).await;
                 None
             }
         }

@@ -22,6 +22,7 @@
 //! - [`service`]: registration with the NATS service API (`nats micro ls/info/stats`).
 
 pub mod admin;
+pub mod cancel;
 pub mod config;
 pub mod http;
 pub mod intake;
@@ -55,14 +56,6 @@ use crate::metrics::Metrics;
 use crate::store::{Shard, StoreError};
 
 pub use logstore_protocol::chain::Chain;
-
-/// Run `task` until it ends or `cancel` fires.
-async fn until_cancelled(cancel: CancellationToken, task: impl Future<Output = ()>) {
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = task => {}
-    }
-}
 
 /// How long a starting worker waits for the fleet's ring record before it routes by
 /// POSTGRES_SHARDS (and keeps trying in the background).
@@ -218,7 +211,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     }
     // Both stop at once on `cancel`, whatever NATS or a shard is doing (a move cut short is
     // rolled back and taken up again; its lease expires by itself).
-    background.spawn(until_cancelled(
+    background.spawn(cancel::until_cancelled(
         cancel.clone(),
         shards.clone().follow(client.clone(), cancel.clone()),
     ));
@@ -625,9 +618,8 @@ pub(crate) async fn watch_shard(shard: Arc<Shard>, metrics: Metrics, cancel: Can
             .pool_connections
             .with_label_values(&[&name, "max"])
             .set(status.max_size as i64);
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        if !cancel::pause(&cancel, HEALTH_INTERVAL).await {
+            break;
         }
     }
     // Stopped: shutdown, or the shard left the ring. Its health series go with it, so a removed

@@ -41,6 +41,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::pause;
 use crate::config::JetStreamConfig;
 use crate::intake::{IntakeError, Router, FETCH_EXPIRES};
 
@@ -192,9 +193,8 @@ impl Lease {
         let renew = async {
             let mut revision = revision;
             loop {
-                tokio::select! {
-                    _ = done.cancelled() => return revision,
-                    _ = tokio::time::sleep(self.ttl / 3) => {}
+                if !pause(&done, self.ttl / 3).await {
+                    return revision;
                 }
                 let started = Instant::now();
                 match tokio::time::timeout(validity.left(), self.renew(revision)).await {
@@ -278,7 +278,7 @@ pub async fn run(
                     tracing::info!(lease = %lease.key, "another worker pulls the stream; standing by to take over");
                     waiting_logged = true;
                 }
-                pause(lease.ttl / 3, cancel).await;
+                pause(cancel, lease.ttl / 3).await;
                 continue;
             }
             Err(e) => {
@@ -286,7 +286,7 @@ pub async fn run(
                     tracing::warn!(error = %e, "cannot reach the intake lease; retrying");
                     failing = true;
                 }
-                pause(lease.ttl / 3, cancel).await;
+                pause(cancel, lease.ttl / 3).await;
                 lease.reopen().await;
                 continue;
             }
@@ -324,13 +324,6 @@ async fn ensure_bucket(
 
 fn ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-async fn pause(period: Duration, cancel: &CancellationToken) {
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = tokio::time::sleep(period) => {}
-    }
 }
 
 /// Pull and route in stream order until `stop`.
@@ -485,7 +478,7 @@ async fn resync(
                     tracing::warn!(%error, "cannot read the consumer's state to resync; retrying");
                     failing = true;
                 }
-                pause(RESYNC_POLL, stop).await;
+                pause(stop, RESYNC_POLL).await;
                 continue;
             }
         }

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cancel::{pause, Backoff};
 use crate::config::{Config, Intake, ShardConfig};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, ShardQueue};
@@ -267,7 +268,7 @@ impl Shards {
     /// failing is retried with backoff.
     pub async fn follow(self: Arc<Self>, client: async_nats::Client, cancel: CancellationToken) {
         let mut logged = false;
-        let mut wait = RETRY;
+        let mut backoff = Backoff::new(RETRY, RETRY_MAX);
         while !cancel.is_cancelled() {
             let membership = match self.membership(&client).await {
                 Ok(membership) => membership,
@@ -276,7 +277,7 @@ impl Shards {
                         tracing::warn!(error = %Chain(&e), "cannot reach the ring record; retrying");
                         logged = true;
                     }
-                    pause(RETRY, &cancel).await;
+                    pause(&cancel, RETRY).await;
                     continue;
                 }
             };
@@ -287,8 +288,7 @@ impl Shards {
                         tracing::warn!(error = %e, "cannot watch the ring record; retrying");
                         logged = true;
                     }
-                    pause(wait, &cancel).await;
-                    wait = (wait * 2).min(RETRY_MAX);
+                    pause(&cancel, backoff.next_pause()).await;
                     continue;
                 }
             };
@@ -318,13 +318,14 @@ impl Shards {
                     None => break,
                 }
             }
-            // A watch that ends before delivering anything is failing: back off.
-            wait = if delivered {
-                RETRY
+            // A watch that ends before delivering anything is failing: back off (the pause
+            // after it is the doubled one, as it always was).
+            if delivered {
+                backoff.reset();
             } else {
-                (wait * 2).min(RETRY_MAX)
-            };
-            pause(wait, &cancel).await;
+                backoff.next_pause();
+            }
+            pause(&cancel, backoff.current()).await;
         }
     }
 
@@ -576,13 +577,6 @@ impl Shards {
 
 fn same_names(a: &[&str], b: &[&str]) -> bool {
     a.len() == b.len() && a.iter().all(|n| b.contains(n))
-}
-
-async fn pause(period: Duration, cancel: &CancellationToken) {
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = tokio::time::sleep(period) => {}
-    }
 }
 
 /// The ring record POSTGRES_SHARDS describes, at `epoch` (without a fleet id).

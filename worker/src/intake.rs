@@ -75,12 +75,8 @@ pub enum IntakeError {
         #[source]
         source: jetstream::context::CreateStreamError,
     },
-    #[error("cannot open or create the KV bucket {bucket}: {source}")]
-    Lease {
-        bucket: &'static str,
-        #[source]
-        source: jetstream::context::KeyValueError,
-    },
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
     #[error("cannot create JetStream consumer {consumer}: {source}")]
     Consumer {
         consumer: String,
@@ -127,7 +123,7 @@ pub async fn run_core(
 /// (see [`crate::ordered`]); without, every worker pulls.
 pub async fn run_jetstream(
     consumer: consumer::Consumer<consumer::pull::Config>,
-    lease: Option<crate::ordered::Lease>,
+    lease: Option<crate::lease::Lease>,
     mut requests: Requests,
     router: Arc<Router>,
     cancel: CancellationToken,

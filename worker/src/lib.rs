@@ -26,7 +26,7 @@ pub mod cancel;
 pub mod config;
 pub mod http;
 pub mod intake;
-pub mod kv;
+pub mod lease;
 pub mod metrics;
 pub mod mover;
 pub mod ordered;
@@ -275,7 +275,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
                         let lease = match js.ordered {
                             true => {
                                 ordered::check_server(&client.server_info().version);
-                                Some(ordered::Lease::open(&client, js).await?)
+                                Some(ordered::open_lease(&client, js).await?)
                             }
                             false => None,
                         };

@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cancel::{pause, Backoff};
 use crate::config::Intake;
+use crate::lease::Lease;
 use crate::metrics::Metrics;
-use crate::ordered::Lease;
 use crate::ring::{Membership, MoveState, Progress, Record};
 use crate::shards::{Shards, View};
 use crate::store::Shard;

@@ -333,13 +333,13 @@ impl Membership {
     ) -> Result<Membership, MembershipError> {
         let context = async_nats::jetstream::new(client.clone());
         // The record is the fleet's truth: it never expires (a few revisions kept).
-        let config = crate::kv::bucket(
+        let config = crate::lease::bucket(
             BUCKET,
             "logstore: ring membership per queue group",
             std::time::Duration::ZERO,
             5,
         );
-        let kv = crate::kv::ensure(&context, &config)
+        let kv = crate::lease::ensure(&context, &config)
             .await
             .map_err(|e| MembershipError::Bucket(crate::Chain(&e).to_string()))?;
         Ok(Membership {

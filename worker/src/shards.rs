@@ -646,7 +646,7 @@ impl Builder {
             }
         };
         let stop = self.tasks.cancel.child_token();
-        self.tasks.background.spawn(crate::watch_shard(
+        self.tasks.background.spawn(crate::health::watch_shard(
             shard.clone(),
             self.metrics.clone(),
             stop.clone(),

@@ -18,9 +18,10 @@
 //! - [`intake`]: the NATS queue subscriptions and the JetStream consumer (its set-up too);
 //!   decodes and validates, rejects bad input, routes to a shard's queue.
 //!   [`ordered`]: the ordered JetStream puller (JS_ORDERED) that intake runs.
-//! - [`ring`]: which shard owns an object id at which epoch, and the fleet's ring record in
-//!   NATS KV. [`shards`]: the live set of lanes (pool, pipelines, health, retention) that the
-//!   record names. [`mover`]: carries a ring change out.
+//! - [`ring`]: which shard owns an object id at which epoch (pure placement; golden-tested);
+//!   [`membership`]: the fleet's ring record in NATS KV, and the move's progress.
+//!   [`shards`]: the live set of lanes (pool, pipelines, health, retention) that the record
+//!   names. [`mover`]: carries a ring change out.
 //! - [`pipeline`]: per-shard queue; batches appends into one transaction, starts queries after
 //!   the appends received before them; never lets a hung shard stall intake. Follows an object
 //!   that moved to another lane (through [`shards`]).
@@ -47,6 +48,7 @@ mod health;
 pub mod http;
 pub mod intake;
 mod lease;
+pub mod membership;
 pub mod metrics;
 pub mod migrate;
 pub mod mover;

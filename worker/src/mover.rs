@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::cancel::{pause, Backoff};
 use crate::config::Intake;
 use crate::lease::Lease;
+use crate::membership::{Membership, MembershipError, Progress};
 use crate::metrics::Metrics;
-use crate::ring::{Membership, MoveState, Progress, Record};
+use crate::ring::{MoveState, Record};
 use crate::shards::{Shards, View};
 use crate::store::Shard;
 use crate::Chain;
@@ -58,7 +59,7 @@ enum Stopped {
     #[error("the mover's lease was lost or the worker is stopping")]
     Lost,
     #[error(transparent)]
-    Ring(#[from] crate::ring::MembershipError),
+    Ring(#[from] MembershipError),
 }
 
 /// Take up moves until `cancel`. At shutdown the work in hand is dropped (a move is idempotent
@@ -236,7 +237,7 @@ async fn carry_out(
                 "the ring record {} is missing: the move waits for `worker shards repair`",
                 membership.key()
             )),
-            Err(e @ crate::ring::MembershipError::Decode { .. }) => Err(Chain(&e).to_string()),
+            Err(e @ MembershipError::Decode { .. }) => Err(Chain(&e).to_string()),
             Err(e) => return Err(e.into()),
         };
         let (mut record, revision) = match read {
@@ -346,7 +347,7 @@ async fn carry_out(
 /// Compare-and-set the record; a record changed meanwhile is re-read by the caller's loop.
 async fn write(membership: &Membership, record: &Record, revision: u64) -> Result<(), Stopped> {
     match membership.write(record, revision).await {
-        Ok(_) | Err(crate::ring::MembershipError::Changed { .. }) => Ok(()),
+        Ok(_) | Err(MembershipError::Changed { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -531,7 +532,7 @@ async fn move_all(
 async fn still_current(membership: &Membership, record: &Record) -> bool {
     match membership.read().await {
         Ok(Some((now, _))) => now.rank() == record.rank(),
-        Ok(None) | Err(crate::ring::MembershipError::Decode { .. }) => false,
+        Ok(None) | Err(MembershipError::Decode { .. }) => false,
         Err(_) => true,
     }
 }

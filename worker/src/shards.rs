@@ -20,9 +20,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::cancel::{pause, Backoff};
 use crate::config::{Config, Intake, ShardConfig};
+use crate::membership::{Membership, MembershipError};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, ShardQueue};
-use crate::ring::{Layout, Member, Membership, MoveState, Record};
+use crate::ring::{Layout, Member, MoveState, Record};
 use crate::store::{Shard, StoreError};
 use crate::Chain;
 
@@ -187,7 +188,7 @@ impl Shards {
                     self.keep_copies(&record).await;
                 }
             }
-            Ok(Err(e @ crate::ring::MembershipError::Decode { .. })) => {
+            Ok(Err(e @ MembershipError::Decode { .. })) => {
                 self.ring_trouble.news(&Chain(&e).to_string());
                 match self.best_copy().await {
                     Some(copy) => {
@@ -249,7 +250,7 @@ impl Shards {
     }
 
     /// The ring record cannot be read or used because of `e`: logged once per cause.
-    pub fn ring_trouble(&self, e: &crate::ring::MembershipError) {
+    pub fn ring_trouble(&self, e: &MembershipError) {
         let cause = Chain(e).to_string();
         if self.ring_trouble.news(&cause) {
             tracing::error!(error = %cause, "the ring record cannot be used; routing by the last one known");
@@ -357,7 +358,7 @@ impl Shards {
                     break;
                 }
                 Ok(None) => break,
-                Err(e @ crate::ring::MembershipError::Decode { .. }) => {
+                Err(e @ MembershipError::Decode { .. }) => {
                     self.ring_trouble(&e);
                     break;
                 }
@@ -447,7 +448,7 @@ impl Shards {
     pub async fn membership(
         &self,
         client: &async_nats::Client,
-    ) -> Result<Membership, crate::ring::MembershipError> {
+    ) -> Result<Membership, MembershipError> {
         let mut slot = self.membership.lock().await;
         if let Some(membership) = slot.as_ref() {
             return Ok(membership.clone());

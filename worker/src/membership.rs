@@ -5,10 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ring::Record;
-
-/// The KV bucket holding the ring records (key: the queue group) and move progress.
-pub const BUCKET: &str = "logstore_ring";
+use crate::ring::{Record, BUCKET};
 
 /// The move's progress, written by the mover for `worker shards status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

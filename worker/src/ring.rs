@@ -14,9 +14,6 @@ use std::hash::{Hash, Hasher};
 use hashring::HashRing;
 use serde::{Deserialize, Serialize};
 
-/// Where the fleet keeps the record (tests read it).
-pub use crate::membership::BUCKET;
-
 /// A virtual node: one of the `vnodes` points a shard occupies on the ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct VNode {
@@ -106,8 +103,11 @@ pub enum MoveState {
     Purging,
 }
 
-/// The ring membership record: one per queue group, in the KV bucket [`BUCKET`] (see
-/// [`crate::membership`]).
+/// The KV bucket holding the ring records (key: the queue group) and move progress; kept by
+/// [`crate::membership`].
+pub const BUCKET: &str = "logstore_ring";
+
+/// The ring membership record: one per queue group, in the KV bucket [`BUCKET`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Grows by one with every membership change.

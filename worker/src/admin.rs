@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{parse_shards, without_login, Config, ShardConfig};
-use crate::ring::{Member, Membership, MembershipError, MoveState, Record, Stored};
+use crate::membership::{Membership, MembershipError, Stored};
+use crate::ring::{Member, MoveState, Record};
 use crate::store::{RingCopy, Shard};
 use crate::Chain;
 
@@ -42,7 +43,7 @@ pub enum AdminError {
     #[error(transparent)]
     Nats(#[from] logstore_protocol::nats::ConnectFailure),
     #[error(transparent)]
-    Ring(#[from] crate::ring::MembershipError),
+    Ring(#[from] crate::membership::MembershipError),
     #[error("{0}")]
     Refused(String),
     /// The NATS server refused this user a subject (its permissions): the server's words.
@@ -585,7 +586,7 @@ async fn repair(config: &Config, membership: &Membership, out: &mut Out) -> Resu
     })
 }
 
-fn print_status(out: &mut Out, record: &Record, progress: Option<&crate::ring::Progress>) {
+fn print_status(out: &mut Out, record: &Record, progress: Option<&crate::membership::Progress>) {
     let state = match record.state {
         MoveState::Steady => "steady",
         MoveState::Moving => "moving",

@@ -21,6 +21,7 @@ use logstore_protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::pause;
 use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
 use crate::origin::{AppendJob, BatchMessage, InFlight, Origin, Settle, Settler};
@@ -39,6 +40,8 @@ pub(crate) const FETCH_EXPIRES: Duration = Duration::from_millis(500);
 /// How often the consumer's lag is read from the server: as often as compose's Prometheus
 /// scrapes, and one small JetStream API request per worker per period.
 pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Pause between attempts to set the JetStream intake up.
+const SETUP_RETRY: Duration = Duration::from_secs(1);
 
 /// Routes decoded requests to the shard pipelines.
 pub struct Router {
@@ -74,12 +77,8 @@ pub enum IntakeError {
         #[source]
         source: jetstream::context::CreateStreamError,
     },
-    #[error("cannot open or create the KV bucket {bucket}: {source}")]
-    Lease {
-        bucket: &'static str,
-        #[source]
-        source: jetstream::context::KeyValueError,
-    },
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
     #[error("cannot create JetStream consumer {consumer}: {source}")]
     Consumer {
         consumer: String,
@@ -126,7 +125,7 @@ pub async fn run_core(
 /// (see [`crate::ordered`]); without, every worker pulls.
 pub async fn run_jetstream(
     consumer: consumer::Consumer<consumer::pull::Config>,
-    lease: Option<crate::ordered::Lease>,
+    lease: Option<crate::lease::Lease>,
     mut requests: Requests,
     router: Arc<Router>,
     cancel: CancellationToken,
@@ -206,16 +205,74 @@ pub async fn sample_consumer_lag(
                 }
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(LAG_SAMPLE_INTERVAL) => {}
+        if !pause(&cancel, LAG_SAMPLE_INTERVAL).await {
+            return;
         }
     }
 }
 
+/// The JetStream intake, set up: what [`run_jetstream`] pulls and the [`Router`] keys by.
+pub struct JetStream {
+    pub consumer: consumer::Consumer<consumer::pull::Config>,
+    /// JS_ORDERED: the intake lease the pullers compete for.
+    pub lease: Option<crate::lease::Lease>,
+    /// See [`Router::stream_identity`].
+    pub stream_identity: String,
+}
+
+/// Set the JetStream intake up, retrying every [`SETUP_RETRY`] while it fails (NATS may not be
+/// up yet: the worker starts anyway and connects when it is), until `shutdown`: None then.
+pub async fn setup_until<S>(
+    client: &async_nats::Client,
+    logs_subject: &str,
+    js: &JetStreamConfig,
+    shutdown: &mut S,
+) -> Option<JetStream>
+where
+    S: std::future::Future<Output = ()> + Unpin,
+{
+    loop {
+        tokio::select! {
+            result = setup_once(client, logs_subject, js) => match result {
+                Ok(setup) => return Some(setup),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream not available yet; retrying");
+                    tokio::time::sleep(SETUP_RETRY).await;
+                }
+            },
+            _ = &mut *shutdown => return None,
+        }
+    }
+}
+
+/// One attempt at the stream, the consumer and (JS_ORDERED) the intake lease.
+async fn setup_once(
+    client: &async_nats::Client,
+    logs_subject: &str,
+    js: &JetStreamConfig,
+) -> Result<JetStream, IntakeError> {
+    let (consumer, stream) = setup_jetstream(client, logs_subject, js).await?;
+    let lease = match js.ordered {
+        true => {
+            crate::ordered::check_server(&client.server_info().version);
+            Some(crate::ordered::open_lease(client, js).await?)
+        }
+        false => None,
+    };
+    Ok(JetStream {
+        consumer,
+        lease,
+        stream_identity: format!(
+            "js:{}:{}",
+            stream.config.name,
+            stream.created.unix_timestamp_nanos()
+        ),
+    })
+}
+
 /// Create or update the stream and the shared durable consumer. Every worker does this at start;
 /// the operations are idempotent, so the first one creates and the rest confirm.
-pub async fn setup_jetstream(
+async fn setup_jetstream(
     client: &async_nats::Client,
     logs_subject: &str,
     config: &JetStreamConfig,
@@ -352,10 +409,7 @@ impl Router {
             Ok(batch) => Some(batch),
             Err(e) => {
                 tracing::warn!(error = %e, "JetStream fetch failed; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
+                pause(cancel, Duration::from_millis(500)).await;
                 None
             }
         }

@@ -209,7 +209,7 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 fn init_logging(json: bool) {
     // async-nats logs every connection event at INFO itself ("event: client error: nats: IO
     // error" once per failed attempt, without server or cause); the worker logs each event
-    // with what it knows (connect_nats), so by default async-nats's own lines start at WARN.
+    // with what it knows (`nats::connect`), so by default async-nats's own lines start at WARN.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     let builder = tracing_subscriber::fmt()

@@ -20,10 +20,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::{pause, Backoff};
 use crate::config::Intake;
+use crate::lease::Lease;
+use crate::membership::{Membership, MembershipError, Progress};
 use crate::metrics::Metrics;
-use crate::ordered::Lease;
-use crate::ring::{Membership, MoveState, Progress, Record};
+use crate::ring::{MoveState, Record};
 use crate::shards::{Shards, View};
 use crate::store::Shard;
 use crate::Chain;
@@ -57,7 +59,7 @@ enum Stopped {
     #[error("the mover's lease was lost or the worker is stopping")]
     Lost,
     #[error(transparent)]
-    Ring(#[from] crate::ring::MembershipError),
+    Ring(#[from] MembershipError),
 }
 
 /// Take up moves until `cancel`. At shutdown the work in hand is dropped (a move is idempotent
@@ -72,11 +74,11 @@ pub async fn run(
     let mut standing_by = false;
     // After a move failed (it released its lease), the next attempt waits: a failure that
     // repeats at once (NATS refusing writes) must not turn into a take/fail/release loop.
-    let mut backoff = Duration::ZERO;
+    let mut backoff = Backoff::new(RING_RETRY_FIRST, RING_RETRY_MAX);
+    let mut wait: Option<Duration> = None;
     loop {
-        if !backoff.is_zero() {
-            pause(backoff, &cancel).await;
-            if cancel.is_cancelled() {
+        if let Some(wait) = wait.take() {
+            if !pause(&cancel, wait).await {
                 return;
             }
         }
@@ -105,20 +107,25 @@ pub async fn run(
             Ok(()) => {
                 // Complete: this worker routes by a steady ring now (else take it up again
                 // only after a pause).
-                backoff = match shards.view().layout.state {
-                    MoveState::Steady => Duration::ZERO,
-                    _ => (backoff * 2).clamp(RING_RETRY_FIRST, RING_RETRY_MAX),
+                wait = match shards.view().layout.state {
+                    MoveState::Steady => {
+                        backoff.reset();
+                        None
+                    }
+                    _ => Some(backoff.next_pause()),
                 };
                 tracing::info!("ring change complete");
             }
             Err(Stopped::Lost) => {
                 // Another worker holds the lease now, or this one stops.
-                backoff = RING_RETRY_FIRST;
+                backoff.reset();
+                wait = Some(backoff.next_pause());
                 tracing::info!("move interrupted (lease lost or stopping); it is taken up again");
             }
             Err(e) => {
-                backoff = (backoff * 2).clamp(RING_RETRY_FIRST, RING_RETRY_MAX);
-                tracing::warn!(error = %Chain(&e), retry_in = ?backoff, "move interrupted; it is taken up again");
+                let retry_in = backoff.next_pause();
+                wait = Some(retry_in);
+                tracing::warn!(error = %Chain(&e), ?retry_in, "move interrupted; it is taken up again");
             }
         }
         // Bounded, so a worker stopping while NATS is away does not wait for it: the lease
@@ -143,11 +150,11 @@ async fn take_up(
 ) -> Option<(Membership, u64)> {
     if shards.view().layout.state == MoveState::Steady {
         *standing_by = false;
-        pause(IDLE_POLL, cancel).await;
+        pause(cancel, IDLE_POLL).await;
         return None;
     }
     let Ok(membership) = shards.membership(client).await else {
-        pause(IDLE_POLL, cancel).await;
+        pause(cancel, IDLE_POLL).await;
         return None;
     };
     let held = match lease {
@@ -162,7 +169,7 @@ async fn take_up(
                 Ok(opened) => lease.insert(opened),
                 Err(e) => {
                     tracing::debug!(error = %Chain(&e), "cannot open the mover's lease");
-                    pause(IDLE_POLL, cancel).await;
+                    pause(cancel, IDLE_POLL).await;
                     return None;
                 }
             }
@@ -178,13 +185,13 @@ async fn take_up(
                 tracing::info!("another worker performs the move; standing by");
                 *standing_by = true;
             }
-            pause(held.ttl / 3, cancel).await;
+            pause(cancel, held.ttl / 3).await;
             None
         }
         Err(e) => {
             tracing::debug!(error = %e, "cannot reach the mover's lease");
             held.reopen().await;
-            pause(IDLE_POLL, cancel).await;
+            pause(cancel, IDLE_POLL).await;
             None
         }
     }
@@ -204,7 +211,7 @@ async fn carry_out(
     // write the key) stops the move, never the mover's pace: it waits, holding its lease, and
     // re-reads with backoff, logging once per cause, until `worker shards repair` (or the
     // operator) restores it; then it goes on from what the shards hold.
-    let mut ring_wait = RING_RETRY_FIRST;
+    let mut ring_wait = Backoff::new(RING_RETRY_FIRST, RING_RETRY_MAX);
     let mut ring_logged: Option<String> = None;
     let mut waiting_logged: Option<Vec<String>> = None;
     loop {
@@ -230,7 +237,7 @@ async fn carry_out(
                 "the ring record {} is missing: the move waits for `worker shards repair`",
                 membership.key()
             )),
-            Err(e @ crate::ring::MembershipError::Decode { .. }) => Err(Chain(&e).to_string()),
+            Err(e @ MembershipError::Decode { .. }) => Err(Chain(&e).to_string()),
             Err(e) => return Err(e.into()),
         };
         let (mut record, revision) = match read {
@@ -238,7 +245,7 @@ async fn carry_out(
                 if ring_logged.take().is_some() {
                     tracing::info!("the ring record is readable again; the move goes on");
                 }
-                ring_wait = RING_RETRY_FIRST;
+                ring_wait.reset();
                 found
             }
             Err(cause) => {
@@ -247,8 +254,7 @@ async fn carry_out(
                     ring_logged = Some(cause);
                 }
                 metrics.move_errors.inc();
-                pause(ring_wait, lost).await;
-                ring_wait = (ring_wait * 2).min(RING_RETRY_MAX);
+                pause(lost, ring_wait.next_pause()).await;
                 continue;
             }
         };
@@ -276,7 +282,7 @@ async fn carry_out(
                 tracing::warn!(missing = ?missing, "cannot open every ring member; the move waits");
                 waiting_logged = Some(missing);
             }
-            pause(RETRY_MAX, lost).await;
+            pause(lost, RETRY_MAX).await;
             continue;
         }
         waiting_logged = None;
@@ -321,7 +327,7 @@ async fn carry_out(
             }
             MoveState::Purging => {
                 if !grace_done {
-                    pause(config.moves.grace, lost).await;
+                    pause(lost, config.moves.grace).await;
                     grace_done = true;
                     continue;
                 }
@@ -341,7 +347,7 @@ async fn carry_out(
 /// Compare-and-set the record; a record changed meanwhile is re-read by the caller's loop.
 async fn write(membership: &Membership, record: &Record, revision: u64) -> Result<(), Stopped> {
     match membership.write(record, revision).await {
-        Ok(_) | Err(crate::ring::MembershipError::Changed { .. }) => Ok(()),
+        Ok(_) | Err(MembershipError::Changed { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -526,7 +532,7 @@ async fn move_all(
 async fn still_current(membership: &Membership, record: &Record) -> bool {
     match membership.read().await {
         Ok(Some((now, _))) => now.rank() == record.rank(),
-        Ok(None) | Err(crate::ring::MembershipError::Decode { .. }) => false,
+        Ok(None) | Err(MembershipError::Decode { .. }) => false,
         Err(_) => true,
     }
 }
@@ -586,7 +592,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
 {
-    let mut wait = RETRY_FIRST;
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
     let mut logged = false;
     loop {
         if lost.is_cancelled() {
@@ -606,16 +612,8 @@ where
                     tracing::warn!(shard, error = %Chain(&e), "{what} failed; the move pauses and retries");
                     logged = true;
                 }
-                pause(wait, lost).await;
-                wait = (wait * 2).min(RETRY_MAX);
+                pause(lost, backoff.next_pause()).await;
             }
         }
-    }
-}
-
-async fn pause(period: Duration, cancel: &CancellationToken) {
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = tokio::time::sleep(period) => {}
     }
 }

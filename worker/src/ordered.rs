@@ -32,20 +32,20 @@
 //! stored before such a retry succeeds.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv};
-use bytes::Bytes;
+use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::pause;
 use crate::config::JetStreamConfig;
-use crate::intake::{IntakeError, Router, FETCH_EXPIRES};
+use crate::intake::{Router, FETCH_EXPIRES};
+/// Where the intake leases live (tests read it; the bucket is [`crate::lease`]'s).
+pub use crate::lease::LEASE_BUCKET;
+use crate::lease::{Lease, LeaseError};
 
-/// The KV bucket holding the intake leases (one key per stream and consumer).
-pub const LEASE_BUCKET: &str = "logstore_leases";
 /// Pause between failed attempts to read the consumer's state during a resync.
 const RESYNC_POLL: Duration = Duration::from_millis(200);
 /// How often a resync that is still waiting says so.
@@ -54,177 +54,6 @@ const RESYNC_REPORT: Duration = Duration::from_secs(5);
 const INFO_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Consumer = consumer::Consumer<consumer::pull::Config>;
-
-/// The intake lease of one stream and consumer.
-pub struct Lease {
-    context: jetstream::Context,
-    kv: kv::Store,
-    /// The bucket's stream, as this worker would create it.
-    bucket: jetstream::stream::Config,
-    key: String,
-    holder: Bytes,
-    /// How long the lease outlives its last renewal (the bucket's max_age).
-    pub(crate) ttl: Duration,
-}
-
-impl Lease {
-    /// Open (or create) the lease bucket. The bucket's max_age is the lease's lifetime: the
-    /// first worker's JS_LEASE_MS creates it, and every worker renews at the bucket's pace.
-    pub async fn open(
-        client: &async_nats::Client,
-        js: &JetStreamConfig,
-    ) -> Result<Lease, IntakeError> {
-        let key = format!("intake.{}.{}", js.stream, js.consumer);
-        Lease::open_named(client, key, js.lease).await
-    }
-
-    /// Open (or create) the lease bucket and address the lease `key`; `lease` is the lifetime
-    /// used if this call creates the bucket.
-    pub async fn open_named(
-        client: &async_nats::Client,
-        key: String,
-        lease: Duration,
-    ) -> Result<Lease, IntakeError> {
-        let context = jetstream::new(client.clone());
-        let bucket = crate::kv::bucket(
-            LEASE_BUCKET,
-            "logstore: which worker pulls each stream (JS_ORDERED) and which moves objects",
-            lease,
-            1,
-        );
-        let kv = ensure_bucket(&context, &bucket).await?;
-        let ttl = match kv.status().await {
-            Ok(status) if !status.info.config.max_age.is_zero() => status.info.config.max_age,
-            _ => lease,
-        };
-        if ttl != lease {
-            tracing::info!(bucket = LEASE_BUCKET, lease = ?ttl, "the lease bucket's lifetime differs from JS_LEASE_MS; using the bucket's");
-        }
-        Ok(Lease {
-            context,
-            kv,
-            bucket,
-            key,
-            holder: Bytes::from(format!("pid {}", std::process::id())),
-            ttl,
-        })
-    }
-
-    /// After a failure: the bucket may be gone (deleted by an operator, or lost with a
-    /// nats-server's store), so make sure it exists again.
-    pub(crate) async fn reopen(&mut self) {
-        match ensure_bucket(&self.context, &self.bucket).await {
-            Ok(kv) => self.kv = kv,
-            Err(e) => tracing::debug!(error = %crate::Chain(&e), "cannot reopen the lease bucket"),
-        }
-    }
-
-    /// Take the lease if nobody holds it: its revision, or None while another worker does.
-    pub(crate) async fn try_acquire(&self) -> Result<Option<u64>, kv::CreateError> {
-        match self.kv.create(&self.key, self.holder.clone()).await {
-            Ok(revision) => Ok(Some(revision)),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    pub(crate) async fn renew(&self, revision: u64) -> Result<u64, kv::UpdateError> {
-        self.kv
-            .update(&self.key, self.holder.clone(), revision)
-            .await
-    }
-
-    /// Give the lease up at once (clean shutdown), so another worker takes over without
-    /// waiting for it to expire.
-    pub(crate) async fn release(&self, revision: u64) {
-        if let Err(e) = self
-            .kv
-            .delete_expect_revision(&self.key, Some(revision))
-            .await
-        {
-            tracing::debug!(error = %e, "cannot release the intake lease; it expires by itself");
-        }
-    }
-}
-
-/// Until when a held lease is surely still this worker's (its last renewal plus two thirds of
-/// its lifetime, as ms after a start instant). Cheap to clone.
-#[derive(Clone)]
-pub(crate) struct Validity {
-    start: Instant,
-    until_ms: std::sync::Arc<AtomicU64>,
-}
-
-impl Validity {
-    /// The lease is surely still ours now.
-    pub(crate) fn holds(&self) -> bool {
-        ms(self.start.elapsed()) < self.until_ms.load(Ordering::Acquire)
-    }
-
-    fn left(&self) -> Duration {
-        Duration::from_millis(self.until_ms.load(Ordering::Acquire))
-            .saturating_sub(self.start.elapsed())
-    }
-}
-
-impl Lease {
-    /// Hold the lease taken at `revision` while `work` runs, renewing it every third of its
-    /// lifetime. A renewal that fails, or cannot finish while the lease is surely still ours,
-    /// counts as losing it: `work`'s token (a child of `cancel`) is cancelled. `work` also gets
-    /// the lease's [`Validity`]. Returns what `work` returned and the last revision.
-    pub(crate) async fn hold<T, F, Fut>(
-        &self,
-        revision: u64,
-        cancel: &CancellationToken,
-        what: &str,
-        work: F,
-    ) -> (T, u64)
-    where
-        F: FnOnce(CancellationToken, Validity) -> Fut,
-        Fut: std::future::Future<Output = T>,
-    {
-        let lost = cancel.child_token();
-        let done = CancellationToken::new();
-        let validity = Validity {
-            start: Instant::now(),
-            until_ms: std::sync::Arc::new(AtomicU64::new(ms(self.ttl * 2 / 3))),
-        };
-        let renew = async {
-            let mut revision = revision;
-            loop {
-                tokio::select! {
-                    _ = done.cancelled() => return revision,
-                    _ = tokio::time::sleep(self.ttl / 3) => {}
-                }
-                let started = Instant::now();
-                match tokio::time::timeout(validity.left(), self.renew(revision)).await {
-                    Ok(Ok(next)) => {
-                        revision = next;
-                        let until =
-                            started.saturating_duration_since(validity.start) + self.ttl * 2 / 3;
-                        validity.until_ms.store(ms(until), Ordering::Release);
-                    }
-                    outcome => {
-                        let why = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "no answer in time".to_string(),
-                        };
-                        tracing::warn!(error = %why, "lost the {what} lease; stopping");
-                        lost.cancel();
-                        return revision;
-                    }
-                }
-            }
-        };
-        let run = async {
-            let out = work(lost.clone(), validity.clone()).await;
-            done.cancel();
-            out
-        };
-        let (revision, out) = futures::join!(renew, run);
-        (out, revision)
-    }
-}
 
 /// The oldest nats-server the ordered intake is safe with. Older servers lose track of a
 /// redelivery that finds no pull request waiting: the consumer's delivered sequence goes back
@@ -260,6 +89,16 @@ pub fn check_server(version: &str) {
     }
 }
 
+/// The intake lease of one stream and consumer. The bucket's max_age is the lease's lifetime:
+/// the first worker's JS_LEASE_MS creates it, and every worker renews at the bucket's pace.
+pub async fn open_lease(
+    client: &async_nats::Client,
+    js: &JetStreamConfig,
+) -> Result<Lease, LeaseError> {
+    let key = format!("intake.{}.{}", js.stream, js.consumer);
+    Lease::open_named(client, key, js.lease).await
+}
+
 /// Compete for the lease and pull while holding it, until `cancel`.
 pub async fn run(
     router: &Router,
@@ -275,10 +114,10 @@ pub async fn run(
             Ok(Some(revision)) => revision,
             Ok(None) => {
                 if !waiting_logged {
-                    tracing::info!(lease = %lease.key, "another worker pulls the stream; standing by to take over");
+                    tracing::info!(lease = %lease.key(), "another worker pulls the stream; standing by to take over");
                     waiting_logged = true;
                 }
-                pause(lease.ttl / 3, cancel).await;
+                pause(cancel, lease.ttl / 3).await;
                 continue;
             }
             Err(e) => {
@@ -286,14 +125,14 @@ pub async fn run(
                     tracing::warn!(error = %e, "cannot reach the intake lease; retrying");
                     failing = true;
                 }
-                pause(lease.ttl / 3, cancel).await;
+                pause(cancel, lease.ttl / 3).await;
                 lease.reopen().await;
                 continue;
             }
         };
         failing = false;
         waiting_logged = false;
-        tracing::info!(lease = %lease.key, "took the intake lease; pulling the stream in order");
+        tracing::info!(lease = %lease.key(), "took the intake lease; pulling the stream in order");
         metrics.jetstream_pulling.set(1);
         // The puller checks the lease before every pull, so a process paused past its lease
         // pulls nothing when it wakes.
@@ -306,30 +145,6 @@ pub async fn run(
         if cancel.is_cancelled() {
             lease.release(revision).await;
         }
-    }
-}
-
-/// The lease bucket, created when missing.
-async fn ensure_bucket(
-    context: &jetstream::Context,
-    bucket: &jetstream::stream::Config,
-) -> Result<kv::Store, IntakeError> {
-    crate::kv::ensure(context, bucket)
-        .await
-        .map_err(|source| IntakeError::Lease {
-            bucket: LEASE_BUCKET,
-            source,
-        })
-}
-
-fn ms(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-async fn pause(period: Duration, cancel: &CancellationToken) {
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = tokio::time::sleep(period) => {}
     }
 }
 
@@ -485,7 +300,7 @@ async fn resync(
                     tracing::warn!(%error, "cannot read the consumer's state to resync; retrying");
                     failing = true;
                 }
-                pause(RESYNC_POLL, stop).await;
+                pause(stop, RESYNC_POLL).await;
                 continue;
             }
         }

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::{pause, Backoff};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::origin::{AppendJob, Settler};
 use crate::query::{Queries, QueryJob};
@@ -477,16 +478,11 @@ async fn retry_held(
     ctx: &Context,
     hops: u8,
 ) {
-    let mut pause = HOLD_RETRY_FIRST;
-    loop {
-        tokio::select! {
-            _ = ctx.cancel.cancelled() => {
-                tracing::warn!(shard = %shard.name, appends = held.len(), "shutting down with held appends uncommitted; JetStream redelivers them");
-                return;
-            }
-            _ = tokio::time::sleep(pause) => {}
+    for wait in Backoff::new(HOLD_RETRY_FIRST, HOLD_RETRY_MAX) {
+        if !pause(&ctx.cancel, wait).await {
+            tracing::warn!(shard = %shard.name, appends = held.len(), "shutting down with held appends uncommitted; JetStream redelivers them");
+            return;
         }
-        pause = (pause * 2).min(HOLD_RETRY_MAX);
         if !shard.is_up() {
             continue;
         }

@@ -68,9 +68,8 @@ pub async fn sweep(
             (0, true) => SKIPPED_PAUSE,
             _ => retention.interval,
         };
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+        if !crate::cancel::pause(&cancel, pause).await {
+            return;
         }
     }
 }

@@ -18,10 +18,12 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cancel::{pause, Backoff};
 use crate::config::{Config, Intake, ShardConfig};
+use crate::membership::{Membership, MembershipError};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, ShardQueue};
-use crate::ring::{Layout, Member, Membership, MoveState, Record};
+use crate::ring::{Layout, Member, MoveState, Record};
 use crate::store::{Shard, StoreError};
 use crate::Chain;
 
@@ -186,7 +188,7 @@ impl Shards {
                     self.keep_copies(&record).await;
                 }
             }
-            Ok(Err(e @ crate::ring::MembershipError::Decode { .. })) => {
+            Ok(Err(e @ MembershipError::Decode { .. })) => {
                 self.ring_trouble.news(&Chain(&e).to_string());
                 match self.best_copy().await {
                     Some(copy) => {
@@ -248,7 +250,7 @@ impl Shards {
     }
 
     /// The ring record cannot be read or used because of `e`: logged once per cause.
-    pub fn ring_trouble(&self, e: &crate::ring::MembershipError) {
+    pub fn ring_trouble(&self, e: &MembershipError) {
         let cause = Chain(e).to_string();
         if self.ring_trouble.news(&cause) {
             tracing::error!(error = %cause, "the ring record cannot be used; routing by the last one known");
@@ -267,7 +269,7 @@ impl Shards {
     /// failing is retried with backoff.
     pub async fn follow(self: Arc<Self>, client: async_nats::Client, cancel: CancellationToken) {
         let mut logged = false;
-        let mut wait = RETRY;
+        let mut backoff = Backoff::new(RETRY, RETRY_MAX);
         while !cancel.is_cancelled() {
             let membership = match self.membership(&client).await {
                 Ok(membership) => membership,
@@ -276,7 +278,7 @@ impl Shards {
                         tracing::warn!(error = %Chain(&e), "cannot reach the ring record; retrying");
                         logged = true;
                     }
-                    pause(RETRY, &cancel).await;
+                    pause(&cancel, RETRY).await;
                     continue;
                 }
             };
@@ -287,8 +289,7 @@ impl Shards {
                         tracing::warn!(error = %e, "cannot watch the ring record; retrying");
                         logged = true;
                     }
-                    pause(wait, &cancel).await;
-                    wait = (wait * 2).min(RETRY_MAX);
+                    pause(&cancel, backoff.next_pause()).await;
                     continue;
                 }
             };
@@ -318,13 +319,14 @@ impl Shards {
                     None => break,
                 }
             }
-            // A watch that ends before delivering anything is failing: back off.
-            wait = if delivered {
-                RETRY
+            // A watch that ends before delivering anything is failing: back off (the pause
+            // after it is the doubled one, as it always was).
+            if delivered {
+                backoff.reset();
             } else {
-                (wait * 2).min(RETRY_MAX)
-            };
-            pause(wait, &cancel).await;
+                backoff.next_pause();
+            }
+            pause(&cancel, backoff.current()).await;
         }
     }
 
@@ -356,7 +358,7 @@ impl Shards {
                     break;
                 }
                 Ok(None) => break,
-                Err(e @ crate::ring::MembershipError::Decode { .. }) => {
+                Err(e @ MembershipError::Decode { .. }) => {
                     self.ring_trouble(&e);
                     break;
                 }
@@ -446,7 +448,7 @@ impl Shards {
     pub async fn membership(
         &self,
         client: &async_nats::Client,
-    ) -> Result<Membership, crate::ring::MembershipError> {
+    ) -> Result<Membership, MembershipError> {
         let mut slot = self.membership.lock().await;
         if let Some(membership) = slot.as_ref() {
             return Ok(membership.clone());
@@ -578,13 +580,6 @@ fn same_names(a: &[&str], b: &[&str]) -> bool {
     a.len() == b.len() && a.iter().all(|n| b.contains(n))
 }
 
-async fn pause(period: Duration, cancel: &CancellationToken) {
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = tokio::time::sleep(period) => {}
-    }
-}
-
 /// The ring record POSTGRES_SHARDS describes, at `epoch` (without a fleet id).
 pub fn seed_record(config: &Config, epoch: u64) -> Record {
     Record {
@@ -652,7 +647,7 @@ impl Builder {
             }
         };
         let stop = self.tasks.cancel.child_token();
-        self.tasks.background.spawn(crate::watch_shard(
+        self.tasks.background.spawn(crate::health::watch_shard(
             shard.clone(),
             self.metrics.clone(),
             stop.clone(),

@@ -27,8 +27,9 @@
 //!   that moved to another lane (through [`shards`]).
 //! - [`query`]: query, stats and delete admission, deadlines and slots; streams answers in
 //!   chunks; follows a moved object like [`pipeline`].
-//! - [`store`] (with [`pgtls`]): PostgreSQL: pools, migrations, shard identity, the append
-//!   function, paged reads, stats, deletion and the resharding copy.
+//! - [`store`]: PostgreSQL: pools and libpq-style TLS (`store::tls`), migrations, shard
+//!   identity and fleet, the append function, paged reads, stats, deletion and the resharding
+//!   copy; `migrations/CURRENT.sql` shows the schema they make.
 //! - [`origin`]: a message's fate once its outcome is known: reply, event, ack / nak / term,
 //!   dead letter, in-flight gauge. [`replies`]: which reply subjects a core message may name.
 //! - [`outbox`]: replies, `appended.<id>` events, response chunks, errors and dead letters.
@@ -56,7 +57,6 @@ mod nats;
 pub mod ordered;
 pub mod origin;
 pub mod outbox;
-pub mod pgtls;
 pub mod pipeline;
 pub mod query;
 pub mod replies;

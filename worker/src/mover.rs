@@ -295,7 +295,7 @@ async fn carry_out(
         match record.state {
             MoveState::Steady => return Ok(()),
             MoveState::Moving => {
-                raise_fences(&view, &record, metrics, &mut progress, lost).await?;
+                keep_everywhere(&view, &record, Fence::Raise, metrics, &mut progress, lost).await?;
                 let todo = count(&view, lost).await?;
                 progress.todo = todo;
                 metrics
@@ -305,7 +305,8 @@ async fn carry_out(
                 membership.put_progress(&progress).await;
                 if todo == 0 {
                     record.state = MoveState::Purging;
-                    keep_copies(&view, &record, metrics, &mut progress, lost).await?;
+                    keep_everywhere(&view, &record, Fence::Keep, metrics, &mut progress, lost)
+                        .await?;
                     write(membership, &record, revision).await?;
                     tracing::info!(
                         epoch = record.epoch,
@@ -334,7 +335,7 @@ async fn carry_out(
                 purge(&view, metrics, &mut progress, membership, lost).await?;
                 record.state = MoveState::Steady;
                 record.previous = None;
-                keep_copies(&view, &record, metrics, &mut progress, lost).await?;
+                keep_everywhere(&view, &record, Fence::Keep, metrics, &mut progress, lost).await?;
                 write(membership, &record, revision).await?;
                 metrics.move_objects.with_label_values(&["todo"]).set(0);
                 membership.put_progress(&progress).await;
@@ -352,51 +353,36 @@ async fn write(membership: &Membership, record: &Record, revision: u64) -> Resul
     }
 }
 
-/// Raise the fence of every shard of the view to `record`'s epoch, keeping `record` as its
-/// copy of the ring in the same transaction (what `worker shards repair` rebuilds the record
-/// from), retrying a shard that is down.
-async fn raise_fences(
+/// Keep `record` as every shard's copy of the ring (what `worker shards repair` rebuilds the
+/// record from), retrying a shard that is down. With `Fence::Raise`, the shard's fence goes
+/// to `record`'s epoch in the same transaction; `Fence::Keep` stores the next step of the
+/// change before it is written to NATS, so the shards never hold less than the fleet reached.
+async fn keep_everywhere(
     view: &View,
     record: &Record,
+    fence: Fence,
     metrics: &Metrics,
     progress: &mut Progress,
     lost: &CancellationToken,
 ) -> Result<(), Stopped> {
+    let (what, raise) = match fence {
+        Fence::Raise => ("raise the fence", true),
+        Fence::Keep => ("keep the ring record", false),
+    };
     for lane in view.lanes.values() {
-        retry(
-            metrics,
-            progress,
-            lost,
-            "raise the fence",
-            &lane.shard.name,
-            || lane.shard.keep_ring(record, true, true),
-        )
+        retry(metrics, progress, lost, what, &lane.shard.name, || {
+            lane.shard.keep_ring(record, true, raise)
+        })
         .await?;
     }
     Ok(())
 }
 
-/// Keep `record` (the next step of the change) as every shard's copy of the ring before it is
-/// written to NATS, so the shards never hold less than the fleet has reached.
-async fn keep_copies(
-    view: &View,
-    record: &Record,
-    metrics: &Metrics,
-    progress: &mut Progress,
-    lost: &CancellationToken,
-) -> Result<(), Stopped> {
-    for lane in view.lanes.values() {
-        retry(
-            metrics,
-            progress,
-            lost,
-            "keep the ring record",
-            &lane.shard.name,
-            || lane.shard.keep_ring(record, true, false),
-        )
-        .await?;
-    }
-    Ok(())
+/// Whether [`keep_everywhere`] raises the shards' fences too.
+#[derive(Debug, Clone, Copy)]
+enum Fence {
+    Raise,
+    Keep,
 }
 
 /// Objects whose owner the change moves: live on a previous member that owned them and

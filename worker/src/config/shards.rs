@@ -35,7 +35,7 @@ impl MemberAccess {
         default_user: &str,
     ) -> MemberAccess {
         let parsed = first
-            .and_then(|shard| crate::pgtls::split(&shard.url).ok())
+            .and_then(|shard| crate::store::tls::split(&shard.url).ok())
             .and_then(|(url, _)| url.parse::<tokio_postgres::Config>().ok());
         let user = parsed
             .as_ref()
@@ -77,10 +77,11 @@ impl MemberAccess {
         if !self.tls.is_empty() {
             let defaults: Vec<(&str, &str)> =
                 self.tls.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            shard.url = crate::pgtls::with_defaults(&shard.url, &defaults)
+            shard.url = crate::store::tls::with_defaults(&shard.url, &defaults)
                 .map_err(|problem| format!("shard {name} with POSTGRES_SSL*: {problem}"))?;
         }
-        crate::pgtls::split(&shard.url).map_err(|problem| format!("shard {name}: {problem}"))?;
+        crate::store::tls::split(&shard.url)
+            .map_err(|problem| format!("shard {name}: {problem}"))?;
         Ok(shard)
     }
 }
@@ -89,55 +90,27 @@ impl MemberAccess {
 /// parameters of either form): what the ring record stores. Every worker logs in to a member
 /// with its own login ([`MemberAccess::shard`]), whoever wrote the record.
 pub fn without_login(url: &str) -> String {
-    let trimmed = without_password(url);
-    if let Some((scheme, rest)) = trimmed.split_once("://") {
-        let (authority_end, _) = rest
-            .char_indices()
-            .find(|(_, c)| matches!(c, '/' | '?'))
-            .unwrap_or((rest.len(), ' '));
-        let (authority, tail) = rest.split_at(authority_end);
-        let host = authority
-            .rsplit_once('@')
-            .map_or(authority, |(_, host)| host);
-        let tail = match tail.split_once('?') {
-            Some((path, query)) => {
-                let kept: Vec<&str> = query
-                    .split('&')
-                    .filter(|p| !p.to_ascii_lowercase().starts_with("user="))
-                    .collect();
-                if kept.is_empty() {
-                    path.to_string()
-                } else {
-                    format!("{path}?{}", kept.join("&"))
-                }
-            }
-            None => tail.to_string(),
-        };
-        return format!("{scheme}://{host}{tail}");
-    }
-    // key=value form (the password is gone already): drop the user pair.
-    let mut out = Vec::new();
-    let mut words = trimmed.split(' ').peekable();
-    while let Some(word) = words.next() {
-        if word.to_ascii_lowercase().starts_with("user=") {
-            if word.starts_with("user='") && !(word.len() > 6 && word.ends_with('\'')) {
-                for next in words.by_ref() {
-                    if next.ends_with('\'') {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(word);
-    }
-    out.join(" ")
+    strip_login(url, "user", &|_| None)
 }
 
 /// `url` without any password (in the userinfo of a `postgres://` URL, or as a `password`
 /// parameter of either form): what may be shown to an operator.
 pub fn without_password(url: &str) -> String {
-    let trimmed = url.trim();
+    strip_login(url, "password", &|userinfo| {
+        Some(userinfo.split_once(':').map_or(userinfo, |(user, _)| user))
+    })
+}
+
+/// `url` without its `key` parameter (URL query or key=value pair; a quoted value may hold
+/// spaces), and with a URL's userinfo replaced by what `keep` makes of it (`None`: none).
+/// `user` stripping strips the password too: a password alone is no login.
+fn strip_login(url: &str, key: &str, keep: &dyn Fn(&str) -> Option<&str>) -> String {
+    let trimmed = if key == "password" {
+        url.trim().to_string()
+    } else {
+        strip_login(url, "password", &|_| None)
+    };
+    let prefix = format!("{key}=");
     if let Some((scheme, rest)) = trimmed.split_once("://") {
         let (authority_end, _) = rest
             .char_indices()
@@ -145,17 +118,17 @@ pub fn without_password(url: &str) -> String {
             .unwrap_or((rest.len(), ' '));
         let (authority, tail) = rest.split_at(authority_end);
         let authority = match authority.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-                format!("{user}@{host}")
-            }
+            Some((userinfo, host)) => match keep(userinfo) {
+                Some(kept) => format!("{kept}@{host}"),
+                None => host.to_string(),
+            },
             None => authority.to_string(),
         };
         let tail = match tail.split_once('?') {
             Some((path, query)) => {
                 let kept: Vec<&str> = query
                     .split('&')
-                    .filter(|p| !p.to_ascii_lowercase().starts_with("password="))
+                    .filter(|p| !p.to_ascii_lowercase().starts_with(&prefix))
                     .collect();
                 if kept.is_empty() {
                     path.to_string()
@@ -167,12 +140,12 @@ pub fn without_password(url: &str) -> String {
         };
         return format!("{scheme}://{authority}{tail}");
     }
-    // key=value form: drop the password pair (a quoted value may hold spaces).
+    let quoted = format!("{key}='");
     let mut out = Vec::new();
     let mut words = trimmed.split(' ').peekable();
     while let Some(word) = words.next() {
-        if word.to_ascii_lowercase().starts_with("password=") {
-            if word.starts_with("password='") && !(word.len() > 10 && word.ends_with('\'')) {
+        if word.to_ascii_lowercase().starts_with(&prefix) {
+            if word.starts_with(&quoted) && !(word.len() > quoted.len() && word.ends_with('\'')) {
                 for next in words.by_ref() {
                     if next.ends_with('\'') {
                         break;
@@ -228,7 +201,7 @@ impl RawConfig {
                 None | Some("") => {}
                 Some(value) => {
                     if param == "sslmode" {
-                        crate::pgtls::SslMode::parse(value).map_err(|e| bad(var, e))?;
+                        crate::store::tls::SslMode::parse(value).map_err(|e| bad(var, e))?;
                     }
                     defaults.push((param, value.to_string()));
                 }
@@ -364,8 +337,8 @@ pub fn parse_shards(spec: &str) -> Result<Vec<ShardConfig>, ConfigError> {
                 ),
             ));
         }
-        // libpq's TLS parameters are handled by the worker (crate::pgtls), not tokio-postgres.
-        let url_for_driver = match crate::pgtls::split(url) {
+        // libpq's TLS parameters are handled by the worker (crate::store::tls), not tokio-postgres.
+        let url_for_driver = match crate::store::tls::split(url) {
             Ok((rest, _)) => rest,
             Err(problem) => return Err(bad(VAR, format!("shard {name}: {entry:?}: {problem}"))),
         };
@@ -402,8 +375,8 @@ fn with_tls_defaults(
     let defaults: Vec<(&str, &str)> = defaults.iter().map(|(k, v)| (*k, v.as_str())).collect();
     for shard in &mut shards {
         let name = &shard.name;
-        shard.url = crate::pgtls::with_defaults(&shard.url, &defaults)
-            .and_then(|url| crate::pgtls::split(&url).map(|_| url))
+        shard.url = crate::store::tls::with_defaults(&shard.url, &defaults)
+            .and_then(|url| crate::store::tls::split(&url).map(|_| url))
             .map_err(|problem| {
                 bad(
                     "POSTGRES_SSLMODE",
@@ -416,7 +389,7 @@ fn with_tls_defaults(
 
 /// Give a connection string naming no user `user`: in a URL's userinfo, or as a `user` pair.
 fn fill_user(shard: &mut ShardConfig, user: &str, is_url: bool) {
-    let has_user = crate::pgtls::split(&shard.url)
+    let has_user = crate::store::tls::split(&shard.url)
         .ok()
         .and_then(|(url, _)| url.parse::<tokio_postgres::Config>().ok())
         .is_some_and(|config| config.get_user().is_some());
@@ -433,7 +406,7 @@ fn fill_user(shard: &mut ShardConfig, user: &str, is_url: bool) {
         let at = if authority.contains('@') { "" } else { "@" };
         shard.url = format!(
             "{scheme}://{}{at}{rest}",
-            crate::pgtls::percent_encode(user)
+            crate::store::tls::percent_encode(user)
         );
     }
 }
@@ -441,7 +414,7 @@ fn fill_user(shard: &mut ShardConfig, user: &str, is_url: bool) {
 /// Give a shard URL without a password of its own the configured one, as a `password` query
 /// parameter (tokio-postgres reads it there; redaction hides it like one in the user info).
 fn fill_password(shard: &mut ShardConfig, password: &str) {
-    let has_password = crate::pgtls::split(&shard.url)
+    let has_password = crate::store::tls::split(&shard.url)
         .ok()
         .and_then(|(url, _)| url.parse::<tokio_postgres::Config>().ok())
         .is_some_and(|config| config.get_password().is_some());
@@ -450,7 +423,7 @@ fn fill_password(shard: &mut ShardConfig, password: &str) {
         shard.url = format!(
             "{}{separator}password={}",
             shard.url,
-            crate::pgtls::percent_encode(password)
+            crate::store::tls::percent_encode(password)
         );
     }
 }

@@ -3,22 +3,20 @@
 //! login, NATS_QUEUE_GROUP, the PostgreSQL login and TLS settings) and change, show or repair
 //! the fleet's ring record in NATS; the workers carry the change out.
 
-use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{parse_shards, without_login, Config, ShardConfig};
-use crate::membership::{Membership, MembershipError, Stored};
+use crate::membership::{Membership, MembershipError};
 use crate::ring::{Member, MoveState, Record};
 use crate::store::{RingCopy, Shard};
 use crate::Chain;
 
+mod repair;
+
 /// Exit status of `status` while a move runs.
 pub const EXIT_MOVING: u8 = 3;
-
-/// Most shards `repair` reads (the members the copies name, transitively).
-const REPAIR_MAX_SHARDS: usize = 1_000;
 
 /// What `worker shards` was asked to do.
 #[derive(Debug, Clone)]
@@ -119,93 +117,122 @@ async fn run(
     let membership = Membership::open(client, &config.queue_group).await?;
     let mut out = Out::default();
     let status = match command {
-        Command::Repair => repair(config, &membership, &mut out).await?,
-        Command::Status { json } => {
-            let (record, _) = current(config, &membership).await?;
-            let progress = membership
-                .progress()
-                .await
-                .filter(|p| p.epoch == record.epoch);
-            if json {
-                let value = serde_json::json!({ "ring": record, "progress": progress });
-                out.line(value);
-            } else {
-                print_status(&mut out, &record, progress.as_ref());
-            }
-            match record.state {
-                MoveState::Steady => 0,
-                MoveState::Moving | MoveState::Purging => EXIT_MOVING,
-            }
-        }
-        Command::Add { spec } => {
-            let (record, revision) = current(config, &membership).await?;
-            steady(&record)?;
-            let shard = parse_shards(&spec)
-                .map_err(|e| AdminError::Refused(e.to_string()))?
-                .into_iter()
-                .next()
-                .ok_or_else(|| AdminError::Refused("give the new shard as NAME=URL".into()))?;
-            if record.members.iter().any(|m| m.name == shard.name) {
-                return Err(AdminError::Refused(format!(
-                    "shard {} is already a ring member",
-                    shard.name
-                )));
-            }
-            let fleet = record
-                .fleet
-                .clone()
-                .unwrap_or_else(crate::ring::new_fleet_id);
-            let pool = prepare(config, &shard, &fleet).await?;
-            let mut members = record.members.clone();
-            members.push(Member {
-                name: shard.name.clone(),
-                // Never the login the command was given: every worker logs in as itself.
-                url: without_login(&shard.url),
-            });
-            let next = next_epoch(&record, members, fleet);
-            publish(config, &membership, &next, revision, Some(pool)).await?;
-            out.line(format_args!(
-                "epoch {}: adding shard {}; objects are moving (follow with `worker shards status`)",
-                next.epoch, shard.name
-            ));
-            0
-        }
-        Command::Remove { name } => {
-            let (record, revision) = current(config, &membership).await?;
-            steady(&record)?;
-            if !record.members.iter().any(|m| m.name == name) {
-                return Err(AdminError::Refused(format!(
-                    "shard {name} is not a ring member"
-                )));
-            }
-            if record.members.len() == 1 {
-                return Err(AdminError::Refused(format!(
-                    "shard {name} is the only ring member; its objects would have nowhere to go"
-                )));
-            }
-            let members = record
-                .members
-                .iter()
-                .filter(|m| m.name != name)
-                .cloned()
-                .collect();
-            let fleet = record
-                .fleet
-                .clone()
-                .unwrap_or_else(crate::ring::new_fleet_id);
-            let next = next_epoch(&record, members, fleet);
-            publish(config, &membership, &next, revision, None).await?;
-            out.line(format_args!(
-                "epoch {}: removing shard {name}; its objects are moving (follow with `worker shards status`)",
-                next.epoch
-            ));
-            0
-        }
+        Command::Repair => repair::repair(config, &membership, &mut out).await?,
+        Command::Status { json } => status(config, &membership, json, &mut out).await?,
+        Command::Add { spec } => add(config, &membership, &spec, &mut out).await?,
+        Command::Remove { name } => remove(config, &membership, &name, &mut out).await?,
     };
     if let Err(e) = client.flush().await {
         tracing::debug!(error = %e, "flush before exit failed");
     }
     Ok(status)
+}
+
+/// The exit status for a record in `state`: 0 when steady, else [`EXIT_MOVING`].
+fn exit_status(state: MoveState) -> u8 {
+    match state {
+        MoveState::Steady => 0,
+        MoveState::Moving | MoveState::Purging => EXIT_MOVING,
+    }
+}
+
+/// `worker shards status`: the ring record (and the move's progress), as text or JSON.
+async fn status(
+    config: &Config,
+    membership: &Membership,
+    json: bool,
+    out: &mut Out,
+) -> Result<u8, AdminError> {
+    let (record, _) = current(config, membership).await?;
+    let progress = membership
+        .progress()
+        .await
+        .filter(|p| p.epoch == record.epoch);
+    if json {
+        let value = serde_json::json!({ "ring": record, "progress": progress });
+        out.line(value);
+    } else {
+        print_status(out, &record, progress.as_ref());
+    }
+    Ok(exit_status(record.state))
+}
+
+/// `worker shards add NAME=URL`: prepare the new shard and publish the next epoch with it.
+async fn add(
+    config: &Config,
+    membership: &Membership,
+    spec: &str,
+    out: &mut Out,
+) -> Result<u8, AdminError> {
+    let (record, revision) = current(config, membership).await?;
+    steady(&record)?;
+    let shard = parse_shards(spec)
+        .map_err(|e| AdminError::Refused(e.to_string()))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| AdminError::Refused("give the new shard as NAME=URL".into()))?;
+    if record.members.iter().any(|m| m.name == shard.name) {
+        return Err(AdminError::Refused(format!(
+            "shard {} is already a ring member",
+            shard.name
+        )));
+    }
+    let fleet = record
+        .fleet
+        .clone()
+        .unwrap_or_else(crate::ring::new_fleet_id);
+    let pool = prepare(config, &shard, &fleet).await?;
+    let mut members = record.members.clone();
+    members.push(Member {
+        name: shard.name.clone(),
+        // Never the login the command was given: every worker logs in as itself.
+        url: without_login(&shard.url),
+    });
+    let next = next_epoch(&record, members, fleet);
+    publish(config, membership, &next, revision, Some(pool)).await?;
+    out.line(format_args!(
+        "epoch {}: adding shard {}; objects are moving (follow with `worker shards status`)",
+        next.epoch, shard.name
+    ));
+    Ok(0)
+}
+
+/// `worker shards remove NAME`: publish the next epoch without that member.
+async fn remove(
+    config: &Config,
+    membership: &Membership,
+    name: &str,
+    out: &mut Out,
+) -> Result<u8, AdminError> {
+    let (record, revision) = current(config, membership).await?;
+    steady(&record)?;
+    if !record.members.iter().any(|m| m.name == name) {
+        return Err(AdminError::Refused(format!(
+            "shard {name} is not a ring member"
+        )));
+    }
+    if record.members.len() == 1 {
+        return Err(AdminError::Refused(format!(
+            "shard {name} is the only ring member; its objects would have nowhere to go"
+        )));
+    }
+    let members = record
+        .members
+        .iter()
+        .filter(|m| m.name != name)
+        .cloned()
+        .collect();
+    let fleet = record
+        .fleet
+        .clone()
+        .unwrap_or_else(crate::ring::new_fleet_id);
+    let next = next_epoch(&record, members, fleet);
+    publish(config, membership, &next, revision, None).await?;
+    out.line(format_args!(
+        "epoch {}: removing shard {name}; its objects are moving (follow with `worker shards status`)",
+        next.epoch
+    ));
+    Ok(0)
 }
 
 /// The fleet's ring record and its revision, seeded from POSTGRES_SHARDS if it has none (with
@@ -402,188 +429,6 @@ fn agreed_fleet(copies: &[(String, Result<RingCopy, String>)]) -> Option<String>
         .map(|(_, copy)| copy.as_ref().ok()?.fleet.clone());
     let first = fleets.next()??;
     fleets.all(|f| f.as_ref() == Some(&first)).then_some(first)
-}
-
-/// `worker shards repair`: rewrite the ring record from what the shards keep. Every shard this
-/// worker can reach is read (those of POSTGRES_SHARDS, those the record names if it decodes,
-/// and the members every copy found names, in turn): its identity (name and fleet), its fence
-/// and its copy of the ring record (kept by whoever raised its fence for a change, or
-/// published one). The copy of the highest epoch and step of the fleet wins (the fleet: the
-/// record's if it decodes, else that of the latest copy); no shard of the fleet may be fenced
-/// at a later epoch than it (the record of that epoch would be unknown: refused). It is written
-/// over whatever the key holds (garbage, a deletion, or an older record); a move that was
-/// running goes on from it. Without any copy (shards from before migration 0008 that never
-/// moved since), the record is rebuilt from POSTGRES_SHARDS at the highest fence.
-async fn repair(config: &Config, membership: &Membership, out: &mut Out) -> Result<u8, AdminError> {
-    let stored: Option<Stored> = membership.entry().await?;
-    let (revision, current) = match stored {
-        Some(Stored {
-            revision,
-            record: Some(Ok(record)),
-        }) => (Some(revision), Some(record)),
-        Some(Stored {
-            revision,
-            record: Some(Err(e)),
-        }) => {
-            out.line(format_args!(
-                "the ring record does not decode: {}",
-                Chain(&e)
-            ));
-            (Some(revision), None)
-        }
-        Some(Stored { record: None, .. }) | None => {
-            out.line("the ring record is missing");
-            (None, None)
-        }
-    };
-    // Every shard reachable: POSTGRES_SHARDS, the record's members, and the members each copy
-    // names.
-    let mut queue: Vec<ShardConfig> = config.shards.clone();
-    for member in current.iter().flat_map(Record::all_members) {
-        queue.push(ShardConfig {
-            name: member.name.clone(),
-            url: member.url.clone(),
-        });
-    }
-    let mut read: HashMap<String, Result<RingCopy, String>> = HashMap::new();
-    while !queue.is_empty() && read.len() < REPAIR_MAX_SHARDS {
-        let mut seen: HashSet<String> = read.keys().cloned().collect();
-        let batch: Vec<ShardConfig> = std::mem::take(&mut queue)
-            .into_iter()
-            .filter(|shard| seen.insert(shard.name.clone()))
-            .collect();
-        for (name, copy) in read_copies(config, batch.into_iter()).await {
-            let copy = copy.and_then(|copy| {
-                if copy.name == name {
-                    Ok(copy)
-                } else {
-                    Err(format!("its database belongs to shard {:?}", copy.name))
-                }
-            });
-            if let Ok(RingCopy {
-                record: Some(Ok(record)),
-                ..
-            }) = &copy
-            {
-                for member in record.all_members() {
-                    if !read.contains_key(&member.name) && member.name != name {
-                        queue.push(ShardConfig {
-                            name: member.name.clone(),
-                            url: member.url.clone(),
-                        });
-                    }
-                }
-            }
-            read.insert(name, copy);
-        }
-    }
-    let mut unread: Vec<(&String, &String)> = read
-        .iter()
-        .filter_map(|(name, copy)| Some((name, copy.as_ref().err()?)))
-        .collect();
-    unread.sort();
-    for (name, why) in unread {
-        let _ = writeln!(
-            std::io::stderr(),
-            "worker shards repair: shard {name} not read: {why}"
-        );
-    }
-    // The fleet: the record's, if it decodes and has one; else the latest copy's.
-    let copies = || {
-        read.iter().filter_map(|(name, copy)| {
-            let copy = copy.as_ref().ok()?;
-            match &copy.record {
-                Some(Ok(record)) if record.fleet.is_some() && record.fleet == copy.fleet => {
-                    Some((name, record))
-                }
-                _ => None,
-            }
-        })
-    };
-    let fleet = current
-        .as_ref()
-        .and_then(|record| record.fleet.clone())
-        .or_else(|| {
-            copies()
-                .max_by_key(|(_, r)| r.rank())
-                .and_then(|(_, r)| r.fleet.clone())
-        });
-    let best = copies()
-        .filter(|(_, record)| record.fleet == fleet)
-        .max_by_key(|(_, record)| record.rank())
-        .map(|(name, record)| (name.clone(), record.clone()));
-    let fences = read.iter().filter_map(|(name, copy)| {
-        let copy = copy.as_ref().ok()?;
-        (copy.fleet == fleet).then_some((name, copy.fence))
-    });
-    let (highest_fence, fenced_at) = fences
-        .max_by_key(|(_, fence)| *fence)
-        .map_or((0, None), |(name, fence)| (fence, Some(name.clone())));
-    let (record, source) = match best {
-        Some((name, record)) => {
-            if highest_fence > record.epoch {
-                return Err(AdminError::Refused(format!(
-                    "shard {} is fenced at ring epoch {highest_fence}, and the latest copy of the \
-                     ring record the shards keep is of epoch {} (shard {name}): the record of \
-                     epoch {highest_fence} is unknown, nothing was written",
-                    fenced_at.unwrap_or_default(),
-                    record.epoch
-                )));
-            }
-            (record, format!("shard {name}'s copy"))
-        }
-        None => {
-            let configured: Vec<(String, Result<RingCopy, String>)> = config
-                .shards
-                .iter()
-                .filter_map(|s| Some((s.name.clone(), read.get(&s.name)?.clone())))
-                .collect();
-            let fleet = fleet
-                .or_else(|| agreed_fleet(&configured))
-                .unwrap_or_else(crate::ring::new_fleet_id);
-            let record = Record {
-                fleet: Some(fleet),
-                ..crate::shards::seed_record(config, highest_fence.max(1))
-            };
-            (
-                record,
-                "POSTGRES_SHARDS (no shard keeps a copy of the ring record)".to_string(),
-            )
-        }
-    };
-    if let Some(current) = &current {
-        if current.fleet == record.fleet && current.rank() >= record.rank() {
-            out.line(format_args!(
-                "the ring record is readable and current (epoch {}, {:?}); nothing to repair",
-                current.epoch, current.state
-            ));
-            return Ok(0);
-        }
-    }
-    let written = match revision {
-        Some(revision) => membership.write(&record, revision).await,
-        None => membership.create(&record).await,
-    };
-    match written {
-        Ok(_) => {}
-        Err(MembershipError::Changed { .. }) => {
-            return Err(AdminError::Refused(
-                "the ring record changed meanwhile; run `worker shards repair` again".into(),
-            ))
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let names: Vec<&str> = record.members.iter().map(|m| m.name.as_str()).collect();
-    out.line(format_args!(
-        "repaired the ring record from {source}: epoch {} ({:?}), members {}",
-        record.epoch,
-        record.state,
-        names.join(", ")
-    ));
-    Ok(match record.state {
-        MoveState::Steady => 0,
-        MoveState::Moving | MoveState::Purging => EXIT_MOVING,
-    })
 }
 
 fn print_status(out: &mut Out, record: &Record, progress: Option<&crate::membership::Progress>) {

@@ -44,6 +44,24 @@ pub enum AdminError {
     Ring(#[from] crate::membership::MembershipError),
     #[error("{0}")]
     Refused(String),
+    #[error("shard {name} is already a ring member")]
+    AlreadyMember { name: String },
+    #[error("shard {name} is not a ring member")]
+    NotMember { name: String },
+    #[error("shard {name} is the only ring member; its objects would have nowhere to go")]
+    OnlyMember { name: String },
+    /// Another ring change is being carried out.
+    #[error("a ring change is being carried out (epoch {epoch}, {state:?}); wait until `worker shards status` exits 0")]
+    Busy { epoch: u64, state: MoveState },
+    /// The record changed between reading and writing it (`add`, `remove`).
+    #[error("the ring changed meanwhile (another operator?); check `worker shards status` and try again")]
+    Changed,
+    /// The record changed between reading and writing it (`repair`).
+    #[error("the ring record changed meanwhile; run `worker shards repair` again")]
+    RepairChanged,
+    /// The new member could not be prepared (`add`).
+    #[error("cannot add shard {shard}: {why}; nothing changed")]
+    Prepare { shard: String, why: String },
     /// The NATS server refused this user a subject (its permissions): the server's words.
     #[error("NATS refused it: {0} (`worker shards` needs a user allowed the ring record, e.g. `admin` or `worker` in the shipped NATS config)")]
     Denied(String),
@@ -172,10 +190,7 @@ async fn add(
         .next()
         .ok_or_else(|| AdminError::Refused("give the new shard as NAME=URL".into()))?;
     if record.members.iter().any(|m| m.name == shard.name) {
-        return Err(AdminError::Refused(format!(
-            "shard {} is already a ring member",
-            shard.name
-        )));
+        return Err(AdminError::AlreadyMember { name: shard.name });
     }
     let fleet = record
         .fleet
@@ -207,14 +222,10 @@ async fn remove(
     let (record, revision) = current(config, membership).await?;
     steady(&record)?;
     if !record.members.iter().any(|m| m.name == name) {
-        return Err(AdminError::Refused(format!(
-            "shard {name} is not a ring member"
-        )));
+        return Err(AdminError::NotMember { name: name.into() });
     }
     if record.members.len() == 1 {
-        return Err(AdminError::Refused(format!(
-            "shard {name} is the only ring member; its objects would have nowhere to go"
-        )));
+        return Err(AdminError::OnlyMember { name: name.into() });
     }
     let members = record
         .members
@@ -257,10 +268,10 @@ async fn current(config: &Config, membership: &Membership) -> Result<(Record, u6
 fn steady(record: &Record) -> Result<(), AdminError> {
     match record.state {
         MoveState::Steady => Ok(()),
-        state => Err(AdminError::Refused(format!(
-            "a ring change is being carried out (epoch {}, {state:?}); wait until `worker shards status` exits 0",
-            record.epoch
-        ))),
+        state => Err(AdminError::Busy {
+            epoch: record.epoch,
+            state,
+        }),
     }
 }
 
@@ -295,10 +306,10 @@ async fn prepare(
     );
     let refused = |why: String| {
         pool.close();
-        AdminError::Refused(format!(
-            "cannot add shard {}: {why}; nothing changed",
-            shard.name
-        ))
+        AdminError::Prepare {
+            shard: shard.name.clone(),
+            why,
+        }
     };
     match pool.peek_identity().await {
         Ok(Some((_, Some(other)))) if other != fleet => {
@@ -376,10 +387,7 @@ async fn publish(
     }
     let written = match membership.write(next, revision).await {
         Ok(_) => Ok(()),
-        Err(MembershipError::Changed { .. }) => Err(AdminError::Refused(
-            "the ring changed meanwhile (another operator?); check `worker shards status` and try again"
-                .into(),
-        )),
+        Err(MembershipError::Changed { .. }) => Err(AdminError::Changed),
         Err(e) => Err(e.into()),
     };
     if written.is_ok() {
@@ -454,5 +462,56 @@ fn print_status(out: &mut Out, record: &Record, progress: Option<&crate::members
             "progress: {} to move in the last scan, {} moved, {} errors (retried), {} old copies purged",
             p.todo, p.moved, p.errors, p.purged
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed refusals print the lines the `Refused(String)` of before printed.
+    #[test]
+    fn refusals_keep_their_text() {
+        let name = || "s2".to_string();
+        let cases = [
+            (
+                AdminError::AlreadyMember { name: name() },
+                "shard s2 is already a ring member",
+            ),
+            (
+                AdminError::NotMember { name: name() },
+                "shard s2 is not a ring member",
+            ),
+            (
+                AdminError::OnlyMember { name: name() },
+                "shard s2 is the only ring member; its objects would have nowhere to go",
+            ),
+            (
+                AdminError::Busy {
+                    epoch: 7,
+                    state: MoveState::Purging,
+                },
+                "a ring change is being carried out (epoch 7, Purging); wait until `worker shards status` exits 0",
+            ),
+            (
+                AdminError::Changed,
+                "the ring changed meanwhile (another operator?); check `worker shards status` and try again",
+            ),
+            (
+                AdminError::RepairChanged,
+                "the ring record changed meanwhile; run `worker shards repair` again",
+            ),
+            (
+                AdminError::Prepare {
+                    shard: name(),
+                    why: "down".into(),
+                },
+                "cannot add shard s2: down; nothing changed",
+            ),
+        ];
+        for (error, text) in cases {
+            assert_eq!(error.to_string(), text);
+            assert!(std::error::Error::source(&error).is_none());
+        }
     }
 }

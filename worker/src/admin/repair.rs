@@ -50,11 +50,7 @@ pub(super) async fn repair(
     };
     match written {
         Ok(_) => {}
-        Err(MembershipError::Changed { .. }) => {
-            return Err(AdminError::Refused(
-                "the ring record changed meanwhile; run `worker shards repair` again".into(),
-            ))
-        }
+        Err(MembershipError::Changed { .. }) => return Err(AdminError::RepairChanged),
         Err(e) => return Err(e.into()),
     }
     let names: Vec<&str> = record.members.iter().map(|m| m.name.as_str()).collect();

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::{pause, Backoff};
+use crate::follow::{self, Stuck};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::origin::{AppendJob, Settler};
 use crate::query::{Queries, QueryJob};
@@ -35,9 +36,6 @@ const STUCK_AFTER: Duration = Duration::from_secs(1);
 /// First and longest pause between retries of held appends (see [`AppendJob::hold`]).
 const HOLD_RETRY_FIRST: Duration = Duration::from_millis(100);
 const HOLD_RETRY_MAX: Duration = Duration::from_secs(1);
-/// Most times one append is sent on to another shard (moved, stale epoch, routed by an older
-/// view) before it is answered `unavailable`: the ring changed under it again and again.
-const MAX_HOPS: u8 = 8;
 
 pub enum Work {
     Append(AppendJob),
@@ -404,8 +402,7 @@ async fn attempt(
         }
         Err(StoreError::StaleEpoch { fence, .. }) => {
             tracing::debug!(shard = %shard.name, epoch, fence, "shard fenced at a newer ring epoch; reading the ring again");
-            fleet.refresh(shard, fence).await;
-            if fleet.view().layout.epoch >= fence {
+            if follow::past_fence(fleet, shard, fence).await.is_some() {
                 forward(fleet, here, ctx, hops + 1).await;
                 return Ok(());
             }
@@ -439,21 +436,22 @@ async fn forward(fleet: &Shards, jobs: Vec<AppendJob>, ctx: &Context, hops: u8) 
     }
     for (name, mut group) in groups {
         let m = ctx.settings.metrics.shard(&name);
-        let lane = view.lane(&name).filter(|_| hops <= MAX_HOPS);
-        let Some(lane) = lane else {
-            let why = if hops > MAX_HOPS {
-                "the ring kept changing while the append was routed"
-            } else {
-                "its shard is not open on this worker"
-            };
-            let error = ErrorBody::new(
-                ErrorCode::Unavailable,
-                format!("shard {name}: {why}; nothing was stored, retry later"),
-            );
-            for job in group {
-                ctx.settings.settler.failed(job, error.clone(), &m).await;
+        let lane = match follow::lane(&view, &name, hops) {
+            Ok(lane) => lane,
+            Err(stuck) => {
+                let why = match stuck {
+                    Stuck::Restless => "the ring kept changing while the append was routed",
+                    Stuck::NotOpen => "its shard is not open on this worker",
+                };
+                let error = ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!("shard {name}: {why}; nothing was stored, retry later"),
+                );
+                for job in group {
+                    ctx.settings.settler.failed(job, error.clone(), &m).await;
+                }
+                continue;
             }
-            continue;
         };
         Box::pin(commit_batch(&lane.shard, &mut group, &m, ctx, hops)).await;
     }

@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::follow::{self, Stuck, MAX_HOPS};
 use crate::metrics::Metrics;
 use crate::origin::{store_error_body, InFlight};
 use crate::outbox::{format_ts, Outbox};
@@ -32,9 +33,6 @@ const TRAILER_RESERVE: usize = 64;
 /// Entries a delete request removes per transaction: each step holds the object's head-row
 /// lock (and so its appends) only that long.
 const DELETE_STEP_ROWS: u32 = 10_000;
-/// Most times one request follows its object to another shard (a tombstone, a move, a newer
-/// ring) before it is answered `unavailable`.
-const MAX_HOPS: usize = 8;
 
 /// A request answered by reading (or, for deletion, changing) one object on its shard.
 pub enum Request {
@@ -236,7 +234,8 @@ impl Queries {
         Fut: std::future::Future<Output = Result<(T, bool), StoreError>>,
     {
         let mut shard = first.clone();
-        for _ in 0..MAX_HOPS {
+        // MAX_HOPS reads at most: a hop found after the last read is not taken.
+        for hop in 1..=MAX_HOPS {
             let view = fleet.view();
             let route = view.layout.route(id);
             let next = match read(shard.clone(), view.layout.epoch).await {
@@ -246,25 +245,23 @@ impl Queries {
                 },
                 Err(StoreError::Moved { to, .. }) => to,
                 Err(e @ StoreError::StaleEpoch { fence, .. }) => {
-                    fleet.refresh(&shard, fence).await;
-                    let view = fleet.view();
-                    if view.layout.epoch < fence {
+                    match follow::past_fence(fleet, &shard, fence).await {
+                        Some(view) => view.layout.route(id).shard.to_string(),
                         // The newer ring cannot be read: an outage for this request.
-                        return Err(store_error_body(&e));
+                        None => return Err(store_error_body(&e)),
                     }
-                    let name = view.layout.route(id).shard.to_string();
-                    name
                 }
                 Err(e) => return Err(store_error_body(&e)),
             };
-            match fleet.view().lane(&next) {
-                Some(lane) => shard = lane.shard.clone(),
-                None => {
+            match follow::lane(&fleet.view(), &next, hop) {
+                Ok(lane) => shard = lane.shard.clone(),
+                Err(Stuck::NotOpen) => {
                     return Err(ErrorBody::new(
                         ErrorCode::Unavailable,
                         format!("object {id} lives on shard {next}, which this worker has not opened; retry later"),
                     ))
                 }
+                Err(Stuck::Restless) => break,
             }
         }
         Err(ErrorBody::new(

@@ -183,26 +183,22 @@ impl Parts {
             config.query_timeout,
             config.max_query_bytes,
         );
-        let context = |fleet| {
-            queries.attach(std::sync::Weak::clone(&fleet));
-            pipeline::Context {
-                settler: settler.clone(),
-                queries: queries.clone(),
-                metrics: metrics.clone(),
-                batch_max_rows: config.batch_max_rows,
-                batch_linger: config.batch_linger,
-                // Leave at least half of each pool to the shard's appends.
-                queries_per_shard: (config.pool_size / 2).max(1),
-                cancel: cancel.clone(),
-                fleet,
-            }
+        let settings = pipeline::Settings {
+            settler: settler.clone(),
+            queries: queries.clone(),
+            metrics: metrics.clone(),
+            batch_max_rows: config.batch_max_rows,
+            batch_linger: config.batch_linger,
+            // Leave at least half of each pool to the shard's appends.
+            queries_per_shard: (config.pool_size / 2).max(1),
+            cancel: cancel.clone(),
         };
         let tasks = shards::Tasks {
             work: work.clone(),
             background: background.clone(),
             cancel: cancel.clone(),
         };
-        let shards = Shards::new(config.clone(), metrics.clone(), opened, context, tasks);
+        let shards = Shards::new(config.clone(), metrics.clone(), opened, settings, tasks);
         Ok(Parts {
             config,
             metrics,

@@ -25,6 +25,7 @@
 //! - [`pipeline`]: per-shard queue; batches appends into one transaction, starts queries after
 //!   the appends received before them; never lets a hung shard stall intake. Follows an object
 //!   that moved to another lane (through [`shards`]).
+//!   `follow` (private): the rules both follow a moved object by (MAX_HOPS, the fence).
 //! - [`query`]: query, stats and delete admission, deadlines and slots; streams answers in
 //!   chunks; follows a moved object like [`pipeline`].
 //! - [`store`]: PostgreSQL: pools and libpq-style TLS (`store::tls`), migrations, shard
@@ -45,6 +46,7 @@ pub mod admin;
 mod app;
 mod cancel;
 pub mod config;
+mod follow;
 mod health;
 pub mod http;
 pub mod intake;

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::{pause, Backoff};
+use crate::follow::{self, Stuck};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::origin::{AppendJob, Settler};
 use crate::query::{Queries, QueryJob};
@@ -35,9 +36,6 @@ const STUCK_AFTER: Duration = Duration::from_secs(1);
 /// First and longest pause between retries of held appends (see [`AppendJob::hold`]).
 const HOLD_RETRY_FIRST: Duration = Duration::from_millis(100);
 const HOLD_RETRY_MAX: Duration = Duration::from_secs(1);
-/// Most times one append is sent on to another shard (moved, stale epoch, routed by an older
-/// view) before it is answered `unavailable`: the ring changed under it again and again.
-const MAX_HOPS: u8 = 8;
 
 pub enum Work {
     Append(AppendJob),
@@ -63,9 +61,10 @@ struct Queued {
     _places: OwnedSemaphorePermit,
 }
 
-/// What a shard pipeline needs besides its queue.
+/// What a shard pipeline needs besides its queue and the shard set (which the lane builder
+/// keeps for the lanes it opens).
 #[derive(Clone)]
-pub struct Context {
+pub struct Settings {
     pub settler: Settler,
     pub queries: Queries,
     pub metrics: Metrics,
@@ -76,8 +75,15 @@ pub struct Context {
     pub queries_per_shard: usize,
     /// Shutdown: held appends stop being retried (they stay unacknowledged, for redelivery).
     pub cancel: CancellationToken,
-    /// The worker's shard set: where appends go when the ring moved their object.
-    pub fleet: std::sync::Weak<Shards>,
+}
+
+/// What a pipeline task runs with.
+struct Context {
+    settings: Settings,
+    /// The worker's shard set: where appends go when the ring moved their object. No cycle
+    /// that outlives the worker: the set keeps only this pipeline's queue sender, so closing
+    /// the set ends the task, and the task drops this handle.
+    fleet: Shards,
 }
 
 /// The sending side of one shard's pipeline. Cloning is cheap.
@@ -179,15 +185,21 @@ fn now_ms() -> u64 {
 }
 
 /// Create a shard's queue (`capacity` entries) and its pipeline task's future, which runs
-/// until every sender is gone and the queue is empty.
+/// until every sender is gone and the queue is empty. `fleet`: the shard set the lane belongs
+/// to.
 pub fn shard_pipeline(
     shard: Arc<Shard>,
     capacity: usize,
-    ctx: Context,
+    settings: Settings,
+    fleet: &Shards,
 ) -> (ShardQueue, impl std::future::Future<Output = ()>) {
+    let ctx = Context {
+        settings,
+        fleet: fleet.clone(),
+    };
     // Every queued item holds at least one place, so the channel never fills first.
     let (sender, receiver) = mpsc::channel(capacity);
-    let metrics = ctx.metrics.shard(&shard.name);
+    let metrics = ctx.settings.metrics.shard(&shard.name);
     let queue = ShardQueue {
         sender,
         places: Arc::new(Semaphore::new(capacity)),
@@ -206,8 +218,8 @@ async fn run_shard(
     busy_since: Arc<AtomicU64>,
     ctx: Context,
 ) {
-    let query_slots = Arc::new(Semaphore::new(ctx.queries_per_shard));
-    let mut batch: Vec<AppendJob> = Vec::with_capacity(ctx.batch_max_rows);
+    let query_slots = Arc::new(Semaphore::new(ctx.settings.queries_per_shard));
+    let mut batch: Vec<AppendJob> = Vec::with_capacity(ctx.settings.batch_max_rows);
     // A message's entries that did not fit in the batch being built: they open the next one.
     let mut carried: Option<Vec<AppendJob>> = None;
     loop {
@@ -226,11 +238,11 @@ async fn run_shard(
         // Take what is queued; then, if the batch is still small, wait up to the linger for
         // more: under load a few milliseconds fill a batch of hundreds, which Postgres writes
         // far faster per row than a few rows at a time.
-        let linger_until = Instant::now() + ctx.batch_linger;
-        while query.is_none() && batch.len() < ctx.batch_max_rows {
+        let linger_until = Instant::now() + ctx.settings.batch_linger;
+        while query.is_none() && batch.len() < ctx.settings.batch_max_rows {
             let next = match queue.try_recv() {
                 Ok(queued) => Some(queued.work),
-                Err(_) if batch.is_empty() || ctx.batch_linger.is_zero() => None,
+                Err(_) if batch.is_empty() || ctx.settings.batch_linger.is_zero() => None,
                 Err(_) => tokio::time::timeout_at(linger_until, queue.recv())
                     .await
                     .ok()
@@ -239,7 +251,9 @@ async fn run_shard(
             };
             match next {
                 Some(Work::Append(job)) => batch.push(job),
-                Some(Work::Appends(jobs)) if batch.len() + jobs.len() > ctx.batch_max_rows => {
+                Some(Work::Appends(jobs))
+                    if batch.len() + jobs.len() > ctx.settings.batch_max_rows =>
+                {
                     carried = Some(jobs);
                     break;
                 }
@@ -259,9 +273,11 @@ async fn run_shard(
                     ErrorCode::Timeout,
                     "the query waited in its shard's queue past its deadline (QUERY_TIMEOUT_MS)",
                 );
-                ctx.queries.refuse(job, error).await;
+                ctx.settings.queries.refuse(job, error).await;
             } else {
-                ctx.queries.start(&shard, &query_slots, job);
+                ctx.settings
+                    .queries
+                    .start(&ctx.fleet, &shard, &query_slots, job);
             }
         }
     }
@@ -288,7 +304,7 @@ async fn commit_batch(
     ctx: &Context,
     hops: u8,
 ) {
-    let settler = &ctx.settler;
+    let settler = &ctx.settings.settler;
     let now = Instant::now();
     if batch.iter().any(|job| job.late(now)) {
         let (late, current): (Vec<AppendJob>, Vec<AppendJob>) =
@@ -336,11 +352,7 @@ async fn attempt(
     ctx: &Context,
     hops: u8,
 ) -> Result<(), StoreError> {
-    let Some(fleet) = ctx.fleet.upgrade() else {
-        return Err(StoreError::Down {
-            shard: shard.name.clone(),
-        });
-    };
+    let fleet = &ctx.fleet;
     let view = fleet.view();
     let epoch = view.layout.epoch;
     let mut here = Vec::with_capacity(batch.len());
@@ -358,7 +370,7 @@ async fn attempt(
         here.push(job);
     }
     if !elsewhere.is_empty() {
-        forward(&fleet, elsewhere, ctx, hops + 1).await;
+        forward(fleet, elsewhere, ctx, hops + 1).await;
     }
     if here.is_empty() {
         return Ok(());
@@ -376,20 +388,22 @@ async fn attempt(
                         job.moved_at = Some(epoch);
                         moved.push(job);
                     }
-                    appended => settle(&ctx.settler, job, appended, m).await,
+                    appended => settle(&ctx.settings.settler, job, appended, m).await,
                 }
             }
             if !moved.is_empty() {
-                ctx.metrics.appends_redirected.inc_by(moved.len() as u64);
-                forward(&fleet, moved, ctx, hops + 1).await;
+                ctx.settings
+                    .metrics
+                    .appends_redirected
+                    .inc_by(moved.len() as u64);
+                forward(fleet, moved, ctx, hops + 1).await;
             }
             Ok(())
         }
         Err(StoreError::StaleEpoch { fence, .. }) => {
             tracing::debug!(shard = %shard.name, epoch, fence, "shard fenced at a newer ring epoch; reading the ring again");
-            fleet.refresh(shard, fence).await;
-            if fleet.view().layout.epoch >= fence {
-                forward(&fleet, here, ctx, hops + 1).await;
+            if follow::past_fence(fleet, shard, fence).await.is_some() {
+                forward(fleet, here, ctx, hops + 1).await;
                 return Ok(());
             }
             // The newer ring cannot be read: an outage for these appends (held ones wait).
@@ -421,22 +435,23 @@ async fn forward(fleet: &Shards, jobs: Vec<AppendJob>, ctx: &Context, hops: u8) 
         }
     }
     for (name, mut group) in groups {
-        let m = ctx.metrics.shard(&name);
-        let lane = view.lane(&name).filter(|_| hops <= MAX_HOPS);
-        let Some(lane) = lane else {
-            let why = if hops > MAX_HOPS {
-                "the ring kept changing while the append was routed"
-            } else {
-                "its shard is not open on this worker"
-            };
-            let error = ErrorBody::new(
-                ErrorCode::Unavailable,
-                format!("shard {name}: {why}; nothing was stored, retry later"),
-            );
-            for job in group {
-                ctx.settler.failed(job, error.clone(), &m).await;
+        let m = ctx.settings.metrics.shard(&name);
+        let lane = match follow::lane(&view, &name, hops) {
+            Ok(lane) => lane,
+            Err(stuck) => {
+                let why = match stuck {
+                    Stuck::Restless => "the ring kept changing while the append was routed",
+                    Stuck::NotOpen => "its shard is not open on this worker",
+                };
+                let error = ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!("shard {name}: {why}; nothing was stored, retry later"),
+                );
+                for job in group {
+                    ctx.settings.settler.failed(job, error.clone(), &m).await;
+                }
+                continue;
             }
-            continue;
         };
         Box::pin(commit_batch(&lane.shard, &mut group, &m, ctx, hops)).await;
     }
@@ -479,7 +494,7 @@ async fn retry_held(
     hops: u8,
 ) {
     for wait in Backoff::new(HOLD_RETRY_FIRST, HOLD_RETRY_MAX) {
-        if !pause(&ctx.cancel, wait).await {
+        if !pause(&ctx.settings.cancel, wait).await {
             tracing::warn!(shard = %shard.name, appends = held.len(), "shutting down with held appends uncommitted; JetStream redelivers them");
             return;
         }
@@ -507,7 +522,7 @@ async fn isolate(
     ctx: &Context,
     hops: u8,
 ) {
-    let settler = &ctx.settler;
+    let settler = &ctx.settings.settler;
     if batch.len() == 1 {
         tracing::warn!(shard = %shard.name, error = %Chain(&e), "append failed");
         for job in batch.drain(..) {

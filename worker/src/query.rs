@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::follow::{self, Stuck, MAX_HOPS};
 use crate::metrics::Metrics;
 use crate::origin::{store_error_body, InFlight};
 use crate::outbox::{format_ts, Outbox};
@@ -32,9 +33,6 @@ const TRAILER_RESERVE: usize = 64;
 /// Entries a delete request removes per transaction: each step holds the object's head-row
 /// lock (and so its appends) only that long.
 const DELETE_STEP_ROWS: u32 = 10_000;
-/// Most times one request follows its object to another shard (a tombstone, a move, a newer
-/// ring) before it is answered `unavailable`.
-const MAX_HOPS: usize = 8;
 
 /// A request answered by reading (or, for deletion, changing) one object on its shard.
 pub enum Request {
@@ -88,9 +86,6 @@ pub struct Queries {
     pub timeout: Duration,
     /// Most response bytes one request streams before it stops with a `next` cursor.
     pub max_bytes: usize,
-    /// The worker's shard set (set once it exists): where a request goes when its object
-    /// moved.
-    fleet: Arc<std::sync::OnceLock<std::sync::Weak<Shards>>>,
 }
 
 impl Queries {
@@ -104,7 +99,6 @@ impl Queries {
         max_bytes: usize,
     ) -> Queries {
         Queries {
-            fleet: Arc::default(),
             outbox,
             metrics,
             tasks,
@@ -113,11 +107,6 @@ impl Queries {
             timeout,
             max_bytes,
         }
-    }
-
-    /// Attach the worker's shard set, once it exists.
-    pub fn attach(&self, fleet: std::sync::Weak<Shards>) {
-        let _ = self.fleet.set(fleet);
     }
 
     /// A place for one more query, or `None` when MAX_PENDING_QUERIES are already waiting or
@@ -155,10 +144,22 @@ impl Queries {
         self.count(job.request.kind(), error.code.as_str());
     }
 
-    /// Start answering `job` as a tracked task; never waits. `shard_slots` bounds the requests
+    /// Start answering `job` as a tracked task; never waits. `fleet`: the worker's shard set,
+    /// where the request follows its object when it moved. `shard_slots` bounds the requests
     /// running on one shard so that they cannot take every pooled connection from its appends.
-    pub fn start(&self, shard: &Arc<Shard>, shard_slots: &Arc<Semaphore>, job: QueryJob) {
-        let (queries, shard, shard_slots) = (self.clone(), shard.clone(), shard_slots.clone());
+    pub fn start(
+        &self,
+        fleet: &Shards,
+        shard: &Arc<Shard>,
+        shard_slots: &Arc<Semaphore>,
+        job: QueryJob,
+    ) {
+        let (queries, fleet, shard, shard_slots) = (
+            self.clone(),
+            fleet.clone(),
+            shard.clone(),
+            shard_slots.clone(),
+        );
         self.tasks.spawn(async move {
             let deadline = job.deadline;
             let subject = queries.answer_to(&job.request, job.reply.clone());
@@ -167,14 +168,18 @@ impl Queries {
                 let _on_shard = shard_slots.acquire().await;
                 match &job.request {
                     Request::Query(request) => match &subject {
-                        Some(subject) => queries.stream(&shard, request, subject).await,
+                        Some(subject) => queries.stream(&fleet, &shard, request, subject).await,
                         None => Ok(()),
                     },
                     Request::Stats(request) => {
-                        queries.stats(&shard, request, subject.as_ref()).await
+                        queries
+                            .stats(&fleet, &shard, request, subject.as_ref())
+                            .await
                     }
                     Request::Delete(request) => {
-                        queries.delete(&shard, request, subject.as_ref()).await
+                        queries
+                            .delete(&fleet, &shard, request, subject.as_ref())
+                            .await
                     }
                 }
             };
@@ -219,6 +224,7 @@ impl Queries {
     /// result and the shard that gave it.
     async fn locate<T, F, Fut>(
         &self,
+        fleet: &Shards,
         first: &Arc<Shard>,
         id: u64,
         mut read: F,
@@ -227,14 +233,9 @@ impl Queries {
         F: FnMut(Arc<Shard>, u64) -> Fut,
         Fut: std::future::Future<Output = Result<(T, bool), StoreError>>,
     {
-        let Some(fleet) = self.fleet.get().and_then(std::sync::Weak::upgrade) else {
-            return Err(ErrorBody::new(
-                ErrorCode::Unavailable,
-                "the worker is shutting down; retry",
-            ));
-        };
         let mut shard = first.clone();
-        for _ in 0..MAX_HOPS {
+        // MAX_HOPS reads at most: a hop found after the last read is not taken.
+        for hop in 1..=MAX_HOPS {
             let view = fleet.view();
             let route = view.layout.route(id);
             let next = match read(shard.clone(), view.layout.epoch).await {
@@ -244,25 +245,23 @@ impl Queries {
                 },
                 Err(StoreError::Moved { to, .. }) => to,
                 Err(e @ StoreError::StaleEpoch { fence, .. }) => {
-                    fleet.refresh(&shard, fence).await;
-                    let view = fleet.view();
-                    if view.layout.epoch < fence {
+                    match follow::past_fence(fleet, &shard, fence).await {
+                        Some(view) => view.layout.route(id).shard.to_string(),
                         // The newer ring cannot be read: an outage for this request.
-                        return Err(store_error_body(&e));
+                        None => return Err(store_error_body(&e)),
                     }
-                    let name = view.layout.route(id).shard.to_string();
-                    name
                 }
                 Err(e) => return Err(store_error_body(&e)),
             };
-            match fleet.view().lane(&next) {
-                Some(lane) => shard = lane.shard.clone(),
-                None => {
+            match follow::lane(&fleet.view(), &next, hop) {
+                Ok(lane) => shard = lane.shard.clone(),
+                Err(Stuck::NotOpen) => {
                     return Err(ErrorBody::new(
                         ErrorCode::Unavailable,
                         format!("object {id} lives on shard {next}, which this worker has not opened; retry later"),
                     ))
                 }
+                Err(Stuck::Restless) => break,
             }
         }
         Err(ErrorBody::new(
@@ -278,6 +277,7 @@ impl Queries {
     /// again.
     async fn delete(
         &self,
+        fleet: &Shards,
         shard: &Arc<Shard>,
         request: &DeleteRequest,
         subject: Option<&Subject>,
@@ -286,7 +286,7 @@ impl Queries {
         let mut shard = shard.clone();
         loop {
             let (step, on) = self
-                .locate(&shard, request.id, |shard, epoch| async move {
+                .locate(fleet, &shard, request.id, |shard, epoch| async move {
                     let step = shard
                         .delete_step(
                             request.id,
@@ -321,12 +321,13 @@ impl Queries {
     /// Answer from the head row alone (see [`Shard::stats`]).
     async fn stats(
         &self,
+        fleet: &Shards,
         shard: &Arc<Shard>,
         request: &StatsRequest,
         subject: Option<&Subject>,
     ) -> Result<(), ErrorBody> {
         let (stats, _) = self
-            .locate(shard, request.id, |shard, epoch| async move {
+            .locate(fleet, shard, request.id, |shard, epoch| async move {
                 shard.stats(request.id, epoch).await
             })
             .await?;
@@ -357,6 +358,7 @@ impl Queries {
     /// field (`after`, resp. `before`) takes to continue.
     async fn stream(
         &self,
+        fleet: &Shards,
         shard: &Arc<Shard>,
         request: &QueryRequest,
         subject: &Subject,
@@ -374,7 +376,7 @@ impl Queries {
         // there too (an object that moved meanwhile keeps its old copy until every read that
         // began on it has ended: MOVE_GRACE_MS).
         let (first, shard) = self
-            .locate(shard, request.id, |shard, epoch| {
+            .locate(fleet, shard, request.id, |shard, epoch| {
                 let range = &range;
                 async move {
                     let page = shard

@@ -11,7 +11,7 @@
 //! Placement itself is [`crate::ring`]'s: this module only keeps the lanes it names.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -75,12 +75,22 @@ pub struct Tasks {
 struct Builder {
     config: Arc<Config>,
     metrics: Metrics,
-    context: pipeline::Context,
+    settings: pipeline::Settings,
     tasks: Tasks,
 }
 
 /// The worker's live shard set. See the module documentation.
+///
+/// A cheap handle: every lane's pipelines hold a clone (where they send appends whose object
+/// moved). That is no cycle that outlives the worker: the set holds only its lanes' queue
+/// senders, so emptying the view ([`Shards::close`]) ends the pipelines, and with them their
+/// handles.
+#[derive(Clone)]
 pub struct Shards {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     view: RwLock<Arc<View>>,
     builder: Builder,
     membership: tokio::sync::Mutex<Option<Membership>>,
@@ -123,45 +133,64 @@ impl RingTrouble {
 
 impl Shards {
     /// Lanes for the shards of POSTGRES_SHARDS, placed by a ring of epoch 0 until the fleet's
-    /// record is read ([`Shards::load`]). `context` is completed with a handle to the set.
-    /// `opened`: the pools of POSTGRES_SHARDS's shards ([`open`]); `tasks`: where the lanes'
-    /// tasks run.
+    /// record is read ([`Shards::load`]). `opened`: the pools of POSTGRES_SHARDS's shards
+    /// ([`open`]); `settings`: what their pipelines need besides the set itself; `tasks`: where
+    /// the lanes' tasks run.
     pub fn new(
         config: Arc<Config>,
         metrics: Metrics,
         opened: Vec<Arc<Shard>>,
-        context: impl FnOnce(Weak<Shards>) -> pipeline::Context,
+        settings: pipeline::Settings,
         tasks: Tasks,
     ) -> Arc<Shards> {
         let seed = seed_record(&config, 0);
-        Arc::new_cyclic(|weak| {
-            let builder = Builder {
-                config,
-                metrics,
-                context: context(weak.clone()),
-                tasks,
-            };
-            let lanes = opened
-                .into_iter()
-                .map(|shard| (shard.name.clone(), builder.lane(shard)))
-                .collect();
-            Shards {
+        let shards = Shards {
+            inner: Arc::new(Inner {
                 view: RwLock::new(Arc::new(View {
-                    layout: Layout::new(seed),
-                    lanes,
+                    layout: Layout::new(seed.clone()),
+                    lanes: HashMap::new(),
                 })),
-                builder,
+                builder: Builder {
+                    config,
+                    metrics,
+                    settings,
+                    tasks,
+                },
                 membership: tokio::sync::Mutex::new(None),
                 applying: tokio::sync::Mutex::new(()),
                 ring_trouble: RingTrouble::default(),
                 unknown_fence_checked: std::sync::Mutex::new(None),
-            }
-        })
+            }),
+        };
+        // The lanes' pipelines hold the set, so the lanes are installed once it exists.
+        let lanes = opened
+            .into_iter()
+            .map(|shard| {
+                (
+                    shard.name.clone(),
+                    shards.inner.builder.lane(shard, &shards),
+                )
+            })
+            .collect();
+        shards.set_view(View {
+            layout: Layout::new(seed),
+            lanes,
+        });
+        Arc::new(shards)
+    }
+
+    fn set_view(&self, view: View) {
+        *self
+            .inner
+            .view
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(view);
     }
 
     /// The current view.
     pub fn view(&self) -> Arc<View> {
-        self.view
+        self.inner
+            .view
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
@@ -177,7 +206,7 @@ impl Shards {
             let membership = self.membership(client).await?;
             let seed = Record {
                 fleet: Some(self.seed_fleet().await),
-                ..seed_record(&self.builder.config, 1)
+                ..seed_record(&self.inner.builder.config, 1)
             };
             membership.read_or_seed(&seed).await
         };
@@ -189,7 +218,7 @@ impl Shards {
                 }
             }
             Ok(Err(e @ MembershipError::Decode { .. })) => {
-                self.ring_trouble.news(&Chain(&e).to_string());
+                self.inner.ring_trouble.news(&Chain(&e).to_string());
                 match self.best_copy().await {
                     Some(copy) => {
                         tracing::error!(error = %Chain(&e), epoch = copy.epoch, "routing by the shards' copy of the ring record");
@@ -252,14 +281,14 @@ impl Shards {
     /// The ring record cannot be read or used because of `e`: logged once per cause.
     pub fn ring_trouble(&self, e: &MembershipError) {
         let cause = Chain(e).to_string();
-        if self.ring_trouble.news(&cause) {
+        if self.inner.ring_trouble.news(&cause) {
             tracing::error!(error = %cause, "the ring record cannot be used; routing by the last one known");
         }
     }
 
     /// The ring record was read and decoded.
     fn ring_fine(&self) {
-        if self.ring_trouble.over() {
+        if self.inner.ring_trouble.over() {
             tracing::info!("the ring record is readable again");
         }
     }
@@ -348,7 +377,7 @@ impl Shards {
             }
             // Without the record (NATS or its KV out of reach) there is nothing to learn: the
             // request fails as in an outage instead of waiting.
-            let Some(membership) = self.membership.lock().await.clone() else {
+            let Some(membership) = self.inner.membership.lock().await.clone() else {
                 return;
             };
             match membership.read().await {
@@ -402,7 +431,8 @@ impl Shards {
     }
 
     fn recently_checked(&self) -> bool {
-        self.unknown_fence_checked
+        self.inner
+            .unknown_fence_checked
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .is_some_and(|at| at.elapsed() < UNKNOWN_FENCE_RECHECK)
@@ -410,6 +440,7 @@ impl Shards {
 
     fn mark_checked(&self) {
         *self
+            .inner
             .unknown_fence_checked
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(tokio::time::Instant::now());
@@ -449,11 +480,11 @@ impl Shards {
         &self,
         client: &async_nats::Client,
     ) -> Result<Membership, MembershipError> {
-        let mut slot = self.membership.lock().await;
+        let mut slot = self.inner.membership.lock().await;
         if let Some(membership) = slot.as_ref() {
             return Ok(membership.clone());
         }
-        let membership = Membership::open(client, &self.builder.config.queue_group).await?;
+        let membership = Membership::open(client, &self.inner.builder.config.queue_group).await?;
         *slot = Some(membership.clone());
         Ok(membership)
     }
@@ -462,7 +493,7 @@ impl Shards {
     /// same one given a fleet id): open lanes for members this worker lacks, close those of
     /// members gone.
     pub async fn apply(&self, record: Record) {
-        let _one_at_a_time = self.applying.lock().await;
+        let _one_at_a_time = self.inner.applying.lock().await;
         let current = self.view();
         let fleet_given = record.rank() == current.layout.record.rank()
             && current.layout.record.fleet.is_none()
@@ -472,6 +503,7 @@ impl Shards {
         }
         if current.layout.epoch == 0 {
             let configured: Vec<&str> = self
+                .inner
                 .builder
                 .config
                 .shards
@@ -490,7 +522,7 @@ impl Shards {
                 lanes.insert(member.name.clone(), lane.clone());
                 continue;
             }
-            match self.builder.member_lane(member) {
+            match self.inner.builder.member_lane(member, self) {
                 Ok(lane) => {
                     opened.push(lane.shard.clone());
                     lanes.insert(member.name.clone(), lane);
@@ -507,7 +539,7 @@ impl Shards {
         }
         // New members answer before the switch where they can (a member being added is up).
         let unreachable = "new ring member not reachable yet; retrying in the background";
-        if let Err(e) = initialise(&opened, &self.builder.metrics, unreachable).await {
+        if let Err(e) = initialise(&opened, &self.inner.builder.metrics, unreachable).await {
             tracing::error!(error = %Chain(&e), "a new ring member refuses this worker");
         }
         let unchecked: Vec<&Arc<Lane>> = lanes
@@ -534,13 +566,14 @@ impl Shards {
         let (epoch, state) = (record.epoch, record.state);
         let names: Vec<String> = record.members.iter().map(|m| m.name.clone()).collect();
         *self
+            .inner
             .view
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(View {
             layout: Layout::new(record),
             lanes,
         });
-        self.builder.metrics.ring_epoch.set(epoch as i64);
+        self.inner.builder.metrics.ring_epoch.set(epoch as i64);
         for lane in gone {
             tracing::info!(shard = %lane.shard.name, "shard left the ring; closing its lane");
             lane.stop.cancel();
@@ -552,6 +585,7 @@ impl Shards {
     /// are empty.
     pub fn close(&self) {
         let mut view = self
+            .inner
             .view
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -572,7 +606,7 @@ impl Shards {
     }
 
     pub fn config(&self) -> &Arc<Config> {
-        &self.builder.config
+        &self.inner.builder.config
     }
 }
 
@@ -602,7 +636,7 @@ pub fn seed_record(config: &Config, epoch: u64) -> Record {
 impl Builder {
     /// A lane for a member of the ring record: POSTGRES_SHARDS's URL when it names the member
     /// (this worker's own way to reach it), else the record's with this worker's password.
-    fn member_lane(&self, member: &Member) -> Result<Arc<Lane>, String> {
+    fn member_lane(&self, member: &Member, fleet: &Shards) -> Result<Arc<Lane>, String> {
         let shard = match self.config.shards.iter().find(|s| s.name == member.name) {
             Some(shard) => shard.clone(),
             // Whatever login the record names (none, since issue 19): this worker's own.
@@ -611,10 +645,11 @@ impl Builder {
                 .member_access
                 .shard(&member.name, &crate::config::without_login(&member.url))?,
         };
-        Ok(self.lane(open(&self.config, &self.metrics, &shard)?))
+        Ok(self.lane(open(&self.config, &self.metrics, &shard)?, fleet))
     }
 
-    fn lane(&self, shard: Arc<Shard>) -> Arc<Lane> {
+    /// A lane for `shard`, its pipelines sending appends whose object moved on through `fleet`.
+    fn lane(&self, shard: Arc<Shard>, fleet: &Shards) -> Arc<Lane> {
         let config = &self.config;
         // Room for two full transactions, and always for one whole batch message. The ordered
         // intake parks a down shard's appends here rather than nak'ing them (which would let
@@ -629,7 +664,7 @@ impl Builder {
         .max(config.batch_max_rows * 2)
         .max(config.max_batch_entries);
         let (appends, task) =
-            pipeline::shard_pipeline(shard.clone(), capacity, self.context.clone());
+            pipeline::shard_pipeline(shard.clone(), capacity, self.settings.clone(), fleet);
         self.tasks.work.spawn(task);
         let queries = match config.intake {
             // Core: a query queues behind the appends received before it (read your writes).
@@ -640,7 +675,8 @@ impl Builder {
                 let (queue, task) = pipeline::shard_pipeline(
                     shard.clone(),
                     config.max_pending_queries,
-                    self.context.clone(),
+                    self.settings.clone(),
+                    fleet,
                 );
                 self.tasks.work.spawn(task);
                 queue

@@ -15,7 +15,8 @@
 //! - [`admin`]: `worker shards add/remove/status/repair`.
 //!
 //! The data path:
-//! - [`intake`]: the NATS queue subscriptions and the JetStream consumer (its set-up too);
+//! - [`intake`]: the NATS queue subscriptions and (in `intake/durable.rs`) the JetStream
+//!   consumer, its set-up and the unordered pull loop;
 //!   decodes and validates, rejects bad input, routes to a shard's queue.
 //!   [`ordered`]: the ordered JetStream puller (JS_ORDERED) that intake runs.
 //! - [`ring`]: which shard owns an object id at which epoch (pure placement; golden-tested);

@@ -1,0 +1,321 @@
+//! JetStream intake: the stream, its consumer and the intake lease set up (retrying until
+//! NATS has them), the pull loop of the unordered intake, and the consumer-lag sampler. The
+//! ordered puller (JS_ORDERED) is [`crate::ordered`]; both hand messages to [`Router`].
+
+use super::*;
+
+/// Messages fetched from JetStream per pull request.
+const FETCH_BATCH: usize = 500;
+/// Bytes fetched per pull request at most (raised to just above max_payload if that is larger:
+/// a pull must be able to take the largest message).
+const FETCH_MAX_BYTES: usize = 256 << 10;
+/// How long one pull request waits for messages; also the most a shutdown waits for a fetch.
+pub(crate) const FETCH_EXPIRES: Duration = Duration::from_millis(500);
+/// How often the consumer's lag is read from the server: as often as compose's Prometheus
+/// scrapes, and one small JetStream API request per worker per period.
+pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Pause between attempts to set the JetStream intake up.
+const SETUP_RETRY: Duration = Duration::from_secs(1);
+
+/// JetStream intake for appends plus the core request subscriptions.
+/// With a `lease` (JS_ORDERED), appends are pulled by one worker at a time, in stream order
+/// (see [`crate::ordered`]); without, every worker pulls.
+pub async fn run_jetstream(
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    lease: Option<crate::lease::Lease>,
+    mut requests: Requests,
+    router: Arc<Router>,
+    cancel: CancellationToken,
+) {
+    let appends = {
+        let (router, cancel) = (router.clone(), cancel.clone());
+        async move {
+            match lease {
+                Some(lease) => crate::ordered::run(&router, &consumer, lease, &cancel).await,
+                None => router.pull_loop(&consumer, &cancel).await,
+            }
+        }
+    };
+    let requests = async {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                message = requests.next() => match message {
+                    Some((kind, message)) => router.request(kind, message).await,
+                    None => return,
+                },
+            }
+        }
+        requests.drain().await;
+        while let Some((kind, message)) = requests.next().await {
+            router.request(kind, message).await;
+        }
+    };
+    futures::join!(appends, requests);
+}
+
+/// Keep `logstore_jetstream_{pending,ack_pending,redelivered}_messages` current from the
+/// server's consumer info, every [`LAG_SAMPLE_INTERVAL`], until `cancel`. The numbers describe
+/// the consumer the whole fleet shares, so every worker exports the same values; sampling on
+/// every worker means they are there as long as any worker is. A failed request leaves the last
+/// values in place (and is logged when sampling starts and stops failing): the gauges then lag
+/// by the outage, while the worker's own readiness reports the NATS problem.
+pub async fn sample_consumer_lag(
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    let (stream, name) = {
+        let info = consumer.cached_info();
+        (info.stream_name.clone(), info.name.clone())
+    };
+    let labels = [stream.as_str(), name.as_str()];
+    let pending = metrics.jetstream_pending.with_label_values(&labels);
+    let ack_pending = metrics.jetstream_ack_pending.with_label_values(&labels);
+    let redelivered = metrics.jetstream_redelivered.with_label_values(&labels);
+    let mut failing = false;
+    loop {
+        // Bounded, so a request that never gets an answer cannot stop the sampling, and given
+        // up on cancellation, so a shutdown never waits for it.
+        let sample = tokio::select! {
+            _ = cancel.cancelled() => return,
+            sample = tokio::time::timeout(LAG_SAMPLE_INTERVAL, consumer.get_info()) => sample,
+        };
+        match sample {
+            Ok(Ok(info)) => {
+                pending.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+                ack_pending.set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));
+                redelivered.set(i64::try_from(info.num_redelivered).unwrap_or(i64::MAX));
+                if failing {
+                    tracing::info!(%stream, consumer = %name, "JetStream consumer info available again");
+                    failing = false;
+                }
+            }
+            outcome => {
+                if !failing {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {LAG_SAMPLE_INTERVAL:?}"),
+                    };
+                    tracing::warn!(%stream, consumer = %name, %error, "cannot read JetStream consumer info; lag metrics are stale");
+                    failing = true;
+                }
+            }
+        }
+        if !pause(&cancel, LAG_SAMPLE_INTERVAL).await {
+            return;
+        }
+    }
+}
+
+/// The JetStream intake, set up: what [`run_jetstream`] pulls and the [`Router`] keys by.
+pub struct JetStream {
+    pub consumer: consumer::Consumer<consumer::pull::Config>,
+    /// JS_ORDERED: the intake lease the pullers compete for.
+    pub lease: Option<crate::lease::Lease>,
+    /// See [`Router::stream_identity`].
+    pub stream_identity: String,
+}
+
+/// Set the JetStream intake up, retrying every [`SETUP_RETRY`] while it fails (NATS may not be
+/// up yet: the worker starts anyway and connects when it is), until `shutdown`: None then.
+pub async fn setup_until<S>(
+    client: &async_nats::Client,
+    logs_subject: &str,
+    js: &JetStreamConfig,
+    shutdown: &mut S,
+) -> Option<JetStream>
+where
+    S: std::future::Future<Output = ()> + Unpin,
+{
+    loop {
+        tokio::select! {
+            result = setup_once(client, logs_subject, js) => match result {
+                Ok(setup) => return Some(setup),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream not available yet; retrying");
+                    tokio::time::sleep(SETUP_RETRY).await;
+                }
+            },
+            _ = &mut *shutdown => return None,
+        }
+    }
+}
+
+/// One attempt at the stream, the consumer and (JS_ORDERED) the intake lease.
+async fn setup_once(
+    client: &async_nats::Client,
+    logs_subject: &str,
+    js: &JetStreamConfig,
+) -> Result<JetStream, IntakeError> {
+    let (consumer, stream) = setup_jetstream(client, logs_subject, js).await?;
+    let lease = match js.ordered {
+        true => {
+            crate::ordered::check_server(&client.server_info().version);
+            Some(crate::ordered::open_lease(client, js).await?)
+        }
+        false => None,
+    };
+    Ok(JetStream {
+        consumer,
+        lease,
+        stream_identity: format!(
+            "js:{}:{}",
+            stream.config.name,
+            stream.created.unix_timestamp_nanos()
+        ),
+    })
+}
+
+/// Create or update the stream and the shared durable consumer. Every worker does this at start;
+/// the operations are idempotent, so the first one creates and the rest confirm.
+async fn setup_jetstream(
+    client: &async_nats::Client,
+    logs_subject: &str,
+    config: &JetStreamConfig,
+) -> Result<(consumer::Consumer<consumer::pull::Config>, stream::Info), IntakeError> {
+    let context = jetstream::new(client.clone());
+    let stream_config = stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![logs_subject.to_string()],
+        // The stream is an intake buffer, not the store: each append is consumed once and
+        // deleted when a worker acknowledges it (after its Postgres commit).
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // When full, refuse new publishes (the publisher sees an error and can retry) rather
+        // than silently dropping older appends that were never stored.
+        discard: stream::DiscardPolicy::New,
+        max_bytes: config.max_bytes,
+        max_messages: config.max_messages,
+        // Keys are per object (the database deduplicates them, forever); the stream's own
+        // dedupe of `Nats-Msg-Id` is per stream and drops an append to object 9 that reuses
+        // object 8's id within the window, so the window is short (JS_DUPLICATE_WINDOW_MS).
+        duplicate_window: config.duplicate_window,
+        ..Default::default()
+    };
+    // Two workers starting together may race to create; the loser's update then succeeds.
+    let info = retry_race("stream", || {
+        context.create_or_update_stream(stream_config.clone())
+    })
+    .await
+    .map_err(|source| IntakeError::Stream {
+        stream: config.stream.clone(),
+        source,
+    })?;
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(config.consumer.clone()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: config.ack_wait,
+        // The worker enforces JS_MAX_DELIVER itself (dead-lettering poison messages); the server
+        // must keep redelivering messages whose shard is down, however long the outage.
+        max_deliver: -1,
+        max_ack_pending: config.max_ack_pending,
+        filter_subject: logs_subject.to_string(),
+        ..Default::default()
+    };
+    let stream = context
+        .get_stream(&config.stream)
+        .await
+        .map_err(|e| IntakeError::Consumer {
+            consumer: config.consumer.clone(),
+            source: jetstream::stream::ConsumerError::with_source(
+                jetstream::stream::ConsumerErrorKind::Other,
+                e,
+            ),
+        })?;
+    let consumer = retry_race("consumer", || {
+        stream.create_consumer(consumer_config.clone())
+    })
+    .await
+    .map_err(|source| IntakeError::Consumer {
+        consumer: config.consumer.clone(),
+        source,
+    })?;
+    Ok((consumer, info))
+}
+
+/// Retry an idempotent setup call a few times with growing pauses: workers starting together
+/// race on creating the same stream or consumer, and the loser's second try succeeds.
+async fn retry_race<T, E: std::fmt::Display, F>(
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "{what} setup raced; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+impl Router {
+    /// Pull and route until `cancel`, one pull request at a time, routing each batch whole (in
+    /// stream order) before asking for the next. Not pipelined on purpose: async-nats gives up
+    /// on a pull's buffered messages `expires` + 5 s after the request, so a request made ahead
+    /// of time, while another batch is routed into full queues, could have its messages
+    /// abandoned to wait out ack_wait; and keeping one outstanding measured no faster on 16
+    /// cores (BENCHMARKS.md). After `cancel`, the batch in hand is still routed: nothing
+    /// delivered here waits for ack_wait.
+    async fn pull_loop(
+        &self,
+        consumer: &consumer::Consumer<consumer::pull::Config>,
+        cancel: &CancellationToken,
+    ) {
+        self.metrics.jetstream_pulling.set(1);
+        while !cancel.is_cancelled() {
+            if let Some(batch) = self.request_batch(consumer, cancel).await {
+                self.route_batch(batch).await;
+            }
+        }
+        self.metrics.jetstream_pulling.set(0);
+    }
+
+    /// Send one pull request; its messages arrive into the returned batch.
+    pub(crate) async fn request_batch(
+        &self,
+        consumer: &consumer::Consumer<consumer::pull::Config>,
+        cancel: &CancellationToken,
+    ) -> Option<consumer::pull::Batch> {
+        // Bounded in bytes too: 500 batch messages could hold 500,000 entries. This matters
+        // beyond memory: async-nats abandons a pull's undelivered-to-us messages once
+        // `expires` + 5 s have passed since the request, and those then wait out ack_wait; so
+        // one pull must always be routed well within that, even into full queues.
+        let max_bytes = FETCH_MAX_BYTES.max(self.queries.outbox.max_payload() + (64 << 10));
+        let batch = consumer
+            .batch()
+            .max_messages(FETCH_BATCH)
+            .max_bytes(max_bytes)
+            .expires(FETCH_EXPIRES)
+            .messages()
+            .await;
+        match batch {
+            Ok(batch) => Some(batch),
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream fetch failed; retrying");
+                pause(cancel, Duration::from_millis(500)).await;
+                None
+            }
+        }
+    }
+
+    async fn route_batch(&self, mut batch: consumer::pull::Batch) {
+        while let Some(message) = batch.next().await {
+            match message {
+                Ok(message) => self.jetstream_append(message).await,
+                // A status that ends the pull (max bytes reached, max ack pending, ...).
+                Err(e) => {
+                    tracing::debug!(error = %e, "JetStream pull ended by the server");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -80,17 +80,6 @@ pub struct Connection {
     denied: tokio::sync::watch::Receiver<Option<String>>,
 }
 
-/// The server's permissions-violation error, if `error` is one.
-fn violation(error: &async_nats::ServerError) -> Option<String> {
-    let async_nats::ServerError::Other(text) = error else {
-        return None;
-    };
-    let text = text.trim().trim_matches('\'').to_string();
-    text.to_ascii_lowercase()
-        .contains("permissions violation")
-        .then_some(text)
-}
-
 impl Connection {
     /// Connect with the login and TLS of the NATS_* settings (credentials passed as connect
     /// options, never inside a URL the client could log); errors show the URL redacted and
@@ -108,14 +97,12 @@ impl Connection {
                     .connection_timeout(timeout)
                     .request_timeout(Some(timeout))
                     .event_callback(move |event| {
-                        if let async_nats::Event::ServerError(error) = &event {
-                            if let Some(text) = violation(error) {
-                                // The first one is the cause; later ones follow from it.
-                                denied_tx.send_if_modified(|first| {
-                                    first.get_or_insert(text);
-                                    true
-                                });
-                            }
+                        if let Some(text) = logstore_protocol::nats::permissions_violation(&event) {
+                            // The first one is the cause; later ones follow from it.
+                            denied_tx.send_if_modified(|first| {
+                                first.get_or_insert(text);
+                                true
+                            });
                         }
                         async {}
                     })

@@ -226,6 +226,20 @@ pub struct NatsAccess {
     pub inbox_prefix: String,
 }
 
+/// The server's permissions-violation error in `event`, if it is one (`Permissions Violation
+/// for Publish to "delete"`), trimmed of its quotes. The server drops what a user may not
+/// publish or subscribe to and says so only this way, out of band: a program that waits for an
+/// answer should stop on it rather than time out.
+pub fn permissions_violation(event: &async_nats::Event) -> Option<String> {
+    let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = event else {
+        return None;
+    };
+    let text = text.trim().trim_matches('\'');
+    text.to_ascii_lowercase()
+        .contains("permissions violation")
+        .then(|| text.to_string())
+}
+
 /// The inbox prefix a login reads its answers on unless NATS_INBOX_PREFIX says otherwise:
 /// `_INBOX_<user>` for a user name that is one subject token of letters, digits, `-` and `_`
 /// (so a server can give each user its own, `_INBOX_<user>.>`, and no user reads another's

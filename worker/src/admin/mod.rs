@@ -103,16 +103,11 @@ pub async fn shards(config: &Config, command: Command) -> Result<u8, AdminError>
         .connect(|o| {
             o.name("logstore-worker-admin")
                 .event_callback(move |event| {
-                    if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) =
-                        &event
-                    {
-                        if text.to_ascii_lowercase().contains("permissions violation") {
-                            let text = text.trim().trim_matches('\'').to_string();
-                            denied_tx.send_if_modified(|first| {
-                                first.get_or_insert(text);
-                                true
-                            });
-                        }
+                    if let Some(text) = logstore_protocol::nats::permissions_violation(&event) {
+                        denied_tx.send_if_modified(|first| {
+                            first.get_or_insert(text);
+                            true
+                        });
                     }
                     async {}
                 })

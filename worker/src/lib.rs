@@ -3,8 +3,9 @@
 //!
 //! # Layout
 //! A message travels down this list: NATS → intake → routing → shard pipeline → PostgreSQL →
-//! settlement and outbox. Modules lower in a stage do not call back up the list, except where
-//! noted.
+//! settlement and outbox. No two modules depend on each other, directly or around a loop
+//! (`tests/layout.rs` checks it): where a lower module needs an upper one, it names what it
+//! needs as a trait ([`follow::Lanes`]) that the upper one implements.
 //!
 //! Assembly and plumbing:
 //! - `app` (private): the composition root behind [`run`]: build, start the intake, drain.
@@ -15,10 +16,10 @@
 //! - [`admin`]: `worker shards add/remove/status/repair`.
 //!
 //! The data path:
-//! - [`intake`]: the NATS queue subscriptions and (in `intake/durable.rs`) the JetStream
-//!   consumer, its set-up and the unordered pull loop;
-//!   decodes and validates, rejects bad input, routes to a shard's queue.
-//!   [`ordered`]: the ordered JetStream puller (JS_ORDERED) that intake runs.
+//! - [`intake`]: where messages enter. `intake/route.rs` decodes and validates, rejects bad
+//!   input and routes to a shard's queue; `requests.rs` reads the core request subscriptions;
+//!   `durable.rs` sets up the JetStream stream and consumer and runs the unordered pull loop;
+//!   `ordered.rs` the ordered puller (JS_ORDERED); `pull.rs` the one pull request both make.
 //! - [`ring`]: which shard owns an object id at which epoch (pure placement; golden-tested);
 //!   [`membership`]: the fleet's ring record in NATS KV, and the move's progress.
 //!   [`shards`]: the live set of lanes (pool, pipelines, health, retention) that the record
@@ -26,10 +27,12 @@
 //! - [`pipeline`]: per-shard queue; batches appends into one transaction, starts queries after
 //!   the appends received before them; never lets a hung shard stall intake. Follows an object
 //!   that moved to another lane (through [`shards`]).
-//!   `follow` (private): the rules both follow a moved object by (MAX_HOPS, the fence).
+//!   [`follow`]: the rules both follow a moved object by (MAX_HOPS, the fence), and the
+//!   [`follow::Lanes`] trait through which they reach the lane set without depending on it.
 //! - [`query`]: query, stats and delete admission, deadlines and slots; streams answers in
 //!   chunks; follows a moved object like [`pipeline`].
-//! - [`store`]: PostgreSQL: pools and libpq-style TLS (`store::tls`), migrations, shard
+//! - [`store`]: PostgreSQL: pools and libpq-style TLS (`store::tls`; the URL parameters are
+//!   parsed by `config::conninfo`), migrations, shard
 //!   identity and fleet, the append function, paged reads, stats, deletion and the resharding
 //!   copy; `migrations/CURRENT.sql` shows the schema they make.
 //! - [`origin`]: a message's fate once its outcome is known: reply, event, ack / nak / term,
@@ -47,7 +50,7 @@ pub mod admin;
 mod app;
 mod cancel;
 pub mod config;
-mod follow;
+pub mod follow;
 mod health;
 pub mod http;
 pub mod intake;
@@ -57,7 +60,6 @@ pub mod metrics;
 pub mod migrate;
 pub mod mover;
 mod nats;
-pub mod ordered;
 pub mod origin;
 pub mod outbox;
 pub mod pipeline;

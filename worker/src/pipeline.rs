@@ -20,11 +20,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::{pause, Backoff};
-use crate::follow::{self, Stuck};
+use crate::follow::{self, Lanes, Stuck};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::origin::{AppendJob, Settler};
 use crate::query::{Queries, QueryJob};
-use crate::shards::Shards;
 use crate::store::{Appended, NewEntry, Routing, Shard, StoreError};
 use crate::Chain;
 
@@ -80,10 +79,10 @@ pub struct Settings {
 /// What a pipeline task runs with.
 struct Context {
     settings: Settings,
-    /// The worker's shard set: where appends go when the ring moved their object. No cycle
+    /// The worker's lane set: where appends go when the ring moved their object. No cycle
     /// that outlives the worker: the set keeps only this pipeline's queue sender, so closing
     /// the set ends the task, and the task drops this handle.
-    fleet: Shards,
+    lanes: Arc<dyn Lanes>,
 }
 
 /// The sending side of one shard's pipeline. Cloning is cheap.
@@ -185,18 +184,15 @@ fn now_ms() -> u64 {
 }
 
 /// Create a shard's queue (`capacity` entries) and its pipeline task's future, which runs
-/// until every sender is gone and the queue is empty. `fleet`: the shard set the lane belongs
+/// until every sender is gone and the queue is empty. `lanes`: the lane set this lane belongs
 /// to.
 pub fn shard_pipeline(
     shard: Arc<Shard>,
     capacity: usize,
     settings: Settings,
-    fleet: &Shards,
+    lanes: Arc<dyn Lanes>,
 ) -> (ShardQueue, impl std::future::Future<Output = ()>) {
-    let ctx = Context {
-        settings,
-        fleet: fleet.clone(),
-    };
+    let ctx = Context { settings, lanes };
     // Every queued item holds at least one place, so the channel never fills first.
     let (sender, receiver) = mpsc::channel(capacity);
     let metrics = ctx.settings.metrics.shard(&shard.name);
@@ -277,7 +273,7 @@ async fn run_shard(
             } else {
                 ctx.settings
                     .queries
-                    .start(&ctx.fleet, &shard, &query_slots, job);
+                    .start(&ctx.lanes, &shard, &query_slots, job);
             }
         }
     }
@@ -352,14 +348,14 @@ async fn attempt(
     ctx: &Context,
     hops: u8,
 ) -> Result<(), StoreError> {
-    let fleet = &ctx.fleet;
-    let view = fleet.view();
-    let epoch = view.layout.epoch;
+    let lanes = &*ctx.lanes;
+    let view = lanes.placement();
+    let epoch = view.layout().epoch;
     let mut here = Vec::with_capacity(batch.len());
     let mut elsewhere = Vec::new();
     let mut moving = Vec::new();
     for job in batch.drain(..) {
-        let (target, hint) = view.layout.place(job.entry.id, job.moved_at);
+        let (target, hint) = view.layout().place(job.entry.id, job.moved_at);
         if target != shard.name {
             elsewhere.push(job);
             continue;
@@ -370,7 +366,7 @@ async fn attempt(
         here.push(job);
     }
     if !elsewhere.is_empty() {
-        forward(fleet, elsewhere, ctx, hops + 1).await;
+        forward(lanes, elsewhere, ctx, hops + 1).await;
     }
     if here.is_empty() {
         return Ok(());
@@ -396,14 +392,14 @@ async fn attempt(
                     .metrics
                     .appends_redirected
                     .inc_by(moved.len() as u64);
-                forward(fleet, moved, ctx, hops + 1).await;
+                forward(lanes, moved, ctx, hops + 1).await;
             }
             Ok(())
         }
         Err(StoreError::StaleEpoch { fence, .. }) => {
             tracing::debug!(shard = %shard.name, epoch, fence, "shard fenced at a newer ring epoch; reading the ring again");
-            if follow::past_fence(fleet, shard, fence).await.is_some() {
-                forward(fleet, here, ctx, hops + 1).await;
+            if follow::past_fence(lanes, shard, fence).await.is_some() {
+                forward(lanes, here, ctx, hops + 1).await;
                 return Ok(());
             }
             // The newer ring cannot be read: an outage for these appends (held ones wait).
@@ -424,11 +420,11 @@ async fn attempt(
 /// Appends the current view places on other shards than the one they were queued for: each
 /// group is committed on its shard from this task, in order, not through that shard's queue
 /// (which could be full of work waiting for this one).
-async fn forward(fleet: &Shards, jobs: Vec<AppendJob>, ctx: &Context, hops: u8) {
-    let view = fleet.view();
+async fn forward(lanes: &dyn Lanes, jobs: Vec<AppendJob>, ctx: &Context, hops: u8) {
+    let view = lanes.placement();
     let mut groups: Vec<(String, Vec<AppendJob>)> = Vec::new();
     for job in jobs {
-        let (target, _) = view.layout.place(job.entry.id, job.moved_at);
+        let (target, _) = view.layout().place(job.entry.id, job.moved_at);
         match groups.iter_mut().find(|(name, _)| name == target) {
             Some((_, group)) => group.push(job),
             None => groups.push((target.to_string(), vec![job])),
@@ -436,8 +432,8 @@ async fn forward(fleet: &Shards, jobs: Vec<AppendJob>, ctx: &Context, hops: u8) 
     }
     for (name, mut group) in groups {
         let m = ctx.settings.metrics.shard(&name);
-        let lane = match follow::lane(&view, &name, hops) {
-            Ok(lane) => lane,
+        let shard = match follow::shard(&*view, &name, hops) {
+            Ok(shard) => shard,
             Err(stuck) => {
                 let why = match stuck {
                     Stuck::Restless => "the ring kept changing while the append was routed",
@@ -453,7 +449,7 @@ async fn forward(fleet: &Shards, jobs: Vec<AppendJob>, ctx: &Context, hops: u8) 
                 continue;
             }
         };
-        Box::pin(commit_batch(&lane.shard, &mut group, &m, ctx, hops)).await;
+        Box::pin(commit_batch(shard, &mut group, &m, ctx, hops)).await;
     }
 }
 

@@ -19,11 +19,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::follow::{self, Stuck, MAX_HOPS};
+use crate::follow::{self, Lanes, Stuck, MAX_HOPS};
 use crate::metrics::Metrics;
 use crate::origin::{store_error_body, InFlight};
 use crate::outbox::{format_ts, Outbox};
-use crate::shards::Shards;
 use crate::store::{ReadRange, Row, Shard, StoreError};
 
 /// Rows read per database round trip when streaming a whole log.
@@ -144,19 +143,19 @@ impl Queries {
         self.count(job.request.kind(), error.code.as_str());
     }
 
-    /// Start answering `job` as a tracked task; never waits. `fleet`: the worker's shard set,
+    /// Start answering `job` as a tracked task; never waits. `lanes`: the worker's lane set,
     /// where the request follows its object when it moved. `shard_slots` bounds the requests
     /// running on one shard so that they cannot take every pooled connection from its appends.
     pub fn start(
         &self,
-        fleet: &Shards,
+        lanes: &Arc<dyn Lanes>,
         shard: &Arc<Shard>,
         shard_slots: &Arc<Semaphore>,
         job: QueryJob,
     ) {
-        let (queries, fleet, shard, shard_slots) = (
+        let (queries, lanes, shard, shard_slots) = (
             self.clone(),
-            fleet.clone(),
+            lanes.clone(),
             shard.clone(),
             shard_slots.clone(),
         );
@@ -168,17 +167,17 @@ impl Queries {
                 let _on_shard = shard_slots.acquire().await;
                 match &job.request {
                     Request::Query(request) => match &subject {
-                        Some(subject) => queries.stream(&fleet, &shard, request, subject).await,
+                        Some(subject) => queries.stream(&lanes, &shard, request, subject).await,
                         None => Ok(()),
                     },
                     Request::Stats(request) => {
                         queries
-                            .stats(&fleet, &shard, request, subject.as_ref())
+                            .stats(&lanes, &shard, request, subject.as_ref())
                             .await
                     }
                     Request::Delete(request) => {
                         queries
-                            .delete(&fleet, &shard, request, subject.as_ref())
+                            .delete(&lanes, &shard, request, subject.as_ref())
                             .await
                     }
                 }
@@ -224,7 +223,7 @@ impl Queries {
     /// result and the shard that gave it.
     async fn locate<T, F, Fut>(
         &self,
-        fleet: &Shards,
+        lanes: &Arc<dyn Lanes>,
         first: &Arc<Shard>,
         id: u64,
         mut read: F,
@@ -236,25 +235,25 @@ impl Queries {
         let mut shard = first.clone();
         // MAX_HOPS reads at most: a hop found after the last read is not taken.
         for hop in 1..=MAX_HOPS {
-            let view = fleet.view();
-            let route = view.layout.route(id);
-            let next = match read(shard.clone(), view.layout.epoch).await {
+            let view = lanes.placement();
+            let route = view.layout().route(id);
+            let next = match read(shard.clone(), view.layout().epoch).await {
                 Ok((answer, exists)) => match route.moving_to {
                     Some(to) if !exists && route.shard == shard.name => to.to_string(),
                     _ => return Ok((answer, shard)),
                 },
                 Err(StoreError::Moved { to, .. }) => to,
                 Err(e @ StoreError::StaleEpoch { fence, .. }) => {
-                    match follow::past_fence(fleet, &shard, fence).await {
-                        Some(view) => view.layout.route(id).shard.to_string(),
+                    match follow::past_fence(&**lanes, &shard, fence).await {
+                        Some(view) => view.layout().route(id).shard.to_string(),
                         // The newer ring cannot be read: an outage for this request.
                         None => return Err(store_error_body(&e)),
                     }
                 }
                 Err(e) => return Err(store_error_body(&e)),
             };
-            match follow::lane(&fleet.view(), &next, hop) {
-                Ok(lane) => shard = lane.shard.clone(),
+            match follow::shard(&*lanes.placement(), &next, hop) {
+                Ok(next) => shard = next.clone(),
                 Err(Stuck::NotOpen) => {
                     return Err(ErrorBody::new(
                         ErrorCode::Unavailable,
@@ -277,7 +276,7 @@ impl Queries {
     /// again.
     async fn delete(
         &self,
-        fleet: &Shards,
+        lanes: &Arc<dyn Lanes>,
         shard: &Arc<Shard>,
         request: &DeleteRequest,
         subject: Option<&Subject>,
@@ -286,7 +285,7 @@ impl Queries {
         let mut shard = shard.clone();
         loop {
             let (step, on) = self
-                .locate(fleet, &shard, request.id, |shard, epoch| async move {
+                .locate(lanes, &shard, request.id, |shard, epoch| async move {
                     let step = shard
                         .delete_step(
                             request.id,
@@ -321,13 +320,13 @@ impl Queries {
     /// Answer from the head row alone (see [`Shard::stats`]).
     async fn stats(
         &self,
-        fleet: &Shards,
+        lanes: &Arc<dyn Lanes>,
         shard: &Arc<Shard>,
         request: &StatsRequest,
         subject: Option<&Subject>,
     ) -> Result<(), ErrorBody> {
         let (stats, _) = self
-            .locate(fleet, shard, request.id, |shard, epoch| async move {
+            .locate(lanes, shard, request.id, |shard, epoch| async move {
                 shard.stats(request.id, epoch).await
             })
             .await?;
@@ -358,7 +357,7 @@ impl Queries {
     /// field (`after`, resp. `before`) takes to continue.
     async fn stream(
         &self,
-        fleet: &Shards,
+        lanes: &Arc<dyn Lanes>,
         shard: &Arc<Shard>,
         request: &QueryRequest,
         subject: &Subject,
@@ -376,7 +375,7 @@ impl Queries {
         // there too (an object that moved meanwhile keeps its old copy until every read that
         // began on it has ended: MOVE_GRACE_MS).
         let (first, shard) = self
-            .locate(fleet, shard, request.id, |shard, epoch| {
+            .locate(lanes, shard, request.id, |shard, epoch| {
                 let range = &range;
                 async move {
                     let page = shard

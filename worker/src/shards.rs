@@ -11,6 +11,8 @@
 //! Placement itself is [`crate::ring`]'s: this module only keeps the lanes it names.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cancel::{pause, Backoff};
 use crate::config::{Config, Intake, ShardConfig};
+use crate::follow::{Lanes, Placement};
 use crate::membership::{Membership, MembershipError};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, ShardQueue};
@@ -59,6 +62,30 @@ pub struct View {
 impl View {
     pub fn lane(&self, name: &str) -> Option<&Arc<Lane>> {
         self.lanes.get(name)
+    }
+}
+
+impl Placement for View {
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn shard(&self, name: &str) -> Option<&Arc<Shard>> {
+        self.lanes.get(name).map(|lane| &lane.shard)
+    }
+}
+
+impl Lanes for Shards {
+    fn placement(&self) -> Arc<dyn Placement> {
+        self.view()
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        shard: &'a Shard,
+        fence: u64,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(Shards::refresh(self, shard, fence))
     }
 }
 
@@ -663,8 +690,13 @@ impl Builder {
         }
         .max(config.batch_max_rows * 2)
         .max(config.max_batch_entries);
-        let (appends, task) =
-            pipeline::shard_pipeline(shard.clone(), capacity, self.settings.clone(), fleet);
+        let lanes: Arc<dyn Lanes> = Arc::new(fleet.clone());
+        let (appends, task) = pipeline::shard_pipeline(
+            shard.clone(),
+            capacity,
+            self.settings.clone(),
+            lanes.clone(),
+        );
         self.tasks.work.spawn(task);
         let queries = match config.intake {
             // Core: a query queues behind the appends received before it (read your writes).
@@ -676,7 +708,7 @@ impl Builder {
                     shard.clone(),
                     config.max_pending_queries,
                     self.settings.clone(),
-                    fleet,
+                    lanes,
                 );
                 self.tasks.work.spawn(task);
                 queue

@@ -11,12 +11,11 @@
 //! the connect options rather than in the URLs the client library logs. The NATS login and TLS
 //! settings are the ones loadgen and the CLI read too ([`logstore_protocol::nats`]).
 //!
-//! Layout: [`raw`] (the clap settings and `validate`), [`parse`] (one setting's text to a
-//! value), [`shards`] (shard URLs, the PostgreSQL login, ring-member access), [`secret`]
+//! Layout: `raw` (the clap settings and `validate`), `parse` (one setting's text to a
+//! value), `shards` (shard URLs, the PostgreSQL login, ring-member access), [`conninfo`]
+//! (libpq's connection parameters: TLS ones split out, defaults, quoting), [`secret`]
 //! (`Redacted`, `Masked`); the validated types live here.
 
-// libpq's quoting of a key=value value: one copy, in the store's TLS layer.
-use crate::store::tls::quote_conninfo;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -24,6 +23,9 @@ use logstore_protocol::nats::NatsAccess;
 use logstore_protocol::redact::redact;
 use logstore_protocol::Limits;
 
+use conninfo::quote_conninfo;
+
+pub mod conninfo;
 mod parse;
 mod raw;
 pub mod secret;

@@ -6,6 +6,7 @@
 
 use logstore_protocol::redact::split_list;
 
+use super::conninfo;
 use super::parse::{non_empty, number};
 use super::secret::Masked;
 use super::{bad, quote_conninfo, ConfigError, RawConfig, ShardConfig};
@@ -35,7 +36,7 @@ impl MemberAccess {
         default_user: &str,
     ) -> MemberAccess {
         let parsed = first
-            .and_then(|shard| crate::store::tls::split(&shard.url).ok())
+            .and_then(|shard| conninfo::split(&shard.url).ok())
             .and_then(|(url, _)| url.parse::<tokio_postgres::Config>().ok());
         let user = parsed
             .as_ref()
@@ -77,11 +78,10 @@ impl MemberAccess {
         if !self.tls.is_empty() {
             let defaults: Vec<(&str, &str)> =
                 self.tls.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            shard.url = crate::store::tls::with_defaults(&shard.url, &defaults)
+            shard.url = conninfo::with_defaults(&shard.url, &defaults)
                 .map_err(|problem| format!("shard {name} with POSTGRES_SSL*: {problem}"))?;
         }
-        crate::store::tls::split(&shard.url)
-            .map_err(|problem| format!("shard {name}: {problem}"))?;
+        conninfo::split(&shard.url).map_err(|problem| format!("shard {name}: {problem}"))?;
         Ok(shard)
     }
 }
@@ -201,7 +201,7 @@ impl RawConfig {
                 None | Some("") => {}
                 Some(value) => {
                     if param == "sslmode" {
-                        crate::store::tls::SslMode::parse(value).map_err(|e| bad(var, e))?;
+                        conninfo::SslMode::parse(value).map_err(|e| bad(var, e))?;
                     }
                     defaults.push((param, value.to_string()));
                 }
@@ -338,7 +338,7 @@ pub fn parse_shards(spec: &str) -> Result<Vec<ShardConfig>, ConfigError> {
             ));
         }
         // libpq's TLS parameters are handled by the worker (crate::store::tls), not tokio-postgres.
-        let url_for_driver = match crate::store::tls::split(url) {
+        let url_for_driver = match conninfo::split(url) {
             Ok((rest, _)) => rest,
             Err(problem) => return Err(bad(VAR, format!("shard {name}: {entry:?}: {problem}"))),
         };
@@ -375,8 +375,8 @@ fn with_tls_defaults(
     let defaults: Vec<(&str, &str)> = defaults.iter().map(|(k, v)| (*k, v.as_str())).collect();
     for shard in &mut shards {
         let name = &shard.name;
-        shard.url = crate::store::tls::with_defaults(&shard.url, &defaults)
-            .and_then(|url| crate::store::tls::split(&url).map(|_| url))
+        shard.url = conninfo::with_defaults(&shard.url, &defaults)
+            .and_then(|url| conninfo::split(&url).map(|_| url))
             .map_err(|problem| {
                 bad(
                     "POSTGRES_SSLMODE",
@@ -389,7 +389,7 @@ fn with_tls_defaults(
 
 /// Give a connection string naming no user `user`: in a URL's userinfo, or as a `user` pair.
 fn fill_user(shard: &mut ShardConfig, user: &str, is_url: bool) {
-    let has_user = crate::store::tls::split(&shard.url)
+    let has_user = conninfo::split(&shard.url)
         .ok()
         .and_then(|(url, _)| url.parse::<tokio_postgres::Config>().ok())
         .is_some_and(|config| config.get_user().is_some());
@@ -404,17 +404,14 @@ fn fill_user(shard: &mut ShardConfig, user: &str, is_url: bool) {
         let authority = rest.split(['/', '?']).next().unwrap_or_default();
         // A userinfo without a user (`:pw@host`, `@host`) gets the user in front; none, a new one.
         let at = if authority.contains('@') { "" } else { "@" };
-        shard.url = format!(
-            "{scheme}://{}{at}{rest}",
-            crate::store::tls::percent_encode(user)
-        );
+        shard.url = format!("{scheme}://{}{at}{rest}", conninfo::percent_encode(user));
     }
 }
 
 /// Give a shard URL without a password of its own the configured one, as a `password` query
 /// parameter (tokio-postgres reads it there; redaction hides it like one in the user info).
 fn fill_password(shard: &mut ShardConfig, password: &str) {
-    let has_password = crate::store::tls::split(&shard.url)
+    let has_password = conninfo::split(&shard.url)
         .ok()
         .and_then(|(url, _)| url.parse::<tokio_postgres::Config>().ok())
         .is_some_and(|config| config.get_password().is_some());
@@ -423,7 +420,7 @@ fn fill_password(shard: &mut ShardConfig, password: &str) {
         shard.url = format!(
             "{}{separator}password={}",
             shard.url,
-            crate::store::tls::percent_encode(password)
+            conninfo::percent_encode(password)
         );
     }
 }

@@ -107,7 +107,7 @@ fn members_get_this_workers_own_login() {
     let member = access
         .shard("pg3", &without_login("postgres://postgres@h3:5432/db"))
         .unwrap();
-    let parsed: tokio_postgres::Config = crate::store::tls::split(&member.url)
+    let parsed: tokio_postgres::Config = crate::config::conninfo::split(&member.url)
         .unwrap()
         .0
         .parse()
@@ -117,7 +117,7 @@ fn members_get_this_workers_own_login() {
     assert!(!format!("{access:?}").contains("pw"));
     // The URL an operator gives `worker shards add` keeps its own user for that command.
     let given = access.shard("pg3", "postgres://postgres@h3/db").unwrap();
-    let parsed: tokio_postgres::Config = crate::store::tls::split(&given.url)
+    let parsed: tokio_postgres::Config = crate::config::conninfo::split(&given.url)
         .unwrap()
         .0
         .parse()
@@ -475,18 +475,18 @@ fn tls_settings_fill_every_shard_that_names_none() {
     ])
     .validate()
     .unwrap();
-    let tls = |i: usize| crate::store::tls::split(&c.shards[i].url).unwrap().1;
-    assert_eq!(tls(0).mode, crate::store::tls::SslMode::VerifyFull);
+    let tls = |i: usize| crate::config::conninfo::split(&c.shards[i].url).unwrap().1;
+    assert_eq!(tls(0).mode, crate::config::conninfo::SslMode::VerifyFull);
     assert_eq!(
         tls(0).root_cert.as_deref(),
         Some(std::path::Path::new("/etc/ca.pem"))
     );
-    assert_eq!(tls(1).mode, crate::store::tls::SslMode::Disable);
+    assert_eq!(tls(1).mode, crate::config::conninfo::SslMode::Disable);
     let c = raw(&["--postgres-ips", "h", "--postgres-sslmode", "require"])
         .validate()
         .unwrap();
-    let (rest, tls) = crate::store::tls::split(&c.shards[0].url).unwrap();
-    assert_eq!(tls.mode, crate::store::tls::SslMode::Require);
+    let (rest, tls) = crate::config::conninfo::split(&c.shards[0].url).unwrap();
+    assert_eq!(tls.mode, crate::config::conninfo::SslMode::Require);
     assert!(rest.parse::<tokio_postgres::Config>().is_ok(), "{rest}");
     refused(
         &["--postgres-ips", "h", "--postgres-sslmode", "allow"],

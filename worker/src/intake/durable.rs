@@ -1,25 +1,48 @@
 //! JetStream intake: the stream, its consumer and the intake lease set up (retrying until
 //! NATS has them), the pull loop of the unordered intake, and the consumer-lag sampler. The
-//! ordered puller (JS_ORDERED) is [`crate::ordered`]; both hand messages to [`Router`].
+//! ordered puller (JS_ORDERED) is [`super::ordered`]; both hand messages to [`Router`].
 
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Messages fetched from JetStream per pull request.
-const FETCH_BATCH: usize = 500;
-/// Bytes fetched per pull request at most (raised to just above max_payload if that is larger:
-/// a pull must be able to take the largest message).
-const FETCH_MAX_BYTES: usize = 256 << 10;
-/// How long one pull request waits for messages; also the most a shutdown waits for a fetch.
-pub(crate) const FETCH_EXPIRES: Duration = Duration::from_millis(500);
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::ordered;
+use super::requests::Requests;
+use super::route::Router;
+use crate::cancel::pause;
+use crate::config::JetStreamConfig;
+use crate::metrics::Metrics;
+
 /// How often the consumer's lag is read from the server: as often as compose's Prometheus
 /// scrapes, and one small JetStream API request per worker per period.
 pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause between attempts to set the JetStream intake up.
 const SETUP_RETRY: Duration = Duration::from_secs(1);
 
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("cannot create or update JetStream stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
+    #[error("cannot create JetStream consumer {consumer}: {source}")]
+    Consumer {
+        consumer: String,
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+}
+
 /// JetStream intake for appends plus the core request subscriptions.
 /// With a `lease` (JS_ORDERED), appends are pulled by one worker at a time, in stream order
-/// (see [`crate::ordered`]); without, every worker pulls.
+/// (see [`super::ordered`]); without, every worker pulls.
 pub async fn run_jetstream(
     consumer: consumer::Consumer<consumer::pull::Config>,
     lease: Option<crate::lease::Lease>,
@@ -31,7 +54,7 @@ pub async fn run_jetstream(
         let (router, cancel) = (router.clone(), cancel.clone());
         async move {
             match lease {
-                Some(lease) => crate::ordered::run(&router, &consumer, lease, &cancel).await,
+                Some(lease) => ordered::run(&router, &consumer, lease, &cancel).await,
                 None => router.pull_loop(&consumer, &cancel).await,
             }
         }
@@ -151,8 +174,8 @@ async fn setup_once(
     let (consumer, stream) = setup_jetstream(client, logs_subject, js).await?;
     let lease = match js.ordered {
         true => {
-            crate::ordered::check_server(&client.server_info().version);
-            Some(crate::ordered::open_lease(client, js).await?)
+            ordered::check_server(&client.server_info().version);
+            Some(ordered::open_lease(client, js).await?)
         }
         false => None,
     };
@@ -276,34 +299,6 @@ impl Router {
             }
         }
         self.metrics.jetstream_pulling.set(0);
-    }
-
-    /// Send one pull request; its messages arrive into the returned batch.
-    pub(crate) async fn request_batch(
-        &self,
-        consumer: &consumer::Consumer<consumer::pull::Config>,
-        cancel: &CancellationToken,
-    ) -> Option<consumer::pull::Batch> {
-        // Bounded in bytes too: 500 batch messages could hold 500,000 entries. This matters
-        // beyond memory: async-nats abandons a pull's undelivered-to-us messages once
-        // `expires` + 5 s have passed since the request, and those then wait out ack_wait; so
-        // one pull must always be routed well within that, even into full queues.
-        let max_bytes = FETCH_MAX_BYTES.max(self.queries.outbox.max_payload() + (64 << 10));
-        let batch = consumer
-            .batch()
-            .max_messages(FETCH_BATCH)
-            .max_bytes(max_bytes)
-            .expires(FETCH_EXPIRES)
-            .messages()
-            .await;
-        match batch {
-            Ok(batch) => Some(batch),
-            Err(e) => {
-                tracing::warn!(error = %e, "JetStream fetch failed; retrying");
-                pause(cancel, Duration::from_millis(500)).await;
-                None
-            }
-        }
     }
 
     async fn route_batch(&self, mut batch: consumer::pull::Batch) {

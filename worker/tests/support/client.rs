@@ -132,7 +132,7 @@ pub async fn lease_entry(
     key: &str,
 ) -> Option<async_nats::jetstream::kv::Entry> {
     async_nats::jetstream::new(client.clone())
-        .get_key_value(worker::ordered::LEASE_BUCKET)
+        .get_key_value(worker::intake::ordered::LEASE_BUCKET)
         .await
         .expect("the lease bucket")
         .entry(key)

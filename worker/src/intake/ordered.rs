@@ -39,9 +39,10 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::pull::FETCH_EXPIRES;
+use super::route::Router;
 use crate::cancel::pause;
 use crate::config::JetStreamConfig;
-use crate::intake::{Router, FETCH_EXPIRES};
 /// Where the intake leases live (tests read it; the bucket is [`crate::lease`]'s).
 pub use crate::lease::LEASE_BUCKET;
 use crate::lease::{Lease, LeaseError};

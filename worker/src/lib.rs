@@ -23,14 +23,15 @@
 //! - [`ring`]: which shard owns an object id at which epoch (pure placement; golden-tested);
 //!   [`membership`]: the fleet's ring record in NATS KV, and the move's progress.
 //!   [`shards`]: the live set of lanes (pool, pipelines, health, retention) that the record
-//!   names. [`mover`]: carries a ring change out.
+//!   names (`shards/record.rs` follows the record, `shards/lane.rs` builds a lane).
+//!   [`mover`]: carries a ring change out.
 //! - [`pipeline`]: per-shard queue; batches appends into one transaction, starts queries after
 //!   the appends received before them; never lets a hung shard stall intake. Follows an object
-//!   that moved to another lane (through [`shards`]).
+//!   that moved to another lane (through [`follow::Lanes`], which [`shards`] implements).
 //!   [`follow`]: the rules both follow a moved object by (MAX_HOPS, the fence), and the
 //!   [`follow::Lanes`] trait through which they reach the lane set without depending on it.
-//! - [`query`]: query, stats and delete admission, deadlines and slots; streams answers in
-//!   chunks; follows a moved object like [`pipeline`].
+//! - [`query`]: query, stats and delete admission, deadlines and slots; follows a moved
+//!   object like [`pipeline`]; `query/stream.rs` streams an answer in chunks.
 //! - [`store`]: PostgreSQL: pools and libpq-style TLS (`store::tls`; the URL parameters are
 //!   parsed by `config::conninfo`), migrations, shard
 //!   identity and fleet, the append function, paged reads, stats, deletion and the resharding

@@ -366,7 +366,7 @@ async fn attempt(
         here.push(job);
     }
     if !elsewhere.is_empty() {
-        forward(lanes, elsewhere, ctx, hops + 1).await;
+        forward(elsewhere, ctx, hops + 1).await;
     }
     if here.is_empty() {
         return Ok(());
@@ -392,14 +392,14 @@ async fn attempt(
                     .metrics
                     .appends_redirected
                     .inc_by(moved.len() as u64);
-                forward(lanes, moved, ctx, hops + 1).await;
+                forward(moved, ctx, hops + 1).await;
             }
             Ok(())
         }
         Err(StoreError::StaleEpoch { fence, .. }) => {
             tracing::debug!(shard = %shard.name, epoch, fence, "shard fenced at a newer ring epoch; reading the ring again");
             if follow::past_fence(lanes, shard, fence).await.is_some() {
-                forward(lanes, here, ctx, hops + 1).await;
+                forward(here, ctx, hops + 1).await;
                 return Ok(());
             }
             // The newer ring cannot be read: an outage for these appends (held ones wait).
@@ -420,8 +420,8 @@ async fn attempt(
 /// Appends the current view places on other shards than the one they were queued for: each
 /// group is committed on its shard from this task, in order, not through that shard's queue
 /// (which could be full of work waiting for this one).
-async fn forward(lanes: &dyn Lanes, jobs: Vec<AppendJob>, ctx: &Context, hops: u8) {
-    let view = lanes.placement();
+async fn forward(jobs: Vec<AppendJob>, ctx: &Context, hops: u8) {
+    let view = ctx.lanes.placement();
     let mut groups: Vec<(String, Vec<AppendJob>)> = Vec::new();
     for job in jobs {
         let (target, _) = view.layout().place(job.entry.id, job.moved_at);

@@ -16,6 +16,7 @@ pub mod chain;
 pub mod client;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod partition;
 pub mod redact;
 pub mod timestamp;
 

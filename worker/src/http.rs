@@ -24,8 +24,8 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,27 +67,23 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true)
         .max_buf_size(MAX_BUF_SIZE);
+    let endpoint = Endpoint {
+        http,
+        metrics,
+        readiness,
+        cancel,
+    };
     let registry = Registry::new(MAX_CONNECTIONS);
     // One permit per open socket, held by its connection task until the socket is dropped, and
     // taken BEFORE accepting: an evicted connection's socket closes only when its task runs, so
     // counting the registry alone let a burst of arrivals hold a few more than the cap.
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                registry.evict_one();
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => return, // never closed
-                    },
-                }
-            }
+        let Some(slot) = free_slot(&slots, &registry, &endpoint.cancel).await else {
+            return;
         };
         let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = endpoint.cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -100,44 +96,80 @@ pub async fn serve(
             },
         };
         let connection = registry.admit();
-        let metrics = metrics.clone();
-        let readiness = readiness.clone();
-        let cancel = cancel.clone();
-        let http = http.clone();
-        tasks.spawn(async move {
-            let _slot = slot;
-            let state = connection.state.clone();
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                // In progress until hyper has taken the whole body and dropped it, so that
-                // eviction spares a connection whose answer is still being written.
-                let in_flight = InFlight::enter(&state);
-                let response = respond(&req, &metrics, &readiness).map(|body| Tracked {
-                    body,
-                    _in_flight: in_flight,
-                });
-                async move { Ok::<_, Infallible>(response) }
+        tasks.spawn(endpoint.clone().handle(stream, slot, connection));
+    }
+}
+
+/// A slot for the next socket: at once when one is free, else after evicting a connection
+/// (see [`Registry::evict_one`]) and waiting for its task to let go. None when `cancel` fired.
+async fn free_slot(
+    slots: &Arc<Semaphore>,
+    registry: &Registry,
+    cancel: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    registry.evict_one();
+    tokio::select! {
+        _ = cancel.cancelled() => None,
+        // Err only when the semaphore is closed, which it never is.
+        slot = slots.clone().acquire_owned() => slot.ok(),
+    }
+}
+
+/// What every connection task needs, cloned into each.
+#[derive(Clone)]
+struct Endpoint {
+    http: hyper::server::conn::http1::Builder,
+    metrics: Metrics,
+    readiness: ReadinessCheck,
+    cancel: CancellationToken,
+}
+
+impl Endpoint {
+    /// Serve one accepted connection until the client is done, it is evicted, or `cancel`
+    /// fires (then the request in progress is finished first); the slot and the registry
+    /// entry are let go when it ends.
+    async fn handle(self, stream: TcpStream, slot: OwnedSemaphorePermit, connection: Admitted) {
+        let _slot = slot;
+        let Endpoint {
+            http,
+            metrics,
+            readiness,
+            cancel,
+        } = self;
+        let state = connection.state.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            // In progress until hyper has taken the whole body and dropped it, so that
+            // eviction spares a connection whose answer is still being written.
+            let in_flight = InFlight::enter(&state);
+            let response = respond(&req, &metrics, &readiness).map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
             });
-            let served = http.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(served);
-            tokio::select! {
-                result = served.as_mut() => {
-                    // Timeouts and clients that hang up land here; nothing to act on.
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "metrics connection ended with an error");
-                    }
-                }
-                // Dropping the connection closes its socket now.
-                _ = connection.state.evict.cancelled() => {}
-                _ = cancel.cancelled() => {
-                    // Finish a request in progress, then close; an idle connection closes at
-                    // once. The worker bounds how long it waits for background tasks.
-                    served.as_mut().graceful_shutdown();
-                    // Its error, like above, is the client's doing.
-                    let _ = served.await;
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let served = http.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(served);
+        tokio::select! {
+            result = served.as_mut() => {
+                // Timeouts and clients that hang up land here; nothing to act on.
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "metrics connection ended with an error");
                 }
             }
-            drop(connection);
-        });
+            // Dropping the connection closes its socket now.
+            _ = connection.state.evict.cancelled() => {}
+            _ = cancel.cancelled() => {
+                // Finish a request in progress, then close; an idle connection closes at
+                // once. The worker bounds how long it waits for background tasks.
+                served.as_mut().graceful_shutdown();
+                // Its error, like above, is the client's doing.
+                let _ = served.await;
+            }
+        }
+        drop(connection);
     }
 }
 

@@ -18,7 +18,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use async_nats::service::ServiceExt;
+use async_nats::service::endpoint::Endpoint;
+use async_nats::service::{Request, Service, ServiceExt};
 use futures::StreamExt;
 use prometheus::core::Collector;
 use prometheus::IntCounterVec;
@@ -114,32 +115,8 @@ pub async fn serve(
     readiness: ReadinessCheck,
     cancel: CancellationToken,
 ) {
-    let stats_metrics = metrics.clone();
-    let register = client
-        .service_builder()
-        .description(format!(
-            "logstore worker: appends on {} ({}), queries on {}",
-            config.logs_subject,
-            match config.intake {
-                Intake::Core => "core NATS",
-                Intake::JetStream(_) => "JetStream",
-            },
-            config.query_subject
-        ))
-        .metadata(metadata(&config))
-        .stats_handler(move |_endpoint, _stats| counts(&stats_metrics))
-        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"));
-    // Registering subscribes, which waits on the connection: a shutdown must not wait for it.
-    let started = tokio::select! {
-        _ = cancel.cancelled() => return,
-        started = register => started,
-    };
-    let service = match started {
-        Ok(service) => service,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot register with the NATS service API; `nats micro` will not list this worker");
-            return;
-        }
+    let Some(service) = register(&client, &config, &metrics, &cancel).await else {
+        return;
     };
     let id = service.info().await.id;
     let add = service
@@ -152,34 +129,15 @@ pub async fn serve(
     };
     match endpoint {
         None => {}
-        Some(Ok(mut status)) => loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                request = status.next() => {
-                    let Some(request) = request else { break };
-                    // The reply subject is the asker's choice (NATS_REPLY_PREFIXES). The
-                    // crate's own PING/INFO/STATS verbs answer any reply subject: deployments
-                    // that let untrusted users publish `$SRV.>` put them in an account of
-                    // their own (deploy/nats/nats-server.conf), where every reply is the
-                    // server's.
-                    let reply = request.message.reply.as_deref().unwrap_or_default();
-                    if !config.replies.admits(reply) {
-                        metrics.replies_refused.with_label_values(&["status"]).inc();
-                        continue;
-                    }
-                    let problems = readiness();
-                    let body = serde_json::json!({
-                        "id": id,
-                        "ready": problems.is_empty(),
-                        "problems": problems,
-                        "counts": counts(&metrics),
-                    });
-                    if let Err(e) = request.respond(Ok(body.to_string().into())).await {
-                        tracing::debug!(error = %e, "cannot answer a service status request");
-                    }
-                }
-            }
-        },
+        Some(Ok(requests)) => {
+            let status = Status {
+                id: &id,
+                config: &config,
+                metrics: &metrics,
+                readiness: &readiness,
+            };
+            status.answer_until(requests, &cancel).await;
+        }
         Some(Err(e)) => {
             tracing::warn!(error = %e, "cannot add the service status endpoint");
             cancel.cancelled().await;
@@ -188,6 +146,93 @@ pub async fn serve(
     // Stops the crate's own verb-handling task (PING/INFO/STATS) and the endpoint.
     if let Err(e) = service.stop().await {
         tracing::debug!(error = %e, "stopping the NATS service registration");
+    }
+}
+
+/// Register with the service API, its `nats micro stats` data being [`counts`]. None when
+/// `cancel` fired first or registering failed (logged).
+async fn register(
+    client: &async_nats::Client,
+    config: &Config,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+) -> Option<Service> {
+    let stats_metrics = metrics.clone();
+    let register = client
+        .service_builder()
+        .description(format!(
+            "logstore worker: appends on {} ({}), queries on {}",
+            config.logs_subject,
+            match config.intake {
+                Intake::Core => "core NATS",
+                Intake::JetStream(_) => "JetStream",
+            },
+            config.query_subject
+        ))
+        .metadata(metadata(config))
+        .stats_handler(move |_endpoint, _stats| counts(&stats_metrics))
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"));
+    // Registering subscribes, which waits on the connection: a shutdown must not wait for it.
+    let started = tokio::select! {
+        _ = cancel.cancelled() => return None,
+        started = register => started,
+    };
+    match started {
+        Ok(service) => Some(service),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register with the NATS service API; `nats micro` will not list this worker");
+            None
+        }
+    }
+}
+
+/// What the `status` endpoint answers from.
+struct Status<'a> {
+    /// The service instance's id (the endpoint's subject ends with it).
+    id: &'a str,
+    config: &'a Config,
+    metrics: &'a Metrics,
+    readiness: &'a ReadinessCheck,
+}
+
+impl Status<'_> {
+    /// Answer the endpoint's requests until `cancel` fires or the endpoint ends.
+    async fn answer_until(&self, mut requests: Endpoint, cancel: &CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                request = requests.next() => {
+                    let Some(request) = request else { break };
+                    self.answer(request).await;
+                }
+            }
+        }
+    }
+
+    /// Answer one status request with the worker's readiness and [`counts`].
+    async fn answer(&self, request: Request) {
+        // The reply subject is the asker's choice (NATS_REPLY_PREFIXES). The crate's own
+        // PING/INFO/STATS verbs answer any reply subject: deployments that let untrusted users
+        // publish `$SRV.>` put them in an account of their own (deploy/nats/nats-server.conf),
+        // where every reply is the server's.
+        let reply = request.message.reply.as_deref().unwrap_or_default();
+        if !self.config.replies.admits(reply) {
+            self.metrics
+                .replies_refused
+                .with_label_values(&["status"])
+                .inc();
+            return;
+        }
+        let problems = (self.readiness)();
+        let body = serde_json::json!({
+            "id": self.id,
+            "ready": problems.is_empty(),
+            "problems": problems,
+            "counts": counts(self.metrics),
+        });
+        if let Err(e) = request.respond(Ok(body.to_string().into())).await {
+            tracing::debug!(error = %e, "cannot answer a service status request");
+        }
     }
 }
 

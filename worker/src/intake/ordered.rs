@@ -262,20 +262,12 @@ async fn resync(
         if stop.is_cancelled() {
             return None;
         }
-        match tokio::time::timeout(INFO_TIMEOUT, consumer.get_info()).await {
-            Ok(Ok(info)) => {
+        match consumer_state(consumer).await {
+            Ok(info) => {
                 failing = false;
                 let delivered = info.delivered.stream_sequence;
-                // In hand: what this resync gathered, and what this worker routed before it
-                // and has not settled yet (parked behind a down shard, say), each counted once.
-                // Read after the consumer's state, so a message settled meanwhile is missing
-                // from both sides or only from this one: never counted without being pending.
-                let held = router.held.up_to(delivered);
-                let in_hand = held.len()
-                    + gathered
-                        .range(..=delivered)
-                        .filter(|(sequence, _)| !held.contains(sequence))
-                        .count();
+                // Counted after reading the consumer's state (see `count_in_hand`).
+                let (in_hand, held) = count_in_hand(router, &gathered, delivered);
                 if in_hand >= info.num_ack_pending {
                     break delivered;
                 }
@@ -286,18 +278,14 @@ async fn resync(
                         in_hand,
                         delivered,
                         gathered = gathered.len(),
-                        held = held.len(),
+                        held,
                         waited_ms = started.elapsed().as_millis() as u64,
                         "resyncing: waiting for the consumer's unacknowledged deliveries to come back"
                     );
                 }
             }
-            outcome => {
+            Err(error) => {
                 if !failing {
-                    let error = match outcome {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => format!("no answer within {INFO_TIMEOUT:?}"),
-                    };
                     tracing::warn!(%error, "cannot read the consumer's state to resync; retrying");
                     failing = true;
                 }
@@ -316,6 +304,46 @@ async fn resync(
         waited_ms = started.elapsed().as_millis() as u64,
         "ordered intake in sync; routing in stream order"
     );
+    Some(route_gathered(router, gathered, delivered).await)
+}
+
+/// The consumer's state as the server reports it now; the error says why it could not be read
+/// (no answer within [`INFO_TIMEOUT`] included).
+async fn consumer_state(consumer: &Consumer) -> Result<consumer::Info, String> {
+    match tokio::time::timeout(INFO_TIMEOUT, consumer.get_info()).await {
+        Ok(Ok(info)) => Ok(info),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {INFO_TIMEOUT:?}")),
+    }
+}
+
+/// How many of the consumer's deliveries up to `delivered` are in this worker's hands: those
+/// this resync gathered, and those it routed before and has not settled yet (parked behind a
+/// down shard, say), each counted once. Also returns how many of them are of the second kind.
+///
+/// Call it after reading the consumer's state, so that a message settled meanwhile is missing
+/// from both sides or only from this one: never counted without being pending.
+fn count_in_hand(
+    router: &Router,
+    gathered: &BTreeMap<u64, jetstream::Message>,
+    delivered: u64,
+) -> (usize, usize) {
+    let held = router.held.up_to(delivered);
+    let in_hand = held.len()
+        + gathered
+            .range(..=delivered)
+            .filter(|(sequence, _)| !held.contains(sequence))
+            .count();
+    (in_hand, held.len())
+}
+
+/// Route what a resync gathered in stream order, except copies of messages routed before it
+/// (those settle them). Returns the highest sequence routed or delivered.
+async fn route_gathered(
+    router: &Router,
+    gathered: BTreeMap<u64, jetstream::Message>,
+    delivered: u64,
+) -> u64 {
     let top = gathered
         .keys()
         .next_back()
@@ -330,7 +358,7 @@ async fn resync(
         }
         router.jetstream_append(message).await;
     }
-    Some(top)
+    top
 }
 
 /// One pull request, read to its end before anything is routed (a pull whose messages sit

@@ -119,156 +119,47 @@ impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let d = Define(&registry);
-        let appends = d.counter_vec(
-            "logstore_appends_total",
-            "Appends by shard and result.",
-            &["shard", "result"],
-        )?;
-        let in_flight = d.gauge_vec(
-            "logstore_in_flight",
-            "Requests received and not yet answered.",
-            &["kind"],
-        )?;
-        let metrics = Metrics {
-            appends_in_flight: in_flight.with_label_values(&["append"]),
-            queries_in_flight: in_flight.with_label_values(&["query"]),
-            rejected_appends: appends.with_label_values(&["none", "rejected"]),
-            appends,
-            in_flight,
-            queries: d.counter_vec("logstore_queries_total", "Queries by result.", &["result"])?,
-            requests: d.counter_vec(
-                "logstore_requests_total",
-                "Stats and delete requests by kind and result.",
-                &["kind", "result"],
-            )?,
-            append_duration: d.histogram_vec(
-                "logstore_append_duration_seconds",
-                "Time from receiving an append to answering it.",
-                &LATENCY_BUCKETS,
-                &["shard"],
-            )?,
-            query_duration: d.histogram_vec(
-                "logstore_query_duration_seconds",
-                "Time from receiving a query to sending its last response.",
-                &LATENCY_BUCKETS,
-                &["shard"],
-            )?,
-            batch_size: d.histogram_vec(
-                "logstore_batch_size",
-                "Appends per database transaction.",
-                &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
-                &["shard"],
-            )?,
-            shard_up: d.gauge_vec(
-                "logstore_shard_up",
-                "1 when the shard answered its last health check.",
-                &["shard"],
-            )?,
-            pool_connections: d.gauge_vec(
-                "logstore_pool_connections",
-                "Database pool connections by shard and state (in_use, idle, max).",
-                &["shard", "state"],
-            )?,
-            nats_reconnects: d.counter(
-                "logstore_nats_reconnects_total",
-                "Times the NATS connection was re-established.",
-            )?,
-            retention_deleted: d.counter_vec(
-                "logstore_retention_deleted_total",
-                "Entries removed by the retention sweeper (older than RETENTION_MAX_AGE).",
-                &["shard"],
-            )?,
-            dead_letters: d.counter_vec(
-                "logstore_dead_letters_total",
-                "Messages copied to the dead-letter subject, by reason.",
-                &["reason"],
-            )?,
-            replies_refused: d.counter_vec(
-                "logstore_replies_refused_total",
-                "Requests refused unanswered: their reply subject is not an inbox \
-                 (NATS_REPLY_PREFIXES), so answering could write where the sender may not.",
-                &["kind"],
-            )?,
-            errors: d.counter_vec(
-                "logstore_errors_total",
-                "Error answers by kind (append, query) and error code.",
-                &["kind", "code"],
-            )?,
-            commit_duration: d.histogram_vec(
-                "logstore_commit_duration_seconds",
-                "One batch's append call to its shard: connection, statement and commit.",
-                &LATENCY_BUCKETS,
-                &["shard"],
-            )?,
-            pool_wait: d.histogram_vec(
-                "logstore_pool_wait_seconds",
-                "Waiting for a pooled database connection (including opening one).",
-                &[
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    0.5, 1.0, 2.5, 5.0,
-                ],
-                &["shard"],
-            )?,
-            jetstream_pending: d.gauge_vec(
-                "logstore_jetstream_pending_messages",
-                "Messages of the JetStream consumer not yet delivered (consumer info num_pending).",
-                &["stream", "consumer"],
-            )?,
-            jetstream_ack_pending: d.gauge_vec(
-                "logstore_jetstream_ack_pending_messages",
-                "Messages delivered and not yet acknowledged (consumer info num_ack_pending).",
-                &["stream", "consumer"],
-            )?,
-            jetstream_redelivered: d.gauge_vec(
-                "logstore_jetstream_redelivered_messages",
-                "Unacknowledged messages delivered more than once (consumer info num_redelivered).",
-                &["stream", "consumer"],
-            )?,
-            jetstream_redeliveries: d.counter(
-                "logstore_jetstream_redeliveries_total",
-                "JetStream messages received by this worker that had been delivered before.",
-            )?,
-            jetstream_pulling: d.gauge(
-                "logstore_jetstream_pulling",
-                "1 while this worker pulls the JetStream stream (with JS_ORDERED: holds the intake lease).",
-            )?,
-            jetstream_resyncs: d.counter(
-                "logstore_jetstream_resyncs_total",
-                "Pauses of the ordered intake until every unacknowledged message was in this worker's hands.",
-            )?,
-            jetstream_held: d.gauge(
-                "logstore_jetstream_held_messages",
-                "JetStream messages received by this worker and not yet acked, nak'ed or terminated.",
-            )?,
-            ring_epoch: d.gauge(
-                "logstore_ring_epoch",
-                "The ring membership epoch this worker routes by.",
-            )?,
-            move_running: d.gauge(
-                "logstore_move_running",
-                "1 while this worker performs a shard move (holds the mover's lease).",
-            )?,
-            move_objects: d.gauge_vec(
-                "logstore_move_objects",
-                "The move this worker performs: objects to move (todo) and moved so far (moved).",
-                &["state"],
-            )?,
-            move_errors: d.counter(
-                "logstore_move_errors_total",
-                "Object moves that failed and are retried (a shard down, a timeout).",
-            )?,
-            move_entries: d.counter_vec(
-                "logstore_move_entries_total",
-                "Entries copied by completed object moves: before the object's lock (bulk) and under it (locked).",
-                &["phase"],
-            )?,
-            appends_redirected: d.counter(
-                "logstore_appends_redirected_total",
-                "Appends sent on to an object's new owner because its old owner said it moved.",
-            )?,
-            registry: registry.clone(),
-        };
+        let requests = RequestSeries::define(&d)?;
+        let errors = ErrorSeries::define(&d)?;
+        let store = StoreSeries::define(&d)?;
+        let intake = IntakeSeries::define(&d)?;
+        let ring = RingSeries::define(&d)?;
         d.register(ProcessCollector::new()?)?;
+        let metrics = Metrics {
+            registry: registry.clone(),
+            appends: requests.appends,
+            queries: requests.queries,
+            requests: requests.requests,
+            append_duration: requests.append_duration,
+            query_duration: requests.query_duration,
+            in_flight: requests.in_flight,
+            appends_in_flight: requests.appends_in_flight,
+            queries_in_flight: requests.queries_in_flight,
+            rejected_appends: requests.rejected_appends,
+            errors: errors.errors,
+            dead_letters: errors.dead_letters,
+            replies_refused: errors.replies_refused,
+            batch_size: store.batch_size,
+            shard_up: store.shard_up,
+            pool_connections: store.pool_connections,
+            retention_deleted: store.retention_deleted,
+            commit_duration: store.commit_duration,
+            pool_wait: store.pool_wait,
+            nats_reconnects: intake.nats_reconnects,
+            jetstream_pending: intake.jetstream_pending,
+            jetstream_ack_pending: intake.jetstream_ack_pending,
+            jetstream_redelivered: intake.jetstream_redelivered,
+            jetstream_redeliveries: intake.jetstream_redeliveries,
+            jetstream_pulling: intake.jetstream_pulling,
+            jetstream_resyncs: intake.jetstream_resyncs,
+            jetstream_held: intake.jetstream_held,
+            ring_epoch: ring.ring_epoch,
+            move_running: ring.move_running,
+            move_objects: ring.move_objects,
+            move_errors: ring.move_errors,
+            move_entries: ring.move_entries,
+            appends_redirected: ring.appends_redirected,
+        };
         metrics.create_zero_series();
         Ok(metrics)
     }
@@ -345,6 +236,245 @@ pub struct ShardMetrics {
     pub append_duration: Histogram,
     pub batch_size: Histogram,
     pub commit_duration: Histogram,
+}
+
+/// The series of [`Metrics`] that count and time the requests this worker answers (the fields
+/// of the same names there).
+struct RequestSeries {
+    appends: IntCounterVec,
+    queries: IntCounterVec,
+    requests: IntCounterVec,
+    append_duration: HistogramVec,
+    query_duration: HistogramVec,
+    in_flight: IntGaugeVec,
+    appends_in_flight: IntGauge,
+    queries_in_flight: IntGauge,
+    rejected_appends: IntCounter,
+}
+
+impl RequestSeries {
+    /// Appends, queries and other requests: results, latencies and those in flight.
+    fn define(d: &Define) -> Result<RequestSeries, prometheus::Error> {
+        let appends = d.counter_vec(
+            "logstore_appends_total",
+            "Appends by shard and result.",
+            &["shard", "result"],
+        )?;
+        let in_flight = d.gauge_vec(
+            "logstore_in_flight",
+            "Requests received and not yet answered.",
+            &["kind"],
+        )?;
+        Ok(RequestSeries {
+            appends_in_flight: in_flight.with_label_values(&["append"]),
+            queries_in_flight: in_flight.with_label_values(&["query"]),
+            rejected_appends: appends.with_label_values(&["none", "rejected"]),
+            appends,
+            in_flight,
+            queries: d.counter_vec("logstore_queries_total", "Queries by result.", &["result"])?,
+            requests: d.counter_vec(
+                "logstore_requests_total",
+                "Stats and delete requests by kind and result.",
+                &["kind", "result"],
+            )?,
+            append_duration: d.histogram_vec(
+                "logstore_append_duration_seconds",
+                "Time from receiving an append to answering it.",
+                &LATENCY_BUCKETS,
+                &["shard"],
+            )?,
+            query_duration: d.histogram_vec(
+                "logstore_query_duration_seconds",
+                "Time from receiving a query to sending its last response.",
+                &LATENCY_BUCKETS,
+                &["shard"],
+            )?,
+        })
+    }
+}
+
+/// The series of [`Metrics`] that count error answers, dead letters and refused replies.
+struct ErrorSeries {
+    errors: IntCounterVec,
+    dead_letters: IntCounterVec,
+    replies_refused: IntCounterVec,
+}
+
+impl ErrorSeries {
+    /// Requests that were answered with an error, dead-lettered or refused unanswered.
+    fn define(d: &Define) -> Result<ErrorSeries, prometheus::Error> {
+        Ok(ErrorSeries {
+            dead_letters: d.counter_vec(
+                "logstore_dead_letters_total",
+                "Messages copied to the dead-letter subject, by reason.",
+                &["reason"],
+            )?,
+            replies_refused: d.counter_vec(
+                "logstore_replies_refused_total",
+                "Requests refused unanswered: their reply subject is not an inbox \
+                 (NATS_REPLY_PREFIXES), so answering could write where the sender may not.",
+                &["kind"],
+            )?,
+            errors: d.counter_vec(
+                "logstore_errors_total",
+                "Error answers by kind (append, query) and error code.",
+                &["kind", "code"],
+            )?,
+        })
+    }
+}
+
+/// The series of [`Metrics`] about the shards' databases: health, pools, batches and commits.
+struct StoreSeries {
+    batch_size: HistogramVec,
+    shard_up: IntGaugeVec,
+    pool_connections: IntGaugeVec,
+    retention_deleted: IntCounterVec,
+    commit_duration: HistogramVec,
+    pool_wait: HistogramVec,
+}
+
+impl StoreSeries {
+    /// Per-shard database series: health, pool, batches, commits and retention.
+    fn define(d: &Define) -> Result<StoreSeries, prometheus::Error> {
+        Ok(StoreSeries {
+            batch_size: d.histogram_vec(
+                "logstore_batch_size",
+                "Appends per database transaction.",
+                &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+                &["shard"],
+            )?,
+            shard_up: d.gauge_vec(
+                "logstore_shard_up",
+                "1 when the shard answered its last health check.",
+                &["shard"],
+            )?,
+            pool_connections: d.gauge_vec(
+                "logstore_pool_connections",
+                "Database pool connections by shard and state (in_use, idle, max).",
+                &["shard", "state"],
+            )?,
+            retention_deleted: d.counter_vec(
+                "logstore_retention_deleted_total",
+                "Entries removed by the retention sweeper (older than RETENTION_MAX_AGE).",
+                &["shard"],
+            )?,
+            commit_duration: d.histogram_vec(
+                "logstore_commit_duration_seconds",
+                "One batch's append call to its shard: connection, statement and commit.",
+                &LATENCY_BUCKETS,
+                &["shard"],
+            )?,
+            pool_wait: d.histogram_vec(
+                "logstore_pool_wait_seconds",
+                "Waiting for a pooled database connection (including opening one).",
+                &[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0,
+                ],
+                &["shard"],
+            )?,
+        })
+    }
+}
+
+/// The series of [`Metrics`] about the NATS connection and the JetStream intake.
+struct IntakeSeries {
+    nats_reconnects: IntCounter,
+    jetstream_pending: IntGaugeVec,
+    jetstream_ack_pending: IntGaugeVec,
+    jetstream_redelivered: IntGaugeVec,
+    jetstream_redeliveries: IntCounter,
+    jetstream_pulling: IntGauge,
+    jetstream_resyncs: IntCounter,
+    jetstream_held: IntGauge,
+}
+
+impl IntakeSeries {
+    /// NATS reconnects, the shared consumer's lag and this worker's pulling and resyncs.
+    fn define(d: &Define) -> Result<IntakeSeries, prometheus::Error> {
+        Ok(IntakeSeries {
+            nats_reconnects: d.counter(
+                "logstore_nats_reconnects_total",
+                "Times the NATS connection was re-established.",
+            )?,
+            jetstream_pending: d.gauge_vec(
+                "logstore_jetstream_pending_messages",
+                "Messages of the JetStream consumer not yet delivered (consumer info num_pending).",
+                &["stream", "consumer"],
+            )?,
+            jetstream_ack_pending: d.gauge_vec(
+                "logstore_jetstream_ack_pending_messages",
+                "Messages delivered and not yet acknowledged (consumer info num_ack_pending).",
+                &["stream", "consumer"],
+            )?,
+            jetstream_redelivered: d.gauge_vec(
+                "logstore_jetstream_redelivered_messages",
+                "Unacknowledged messages delivered more than once (consumer info num_redelivered).",
+                &["stream", "consumer"],
+            )?,
+            jetstream_redeliveries: d.counter(
+                "logstore_jetstream_redeliveries_total",
+                "JetStream messages received by this worker that had been delivered before.",
+            )?,
+            jetstream_pulling: d.gauge(
+                "logstore_jetstream_pulling",
+                "1 while this worker pulls the JetStream stream (with JS_ORDERED: holds the intake lease).",
+            )?,
+            jetstream_resyncs: d.counter(
+                "logstore_jetstream_resyncs_total",
+                "Pauses of the ordered intake until every unacknowledged message was in this worker's hands.",
+            )?,
+            jetstream_held: d.gauge(
+                "logstore_jetstream_held_messages",
+                "JetStream messages received by this worker and not yet acked, nak'ed or terminated.",
+            )?,
+        })
+    }
+}
+
+/// The series of [`Metrics`] about the ring and the moves of objects between shards.
+struct RingSeries {
+    ring_epoch: IntGauge,
+    move_running: IntGauge,
+    move_objects: IntGaugeVec,
+    move_errors: IntCounter,
+    move_entries: IntCounterVec,
+    appends_redirected: IntCounter,
+}
+
+impl RingSeries {
+    /// The ring epoch, the mover's progress and the appends redirected after a move.
+    fn define(d: &Define) -> Result<RingSeries, prometheus::Error> {
+        Ok(RingSeries {
+            ring_epoch: d.gauge(
+                "logstore_ring_epoch",
+                "The ring membership epoch this worker routes by.",
+            )?,
+            move_running: d.gauge(
+                "logstore_move_running",
+                "1 while this worker performs a shard move (holds the mover's lease).",
+            )?,
+            move_objects: d.gauge_vec(
+                "logstore_move_objects",
+                "The move this worker performs: objects to move (todo) and moved so far (moved).",
+                &["state"],
+            )?,
+            move_errors: d.counter(
+                "logstore_move_errors_total",
+                "Object moves that failed and are retried (a shard down, a timeout).",
+            )?,
+            move_entries: d.counter_vec(
+                "logstore_move_entries_total",
+                "Entries copied by completed object moves: before the object's lock (bulk) and under it (locked).",
+                &["phase"],
+            )?,
+            appends_redirected: d.counter(
+                "logstore_appends_redirected_total",
+                "Appends sent on to an object's new owner because its old owner said it moved.",
+            )?,
+        })
+    }
 }
 
 /// Defines a series and registers it in the worker's registry in one step, so that a series

@@ -50,11 +50,12 @@ async fn a_least_privileged_worker_works_and_cannot_drop_anything() {
         .await
         .expect("create a fresh database");
     let env = env_for(url(WORKER, WORKER_PASSWORD, "fresh"));
-    let config = env.config(free_port(), &[]);
+    let (listener, metrics) = metrics_listener();
+    let config = env.config(metrics.port(), &[]);
     let error = within(
         30,
         "a worker that may not migrate",
-        worker::run(config, std::future::pending::<()>()),
+        worker::run_on(config, listener, std::future::pending::<()>()),
     )
     .await
     .expect_err("a worker that may not migrate started");

@@ -1,4 +1,4 @@
-//! Workers under test: [`TestWorker`] runs `worker::run` in the test's runtime;
+//! Workers under test: [`TestWorker`] runs `worker::run_on` in the test's runtime;
 //! [`WorkerCommand`] starts the real binary as a [`WorkerProcess`], for tests that signal,
 //! kill or limit it, or read what it prints.
 
@@ -26,16 +26,17 @@ pub struct TestWorker {
 
 impl TestWorker {
     /// Run a worker with `env`'s settings and `extra` on top in this runtime, without waiting
-    /// for it.
+    /// for it. Its metrics listener is bound here, on `127.0.0.1:0`, and handed to
+    /// `worker::run_on`, so no other process can take the port before the worker serves it.
     pub fn spawn(env: &Env, extra: &[(&str, &str)]) -> TestWorker {
-        let port = free_port();
-        let config = env.config(port, extra);
+        let (listener, metrics) = metrics_listener();
+        let config = env.config(metrics.port(), extra);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(worker::run(config, async move {
+        let task = tokio::spawn(worker::run_on(config, listener, async move {
             let _ = stopped.await;
         }));
         TestWorker {
-            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+            metrics,
             stop: Some(stop),
             task: Some(task),
         }
@@ -73,6 +74,24 @@ impl TestWorker {
             .await
             .expect("worker task panicked")
     }
+}
+
+/// A listener on a free loopback port (`127.0.0.1:0`) for an in-process worker's metrics,
+/// and its address; bound as `tokio::net::TcpListener::bind` binds (SO_REUSEADDR, backlog
+/// 1024). Needs a Tokio runtime.
+pub fn metrics_listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket for the worker's metrics");
+    socket
+        .set_reuseaddr(true)
+        .expect("SO_REUSEADDR on the metrics socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind 127.0.0.1:0 for the worker's metrics");
+    let listener = socket
+        .listen(1024)
+        .expect("listen for the worker's metrics");
+    let addr = listener.local_addr().expect("metrics listener address");
+    (listener, addr)
 }
 
 impl Drop for TestWorker {

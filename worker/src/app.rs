@@ -1,5 +1,5 @@
-//! The composition root behind [`crate::run`]: what a worker is made of and in which order it
-//! starts and stops.
+//! The composition root behind [`crate::run`] and [`crate::run_on`]: what a worker is made of
+//! and in which order it starts and stops.
 //!
 //! 1. [`Parts::build`]: open the shards (a database of another shard stops the start here),
 //!    connect NATS, build the machinery the lanes share and the lanes themselves.
@@ -80,15 +80,26 @@ pub enum Error {
 }
 
 /// Run a worker until `shutdown` completes, then stop taking messages, finish and answer
-/// everything already received, and return.
+/// everything already received, and return. Binds METRICS_ADDR, then [`run_on`].
 pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let metrics = Metrics::new()?;
     let listener = tokio::net::TcpListener::bind(config.metrics_addr)
         .await
         .map_err(|source| Error::Listen {
             addr: config.metrics_addr,
             source,
         })?;
+    run_on(config, listener, shutdown).await
+}
+
+/// [`run`] on a listener the caller has bound already (`/metrics`, `/healthz` and `/readyz`
+/// are served there; `config.metrics_addr` is not bound again), so a caller that needs the
+/// address before the worker starts, such as a test, never races another process for it.
+pub async fn run_on(
+    config: Arc<Config>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let metrics = Metrics::new()?;
     // What was bound, not what was asked: METRICS_ADDR may name port 0 or every interface.
     let metrics_addr = listener.local_addr().unwrap_or(config.metrics_addr);
     tracing::info!(addr = %metrics_addr, "serving /metrics, /healthz and /readyz");
@@ -111,7 +122,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> Res
     parts.drain(deadline).await
 }
 
-/// What the worker runs on, built before it takes a message. Dropped at the end of [`run`].
+/// What the worker runs on, built before it takes a message. Dropped at the end of [`run_on`].
 struct Parts {
     config: Arc<Config>,
     metrics: Metrics,

@@ -1,5 +1,5 @@
 //! The logstore worker as a library: `main.rs` parses the configuration and calls [`run`];
-//! tests call [`run`] directly.
+//! tests call [`run`] directly, or [`run_on`] with a metrics listener they bound themselves.
 //!
 //! # Layout
 //! A message travels down this list: NATS → intake → routing → shard pipeline → PostgreSQL →
@@ -8,7 +8,8 @@
 //! needs as a trait ([`follow::Lanes`]) that the upper one implements.
 //!
 //! Assembly and plumbing:
-//! - `app` (private): the composition root behind [`run`]: build, start the intake, drain.
+//! - `app` (private): the composition root behind [`run`] and [`run_on`] (the same on a
+//!   listener already bound): build, start the intake, drain.
 //! - [`config`]: settings from env/CLI, validated once into an `Arc<Config>`.
 //! - `nats` (private): the NATS connection and its logging callbacks.
 //! - `cancel` (private): the cancellable pause and the backoff schedule every retry loop uses.
@@ -72,6 +73,6 @@ pub mod service;
 pub mod shards;
 pub mod store;
 
-pub use app::{run, Error};
+pub use app::{run, run_on, Error};
 pub use logstore_protocol::chain::Chain;
 pub use migrate::{migrate, ROLES_SQL};

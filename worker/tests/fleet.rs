@@ -46,11 +46,8 @@ async fn loadgen_verifies_5000_appends_through_two_worker_processes() {
     let child = spawn_loadgen(&env, DONE_WHEN_1_LOAD, &report_path);
     let (code, report) = finish_loadgen(child, &report_path).await;
 
-    assert_eq!(code, 0, "loadgen exits 0 when verify passes");
-    assert_eq!(report_num(&report, &["appends", "ok"]), 5000.0);
+    assert_loadgen_verified(code, &report, 5000.0);
     assert_eq!(report_num(&report, &["appends", "failed"]), 0.0);
-    assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(report_num(&report, &["verify", "found"]), 5000.0);
     assert!(
         report_num(&report, &["queries", "ok"]) > 300.0,
         "about 10 % queries"
@@ -102,11 +99,8 @@ async fn loadgen_verifies_5000_appends_when_a_worker_is_killed_mid_run() {
     workers.remove(0).kill().await;
 
     let (code, report) = finish_loadgen(child, &report_path).await;
-    assert_eq!(code, 0, "loadgen exits 0 when verify passes");
-    assert_eq!(report_num(&report, &["appends", "ok"]), 5000.0);
+    assert_loadgen_verified(code, &report, 5000.0);
     assert_eq!(report_num(&report, &["appends", "failed"]), 0.0);
-    assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(report_num(&report, &["verify", "found"]), 5000.0);
     println!(
         "retries {}, acknowledged as duplicates {}, errors {}",
         report["appends"]["retries"], report["appends"]["duplicates"], report["errors"]
@@ -231,11 +225,8 @@ async fn loadgen_through_jetstream_verifies() {
         &report_path,
     );
     let (code, report) = finish_loadgen(child, &report_path).await;
-    assert_eq!(code, 0, "loadgen exits 0 when verify passes");
+    assert_loadgen_verified(code, &report, 3000.0);
     assert_eq!(report["mode"], "jetstream");
-    assert_eq!(report_num(&report, &["appends", "ok"]), 3000.0);
-    assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(report_num(&report, &["verify", "found"]), 3000.0);
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }
@@ -255,12 +246,10 @@ async fn sigint_stops_loadgen_cleanly_with_a_verified_summary() {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
     let (code, report) = finish_loadgen(child, &report_path).await;
-    assert_eq!(code, 0);
-    assert_eq!(report["interrupted"], true);
     let acked = report_num(&report, &["appends", "ok"]);
+    assert_loadgen_verified(code, &report, acked);
+    assert_eq!(report["interrupted"], true);
     assert!(acked > 300.0, "{acked} appends in ~2 s at 500/s");
-    assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(report_num(&report, &["verify", "found"]), acked);
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }
@@ -281,13 +270,10 @@ async fn loadgen_waits_for_the_fleet(intake: &'static str, extra: &[&str]) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let workers = two_workers(&env).await;
     let (code, report) = finish_loadgen(child, &report_path).await;
-    assert_eq!(code, 0, "loadgen exits 0 when verify passes");
-    assert_eq!(report_num(&report, &["appends", "ok"]), 300.0);
+    assert_loadgen_verified(code, &report, 300.0);
     if intake == "core" {
         assert!(report_num(&report, &["appends", "retries"]) > 0.0);
     }
-    assert_eq!(report["verify"]["ok"], true, "{}", report["verify"]);
-    assert_eq!(report_num(&report, &["verify", "found"]), 300.0);
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }

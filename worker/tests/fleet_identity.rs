@@ -516,28 +516,16 @@ async fn a_garbage_ring_record_mid_move_is_repaired_and_the_move_completes() {
 async fn into_closed_pipe(env: &Env, args: &[&str]) -> (Option<i32>, String) {
     let (reader, writer) = std::io::pipe().expect("a pipe");
     drop(reader);
-    // `spawn`, not `output` (which would replace stdout with a pipe of its own).
-    let child = tokio::process::Command::new(bin_path("worker"))
+    // Captured: its stderr only, as stdout is the pipe.
+    let (status, stderr) = WorkerCommand::new(env)
         .args(args)
-        .env_clear()
-        .envs(env.settings(free_port()))
-        .stdin(std::process::Stdio::null())
+        .default_log()
+        .capture()
         .stdout(writer)
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
-        .expect("start the worker binary");
-    let output = within(
-        30,
-        &format!("worker {args:?} into a closed pipe exits"),
-        child.wait_with_output(),
-    )
-    .await
-    .expect("run the worker binary");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+        .exit(30)
+        .await;
+    (status.code(), stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

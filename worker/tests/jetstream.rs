@@ -4,128 +4,16 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use support::*;
 
-/// One append as published: object id, idempotency key (also the log text, so it is findable).
-type Published = Vec<(u64, String)>;
-
 async fn js_env(names: &[&str]) -> Env {
     let mut env = Env::shared(names).await;
     env.intake = "jetstream";
     env
-}
-
-/// Publish `n` appends over `objects` ids through JetStream, each with its own Nats-Msg-Id,
-/// awaiting every PubAck; a failed publish is retried with the same id (the stream and the
-/// database both deduplicate it). `keyless` publishes carry no key at all: the worker then uses
-/// the message's stream identity.
-async fn publish(
-    env: &Env,
-    client: &async_nats::Client,
-    tag: &str,
-    range: std::ops::Range<u64>,
-    objects: u64,
-    keyless: bool,
-) -> Published {
-    let js = jetstream::new(client.clone());
-    let subject = env.subject("logs");
-    let published: Published = range
-        .map(|i| (i % objects + 1, format!("{tag}-{i}")))
-        .collect();
-    within(
-        300,
-        "publishing through JetStream",
-        futures::stream::iter(published.iter()).for_each_concurrent(256, |(id, key)| {
-            let (js, subject) = (js.clone(), subject.clone());
-            async move {
-                let body = serde_json::json!({ "id": id, "log": key }).to_string();
-                let mut attempt = 0;
-                loop {
-                    let mut headers = async_nats::HeaderMap::new();
-                    if !keyless {
-                        headers.insert("Nats-Msg-Id", key.as_str());
-                    }
-                    let ack = match js
-                        .publish_with_headers(subject.clone(), headers, body.clone().into())
-                        .await
-                    {
-                        Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack).await,
-                        Err(e) => Ok(Err(e)),
-                    };
-                    match ack {
-                        Ok(Ok(_)) => break,
-                        other => {
-                            assert!(
-                                !keyless,
-                                "keyless publish failed ({other:?}); a retry could duplicate it"
-                            );
-                            attempt += 1;
-                            assert!(attempt < 100, "publish {key} keeps failing: {other:?}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            }
-        }),
-    )
-    .await;
-    published
-}
-
-/// Wait until every published key is stored, then check the whole contract on the databases:
-/// each published append exactly once, on one shard, seq gapless from 1, ts monotone, head rows
-/// exact. Returns each key's stored (ts, shard).
-async fn verify(
-    env: &Env,
-    published: &Published,
-    secs: u64,
-) -> HashMap<String, (SystemTime, String)> {
-    let expected: usize = published.len();
-    let rows = eventually(secs, "every published append stored", || async {
-        let rows = all_rows(env).await;
-        (rows.len() >= expected).then_some(rows)
-    })
-    .await;
-    let mut by_key: HashMap<String, (SystemTime, String)> = HashMap::new();
-    for (shard, ts, log) in &rows {
-        assert!(
-            by_key.insert(log.clone(), (*ts, shard.clone())).is_none(),
-            "{log} stored twice"
-        );
-    }
-    assert_eq!(rows.len(), expected, "rows stored vs appends published");
-    for (id, key) in published {
-        assert!(by_key.contains_key(key), "object {id}: {key} lost");
-    }
-    for (_, url) in &env.shards {
-        check_shard_invariants(url).await;
-    }
-    by_key
-}
-
-/// (shard, ts, log) of every stored entry on every shard.
-async fn all_rows(env: &Env) -> Vec<(String, SystemTime, String)> {
-    let mut rows = Vec::new();
-    for (name, url) in &env.shards {
-        let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await
-        else {
-            continue; // a shard that is down right now
-        };
-        tokio::spawn(connection);
-        // Before the first worker ran its migrations there is no table yet.
-        let Ok(found) = client.query("SELECT ts, log FROM logs", &[]).await else {
-            continue;
-        };
-        for row in found {
-            rows.push((name.clone(), row.get(0), row.get(1)));
-        }
-    }
-    rows
 }
 
 async fn consumer_info(client: &async_nats::Client, env: &Env) -> jetstream::consumer::Info {
@@ -151,19 +39,19 @@ async fn a_worker_killed_mid_load_loses_and_duplicates_nothing() {
     let publisher = {
         let (env, client) = (env.clone(), client.clone());
         tokio::spawn(async move {
-            let mut all = publish(&env, &client, "k", 0..15_000, 200, false).await;
-            all.extend(publish(&env, &client, "nokey", 0..5_000, 200, true).await);
+            let mut all = publish_concurrently(&env, &client, "k", 0..15_000, 200, false).await;
+            all.extend(publish_concurrently(&env, &client, "nokey", 0..5_000, 200, true).await);
             all
         })
     };
     eventually(60, "load under way", || async {
-        (all_rows(&env).await.len() > 3_000).then_some(())
+        (stored_rows(&env).await.len() > 3_000).then_some(())
     })
     .await;
     workers.remove(0).kill().await;
     workers.push(WorkerCommand::new(&env).start().await);
     let published = within(300, "publisher", publisher).await.unwrap();
-    verify(&env, &published, 120).await;
+    verify_stored(&env, &published, 120).await;
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }
@@ -178,19 +66,19 @@ async fn a_backlog_published_while_all_workers_are_down_keeps_publish_times() {
     WorkerCommand::new(&env).start().await.terminate().await;
     let client = env.client().await;
     let before = SystemTime::now();
-    let published = publish(&env, &client, "backlog", 0..3_000, 50, false).await;
+    let published = publish_concurrently(&env, &client, "backlog", 0..3_000, 50, false).await;
     let after = SystemTime::now();
     // The scenario itself: workers come back 10 s later.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert!(all_rows(&env).await.is_empty());
+    assert!(stored_rows(&env).await.is_empty());
     let started = SystemTime::now();
     let workers = vec![
         WorkerCommand::new(&env).start().await,
         WorkerCommand::new(&env).start().await,
     ];
-    let stored = verify(&env, &published, 120).await;
+    let stored = verify_stored(&env, &published, 120).await;
     let slack = Duration::from_secs(1);
-    for (key, (ts, _)) in &stored {
+    for Row { ts, log: key, .. } in stored.values().flatten() {
         assert!(
             *ts + slack >= before && *ts <= after + slack,
             "{key}: ts is not its publish time"
@@ -230,7 +118,7 @@ async fn a_shard_killed_mid_load_delays_only_its_own_objects() {
             let mut all = Vec::new();
             for round in 0..12u64 {
                 all.extend(
-                    publish(
+                    publish_concurrently(
                         &env,
                         &client,
                         "load",
@@ -259,8 +147,8 @@ async fn a_shard_killed_mid_load_delays_only_its_own_objects() {
     );
     own.restart();
     let published = within(120, "publisher", publisher).await.unwrap();
-    let stored = verify(&env, &published, 120).await;
-    assert!(stored.values().any(|(_, shard)| shard == "flaky"));
+    let stored = verify_stored(&env, &published, 120).await;
+    assert!(stored.values().flatten().any(|row| row.shard == "flaky"));
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }
@@ -292,7 +180,7 @@ async fn a_nats_restart_mid_load_loses_nothing() {
             let mut all = Vec::new();
             for round in 0..10u64 {
                 all.extend(
-                    publish(
+                    publish_concurrently(
                         &env,
                         &client,
                         "r",
@@ -307,13 +195,13 @@ async fn a_nats_restart_mid_load_loses_nothing() {
         })
     };
     eventually(60, "load under way", || async {
-        (all_rows(&env).await.len() > 1_000).then_some(())
+        (stored_rows(&env).await.len() > 1_000).then_some(())
     })
     .await;
     nats.stop();
     nats.restart();
     let published = within(300, "publisher", publisher).await.unwrap();
-    verify(&env, &published, 120).await;
+    verify_stored(&env, &published, 120).await;
     for worker in &workers {
         let (_, metrics) = within(10, "metrics", http_get(worker.metrics, "/metrics"))
             .await
@@ -344,10 +232,10 @@ async fn workers_started_before_postgres_work_once_it_is_up() {
     .await;
     assert!(body.contains("unreachable"), "{body}");
     let client = env.client().await;
-    let published = publish(&env, &client, "early", 0..200, 10, false).await;
+    let published = publish_concurrently(&env, &client, "early", 0..200, 10, false).await;
     own.restart();
     worker.wait_ready().await;
-    verify(&env, &published, 60).await;
+    verify_stored(&env, &published, 60).await;
     assert_eq!(worker.terminate().await, Some(0));
 }
 
@@ -381,9 +269,9 @@ async fn a_poison_message_is_dead_lettered_and_does_not_block_the_rest() {
             .unwrap()
     })
     .await;
-    let published = publish(&env, &client, "after", 0..300, 5, false).await;
-    let stored = verify(&env, &published, 60).await;
-    assert_eq!(stored.len(), 300);
+    let published = publish_concurrently(&env, &client, "after", 0..300, 5, false).await;
+    let stored = verify_stored(&env, &published, 60).await;
+    assert_eq!(stored.values().flatten().count(), 300);
     let letter = within(30, "poison dead-lettered", dead.next())
         .await
         .unwrap();
@@ -418,10 +306,10 @@ async fn sigterm_with_a_backlog_commits_and_acks_what_it_took() {
     let env = js_env(&["a", "b"]).await;
     WorkerCommand::new(&env).start().await.terminate().await;
     let client = env.client().await;
-    let published = publish(&env, &client, "b", 0..20_000, 100, false).await;
+    let published = publish_concurrently(&env, &client, "b", 0..20_000, 100, false).await;
     let worker = WorkerCommand::new(&env).start().await;
     eventually(60, "backlog being processed", || async {
-        (!all_rows(&env).await.is_empty()).then_some(())
+        (!stored_rows(&env).await.is_empty()).then_some(())
     })
     .await;
     let stopped_at = Instant::now();
@@ -441,7 +329,7 @@ async fn sigterm_with_a_backlog_commits_and_acks_what_it_took() {
         stopped_at.elapsed()
     );
     let rest = WorkerCommand::new(&env).start().await;
-    verify(&env, &published, 120).await;
+    verify_stored(&env, &published, 120).await;
     assert_eq!(consumer_info(&client, &env).await.num_redelivered, 0);
     assert_eq!(rest.terminate().await, Some(0));
 }
@@ -472,8 +360,8 @@ async fn bad_input_through_jetstream_is_dead_lettered_and_terminated() {
             Some("invalid_request")
         );
     }
-    let published = publish(&env, &client, "ok", 0..50, 5, false).await;
-    verify(&env, &published, 30).await;
+    let published = publish_concurrently(&env, &client, "ok", 0..50, 5, false).await;
+    verify_stored(&env, &published, 30).await;
     eventually(10, "nothing left pending", || async {
         let info = consumer_info(&client, &env).await;
         (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())

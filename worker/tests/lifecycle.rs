@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use logstore_protocol::ErrorCode;
 use support::*;
-use tokio::io::AsyncReadExt;
 
 /// A shard stopped under a running worker: its appends fail fast with `unavailable`, the other
 /// shard keeps working, /readyz names it; after a restart it works again with no worker restart.
@@ -123,24 +122,13 @@ async fn swapped_shard_names_refuse_to_start() {
     let mut swapped = env.clone();
     swapped.shards[0].0 = "b".to_string();
     swapped.shards[1].0 = "a".to_string();
-    let mut child = tokio::process::Command::new(bin_path("worker"))
-        .envs(swapped.settings(free_port()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
+    // What it printed: all on stderr (a worker writes nothing to stdout).
+    let (status, stderr) = WorkerCommand::new(&swapped)
+        .default_log()
+        .capture()
         .spawn()
-        .unwrap();
-    let status = within(30, "worker refuses to start", child.wait())
-        .await
-        .unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
+        .exit(30)
+        .await;
     assert!(!status.success());
     assert!(stderr.contains("belongs to shard"), "stderr: {stderr}");
     let last = stderr.lines().last().unwrap_or_default();
@@ -153,18 +141,9 @@ async fn swapped_shard_names_refuse_to_start() {
 /// A missing setting fails at start with one line naming the variable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_setting_fails_with_one_line_naming_it() {
-    let output = within(
-        30,
-        "worker exits",
-        tokio::process::Command::new(bin_path("worker"))
-            .env_remove("POSTGRES_SHARDS")
-            .env_remove("POSTGRES_IPS")
-            .output(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Nothing set at all (so neither POSTGRES_SHARDS nor POSTGRES_IPS).
+    let (code, _, stderr) = run_once("worker", &[], &[], 30).await;
+    assert_eq!(code, Some(2));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("POSTGRES_SHARDS"), "{stderr}");
 }
@@ -174,15 +153,11 @@ async fn a_missing_setting_fails_with_one_line_naming_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_every_received_append_and_exits_zero() {
     let env = Env::shared(&["a", "b"]).await;
-    let port = free_port();
-    let mut child = tokio::process::Command::new(bin_path("worker"))
-        .envs(env.settings(port))
-        .stdout(Stdio::null())
+    let mut worker = WorkerCommand::new(&env)
+        .default_log()
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        .spawn();
+    let metrics = worker.metrics;
     eventually(30, "binary worker ready", || async move {
         matches!(http_get(metrics, "/readyz").await, Some((200, _))).then_some(())
     })
@@ -219,10 +194,8 @@ async fn sigterm_answers_every_received_append_and_exits_zero() {
         }
     })
     .await;
-    let pid = child.id().expect("worker pid") as i32;
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = within(30, "worker exits after SIGTERM", child.wait())
+    worker.signal(libc::SIGTERM);
+    let status = within(30, "worker exits after SIGTERM", worker.child.wait())
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));

@@ -9,14 +9,12 @@
 
 mod support;
 
-use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use support::*;
-use tokio::io::AsyncReadExt;
 
 /// Part of every secret (passwords, tokens): no output may contain it.
 const MARKER: &str = "S3CRET-natsec-7f2a";
@@ -206,113 +204,12 @@ async fn refused(
     line.to_string()
 }
 
-/// A worker process whose stdout and stderr are collected while it runs.
-struct Worker {
-    child: tokio::process::Child,
-    output: Arc<Mutex<Vec<u8>>>,
-    metrics: std::net::SocketAddr,
-}
-
-impl Worker {
-    fn spawn(env: &[(&'static str, String)], rust_log: &str) -> Worker {
-        let port = free_port();
-        let mut child = tokio::process::Command::new(bin_path("worker"))
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", rust_log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the worker binary");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let output = output.clone();
-            tokio::spawn(async move {
-                let mut pipe = pipe;
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = pipe.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    output
-                        .lock()
-                        .expect("output lock")
-                        .extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-        Worker {
-            child,
-            output,
-            metrics: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    fn output(&self) -> String {
-        String::from_utf8_lossy(&self.output.lock().expect("output lock")).into_owned()
-    }
-
-    async fn wait_ready(&mut self) {
-        let addr = self.metrics;
-        let ready = within(60, "worker ready", async {
-            loop {
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    return Err(status);
-                }
-                if matches!(http_get(addr, "/readyz").await, Some((200, _))) {
-                    return Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        if let Err(status) = ready {
-            panic!("the worker exited ({status}):\n{}", self.output());
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        within(10, "GET /metrics", http_get(self.metrics, "/metrics"))
-            .await
-            .map(|(_, body)| body)
-            .unwrap_or_default()
-    }
-
-    /// SIGKILL (what it printed is what is checked, not how it stops); returns its output.
-    async fn stop(mut self) -> String {
-        let _ = self.child.start_kill();
-        within(10, "worker exits", self.child.wait())
-            .await
-            .expect("wait");
-        // The pipe readers end with the process; give them the moment they need.
-        eventually(10, "worker output read", || async {
-            Some(()).filter(|_| Arc::strong_count(&self.output) == 1)
-        })
-        .await;
-        self.output()
-    }
-}
-
 /// The settings of `env` (per-test subjects, stream and shards), with `nats_url`, as the
 /// worker's environment; INTAKE core unless `env.intake` says otherwise.
 fn worker_env(env: &Env, nats_url: &str, login: &[(&'static str, String)]) -> Vars {
     // METRICS_ADDR 127.0.0.1:0 (any free port) for the runs that must fail at start: the
-    // default :2112 may be taken by another worker on this machine. Worker::spawn sets its own.
+    // default :2112 may be taken by another worker on this machine. `all_three_work`'s worker
+    // gets its own.
     let mut vars: Vars = env
         .settings(0)
         .into_iter()
@@ -367,12 +264,18 @@ async fn all_three_work(
     worker_login: &[(&'static str, String)],
     client_login: &[(&'static str, String)],
     secrets: &[&str],
-) -> Worker {
-    let mut worker = Worker::spawn(
-        &worker_env(env, nats_url, worker_login),
-        "debug,async_nats=trace",
-    );
-    worker.wait_ready().await;
+) -> WorkerProcess {
+    // The worker's environment is exactly `worker_env` (capture inherits nothing), with its
+    // own metrics port.
+    let worker = WorkerCommand::new(env)
+        .extra(&without(
+            &worker_env(env, nats_url, worker_login),
+            &["METRICS_ADDR"],
+        ))
+        .log("debug,async_nats=trace")
+        .capture()
+        .start()
+        .await;
     let cli = client_env(env, nats_url, client_login);
     let id = "4242";
     let text = format!("hello over {nats_url}");
@@ -395,7 +298,10 @@ async fn all_three_work(
     )
     .await;
     assert!(summary.contains("verify"), "loadgen:\n{summary}");
-    let metrics = worker.metrics().await;
+    let metrics = within(10, "GET /metrics", http_get(worker.metrics, "/metrics"))
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
     assert_no_secret("/metrics", &metrics, secrets);
     worker
 }
@@ -473,7 +379,7 @@ async fn tls_with_client_certificates_and_passwords() {
     .await;
     let read = run_ok("logstore", &["get", "4243"], &cli, &secrets).await;
     assert!(read.contains("after the reconnect"), "{read}");
-    let output = worker.stop().await;
+    let output = worker.kill_and_read().await;
     assert!(output.contains("connected to NATS"), "{output}");
     // async-nats at trace level included: no password.
     assert_no_secret("the worker's log at async_nats=trace", &output, &secrets);
@@ -701,7 +607,7 @@ async fn check_login(
     secrets: &[&str],
 ) {
     let worker = all_three_work(env, url, login, login, secrets).await;
-    let output = worker.stop().await;
+    let output = worker.kill_and_read().await;
     assert_no_secret("the worker's log at async_nats=trace", &output, secrets);
     refused("worker", &[], &worker_env(env, url, wrong), says, secrets).await;
     let cli = client_env(env, url, wrong);

@@ -292,29 +292,15 @@ async fn worker_logs_in_a_file_are_plain_text_without_notices() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut logs = String::new();
     for run in 0..2 {
-        let port = free_port();
         let path = dir.path().join(format!("worker{run}.log"));
         let file = std::fs::File::create(&path).expect("create log file");
-        let mut child = tokio::process::Command::new(bin_path("worker"))
-            .envs(env.settings(port))
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
+        let worker = WorkerCommand::new(&env)
+            .log("info")
             .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the worker binary");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        eventually(60, "worker ready", || async move {
-            matches!(http_get(addr, "/readyz").await, Some((200, _))).then_some(())
-        })
-        .await;
-        let pid = child.id().expect("worker running") as i32;
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let status = within(60, "worker exits after SIGTERM", child.wait())
-            .await
-            .expect("wait");
-        assert_eq!(status.code(), Some(0));
+            .start()
+            .await;
+        let port = worker.metrics.port();
+        assert_eq!(worker.terminate().await, Some(0));
         let log = std::fs::read_to_string(&path).expect("read log");
         assert!(
             log.contains(&format!(

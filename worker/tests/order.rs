@@ -14,101 +14,13 @@ use async_nats::jetstream;
 use async_nats::jetstream::kv::Operation;
 use support::*;
 
-/// Objects every publisher writes to, interleaved.
-const OBJECTS: u64 = 8;
 /// Short, so a takeover after a SIGKILL (lease expiry + ack_wait) takes seconds.
 const ACK_WAIT: (&str, &str) = ("JS_ACK_WAIT_MS", "3000");
-
-/// What a publisher recorded of one append: object, stream sequence (JetStream) or the
-/// publisher's own counter (core), and the log text (unique).
-type Sent = (u64, u64, String);
-
-/// A stored entry: object, seq, ts, log.
-type Row = (u64, u64, SystemTime, String);
 
 async fn js_env(names: &[&str]) -> Env {
     let mut env = Env::shared(names).await;
     env.intake = "jetstream";
     env
-}
-
-fn object_of(publisher: usize, i: usize) -> u64 {
-    ((i * 7 + publisher * 3) as u64) % OBJECTS + 1
-}
-
-/// `n` appends, one at a time, each waiting for its PubAck (`pace` apart, so the load spans the
-/// faults the tests inject). Returns what the stream acknowledged.
-async fn js_publisher(
-    client: async_nats::Client,
-    subject: String,
-    publisher: usize,
-    n: usize,
-    pace: Option<Duration>,
-    acked: Arc<AtomicUsize>,
-) -> Vec<Sent> {
-    let js = jetstream::new(client);
-    let mut sent = Vec::with_capacity(n);
-    let mut ticker = pace.map(tokio::time::interval);
-    for i in 0..n {
-        if let Some(ticker) = ticker.as_mut() {
-            ticker.tick().await;
-        }
-        let id = object_of(publisher, i);
-        let log = format!("p{publisher}-{i}");
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", log.as_str());
-        let body = serde_json::json!({ "id": id, "log": log }).to_string();
-        let ack = within(10, "PubAck", async {
-            js.publish_with_headers(subject.clone(), headers, body.into())
-                .await
-                .expect("publish")
-                .await
-                .expect("PubAck")
-        })
-        .await;
-        assert!(!ack.duplicate, "{log}: the stream took it for a duplicate");
-        sent.push((id, ack.sequence, log));
-        acked.fetch_add(1, Ordering::Relaxed);
-    }
-    sent
-}
-
-/// `ids.len()` publishers (`js_publisher`, numbered by `ids`), each sending `n` appends.
-fn spawn_publishers(
-    env: &Env,
-    client: &async_nats::Client,
-    ids: std::ops::Range<usize>,
-    n: usize,
-    pace: Option<Duration>,
-    acked: &Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<Vec<Sent>>> {
-    ids.map(|p| {
-        tokio::spawn(js_publisher(
-            client.clone(),
-            env.subject("logs"),
-            p,
-            n,
-            pace,
-            acked.clone(),
-        ))
-    })
-    .collect()
-}
-
-/// Everything the publishers sent, each given at most `secs` to finish.
-async fn join_publishers(
-    publishers: Vec<tokio::task::JoinHandle<Vec<Sent>>>,
-    secs: u64,
-) -> Vec<Sent> {
-    let mut sent = Vec::new();
-    for publisher in publishers {
-        sent.extend(
-            within(secs, "publisher", publisher)
-                .await
-                .expect("publisher"),
-        );
-    }
-    sent
 }
 
 /// The index of the worker that pulls the stream.
@@ -122,99 +34,6 @@ async fn puller(workers: &[WorkerProcess]) -> usize {
         None
     })
     .await
-}
-
-/// Every entry on every shard (a shard that is down right now is skipped).
-async fn rows(env: &Env) -> Vec<Row> {
-    let mut rows = Vec::new();
-    for (_, url) in &env.shards {
-        let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await
-        else {
-            continue;
-        };
-        tokio::spawn(connection);
-        let Ok(found) = client
-            .query("SELECT object_id, seq, ts, log FROM logs", &[])
-            .await
-        else {
-            continue;
-        };
-        for row in found {
-            let (id, seq): (i64, i64) = (row.get(0), row.get(1));
-            rows.push((id as u64, seq as u64, row.get(2), row.get(3)));
-        }
-    }
-    rows
-}
-
-/// Wait until `expected` entries are stored; then check each is stored exactly once, on the
-/// object it was sent to, and return the rows by object in seq order.
-async fn stored(env: &Env, sent: &[Sent], secs: u64) -> HashMap<u64, Vec<Row>> {
-    let all = eventually(secs, "every acknowledged append stored", || async {
-        let all = rows(env).await;
-        (all.len() >= sent.len()).then_some(all)
-    })
-    .await;
-    assert_eq!(
-        all.len(),
-        sent.len(),
-        "entries stored vs appends acknowledged"
-    );
-    let objects: HashMap<&str, u64> = sent
-        .iter()
-        .map(|(id, _, log)| (log.as_str(), *id))
-        .collect();
-    let mut by_object: HashMap<u64, Vec<Row>> = HashMap::new();
-    for row in all {
-        assert_eq!(
-            objects.get(row.3.as_str()),
-            Some(&row.0),
-            "{} stored on the wrong object or never sent",
-            row.3
-        );
-        by_object.entry(row.0).or_default().push(row);
-    }
-    for entries in by_object.values_mut() {
-        entries.sort_by_key(|row| row.1);
-        for (i, row) in entries.iter().enumerate() {
-            assert_eq!(row.1, i as u64 + 1, "object {}: seq gap", row.0);
-        }
-    }
-    for (_, url) in &env.shards {
-        check_shard_invariants(url).await;
-    }
-    by_object
-}
-
-/// Per object: entries in seq order must be in stream order. Returns every inversion found.
-fn inversions(by_object: &HashMap<u64, Vec<Row>>, sent: &[Sent]) -> Vec<String> {
-    let position: HashMap<&str, u64> = sent
-        .iter()
-        .map(|(_, at, log)| (log.as_str(), *at))
-        .collect();
-    let mut found = Vec::new();
-    for (id, entries) in by_object {
-        for pair in entries.windows(2) {
-            let (a, b) = (position[pair[0].3.as_str()], position[pair[1].3.as_str()]);
-            if a >= b {
-                found.push(format!(
-                    "object {id}: seq {} = {} (stream seq {a}) before seq {} = {} (stream seq {b})",
-                    pair[0].1, pair[0].3, pair[1].1, pair[1].3
-                ));
-            }
-        }
-    }
-    found
-}
-
-fn assert_no_inversions(by_object: &HashMap<u64, Vec<Row>>, sent: &[Sent]) {
-    let found = inversions(by_object, sent);
-    assert!(
-        found.is_empty(),
-        "{} inversions, first: {:#?}",
-        found.len(),
-        &found[..found.len().min(5)]
-    );
 }
 
 async fn is_leader(worker: &WorkerProcess) -> bool {
@@ -245,7 +64,7 @@ async fn jetstream_keeps_stream_order_when_the_puller_is_sigkilled() {
         &acked,
     );
     eventually(60, "appends being stored", || async {
-        (rows(&env).await.len() > 600).then_some(())
+        (stored_rows(&env).await.len() > 600).then_some(())
     })
     .await;
     let leader = puller(&workers).await;
@@ -257,11 +76,15 @@ async fn jetstream_keeps_stream_order_when_the_puller_is_sigkilled() {
         at_kill < sent.len(),
         "the kill came before the last publish"
     );
-    let by_object = stored(&env, &sent, 120).await;
-    assert_no_inversions(&by_object, &sent);
+    let by_object = verify_stored(&env, &sent, 120).await;
+    assert_in_stream_order(&by_object, &sent);
     for entries in by_object.values() {
         for pair in entries.windows(2) {
-            assert!(pair[0].2 <= pair[1].2, "object {}: ts went back", pair[0].0);
+            assert!(
+                pair[0].ts <= pair[1].ts,
+                "object {}: ts went back",
+                pair[0].id
+            );
         }
     }
     let (mut leaders, mut redeliveries) = (0, 0.0);
@@ -303,7 +126,7 @@ async fn sigterm_hands_the_stream_over_without_waiting_for_ack_wait() {
         &acked,
     );
     eventually(60, "appends being stored", || async {
-        (rows(&env).await.len() > 300).then_some(())
+        (stored_rows(&env).await.len() > 300).then_some(())
     })
     .await;
     let leader = puller(&workers).await;
@@ -327,8 +150,8 @@ async fn sigterm_hands_the_stream_over_without_waiting_for_ack_wait() {
     })
     .await;
     let sent = join_publishers(publishers, 120).await;
-    let by_object = stored(&env, &sent, 60).await;
-    assert_no_inversions(&by_object, &sent);
+    let by_object = verify_stored(&env, &sent, 60).await;
+    assert_in_stream_order(&by_object, &sent);
     let (_, metrics) = within(10, "metrics", http_get(standby.metrics, "/metrics"))
         .await
         .expect("metrics");
@@ -370,10 +193,10 @@ async fn jetstream_entries_carry_the_stream_timestamps_in_stream_order() {
     for _ in 0..3 {
         workers.push(WorkerCommand::new(&env).start().await);
     }
-    let by_object = stored(&env, &sent, 120).await;
-    assert_no_inversions(&by_object, &sent);
+    let by_object = verify_stored(&env, &sent, 120).await;
+    assert_in_stream_order(&by_object, &sent);
     for entries in by_object.values() {
-        for (_, _, ts, log) in entries {
+        for Row { ts, log, .. } in entries {
             let published = stream_ts[log.as_str()];
             let micros = |t: SystemTime| {
                 t.duration_since(SystemTime::UNIX_EPOCH)
@@ -450,9 +273,9 @@ async fn jetstream_order_holds_across_a_shard_outage() {
     assert!(held > 0.0, "the puller holds the down shard's appends");
     own.restart();
     let sent = join_publishers(publishers, 120).await;
-    let by_object = stored(&env, &sent, 120).await;
-    assert_no_inversions(&by_object, &sent);
-    let total = rows(&env).await.len();
+    let by_object = verify_stored(&env, &sent, 120).await;
+    assert_in_stream_order(&by_object, &sent);
+    let total = stored_rows(&env).await.len();
     assert!(
         total > steady_rows().await as usize,
         "some objects live on the flaky shard"
@@ -493,7 +316,7 @@ async fn a_resync_during_a_shard_outage_does_not_wait_for_the_shard() {
     };
     let mut sent = publish_round(0).await;
     eventually(30, "the first round stored", || async {
-        (rows(&env).await.len() == sent.len()).then_some(())
+        (stored_rows(&env).await.len() == sent.len()).then_some(())
     })
     .await;
     assert!(
@@ -501,7 +324,7 @@ async fn a_resync_during_a_shard_outage_does_not_wait_for_the_shard() {
         "some objects live on the steady shard"
     );
     assert!(
-        (rows(&env).await.len() as i64) > steady_rows().await,
+        (stored_rows(&env).await.len() as i64) > steady_rows().await,
         "some objects live on the flaky shard"
     );
     // The flaky shard goes down; appends to it are parked in the worker.
@@ -534,8 +357,8 @@ async fn a_resync_during_a_shard_outage_does_not_wait_for_the_shard() {
     )
     .await;
     own.restart();
-    let by_object = stored(&env, &sent, 120).await;
-    assert_no_inversions(&by_object, &sent);
+    let by_object = verify_stored(&env, &sent, 120).await;
+    assert_in_stream_order(&by_object, &sent);
     assert_eq!(worker.terminate().await, Some(0));
 }
 
@@ -583,12 +406,12 @@ async fn core_keeps_each_publishers_order_when_a_worker_is_sigkilled() {
         })
         .collect();
     eventually(60, "appends being stored", || async {
-        (rows(&env).await.len() > 400).then_some(())
+        (stored_rows(&env).await.len() > 400).then_some(())
     })
     .await;
     workers.remove(0).kill().await;
     let sent = join_publishers(publishers, 180).await;
-    let by_object = stored(&env, &sent, 60).await;
+    let by_object = verify_stored(&env, &sent, 60).await;
     // Order is each publisher's: its counter must grow along each object's seqs.
     let counter: HashMap<&str, (&str, u64)> = sent
         .iter()
@@ -596,7 +419,7 @@ async fn core_keeps_each_publishers_order_when_a_worker_is_sigkilled() {
         .collect();
     for (id, entries) in &by_object {
         let mut last: HashMap<&str, u64> = HashMap::new();
-        for (_, seq, _, log) in entries {
+        for Row { seq, log, .. } in entries {
             let (publisher, i) = counter[log.as_str()];
             if let Some(previous) = last.insert(publisher, i) {
                 assert!(

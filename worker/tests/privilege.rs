@@ -50,11 +50,12 @@ async fn a_least_privileged_worker_works_and_cannot_drop_anything() {
         .await
         .expect("create a fresh database");
     let env = env_for(url(WORKER, WORKER_PASSWORD, "fresh"));
-    let config = env.config(free_port(), &[]);
+    let (listener, metrics) = metrics_listener();
+    let config = env.config(metrics.port(), &[]);
     let error = within(
         30,
         "a worker that may not migrate",
-        worker::run(config, std::future::pending::<()>()),
+        worker::run_on(config, listener, std::future::pending::<()>()),
     )
     .await
     .expect_err("a worker that may not migrate started");
@@ -211,21 +212,14 @@ async fn worker_migrate_grant_prepares_every_shard() {
         .collect::<Vec<_>>()
         .join(",");
     for run in 1..=2 {
-        let output = within(
+        let (code, _, stderr) = run_once(
+            "worker",
+            &["migrate", "--grant"],
+            &[("POSTGRES_SHARDS", spec.clone())],
             60,
-            "worker migrate --grant",
-            tokio::process::Command::new(bin_path("worker"))
-                .args(["migrate", "--grant"])
-                .env_clear()
-                .env("POSTGRES_SHARDS", &spec)
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .output(),
         )
-        .await
-        .expect("run worker migrate");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "run {run}: {stderr}");
+        .await;
+        assert_eq!(code, Some(0), "run {run}: {stderr}");
         assert!(stderr.contains("roles.sql applied"), "run {run}: {stderr}");
     }
     // The numbered migrations (CURRENT.sql only shows their result).

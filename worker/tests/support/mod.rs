@@ -5,6 +5,8 @@
 //! - `worker`: [`TestWorker`] (in-process) and [`WorkerCommand`] / [`WorkerProcess`] (the binary);
 //! - `client`: appends, queries and requests over NATS;
 //! - `db`: shard databases read directly; `http`: the metrics/health endpoint;
+//! - `load`: publishing with a ledger of what was acknowledged, and verifying the shards hold
+//!   every acknowledged append once, in order (also a loadgen run's own verify);
 //! - `bins`: the workspace's binaries, loadgen runs; `scenarios`: shared test logic;
 //! - `servers`: NATS and PostgreSQL; `tls`: certificates.
 
@@ -15,6 +17,7 @@ mod client;
 mod db;
 mod env;
 mod http;
+mod load;
 mod scenarios;
 pub mod servers;
 pub mod tls;
@@ -28,6 +31,7 @@ pub use client::*;
 pub use db::*;
 pub use env::*;
 pub use http::*;
+pub use load::*;
 pub use scenarios::*;
 pub use servers::{free_port, fresh_db, shared, unique_name, NatsServer, PgServer};
 pub use worker::*;

@@ -1,4 +1,4 @@
-//! Workers under test: [`TestWorker`] runs `worker::run` in the test's runtime;
+//! Workers under test: [`TestWorker`] runs `worker::run_on` in the test's runtime;
 //! [`WorkerCommand`] starts the real binary as a [`WorkerProcess`], for tests that signal,
 //! kill or limit it, or read what it prints.
 
@@ -26,16 +26,17 @@ pub struct TestWorker {
 
 impl TestWorker {
     /// Run a worker with `env`'s settings and `extra` on top in this runtime, without waiting
-    /// for it.
+    /// for it. Its metrics listener is bound here, on `127.0.0.1:0`, and handed to
+    /// `worker::run_on`, so no other process can take the port before the worker serves it.
     pub fn spawn(env: &Env, extra: &[(&str, &str)]) -> TestWorker {
-        let port = free_port();
-        let config = env.config(port, extra);
+        let (listener, metrics) = metrics_listener();
+        let config = env.config(metrics.port(), extra);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(worker::run(config, async move {
+        let task = tokio::spawn(worker::run_on(config, listener, async move {
             let _ = stopped.await;
         }));
         TestWorker {
-            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+            metrics,
             stop: Some(stop),
             task: Some(task),
         }
@@ -75,6 +76,24 @@ impl TestWorker {
     }
 }
 
+/// A listener on a free loopback port (`127.0.0.1:0`) for an in-process worker's metrics,
+/// and its address; bound as `tokio::net::TcpListener::bind` binds (SO_REUSEADDR, backlog
+/// 1024). Needs a Tokio runtime.
+pub fn metrics_listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket for the worker's metrics");
+    socket
+        .set_reuseaddr(true)
+        .expect("SO_REUSEADDR on the metrics socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind 127.0.0.1:0 for the worker's metrics");
+    let listener = socket
+        .listen(1024)
+        .expect("listen for the worker's metrics");
+    let addr = listener.local_addr().expect("metrics listener address");
+    (listener, addr)
+}
+
 impl Drop for TestWorker {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
@@ -93,25 +112,39 @@ enum Log {
 }
 
 /// How to start the worker binary: `env`'s settings on a free metrics port, `extra`
-/// variables on top. By default it inherits the test's environment, logs at `error` (or
-/// `TEST_WORKER_LOG`) to the test's stderr, and its stdout goes nowhere.
+/// variables on top, and `args` (none: it runs a worker). By default it inherits the test's
+/// environment, logs at `error` (or `TEST_WORKER_LOG`) to the test's stderr, and its stdout
+/// goes nowhere.
 pub struct WorkerCommand<'a> {
     env: &'a Env,
+    args: Vec<OsString>,
     extra: Vec<(OsString, OsString)>,
     nofile: Option<u64>,
     log: Log,
     capture: bool,
+    stdout: Option<Stdio>,
+    stderr: Option<Stdio>,
 }
 
 impl<'a> WorkerCommand<'a> {
     pub fn new(env: &'a Env) -> Self {
         WorkerCommand {
             env,
+            args: Vec::new(),
             extra: Vec::new(),
             nofile: None,
             log: Log::Quiet,
             capture: false,
+            stdout: None,
+            stderr: None,
         }
+    }
+
+    /// Command-line arguments, e.g. `shards status`.
+    pub fn args<A: AsRef<OsStr>>(mut self, args: &[A]) -> Self {
+        self.args
+            .extend(args.iter().map(|arg| arg.as_ref().to_owned()));
+        self
     }
 
     /// Variables set after `env`'s settings (so they win).
@@ -143,9 +176,22 @@ impl<'a> WorkerCommand<'a> {
     }
 
     /// Collect stdout and stderr as it runs ([`WorkerProcess::output`]), and inherit nothing
-    /// from the test's environment: what it prints then depends on its settings only.
+    /// from the test's environment: what it prints then depends on its settings only. Its stdin
+    /// is empty. A stream given to [`Self::stdout`] or [`Self::stderr`] is not collected.
     pub fn capture(mut self) -> Self {
         self.capture = true;
+        self
+    }
+
+    /// Where its stdout goes (instead of nowhere, or the capture).
+    pub fn stdout(mut self, to: impl Into<Stdio>) -> Self {
+        self.stdout = Some(to.into());
+        self
+    }
+
+    /// Where its stderr goes (instead of the test's stderr, or the capture), e.g. a file.
+    pub fn stderr(mut self, to: impl Into<Stdio>) -> Self {
+        self.stderr = Some(to.into());
         self
     }
 
@@ -153,6 +199,7 @@ impl<'a> WorkerCommand<'a> {
     pub fn spawn(self) -> WorkerProcess {
         let port = free_port();
         let mut command = tokio::process::Command::new(bin_path("worker"));
+        command.args(&self.args);
         if self.capture {
             command.env_clear();
         }
@@ -180,22 +227,14 @@ impl<'a> WorkerCommand<'a> {
         } else {
             command.stdout(Stdio::null());
         }
+        if let Some(stdout) = self.stdout {
+            command.stdout(stdout);
+        }
+        if let Some(stderr) = self.stderr {
+            command.stderr(stderr);
+        }
         if let Some(nofile) = self.nofile {
-            let limit = libc::rlimit {
-                rlim_cur: nofile,
-                rlim_max: nofile,
-            };
-            // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
-            // the closure touches nothing but its own copy of `limit`.
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+            limit_nofile(&mut command, nofile);
         }
         let mut child = command.spawn().expect("start the worker binary");
         let output = self.capture.then(|| Captured::start(&mut child));
@@ -214,6 +253,25 @@ impl<'a> WorkerCommand<'a> {
     }
 }
 
+/// Soft and hard RLIMIT_NOFILE of the process `command` starts.
+fn limit_nofile(command: &mut tokio::process::Command, nofile: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: nofile,
+        rlim_max: nofile,
+    };
+    // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and the
+    // closure touches nothing but its own copy of `limit`.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// A worker running as its own process (the real binary).
 pub struct WorkerProcess {
     pub child: Child,
@@ -228,35 +286,69 @@ struct Captured {
 }
 
 impl Captured {
+    /// Reads whichever of its stdout and stderr are pipes.
     fn start(child: &mut Child) -> Captured {
         let text = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let readers = vec![
-            tokio::spawn(collect_output(stdout, text.clone())),
-            tokio::spawn(collect_output(stderr, text.clone())),
-        ];
+        let mut readers = Vec::new();
+        if let Some(stdout) = child.stdout.take() {
+            readers.push(tokio::spawn(collect_output(stdout, text.clone())));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            readers.push(tokio::spawn(collect_output(stderr, text.clone())));
+        }
         Captured { text, readers }
     }
 }
 
 impl WorkerProcess {
     /// Waits (at most 60 s) until `/readyz` answers 200; a timeout fails the test with the
-    /// last answer and, when captured, the worker's output so far.
+    /// last answer and, when captured, the worker's output so far, and so does the worker
+    /// exiting meanwhile (at once, with its exit status).
     pub async fn wait_ready(&self) {
         let addr = self.metrics;
         let ready = tokio::time::timeout(Duration::from_secs(60), async {
-            while !matches!(http_get(addr, "/readyz").await, Some((200, _))) {
+            loop {
+                if let Some(status) = self.exited_with() {
+                    return Err(status);
+                }
+                if matches!(http_get(addr, "/readyz").await, Some((200, _))) {
+                    return Ok(());
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
         .await;
-        if ready.is_err() {
-            panic!(
+        match ready {
+            Ok(Ok(())) => {}
+            Ok(Err(status)) => panic!(
+                "the worker exited ({status}) before it was ready; its output:\n{}",
+                self.output_so_far()
+            ),
+            Err(_) => panic!(
                 "timed out after 60s: worker ready; /readyz {:?}; its output:\n{}",
                 http_get(addr, "/readyz").await,
                 self.output_so_far()
+            ),
+        }
+    }
+
+    /// How the process ended, if it has (without reaping it: `child` still can be waited for).
+    fn exited_with(&self) -> Option<String> {
+        let pid = self.child.id()?;
+        // SAFETY: waitid(2) with WNOWAIT on our own child's pid and a zeroed siginfo_t that it
+        // owns; it only reads the child's state.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let found = libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
             );
+            (found == 0 && info.si_pid() != 0).then(|| match info.si_code {
+                libc::CLD_EXITED => format!("exit status: {}", info.si_status()),
+                _ => format!("signal: {}", info.si_status()),
+            })
         }
     }
 
@@ -300,7 +392,35 @@ impl WorkerProcess {
         {
             self.child.kill().await.expect("SIGKILL the worker");
         }
-        let captured = self.output.as_mut().expect("stop() needs capture()");
+        self.read_to_end("stop()").await
+    }
+
+    /// SIGKILL (for tests that check what it printed, not how it stops); returns everything
+    /// it printed (needs [`WorkerCommand::capture`]).
+    pub async fn kill_and_read(mut self) -> String {
+        let _ = self.child.start_kill();
+        within(10, "worker exits", self.child.wait())
+            .await
+            .expect("wait");
+        self.read_to_end("kill_and_read()").await
+    }
+
+    /// Waits (at most `secs`) for it to exit by itself, e.g. when it refuses to start; returns
+    /// how it ended and everything it printed (needs [`WorkerCommand::capture`]).
+    pub async fn exit(mut self, secs: u64) -> (std::process::ExitStatus, String) {
+        let status = within(secs, "worker exits", self.child.wait())
+            .await
+            .expect("wait");
+        (status, self.read_to_end("exit()").await)
+    }
+
+    /// Once the process has exited: waits for its pipes to be read to their end and returns
+    /// everything it printed.
+    async fn read_to_end(&mut self, what: &str) -> String {
+        let captured = self
+            .output
+            .as_mut()
+            .unwrap_or_else(|| panic!("{what} needs capture()"));
         for reader in captured.readers.drain(..) {
             within(10, "worker output read to its end", reader)
                 .await

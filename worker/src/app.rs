@@ -282,7 +282,7 @@ impl Parts {
         let task: Pin<Box<dyn Future<Output = ()> + Send>> = match &config.intake {
             Intake::Core => {
                 let logs = self.subscribe(&config.logs_subject).await?;
-                let router = Arc::new(self.router(None));
+                let router = Arc::new(self.router(None, 0));
                 Box::pin(intake::run_core(
                     logs,
                     requests,
@@ -306,10 +306,12 @@ impl Parts {
                     self.metrics.clone(),
                     self.cancel.clone(),
                 ));
-                let router = Arc::new(self.router(Some(setup.stream_identity)));
+                let router = Arc::new(self.router(
+                    Some(setup.stream_identity.clone()),
+                    setup.partitions.len() as u32,
+                ));
                 Box::pin(intake::run_jetstream(
-                    setup.consumer,
-                    setup.lease,
+                    setup,
                     requests,
                     router,
                     self.cancel.clone(),
@@ -323,7 +325,8 @@ impl Parts {
     }
 
     /// The router of this worker's intake; `stream_identity` with JetStream.
-    fn router(&self, stream_identity: Option<String>) -> intake::Router {
+    /// The router of this worker's intake; `partitions`: the stream's partition count.
+    fn router(&self, stream_identity: Option<String>, partitions: u32) -> intake::Router {
         let config = &self.config;
         intake::Router {
             shards: self.shards.clone(),
@@ -339,6 +342,8 @@ impl Parts {
                 _ => None,
             },
             held: origin::Held::default(),
+            partitions,
+            logs_subject: config.logs_subject.clone(),
             replies: config.replies.clone(),
         }
     }

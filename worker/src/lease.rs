@@ -81,6 +81,23 @@ impl Lease {
         })
     }
 
+    /// The lease `key` in the same bucket, with the same lifetime.
+    pub(crate) fn with_key(&self, key: String) -> Lease {
+        Lease {
+            context: self.context.clone(),
+            kv: self.kv.clone(),
+            bucket: self.bucket.clone(),
+            key,
+            holder: self.holder.clone(),
+            ttl: self.ttl,
+        }
+    }
+
+    /// The bucket's store (the partitioned intake keeps its member list there too).
+    pub(crate) fn store(&self) -> &kv::Store {
+        &self.kv
+    }
+
     /// The key this lease is held under (for logs).
     pub fn key(&self) -> &str {
         &self.key

@@ -98,6 +98,9 @@ pub struct JetStreamConfig {
     /// Single puller under a lease, stream order per object (JS_ORDERED).
     pub ordered: bool,
     pub lease: Duration,
+    /// JS_PARTITIONS: the ordered intake's partitions when this worker creates the stream (the
+    /// stream's own count wins afterwards); 0: the `logs` lane only.
+    pub partitions: u32,
 }
 
 /// The retention sweeper's settings.

@@ -152,6 +152,11 @@ pub struct RawConfig {
     /// another worker takes over the stream after the puller dies.
     #[arg(long, env = "JS_LEASE_MS", default_value = "3000")]
     pub js_lease_ms: String,
+    /// Partitions of the ordered intake (`logs.<id>` subjects), set when a worker creates the
+    /// stream (or first adds them to it); afterwards every worker follows the stream's own
+    /// count. 0: the `logs` lane only.
+    #[arg(long, env = "JS_PARTITIONS", default_value = "0")]
+    pub js_partitions: String,
     /// Address of the HTTP server for /metrics, /healthz and /readyz (`:PORT` = all interfaces).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:2112")]
     pub metrics_addr: String,
@@ -337,6 +342,7 @@ impl RawConfig {
                 )?,
                 ordered: boolean("JS_ORDERED", &self.js_ordered)?,
                 lease: millis("JS_LEASE_MS", &self.js_lease_ms, 300, 600_000)?,
+                partitions: number("JS_PARTITIONS", &self.js_partitions, 0, 1024)?,
             })),
             other => Err(bad("INTAKE", format!("{other:?} is not jetstream or core"))),
         }

@@ -10,17 +10,22 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::ordered;
+use super::partitions::{self, Partition};
 use super::requests::Requests;
 use super::route::Router;
+use super::stream::{merged, partition_consumer, partition_filter, partition_max_ack_pending};
 use crate::cancel::pause;
 use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
+use crate::origin::Held;
 
 /// How often the consumer's lag is read from the server: as often as compose's Prometheus
 /// scrapes, and one small JetStream API request per worker per period.
 pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause between attempts to set the JetStream intake up.
 const SETUP_RETRY: Duration = Duration::from_secs(1);
+
+type Consumer = consumer::Consumer<consumer::pull::Config>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
@@ -44,17 +49,33 @@ pub enum IntakeError {
 /// With a `lease` (JS_ORDERED), appends are pulled by one worker at a time, in stream order
 /// (see [`super::ordered`]); without, every worker pulls.
 pub async fn run_jetstream(
-    consumer: consumer::Consumer<consumer::pull::Config>,
-    lease: Option<crate::lease::Lease>,
+    setup: JetStream,
     mut requests: Requests,
     router: Arc<Router>,
     cancel: CancellationToken,
 ) {
+    let JetStream {
+        consumer,
+        lease,
+        partitions,
+        reset,
+        ..
+    } = setup;
     let appends = {
         let (router, cancel) = (router.clone(), cancel.clone());
         async move {
             match lease {
-                Some(lease) => ordered::run(&router, &consumer, lease, &cancel).await,
+                Some(lease) => {
+                    let lanes = partitions::run(&router, &lease, partitions, reset, &cancel);
+                    let legacy = ordered::run(
+                        &router,
+                        &consumer,
+                        lease.with_key(lease.key().to_string()),
+                        reset,
+                        &cancel,
+                    );
+                    futures::join!(legacy, lanes);
+                }
                 None => router.pull_loop(&consumer, &cancel).await,
             }
         }
@@ -136,6 +157,12 @@ pub struct JetStream {
     pub consumer: consumer::Consumer<consumer::pull::Config>,
     /// JS_ORDERED: the intake lease the pullers compete for.
     pub lease: Option<crate::lease::Lease>,
+    /// The ordered intake's partitions (none without JS_ORDERED, or with JS_PARTITIONS=0 on a
+    /// stream that records none).
+    pub partitions: Vec<Partition>,
+    /// The server resets a consumer to its ack floor (nats-server 2.14+): a takeover need not
+    /// wait for ack_wait.
+    pub reset: bool,
     /// See [`Router::stream_identity`].
     pub stream_identity: String,
 }
@@ -171,7 +198,11 @@ async fn setup_once(
     logs_subject: &str,
     js: &JetStreamConfig,
 ) -> Result<JetStream, IntakeError> {
-    let (consumer, stream) = setup_jetstream(client, logs_subject, js).await?;
+    let Setup {
+        consumer,
+        info: stream,
+        partitions,
+    } = setup_jetstream(client, logs_subject, js).await?;
     let lease = match js.ordered {
         true => {
             ordered::check_server(&client.server_info().version);
@@ -182,6 +213,8 @@ async fn setup_once(
     Ok(JetStream {
         consumer,
         lease,
+        partitions,
+        reset: ordered::server_can_reset(&client.server_info().version),
         stream_identity: format!(
             "js:{}:{}",
             stream.config.name,
@@ -196,11 +229,10 @@ async fn setup_jetstream(
     client: &async_nats::Client,
     logs_subject: &str,
     config: &JetStreamConfig,
-) -> Result<(consumer::Consumer<consumer::pull::Config>, stream::Info), IntakeError> {
+) -> Result<Setup, IntakeError> {
     let context = jetstream::new(client.clone());
-    let stream_config = stream::Config {
+    let wanted = stream::Config {
         name: config.stream.clone(),
-        subjects: vec![logs_subject.to_string()],
         // The stream is an intake buffer, not the store: each append is consumed once and
         // deleted when a worker acknowledges it (after its Postgres commit).
         retention: stream::RetentionPolicy::WorkQueue,
@@ -216,6 +248,13 @@ async fn setup_jetstream(
         duplicate_window: config.duplicate_window,
         ..Default::default()
     };
+    // Merged into what is there (never narrowing it); partitions only with the ordered intake.
+    let configured = if config.ordered { config.partitions } else { 0 };
+    let existing = match context.get_stream(&config.stream).await {
+        Ok(mut stream) => stream.info().await.ok().map(|info| info.config.clone()),
+        Err(_) => None,
+    };
+    let (stream_config, partitions) = merged(existing.as_ref(), wanted, logs_subject, configured);
     // Two workers starting together may race to create; the loser's update then succeeds.
     let info = retry_race("stream", || {
         context.create_or_update_stream(stream_config.clone())
@@ -246,15 +285,51 @@ async fn setup_jetstream(
                 e,
             ),
         })?;
-    let consumer = retry_race("consumer", || {
-        stream.create_consumer(consumer_config.clone())
+    let consumer = create_consumer(&stream, consumer_config.clone()).await?;
+    let mut lanes = Vec::new();
+    if partitions > 0 && !config.ordered {
+        tracing::warn!(partitions, "the stream has partitions, which only ordered workers (JS_ORDERED=true) pull; this worker pulls the `logs` lane only");
+    }
+    for k in (0..partitions).filter(|_| config.ordered) {
+        let config = consumer::pull::Config {
+            durable_name: Some(partition_consumer(&config.consumer, k)),
+            filter_subject: partition_filter(logs_subject, k),
+            max_ack_pending: partition_max_ack_pending(config.max_ack_pending, partitions),
+            ..consumer_config.clone()
+        };
+        lanes.push(Partition {
+            k,
+            consumer: create_consumer(&stream, config).await?,
+            held: Held::default(),
+        });
+    }
+    Ok(Setup {
+        consumer,
+        info,
+        partitions: lanes,
     })
-    .await
-    .map_err(|source| IntakeError::Consumer {
-        consumer: config.consumer.clone(),
-        source,
-    })?;
-    Ok((consumer, info))
+}
+
+/// Create (or confirm) one durable consumer, retrying a race with another worker.
+async fn create_consumer(
+    stream: &stream::Stream,
+    config: consumer::pull::Config,
+) -> Result<Consumer, IntakeError> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    retry_race("consumer", || stream.create_consumer(config.clone()))
+        .await
+        .map_err(|source| IntakeError::Consumer {
+            consumer: name,
+            source,
+        })
+}
+
+/// What [`setup_jetstream`] made.
+struct Setup {
+    /// The `logs` lane's consumer.
+    consumer: Consumer,
+    info: stream::Info,
+    partitions: Vec<Partition>,
 }
 
 /// Retry an idempotent setup call a few times with growing pauses: workers starting together

@@ -17,9 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 mod durable;
 pub mod ordered;
+pub mod partitions;
 mod pull;
 mod requests;
 mod route;
+mod stream;
 
 use requests::drain;
 

@@ -14,14 +14,21 @@
 //!   can overtake it. A shard that stays down fills its queue, and then the puller waits
 //!   (head-of-line blocking, as in any ordered log; core intake keeps answering
 //!   `unavailable` instead).
+//! - Takeover: a new holder whose consumer has unacknowledged deliveries (the last holder
+//!   died holding them) resets the consumer to its ack floor on nats-server 2.14+
+//!   ([`take_over`]): they are delivered again at once, in stream order, instead of after
+//!   ack_wait. The same runs per partition (`partitions.rs`, docs/intake.md).
 //! - Resync: before pulling as the new holder, after a NATS reconnect (deliveries may have been
-//!   lost in flight) and whenever the stream sequence skips (another puller got messages), the
+//!   lost in flight) and whenever a delivery is skipped (the consumer sequence jumps: another
+//!   puller got messages; not the stream sequence, which a partition's consumer sees with gaps
+//!   by design), the
 //!   puller fetches and holds back messages until every delivered-and-unacknowledged message of
 //!   the consumer is in its hands (the consumer's `num_ack_pending` equals what it gathered plus
 //!   what it routed earlier and has not settled, up to the consumer's delivered sequence).
-//!   Messages a dead or deposed puller held come back once their ack_wait expires; only then is
-//!   the gathered set routed, sorted. So a takeover after a SIGKILL pauses intake for up to
-//!   `JS_LEASE_MS` + `JS_ACK_WAIT_MS`; a clean handover (the holder drains and releases the
+//!   Messages a dead or deposed puller held come back at once after a reset, else once their
+//!   ack_wait expires; only then is the gathered set routed, sorted. So a takeover after a
+//!   SIGKILL pauses intake for about `JS_LEASE_MS` (up to `JS_LEASE_MS` + `JS_ACK_WAIT_MS` on a
+//!   server older than 2.14); a clean handover (the holder drains and releases the
 //!   lease at shutdown) pauses it only for the drain. Appends parked behind a down shard count
 //!   as in hand, so a resync during an outage does not wait for the shard.
 //! - A deposed puller that still commits what it had (a paused process, a partition) can only
@@ -46,6 +53,7 @@ use crate::config::JetStreamConfig;
 /// Where the intake leases live (tests read it; the bucket is [`crate::lease`]'s).
 pub use crate::lease::LEASE_BUCKET;
 use crate::lease::{Lease, LeaseError};
+use crate::origin::Held;
 
 /// Pause between failed attempts to read the consumer's state during a resync.
 const RESYNC_POLL: Duration = Duration::from_millis(200);
@@ -66,13 +74,63 @@ pub const MIN_SERVER: (u64, u64, u64) = (2, 10, 22);
 /// Whether a nats-server `version` ("2.10.22", "v2.11.0-RC.1") is at least [`MIN_SERVER`];
 /// None when it cannot be read.
 pub fn server_is_safe(version: &str) -> Option<bool> {
+    version_at_least(version, MIN_SERVER)
+}
+
+/// The oldest nats-server that resets a consumer to its ack floor (`$JS.API.CONSUMER.RESET`,
+/// ADR-60): a takeover then redelivers the last owner's unacknowledged messages at once.
+pub const RESET_SERVER: (u64, u64, u64) = (2, 14, 0);
+
+/// Whether a nats-server `version` can reset a consumer ([`RESET_SERVER`]).
+pub fn server_can_reset(version: &str) -> bool {
+    version_at_least(version, RESET_SERVER) == Some(true)
+}
+
+fn version_at_least(version: &str, least: (u64, u64, u64)) -> Option<bool> {
     let mut parts = version
         .trim_start_matches('v')
         .split(|c: char| !c.is_ascii_digit())
         .map(str::parse::<u64>);
     let mut next = || parts.next().and_then(Result::ok);
     let found = (next()?, next()?, next()?);
-    Some(found >= MIN_SERVER)
+    Some(found >= least)
+}
+
+/// Take `consumer` over as its new puller: count how (`handover` when nothing was left
+/// unacknowledged, else `crash`) and, where the server can (`reset`), reset it to its ack
+/// floor so the last owner's unacknowledged messages come again at once, in stream order,
+/// instead of after ack_wait. The resync that follows gathers them either way.
+pub(super) async fn take_over(router: &Router, consumer: &Consumer, reset: bool, what: &str) {
+    let kind = match consumer_state(consumer).await {
+        Ok(info) if info.num_ack_pending == 0 => "handover",
+        _ => "crash",
+    };
+    router
+        .metrics
+        .jetstream_takeovers
+        .with_label_values(&[kind])
+        .inc();
+    if !reset || kind == "handover" {
+        return;
+    }
+    let mut consumer = consumer.clone();
+    match tokio::time::timeout(INFO_TIMEOUT, consumer.reset(None)).await {
+        Ok(Ok(_)) => {
+            tracing::info!(
+                lane = what,
+                "reset the consumer to its ack floor: the last owner's messages come again now"
+            )
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(lane = what, error = %e, "cannot reset the consumer; waiting for ack_wait instead")
+        }
+        Err(_) => {
+            tracing::warn!(
+                lane = what,
+                "no answer to the consumer reset; waiting for ack_wait instead"
+            )
+        }
+    }
 }
 
 /// Say loudly when the connected nats-server is too old for the ordered intake.
@@ -105,6 +163,7 @@ pub async fn run(
     router: &Router,
     consumer: &Consumer,
     mut lease: Lease,
+    reset: bool,
     cancel: &CancellationToken,
 ) {
     let metrics = &router.metrics;
@@ -134,12 +193,13 @@ pub async fn run(
         failing = false;
         waiting_logged = false;
         tracing::info!(lease = %lease.key(), "took the intake lease; pulling the stream in order");
+        take_over(router, consumer, reset, "logs").await;
         metrics.jetstream_pulling.set(1);
         // The puller checks the lease before every pull, so a process paused past its lease
         // pulls nothing when it wakes.
         let ((), revision) = lease
             .hold(revision, cancel, "intake", |lost, validity| async move {
-                lead(router, consumer, &lost, &|| validity.holds()).await
+                lead(router, consumer, &router.held, &lost, &|| validity.holds()).await
             })
             .await;
         metrics.jetstream_pulling.set(0);
@@ -149,16 +209,18 @@ pub async fn run(
     }
 }
 
-/// Pull and route in stream order until `stop`.
-async fn lead(
+/// Pull `consumer` and route in stream order until `stop`; `held`: the messages of this
+/// consumer that this worker has routed and not settled.
+pub(super) async fn lead(
     router: &Router,
     consumer: &Consumer,
+    held: &Held,
     stop: &CancellationToken,
     valid: &(dyn Fn() -> bool + Sync),
 ) {
     let reconnects = &router.metrics.nats_reconnects;
-    // The highest stream sequence delivered to this puller; None until a resync set it.
-    let mut highest: Option<u64> = None;
+    // The consumer sequence of the last delivery to this puller; None until a resync set it.
+    let mut last: Option<u64> = None;
     let mut in_hand: Vec<jetstream::Message> = Vec::new();
     // The next pull, made while the previous one was being routed (read to its end at once, so
     // none of its messages can be abandoned by the client however long the routing waits).
@@ -172,14 +234,14 @@ async fn lead(
         if reconnects.get() != seen_reconnects {
             seen_reconnects = reconnects.get();
             tracing::info!("reconnected to NATS; resyncing the ordered intake");
-            highest = None;
+            last = None;
         }
-        let Some(mark) = highest else {
+        let Some(delivery) = last else {
             if let Some((messages, _)) = prefetched.take() {
                 in_hand.extend(messages);
             }
-            match resync(router, consumer, stop, std::mem::take(&mut in_hand)).await {
-                Some(mark) => highest = Some(mark),
+            match resync(router, consumer, held, stop, std::mem::take(&mut in_hand)).await {
+                Some(delivery) => last = Some(delivery),
                 None => return,
             }
             continue;
@@ -188,68 +250,74 @@ async fn lead(
             Some(pulled) => pulled,
             None => fetch(router, consumer, stop).await,
         };
-        let batch = sorted(batch);
-        if skipped(mark, &batch) || !complete {
+        let Some(next) = contiguous(delivery, &batch).filter(|_| complete) else {
             tracing::info!(
-                after = mark,
-                "stream sequence skipped or a fetch failed; resyncing the ordered intake"
+                after = delivery,
+                "a delivery was skipped or a fetch failed; resyncing the ordered intake"
             );
-            in_hand = batch.into_values().collect();
-            highest = None;
+            in_hand = batch;
+            last = None;
             continue;
-        }
-        let top = batch.keys().next_back().copied().unwrap_or(mark).max(mark);
-        let route = route_sorted(router, batch, mark);
+        };
+        let route = route_sorted(router, held, sorted(batch));
         // Pulls stay one at a time (the next is asked for once this one has ended), so
         // deliveries still arrive in stream order.
-        let next = async {
+        let pull = async {
             match !stop.is_cancelled() && valid() {
                 true => Some(fetch(router, consumer, stop).await),
                 false => None,
             }
         };
-        let ((), next) = futures::join!(route, next);
-        prefetched = next;
-        highest = Some(top);
+        let ((), pulled) = futures::join!(route, pull);
+        prefetched = pulled;
+        last = Some(next);
     }
     // Stopping: a pull made meanwhile is routed too (shutdown finishes what was taken in).
-    if let (Some(mark), Some((batch, true))) = (highest, prefetched) {
-        let batch = sorted(batch);
-        if !skipped(mark, &batch) {
-            route_sorted(router, batch, mark).await;
+    if let (Some(delivery), Some((batch, true))) = (last, prefetched) {
+        if contiguous(delivery, &batch).is_some() {
+            route_sorted(router, held, sorted(batch)).await;
         }
     }
 }
 
-/// Whether `batch` skips a stream sequence after `mark`: deliveries went elsewhere (a deposed
-/// puller) or were lost, so nothing from here is routed until everything outstanding is in hand.
-fn skipped(mark: u64, batch: &BTreeMap<u64, jetstream::Message>) -> bool {
-    batch
-        .keys()
-        .next_back()
-        .is_some_and(|&last| last > mark + batch.range(mark + 1..).count() as u64)
+/// The consumer sequence of the last of `batch` (in the order it arrived) when its deliveries
+/// follow `delivery` without a gap; None when one was skipped: it went elsewhere (a deposed
+/// puller) or was lost, so nothing from here is routed until everything outstanding is in hand.
+/// The consumer sequence, not the stream sequence: a consumer of one partition sees gaps in
+/// stream sequences by design (the other partitions' messages), never in its own deliveries.
+fn contiguous(delivery: u64, batch: &[jetstream::Message]) -> Option<u64> {
+    let mut last = delivery;
+    for message in batch {
+        let info = message.info().ok()?;
+        if info.consumer_sequence != last + 1 {
+            return None;
+        }
+        last = info.consumer_sequence;
+    }
+    Some(last)
 }
 
-/// Route a batch in stream order, `mark` being the highest sequence routed before it.
-async fn route_sorted(router: &Router, batch: BTreeMap<u64, jetstream::Message>, mark: u64) {
+/// Route a batch in stream order. A redelivery of a message still in this worker (parked past
+/// ack_wait behind a down shard, or made redeliverable by a consumer reset) is dropped: the copy
+/// in hand settles it.
+async fn route_sorted(router: &Router, held: &Held, batch: BTreeMap<u64, jetstream::Message>) {
     for (sequence, message) in batch {
-        // A redelivery of a message still in this worker (parked past ack_wait behind a down
-        // shard): the copy in hand settles it.
-        if sequence <= mark && router.held.contains(sequence) {
+        if held.contains(sequence) {
             router.metrics.jetstream_redeliveries.inc();
             continue;
         }
-        router.jetstream_append(message).await;
+        router.jetstream_append_to(message, held).await;
     }
 }
 
 /// Gather messages until every unacknowledged delivery of the consumer is in this worker's
 /// hands (gathered now, or routed before and not settled yet), and route the gathered ones in
 /// stream order.
-/// Returns the highest delivered sequence, or None when `stop` fired first.
+/// Returns the consumer sequence of the last delivery, or None when `stop` fired first.
 async fn resync(
     router: &Router,
     consumer: &Consumer,
+    held: &Held,
     stop: &CancellationToken,
     already: Vec<jetstream::Message>,
 ) -> Option<u64> {
@@ -267,9 +335,9 @@ async fn resync(
                 failing = false;
                 let delivered = info.delivered.stream_sequence;
                 // Counted after reading the consumer's state (see `count_in_hand`).
-                let (in_hand, held) = count_in_hand(router, &gathered, delivered);
+                let (in_hand, parked) = count_in_hand(held, &gathered, delivered);
                 if in_hand >= info.num_ack_pending {
-                    break delivered;
+                    break info.delivered.consumer_sequence;
                 }
                 if reported.elapsed() >= RESYNC_REPORT {
                     reported = Instant::now();
@@ -278,7 +346,7 @@ async fn resync(
                         in_hand,
                         delivered,
                         gathered = gathered.len(),
-                        held,
+                        held = parked,
                         waited_ms = started.elapsed().as_millis() as u64,
                         "resyncing: waiting for the consumer's unacknowledged deliveries to come back"
                     );
@@ -304,7 +372,8 @@ async fn resync(
         waited_ms = started.elapsed().as_millis() as u64,
         "ordered intake in sync; routing in stream order"
     );
-    Some(route_gathered(router, gathered, delivered).await)
+    route_sorted(router, held, gathered).await;
+    Some(delivered)
 }
 
 /// The consumer's state as the server reports it now; the error says why it could not be read
@@ -324,41 +393,17 @@ async fn consumer_state(consumer: &Consumer) -> Result<consumer::Info, String> {
 /// Call it after reading the consumer's state, so that a message settled meanwhile is missing
 /// from both sides or only from this one: never counted without being pending.
 fn count_in_hand(
-    router: &Router,
+    held: &Held,
     gathered: &BTreeMap<u64, jetstream::Message>,
     delivered: u64,
 ) -> (usize, usize) {
-    let held = router.held.up_to(delivered);
+    let held = held.up_to(delivered);
     let in_hand = held.len()
         + gathered
             .range(..=delivered)
             .filter(|(sequence, _)| !held.contains(sequence))
             .count();
     (in_hand, held.len())
-}
-
-/// Route what a resync gathered in stream order, except copies of messages routed before it
-/// (those settle them). Returns the highest sequence routed or delivered.
-async fn route_gathered(
-    router: &Router,
-    gathered: BTreeMap<u64, jetstream::Message>,
-    delivered: u64,
-) -> u64 {
-    let top = gathered
-        .keys()
-        .next_back()
-        .copied()
-        .unwrap_or(0)
-        .max(delivered);
-    for (sequence, message) in gathered {
-        // A copy of a message routed before the resync: that one settles it.
-        if router.held.contains(sequence) {
-            router.metrics.jetstream_redeliveries.inc();
-            continue;
-        }
-        router.jetstream_append(message).await;
-    }
-    top
 }
 
 /// One pull request, read to its end before anything is routed (a pull whose messages sit

@@ -15,11 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::requests::RequestKind;
 use crate::metrics::Metrics;
+use crate::origin::Held;
 use crate::origin::{AppendJob, BatchMessage, InFlight, Origin, Settle, Settler};
 use crate::pipeline::{Refused, Work};
 use crate::query::{Queries, QueryJob, Request};
 use crate::shards::Shards;
 use crate::store::NewEntry;
+use logstore_protocol::partition::partition;
 
 /// Routes decoded requests to the shard pipelines.
 pub struct Router {
@@ -41,13 +43,55 @@ pub struct Router {
     /// JS_ORDERED: JetStream appends are held (see [`AppendJob::hold`]); offering them waits
     /// for room until this token (shutdown) fires.
     pub ordered: Option<CancellationToken>,
-    /// Stream sequences of the JetStream messages in this worker.
-    pub held: crate::origin::Held,
+    /// Stream sequences of the JetStream messages of the `logs` lane in this worker (each
+    /// partition has its own set).
+    pub held: Held,
+    /// The stream's partition count (0: none); with the `logs` subject, what a message on a
+    /// partition's subject is checked against ([`Router::check_partition`]).
+    pub partitions: u32,
+    pub logs_subject: String,
     /// NATS_REPLY_PREFIXES: which reply subjects a core message may name.
     pub replies: crate::replies::ReplyPolicy,
 }
 
 impl Router {
+    /// A message on a partition's subject must hold only what belongs there: on
+    /// `<logs>.p.<k>.<id>` every entry is object `<id>`, on `<logs>.p.<k>.b` every entry's object
+    /// is in partition k. Anything else is refused whole, so that a publisher with a wrong hash
+    /// or a non-canonical id (`logs.042`) can never break another object's order.
+    fn check_partition(&self, subject: &str, body: &AppendBody) -> Result<(), ErrorBody> {
+        let Some(rest) = subject
+            .strip_prefix(self.logs_subject.as_str())
+            .and_then(|rest| rest.strip_prefix(".p."))
+        else {
+            return Ok(());
+        };
+        let (k, object) = rest.split_once('.').unwrap_or((rest, ""));
+        let k: Option<u32> = k.parse().ok().filter(|k| *k < self.partitions);
+        let ids: Vec<u64> = match body {
+            AppendBody::Single(request) => vec![request.id],
+            AppendBody::Batch(batch) => batch.iter().map(|entry| entry.id).collect(),
+        };
+        let misplaced = ids.iter().find(|&&id| match (k, object) {
+            (None, _) => true,
+            (Some(k), "b") => partition(id, self.partitions) != k,
+            (Some(_), object) => object != id.to_string(),
+        });
+        match misplaced {
+            None => Ok(()),
+            Some(id) => Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "object {id} does not belong on {subject} (publish an object's appends to \
+                     {logs}.<id>, or a batch to {logs}.p.<k>.b with every entry in partition k \
+                     of {partitions}); nothing was stored",
+                    logs = self.logs_subject,
+                    partitions = self.partitions,
+                ),
+            )),
+        }
+    }
+
     /// Whether `message`'s reply subject, if any, may be answered (NATS_REPLY_PREFIXES). One
     /// that may not is refused whole, before it is decoded: nothing is stored or answered, a
     /// dead letter says why, and `logstore_replies_refused_total{kind}` counts it.
@@ -112,10 +156,21 @@ impl Router {
     }
 
     pub(crate) async fn jetstream_append(&self, message: jetstream::Message) {
+        self.jetstream_append_to(message, &self.held).await
+    }
+
+    /// A JetStream append, listed in `held` (its lane's: the `logs` lane's or a partition's)
+    /// until it settles.
+    pub(crate) async fn jetstream_append_to(&self, message: jetstream::Message, held: &Held) {
         let started = Instant::now();
         // Decoded from borrowed bytes before the message moves into its origin: no copy of the
         // payload per append.
-        let body = self.decode(&message.payload, message.headers.as_ref());
+        let body = self
+            .decode(&message.payload, message.headers.as_ref())
+            .and_then(|(body, msg_id)| {
+                self.check_partition(&message.subject, &body)?;
+                Ok((body, msg_id))
+            });
         let (received, stream_sequence) = match message.info() {
             // ts is when the stream stored the message, so a backlog keeps its publish times.
             Ok(info) => {
@@ -132,7 +187,7 @@ impl Router {
         let in_flight = InFlight::jetstream(
             &self.metrics.appends_in_flight,
             &self.metrics.jetstream_held,
-            &self.held,
+            held,
             stream_sequence,
         );
         match body {

@@ -97,6 +97,13 @@ pub struct Metrics {
     /// JetStream messages this worker has received and not yet settled (acked, nak'ed or
     /// terminated); the ordered intake waits for 0 before it resyncs.
     pub jetstream_held: IntGauge,
+    /// Partitions of the ordered intake this worker pulls now.
+    pub jetstream_partitions_held: IntGauge,
+    /// 1 for each partition this worker pulls (the fleet's sum per partition is at most 1).
+    pub jetstream_partition_pulling: IntGaugeVec,
+    /// Partitions this worker took over: released by their last owner (`handover`) or with
+    /// deliveries still unacknowledged (`crash`).
+    pub jetstream_takeovers: IntCounterVec,
     /// The ring epoch this worker routes by (docs/resharding.md).
     pub ring_epoch: IntGauge,
     /// 1 while this worker performs a move (holds the mover's lease).
@@ -153,6 +160,9 @@ impl Metrics {
             jetstream_pulling: intake.jetstream_pulling,
             jetstream_resyncs: intake.jetstream_resyncs,
             jetstream_held: intake.jetstream_held,
+            jetstream_partitions_held: intake.jetstream_partitions_held,
+            jetstream_partition_pulling: intake.jetstream_partition_pulling,
+            jetstream_takeovers: intake.jetstream_takeovers,
             ring_epoch: ring.ring_epoch,
             move_running: ring.move_running,
             move_objects: ring.move_objects,
@@ -175,6 +185,9 @@ impl Metrics {
         }
         for phase in ["bulk", "locked"] {
             self.move_entries.with_label_values(&[phase]);
+        }
+        for kind in ["handover", "crash"] {
+            self.jetstream_takeovers.with_label_values(&[kind]);
         }
         for code in ERROR_CODES {
             self.dead_letters.with_label_values(&[code.as_str()]);
@@ -388,6 +401,9 @@ struct IntakeSeries {
     jetstream_pulling: IntGauge,
     jetstream_resyncs: IntCounter,
     jetstream_held: IntGauge,
+    jetstream_partitions_held: IntGauge,
+    jetstream_partition_pulling: IntGaugeVec,
+    jetstream_takeovers: IntCounterVec,
 }
 
 impl IntakeSeries {
@@ -428,6 +444,20 @@ impl IntakeSeries {
             jetstream_held: d.gauge(
                 "logstore_jetstream_held_messages",
                 "JetStream messages received by this worker and not yet acked, nak'ed or terminated.",
+            )?,
+            jetstream_partitions_held: d.gauge(
+                "logstore_jetstream_partitions_held",
+                "Partitions of the ordered JetStream intake this worker pulls.",
+            )?,
+            jetstream_partition_pulling: d.gauge_vec(
+                "logstore_jetstream_partition_pulling",
+                "1 while this worker pulls the partition (holds its lease).",
+                &["partition"],
+            )?,
+            jetstream_takeovers: d.counter_vec(
+                "logstore_jetstream_takeovers_total",
+                "Partitions this worker took over: handover (released by the last owner) or crash (deliveries left unacknowledged).",
+                &["kind"],
             )?,
         })
     }

@@ -1,0 +1,316 @@
+//! Who pulls which partition of the ordered intake (docs/intake.md, "Who pulls which
+//! partition").
+//!
+//! Safety is the lease alone: one KV key per partition (`<legacy lease key>-p<k>`), held with
+//! the same [`Lease`] as the `logs` lane, so a partition has at most one puller whatever the
+//! workers believe about each other. Balance comes from a member list in the same bucket
+//! (`<legacy lease key>.member.<worker>`, written every third of the lease's lifetime and expiring with it): every
+//! worker computes the same targets from the same list ([`targets`]), takes its own targets'
+//! free leases, gives up what is no longer its own once the list has been stable for a lease's
+//! lifetime, and takes any partition nobody has held for that long. Each held partition is one
+//! task running the ordered puller on its consumer.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use futures::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ordered::{lead, take_over};
+use super::route::Router;
+use crate::cancel::pause;
+use crate::lease::Lease;
+use crate::origin::Held;
+
+/// How long a partition given up waits for its messages in this worker to settle before its
+/// lease is released anyway (the next owner's reset makes them come again; keys keep them
+/// stored once).
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
+
+/// One partition of the stream: its durable consumer and the messages of it in this worker.
+pub struct Partition {
+    pub k: u32,
+    pub consumer: consumer::Consumer<consumer::pull::Config>,
+    pub held: Held,
+}
+
+/// A partition this worker pulls now.
+struct Tenure {
+    /// Fired to give the partition up (or at shutdown, through its parent).
+    stop: CancellationToken,
+    /// Set by the task when it has ended (lease released or lost).
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Keep this worker's share of `partitions` pulled until `cancel`, then hand them over.
+/// `legacy`: the `logs` lane's lease, whose bucket and key the partitions' leases share.
+pub async fn run(
+    router: &Arc<Router>,
+    legacy: &Lease,
+    partitions: Vec<Partition>,
+    reset: bool,
+    cancel: &CancellationToken,
+) {
+    if partitions.is_empty() {
+        return;
+    }
+    let count = partitions.len() as u32;
+    let partitions: Vec<Arc<Partition>> = partitions.into_iter().map(Arc::new).collect();
+    let leases: Vec<Arc<Lease>> = partitions
+        .iter()
+        .map(|p| Arc::new(legacy.with_key(format!("{}-p{}", legacy.key(), p.k))))
+        .collect();
+    let me = format!("{:016x}", rand::random::<u64>());
+    // This fleet's members: `<legacy lease key>.member.<worker>` (one bucket serves every
+    // stream and consumer on the server).
+    let member_prefix = format!("{}.member.", legacy.key());
+    let member_key = format!("{member_prefix}{me}");
+    let lease_prefix = format!("{}-p", legacy.key());
+    let tick = legacy.ttl / 3;
+    let tasks = TaskTracker::new();
+    let mut held: HashMap<u32, Tenure> = HashMap::new();
+    let mut members: Vec<String> = Vec::new();
+    let mut members_since = Instant::now();
+    let mut free_since: HashMap<u32, Instant> = HashMap::new();
+    let mut failing = false;
+    tracing::info!(partitions = count, worker = %me, "pulling the stream's partitions with the fleet");
+    while !cancel.is_cancelled() {
+        held.retain(|_, tenure| !tenure.ended.load(std::sync::atomic::Ordering::Acquire));
+        router
+            .metrics
+            .jetstream_partitions_held
+            .set(held.len() as i64);
+        let listed = list(legacy, &member_key, &member_prefix, &lease_prefix).await;
+        let (listed_members, taken) = match listed {
+            Ok(listed) => {
+                failing = false;
+                listed
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the partition leases; keeping what this worker pulls");
+                    failing = true;
+                }
+                pause(cancel, tick).await;
+                continue;
+            }
+        };
+        if listed_members != members {
+            members = listed_members;
+            members_since = Instant::now();
+        }
+        let mine = targets(&members, count, &me);
+        let stable = members_since.elapsed() >= legacy.ttl;
+        let now = Instant::now();
+        for partition in &partitions {
+            let k = partition.k;
+            let lease_taken = taken.contains(&format!("{}-p{k}", legacy.key()));
+            if lease_taken {
+                free_since.remove(&k);
+            } else {
+                free_since.entry(k).or_insert(now);
+            }
+            match held.get(&k) {
+                Some(tenure) if !mine.contains(&k) && stable => {
+                    tracing::info!(partition = k, "handing partition over (the fleet changed)");
+                    tenure.stop.cancel();
+                }
+                Some(_) => {}
+                None => {
+                    let long_free = free_since
+                        .get(&k)
+                        .is_some_and(|since| now.duration_since(*since) >= legacy.ttl);
+                    if lease_taken || !(mine.contains(&k) || long_free) {
+                        continue;
+                    }
+                    let lease = &leases[k as usize];
+                    if let Ok(Some(revision)) = lease.try_acquire().await {
+                        let stop = cancel.child_token();
+                        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                        tasks.spawn(tenure(
+                            router.clone(),
+                            partition.clone(),
+                            lease.clone(),
+                            revision,
+                            reset,
+                            stop.clone(),
+                            ended.clone(),
+                        ));
+                        held.insert(k, Tenure { stop, ended });
+                    }
+                }
+            }
+        }
+        pause(cancel, tick).await;
+    }
+    // Shutdown: every tenure's token is a child of `cancel`; each drains and releases.
+    tasks.close();
+    tasks.wait().await;
+    router.metrics.jetstream_partitions_held.set(0);
+    if let Err(e) = legacy.store().delete(&member_key).await {
+        tracing::debug!(error = %e, "cannot remove this worker from the member list; it expires");
+    }
+}
+
+/// Write this worker's member key, then list the bucket: the members (keys under
+/// `member_prefix`), and the partition leases held now (keys under `lease_prefix`).
+async fn list(
+    legacy: &Lease,
+    member_key: &str,
+    member_prefix: &str,
+    lease_prefix: &str,
+) -> Result<(Vec<String>, BTreeSet<String>), String> {
+    let store = legacy.store();
+    store
+        .put(member_key, "".into())
+        .await
+        .map_err(|e| format!("cannot write the member key: {e}"))?;
+    let mut keys = store
+        .keys()
+        .await
+        .map_err(|e| format!("cannot list the lease bucket: {e}"))?;
+    let mut members = Vec::new();
+    let mut taken = BTreeSet::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| format!("cannot list the lease bucket: {e}"))?;
+        if let Some(member) = key.strip_prefix(member_prefix) {
+            members.push(member.to_string());
+        } else if key.starts_with(lease_prefix) {
+            taken.insert(key);
+        }
+    }
+    members.sort();
+    Ok((members, taken))
+}
+
+/// Pull partition `partition` while holding its lease (taken at `revision`), until `stop` or
+/// the lease is lost; on `stop`, wait (at most [`SETTLE_WAIT`]) for its messages in this worker
+/// to settle, then release the lease for the next owner.
+async fn tenure(
+    router: Arc<Router>,
+    partition: Arc<Partition>,
+    lease: Arc<Lease>,
+    revision: u64,
+    reset: bool,
+    stop: CancellationToken,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let k = partition.k;
+    let label = k.to_string();
+    tracing::info!(
+        partition = k,
+        "took the partition's lease; pulling it in order"
+    );
+    take_over(&router, &partition.consumer, reset, &label).await;
+    let pulling = router
+        .metrics
+        .jetstream_partition_pulling
+        .with_label_values(&[&label]);
+    pulling.set(1);
+    let ((), revision) = lease
+        .hold(revision, &stop, "partition", |lost, validity| {
+            let (router, partition, stop) = (&router, &partition, &stop);
+            async move {
+                lead(router, &partition.consumer, &partition.held, &lost, &|| {
+                    validity.holds()
+                })
+                .await;
+                if stop.is_cancelled() {
+                    settle(&partition.held).await;
+                }
+            }
+        })
+        .await;
+    pulling.set(0);
+    if stop.is_cancelled() {
+        lease.release(revision).await;
+    }
+    ended.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// Wait until nothing of `held` is left in this worker, at most [`SETTLE_WAIT`].
+async fn settle(held: &Held) {
+    let deadline = Instant::now() + SETTLE_WAIT;
+    while !held.up_to(u64::MAX).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The partitions `me` should pull among `members` (sorted, `me` among them): balanced
+/// rendezvous hashing. Partitions in order, each to its highest-scoring member that holds fewer
+/// than ⌈P/W⌉, so every worker computes the same answer from the same list and a join or leave
+/// moves few partitions.
+pub fn targets(members: &[String], partitions: u32, me: &str) -> BTreeSet<u32> {
+    let mut mine = BTreeSet::new();
+    if members.is_empty() {
+        return mine;
+    }
+    let cap = (partitions as usize).div_ceil(members.len());
+    let mut load = vec![0usize; members.len()];
+    for k in 0..partitions {
+        let mut order: Vec<usize> = (0..members.len()).collect();
+        order.sort_by_key(|&m| std::cmp::Reverse(score(&members[m], k)));
+        if let Some(&m) = order.iter().find(|&&m| load[m] < cap) {
+            load[m] += 1;
+            if members[m] == me {
+                mine.insert(k);
+            }
+        }
+    }
+    mine
+}
+
+/// FNV-1a (64 bits) of the member and the partition: the same on every worker and version.
+fn score(member: &str, k: u32) -> u64 {
+    member
+        .bytes()
+        .chain(k.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{:016x}", i * 7919 + 13)).collect()
+    }
+
+    #[test]
+    fn every_partition_has_one_owner_and_none_more_than_its_share() {
+        for w in 1..=7 {
+            let members = members(w);
+            let mut owners = vec![0; 32];
+            for me in &members {
+                let mine = targets(&members, 32, me);
+                assert!(mine.len() <= 32usize.div_ceil(w), "{w} workers: {mine:?}");
+                for k in mine {
+                    owners[k as usize] += 1;
+                }
+            }
+            assert!(owners.iter().all(|&n| n == 1), "{w} workers: {owners:?}");
+        }
+    }
+
+    #[test]
+    fn a_worker_joining_moves_few_partitions() {
+        let three = members(3);
+        let four = members(4);
+        let moved: usize = three
+            .iter()
+            .map(|me| {
+                let before = targets(&three, 32, me);
+                let after = targets(&four, 32, me);
+                before.difference(&after).count()
+            })
+            .sum();
+        // The newcomer gets its 8; a few more may shift for balance, never most of them.
+        assert!(moved <= 14, "moved {moved}");
+    }
+}

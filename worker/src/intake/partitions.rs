@@ -58,101 +58,163 @@ pub async fn run(
     if partitions.is_empty() {
         return;
     }
-    let count = partitions.len() as u32;
-    let partitions: Vec<Arc<Partition>> = partitions.into_iter().map(Arc::new).collect();
-    let leases: Vec<Arc<Lease>> = partitions
-        .iter()
-        .map(|p| Arc::new(legacy.with_key(format!("{}-p{}", legacy.key(), p.k))))
-        .collect();
-    let me = format!("{:016x}", rand::random::<u64>());
-    // This fleet's members: `<legacy lease key>.member.<worker>` (one bucket serves every
-    // stream and consumer on the server).
-    let member_prefix = format!("{}.member.", legacy.key());
-    let member_key = format!("{member_prefix}{me}");
-    let lease_prefix = format!("{}-p", legacy.key());
-    let tick = legacy.ttl / 3;
-    let tasks = TaskTracker::new();
-    let mut held: HashMap<u32, Tenure> = HashMap::new();
-    let mut members: Vec<String> = Vec::new();
-    let mut members_since = Instant::now();
-    let mut free_since: HashMap<u32, Instant> = HashMap::new();
-    let mut failing = false;
-    tracing::info!(partitions = count, worker = %me, "pulling the stream's partitions with the fleet");
+    let mut owner = Owner::new(router.clone(), legacy, partitions, reset);
+    tracing::info!(partitions = owner.partitions.len(), worker = %owner.me, "pulling the stream's partitions with the fleet");
     while !cancel.is_cancelled() {
-        held.retain(|_, tenure| !tenure.ended.load(std::sync::atomic::Ordering::Acquire));
-        router
+        owner.tick(cancel).await;
+        pause(cancel, owner.lease.ttl / 3).await;
+    }
+    // Shutdown: every tenure's token is a child of `cancel`; each drains and releases.
+    owner.tasks.close();
+    owner.tasks.wait().await;
+    router.metrics.jetstream_partitions_held.set(0);
+    if let Err(e) = owner.lease.store().delete(&owner.member_key).await {
+        tracing::debug!(error = %e, "cannot remove this worker from the member list; it expires");
+    }
+}
+
+/// This worker's side of sharing the partitions: what it holds and what it knows of the fleet.
+struct Owner {
+    router: Arc<Router>,
+    /// The `logs` lane's lease: the bucket, the key prefix and the lifetime.
+    lease: Lease,
+    partitions: Vec<Arc<Partition>>,
+    /// Partition k's lease at index k.
+    leases: Vec<Arc<Lease>>,
+    reset: bool,
+    me: String,
+    /// This fleet's members: `<legacy lease key>.member.<worker>` (one bucket serves every
+    /// stream and consumer on the server).
+    member_prefix: String,
+    member_key: String,
+    lease_prefix: String,
+    tasks: TaskTracker,
+    held: HashMap<u32, Tenure>,
+    members: Vec<String>,
+    members_since: Instant,
+    free_since: HashMap<u32, Instant>,
+    failing: bool,
+}
+
+impl Owner {
+    fn new(router: Arc<Router>, legacy: &Lease, partitions: Vec<Partition>, reset: bool) -> Owner {
+        let partitions: Vec<Arc<Partition>> = partitions.into_iter().map(Arc::new).collect();
+        let leases = partitions
+            .iter()
+            .map(|p| Arc::new(legacy.with_key(format!("{}-p{}", legacy.key(), p.k))))
+            .collect();
+        let me = format!("{:016x}", rand::random::<u64>());
+        let member_prefix = format!("{}.member.", legacy.key());
+        Owner {
+            router,
+            lease: legacy.with_key(legacy.key().to_string()),
+            partitions,
+            leases,
+            reset,
+            member_key: format!("{member_prefix}{me}"),
+            member_prefix,
+            lease_prefix: format!("{}-p", legacy.key()),
+            me,
+            tasks: TaskTracker::new(),
+            held: HashMap::new(),
+            members: Vec::new(),
+            members_since: Instant::now(),
+            free_since: HashMap::new(),
+            failing: false,
+        }
+    }
+
+    /// One round: say this worker is alive, read the fleet and the leases, and take, keep or
+    /// give up each partition.
+    async fn tick(&mut self, cancel: &CancellationToken) {
+        self.held
+            .retain(|_, tenure| !tenure.ended.load(std::sync::atomic::Ordering::Acquire));
+        self.router
             .metrics
             .jetstream_partitions_held
-            .set(held.len() as i64);
-        let listed = list(legacy, &member_key, &member_prefix, &lease_prefix).await;
-        let (listed_members, taken) = match listed {
+            .set(self.held.len() as i64);
+        let listed = list(
+            &self.lease,
+            &self.member_key,
+            &self.member_prefix,
+            &self.lease_prefix,
+        )
+        .await;
+        let (members, taken) = match listed {
             Ok(listed) => {
-                failing = false;
+                self.failing = false;
                 listed
             }
             Err(e) => {
-                if !failing {
+                if !self.failing {
                     tracing::warn!(error = %e, "cannot read the partition leases; keeping what this worker pulls");
-                    failing = true;
+                    self.failing = true;
                 }
-                pause(cancel, tick).await;
-                continue;
+                return;
             }
         };
-        if listed_members != members {
-            members = listed_members;
-            members_since = Instant::now();
+        if members != self.members {
+            self.members = members;
+            self.members_since = Instant::now();
         }
-        let mine = targets(&members, count, &me);
-        let stable = members_since.elapsed() >= legacy.ttl;
-        let now = Instant::now();
-        for partition in &partitions {
-            let k = partition.k;
-            let lease_taken = taken.contains(&format!("{}-p{k}", legacy.key()));
-            if lease_taken {
-                free_since.remove(&k);
-            } else {
-                free_since.entry(k).or_insert(now);
-            }
-            match held.get(&k) {
-                Some(tenure) if !mine.contains(&k) && stable => {
-                    tracing::info!(partition = k, "handing partition over (the fleet changed)");
-                    tenure.stop.cancel();
-                }
-                Some(_) => {}
-                None => {
-                    let long_free = free_since
-                        .get(&k)
-                        .is_some_and(|since| now.duration_since(*since) >= legacy.ttl);
-                    if lease_taken || !(mine.contains(&k) || long_free) {
-                        continue;
-                    }
-                    let lease = &leases[k as usize];
-                    if let Ok(Some(revision)) = lease.try_acquire().await {
-                        let stop = cancel.child_token();
-                        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                        tasks.spawn(tenure(
-                            router.clone(),
-                            partition.clone(),
-                            lease.clone(),
-                            revision,
-                            reset,
-                            stop.clone(),
-                            ended.clone(),
-                        ));
-                        held.insert(k, Tenure { stop, ended });
-                    }
-                }
-            }
+        let mine = targets(&self.members, self.partitions.len() as u32, &self.me);
+        let stable = self.members_since.elapsed() >= self.lease.ttl;
+        for index in 0..self.partitions.len() {
+            let k = self.partitions[index].k;
+            let taken = taken.contains(&format!("{}{k}", self.lease_prefix));
+            self.step(index, mine.contains(&k), stable, taken, cancel)
+                .await;
         }
-        pause(cancel, tick).await;
     }
-    // Shutdown: every tenure's token is a child of `cancel`; each drains and releases.
-    tasks.close();
-    tasks.wait().await;
-    router.metrics.jetstream_partitions_held.set(0);
-    if let Err(e) = legacy.store().delete(&member_key).await {
-        tracing::debug!(error = %e, "cannot remove this worker from the member list; it expires");
+
+    /// Decide about partition `index`: give it up when it is no longer this worker's (and the
+    /// fleet is `stable`), take it when it is this worker's or nobody has held it for a lease's
+    /// lifetime, and its lease is not `taken`.
+    async fn step(
+        &mut self,
+        index: usize,
+        mine: bool,
+        stable: bool,
+        taken: bool,
+        cancel: &CancellationToken,
+    ) {
+        let partition = &self.partitions[index];
+        let k = partition.k;
+        let now = Instant::now();
+        if taken {
+            self.free_since.remove(&k);
+        } else {
+            self.free_since.entry(k).or_insert(now);
+        }
+        if let Some(tenure) = self.held.get(&k) {
+            if !mine && stable && !tenure.stop.is_cancelled() {
+                tracing::info!(partition = k, "handing partition over (the fleet changed)");
+                tenure.stop.cancel();
+            }
+            return;
+        }
+        let long_free = self
+            .free_since
+            .get(&k)
+            .is_some_and(|since| now.duration_since(*since) >= self.lease.ttl);
+        if taken || !(mine || long_free) {
+            return;
+        }
+        let lease = &self.leases[index];
+        if let Ok(Some(revision)) = lease.try_acquire().await {
+            let stop = cancel.child_token();
+            let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            self.tasks.spawn(tenure(
+                self.router.clone(),
+                partition.clone(),
+                lease.clone(),
+                revision,
+                self.reset,
+                stop.clone(),
+                ended.clone(),
+            ));
+            self.held.insert(k, Tenure { stop, ended });
+        }
     }
 }
 

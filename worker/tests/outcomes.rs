@@ -481,3 +481,46 @@ async fn the_client_user_hears_its_refusals_with_the_shipped_config() {
     let output = worker.stop().await;
     assert!(!output.contains(" ERROR "), "{output}");
 }
+
+/// loadgen `--verify` counts the run's appends the workers refused (their `rejected.<id>`
+/// events), by code: here every one, each over the workers' MAX_LOG_BYTES.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadgen_counts_the_refusals_it_caused() {
+    let mut env = Env::shared(&["a"]).await;
+    env.intake = "jetstream";
+    let worker = env.start_worker(&[("MAX_LOG_BYTES", "40")]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let report_path = dir.path().join("report.json");
+    let rejected_prefix = env.subject("rejected");
+    let flags = [
+        "--jetstream",
+        "--rejected-prefix",
+        rejected_prefix.as_str(),
+        "--count",
+        "20",
+        "--rate",
+        "200",
+        "--objects",
+        "3",
+        "--log-size",
+        "64",
+        "--verify",
+        "--verify-timeout",
+        "3",
+    ];
+    let child = spawn_loadgen(&env, &flags, &report_path);
+    let (code, report) = finish_loadgen(child, &report_path).await;
+    assert_eq!(code, 1, "nothing acknowledged was stored: verify fails");
+    assert_eq!(report_num(&report, &["appends", "ok"]), 20.0, "{report}");
+    assert_eq!(
+        report_num(&report, &["rejected", "appends"]),
+        20.0,
+        "{}",
+        report["rejected"]
+    );
+    assert_eq!(
+        report_num(&report, &["rejected", "by_code", "too_large"]),
+        20.0
+    );
+    worker.stop().await.expect("worker stops cleanly");
+}

@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use async_nats::{Client, Subscriber};
 use bytes::Bytes;
+use futures::StreamExt;
 use logstore_protocol::client::{read_answer, AnswerError};
 use logstore_protocol::nats::{ConnectFailure, NatsAccess};
-use logstore_protocol::{ErrorBody, ErrorReply, LogEntry, Order, QueryRequest, QueryResponse};
+use logstore_protocol::{
+    AppendReply, ErrorBody, ErrorReply, LogEntry, Order, QueryRequest, QueryResponse, RejectedEvent,
+};
 use serde::de::DeserializeOwned;
 
 /// Entries asked for per query request when reading a long range page by page.
@@ -34,6 +37,21 @@ pub enum ClientError {
     /// server's own words, naming the subject.
     #[error("NATS refused it: {violation}{hint}")]
     Denied { violation: String, hint: String },
+    /// The JetStream stream queued the append, but neither its `appended.<id>` nor its
+    /// `rejected.<id>` event came within the timeout: the workers will store or refuse it when
+    /// they reach it (they may be down, or behind). Sending it again with the same key is safe.
+    #[error(
+        "queued in stream {stream} as message {seq}, but no outcome arrived within {waited:?}: \
+         the workers store or refuse it when they reach it (`logstore tail {id} -f` shows it \
+         once stored); sending it again with --key {key} cannot store it twice"
+    )]
+    Unconfirmed {
+        id: u64,
+        stream: String,
+        seq: u64,
+        key: String,
+        waited: Duration,
+    },
     /// The JetStream stream refused the append (full, or another JetStream error): nothing
     /// was queued.
     #[error("stream refused the append on {subject}: {description} (JetStream error {code})")]
@@ -49,7 +67,9 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         use logstore_protocol::ErrorCode::*;
         match self {
-            ClientError::NoAnswer { .. } | ClientError::Nats(_) => true,
+            ClientError::NoAnswer { .. }
+            | ClientError::Nats(_)
+            | ClientError::Unconfirmed { .. } => true,
             ClientError::Service(body) => matches!(body.code, Unavailable | Busy | Timeout),
             ClientError::Stream { .. } => true,
             ClientError::Connect { .. }
@@ -67,6 +87,8 @@ pub struct Subjects {
     pub stats: String,
     pub delete: String,
     pub events_prefix: String,
+    /// Prefix of the events after each refused append (the workers' NATS_REJECTED_PREFIX).
+    pub rejected_prefix: String,
 }
 
 /// A connection plus what every request needs.
@@ -143,6 +165,14 @@ impl Connection {
         let hint = if lower.contains("subscription") && lower.contains("_inbox") {
             " (answers come on this user's inbox prefix: set NATS_INBOX_PREFIX to one the user \
              may subscribe to)"
+        } else if lower.contains("subscription")
+            && [&self.subjects.events_prefix, &self.subjects.rejected_prefix]
+                .iter()
+                .any(|prefix| lower.contains(&format!("\"{}.", prefix.to_ascii_lowercase())))
+        {
+            " (`logstore append` waits for its outcome on the object's appended and rejected \
+             events: let this user subscribe to them, as deploy/nats/nats-server.conf does, or \
+             pass --no-wait)"
         } else if lower.contains(&format!(
             "\"{}\"",
             self.subjects.delete.to_ascii_lowercase()
@@ -186,6 +216,28 @@ impl Connection {
                 },
                 _ => ClientError::Nats(e.into()),
             })
+    }
+
+    /// Subscribe to object `id`'s outcome events (`appended.<id>`, `rejected.<id>`) and make
+    /// sure the server has the subscriptions, so an append published after this cannot be
+    /// settled unseen.
+    pub async fn watch_outcomes(&self, id: u64) -> Result<Outcomes, ClientError> {
+        let nats = |e: async_nats::SubscribeError| ClientError::Nats(e.into());
+        let appended = self
+            .client
+            .subscribe(format!("{}.{id}", self.subjects.events_prefix))
+            .await
+            .map_err(nats)?;
+        let rejected = self
+            .client
+            .subscribe(format!("{}.{id}", self.subjects.rejected_prefix))
+            .await
+            .map_err(nats)?;
+        self.client
+            .flush()
+            .await
+            .map_err(|e| ClientError::Nats(e.into()))?;
+        Ok(Outcomes { appended, rejected })
     }
 
     /// One query request, read whole: every chunk until the one marked `last`.
@@ -285,6 +337,57 @@ impl Connection {
             }
         }
         Ok(total)
+    }
+}
+
+/// An object's outcome events, subscribed before an append is published
+/// ([`Connection::watch_outcomes`]).
+pub struct Outcomes {
+    appended: Subscriber,
+    rejected: Subscriber,
+}
+
+/// What [`Outcomes::wait`] learnt of one append.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Its `appended.<id>` event: stored (or a duplicate of a stored one).
+    Stored(AppendReply),
+    /// Its `rejected.<id>` event: refused, nothing stored.
+    Rejected(RejectedEvent),
+    /// Neither within the wait (or the subscriptions ended).
+    Unknown,
+}
+
+impl Outcomes {
+    /// Wait at most `timeout` for the event of the append with `key` (queued in the stream as
+    /// message `stream_seq`): the `appended.<id>` event carrying that key, or the
+    /// `rejected.<id>` event carrying that key or that stream sequence. Other appends' events,
+    /// and anything that does not decode, are skipped.
+    pub async fn wait(&mut self, key: &str, stream_seq: u64, timeout: Duration) -> Outcome {
+        let ours = async {
+            loop {
+                tokio::select! {
+                    Some(message) = self.appended.next() => {
+                        if let Ok(reply) = serde_json::from_slice::<AppendReply>(&message.payload) {
+                            if reply.key.as_deref() == Some(key) {
+                                return Outcome::Stored(reply);
+                            }
+                        }
+                    }
+                    Some(message) = self.rejected.next() => {
+                        if let Ok(event) = serde_json::from_slice::<RejectedEvent>(&message.payload) {
+                            if event.key.as_deref() == Some(key) || event.stream_seq == Some(stream_seq) {
+                                return Outcome::Rejected(event);
+                            }
+                        }
+                    }
+                    else => return Outcome::Unknown,
+                }
+            }
+        };
+        tokio::time::timeout(timeout, ours)
+            .await
+            .unwrap_or(Outcome::Unknown)
     }
 }
 

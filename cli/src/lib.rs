@@ -23,7 +23,7 @@ use logstore_protocol::{
 };
 use serde::Deserialize;
 
-use client::{ClientError, Connection, ReadError, Subjects};
+use client::{ClientError, Connection, Outcome, ReadError, Subjects};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -38,10 +38,13 @@ Examples:
   logstore delete 42 --before-seq 1000             remove seqs 1..999 (seqs are never reused)
 
 Output: one line per entry, `SEQ TS TEXT` (control characters in TEXT escaped); --json prints
-JSON lines. Exit codes: 0 ok; 1 the service refused or failed the request; 2 bad usage, or
-NATS refused this user the subject (permissions; `delete` is the operator's user); 3 conflict
-(--expect-seq was not the last seq); 4 NATS or the workers could not be reached, or NATS
-refused the login or the TLS handshake (the line says which).";
+JSON lines. With JetStream intake, `append` waits for the workers' outcome (the object's
+appended or rejected event) and answers as with core intake. Exit codes: 0 ok; 1 the service
+refused or failed the request; 2 bad usage, or NATS refused this user the subject
+(permissions; `delete` is the operator's user); 3 conflict (--expect-seq was not the last seq);
+4 NATS or the workers could not be reached, or no outcome came in time for an append the stream
+queued (sending it again with its key is safe), or NATS refused the login or the TLS handshake
+(the line says which).";
 
 /// The command line. Every connection setting has the worker's environment variable.
 #[derive(Debug, Parser)]
@@ -90,6 +93,14 @@ pub struct Args {
         global = true
     )]
     pub events_prefix: String,
+    /// Prefix of the events the workers publish after each refused append (`PREFIX.ID`).
+    #[arg(
+        long,
+        env = "NATS_REJECTED_PREFIX",
+        default_value = "rejected",
+        global = true
+    )]
+    pub rejected_prefix: String,
     /// How long to wait for NATS and for each answer, in milliseconds.
     #[arg(
         long,
@@ -112,12 +123,18 @@ pub enum Command {
         id: u64,
         text: String,
         /// Idempotency key: sending the same key again stores nothing new and answers with
-        /// the original seq.
+        /// the original seq. Without it, one is made up (`cli-…`), so the outcome can be
+        /// matched and a retry of a timed-out append cannot store it twice.
         #[arg(long)]
         key: Option<String>,
         /// Store only if the log's last seq is N (0: the log is empty); else exit 3.
         #[arg(long, value_name = "N")]
         expect_seq: Option<u64>,
+        /// With JetStream intake, return once the stream has queued the append (print its
+        /// message number) instead of waiting for the workers to store or refuse it. Sends no
+        /// made-up key and subscribes to nothing.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Print entries of the log of object ID, oldest first.
     Get {
@@ -179,13 +196,18 @@ impl From<ReadError> for CliError {
 
 impl CliError {
     /// 1: the service refused or failed the request; 2: bad usage, or NATS refused this user a
-    /// subject (its permissions); 3: conflict; 4: NATS or the
-    /// workers could not be reached (nothing was done, or for an append: retry with its key).
+    /// subject (its permissions); 3: conflict; 4: NATS or the workers could not be reached, or
+    /// did not settle a queued append in time (nothing was done, or for an append: retry with
+    /// its key).
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) | CliError::Client(ClientError::Denied { .. }) => 2,
             CliError::Client(ClientError::Service(body)) if body.code == ErrorCode::Conflict => 3,
-            CliError::Client(ClientError::Connect { .. } | ClientError::NoAnswer { .. }) => 4,
+            CliError::Client(
+                ClientError::Connect { .. }
+                | ClientError::NoAnswer { .. }
+                | ClientError::Unconfirmed { .. },
+            ) => 4,
             CliError::Client(_) | CliError::Output(_) => 1,
         }
     }
@@ -203,6 +225,7 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         stats: args.stats_subject.clone(),
         delete: args.delete_subject.clone(),
         events_prefix: args.events_prefix.clone(),
+        rejected_prefix: args.rejected_prefix.clone(),
     };
     // Checked before connecting: a typo should not wait for NATS.
     if let Command::Get { since, until, .. } = &args.command {
@@ -218,7 +241,16 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
             text,
             key,
             expect_seq,
-        } => append(&connection, out, json, id, text, key, expect_seq).await,
+            no_wait,
+        } => {
+            let request = AppendRequest {
+                id,
+                log: text,
+                key,
+                expected_seq: expect_seq,
+            };
+            append(&connection, out, json, request, !no_wait).await
+        }
         Command::Get {
             id,
             since,
@@ -295,60 +327,99 @@ enum AppendAnswer {
     },
 }
 
+/// Append, and print what became of it: the stored seq and ts, or the refusal as an error.
+/// With core intake the worker answers the request. With JetStream intake the stream answers
+/// (queued), and unless `wait` is off the outcome comes from the object's events, subscribed
+/// before publishing: `appended.<id>` carrying this append's key, or `rejected.<id>` carrying
+/// its key or stream sequence; a made-up key is sent when none was given, so there always is
+/// one to match (and to retry with). Without `wait`, the old answer: queued as message N.
 async fn append(
     connection: &Connection,
     out: &mut dyn Write,
     json: bool,
-    id: u64,
-    log: String,
-    key: Option<String>,
-    expected_seq: Option<u64>,
+    mut request: AppendRequest,
+    wait: bool,
 ) -> Result<(), CliError> {
-    let body = to_json(&AppendRequest {
-        id,
-        log,
-        key,
-        expected_seq,
-    })?;
-    let answer: AppendAnswer = connection.request(&connection.subjects.logs, body).await?;
-    match answer {
-        AppendAnswer::Stored(reply) if json => writeln!(out, "{}", to_string(&reply)?)?,
-        AppendAnswer::Stored(reply) => writeln!(
-            out,
-            "{} {}{}",
-            reply.seq,
-            reply.ts,
-            if reply.duplicate {
-                " (duplicate: stored before)"
-            } else {
-                ""
-            }
-        )?,
+    let id = request.id;
+    let outcomes = if wait {
+        if request.key.is_none() {
+            request.key = Some(made_up_key(connection));
+        }
+        Some(connection.guarded(connection.watch_outcomes(id)).await?)
+    } else {
+        None
+    };
+    let expected_seq = request.expected_seq;
+    let key = request.key.clone();
+    let answer: AppendAnswer = connection
+        .request(&connection.subjects.logs, to_json(&request)?)
+        .await?;
+    let (stream, seq, duplicate) = match answer {
+        AppendAnswer::Stored(reply) => return print_stored(out, json, &reply),
         AppendAnswer::Queued {
             stream,
             seq,
             duplicate,
-        } => {
-            if json {
-                let ack =
-                    serde_json::json!({ "stream": stream, "seq": seq, "duplicate": duplicate });
-                writeln!(out, "{ack}")?;
-            } else {
-                writeln!(
-                    out,
-                    "queued in stream {stream} as message {seq}; the workers store it shortly \
-                     (follow it with `logstore tail {id} -f`)"
-                )?;
+        } => (stream, seq, duplicate),
+    };
+    if let (Some(mut outcomes), Some(key)) = (outcomes, key) {
+        let waited = connection.timeout;
+        let outcome = connection
+            .guarded(async { Ok(outcomes.wait(&key, seq, waited).await) })
+            .await?;
+        return match outcome {
+            Outcome::Stored(reply) => print_stored(out, json, &AppendReply { key: None, ..reply }),
+            Outcome::Rejected(event) => Err(ClientError::Service(event.error).into()),
+            Outcome::Unknown => Err(ClientError::Unconfirmed {
+                id,
+                stream,
+                seq,
+                key,
+                waited,
             }
-            if expected_seq.is_some() {
-                eprintln!(
-                    "logstore: with JetStream intake the outcome of --expect-seq is not \
-                     reported back; check with `logstore stats {id}`"
-                );
-            }
-        }
+            .into()),
+        };
+    }
+    if json {
+        let ack = serde_json::json!({ "stream": stream, "seq": seq, "duplicate": duplicate });
+        writeln!(out, "{ack}")?;
+    } else {
+        writeln!(
+            out,
+            "queued in stream {stream} as message {seq}; the workers store it shortly \
+             (follow it with `logstore tail {id} -f`)"
+        )?;
+    }
+    if expected_seq.is_some() {
+        eprintln!(
+            "logstore: with --no-wait the outcome of --expect-seq is not reported back; check \
+             with `logstore stats {id}`"
+        );
     }
     Ok(())
+}
+
+/// A stored append as core intake answers it: `SEQ TS`, or its JSON.
+fn print_stored(out: &mut dyn Write, json: bool, reply: &AppendReply) -> Result<(), CliError> {
+    if json {
+        writeln!(out, "{}", to_string(reply)?)?;
+    } else {
+        let duplicate = if reply.duplicate {
+            " (duplicate: stored before)"
+        } else {
+            ""
+        };
+        writeln!(out, "{} {}{duplicate}", reply.seq, reply.ts)?;
+    }
+    Ok(())
+}
+
+/// A key no other append has: `cli-` and the unique part of a fresh inbox name (a NUID, 22
+/// random characters).
+fn made_up_key(connection: &Connection) -> String {
+    let inbox = connection.client.new_inbox();
+    let unique = inbox.rsplit('.').next().unwrap_or(&inbox);
+    format!("cli-{unique}")
 }
 
 async fn get(
@@ -456,6 +527,22 @@ mod tests {
             why: "none".into(),
         });
         assert_eq!(unreachable.exit_code(), 4);
+        let unconfirmed = CliError::Client(ClientError::Unconfirmed {
+            id: 42,
+            stream: "LOGS".into(),
+            seq: 7,
+            key: "cli-x".into(),
+            waited: Duration::from_secs(5),
+        });
+        assert_eq!(unconfirmed.exit_code(), 4);
+        let line = unconfirmed.to_string();
+        assert!(
+            line.starts_with(
+                "queued in stream LOGS as message 7, but no outcome arrived within 5s"
+            ) && line.contains("--key cli-x"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
     }
 
     #[test]
@@ -490,5 +577,14 @@ mod tests {
             }
         ));
         assert!(Args::try_parse_from(["logstore", "append", "x", "text"]).is_err());
+        let args = Args::try_parse_from(["logstore", "append", "42", "t", "--no-wait"]).unwrap();
+        assert!(matches!(
+            args.command,
+            Command::Append {
+                id: 42,
+                no_wait: true,
+                ..
+            }
+        ));
     }
 }

@@ -1,7 +1,7 @@
 //! `logstore`: the command-line client (see `logstore --help` and the crate documentation).
 //! Exit codes: 0 ok; 1 the service refused or failed the request; 2 bad usage; 3 conflict
-//! (`--expect-seq`); 4 NATS or the workers could not be reached (or NATS refused the login or
-//! the TLS handshake).
+//! (`--expect-seq`); 4 NATS or the workers could not be reached, or did not settle a queued
+//! append in time (or NATS refused the login or the TLS handshake).
 
 use std::process::ExitCode;
 

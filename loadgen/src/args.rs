@@ -54,6 +54,11 @@ pub struct Args {
     #[arg(long, env = "NATS_QUERY_TOPIC", default_value = "query")]
     pub query_subject: String,
 
+    /// Prefix of the events the workers publish after each refused append (`PREFIX.ID`); with
+    /// --verify, the run counts its own appends announced there.
+    #[arg(long, env = "NATS_REJECTED_PREFIX", default_value = "rejected")]
+    pub rejected_prefix: String,
+
     /// Operations per MINUTE when neither --rate nor --max-rate is given. Named after the
     /// original Go loadgen, where it meant append requests per minute (all operations are
     /// appends unless --query-share is set). Each append counts, also inside a batch.
@@ -239,6 +244,7 @@ impl std::fmt::Debug for Args {
             read_whole,
             logs_subject,
             query_subject,
+            rejected_prefix,
             queries_min,
             rate,
             max_rate,
@@ -266,6 +272,7 @@ impl std::fmt::Debug for Args {
             .field("read_whole", read_whole)
             .field("logs_subject", logs_subject)
             .field("query_subject", query_subject)
+            .field("rejected_prefix", rejected_prefix)
             .field("queries_min", queries_min)
             .field("rate", rate)
             .field("max_rate", max_rate)
@@ -298,6 +305,7 @@ pub struct Settings {
     pub nats: NatsAccess,
     pub logs_subject: String,
     pub query_subject: String,
+    pub rejected_prefix: String,
     pub pace: Pace,
     pub in_flight: usize,
     pub stop: Stop,
@@ -463,6 +471,7 @@ impl Args {
             nats,
             logs_subject: self.logs_subject.clone(),
             query_subject: self.query_subject.clone(),
+            rejected_prefix: self.rejected_prefix.clone(),
             pace,
             in_flight: self.in_flight,
             stop,

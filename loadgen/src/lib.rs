@@ -16,12 +16,15 @@
 //! - [`stats`]: counters, HDR histograms, the [`Summary`] and `--report` JSON.
 //! - `progress`: a bar on a terminal, plain lines otherwise.
 //! - [`mod@verify`]: reading back and checking ([`verify::check`] is pure).
+//! - [`refusals`]: with `--verify`, counting the run's appends the workers refused
+//!   (`rejected.<id>` events).
 
 pub mod args;
 pub mod client;
 pub mod intake;
 pub mod pace;
 mod progress;
+pub mod refusals;
 pub mod stats;
 pub mod verify;
 pub mod workload;
@@ -195,6 +198,14 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
         progress_done.clone(),
     ));
 
+    // Subscribed before anything is sent, so no refusal of this run goes unseen.
+    let refusals = match settings.verify {
+        true => {
+            let prefix = workload::key_prefix(&settings.run_id);
+            refusals::Watch::start(&client, &settings.rejected_prefix, prefix).await
+        }
+        false => None,
+    };
     let started = Instant::now();
     let tasks = TaskTracker::new();
     let mut interrupted = dispatch(&settings, &ctx, &tasks, shutdown.as_mut()).await;
@@ -255,6 +266,11 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
             }
         };
         summary.verify = Some(verdict);
+        // After the read-back, which waited for the workers to settle every acknowledged
+        // append: their refusals have been announced by now.
+        if let Some(watch) = refusals {
+            summary.rejected = Some(watch.finish(&client).await);
+        }
     }
     if let Some(path) = &settings.report {
         let json = serde_json::to_vec_pretty(&summary)?;

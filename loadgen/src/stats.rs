@@ -282,6 +282,7 @@ impl Recorder {
             errors: inner.errors.clone(),
             error_samples: inner.samples.clone(),
             verify: None,
+            rejected: None,
             series: inner.series_until(elapsed),
         }
     }
@@ -402,6 +403,11 @@ pub struct Summary {
     /// The first few errors that made an operation fail, verbatim.
     pub error_samples: Vec<String>,
     pub verify: Option<Verdict>,
+    /// With --verify: how many of this run's appends the workers refused for good, as their
+    /// `rejected.<id>` events said (distinct keys), with the reasons by error code. Absent when
+    /// not counted (no --verify, or the events could not be subscribed to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<crate::refusals::Refusals>,
     /// The run second by second from its start (the last one partial): what was
     /// acknowledged and answered in each, and the latency of the append messages settled in
     /// it. Its counts add up to `appends.ok`, `queries.ok` and `appends.latency_ms.count`.
@@ -477,6 +483,9 @@ impl fmt::Display for Summary {
         }
         if let Some(verdict) = &self.verify {
             write!(f, "{verdict}")?;
+        }
+        if let Some(rejected) = &self.rejected {
+            writeln!(f, "{rejected}")?;
         }
         Ok(())
     }

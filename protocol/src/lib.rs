@@ -2,7 +2,9 @@
 //!
 //! Every body on NATS is UTF-8 JSON. The subjects (defaults, all configurable) are:
 //! - `logs`: [`AppendRequest`] in, [`AppendReply`] out (to the reply subject, when there is one);
-//! - `appended.<id>`: an [`AppendReply`] event after every stored append;
+//! - `appended.<id>`: an [`AppendReply`] event after every stored append (with its `key`);
+//! - `rejected.<id>`: a [`RejectedEvent`] after every append a worker refused, when the refused
+//!   message names its object;
 //! - `query`: [`QueryRequest`] in, one or more [`QueryResponse`] chunks out;
 //! - `stats`: [`StatsRequest`] in, [`StatsReply`] out;
 //! - `delete`: [`DeleteRequest`] in, [`DeleteReply`] out;
@@ -343,6 +345,68 @@ pub struct AppendReply {
     pub ts: String,
     /// True when the idempotency key was seen before; `seq` and `ts` are then the original's.
     pub duplicate: bool,
+    /// The idempotency key the entry is stored under, in the `appended.<id>` event only (a
+    /// reply to the request goes to its sender, who knows it). Absent when the append had none,
+    /// so such a body encodes exactly as before this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// The body of the `rejected.<id>` event: a worker refused an append to object `id` and stored
+/// nothing, for good (a refusal that a retry may cure, such as a shard outage on JetStream
+/// intake, is not one: the message is redelivered). `{"id":…,"key":…,"error":{"code":…,
+/// "message":…},"stream_seq":…}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedEvent {
+    pub id: u64,
+    /// The idempotency key the append would have been stored under (as in `appended.<id>`);
+    /// absent when it had none, or when the key itself was unusable (over the size limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    pub error: ErrorBody,
+    /// JetStream intake: the message's stream sequence (the `seq` of its publisher's PubAck).
+    /// Absent on core intake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_seq: Option<u64>,
+}
+
+/// One append that a refused message was meant to make, as far as its body can be read: the
+/// object it names and its `key` field, for the `rejected.<id>` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedAppend {
+    pub id: u64,
+    /// The body's `key`, when it is a string within the limits (else `None`).
+    pub key: Option<String>,
+    /// Its index when the body is a batch (a JSON array); `None` for a single append.
+    pub index: Option<usize>,
+}
+
+/// The appends a refused body names: one for an object with a readable `id`, one per array
+/// element that is an object with a readable `id` for a batch, and none for a body that is not
+/// JSON (or names no object). Never fails: it reads what a refusal can still tell its sender.
+pub fn refused_appends(body: &[u8], limits: &Limits) -> Vec<RefusedAppend> {
+    let read = |object: &serde_json::Map<String, Value>, index| {
+        let id = decode_id(object.get("id")).ok()?;
+        let key = match object.get("key") {
+            Some(Value::String(key)) if check_text("key", key, limits.max_key_bytes).is_ok() => {
+                Some(key.clone())
+            }
+            _ => None,
+        };
+        Some(RefusedAppend { id, key, index })
+    };
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(object)) => read(&object, None).into_iter().collect(),
+        Ok(Value::Array(values)) => values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, value)| match value {
+                Value::Object(object) => read(object, Some(i)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Which end of the range a query reads from.
@@ -768,6 +832,7 @@ mod tests {
                     seq: 2,
                     ts: "t".into(),
                     duplicate: false,
+                    key: None,
                 }),
                 EntryResult::Failed {
                     id: 9,
@@ -781,6 +846,99 @@ mod tests {
             r#"{"results":[{"id":1,"seq":2,"ts":"t","duplicate":false},{"id":9,"error":{"code":"unavailable","message":"down"}}]}"#
         );
         assert_eq!(serde_json::from_str::<BatchReply>(&json).unwrap(), reply);
+    }
+
+    #[test]
+    fn outcome_events_round_trip_and_omit_what_is_absent() {
+        let appended = AppendReply {
+            id: 42,
+            seq: 7,
+            ts: "2026-11-23T14:00:00.000000Z".into(),
+            duplicate: false,
+            key: Some("k-1".into()),
+        };
+        let json = serde_json::to_string(&appended).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":42,"seq":7,"ts":"2026-11-23T14:00:00.000000Z","duplicate":false,"key":"k-1"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<AppendReply>(&json).unwrap(),
+            appended
+        );
+        // Without a key, exactly the body old readers know; and old bodies still decode.
+        let keyless = AppendReply {
+            key: None,
+            ..appended
+        };
+        let json = serde_json::to_string(&keyless).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":42,"seq":7,"ts":"2026-11-23T14:00:00.000000Z","duplicate":false}"#
+        );
+        assert_eq!(serde_json::from_str::<AppendReply>(&json).unwrap(), keyless);
+
+        let rejected = RejectedEvent {
+            id: 42,
+            key: Some("k-2".into()),
+            error: ErrorBody::conflict(1, 0),
+            stream_seq: Some(9),
+        };
+        let json = serde_json::to_string(&rejected).unwrap();
+        assert!(
+            json.starts_with(r#"{"id":42,"key":"k-2","error":{"code":"conflict","message":"#)
+                && json.ends_with(r#","last_seq":0},"stream_seq":9}"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<RejectedEvent>(&json).unwrap(),
+            rejected
+        );
+        let core = RejectedEvent {
+            id: u64::MAX,
+            key: None,
+            error: ErrorBody::new(ErrorCode::InvalidRequest, "missing field `log`"),
+            stream_seq: None,
+        };
+        let json = serde_json::to_string(&core).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":18446744073709551615,"error":{"code":"invalid_request","message":"missing field `log`"}}"#
+        );
+        assert_eq!(serde_json::from_str::<RejectedEvent>(&json).unwrap(), core);
+    }
+
+    #[test]
+    fn refused_bodies_name_what_they_can() {
+        let limits = Limits {
+            max_log_bytes: 8,
+            max_key_bytes: 4,
+        };
+        let read = |body: &str| refused_appends(body.as_bytes(), &limits);
+        let one = |id, key: Option<&str>, index| RefusedAppend {
+            id,
+            key: key.map(str::to_string),
+            index,
+        };
+        assert_eq!(read(r#"{"id":5,"key":"k"}"#), [one(5, Some("k"), None)]);
+        // A key over the limit (or not a string) is not echoed; the id still is.
+        assert_eq!(read(r#"{"id":5,"key":"kkkkk"}"#), [one(5, None, None)]);
+        assert_eq!(read(r#"{"id":5,"key":7,"log":1}"#), [one(5, None, None)]);
+        assert_eq!(
+            read(r#"[{"id":1,"key":"a"},7,{"log":"x"},{"id":2},{"id":"3"}]"#),
+            [one(1, Some("a"), Some(0)), one(2, None, Some(3))]
+        );
+        for nothing in [
+            "",
+            "{",
+            "not json",
+            r#"{"log":"x"}"#,
+            r#"{"id":-1}"#,
+            "[1]",
+            "7",
+        ] {
+            assert_eq!(read(nothing), [], "{nothing}");
+        }
     }
 
     fn append(body: &str) -> Result<AppendRequest, ErrorBody> {

@@ -173,6 +173,7 @@ impl Parts {
         let outbox = Outbox::new(
             client.clone(),
             &config.events_prefix,
+            &config.rejected_prefix,
             &config.dead_letter_subject,
             &config.response_subject,
             metrics.clone(),

@@ -10,7 +10,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::Subject;
 use bytes::Bytes;
 use logstore_protocol::{
-    AppendReply, AppendRequest, BatchReply, EntryResult, ErrorBody, ErrorCode,
+    AppendReply, AppendRequest, BatchReply, EntryResult, ErrorBody, ErrorCode, RejectedEvent,
     DEAD_LETTER_MSG_ID_HEADER, DEAD_LETTER_STREAM_HEADER, DEAD_LETTER_STREAM_SEQUENCE_HEADER,
     MSG_ID_HEADER,
 };
@@ -120,11 +120,19 @@ pub enum Settle {
     },
 }
 
+/// An append as its `rejected.<id>` event names it: the object and the idempotency key it
+/// would have been stored under.
+pub type Addressee = (u64, Option<String>);
+
+/// A batch entry's outcome, with its key (for its `rejected.<id>` event).
+type EntryOutcome = (EntryResult, Option<String>);
+
 /// A batch message whose entries are being stored, possibly on several shards.
 pub struct BatchMessage {
     origin: Origin,
-    /// One slot per entry, filled as each entry's outcome is known.
-    results: Mutex<Vec<Option<EntryResult>>>,
+    /// One slot per entry, filled as each entry's outcome is known, with the entry's key (for
+    /// its `rejected.<id>` event).
+    results: Mutex<Vec<Option<EntryOutcome>>>,
     /// Entries still without an outcome; whoever brings it to zero settles the message.
     remaining: AtomicUsize,
     _in_flight: InFlight,
@@ -140,15 +148,21 @@ impl BatchMessage {
         })
     }
 
-    /// Record one entry's outcome; returns every result, in array order, once it was the last.
-    fn record(&self, index: usize, result: EntryResult) -> Option<Vec<EntryResult>> {
+    /// Record one entry's outcome (and its key); returns every result, in array order, once it
+    /// was the last.
+    fn record(
+        &self,
+        index: usize,
+        result: EntryResult,
+        key: Option<String>,
+    ) -> Option<Vec<EntryOutcome>> {
         let mut results = match self.results.lock() {
             Ok(results) => results,
             // A panic elsewhere while holding the lock cannot leave a slot half-written.
             Err(poisoned) => poisoned.into_inner(),
         };
         if let Some(slot) = results.get_mut(index) {
-            *slot = Some(result);
+            *slot = Some((result, key));
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return None;
@@ -213,6 +227,7 @@ impl Settler {
             seq: stored.seq,
             ts: format_ts(stored.ts),
             duplicate: stored.duplicate,
+            key: job.entry.key.clone(),
         };
         match job.settle {
             Settle::Single { origin, .. } => match &origin {
@@ -228,7 +243,10 @@ impl Settler {
             },
             Settle::Entry { batch, index } => {
                 self.outbox.append_done(None, &body).await;
-                if let Some(results) = batch.record(index, EntryResult::Stored(body)) {
+                // The batch reply, to the sender who chose the keys, does not echo them.
+                let mut body = body;
+                let key = body.key.take();
+                if let Some(results) = batch.record(index, EntryResult::Stored(body), key) {
                     self.batch_done(&batch, results).await;
                 }
             }
@@ -239,32 +257,48 @@ impl Settler {
     /// definite outcome, final for this append (seqs only grow, so a retry as it is cannot
     /// succeed unless it expected a seq the object has not reached yet), so it is never
     /// dead-lettered nor redelivered: the sender learns it from its reply (core) or batch
-    /// reply; a JetStream message is acked, its processing being complete. With core intake
-    /// and no reply subject nobody can be told: it is counted and logged at debug level.
+    /// reply, and anyone from the `rejected.<id>` event; a JetStream message is acked, its
+    /// processing being complete. With core intake and no reply subject the event is the only
+    /// word of it (and a debug line).
     pub async fn conflict(&self, job: AppendJob, last_seq: u64, m: &ShardMetrics) {
         m.conflict.inc();
         observe(&job, m);
         let error = ErrorBody::conflict(job.expected_seq.unwrap_or_default(), last_seq);
-        match job.settle {
-            Settle::Single { origin, .. } => match &origin {
-                Origin::Core {
-                    reply: Some(reply), ..
-                } => self.outbox.error_reply(Some(reply), &error).await,
-                Origin::Core { reply: None, .. } => {
-                    tracing::debug!(id = job.entry.id, expected_seq = ?job.expected_seq, last_seq, "conditional append refused (no reply subject to tell)");
-                }
-                Origin::JetStream(message) => {
-                    if let Err(e) = message.ack().await {
-                        tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+        let AppendJob {
+            entry,
+            settle,
+            expected_seq,
+            ..
+        } = job;
+        match settle {
+            Settle::Single { origin, .. } => {
+                self.tell_rejected(&origin, &[(entry.id, entry.key)], &error)
+                    .await;
+                match &origin {
+                    Origin::Core {
+                        reply: Some(reply), ..
+                    } => self.outbox.error_reply(Some(reply), &error).await,
+                    Origin::Core { reply: None, .. } => {
+                        tracing::debug!(
+                            id = entry.id,
+                            ?expected_seq,
+                            last_seq,
+                            "conditional append refused (no reply subject to tell)"
+                        );
+                    }
+                    Origin::JetStream(message) => {
+                        if let Err(e) = message.ack().await {
+                            tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+                        }
                     }
                 }
-            },
+            }
             Settle::Entry { batch, index } => {
                 let result = EntryResult::Failed {
-                    id: job.entry.id,
+                    id: entry.id,
                     error,
                 };
-                if let Some(results) = batch.record(index, result) {
+                if let Some(results) = batch.record(index, result, entry.key) {
                     self.batch_done(&batch, results).await;
                 }
             }
@@ -277,7 +311,8 @@ impl Settler {
     }
 
     /// The append was not stored (or, for [`ErrorCode::Timeout`], may have been): tell whoever
-    /// can act on it.
+    /// can act on it. Once the refusal is final (core intake: at once, but for an unknown
+    /// outcome; JetStream: when the message is given up) it is also the `rejected.<id>` event.
     pub async fn failed(&self, job: AppendJob, error: ErrorBody, m: &ShardMetrics) {
         self.metrics.error("append", error.code);
         if error.code == ErrorCode::Timeout {
@@ -319,20 +354,31 @@ impl Settler {
                 }
             }
         }
-        match job.settle {
-            Settle::Single { origin, .. } => match &origin {
-                Origin::Core {
-                    reply: Some(reply), ..
-                } => self.outbox.error_reply(Some(reply), &error).await,
-                Origin::Core { reply: None, .. } => {}
-                Origin::JetStream(message) => self.failed_delivery(message, &error).await,
-            },
+        let AppendJob { entry, settle, .. } = job;
+        match settle {
+            Settle::Single { origin, .. } => {
+                let addressee = [(entry.id, entry.key)];
+                match &origin {
+                    Origin::Core { reply, .. } => {
+                        if error.code != ErrorCode::Timeout {
+                            self.tell_rejected(&origin, &addressee, &error).await;
+                        }
+                        self.outbox.error_reply(reply.as_ref(), &error).await;
+                    }
+                    Origin::JetStream(message) => {
+                        if self.gives_up(message, &error) {
+                            self.tell_rejected(&origin, &addressee, &error).await;
+                        }
+                        self.failed_delivery(message, &error).await
+                    }
+                }
+            }
             Settle::Entry { batch, index } => {
                 let result = EntryResult::Failed {
-                    id: job.entry.id,
+                    id: entry.id,
                     error,
                 };
-                if let Some(results) = batch.record(index, result) {
+                if let Some(results) = batch.record(index, result, entry.key) {
                     self.batch_done(&batch, results).await;
                 }
             }
@@ -341,41 +387,67 @@ impl Settler {
 
     /// Every entry of a batch message has its outcome: answer the sender once (core), or ack
     /// the message when all entries are stored (or refused by their `expected_seq`) and nak it
-    /// otherwise (JetStream: the stored ones answer as duplicates when it comes back).
-    async fn batch_done(&self, batch: &BatchMessage, results: Vec<EntryResult>) {
+    /// otherwise (JetStream: the stored ones answer as duplicates when it comes back). The
+    /// entries refused for good get their `rejected.<id>` events first: once per distinct
+    /// object and key.
+    async fn batch_done(&self, batch: &BatchMessage, results: Vec<EntryOutcome>) {
+        // JetStream: the message fails as its most hopeful failure: if any entry may succeed
+        // on redelivery (an outage), it is redelivered rather than dead-lettered. A conflict is
+        // a final outcome like a stored entry: it neither needs nor benefits from redelivery.
+        let failure = results
+            .iter()
+            .filter_map(|(r, _)| match r {
+                EntryResult::Failed { error, .. } if error.code != ErrorCode::Conflict => {
+                    Some(error)
+                }
+                EntryResult::Failed { .. } | EntryResult::Stored(_) => None,
+            })
+            .min_by_key(|e| !is_transient(e.code))
+            .cloned();
+        let given_up = match (&batch.origin, &failure) {
+            (Origin::JetStream(message), Some(error)) => self.gives_up(message, error),
+            _ => false,
+        };
+        let mut told = std::collections::HashSet::new();
+        for (result, key) in &results {
+            let EntryResult::Failed { id, error } = result else {
+                continue;
+            };
+            let is_final = match &batch.origin {
+                Origin::Core { .. } => error.code != ErrorCode::Timeout,
+                Origin::JetStream(_) => error.code == ErrorCode::Conflict || given_up,
+            };
+            if is_final && told.insert((*id, key.clone())) {
+                self.tell_rejected(&batch.origin, &[(*id, key.clone())], error)
+                    .await;
+            }
+        }
         match &batch.origin {
             Origin::Core { reply, .. } => {
                 if let Some(reply) = reply {
+                    let results = results.into_iter().map(|(r, _)| r).collect();
                     match serde_json::to_vec(&BatchReply { results }) {
                         Ok(body) => self.outbox.reply(reply, body.into()).await,
                         Err(e) => tracing::error!(error = %e, "cannot encode a batch reply"),
                     }
                 }
             }
-            Origin::JetStream(message) => {
-                // The message fails as its most hopeful failure: if any entry may succeed on
-                // redelivery (an outage), it is redelivered rather than dead-lettered.
-                // A conflict is a final outcome like a stored entry: it neither needs nor
-                // benefits from redelivery.
-                let failure = results
-                    .into_iter()
-                    .filter_map(|r| match r {
-                        EntryResult::Failed { error, .. } if error.code != ErrorCode::Conflict => {
-                            Some(error)
-                        }
-                        EntryResult::Failed { .. } | EntryResult::Stored(_) => None,
-                    })
-                    .min_by_key(|e| !is_transient(e.code));
-                match failure {
-                    None => {
-                        if let Err(e) = message.ack().await {
-                            tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
-                        }
+            Origin::JetStream(message) => match failure {
+                None => {
+                    if let Err(e) = message.ack().await {
+                        tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
                     }
-                    Some(error) => self.failed_delivery(message, &error).await,
                 }
-            }
+                Some(error) => self.failed_delivery(message, &error).await,
+            },
         }
+    }
+
+    /// Whether a JetStream delivery that failed with `error` is given up now (dead-lettered and
+    /// terminated) rather than redelivered: see [`Settler::failed_delivery`].
+    fn gives_up(&self, message: &async_nats::jetstream::Message, error: &ErrorBody) -> bool {
+        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        !is_transient(error.code) && delivered >= self.max_deliver
     }
 
     /// A JetStream delivery that could not be stored. Outages, load shedding and unknown
@@ -384,7 +456,7 @@ impl Settler {
     /// the dead-letter subject and terminated so it stops holding a slot.
     async fn failed_delivery(&self, message: &async_nats::jetstream::Message, error: &ErrorBody) {
         let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-        let result = if !is_transient(error.code) && delivered >= self.max_deliver {
+        let result = if self.gives_up(message, error) {
             tracing::error!(delivered, reason = %error.message, "giving up on a message: dead-lettered");
             self.outbox
                 .dead_letter(
@@ -405,16 +477,19 @@ impl Settler {
         }
     }
 
-    /// Bad input: answer it (core, with a reply subject), copy it to the dead-letter subject,
-    /// log it. A JetStream message that can never be valid is terminated: redelivery cannot help.
-    /// Its publisher got a PubAck, so the dead letter carries what it can match: the stream
-    /// sequence and the message id.
+    /// Bad input: answer it (core, with a reply subject), publish the `rejected.<id>` event of
+    /// each append it names (`appends`: none for a request, or a body naming no object), copy
+    /// it to the dead-letter subject, log it. A JetStream message that can never be valid is
+    /// terminated: redelivery cannot help. Its publisher got a PubAck, so the event and the
+    /// dead letter carry what it can match: the stream sequence (and the dead letter the
+    /// message id).
     pub async fn rejected(
         &self,
         subject: &Subject,
         payload: Bytes,
         origin: &Origin,
         error: ErrorBody,
+        appends: &[Addressee],
     ) {
         tracing::warn!(
             %subject,
@@ -423,6 +498,7 @@ impl Settler {
             bytes = payload.len(),
             "rejected message"
         );
+        self.tell_rejected(origin, appends, &error).await;
         match origin {
             Origin::Core { reply, .. } => {
                 self.outbox.error_reply(reply.as_ref(), &error).await;
@@ -437,6 +513,24 @@ impl Settler {
                     tracing::warn!(error = %e, "cannot terminate a rejected JetStream message");
                 }
             }
+        }
+    }
+
+    /// Publish the `rejected.<id>` event of each of `appends`, refused for good with `error`;
+    /// from a JetStream message, with its stream sequence.
+    async fn tell_rejected(&self, origin: &Origin, appends: &[Addressee], error: &ErrorBody) {
+        let stream_seq = match origin {
+            Origin::JetStream(message) => message.info().ok().map(|info| info.stream_sequence),
+            Origin::Core { .. } => None,
+        };
+        for (id, key) in appends {
+            let event = RejectedEvent {
+                id: *id,
+                key: key.clone(),
+                error: error.clone(),
+                stream_seq,
+            };
+            self.outbox.append_rejected(&event).await;
         }
     }
 }

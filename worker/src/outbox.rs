@@ -1,14 +1,15 @@
-//! Everything the worker sends to NATS: append replies and `appended.<id>` events, query
-//! response chunks, error replies and dead-letter copies. The end of the data flow.
+//! Everything the worker sends to NATS: append replies, `appended.<id>` and `rejected.<id>`
+//! events, query response chunks, error replies and dead-letter copies. The end of the data
+//! flow.
 
 use std::time::SystemTime;
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use logstore_protocol::{
-    AppendReply, ErrorBody, ErrorReply, DEAD_LETTER_CODE_HEADER, DEAD_LETTER_REASON_HEADER,
-    DEAD_LETTER_SUBJECT_HEADER, DEAD_LETTER_TRUNCATED_HEADER, SERVICE_ERROR_CODE_HEADER,
-    SERVICE_ERROR_HEADER,
+    AppendReply, ErrorBody, ErrorReply, RejectedEvent, DEAD_LETTER_CODE_HEADER,
+    DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SUBJECT_HEADER, DEAD_LETTER_TRUNCATED_HEADER,
+    SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
 };
 
 use crate::metrics::Metrics;
@@ -18,6 +19,7 @@ use crate::metrics::Metrics;
 pub struct Outbox {
     client: async_nats::Client,
     events_prefix: String,
+    rejected_prefix: String,
     dead_letter_subject: Subject,
     response_subject: Subject,
     metrics: Metrics,
@@ -32,6 +34,7 @@ impl Outbox {
     pub fn new(
         client: async_nats::Client,
         events_prefix: &str,
+        rejected_prefix: &str,
         dead_letter_subject: &str,
         response_subject: &str,
         metrics: Metrics,
@@ -39,6 +42,7 @@ impl Outbox {
         Outbox {
             client,
             events_prefix: events_prefix.to_string(),
+            rejected_prefix: rejected_prefix.to_string(),
             dead_letter_subject: Subject::from(dead_letter_subject),
             response_subject: Subject::from(response_subject),
             metrics,
@@ -55,19 +59,43 @@ impl Outbox {
         reply.unwrap_or_else(|| self.response_subject.clone())
     }
 
-    /// Answer a stored (or duplicate) append and publish its event.
+    /// Answer a stored (or duplicate) append and publish its event. The event carries the
+    /// append's key; the reply, to the sender who chose it, does not (it is as before keys
+    /// were echoed).
     pub async fn append_done(&self, reply: Option<&Subject>, body: &AppendReply) {
+        if let Some(reply) = reply {
+            let answer = AppendReply {
+                key: None,
+                ..body.clone()
+            };
+            match serde_json::to_vec(&answer) {
+                Ok(payload) => {
+                    self.publish(reply.clone(), None, payload.into()).await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode append reply"),
+            }
+        }
         let payload = match serde_json::to_vec(body) {
             Ok(p) => Bytes::from(p),
             Err(e) => {
-                tracing::error!(error = %e, "cannot encode append reply");
+                tracing::error!(error = %e, "cannot encode append event");
                 return;
             }
         };
-        if let Some(reply) = reply {
-            self.publish(reply.clone(), None, payload.clone()).await;
-        }
         let event = format!("{}.{}", self.events_prefix, body.id);
+        self.publish(Subject::from(event), None, payload).await;
+    }
+
+    /// Publish the `rejected.<id>` event of an append refused for good.
+    pub async fn append_rejected(&self, body: &RejectedEvent) {
+        let payload = match serde_json::to_vec(body) {
+            Ok(p) => Bytes::from(p),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode rejected event");
+                return;
+            }
+        };
+        let event = format!("{}.{}", self.rejected_prefix, body.id);
         self.publish(Subject::from(event), None, payload).await;
     }
 

@@ -78,6 +78,10 @@ fn metadata(config: &Config) -> HashMap<String, String> {
         ),
         ("events_prefix".to_string(), config.events_prefix.clone()),
         (
+            "rejected_prefix".to_string(),
+            config.rejected_prefix.clone(),
+        ),
+        (
             "dead_letter_subject".to_string(),
             config.dead_letter_subject.clone(),
         ),

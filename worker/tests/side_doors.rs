@@ -81,6 +81,7 @@ impl Shipped {
             ("NATS_DELETE_TOPIC", "delete"),
             ("NATS_QUEUE_GROUP", "workers"),
             ("NATS_EVENTS_PREFIX", "appended"),
+            ("NATS_REJECTED_PREFIX", "rejected"),
             ("NATS_DEAD_LETTER_TOPIC", "dead_letter"),
             ("NATS_STREAM", "LOGS"),
             ("INTAKE", "jetstream"),
@@ -168,12 +169,14 @@ async fn shipped_config_keeps_each_user_to_its_job() {
     let admin_vars = shipped.login("admin");
 
     // The client appends and reads back through the CLI (on its own inbox prefix,
-    // _INBOX_client, picked by itself), and loadgen verifies a short run.
+    // _INBOX_client, picked by itself), and loadgen verifies a short run. On JetStream intake
+    // the CLI waits for the append's event (`appended.777`, which the client may read) and
+    // prints the stored seq as with core intake.
     let id = "777";
-    for text in ["first for the client", "second for the client"] {
+    for (seq, text) in [(1, "first for the client"), (2, "second for the client")] {
         let (code, out, err) = run("logstore", &["append", id, text], &client_vars).await;
         assert_eq!(code, 0, "append as client:\n{out}\n{err}");
-        assert!(out.contains("queued in stream LOGS"), "{out}");
+        assert!(out.starts_with(&format!("{seq} ")), "{out}");
     }
     eventually(20, "the worker stores the client's appends", || {
         let client_vars = client_vars.clone();
@@ -255,9 +258,16 @@ async fn shipped_config_keeps_each_user_to_its_job() {
         .await
         .expect("publish sent");
     violations.expect("appended.777").await;
+    let mut refusals = client.subscribe("rejected.>").await.expect("subscribe");
+    client
+        .publish("rejected.777", "{\"id\":777}".into())
+        .await
+        .expect("publish sent");
+    violations.expect("rejected.777").await;
     within(10, "flush", client.flush()).await.expect("flush");
     assert!(
-        futures::FutureExt::now_or_never(events.next()).is_none(),
+        futures::FutureExt::now_or_never(events.next()).is_none()
+            && futures::FutureExt::now_or_never(refusals.next()).is_none(),
         "a forged event was delivered"
     );
     let js = async_nats::jetstream::new(client.clone());
@@ -270,7 +280,7 @@ async fn shipped_config_keeps_each_user_to_its_job() {
     // may read sees none of the admin's stats answer.
     let (admin, _) = shipped.connect("admin").await;
     let mut readable = Vec::new();
-    for subject in ["_INBOX_client.>", "appended.>", "response"] {
+    for subject in ["_INBOX_client.>", "appended.>", "rejected.>", "response"] {
         readable.push(client.subscribe(subject).await.expect("subscribe"));
     }
     within(10, "flush", client.flush()).await.expect("flush");

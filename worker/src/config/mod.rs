@@ -131,6 +131,8 @@ pub struct Config {
     pub retention: Option<Retention>,
     pub queue_group: String,
     pub events_prefix: String,
+    /// NATS_REJECTED_PREFIX: `rejected.<id>` events go to `<rejected_prefix>.<id>`.
+    pub rejected_prefix: String,
     pub dead_letter_subject: String,
     /// NATS_REPLY_PREFIXES: the reply subjects the worker answers (see [`ReplyPolicy`]).
     pub replies: ReplyPolicy,

@@ -95,6 +95,9 @@ pub struct RawConfig {
     pub nats_queue_group: String,
     #[arg(long, env = "NATS_EVENTS_PREFIX", default_value = "appended")]
     pub nats_events_prefix: String,
+    /// Prefix of the events after each refused append (`PREFIX.ID`, a `RejectedEvent`).
+    #[arg(long, env = "NATS_REJECTED_PREFIX", default_value = "rejected")]
+    pub nats_rejected_prefix: String,
     #[arg(long, env = "NATS_DEAD_LETTER_TOPIC", default_value = "dead_letter")]
     pub nats_dead_letter_topic: String,
     /// Reply subjects the worker answers, comma-separated prefixes: NATS inboxes (`_INBOX.`,
@@ -249,6 +252,7 @@ impl RawConfig {
             retention: self.retention()?,
             queue_group: subject("NATS_QUEUE_GROUP", &self.nats_queue_group)?,
             events_prefix: subject("NATS_EVENTS_PREFIX", &self.nats_events_prefix)?,
+            rejected_prefix: subject("NATS_REJECTED_PREFIX", &self.nats_rejected_prefix)?,
             dead_letter_subject: subject("NATS_DEAD_LETTER_TOPIC", &self.nats_dead_letter_topic)?,
             metrics_addr: metrics_addr(&self.metrics_addr)?,
             json_logs: self.json_logs()?,

@@ -8,15 +8,14 @@ use std::time::{Duration, Instant, SystemTime};
 use async_nats::jetstream;
 use async_nats::{HeaderMap, Message};
 use logstore_protocol::{
-    check_key, AppendBody, DeleteRequest, ErrorBody, ErrorCode, Limits, QueryRequest, StatsRequest,
-    MSG_ID_HEADER,
+    check_key, refused_appends, AppendBody, DeleteRequest, ErrorBody, ErrorCode, Limits,
+    QueryRequest, StatsRequest, MSG_ID_HEADER,
 };
 use tokio_util::sync::CancellationToken;
 
 use super::requests::RequestKind;
 use crate::metrics::Metrics;
-use crate::origin::Held;
-use crate::origin::{AppendJob, BatchMessage, InFlight, Origin, Settle, Settler};
+use crate::origin::{Addressee, AppendJob, BatchMessage, Held, InFlight, Origin, Settle, Settler};
 use crate::pipeline::{Refused, Work};
 use crate::query::{Queries, QueryJob, Request};
 use crate::shards::Shards;
@@ -118,8 +117,18 @@ impl Router {
             reply: None,
             subject: message.subject.clone(),
         };
+        let appends = match kind {
+            "append" => self.addressees(&message.payload, message.headers.as_ref(), None),
+            _ => Vec::new(),
+        };
         self.settler
-            .rejected(&message.subject, message.payload.clone(), &origin, error)
+            .rejected(
+                &message.subject,
+                message.payload.clone(),
+                &origin,
+                error,
+                &appends,
+            )
             .await;
         false
     }
@@ -148,8 +157,9 @@ impl Router {
             Err(error) => {
                 self.metrics.rejected_appends.inc();
                 self.metrics.error("append", error.code);
+                let appends = self.addressees(&message.payload, message.headers.as_ref(), None);
                 self.settler
-                    .rejected(&message.subject, message.payload, &origin, error)
+                    .rejected(&message.subject, message.payload, &origin, error, &appends)
                     .await
             }
         }
@@ -190,12 +200,12 @@ impl Router {
             held,
             stream_sequence,
         );
+        let identity = match (&self.stream_identity, stream_sequence) {
+            (Some(prefix), Some(sequence)) => Some((prefix.as_str(), sequence)),
+            _ => None,
+        };
         match body {
             Ok((body, msg_id)) => {
-                let identity = match (&self.stream_identity, stream_sequence) {
-                    (Some(prefix), Some(sequence)) => Some((prefix.as_str(), sequence)),
-                    _ => None,
-                };
                 let keys = KeySource {
                     msg_id: msg_id.as_deref(),
                     identity,
@@ -209,9 +219,10 @@ impl Router {
                 self.metrics.rejected_appends.inc();
                 self.metrics.error("append", error.code);
                 let (subject, payload) = (message.subject.clone(), message.payload.clone());
+                let appends = self.addressees(&payload, message.headers.as_ref(), identity);
                 let origin = Origin::JetStream(Box::new(message));
                 self.settler
-                    .rejected(&subject, payload, &origin, error)
+                    .rejected(&subject, payload, &origin, error, &appends)
                     .await
             }
         }
@@ -238,6 +249,45 @@ impl Router {
             _ => None,
         };
         Ok((body, msg_id))
+    }
+
+    /// Who a refused append message was for: each append its body still names (see
+    /// [`refused_appends`]), with the key it would have been stored under (its `key`, else the
+    /// `Nats-Msg-Id` header, else on JetStream the stream identity; `#<index>` in a batch),
+    /// once per distinct object and key.
+    fn addressees(
+        &self,
+        payload: &[u8],
+        headers: Option<&HeaderMap>,
+        identity: Option<(&str, u64)>,
+    ) -> Vec<Addressee> {
+        let keys = match headers.and_then(|h| h.get(MSG_ID_HEADER)) {
+            Some(id) if check_key(id.as_str(), &self.limits).is_ok() => KeySource {
+                msg_id: Some(id.as_str()),
+                identity,
+            },
+            // A header that cannot be a key: the appends would have had none usable.
+            Some(_) => KeySource {
+                msg_id: None,
+                identity: None,
+            },
+            None => KeySource {
+                msg_id: None,
+                identity,
+            },
+        };
+        let mut seen = std::collections::HashSet::new();
+        refused_appends(payload, &self.limits)
+            .into_iter()
+            .map(|append| {
+                let key = append.key.or_else(|| match append.index {
+                    None => keys.single(),
+                    Some(index) => keys.entry(index),
+                });
+                (append.id, key)
+            })
+            .filter(|addressee| seen.insert(addressee.clone()))
+            .collect()
     }
 
     /// Queue a valid message's appends on their shards' pipelines. With `hold` (the ordered
@@ -391,7 +441,7 @@ impl Router {
                     subject: message.subject.clone(),
                 };
                 self.settler
-                    .rejected(&message.subject, message.payload, &origin, error)
+                    .rejected(&message.subject, message.payload, &origin, error, &[])
                     .await;
                 return;
             }

@@ -76,6 +76,7 @@ impl Env {
             ("NATS_DELETE_TOPIC", self.subject("delete")),
             ("NATS_QUEUE_GROUP", self.subject("workers")),
             ("NATS_EVENTS_PREFIX", self.subject("appended")),
+            ("NATS_REJECTED_PREFIX", self.subject("rejected")),
             ("NATS_DEAD_LETTER_TOPIC", self.subject("dead_letter")),
             ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
             ("SHARD_TIMEOUT_MS", "3000".to_string()),

@@ -256,7 +256,8 @@ async fn a_killed_owners_partitions_resume_within_the_lease_and_others_never_pau
 }
 
 /// A message whose entries do not belong to its partition subject is refused whole: a dead
-/// letter says why, nothing of it is stored, and the partition goes on.
+/// letter says why, a `rejected.<id>` event tells each object's publisher, nothing of it is
+/// stored, and the partition goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_on_the_wrong_partition_is_refused_whole() {
     let env = partitioned_env(&["a"]).await;
@@ -264,6 +265,10 @@ async fn a_message_on_the_wrong_partition_is_refused_whole() {
     settled(&[&worker], 30).await;
     let client = env.client().await;
     let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
+    let mut rejected = client
+        .subscribe(format!("{}.*", env.subject("rejected")))
+        .await
+        .unwrap();
     client.flush().await.unwrap();
     let js = jetstream::new(client.clone());
     let logs = env.subject("logs");
@@ -274,9 +279,13 @@ async fn a_message_on_the_wrong_partition_is_refused_whole() {
     let stranger = (2..).find(|&id| partition(id, PARTITIONS) != k).unwrap();
     let wrong_partition =
         serde_json::json!([{ "id": 1, "log": "y" }, { "id": stranger, "log": "z" }]).to_string();
-    for (subject, body) in [
-        (format!("{logs}.42"), wrong_object),
-        (format!("{logs}.p.{k}.b"), wrong_partition),
+    for (subject, body, named) in [
+        (format!("{logs}.42"), wrong_object, vec![43]),
+        (
+            format!("{logs}.p.{k}.b"),
+            wrong_partition,
+            vec![1, stranger],
+        ),
     ] {
         js.publish(subject, body.into())
             .await
@@ -289,6 +298,19 @@ async fn a_message_on_the_wrong_partition_is_refused_whole() {
         let reason =
             String::from_utf8_lossy(&letter.payload).to_string() + &format!("{:?}", letter.headers);
         assert!(reason.contains("does not belong on"), "{reason}");
+        // Its publisher hears of it too: one `rejected.<id>` per object it names.
+        let mut heard = Vec::new();
+        for _ in &named {
+            let event = within(10, "rejected event", rejected.next())
+                .await
+                .expect("subscription open");
+            let event: serde_json::Value =
+                serde_json::from_slice(&event.payload).expect("a JSON event");
+            assert_eq!(event["error"]["code"], "invalid_request", "{event}");
+            heard.push(event["id"].as_u64().expect("an id"));
+        }
+        heard.sort();
+        assert_eq!(heard, named);
     }
     // The partitions go on: a good append after them is stored, the refused ones never are.
     let good = serde_json::json!({ "id": 1, "log": "good" }).to_string();

@@ -286,28 +286,47 @@ async fn setup_jetstream(
             ),
         })?;
     let consumer = create_consumer(&stream, consumer_config.clone()).await?;
-    let mut lanes = Vec::new();
-    if partitions > 0 && !config.ordered {
-        tracing::warn!(partitions, "the stream has partitions, which only ordered workers (JS_ORDERED=true) pull; this worker pulls the `logs` lane only");
-    }
-    for k in (0..partitions).filter(|_| config.ordered) {
-        let config = consumer::pull::Config {
-            durable_name: Some(partition_consumer(&config.consumer, k)),
-            filter_subject: partition_filter(logs_subject, k),
-            max_ack_pending: partition_max_ack_pending(config.max_ack_pending, partitions),
-            ..consumer_config.clone()
-        };
-        lanes.push(Partition {
-            k,
-            consumer: create_consumer(&stream, config).await?,
-            held: Held::default(),
-        });
-    }
+    let lanes = match config.ordered {
+        true => {
+            partition_consumers(&stream, &consumer_config, logs_subject, config, partitions).await?
+        }
+        false => {
+            if partitions > 0 {
+                tracing::warn!(partitions, "the stream has partitions, which only ordered workers (JS_ORDERED=true) pull; this worker pulls the `logs` lane only");
+            }
+            Vec::new()
+        }
+    };
     Ok(Setup {
         consumer,
         info,
         partitions: lanes,
     })
+}
+
+/// The durable consumers of the stream's `partitions`, made like `base` (the `logs` lane's).
+async fn partition_consumers(
+    stream: &stream::Stream,
+    base: &consumer::pull::Config,
+    logs_subject: &str,
+    config: &JetStreamConfig,
+    partitions: u32,
+) -> Result<Vec<Partition>, IntakeError> {
+    let mut lanes = Vec::new();
+    for k in 0..partitions {
+        let config = consumer::pull::Config {
+            durable_name: Some(partition_consumer(&config.consumer, k)),
+            filter_subject: partition_filter(logs_subject, k),
+            max_ack_pending: partition_max_ack_pending(config.max_ack_pending, partitions),
+            ..base.clone()
+        };
+        lanes.push(Partition {
+            k,
+            consumer: create_consumer(stream, config).await?,
+            held: Held::default(),
+        });
+    }
+    Ok(lanes)
 }
 
 /// Create (or confirm) one durable consumer, retrying a race with another worker.

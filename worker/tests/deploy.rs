@@ -781,7 +781,7 @@ async fn every_dashboard_panel_shows_data_and_a_stopped_shard_alerts() {
         .flatten()
         .flat_map(|g| g["rules"].as_array().into_iter().flatten())
         .collect();
-    assert_eq!(rules.len(), 10, "the shipped rules are loaded: {rules:?}");
+    assert_eq!(rules.len(), 11, "the shipped rules are loaded: {rules:?}");
     for rule in &rules {
         assert_eq!(rule["health"], "ok", "rule evaluation failed: {rule}");
         // An append p99 above 500 ms can really happen on a loaded 2-core test machine (the

@@ -58,6 +58,10 @@ pub async fn run(
     if partitions.is_empty() {
         return;
     }
+    router
+        .metrics
+        .jetstream_partitions
+        .set(partitions.len() as i64);
     let mut owner = Owner::new(router.clone(), legacy, partitions, reset);
     tracing::info!(partitions = owner.partitions.len(), worker = %owner.me, "pulling the stream's partitions with the fleet");
     while !cancel.is_cancelled() {

@@ -97,6 +97,8 @@ pub struct Metrics {
     /// JetStream messages this worker has received and not yet settled (acked, nak'ed or
     /// terminated); the ordered intake waits for 0 before it resyncs.
     pub jetstream_held: IntGauge,
+    /// The stream's partition count as this worker found it (0: none, or not an ordered worker).
+    pub jetstream_partitions: IntGauge,
     /// Partitions of the ordered intake this worker pulls now.
     pub jetstream_partitions_held: IntGauge,
     /// 1 for each partition this worker pulls (the fleet's sum per partition is at most 1).
@@ -160,6 +162,7 @@ impl Metrics {
             jetstream_pulling: intake.jetstream_pulling,
             jetstream_resyncs: intake.jetstream_resyncs,
             jetstream_held: intake.jetstream_held,
+            jetstream_partitions: intake.jetstream_partitions,
             jetstream_partitions_held: intake.jetstream_partitions_held,
             jetstream_partition_pulling: intake.jetstream_partition_pulling,
             jetstream_takeovers: intake.jetstream_takeovers,
@@ -401,6 +404,7 @@ struct IntakeSeries {
     jetstream_pulling: IntGauge,
     jetstream_resyncs: IntCounter,
     jetstream_held: IntGauge,
+    jetstream_partitions: IntGauge,
     jetstream_partitions_held: IntGauge,
     jetstream_partition_pulling: IntGaugeVec,
     jetstream_takeovers: IntCounterVec,
@@ -444,6 +448,10 @@ impl IntakeSeries {
             jetstream_held: d.gauge(
                 "logstore_jetstream_held_messages",
                 "JetStream messages received by this worker and not yet acked, nak'ed or terminated.",
+            )?,
+            jetstream_partitions: d.gauge(
+                "logstore_jetstream_partitions",
+                "Partitions of the ordered JetStream intake's stream, as this ordered worker found it (0: none).",
             )?,
             jetstream_partitions_held: d.gauge(
                 "logstore_jetstream_partitions_held",

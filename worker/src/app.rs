@@ -302,6 +302,15 @@ impl Parts {
                         shutdown_seen: true,
                     });
                 };
+                if !setup.partitions.is_empty() {
+                    self.background.spawn(intake::keep_stream(
+                        self.client.clone(),
+                        config.logs_subject.clone(),
+                        js.clone(),
+                        setup.partitions.len() as u32,
+                        self.cancel.clone(),
+                    ));
+                }
                 self.background.spawn(intake::sample_consumer_lag(
                     setup.consumer.clone(),
                     self.metrics.clone(),

@@ -328,3 +328,87 @@ async fn a_message_on_the_wrong_partition_is_refused_whole() {
     assert_eq!(logs, ["good"], "{rows:?}");
     assert_eq!(worker.terminate().await, Some(0));
 }
+
+/// Publishers of the `logs` lane and of the partitions side by side (different objects): both
+/// keep each object's order, everything acknowledged is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_and_partitioned_publishers_side_by_side_both_keep_order() {
+    let env = partitioned_env(&["a", "b"]).await;
+    let workers = [start(&env).await, start(&env).await];
+    settled(&[&workers[0], &workers[1]], 30).await;
+    let client = env.client().await;
+    let acked_legacy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // `logs`: objects 1..=8 (support's publishers); partitions: objects 101..=116.
+    let legacy = spawn_publishers(
+        &env,
+        &client,
+        0..3,
+        150,
+        Some(Duration::from_millis(10)),
+        &acked_legacy,
+    );
+    let objects: Vec<u64> = (101..=116).collect();
+    let mut acked =
+        publish_per_object(&env, &client, "p", &objects, 40, Duration::from_millis(20)).await;
+    acked.extend(join_publishers(legacy, 120).await);
+    let stored = verify_stored(&env, &acked, 60).await;
+    assert_in_stream_order(&stored, &acked);
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}
+
+/// A worker of the previous version rewrites the stream with `subjects: ["logs"]` and no
+/// transform (as it would at its start): a current worker puts the partitions' subjects back
+/// within seconds, and appends published per object are stored again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_narrowed_by_an_older_worker_is_widened_again() {
+    let env = partitioned_env(&["a"]).await;
+    let worker = start(&env).await;
+    settled(&[&worker], 30).await;
+    let client = env.client().await;
+    let js = jetstream::new(client.clone());
+    let logs = env.subject("logs");
+    let mut stream = js.get_stream(env.stream()).await.expect("stream");
+    let mut narrowed = stream.info().await.expect("stream info").config.clone();
+    narrowed.subjects = vec![logs.clone()];
+    narrowed.subject_transform = None;
+    narrowed.metadata.clear();
+    js.update_stream(narrowed).await.expect("narrow the stream");
+    let info = eventually(
+        30,
+        "the partitions' subjects back in the stream",
+        || async {
+            let mut stream = js.get_stream(env.stream()).await.ok()?;
+            let config = stream.info().await.ok()?.config.clone();
+            config
+                .subjects
+                .contains(&format!("{logs}.*"))
+                .then_some(config)
+        },
+    )
+    .await;
+    assert!(info.subjects.contains(&format!("{logs}.p.*.b")), "{info:?}");
+    assert_eq!(
+        info.metadata.get("logstore.partitions").map(String::as_str),
+        Some(PARTITIONS.to_string().as_str())
+    );
+    let body = serde_json::json!({ "id": 7, "log": "after" }).to_string();
+    within(10, "PubAck", async {
+        js.publish(format!("{logs}.7"), body.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("PubAck")
+    })
+    .await;
+    eventually(20, "the append stored", || async {
+        stored_rows(&env)
+            .await
+            .iter()
+            .any(|r| r.id == 7 && r.log == "after")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(worker.terminate().await, Some(0));
+}

@@ -18,6 +18,7 @@ use crate::cancel::pause;
 use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
 use crate::origin::Held;
+use logstore_protocol::partition::PARTITIONS_METADATA;
 
 /// How often the consumer's lag is read from the server: as often as compose's Prometheus
 /// scrapes, and one small JetStream API request per worker per period.
@@ -231,23 +232,7 @@ async fn setup_jetstream(
     config: &JetStreamConfig,
 ) -> Result<Setup, IntakeError> {
     let context = jetstream::new(client.clone());
-    let wanted = stream::Config {
-        name: config.stream.clone(),
-        // The stream is an intake buffer, not the store: each append is consumed once and
-        // deleted when a worker acknowledges it (after its Postgres commit).
-        retention: stream::RetentionPolicy::WorkQueue,
-        storage: stream::StorageType::File,
-        // When full, refuse new publishes (the publisher sees an error and can retry) rather
-        // than silently dropping older appends that were never stored.
-        discard: stream::DiscardPolicy::New,
-        max_bytes: config.max_bytes,
-        max_messages: config.max_messages,
-        // Keys are per object (the database deduplicates them, forever); the stream's own
-        // dedupe of `Nats-Msg-Id` is per stream and drops an append to object 9 that reuses
-        // object 8's id within the window, so the window is short (JS_DUPLICATE_WINDOW_MS).
-        duplicate_window: config.duplicate_window,
-        ..Default::default()
-    };
+    let wanted = wanted_stream(config);
     // Merged into what is there (never narrowing it); partitions only with the ordered intake.
     let configured = if config.ordered { config.partitions } else { 0 };
     let existing = match context.get_stream(&config.stream).await {
@@ -302,6 +287,74 @@ async fn setup_jetstream(
         info,
         partitions: lanes,
     })
+}
+
+/// The stream as this worker's settings describe it, before merging with what is there.
+fn wanted_stream(config: &JetStreamConfig) -> stream::Config {
+    stream::Config {
+        name: config.stream.clone(),
+        // The stream is an intake buffer, not the store: each append is consumed once and
+        // deleted when a worker acknowledges it (after its Postgres commit).
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // When full, refuse new publishes (the publisher sees an error and can retry) rather
+        // than silently dropping older appends that were never stored.
+        discard: stream::DiscardPolicy::New,
+        max_bytes: config.max_bytes,
+        max_messages: config.max_messages,
+        // Keys are per object (the database deduplicates them, forever); the stream's own
+        // dedupe of `Nats-Msg-Id` is per stream and drops an append to object 9 that reuses
+        // object 8's id within the window, so the window is short (JS_DUPLICATE_WINDOW_MS).
+        duplicate_window: config.duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// How often an ordered worker checks that the stream still takes the partitions' subjects.
+const STREAM_CHECK: Duration = Duration::from_secs(10);
+
+/// Until `cancel`: every [`STREAM_CHECK`], put back what a worker of an older version took
+/// away from the stream by rewriting its config (the partition subjects, the transform, the
+/// recorded count). Meanwhile publishers to `logs.<id>` get no acknowledgement and retry;
+/// nothing stored is lost.
+pub async fn keep_stream(
+    client: async_nats::Client,
+    logs_subject: String,
+    config: JetStreamConfig,
+    partitions: u32,
+    cancel: CancellationToken,
+) {
+    let context = jetstream::new(client);
+    while pause(&cancel, STREAM_CHECK).await {
+        let existing = match context.get_stream(&config.stream).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => info.config.clone(),
+                Err(_) => continue,
+            },
+            Err(_) => continue,
+        };
+        let (merged, _) = merged(
+            Some(&existing),
+            wanted_stream(&config),
+            &logs_subject,
+            partitions,
+        );
+        let narrowed = merged.subjects != existing.subjects
+            || merged.subject_transform != existing.subject_transform
+            || merged.metadata.get(PARTITIONS_METADATA)
+                != existing.metadata.get(PARTITIONS_METADATA);
+        if !narrowed {
+            continue;
+        }
+        match context.update_stream(merged).await {
+            Ok(_) => {
+                tracing::warn!(stream = %config.stream, "the stream had lost the partitions' subjects (rewritten by an older worker?); put them back")
+            }
+            Err(e) => {
+                tracing::warn!(stream = %config.stream, error = %e, "cannot put the partitions' subjects back into the stream; retrying")
+            }
+        }
+    }
 }
 
 /// The durable consumers of the stream's `partitions`, made like `base` (the `logs` lane's).

@@ -26,7 +26,8 @@ mod stream;
 use requests::drain;
 
 pub use durable::{
-    run_jetstream, sample_consumer_lag, setup_until, IntakeError, JetStream, LAG_SAMPLE_INTERVAL,
+    keep_stream, run_jetstream, sample_consumer_lag, setup_until, IntakeError, JetStream,
+    LAG_SAMPLE_INTERVAL,
 };
 pub use requests::{RequestKind, Requests};
 pub use route::Router;

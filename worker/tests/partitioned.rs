@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -14,112 +14,13 @@ use futures::StreamExt;
 use logstore_protocol::partition::partition;
 use support::*;
 
-const PARTITIONS: u32 = 8;
-const LEASE_MS: u64 = 1500;
-
-async fn partitioned_env(names: &[&str]) -> Env {
-    let mut env = Env::shared(names).await;
-    env.intake = "jetstream";
-    env
-}
-
-fn settings() -> [(&'static str, String); 2] {
-    [
-        ("JS_PARTITIONS", PARTITIONS.to_string()),
-        ("JS_LEASE_MS", LEASE_MS.to_string()),
-    ]
-}
-
-async fn start(env: &Env) -> WorkerProcess {
-    WorkerCommand::new(env).extra(&settings()).start().await
-}
-
-/// The partitions `worker` says it pulls (`logstore_jetstream_partition_pulling` = 1).
-async fn pulled_by(worker: &WorkerProcess) -> BTreeSet<u32> {
-    let Some((200, text)) = http_get(worker.metrics, "/metrics").await else {
-        return BTreeSet::new();
-    };
-    (0..PARTITIONS)
-        .filter(|k| {
-            metric_sum(
-                &text,
-                "logstore_jetstream_partition_pulling",
-                &[("partition", &k.to_string())],
-            ) == 1.0
-        })
-        .collect()
-}
-
-/// Wait until every partition is pulled by exactly one of `workers`, each pulling at most
-/// ⌈P/W⌉; returns who pulls what.
-async fn settled(workers: &[&WorkerProcess], secs: u64) -> Vec<BTreeSet<u32>> {
-    let share = (PARTITIONS as usize).div_ceil(workers.len());
-    eventually(secs, "partitions spread over the workers", || async {
-        let mut held = Vec::new();
-        for worker in workers {
-            held.push(pulled_by(worker).await);
-        }
-        let total: usize = held.iter().map(BTreeSet::len).sum();
-        let union: BTreeSet<u32> = held.iter().flatten().copied().collect();
-        let spread = total == PARTITIONS as usize
-            && union.len() == PARTITIONS as usize
-            && held.iter().all(|h| h.len() <= share);
-        spread.then_some(held)
-    })
-    .await
-}
-
-/// `n` appends to each of `objects`, in turn, each on `<logs>.<id>` (or, every fifth, as a
-/// one-entry batch on `<logs>.p.<k>.b`), waiting for each PubAck; `pace` apart.
-async fn publish_per_object(
-    env: &Env,
-    client: &async_nats::Client,
-    tag: &str,
-    objects: &[u64],
-    n: usize,
-    pace: Duration,
-) -> Vec<Acked> {
-    let js = jetstream::new(client.clone());
-    let logs = env.subject("logs");
-    let mut acked = Vec::new();
-    let mut ticker = tokio::time::interval(pace);
-    for i in 0..n {
-        ticker.tick().await;
-        for &id in objects {
-            let log = format!("{tag}-{id}-{i}");
-            let (subject, body) = if i % 5 == 4 {
-                let k = partition(id, PARTITIONS);
-                let body = serde_json::json!([{ "id": id, "log": log }]);
-                (format!("{logs}.p.{k}.b"), body)
-            } else {
-                (
-                    format!("{logs}.{id}"),
-                    serde_json::json!({ "id": id, "log": log }),
-                )
-            };
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", log.as_str());
-            let ack = within(10, "PubAck", async {
-                js.publish_with_headers(subject, headers, body.to_string().into())
-                    .await
-                    .expect("publish")
-                    .await
-                    .expect("PubAck")
-            })
-            .await;
-            acked.push((id, ack.sequence, log));
-        }
-    }
-    acked
-}
-
 /// One worker pulls every partition; three more join and each ends with its share; appends
 /// published meanwhile per object and per partition are all stored once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_spread_over_joining_workers_and_keep_each_objects_order() {
     let env = partitioned_env(&["a", "b"]).await;
-    let first = start(&env).await;
-    settled(&[&first], 30).await;
+    let first = start_partitioned(&env).await;
+    partitions_settled(&[&first], 30).await;
     let client = env.client().await;
     let objects: Vec<u64> = (1..=24).collect();
     let publisher = {
@@ -130,10 +31,10 @@ async fn partitions_spread_over_joining_workers_and_keep_each_objects_order() {
     };
     let mut others = Vec::new();
     for _ in 0..3 {
-        others.push(start(&env).await);
+        others.push(start_partitioned(&env).await);
     }
     let all: Vec<&WorkerProcess> = std::iter::once(&first).chain(others.iter()).collect();
-    let held = settled(&all, 30).await;
+    let held = partitions_settled(&all, 30).await;
     assert!(held.iter().all(|h| !h.is_empty()), "{held:?}");
     let acked = within(120, "publisher", publisher)
         .await
@@ -171,8 +72,8 @@ async fn ack_pending(env: &Env, client: &async_nats::Client, k: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_owners_partitions_resume_within_the_lease_and_others_never_pause() {
     let env = partitioned_env(&["a", "b"]).await;
-    let mut workers = vec![start(&env).await, start(&env).await];
-    let held = settled(&[&workers[0], &workers[1]], 30).await;
+    let mut workers = vec![start_partitioned(&env).await, start_partitioned(&env).await];
+    let held = partitions_settled(&[&workers[0], &workers[1]], 30).await;
     // X in a partition of worker 0 (the victim), Y in one of worker 1.
     let x = (1..)
         .find(|&id| held[0].contains(&partition(id, PARTITIONS)))
@@ -251,7 +152,7 @@ async fn a_killed_owners_partitions_resume_within_the_lease_and_others_never_pau
     let stored = verify_stored(&env, &acked, 60).await;
     assert_in_stream_order(&stored, &acked);
     // The survivor took the victim's partitions over.
-    settled(&[&workers[0]], 30).await;
+    partitions_settled(&[&workers[0]], 30).await;
     assert_eq!(workers.remove(0).terminate().await, Some(0));
 }
 
@@ -261,8 +162,8 @@ async fn a_killed_owners_partitions_resume_within_the_lease_and_others_never_pau
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_on_the_wrong_partition_is_refused_whole() {
     let env = partitioned_env(&["a"]).await;
-    let worker = start(&env).await;
-    settled(&[&worker], 30).await;
+    let worker = start_partitioned(&env).await;
+    partitions_settled(&[&worker], 30).await;
     let client = env.client().await;
     let mut dead = client.subscribe(env.subject("dead_letter")).await.unwrap();
     let mut rejected = client
@@ -334,8 +235,8 @@ async fn a_message_on_the_wrong_partition_is_refused_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_and_partitioned_publishers_side_by_side_both_keep_order() {
     let env = partitioned_env(&["a", "b"]).await;
-    let workers = [start(&env).await, start(&env).await];
-    settled(&[&workers[0], &workers[1]], 30).await;
+    let workers = [start_partitioned(&env).await, start_partitioned(&env).await];
+    partitions_settled(&[&workers[0], &workers[1]], 30).await;
     let client = env.client().await;
     let acked_legacy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // `logs`: objects 1..=8 (support's publishers); partitions: objects 101..=116.
@@ -364,8 +265,8 @@ async fn legacy_and_partitioned_publishers_side_by_side_both_keep_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_narrowed_by_an_older_worker_is_widened_again() {
     let env = partitioned_env(&["a"]).await;
-    let worker = start(&env).await;
-    settled(&[&worker], 30).await;
+    let worker = start_partitioned(&env).await;
+    partitions_settled(&[&worker], 30).await;
     let client = env.client().await;
     let js = jetstream::new(client.clone());
     let logs = env.subject("logs");

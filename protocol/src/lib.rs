@@ -17,6 +17,8 @@ pub mod chain;
 #[cfg(feature = "nats")]
 pub mod client;
 #[cfg(feature = "nats")]
+pub mod discover;
+#[cfg(feature = "nats")]
 pub mod nats;
 pub mod partition;
 pub mod redact;

@@ -12,7 +12,8 @@
 //! - [`workload`]: the seeded sequence of operations, keys and log text.
 //! - [`client`]: one append message attempt (one append or a batch, core or JetStream) or one
 //!   query over NATS.
-//! - [`intake`]: the start check that the workers' intake is the one loadgen was started for.
+//! - [`intake`]: which intake the workers run and which lanes to publish on, learnt at start
+//!   from their service info (or checked against `--jetstream` when it is given).
 //! - [`stats`]: counters, HDR histograms, the [`Summary`] and `--report` JSON.
 //! - `progress`: a bar on a terminal, plain lines otherwise.
 //! - [`mod@verify`]: reading back and checking ([`verify::check`] is pure).

@@ -76,7 +76,7 @@ struct Info {
 
 /// Ask every worker for its service info and tell which intake the ones taking appends on
 /// `logs_subject` run. Waits at most `wait` in all: for a first answer (no responders ends it
-/// at once), then [`MORE`] after each answer. Workers of other fleets on the same server (another
+/// at once), then 100 ms after each answer. Workers of other fleets on the same server (another
 /// append subject) are ignored. Never fails: a NATS error is a [`Discovery::Unknown`].
 pub async fn discover(
     client: &async_nats::Client,

@@ -7,7 +7,9 @@ use async_nats::{Client, Subscriber};
 use bytes::Bytes;
 use futures::StreamExt;
 use logstore_protocol::client::{read_answer, AnswerError};
+use logstore_protocol::discover::{self, Discovery, Fleet, Intake};
 use logstore_protocol::nats::{ConnectFailure, NatsAccess};
+use logstore_protocol::partition::object_subject;
 use logstore_protocol::{
     AppendReply, ErrorBody, ErrorReply, LogEntry, Order, QueryRequest, QueryResponse, RejectedEvent,
 };
@@ -119,7 +121,11 @@ impl Connection {
                     .connection_timeout(timeout)
                     .request_timeout(Some(timeout))
                     .event_callback(move |event| {
-                        if let Some(text) = logstore_protocol::nats::permissions_violation(&event) {
+                        let violation = logstore_protocol::nats::permissions_violation(&event)
+                            // Asking the workers which lane to append on is a convenience
+                            // (`append_subject`): a user who may not is no error of the command.
+                            .filter(|text| !text.contains("\"$SRV."));
+                        if let Some(text) = violation {
                             // The first one is the cause; later ones follow from it.
                             denied_tx.send_if_modified(|first| {
                                 first.get_or_insert(text);
@@ -216,6 +222,22 @@ impl Connection {
                 },
                 _ => ClientError::Nats(e.into()),
             })
+    }
+
+    /// Where an append to object `id` goes: its own lane `<logs>.<id>` when the workers run
+    /// JetStream intake on a stream with partitions (as their NATS service info says, asked
+    /// each time, nothing cached: [`discover`]), else the logs subject, also when no worker
+    /// answers in time (as before partitions). One object, one lane: the order of an object's
+    /// appends holds within a lane only.
+    pub async fn append_subject(&self, id: u64) -> String {
+        let wait = discover::DEFAULT_WAIT.min(self.timeout);
+        match discover::discover(&self.client, &self.subjects.logs, wait).await {
+            Discovery::Found(Fleet {
+                intake: Intake::JetStream { partitions, .. },
+                ..
+            }) if partitions > 0 => object_subject(&self.subjects.logs, id),
+            _ => self.subjects.logs.clone(),
+        }
     }
 
     /// Subscribe to object `id`'s outcome events (`appended.<id>`, `rejected.<id>`) and make

@@ -328,6 +328,8 @@ enum AppendAnswer {
 }
 
 /// Append, and print what became of it: the stored seq and ts, or the refusal as an error.
+/// It goes to the logs subject, or on JetStream intake with partitions to the object's own
+/// lane `<logs>.<id>` ([`Connection::append_subject`]).
 /// With core intake the worker answers the request. With JetStream intake the stream answers
 /// (queued), and unless `wait` is off the outcome comes from the object's events, subscribed
 /// before publishing: `appended.<id>` carrying this append's key, or `rejected.<id>` carrying
@@ -341,6 +343,8 @@ async fn append(
     wait: bool,
 ) -> Result<(), CliError> {
     let id = request.id;
+    // The lane before the outcome subscriptions: both are set before the append goes out.
+    let subject = connection.append_subject(id).await;
     let outcomes = if wait {
         if request.key.is_none() {
             request.key = Some(made_up_key(connection));
@@ -351,9 +355,7 @@ async fn append(
     };
     let expected_seq = request.expected_seq;
     let key = request.key.clone();
-    let answer: AppendAnswer = connection
-        .request(&connection.subjects.logs, to_json(&request)?)
-        .await?;
+    let answer: AppendAnswer = connection.request(&subject, to_json(&request)?).await?;
     let (stream, seq, duplicate) = match answer {
         AppendAnswer::Stored(reply) => return print_stored(out, json, &reply),
         AppendAnswer::Queued {

@@ -144,10 +144,27 @@ pub struct Args {
     pub retries: u32,
 
     /// Publish appends through JetStream (acknowledged = PubAck) instead of core request-reply
-    /// (acknowledged = the worker's reply after its commit). The stream must already exist:
-    /// the workers create it; loadgen never creates or changes streams.
-    #[arg(long, env = "LOADGEN_JETSTREAM", value_parser = BoolishValueParser::new())]
-    pub jetstream: bool,
+    /// (acknowledged = the worker's reply after its commit). Not given: loadgen follows the
+    /// intake the workers advertise (their NATS service info, `$SRV.INFO.logstore`).
+    /// `--jetstream=false` forces core requests. The stream must already exist: the workers
+    /// create it; loadgen never creates or changes streams.
+    #[arg(
+        long,
+        env = "LOADGEN_JETSTREAM",
+        value_name = "BOOL",
+        value_parser = BoolishValueParser::new(),
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub jetstream: Option<bool>,
+
+    /// Where JetStream appends go when the workers' stream has partitions: `auto` (one lane
+    /// per object: a single append on `<logs>.<id>`, a batch of one partition's entries on
+    /// `<logs>.p.<k>.b`) or `logs` (every append on the shared `<logs>` lane, as before
+    /// partitions; for comparisons). Without partitions, and with core intake, `logs` always.
+    #[arg(long, env = "LOADGEN_LANE", value_enum, default_value_t = Lane::Auto)]
+    pub lane: Lane,
 
     /// After the run, read back every object it touched and check that every acknowledged
     /// append is there exactly once, in order. Exit 1 on any problem. Keeps one record per
@@ -214,6 +231,16 @@ pub enum Stop {
     Signal,
 }
 
+/// `--lane`: which subjects JetStream appends go to when the stream has partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lane {
+    /// Per object (`<logs>.<id>`, batches per partition on `<logs>.p.<k>.b`) when the workers
+    /// take partitions, else `<logs>`.
+    Auto,
+    /// Always `<logs>`.
+    Logs,
+}
+
 /// How appends are sent and what acknowledges them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -259,6 +286,7 @@ impl std::fmt::Debug for Args {
             timeout_ms,
             retries,
             jetstream,
+            lane,
             verify,
             verify_timeout,
             report,
@@ -287,6 +315,7 @@ impl std::fmt::Debug for Args {
             .field("timeout_ms", timeout_ms)
             .field("retries", retries)
             .field("jetstream", jetstream)
+            .field("lane", lane)
             .field("verify", verify)
             .field("verify_timeout", verify_timeout)
             .field("report", report)
@@ -316,7 +345,15 @@ pub struct Settings {
     pub seed: u64,
     pub timeout: Duration,
     pub retries: u32,
+    /// How appends are sent: `--jetstream` when given, else core until [`crate::run`] learns
+    /// the workers' intake ([`crate::intake::decide`]) and sets it.
     pub mode: Mode,
+    /// `--jetstream` as given (`None`: follow the workers).
+    pub mode_given: Option<Mode>,
+    pub lane: Lane,
+    /// The partitions JetStream appends are spread over by object (0: all on `logs_subject`);
+    /// set by [`crate::run`] from what the workers advertise and `--lane`.
+    pub partitions: u32,
     pub verify: bool,
     pub verify_timeout: Duration,
     pub report: Option<PathBuf>,
@@ -455,6 +492,10 @@ impl Args {
                 ),
             ));
         }
+        let mode_given = self.jetstream.map(|js| match js {
+            true => Mode::JetStream,
+            false => Mode::Core,
+        });
         let verify_timeout = seconds(
             self.verify_timeout,
             "verify-timeout",
@@ -482,11 +523,10 @@ impl Args {
             seed: self.seed.unwrap_or_else(rand::random),
             timeout: Duration::from_millis(self.timeout_ms),
             retries: self.retries,
-            mode: if self.jetstream {
-                Mode::JetStream
-            } else {
-                Mode::Core
-            },
+            mode: mode_given.unwrap_or(Mode::Core),
+            mode_given,
+            lane: self.lane,
+            partitions: 0,
             verify: self.verify,
             verify_timeout,
             report: self.report.clone(),
@@ -588,5 +628,22 @@ mod tests {
         );
         let s = parse(&["--batch", "1000", "--connections", "4"]).unwrap();
         assert_eq!((s.batch, s.connections), (1000, 4));
+    }
+
+    #[test]
+    fn the_intake_is_followed_unless_a_flag_says_which() {
+        let s = parse(&[]).unwrap();
+        assert_eq!((s.mode_given, s.lane), (None, Lane::Auto));
+        let s = parse(&["--jetstream", "--verify"]).unwrap();
+        assert_eq!(
+            (s.mode_given, s.mode),
+            (Some(Mode::JetStream), Mode::JetStream)
+        );
+        assert!(s.verify, "--jetstream takes no value unless given with =");
+        let s = parse(&["--jetstream=false"]).unwrap();
+        assert_eq!(s.mode_given, Some(Mode::Core));
+        let s = parse(&["--lane", "logs"]).unwrap();
+        assert_eq!(s.lane, Lane::Logs);
+        assert!(parse(&["--lane", "p"]).is_err());
     }
 }

@@ -1,16 +1,23 @@
-//! Which intake the workers run, checked before the first append. A JetStream stream that
-//! captures the append subject means JetStream intake (the publisher's acknowledgement is the
-//! stream's PubAck); none means core intake (the worker's reply after its commit). Loadgen in
-//! the other mode would count the wrong thing: core requests to a captured subject are answered
-//! by PubAcks (appends stored, yet counted failed), and JetStream publishes without a stream go
-//! nowhere. So a mismatch stops the run at start with the flag to use.
+//! Which intake the workers run, learnt before the first append. The workers advertise it in
+//! their NATS service info (`$SRV.INFO.logstore`, [`logstore_protocol::discover`]): loadgen
+//! follows it, core requests or JetStream publishes, and on a stream with partitions one lane
+//! per object ([`decide`]). `--jetstream` (or `--jetstream=false`) still decides when given.
+//!
+//! When no worker answers in time (none runs yet, or the service API is not reachable), the
+//! JetStream API decides as before partitions: a stream that captures the append subject means
+//! JetStream intake (the publisher's acknowledgement is the stream's PubAck); none means core
+//! intake (the worker's reply after its commit). Loadgen in the other mode would count the
+//! wrong thing: core requests to a captured subject are answered by PubAcks (appends stored,
+//! yet counted failed), and JetStream publishes without a stream go nowhere. So with a flag, a
+//! mismatch stops the run at start with the flag to use ([`mismatch`]).
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::{GetStreamByNameErrorKind, RequestError, RequestErrorKind};
 
-use crate::args::{Mode, Settings};
+use crate::args::{Lane, Mode, Settings};
 use logstore_protocol::chain::Chain;
+use logstore_protocol::discover::{self, Discovery, Intake};
 
 /// Pause between probes while waiting for the workers to create the stream.
 const POLL: Duration = Duration::from_millis(250);
@@ -60,17 +67,124 @@ pub fn stream_wait(retries: u32) -> Duration {
     (1..=retries).map(crate::backoff).sum()
 }
 
-/// The line that says the workers' intake is not the one loadgen was started for, or `None`
-/// when they agree (or the server cannot tell: then the check during the run still applies).
-pub async fn mismatch(settings: &Settings, client: &async_nats::Client) -> Option<String> {
+/// How appends go out, decided at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub mode: Mode,
+    /// The partitions JetStream appends are spread over by object (0: all on the logs subject).
+    pub partitions: u32,
+}
+
+/// Decide how to send appends: the workers' advertised intake, unless `--jetstream` says (then
+/// only the partitions are taken from them, and [`mismatch`] checks the flag as before); when
+/// no worker answers in time, the JetStream API decides, as one line on stderr says. `Err`:
+/// the line that says the flag given does not match the workers (exit 2).
+pub async fn decide(settings: &Settings, client: &async_nats::Client) -> Result<Decision, String> {
     if settings.query_share >= 1.0 {
         // A queries-only run sends no append, and queries are core requests whatever the intake.
-        return None;
+        return Ok(Decision {
+            mode: settings.mode,
+            partitions: 0,
+        });
     }
+    let subject = settings.logs_subject.as_str();
+    let wait = discover::DEFAULT_WAIT.min(settings.timeout);
+    let (mode, advertised) = match settings.mode_given {
+        Some(mode) => {
+            // First the flag's check, which waits for a fleet that starts after loadgen to
+            // create its stream: the workers register once it is there.
+            if let Some(line) = mismatch(mode, settings, client).await {
+                return Err(line);
+            }
+            let found = match mode {
+                // Core requests have one lane: nothing to learn.
+                Mode::Core => Discovery::Found(discover::Fleet {
+                    intake: Intake::Core,
+                    workers: 0,
+                }),
+                Mode::JetStream => discover::discover(client, subject, wait).await,
+            };
+            let advertised = match found {
+                Discovery::Found(fleet) => partitions_of(&fleet.intake),
+                Discovery::Unknown(why) => {
+                    if mode == Mode::JetStream && settings.lane == Lane::Auto {
+                        eprintln!("loadgen: {why}; appends go to {subject} (no partitions known)");
+                    }
+                    0
+                }
+            };
+            (mode, advertised)
+        }
+        None => {
+            follow(
+                settings,
+                client,
+                discover::discover(client, subject, wait).await,
+            )
+            .await
+        }
+    };
+    let partitions = match (mode, settings.lane) {
+        (Mode::JetStream, Lane::Auto) => advertised,
+        _ => 0,
+    };
+    Ok(Decision { mode, partitions })
+}
+
+/// Without a flag: the mode and partitions of the intake `found`, or when it is unknown, the
+/// mode the JetStream API suggests (saying so in one line) and no partitions.
+async fn follow(settings: &Settings, client: &async_nats::Client, found: Discovery) -> (Mode, u32) {
+    let subject = settings.logs_subject.as_str();
+    match found {
+        Discovery::Found(fleet) => match fleet.intake {
+            Intake::Core => (Mode::Core, 0),
+            Intake::JetStream { partitions, .. } => (Mode::JetStream, partitions),
+        },
+        Discovery::Unknown(why) => {
+            let mut js = async_nats::jetstream::new(client.clone());
+            js.set_timeout(settings.timeout);
+            let (mode, said) = match capture(&js, subject).await {
+                Capture::Stream(stream) => (
+                    Mode::JetStream,
+                    format!("stream {stream} captures {subject}: JetStream appends to {subject}"),
+                ),
+                Capture::None => (
+                    Mode::Core,
+                    format!("no JetStream stream captures {subject}: core requests"),
+                ),
+                Capture::Unknown(reason) => (
+                    Mode::Core,
+                    format!(
+                        "cannot tell whether a stream captures {subject} ({reason}): core requests"
+                    ),
+                ),
+            };
+            eprintln!("loadgen: {why}; deciding by the JetStream API as before: {said}");
+            (mode, 0)
+        }
+    }
+}
+
+/// The partitions a fleet with this intake takes.
+fn partitions_of(intake: &Intake) -> u32 {
+    match intake {
+        Intake::Core => 0,
+        Intake::JetStream { partitions, .. } => *partitions,
+    }
+}
+
+/// The line that says the workers' intake is not the one `mode` (given by a flag) needs, or
+/// `None` when they agree (or the server cannot tell: then the check during the run still
+/// applies).
+pub async fn mismatch(
+    mode: Mode,
+    settings: &Settings,
+    client: &async_nats::Client,
+) -> Option<String> {
     let mut js = async_nats::jetstream::new(client.clone());
     js.set_timeout(settings.timeout);
     let subject = settings.logs_subject.as_str();
-    match settings.mode {
+    match mode {
         Mode::Core => match capture(&js, subject).await {
             Capture::Stream(stream) => Some(format!(
                 "JetStream stream {stream} captures subject {subject}, so the workers run \

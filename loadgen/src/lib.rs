@@ -12,7 +12,8 @@
 //! - [`workload`]: the seeded sequence of operations, keys and log text.
 //! - [`client`]: one append message attempt (one append or a batch, core or JetStream) or one
 //!   query over NATS.
-//! - [`intake`]: the start check that the workers' intake is the one loadgen was started for.
+//! - [`intake`]: which intake the workers run and which lanes to publish on, learnt at start
+//!   from their service info (or checked against `--jetstream` when it is given).
 //! - [`stats`]: counters, HDR histograms, the [`Summary`] and `--report` JSON.
 //! - `progress`: a bar on a terminal, plain lines otherwise.
 //! - [`mod@verify`]: reading back and checking ([`verify::check`] is pure).
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant};
 use async_nats::Subject;
 use logstore_protocol::client::{Answer, AnswerError};
 use logstore_protocol::nats::{ConnectFailure, NatsAccess};
+use logstore_protocol::partition::{batch_subject, object_subject, partition};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -115,6 +117,9 @@ struct Ctx {
     /// Messages are JSON arrays (`--batch` > 1), even a last one of a single entry.
     as_array: bool,
     logs: Subject,
+    /// JetStream: the stream's partitions the appends are spread over by object (0: all on
+    /// `logs`). Each message then holds one partition's entries ([`Batcher`]).
+    partitions: u32,
     query: Subject,
     timeout: Duration,
     retries: u32,
@@ -127,6 +132,19 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Where a message of `appends` (one partition's, when there are partitions) is published:
+    /// the logs subject; with partitions, a single append on its object's lane `<logs>.<id>`,
+    /// a batch on its partition's `<logs>.p.<k>.b`.
+    fn subject_of(&self, appends: &[Append]) -> Subject {
+        match appends {
+            [first, ..] if self.partitions > 0 => Subject::from(match self.as_array {
+                false => object_subject(&self.logs, first.id),
+                true => batch_subject(&self.logs, partition(first.id, self.partitions)),
+            }),
+            _ => self.logs.clone(),
+        }
+    }
+
     /// The next connection's index, round-robin.
     fn next_connection(&self) -> usize {
         self.turn.fetch_add(1, Ordering::Relaxed) % self.clients.len()
@@ -152,12 +170,15 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
     tokio::pin!(shutdown);
     // Before anything is sent: appends acknowledged by the wrong thing would make every count
     // and the verify meaningless.
+    let mut settings = settings;
     tokio::select! {
-        mismatch = intake::mismatch(&settings, &client) => {
-            if let Some(line) = mismatch {
-                return Err(Error::IntakeMismatch(line));
+        decision = intake::decide(&settings, &client) => match decision {
+            Ok(decision) => {
+                settings.mode = decision.mode;
+                settings.partitions = decision.partitions;
             }
-        }
+            Err(line) => return Err(Error::IntakeMismatch(line)),
+        },
         _ = shutdown.as_mut() => return Err(Error::StoppedAtStart),
     }
     eprintln!("loadgen: {}", describe(&settings));
@@ -180,6 +201,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<Outco
         turn: AtomicUsize::new(0),
         as_array: settings.batch > 1,
         logs: Subject::from(settings.logs_subject.as_str()),
+        partitions: settings.partitions,
         query: Subject::from(settings.query_subject.as_str()),
         timeout: settings.timeout,
         retries: settings.retries,
@@ -458,6 +480,12 @@ fn describe(settings: &Settings) -> String {
         Mode::Core => "core request-reply",
         Mode::JetStream => "JetStream",
     };
+    let logs = &settings.logs_subject;
+    let lane = match (settings.partitions, settings.batch) {
+        (0, _) => logs.clone(),
+        (p, 1) => format!("{logs}.<id> (one lane per object, {p} partitions)"),
+        (p, _) => format!("{logs}.p.<k>.b (one partition's entries a batch, {p} partitions)"),
+    };
     let batch = match settings.batch {
         1 => String::new(),
         n => format!(" in batches of {n}"),
@@ -467,13 +495,12 @@ fn describe(settings: &Settings) -> String {
         n => format!(" over {n} connections"),
     };
     format!(
-        "run {} seed {} id-base {} objects {}: {mode} appends{batch} to {}{connections}, {:.0}% \
-         queries on {}, {pace}, until {until} (repeat with --seed {} --id-base {})",
+        "run {} seed {} id-base {} objects {}: {mode} appends{batch} to {lane}{connections}, \
+         {:.0}% queries on {}, {pace}, until {until} (repeat with --seed {} --id-base {})",
         settings.run_id,
         settings.seed,
         settings.id_base,
         settings.objects,
-        settings.logs_subject,
         settings.query_share * 100.0,
         settings.query_subject,
         settings.seed,
@@ -500,13 +527,52 @@ impl Work {
     }
 }
 
+/// Appends drawn but not sent yet: one buffer, or with partitions one per partition, so that a
+/// message holds the entries of one partition only (the stream takes a batch on
+/// `<logs>.p.<k>.b` only if every entry belongs to partition k). Each object's appends stay in
+/// drawing order: an object belongs to one partition, and a buffer is first in, first out.
+struct Batcher {
+    batch: usize,
+    partitions: u32,
+    buffers: Vec<Vec<Append>>,
+}
+
+impl Batcher {
+    fn new(batch: usize, partitions: u32) -> Batcher {
+        Batcher {
+            batch,
+            partitions,
+            buffers: (0..partitions.max(1)).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    /// Add `append`; its buffer's appends when that makes `batch` of them.
+    fn push(&mut self, append: Append) -> Option<Vec<Append>> {
+        let k = match self.partitions {
+            0 => 0,
+            p => partition(append.id, p) as usize,
+        };
+        let buffer = &mut self.buffers[k];
+        buffer.push(append);
+        (buffer.len() >= self.batch).then(|| std::mem::take(buffer))
+    }
+
+    /// The appends of some buffer that holds any (at the end of a counted run).
+    fn take_any(&mut self) -> Option<Vec<Append>> {
+        self.buffers
+            .iter_mut()
+            .find(|b| !b.is_empty())
+            .map(std::mem::take)
+    }
+}
+
 /// Draw operations from `workload` until they make one message: a query, or `batch` appends
-/// (fewer when the count stops the run first; the queries drawn meanwhile go first). `None`:
-/// the count is reached and nothing is left to send.
+/// (of one partition, with partitions; fewer when the count stops the run first, each
+/// partition's rest in turn; the queries drawn meanwhile go first). `None`: the count is
+/// reached and nothing is left to send.
 fn next_work(
     workload: &mut Workload,
-    pending: &mut Vec<Append>,
-    batch: usize,
+    pending: &mut Batcher,
     stop: Stop,
     queries_only: bool,
 ) -> Option<Work> {
@@ -518,15 +584,14 @@ fn next_work(
                 workload.appends()
             };
             if issued >= count {
-                return (!pending.is_empty()).then(|| Work::Appends(std::mem::take(pending)));
+                return pending.take_any().map(Work::Appends);
             }
         }
         match workload.next_op() {
             Op::Query { id } => return Some(Work::Query { id }),
             Op::Append(append) => {
-                pending.push(append);
-                if pending.len() >= batch {
-                    return Some(Work::Appends(std::mem::take(pending)));
+                if let Some(full) = pending.push(append) {
+                    return Some(Work::Appends(full));
                 }
             }
         }
@@ -550,18 +615,12 @@ async fn dispatch(
         _ => None,
     };
     let queries_only = settings.query_share >= 1.0;
-    let mut pending = Vec::with_capacity(settings.batch);
+    let mut pending = Batcher::new(settings.batch, settings.partitions);
     // Operations sent so far: the pace counts appends (and queries), not messages, so a batch
     // of N is due N operations' worth of time after the message before it.
     let mut ops: u64 = 0;
     loop {
-        let Some(work) = next_work(
-            &mut workload,
-            &mut pending,
-            settings.batch,
-            settings.stop,
-            queries_only,
-        ) else {
+        let Some(work) = next_work(&mut workload, &mut pending, settings.stop, queries_only) else {
             return false;
         };
         // Due when its last operation is: a batch carries that many operations' worth of time.
@@ -637,19 +696,20 @@ async fn jetstream_appends(ctx: &Ctx, appends: Vec<Append>) -> bool {
         Err(e) => return fail_all(&ctx.recorder, &appends, &e),
     };
     let msg_id = client::message_id(&appends, ctx.as_array);
+    let subject = ctx.subject_of(&appends);
     let mut attempt = 0u32;
     loop {
         let js = &ctx.jetstreams[ctx.next_connection() % ctx.jetstreams.len()];
-        let error =
-            match client::append_jetstream(js, &ctx.logs, &msg_id, body.clone(), ctx.timeout).await
-            {
-                Ok(receipt) => {
-                    ctx.recorder
-                        .appends_acked(appends.iter().map(|a| (a, receipt.clone())));
-                    return true;
-                }
-                Err(error) => error,
-            };
+        let error = match client::append_jetstream(js, &subject, &msg_id, body.clone(), ctx.timeout)
+            .await
+        {
+            Ok(receipt) => {
+                ctx.recorder
+                    .appends_acked(appends.iter().map(|a| (a, receipt.clone())));
+                return true;
+            }
+            Err(error) => error,
+        };
         if !error.is_retryable() || attempt >= ctx.retries {
             return fail_all(&ctx.recorder, &appends, &error);
         }
@@ -813,16 +873,10 @@ mod tests {
     /// Every message a run would send, as (appends in it, or 0 for a query).
     fn messages(settings: &Settings) -> Vec<usize> {
         let mut workload = Workload::new(settings);
-        let mut pending = Vec::new();
+        let mut pending = Batcher::new(settings.batch, settings.partitions);
         let mut out = Vec::new();
         let queries_only = settings.query_share >= 1.0;
-        while let Some(work) = next_work(
-            &mut workload,
-            &mut pending,
-            settings.batch,
-            settings.stop,
-            queries_only,
-        ) {
+        while let Some(work) = next_work(&mut workload, &mut pending, settings.stop, queries_only) {
             out.push(match work {
                 Work::Appends(appends) => appends.len(),
                 Work::Query { .. } => 0,
@@ -864,9 +918,9 @@ mod tests {
     fn batch_keys_stay_unique_and_in_order() {
         let s = settings(&["--batch", "7", "--count", "20"]);
         let mut workload = Workload::new(&s);
-        let mut pending = Vec::new();
+        let mut pending = Batcher::new(7, 0);
         let mut keys = Vec::new();
-        while let Some(work) = next_work(&mut workload, &mut pending, 7, s.stop, false) {
+        while let Some(work) = next_work(&mut workload, &mut pending, s.stop, false) {
             let Work::Appends(appends) = work else {
                 panic!("no queries were asked for")
             };
@@ -874,6 +928,72 @@ mod tests {
         }
         let expected: Vec<String> = (0..20).map(|n| workload::key(&s.run_id, n)).collect();
         assert_eq!(keys, expected);
+    }
+
+    #[test]
+    fn with_partitions_each_message_holds_one_partitions_entries_in_order() {
+        let s = settings(&["--batch", "5", "--count", "203"]);
+        let mut workload = Workload::new(&s);
+        let mut pending = Batcher::new(5, 4);
+        let mut sent = Vec::new();
+        while let Some(work) = next_work(&mut workload, &mut pending, s.stop, false) {
+            let Work::Appends(appends) = work else {
+                panic!("no queries were asked for")
+            };
+            let k = partition(appends[0].id, 4);
+            assert!(appends.iter().all(|a| partition(a.id, 4) == k));
+            assert!((1..=5).contains(&appends.len()));
+            sent.extend(appends);
+        }
+        assert_eq!(
+            sent.len(),
+            203,
+            "every append, the rest of each partition at the end"
+        );
+        // Each object's appends go out in the order they were drawn (their keys' order).
+        let n_of = |key: &str| -> u64 { key.rsplit('-').next().unwrap().parse().unwrap() };
+        for id in 1000..1010 {
+            let ns: Vec<u64> = sent
+                .iter()
+                .filter(|a| a.id == id)
+                .map(|a| n_of(&a.key))
+                .collect();
+            assert!(ns.windows(2).all(|w| w[0] < w[1]), "object {id}: {ns:?}");
+        }
+    }
+
+    #[test]
+    fn a_single_append_goes_to_its_objects_lane_and_a_batch_to_its_partitions() {
+        let ctx = |partitions, as_array| Ctx {
+            clients: Vec::new(),
+            jetstreams: Vec::new(),
+            turn: AtomicUsize::new(0),
+            as_array,
+            logs: Subject::from("logs"),
+            partitions,
+            query: Subject::from("query"),
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            recorder: Arc::new(stats::Recorder::new(false).unwrap()),
+            stop: CancellationToken::new(),
+            mismatch: OnceLock::new(),
+        };
+        let mut workload = Workload::new(&settings(&[]));
+        let Op::Append(append) = workload.next_op() else {
+            panic!("no queries were asked for")
+        };
+        let id = append.id;
+        let one = [append];
+        assert_eq!(ctx(0, false).subject_of(&one).as_str(), "logs");
+        assert_eq!(ctx(0, true).subject_of(&one).as_str(), "logs");
+        assert_eq!(
+            ctx(8, false).subject_of(&one).as_str(),
+            format!("logs.{id}")
+        );
+        assert_eq!(
+            ctx(8, true).subject_of(&one).as_str(),
+            format!("logs.p.{}.b", partition(id, 8))
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! Exit codes: 0 = done (and verified, if asked); 1 = verify found a problem (or nothing was
 //! acknowledged to verify), an append was given up on, or the run could not start; 2 = invalid
-//! settings, or the workers run the other intake (the line says which flag to use).
+//! settings, or `--jetstream[=false]` forced an intake the workers do not run (the line says
+//! which flag to use).
 
 use std::process::ExitCode;
 

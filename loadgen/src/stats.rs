@@ -269,6 +269,7 @@ impl Recorder {
             interrupted,
             batch: settings.batch,
             connections: settings.connections,
+            partitions: settings.partitions,
             appends: OpSummary {
                 counts: concluded(inner.appends),
                 per_sec: rate(inner.appends.ok),
@@ -395,6 +396,9 @@ pub struct Summary {
     pub batch: usize,
     /// NATS connections publishes were spread over.
     pub connections: usize,
+    /// JetStream: the stream's partitions appends were spread over, one lane per object
+    /// (`<logs>.<id>`, batches on `<logs>.p.<k>.b`); 0: every append on the logs subject.
+    pub partitions: u32,
     pub appends: OpSummary,
     pub queries: OpSummary,
     /// Failed attempts by kind (timeouts, no_responders, unavailable, ...), retried or not;
@@ -446,6 +450,14 @@ impl fmt::Display for Summary {
             Mode::Core => "acked (stored)",
             Mode::JetStream => "acked (in stream)",
         };
+        match (self.partitions, self.batch) {
+            (0, _) => {}
+            (p, 1) => writeln!(f, "lanes: one per object (<logs>.<id>), {p} partitions")?,
+            (p, _) => writeln!(
+                f,
+                "lanes: each batch one partition's entries (<logs>.p.<k>.b), {p} partitions"
+            )?,
+        }
         writeln!(
             f,
             "appends: {} sent, {} {acked}, {} of them as duplicates, {} retries, {} failed, {} unfinished; {:.1}/s",

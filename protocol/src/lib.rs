@@ -2,6 +2,9 @@
 //!
 //! Every body on NATS is UTF-8 JSON. The subjects (defaults, all configurable) are:
 //! - `logs`: [`AppendRequest`] in, [`AppendReply`] out (to the reply subject, when there is one);
+//! - `logs.<id>` and `logs.p.<k>.b` (JetStream intake with partitions): one object's appends,
+//!   and batches of one partition's objects ([`partition`]); which lane to use, the workers say
+//!   in their NATS service info ([`discover`], with the `nats` feature);
 //! - `appended.<id>`: an [`AppendReply`] event after every stored append (with its `key`);
 //! - `rejected.<id>`: a [`RejectedEvent`] after every append a worker refused, when the refused
 //!   message names its object;
@@ -16,6 +19,8 @@
 pub mod chain;
 #[cfg(feature = "nats")]
 pub mod client;
+#[cfg(feature = "nats")]
+pub mod discover;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod partition;

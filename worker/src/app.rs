@@ -116,7 +116,12 @@ pub async fn run_on(
     tokio::pin!(shutdown);
     let intake = parts.start_intake(&mut shutdown).await?;
     parts
-        .announce(intake.shutdown_seen, readiness, metrics_addr)
+        .announce(
+            intake.shutdown_seen,
+            intake.partitions,
+            readiness,
+            metrics_addr,
+        )
         .await;
     let deadline = parts.until_stopped(intake, shutdown).await;
     parts.drain(deadline).await
@@ -148,6 +153,9 @@ struct Started {
     task: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Shutdown came before the intake ever started (JetStream never reachable).
     shutdown_seen: bool,
+    /// The stream's partitions this intake takes (0: none, or core intake), for the service
+    /// metadata publishers read.
+    partitions: u32,
 }
 
 impl Parts {
@@ -280,6 +288,7 @@ impl Parts {
             stats: self.subscribe(&config.stats_subject).await?,
             delete: self.subscribe(&config.delete_subject).await?,
         };
+        let mut partitions = 0;
         let task: Pin<Box<dyn Future<Output = ()> + Send>> = match &config.intake {
             Intake::Core => {
                 let logs = self.subscribe(&config.logs_subject).await?;
@@ -300,6 +309,7 @@ impl Parts {
                     return Ok(Started {
                         task: Box::pin(async {}),
                         shutdown_seen: true,
+                        partitions: 0,
                     });
                 };
                 if !setup.partitions.is_empty() {
@@ -316,10 +326,8 @@ impl Parts {
                     self.metrics.clone(),
                     self.cancel.clone(),
                 ));
-                let router = Arc::new(self.router(
-                    Some(setup.stream_identity.clone()),
-                    setup.partitions.len() as u32,
-                ));
+                partitions = setup.partitions.len() as u32;
+                let router = Arc::new(self.router(Some(setup.stream_identity.clone()), partitions));
                 Box::pin(intake::run_jetstream(
                     setup,
                     requests,
@@ -331,6 +339,7 @@ impl Parts {
         Ok(Started {
             task,
             shutdown_seen: false,
+            partitions,
         })
     }
 
@@ -358,11 +367,13 @@ impl Parts {
         }
     }
 
-    /// Call this worker ready (once the server has its subscriptions), make it discoverable and
+    /// Call this worker ready (once the server has its subscriptions), make it discoverable
+    /// (after the intake's set-up, so the service metadata names the partitions it takes) and
     /// say it started.
     async fn announce(
         &self,
         shutdown_seen: bool,
+        partitions: u32,
         readiness: http::ReadinessCheck,
         metrics_addr: SocketAddr,
     ) {
@@ -379,6 +390,7 @@ impl Parts {
             self.background.spawn(service::serve(
                 client.clone(),
                 config.clone(),
+                partitions,
                 self.metrics.clone(),
                 readiness,
                 self.cancel.clone(),

@@ -29,8 +29,9 @@ use crate::config::{Config, Intake};
 use crate::http::ReadinessCheck;
 use crate::metrics::Metrics;
 
-/// The service name every worker registers under (`nats micro info logstore`).
-pub const SERVICE_NAME: &str = "logstore";
+/// The service name every worker registers under (`nats micro info logstore`); publishers
+/// look for it ([`logstore_protocol::discover`]).
+pub const SERVICE_NAME: &str = logstore_protocol::discover::SERVICE_NAME;
 
 /// Counter values summed by one label (e.g. appends by `result`), for the status answer.
 fn sum_by(counters: &IntCounterVec, label: &str) -> BTreeMap<String, u64> {
@@ -66,8 +67,12 @@ pub fn counts(metrics: &Metrics) -> serde_json::Value {
     })
 }
 
-/// Where this worker takes its work from, as service metadata.
-fn metadata(config: &Config) -> HashMap<String, String> {
+/// Where this worker takes its work from, as service metadata. `partitions`: the stream's
+/// partitions this worker's intake takes (0 with core intake, with JS_PARTITIONS=0 on a stream
+/// that records none, and for a worker that is not ordered): publishers send each object's
+/// appends on its own lane (`logs.<id>`) only when every worker says the same P > 0
+/// ([`logstore_protocol::discover`]).
+fn metadata(config: &Config, partitions: u32) -> HashMap<String, String> {
     let mut metadata = HashMap::from([
         ("logs_subject".to_string(), config.logs_subject.clone()),
         ("query_subject".to_string(), config.query_subject.clone()),
@@ -95,6 +100,10 @@ fn metadata(config: &Config) -> HashMap<String, String> {
                 .join(","),
         ),
         ("metrics_addr".to_string(), config.metrics_addr.to_string()),
+        (
+            logstore_protocol::discover::PARTITIONS_KEY.to_string(),
+            partitions.to_string(),
+        ),
     ]);
     match &config.intake {
         Intake::Core => {
@@ -111,15 +120,17 @@ fn metadata(config: &Config) -> HashMap<String, String> {
 
 /// Register the service and answer its `status` endpoint until `cancel`, then deregister.
 /// A registration that fails is logged and given up: discovery is a convenience, never a
-/// reason to stop storing appends.
+/// reason to stop storing appends. `partitions`: as [`metadata`] says; the intake is set up
+/// before the service is registered, so it is known here.
 pub async fn serve(
     client: async_nats::Client,
     config: Arc<Config>,
+    partitions: u32,
     metrics: Metrics,
     readiness: ReadinessCheck,
     cancel: CancellationToken,
 ) {
-    let Some(service) = register(&client, &config, &metrics, &cancel).await else {
+    let Some(service) = register(&client, &config, partitions, &metrics, &cancel).await else {
         return;
     };
     let id = service.info().await.id;
@@ -158,6 +169,7 @@ pub async fn serve(
 async fn register(
     client: &async_nats::Client,
     config: &Config,
+    partitions: u32,
     metrics: &Metrics,
     cancel: &CancellationToken,
 ) -> Option<Service> {
@@ -173,7 +185,7 @@ async fn register(
             },
             config.query_subject
         ))
-        .metadata(metadata(config))
+        .metadata(metadata(config, partitions))
         .stats_handler(move |_endpoint, _stats| counts(&stats_metrics))
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"));
     // Registering subscribes, which waits on the connection: a shutdown must not wait for it.

@@ -1,7 +1,8 @@
 //! loadgen's batch appends (`--batch`, `--connections`) against real worker processes, core and
-//! JetStream, proven by `--verify`; and loadgen refusing to run against the other intake
-//! (exit 2 with the flag to use) instead of miscounting, and refusing to call a verify of
-//! nothing "OK".
+//! JetStream, proven by `--verify`; and loadgen forced into the other intake by its flag
+//! (`--jetstream`, `--jetstream=false`) refusing to run (exit 2 with the flag to use) instead
+//! of miscounting, and refusing to call a verify of nothing "OK". (Without a flag loadgen
+//! follows the workers' intake: tests/publishers.rs.)
 
 mod support;
 
@@ -107,7 +108,8 @@ async fn batches_through_jetstream_verify() {
 }
 
 /// The reported case: core loadgen against JetStream workers had every request answered by a
-/// PubAck, counted them failed although all were stored, and verified "OK" over nothing. Now it
+/// PubAck, counted them failed although all were stored, and verified "OK" over nothing. Now,
+/// forced into core mode (`--jetstream=false`; without the flag it follows the workers), it
 /// finds the stream before sending anything and stops with the flag to use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_loadgen_against_jetstream_workers_stops_at_start_with_the_flag_to_use() {
@@ -117,6 +119,7 @@ async fn core_loadgen_against_jetstream_workers_stops_at_start_with_the_flag_to_
     let (code, stdout, stderr) = run_loadgen(
         &env,
         &[
+            "--jetstream=false",
             "--count",
             "50",
             "--rate",
@@ -194,14 +197,15 @@ async fn jetstream_loadgen_against_core_workers_stops_with_the_flag_to_use() {
 /// Core loadgen started before the fleet: no stream yet, so the start check passes and the
 /// appends wait for responders. When JetStream workers then create their stream, the first
 /// PubAck answering a core request stops the run with the same hint (exit 2), instead of
-/// counting stored appends as failed.
+/// counting stored appends as failed. (Core by its flag here: without it, the start is a race
+/// between loadgen asking and the workers coming up, and either outcome is right.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_loadgen_stops_when_a_stream_takes_its_subject_mid_run() {
     let mut env = Env::shared(&["a", "b"]).await;
     env.intake = "jetstream";
     let child = tokio::process::Command::new(bin_path("loadgen"))
         .args(loadgen_flags(&env))
-        .args(["--count", "200", "--rate", "100"])
+        .args(["--jetstream=false", "--count", "200", "--rate", "100"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

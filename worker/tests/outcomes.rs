@@ -13,7 +13,6 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use logstore_protocol::nats::NatsSecurityArgs;
 use logstore_protocol::{AppendReply, ErrorCode, RejectedEvent};
-use support::servers::Launcher;
 use support::*;
 
 /// The CLI's environment for `env`: its NATS URL and subjects, and a timeout.
@@ -385,48 +384,9 @@ async fn the_cli_reports_the_outcome_on_either_intake() {
 /// JetStream intake (exit 3) instead of "queued".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_user_hears_its_refusals_with_the_shipped_config() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut launch_env = Vec::new();
-    let mut password_files = HashMap::new();
-    for user in ["worker", "admin", "client"] {
-        let path = dir.path().join(format!("{user}.password"));
-        std::fs::write(&path, format!("{}\n", unique_name(user))).expect("password file");
-        launch_env.push((
-            format!("NATS_{}_PASSWORD_FILE", user.to_uppercase()),
-            path.display().to_string(),
-        ));
-        password_files.insert(user, path.display().to_string());
-    }
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/run-nats.sh");
-    let nats = NatsServer::start_launched(Launcher {
-        script: Some(script),
-        env: launch_env,
-    });
-    let login = |user: &str| -> Vec<(&'static str, String)> {
-        vec![
-            ("NATS_URL", nats.url()),
-            ("NATS_USER", user.to_string()),
-            ("NATS_PASSWORD_FILE", password_files[user].clone()),
-        ]
-    };
+    let shipped = Shipped::start();
     let env = Env::shared(&["a"]).await;
-    let mut worker_vars = login("worker");
-    for (var, value) in [
-        ("NATS_LOGS_TOPIC", "logs"),
-        ("NATS_QUERY_TOPIC", "query"),
-        ("NATS_RESPONSE_TOPIC", "response"),
-        ("NATS_STATS_TOPIC", "stats"),
-        ("NATS_DELETE_TOPIC", "delete"),
-        ("NATS_QUEUE_GROUP", "workers"),
-        ("NATS_EVENTS_PREFIX", "appended"),
-        ("NATS_REJECTED_PREFIX", "rejected"),
-        ("NATS_DEAD_LETTER_TOPIC", "dead_letter"),
-        ("NATS_STREAM", "LOGS"),
-        ("INTAKE", "jetstream"),
-    ] {
-        worker_vars.push((var, value.to_string()));
-    }
+    let worker_vars = shipped.worker_settings();
     let worker = WorkerCommand::new(&env)
         .extra(&worker_vars)
         .log("warn")
@@ -436,10 +396,10 @@ async fn the_client_user_hears_its_refusals_with_the_shipped_config() {
 
     let access = NatsSecurityArgs {
         nats_user: Some("client".to_string()),
-        nats_password_file: Some(password_files["client"].clone()),
+        nats_password_file: Some(shipped.password_file("client")),
         ..Default::default()
     }
-    .resolve(&nats.url())
+    .resolve(&shipped.nats.url())
     .expect("client settings");
     let client = within(
         10,
@@ -463,7 +423,7 @@ async fn the_client_user_hears_its_refusals_with_the_shipped_config() {
         "{event:?}"
     );
 
-    let mut cli = login("client");
+    let mut cli = shipped.login("client");
     cli.push(("LOGSTORE_TIMEOUT_MS", "5000".to_string()));
     let (code, out, err) = run_once(
         "logstore",

@@ -13,7 +13,6 @@ use async_nats::jetstream;
 use logstore_protocol::discover::{self, Discovery, Fleet, Intake};
 use logstore_protocol::nats::NatsSecurityArgs;
 use logstore_protocol::partition::partition;
-use support::servers::Launcher;
 use support::*;
 
 const PARTITIONS: u32 = 8;
@@ -66,8 +65,14 @@ async fn delivered(stream: String, client: &async_nats::Client) -> (u64, Vec<u64
 }
 
 /// Every worker says in its service info that it runs JetStream intake with 8 partitions.
+/// (Discovery stops shortly after the latest answer, so on a busy machine one round may miss
+/// a slow worker: asked until both have answered.)
 async fn assert_advertised(env: &Env, client: &async_nats::Client) {
-    let found = discover::discover(client, &env.subject("logs"), Duration::from_secs(5)).await;
+    let found = eventually(20, "both workers answer $SRV.INFO", || async {
+        let found = discover::discover(client, &env.subject("logs"), Duration::from_secs(5)).await;
+        matches!(&found, Discovery::Found(fleet) if fleet.workers == 2).then_some(found)
+    })
+    .await;
     assert_eq!(
         found,
         Discovery::Found(Fleet {
@@ -229,49 +234,10 @@ async fn a_core_fleet_advertises_core_intake() {
 /// (read as `admin`) delivered nothing on the `logs` lane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_user_follows_the_partitions_with_the_shipped_config() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut launch_env = Vec::new();
-    let mut password_files = std::collections::HashMap::new();
-    for user in ["worker", "admin", "client"] {
-        let path = dir.path().join(format!("{user}.password"));
-        std::fs::write(&path, format!("{}\n", unique_name(user))).expect("password file");
-        launch_env.push((
-            format!("NATS_{}_PASSWORD_FILE", user.to_uppercase()),
-            path.display().to_string(),
-        ));
-        password_files.insert(user, path.display().to_string());
-    }
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/run-nats.sh");
-    let nats = NatsServer::start_launched(Launcher {
-        script: Some(script),
-        env: launch_env,
-    });
-    let login = |user: &str| -> Vec<(&'static str, String)> {
-        vec![
-            ("NATS_URL", nats.url()),
-            ("NATS_USER", user.to_string()),
-            ("NATS_PASSWORD_FILE", password_files[user].clone()),
-        ]
-    };
+    let shipped = Shipped::start();
     let env = Env::shared(&["a", "b"]).await;
-    let mut worker_vars = login("worker");
-    for (var, value) in [
-        ("NATS_LOGS_TOPIC", "logs"),
-        ("NATS_QUERY_TOPIC", "query"),
-        ("NATS_RESPONSE_TOPIC", "response"),
-        ("NATS_STATS_TOPIC", "stats"),
-        ("NATS_DELETE_TOPIC", "delete"),
-        ("NATS_QUEUE_GROUP", "workers"),
-        ("NATS_EVENTS_PREFIX", "appended"),
-        ("NATS_REJECTED_PREFIX", "rejected"),
-        ("NATS_DEAD_LETTER_TOPIC", "dead_letter"),
-        ("NATS_STREAM", "LOGS"),
-        ("INTAKE", "jetstream"),
-        ("JS_PARTITIONS", "8"),
-    ] {
-        worker_vars.push((var, value.to_string()));
-    }
+    let mut worker_vars = shipped.worker_settings();
+    worker_vars.push(("JS_PARTITIONS", "8".to_string()));
     let worker = WorkerCommand::new(&env)
         .extra(&worker_vars)
         .log("warn")
@@ -279,6 +245,7 @@ async fn the_client_user_follows_the_partitions_with_the_shipped_config() {
         .spawn();
     worker.wait_ready().await;
 
+    let dir = tempfile::tempdir().expect("temp dir");
     let report = dir.path().join("report.json");
     let output = within(
         90,
@@ -289,7 +256,7 @@ async fn the_client_user_follows_the_partitions_with_the_shipped_config() {
             .arg("--report")
             .arg(&report)
             .env_clear()
-            .envs(login("client"))
+            .envs(shipped.login("client"))
             .kill_on_drop(true)
             .output(),
     )
@@ -304,7 +271,7 @@ async fn the_client_user_follows_the_partitions_with_the_shipped_config() {
     assert_eq!(report["mode"], "jetstream", "followed the workers' intake");
     assert_eq!(report_num(&report, &["partitions"]), 8.0);
 
-    let mut cli = login("client");
+    let mut cli = shipped.login("client");
     cli.push(("LOGSTORE_TIMEOUT_MS", "5000".to_string()));
     let (code, out, err) = run_once("logstore", &["append", "778", "x"], &cli, 30).await;
     assert_eq!(code, Some(0), "{out}\n{err}");
@@ -312,10 +279,10 @@ async fn the_client_user_follows_the_partitions_with_the_shipped_config() {
 
     let admin = NatsSecurityArgs {
         nats_user: Some("admin".to_string()),
-        nats_password_file: Some(password_files["admin"].clone()),
+        nats_password_file: Some(shipped.password_file("admin")),
         ..Default::default()
     }
-    .resolve(&nats.url())
+    .resolve(&shipped.nats.url())
     .expect("admin settings");
     let admin = within(10, "connect as admin", admin.connect(|options| options))
         .await

@@ -21,6 +21,7 @@ mod load;
 mod partitions;
 mod scenarios;
 pub mod servers;
+mod shipped;
 pub mod tls;
 mod worker;
 
@@ -36,6 +37,7 @@ pub use load::*;
 pub use partitions::*;
 pub use scenarios::*;
 pub use servers::{free_port, fresh_db, shared, unique_name, NatsServer, PgServer};
+pub use shipped::*;
 pub use worker::*;
 
 /// Await `future` for at most `secs` seconds; a timeout fails the test with `what`.

@@ -1,0 +1,139 @@
+//! The shipped NATS deployment under test: deploy/nats/nats-server.conf run by
+//! deploy/nats/run-nats.sh (as docker-compose.yaml runs it) with each user's password in a
+//! file, and the settings and clients of its users (`worker`, `admin`, `client`).
+
+use std::time::Duration;
+
+use logstore_protocol::nats::NatsSecurityArgs;
+
+use super::servers::{Launcher, NatsServer};
+use super::{unique_name, within};
+
+/// Settings as (variable, value) pairs.
+pub type Vars = Vec<(&'static str, String)>;
+
+pub const USERS: [&str; 3] = ["worker", "admin", "client"];
+
+/// deploy/nats/nats-server.conf run by deploy/nats/run-nats.sh, each user's password in a file.
+pub struct Shipped {
+    pub nats: NatsServer,
+    dir: tempfile::TempDir,
+}
+
+impl Shipped {
+    pub fn start() -> Shipped {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut env = Vec::new();
+        for user in USERS {
+            let path = dir.path().join(format!("{user}.password"));
+            std::fs::write(&path, format!("{}\n", unique_name(user))).expect("password file");
+            env.push((
+                format!("NATS_{}_PASSWORD_FILE", user.to_uppercase()),
+                path.display().to_string(),
+            ));
+        }
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/run-nats.sh");
+        let nats = NatsServer::start_launched(Launcher {
+            script: Some(script),
+            env,
+        });
+        Shipped { nats, dir }
+    }
+
+    /// The file holding `user`'s password.
+    pub fn password_file(&self, user: &str) -> String {
+        self.dir
+            .path()
+            .join(format!("{user}.password"))
+            .display()
+            .to_string()
+    }
+
+    /// NATS_URL and `user`'s login, as the CLI, loadgen and the worker read them.
+    pub fn login(&self, user: &str) -> Vars {
+        vec![
+            ("NATS_URL", self.nats.url()),
+            ("NATS_USER", user.to_string()),
+            ("NATS_PASSWORD_FILE", self.password_file(user)),
+            ("LOGSTORE_TIMEOUT_MS", "3000".to_string()),
+        ]
+    }
+
+    /// A worker's settings on top of `env`'s: the shipped config's subjects, queue group and
+    /// stream (logstore's defaults), logged in as `worker`, default (JetStream, ordered) intake.
+    pub fn worker_settings(&self) -> Vars {
+        let mut vars = self.login("worker");
+        vars.retain(|(var, _)| *var != "LOGSTORE_TIMEOUT_MS");
+        for (var, value) in [
+            ("NATS_LOGS_TOPIC", "logs"),
+            ("NATS_QUERY_TOPIC", "query"),
+            ("NATS_RESPONSE_TOPIC", "response"),
+            ("NATS_STATS_TOPIC", "stats"),
+            ("NATS_DELETE_TOPIC", "delete"),
+            ("NATS_QUEUE_GROUP", "workers"),
+            ("NATS_EVENTS_PREFIX", "appended"),
+            ("NATS_REJECTED_PREFIX", "rejected"),
+            ("NATS_DEAD_LETTER_TOPIC", "dead_letter"),
+            ("NATS_STREAM", "LOGS"),
+            ("INTAKE", "jetstream"),
+        ] {
+            vars.push((var, value.to_string()));
+        }
+        vars
+    }
+
+    /// A client logged in as `user` that reports the server's errors (permission violations).
+    pub async fn connect(&self, user: &str) -> (async_nats::Client, Violations) {
+        let login = NatsSecurityArgs {
+            nats_user: Some(user.to_string()),
+            nats_password_file: Some(self.password_file(user)),
+            ..Default::default()
+        };
+        let access = login.resolve(&self.nats.url()).expect("client settings");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = within(
+            10,
+            "connect a test client",
+            access.connect(|options| {
+                options
+                    .request_timeout(Some(Duration::from_secs(3)))
+                    .event_callback(move |event| {
+                        let tx = tx.clone();
+                        async move {
+                            if let async_nats::Event::ServerError(e) = event {
+                                let _ = tx.send(e.to_string());
+                            }
+                        }
+                    })
+            }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connect as {user}: {}", logstore_protocol::chain::Chain(&e)));
+        (client, Violations(rx))
+    }
+}
+
+/// Server errors (permission violations) a test client receives, in order.
+pub struct Violations(tokio::sync::mpsc::UnboundedReceiver<String>);
+
+impl Violations {
+    /// Waits for a permissions violation naming `subject`.
+    pub async fn expect(&mut self, subject: &str) {
+        let needle = format!("\"{}\"", subject.to_ascii_lowercase());
+        within(
+            10,
+            &format!("a permissions violation for {subject}"),
+            async {
+                while let Some(error) = self.0.recv().await {
+                    let error = error.to_ascii_lowercase();
+                    if error.contains("permissions violation") && error.contains(&needle) {
+                        return;
+                    }
+                }
+                panic!("the event stream ended");
+            },
+        )
+        .await
+    }
+}

@@ -12,6 +12,7 @@ use support::*;
 use std::collections::HashMap;
 use std::fs;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -284,6 +285,16 @@ async fn local_up_runs_the_topology_takes_load_and_leaves_nothing_behind() {
         // 200 appends/s: the run takes seconds, not minutes.
         .env("QUERIES_MIN", "12000")
         .env("RUST_LOG", "warn");
+    // As a terminal starts it: with SIGINT handled. A test run started as a background job of
+    // a non-interactive shell (`scripts/test.sh &`) ignores SIGINT, the script would inherit
+    // that, and bash cannot trap a signal ignored at its start: Ctrl-C below would do nothing.
+    // SAFETY: signal(2) with SIG_DFL in the forked child before exec; async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     let mut script = Supervised::spawn(command, tmp.path().join("local-up.log"));
 
     let state = eventually(180, "local-up.sh reports ready", || {

@@ -128,3 +128,65 @@ async fn a_deposed_owner_woken_after_its_lease_passed_on_changes_nothing() {
         assert_eq!(worker.terminate().await, Some(0));
     }
 }
+
+/// A shard outage, a takeover during it and a NATS restart, one after the other under load:
+/// the takeover resets the partitions' consumers while appends wait behind the down shard; the
+/// shard comes back; NATS restarts. Every acknowledged append is stored once, in stream order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_outage_a_takeover_and_a_nats_restart_keep_order_and_exactly_once() {
+    let mut nats = NatsServer::start();
+    let mut own = PgServer::start();
+    let mut env = partitioned_env(&["steady"]).await;
+    env.nats_url = nats.url();
+    env.shards
+        .push(("flaky".to_string(), fresh_db(&own, "flaky").await));
+    let mut workers = vec![start_partitioned(&env).await, start_partitioned(&env).await];
+    let client = within(
+        10,
+        "connect",
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(nats.url()),
+    )
+    .await
+    .expect("connect");
+    let objects: Vec<u64> = (1..=16).collect();
+    // ~30 s of load: 600 rounds of 16 objects, 50 ms apart.
+    let publisher = {
+        let (env, client) = (env.clone(), client.clone());
+        tokio::spawn(async move {
+            publish_per_object(&env, &client, "o", &objects, 600, Duration::from_millis(50)).await
+        })
+    };
+    eventually(60, "load under way", || async {
+        (stored_rows(&env).await.len() > 300).then_some(())
+    })
+    .await;
+    own.kill();
+    let at_outage = stored_rows(&env).await.len();
+    // The steady shard keeps storing while the flaky one's appends wait in the workers.
+    eventually(30, "the steady shard storing during the outage", || async {
+        (stored_rows(&env).await.len() > at_outage + 200).then_some(())
+    })
+    .await;
+    // A takeover during the outage: the survivor resets the dead owner's consumers.
+    workers.remove(0).kill().await;
+    // Not ready while a shard is down (/readyz says so), but it pulls.
+    workers.push(
+        WorkerCommand::new(&env)
+            .extra(&partition_settings())
+            .spawn(),
+    );
+    let all: Vec<&WorkerProcess> = workers.iter().collect();
+    partitions_settled(&all, 30).await;
+    own.restart();
+    nats.restart();
+    let acked = within(180, "publisher", publisher)
+        .await
+        .expect("publisher");
+    let stored = verify_stored(&env, &acked, 120).await;
+    assert_in_stream_order(&stored, &acked);
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}

@@ -8,10 +8,10 @@ use async_nats::jetstream;
 use logstore_protocol::partition::partition;
 
 use super::env::Env;
+use super::eventually;
 use super::http::{http_get, metric_sum};
 use super::load::Acked;
 use super::worker::{WorkerCommand, WorkerProcess};
-use super::{eventually, within};
 
 /// Partitions of the stream the workers under test create.
 pub const PARTITIONS: u32 = 8;
@@ -76,6 +76,37 @@ pub async fn partitions_settled(workers: &[&WorkerProcess], secs: u64) -> Vec<BT
     .await
 }
 
+/// Publish `body` on `subject` with `key` as its Nats-Msg-Id until the stream acknowledges it
+/// (at most 100 tries, 100 ms apart: NATS may be restarting); its stream sequence. A retry
+/// of a publish whose acknowledgement was lost is stored once all the same (the key).
+async fn publish_until_acked(
+    js: &jetstream::Context,
+    subject: &str,
+    key: &str,
+    body: String,
+) -> u64 {
+    let mut attempt = 0;
+    loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", key);
+        let ack = match js
+            .publish_with_headers(subject.to_string(), headers, body.clone().into())
+            .await
+        {
+            Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack).await,
+            Err(e) => Ok(Err(e)),
+        };
+        match ack {
+            Ok(Ok(ack)) => return ack.sequence,
+            other => {
+                attempt += 1;
+                assert!(attempt < 100, "publish {key} keeps failing: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// `n` appends to each of `objects`, in turn, each on `<logs>.<id>` (or, every fifth, as a
 /// one-entry batch on `<logs>.p.<k>.b`), waiting for each PubAck; `pace` apart.
 pub async fn publish_per_object(
@@ -104,17 +135,8 @@ pub async fn publish_per_object(
                     serde_json::json!({ "id": id, "log": log }),
                 )
             };
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", log.as_str());
-            let ack = within(10, "PubAck", async {
-                js.publish_with_headers(subject, headers, body.to_string().into())
-                    .await
-                    .expect("publish")
-                    .await
-                    .expect("PubAck")
-            })
-            .await;
-            acked.push((id, ack.sequence, log));
+            let sequence = publish_until_acked(&js, &subject, &log, body.to_string()).await;
+            acked.push((id, sequence, log));
         }
     }
     acked

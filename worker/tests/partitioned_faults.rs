@@ -190,3 +190,72 @@ async fn a_shard_outage_a_takeover_and_a_nats_restart_keep_order_and_exactly_onc
         assert_eq!(worker.terminate().await, Some(0));
     }
 }
+
+/// `worker shards add` while a random worker is SIGKILLed every 5 s: objects move to the new
+/// shard while their partitions change hands. Every acknowledged append is stored once, in
+/// stream order, on whichever shard now owns its object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_add_during_the_kills_keeps_order_and_exactly_once() {
+    let mut env = partitioned_env(&["a", "b"]).await;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(start_partitioned(&env).await);
+    }
+    let client = env.client().await;
+    let objects: Vec<u64> = (1..=32).collect();
+    // ~30 s of load: 600 rounds of 32 objects, 50 ms apart.
+    let publisher = {
+        let (env, client) = (env.clone(), client.clone());
+        tokio::spawn(async move {
+            publish_per_object(&env, &client, "m", &objects, 600, Duration::from_millis(50)).await
+        })
+    };
+    eventually(60, "load under way", || async {
+        (stored_rows(&env).await.len() > 300).then_some(())
+    })
+    .await;
+    let servers = shared();
+    let c = fresh_db(&servers.pg[0], "c").await;
+    let add = {
+        let settings = env.settings(free_port());
+        let shard = format!("c={c}");
+        tokio::spawn(
+            async move { run_once("worker", &["shards", "add", &shard], &settings, 120).await },
+        )
+    };
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let victim = (state % workers.len() as u64) as usize;
+        workers.remove(victim).kill().await;
+        workers.push(start_partitioned(&env).await);
+    }
+    let (code, stdout, stderr) = within(150, "worker shards add", add).await.expect("add");
+    assert_eq!(code, Some(0), "`worker shards add c`:\n{stdout}\n{stderr}");
+    env.shards.push(("c".to_string(), c));
+    let acked = within(180, "publisher", publisher)
+        .await
+        .expect("publisher");
+    // The move is carried out in the background: until the ring is steady again (moved and
+    // the old copies purged), an object may have a copy on its old and its new shard.
+    let settings = env.settings(free_port());
+    eventually(180, "the ring steady after the move", || async {
+        let (code, _, _) = run_once("worker", &["shards", "status"], &settings, 30).await;
+        (code == Some(0)).then_some(())
+    })
+    .await;
+    let stored = verify_stored(&env, &acked, 180).await;
+    assert_in_stream_order(&stored, &acked);
+    let on_c = stored
+        .values()
+        .flatten()
+        .filter(|row| row.shard == "c")
+        .count();
+    assert!(on_c > 0, "objects moved to the new shard c");
+    for worker in workers {
+        assert_eq!(worker.terminate().await, Some(0));
+    }
+}

@@ -36,6 +36,11 @@ BIG=${BENCH_BIG_ENTRIES:-1000000}
 SECONDS_EACH=${BENCH_SECONDS:-15}
 OBJECTS=${BENCH_OBJECTS:-10000}
 BATCH=${BENCH_BATCH:-100}
+# (e) the partitioned ordered intake: JS_PARTITIONS for its rows (0: no such rows) and the
+# worker counts to run them with.
+PARTS=${BENCH_PARTITIONS:-8}
+PART_WORKERS=${BENCH_PART_WORKERS:-1 2 3}
+part_dbs() { [ "$PARTS" -gt 0 ] || return 0; for w in $PART_WORKERS; do echo "e2e_p${w}_single e2e_p${w}_batch"; done; }
 CONNECTIONS=${BENCH_CONNECTIONS:-1}
 BIG_ID=4242
 
@@ -121,7 +126,7 @@ psql_on() { local port=$1; shift; "$pg_bindir/psql" -h 127.0.0.1 -p "$port" -U p
 for port in "${pg_ports[@]}"; do wait_for 30 "postgres on $port" psql_on "$port" -c 'SELECT 1'; done
 wait_for 30 "nats-server" bash -c "exec 3<>/dev/tcp/127.0.0.1/$nats_port"
 for port in "${pg_ports[@]}"; do
-  for db in pgbench pgbench_fn e2e_core e2e_core_b e2e_js e2e_js_b; do psql_on "$port" -c "CREATE DATABASE $db"; done
+  for db in pgbench pgbench_fn e2e_core e2e_core_b e2e_js e2e_js_b $(part_dbs); do psql_on "$port" -c "CREATE DATABASE $db"; done
   # (a') gets a database of its own: (a)'s rows carry seqs from a global sequence, which would
   # collide with the per-object seqs logstore_append gives.
   for db in pgbench pgbench_fn; do
@@ -188,12 +193,12 @@ done
 # queue, empty again when a phase has stored everything.
 worker_pids=()
 worker_ports=()
-start_workers() { # start_workers INTAKE DB
-  local intake=$1 db=$2 port
+start_workers() { # start_workers INTAKE DB [WORKERS [JS_PARTITIONS]]
+  local intake=$1 db=$2 count=${3:-2} partitions=${4:-0} port i
   worker_pids=(); worker_ports=()
-  for _ in 1 2; do
+  for ((i = 0; i < count; i++)); do
     port=$(free_port)
-    NATS_URL=$nats_url INTAKE=$intake NATS_STREAM=BENCH_LOGS \
+    NATS_URL=$nats_url INTAKE=$intake NATS_STREAM=BENCH_LOGS JS_PARTITIONS=$partitions \
     POSTGRES_SHARDS="pg1=postgres://postgres@127.0.0.1:${pg_ports[0]}/$db,pg2=postgres://postgres@127.0.0.1:${pg_ports[1]}/$db" \
     METRICS_ADDR=127.0.0.1:$port RUST_LOG=warn "$bin/worker" 2>>"$tmp/worker.log" &
     worker_pids+=($!); pids+=($!); worker_ports+=("$port")
@@ -342,6 +347,41 @@ if [ "$batch_ok" = 1 ]; then
   js_b_rss=$(worker_peak_rss)
   log "    $js_b_e2e appends/s"
   stop_workers
+fi
+
+# ---------------------------------------------------------------- (e) partitioned intake
+# The same loads through the partitioned ordered intake (JS_PARTITIONS=$PARTS): loadgen finds
+# the partitions in the workers' service info and publishes each append on its object's
+# subject, each batch on its partition's. The stream keeps its partitions from here on.
+if [ "$PARTS" -gt 0 ] && [ "$batch_ok" = 1 ]; then
+  for w in $PART_WORKERS; do
+    for mode in single batch; do
+      name=p${w}_$mode
+      log "(e) partitioned JetStream intake, $PARTS partitions, $w worker(s): $APPENDS appends, $mode"
+      start_workers jetstream "e2e_$name" "$w" "$PARTS"
+      # Every partition pulled before the clock starts.
+      wait_for 60 "$PARTS partitions pulled" python3 -c "
+import re, sys, urllib.request
+held = sum(float(m) for port in sys.argv[1:] for m in re.findall(r'^logstore_jetstream_partitions_held (\S+)$',
+           urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=2).read().decode(), re.M))
+sys.exit(0 if held >= $PARTS else 1)" "${worker_ports[@]}"
+      cpu_snapshot "${name}_start"
+      e2e_start=$(now)
+      watch_stored "$name" &
+      watcher=$!
+      if [ "$mode" = single ]; then
+        loadgen_run "$name" --objects "$OBJECTS" --log-size 100 --jetstream --max-rate \
+          --in-flight "${BENCH_JS_IN_FLIGHT:-1024}" --count "$APPENDS" --verify
+      else
+        loadgen_run "$name" --objects "$OBJECTS" --log-size 100 --jetstream --max-rate --batch "$BATCH" \
+          --in-flight "${BENCH_JS_BATCH_IN_FLIGHT:-64}" --count "$APPENDS" --verify
+      fi
+      wait "$watcher"
+      echo "$(e2e_rate "$name" "$e2e_start")" >"$tmp/$name.rate"
+      log "    $(cat "$tmp/$name.rate") appends/s"
+      stop_workers
+    done
+  done
 fi
 
 # ---------------------------------------------------------------- (d) queries
@@ -496,5 +536,22 @@ for name, goal in (("60% of (a)", 0.6 * a), ("5x (b)", 5 * b)):
 print(f"\nverify: core={r['c_core']['verify']}, jetstream={r['c_jetstream']['verify']}")
 if batched:
     print(f"verify, batches of $BATCH: core={r['c_core_batch']['verify']}, jetstream={r['c_jetstream_batch']['verify']}")
+part_workers = "$PART_WORKERS".split() if $PARTS > 0 and batched else []
+if part_workers:
+    print(f"\n(e) partitioned ordered JetStream intake, {$PARTS} partitions (same run, same {$APPENDS:,} appends):\n")
+    print("| workers | single appends/s | vs (c) JetStream single | batch-$BATCH appends/s | vs (c) JetStream batch | nats-server µs/append, single | worker µs/append, single |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    parts = {}
+    for w in part_workers:
+        single = int(open(os.path.join(tmp, f"p{w}_single.rate")).read())
+        batch = int(open(os.path.join(tmp, f"p{w}_batch.rate")).read())
+        c = cpu(f"p{w}_single")
+        parts[w] = {"single_per_s": single, "batch_per_s": batch, "cpu_seconds_single": c,
+                    "cpu_seconds_batch": cpu(f"p{w}_batch")}
+        print(f"| {w} | {single:,} | {single / r['c_jetstream']['appends_per_s']:.0%} | {batch:,} | "
+              f"{batch / r['c_jetstream_batch']['appends_per_s']:.0%} | "
+              f"{c['nats-server'] * 1e6 / $APPENDS:.1f} | {c['worker'] * 1e6 / $APPENDS:.1f} |")
+    r["e_partitioned"] = {"partitions": $PARTS, "by_workers": parts}
+    json.dump(r, open(out, "w"), indent=2)
 print(f"JSON: {out}")
 EOF

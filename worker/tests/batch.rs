@@ -443,8 +443,10 @@ async fn jetstream_batches_and_message_ids_are_per_object() {
             "not silent: the PubAck says duplicate"
         );
     }
-    // Waiting out the window is the condition under test here, not a stand-in for one.
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    // Waiting out the window is the condition under test here, not a stand-in for one. Well
+    // past it: the server forgets ids on a timer, which a busy machine can fire late (150 ms
+    // after a 100 ms window once saw the id still remembered).
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     let after_window = publish(9).await;
     assert!(
         !after_window.duplicate,

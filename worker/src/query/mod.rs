@@ -249,13 +249,22 @@ impl Queries {
                 }
                 Err(e) => return Err(store_error_body(&e)),
             };
-            match follow::shard(&*lanes.placement(), &next, hop) {
+            let placement = lanes.placement();
+            match follow::shard(&*placement, &next, hop) {
                 Ok(next) => shard = next.clone(),
                 Err(Stuck::NotOpen) => {
-                    return Err(ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("object {id} lives on shard {next}, which this worker has not opened; retry later"),
-                    ))
+                    // `next` was named by a ring that has moved on meanwhile (a member removed
+                    // and its lane closed): where the current ring places the object, if open.
+                    let now = placement.layout().route(id).shard;
+                    match placement.shard(now) {
+                        Some(open) if now != next => shard = open.clone(),
+                        _ => {
+                            return Err(ErrorBody::new(
+                                ErrorCode::Unavailable,
+                                format!("object {id} lives on shard {next}, which this worker has not opened; retry later"),
+                            ))
+                        }
+                    }
                 }
                 Err(Stuck::Restless) => break,
             }

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::outbox::{format_ts, Outbox};
-use crate::store::{NewEntry, StoreError, Stored};
+use crate::store::{store_error_body, NewEntry, StoreError, Stored};
 
 /// Holds one unit of `logstore_in_flight{kind}` (and, for a JetStream message,
 /// `logstore_jetstream_held_messages`) and gives it back when dropped, so no path (answered,
@@ -569,34 +569,6 @@ fn observe(job: &AppendJob, m: &ShardMetrics) {
 pub fn redelivery_delay(delivered: i64) -> Duration {
     let exponent = delivered.clamp(1, 7) - 1;
     Duration::from_millis(100 << exponent).min(Duration::from_secs(5))
-}
-
-/// The error a client sees for a store failure. Outages say `unavailable` (nothing stored;
-/// retry with the same key), an unknown outcome says `timeout` (retry with the same key, which
-/// answers as a duplicate if it was stored); anything else is `internal`, with the detail in
-/// the worker's log rather than the reply.
-pub fn store_error_body(e: &StoreError) -> ErrorBody {
-    if e.is_outcome_unknown() {
-        ErrorBody::new(ErrorCode::Timeout, e.to_string())
-    } else if e.is_unavailable() {
-        ErrorBody::new(ErrorCode::Unavailable, e.to_string())
-    } else {
-        tracing::error!(error = %crate::Chain(e), "store fault");
-        ErrorBody::new(
-            ErrorCode::Internal,
-            format!("shard error (see worker log): {}", short(e)),
-        )
-    }
-}
-
-fn short(e: &StoreError) -> String {
-    match e {
-        StoreError::Database { source, .. } => source
-            .as_db_error()
-            .map(|db| db.message().to_string())
-            .unwrap_or_else(|| source.to_string()),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -20,8 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::follow::{self, Lanes, Stuck, MAX_HOPS};
 use crate::metrics::Metrics;
-use crate::origin::{store_error_body, InFlight};
+use crate::origin::InFlight;
 use crate::outbox::{format_ts, Outbox};
+use crate::store::store_error_body;
 use crate::store::{Shard, StoreError};
 
 mod stream;

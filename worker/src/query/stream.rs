@@ -8,8 +8,8 @@ use logstore_protocol::{ErrorBody, ErrorCode, LogEntry, Order, QueryRequest, Tim
 
 use super::Queries;
 use crate::follow::Lanes;
-use crate::origin::store_error_body;
 use crate::outbox::format_ts;
+use crate::store::store_error_body;
 use crate::store::{FirstPage, ReadRange, Row, Shard};
 
 /// Rows read per database round trip when streaming a whole log.

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use logstore_protocol::{ErrorBody, ErrorCode};
+
 /// SQLSTATE of logstore_fence's refusal of a stale ring epoch (migrations/0007_resharding.sql).
 const STALE_EPOCH: &str = "LS001";
 
@@ -143,5 +145,33 @@ impl StoreError {
             shard: shard.to_string(),
             what: format!("a row that does not decode: {source}"),
         }
+    }
+}
+
+/// The error a client sees for a store failure. Outages say `unavailable` (nothing stored;
+/// retry with the same key), an unknown outcome says `timeout` (retry with the same key, which
+/// answers as a duplicate if it was stored); anything else is `internal`, with the detail in
+/// the worker's log rather than the reply.
+pub fn store_error_body(e: &StoreError) -> ErrorBody {
+    if e.is_outcome_unknown() {
+        ErrorBody::new(ErrorCode::Timeout, e.to_string())
+    } else if e.is_unavailable() {
+        ErrorBody::new(ErrorCode::Unavailable, e.to_string())
+    } else {
+        tracing::error!(error = %crate::Chain(e), "store fault");
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("shard error (see worker log): {}", short(e)),
+        )
+    }
+}
+
+fn short(e: &StoreError) -> String {
+    match e {
+        StoreError::Database { source, .. } => source
+            .as_db_error()
+            .map(|db| db.message().to_string())
+            .unwrap_or_else(|| source.to_string()),
+        other => other.to_string(),
     }
 }

@@ -38,7 +38,7 @@ mod reshard;
 pub mod tls;
 
 pub use append::{Appended, NewEntry, Stored};
-pub use error::StoreError;
+pub use error::{store_error_body, StoreError};
 pub use read::{sql, FirstPage, HeadStats, ReadRange, Row};
 pub use reshard::{Copied, RingCopy};
 

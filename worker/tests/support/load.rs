@@ -58,7 +58,9 @@ pub async fn publish_concurrently(
             .map(|(id, key)| {
                 let (js, subject) = (js.clone(), subject.clone());
                 async move {
-                    let sequence = publish_until_acked(&js, subject, id, &key, keyless).await;
+                    let body = serde_json::json!({ "id": id, "log": key }).to_string();
+                    let header = (!keyless).then_some(key.as_str());
+                    let sequence = publish_until_acked(&js, &subject, header, body).await;
                     (id, sequence, key)
                 }
             })
@@ -68,24 +70,24 @@ pub async fn publish_concurrently(
     .await
 }
 
-/// One append of [`publish_concurrently`], retried (at most 100 tries) until the stream
-/// acknowledges it; returns its stream sequence.
-async fn publish_until_acked(
+/// Publish `body` on `subject` until the stream acknowledges it (at most 100 tries, 100 ms
+/// apart: NATS may be restarting); its stream sequence. With a `key` (its Nats-Msg-Id) a retry
+/// of a publish whose acknowledgement was lost is stored once all the same; without one, a
+/// failure fails the test, as a retry could store it twice.
+pub(super) async fn publish_until_acked(
     js: &jetstream::Context,
-    subject: String,
-    id: u64,
-    key: &str,
-    keyless: bool,
+    subject: &str,
+    key: Option<&str>,
+    body: String,
 ) -> u64 {
-    let body = serde_json::json!({ "id": id, "log": key }).to_string();
     let mut attempt = 0;
     loop {
         let mut headers = async_nats::HeaderMap::new();
-        if !keyless {
+        if let Some(key) = key {
             headers.insert("Nats-Msg-Id", key);
         }
         let ack = match js
-            .publish_with_headers(subject.clone(), headers, body.clone().into())
+            .publish_with_headers(subject.to_string(), headers, body.clone().into())
             .await
         {
             Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack).await,
@@ -95,11 +97,11 @@ async fn publish_until_acked(
             Ok(Ok(ack)) => return ack.sequence,
             other => {
                 assert!(
-                    !keyless,
+                    key.is_some(),
                     "keyless publish failed ({other:?}); a retry could duplicate it"
                 );
                 attempt += 1;
-                assert!(attempt < 100, "publish {key} keeps failing: {other:?}");
+                assert!(attempt < 100, "publish {key:?} keeps failing: {other:?}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -10,7 +10,7 @@ use logstore_protocol::partition::partition;
 use super::env::Env;
 use super::eventually;
 use super::http::{http_get, metric_sum};
-use super::load::Acked;
+use super::load::{publish_until_acked, Acked};
 use super::worker::{WorkerCommand, WorkerProcess};
 
 /// Partitions of the stream the workers under test create.
@@ -76,37 +76,6 @@ pub async fn partitions_settled(workers: &[&WorkerProcess], secs: u64) -> Vec<BT
     .await
 }
 
-/// Publish `body` on `subject` with `key` as its Nats-Msg-Id until the stream acknowledges it
-/// (at most 100 tries, 100 ms apart: NATS may be restarting); its stream sequence. A retry
-/// of a publish whose acknowledgement was lost is stored once all the same (the key).
-async fn publish_until_acked(
-    js: &jetstream::Context,
-    subject: &str,
-    key: &str,
-    body: String,
-) -> u64 {
-    let mut attempt = 0;
-    loop {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", key);
-        let ack = match js
-            .publish_with_headers(subject.to_string(), headers, body.clone().into())
-            .await
-        {
-            Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack).await,
-            Err(e) => Ok(Err(e)),
-        };
-        match ack {
-            Ok(Ok(ack)) => return ack.sequence,
-            other => {
-                attempt += 1;
-                assert!(attempt < 100, "publish {key} keeps failing: {other:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
 /// `n` appends to each of `objects`, in turn, each on `<logs>.<id>` (or, every fifth, as a
 /// one-entry batch on `<logs>.p.<k>.b`), waiting for each PubAck; `pace` apart.
 pub async fn publish_per_object(
@@ -135,7 +104,7 @@ pub async fn publish_per_object(
                     serde_json::json!({ "id": id, "log": log }),
                 )
             };
-            let sequence = publish_until_acked(&js, &subject, &log, body.to_string()).await;
+            let sequence = publish_until_acked(&js, &subject, Some(&log), body.to_string()).await;
             acked.push((id, sequence, log));
         }
     }

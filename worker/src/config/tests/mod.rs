@@ -1,5 +1,6 @@
 //! Unit tests of the configuration: every error names its variable on one line and shows no
 //! secret. The shard URLs, logins and TLS defaults: `shards.rs`.
+#![cfg(test)]
 
 use super::*;
 use clap::Parser;

@@ -1,5 +1,6 @@
 //! Unit tests of the shard settings: URLs, logins, ring members and TLS defaults are filled as
 //! documented, and a bad entry is named on one line without its secret.
+#![cfg(test)]
 
 use super::super::*;
 use super::{raw, refused, MARKER};

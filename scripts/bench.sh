@@ -12,7 +12,11 @@
 #       BENCH_APPENDS appends of 100-byte logs over 10,000 objects, with --verify, one append per
 #       message and then BENCH_BATCH [100] per message (batch append); core request-reply
 #       latency at half the single-append rate, for 30 s;
-#   (d) queries: the first page of 100 from a BENCH_BIG_ENTRIES-entry object, and a whole read of it.
+#   (d) queries: the first page of 100 from a BENCH_BIG_ENTRIES-entry object, and a whole read of it;
+#   (e) the partitioned ordered JetStream intake (BENCH_PARTITIONS [8]) with BENCH_PART_WORKERS
+#       ["1 2 3"] workers, single and batch appends as in (c);
+#   (f) takeover: the longest stall of an object when one of 2 partitioned workers is SIGKILLed
+#       under a steady BENCH_TAKEOVER_RATE [2000] appends/s over BENCH_TAKEOVER_OBJECTS [64] objects.
 # It prints Markdown tables, checks the targets of issues 5 and 10, and writes JSON to
 # bench/results/<UTC time>.json.
 #
@@ -40,7 +44,10 @@ BATCH=${BENCH_BATCH:-100}
 # worker counts to run them with.
 PARTS=${BENCH_PARTITIONS:-8}
 PART_WORKERS=${BENCH_PART_WORKERS:-1 2 3}
-part_dbs() { [ "$PARTS" -gt 0 ] || return 0; for w in $PART_WORKERS; do echo "e2e_p${w}_single e2e_p${w}_batch"; done; }
+part_dbs() { [ "$PARTS" -gt 0 ] || return 0; for w in $PART_WORKERS; do echo "e2e_p${w}_single e2e_p${w}_batch"; done; echo e2e_takeover; }
+# (f) takeover after a SIGKILL: the steady load it runs under.
+TAKEOVER_RATE=${BENCH_TAKEOVER_RATE:-2000}
+TAKEOVER_OBJECTS=${BENCH_TAKEOVER_OBJECTS:-64}
 CONNECTIONS=${BENCH_CONNECTIONS:-1}
 BIG_ID=4242
 
@@ -350,6 +357,13 @@ if [ "$batch_ok" = 1 ]; then
 fi
 
 # ---------------------------------------------------------------- (e) partitioned intake
+wait_partitions_held() { # every one of the $PARTS partitions held by one of the running workers
+  wait_for 60 "$PARTS partitions pulled" python3 -c "
+import re, sys, urllib.request
+held = sum(float(m) for port in sys.argv[1:] for m in re.findall(r'^logstore_jetstream_partitions_held (\S+)$',
+           urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=2).read().decode(), re.M))
+sys.exit(0 if held >= $PARTS else 1)" "${worker_ports[@]}"
+}
 # The same loads through the partitioned ordered intake (JS_PARTITIONS=$PARTS): loadgen finds
 # the partitions in the workers' service info and publishes each append on its object's
 # subject, each batch on its partition's. The stream keeps its partitions from here on.
@@ -360,11 +374,7 @@ if [ "$PARTS" -gt 0 ] && [ "$batch_ok" = 1 ]; then
       log "(e) partitioned JetStream intake, $PARTS partitions, $w worker(s): $APPENDS appends, $mode"
       start_workers jetstream "e2e_$name" "$w" "$PARTS"
       # Every partition pulled before the clock starts.
-      wait_for 60 "$PARTS partitions pulled" python3 -c "
-import re, sys, urllib.request
-held = sum(float(m) for port in sys.argv[1:] for m in re.findall(r'^logstore_jetstream_partitions_held (\S+)$',
-           urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=2).read().decode(), re.M))
-sys.exit(0 if held >= $PARTS else 1)" "${worker_ports[@]}"
+      wait_partitions_held
       cpu_snapshot "${name}_start"
       e2e_start=$(now)
       watch_stored "$name" &
@@ -382,6 +392,30 @@ sys.exit(0 if held >= $PARTS else 1)" "${worker_ports[@]}"
       stop_workers
     done
   done
+
+  # (f) takeover: 2 workers, a steady TAKEOVER_RATE of single appends over TAKEOVER_OBJECTS
+  # objects (each object gets an append every few ms, so its longest gap between two stored
+  # entries is the stall a crash caused), and 5 s in one worker is SIGKILLed. Its partitions wait
+  # for its KV leases to expire (JS_LEASE_MS, 3 s) and are taken over by the survivor, with a
+  # consumer reset so nothing waits for ack_wait. The row: the longest gap between two stored
+  # entries of one object (workers set ts when they store), and how many objects saw over 1 s.
+  log "(f) takeover: $PARTS partitions, 2 workers, one SIGKILLed under $TAKEOVER_RATE appends/s"
+  start_workers jetstream e2e_takeover 2 "$PARTS"
+  wait_partitions_held
+  loadgen_run takeover --objects "$TAKEOVER_OBJECTS" --log-size 100 --jetstream --rate "$TAKEOVER_RATE" \
+    --duration 15 --verify &
+  takeover_loadgen=$!
+  sleep 5
+  kill -KILL "${worker_pids[0]}"
+  wait "${worker_pids[0]}" 2>/dev/null || true
+  worker_pids=("${worker_pids[@]:1}")
+  wait "$takeover_loadgen" || die "loadgen takeover failed"
+  for port in "${pg_ports[@]}"; do
+    psql_on "$port" -d e2e_takeover -c "
+      SELECT object_id, extract(epoch FROM ts - lag(ts) OVER (PARTITION BY object_id ORDER BY seq))
+      FROM logs" | awk -F'|' '$2 != "" { if ($2 > gap[$1]) gap[$1] = $2 } END { for (o in gap) print o, gap[o] }'
+  done >"$tmp/takeover.gaps"
+  stop_workers
 fi
 
 # ---------------------------------------------------------------- (d) queries
@@ -552,6 +586,16 @@ if part_workers:
               f"{batch / r['c_jetstream_batch']['appends_per_s']:.0%} | "
               f"{c['nats-server'] * 1e6 / $APPENDS:.1f} | {c['worker'] * 1e6 / $APPENDS:.1f} |")
     r["e_partitioned"] = {"partitions": $PARTS, "by_workers": parts}
+    gaps = sorted(float(line.split()[1]) for line in open(os.path.join(tmp, "takeover.gaps")))
+    t = load("takeover")
+    r["f_takeover"] = {"rate": $TAKEOVER_RATE, "objects": $TAKEOVER_OBJECTS, "longest_gap_s": gaps[-1] if gaps else None,
+                       "objects_over_1s": sum(g > 1 for g in gaps), "objects_seen": len(gaps),
+                       "median_longest_gap_s": gaps[len(gaps) // 2] if gaps else None, "verify": t.get("verify")}
+    f = r["f_takeover"]
+    print(f"\n(f) takeover: 2 workers, {$PARTS} partitions, one SIGKILLed under {$TAKEOVER_RATE:,} appends/s over {$TAKEOVER_OBJECTS} objects:\n")
+    print("| longest gap between two stored entries of one object | objects that waited over 1 s | median object's longest gap | verify |")
+    print("|---:|---:|---:|---|")
+    print(f"| {f['longest_gap_s']:.2f} s | {f['objects_over_1s']} of {f['objects_seen']} | {f['median_longest_gap_s']:.3f} s | {f['verify']} |")
     json.dump(r, open(out, "w"), indent=2)
 print(f"JSON: {out}")
 EOF

@@ -1,8 +1,10 @@
 //! libpq's connection parameters in a shard URL or key/value string: [`split`] takes the TLS
 //! parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) out for `store::tls`, since
 //! tokio-postgres refuses the ones it does not know; [`with_defaults`] fills what a connection
-//! string does not say; quoting and percent-encoding for building one. Parsing only: the
-//! rustls configuration these settings make is `store::tls`'s.
+//! string does not say; [`param`] reads one parameter; [`for_writing`] applies the worker's
+//! rule for a list of hosts (an HA pair: `target_session_attrs=read-write` unless it says
+//! otherwise); quoting and percent-encoding for building one. Parsing only: the rustls
+//! configuration these settings make is `store::tls`'s.
 
 use std::path::PathBuf;
 
@@ -77,8 +79,7 @@ const TLS_PARAMS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 /// re-quoted. Errors never repeat the connection string.
 pub fn split(conn: &str) -> Result<(String, TlsSettings), String> {
     let mut settings = TlsSettings::default();
-    let is_url = conn.starts_with("postgres://") || conn.starts_with("postgresql://");
-    let rest = if is_url {
+    let rest = if is_url(conn) {
         let Some((base, query)) = conn.split_once('?') else {
             return Ok((conn.to_string(), settings));
         };
@@ -185,25 +186,14 @@ fn conninfo_pairs(conn: &str) -> Result<Vec<(String, String)>, String> {
 /// a URL's query (escaped) or to a key=value string (quoted). For settings that apply to every
 /// shard (POSTGRES_SSLMODE and its kin).
 pub fn with_defaults(conn: &str, defaults: &[(&str, &str)]) -> Result<String, String> {
-    let is_url = conn.starts_with("postgres://") || conn.starts_with("postgresql://");
-    let present: Vec<String> = if is_url {
-        conn.split_once('?')
-            .map(|(_, query)| {
-                query
-                    .split('&')
-                    .map(|pair| pair.split_once('=').map_or(pair, |(k, _)| k).to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    } else {
-        conninfo_pairs(conn)?.into_iter().map(|(k, _)| k).collect()
-    };
+    let url_form = is_url(conn);
+    let present: Vec<String> = params(conn)?.into_iter().map(|(k, _)| k).collect();
     let mut out = conn.to_string();
     for (key, value) in defaults {
         if present.iter().any(|k| k == key) {
             continue;
         }
-        if is_url {
+        if url_form {
             let separator = if out.contains('?') { '&' } else { '?' };
             out.push_str(&format!("{separator}{key}={}", percent_encode(value)));
         } else {
@@ -211,6 +201,72 @@ pub fn with_defaults(conn: &str, defaults: &[(&str, &str)]) -> Result<String, St
         }
     }
     Ok(out)
+}
+
+/// The value `conn` gives parameter `key` (the last one where it is repeated, as tokio-postgres
+/// reads it; percent-decoded in a URL), or None where it names none.
+pub fn param(conn: &str, key: &str) -> Result<Option<String>, String> {
+    let Some((_, value)) = params(conn)?.into_iter().rev().find(|(k, _)| k == key) else {
+        return Ok(None);
+    };
+    if is_url(conn) {
+        percent_decode(&value, BadEscape::Refuse)
+            .map(Some)
+            .map_err(|e| format!("{key}: {e}"))
+    } else {
+        Ok(Some(value))
+    }
+}
+
+/// A shard's connection `config` (parsed from `conn`) made fit for the worker, which writes:
+/// where `conn` lists several hosts (an HA pair: `postgres://a:5432,b:5432/db`) without saying
+/// `target_session_attrs`, it becomes `read-write`, so a standby that answers first is passed
+/// over for the primary (libpq's default, `any`, would take it and every append would fail);
+/// `target_session_attrs=read-only` is refused. Each host gets an equal share of the
+/// connect timeout already set, so a host that does not answer leaves time for the next.
+pub fn for_writing(conn: &str, config: &mut tokio_postgres::Config) -> Result<(), String> {
+    use tokio_postgres::config::TargetSessionAttrs;
+    let hosts = config.get_hosts().len();
+    match config.get_target_session_attrs() {
+        TargetSessionAttrs::ReadOnly => return Err(
+            "target_session_attrs=read-only: the worker writes to its shards (give read-write, \
+                 or leave it out)"
+                .to_string(),
+        ),
+        TargetSessionAttrs::Any if hosts > 1 && param(conn, "target_session_attrs")?.is_none() => {
+            config.target_session_attrs(TargetSessionAttrs::ReadWrite);
+        }
+        _ => {}
+    }
+    if let (Some(timeout), Ok(hosts @ 2..)) = (config.get_connect_timeout(), u32::try_from(hosts)) {
+        let share = *timeout / hosts;
+        config.connect_timeout(share);
+    }
+    Ok(())
+}
+
+/// The (key, value) parameters `conn` names, in order: a URL's query pairs (values still
+/// percent-encoded), or the key=value form's pairs.
+fn params(conn: &str) -> Result<Vec<(String, String)>, String> {
+    if !is_url(conn) {
+        return conninfo_pairs(conn);
+    }
+    Ok(conn
+        .split_once('?')
+        .map(|(_, query)| {
+            query
+                .split('&')
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (k.to_string(), v.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn is_url(conn: &str) -> bool {
+    conn.starts_with("postgres://") || conn.starts_with("postgresql://")
 }
 
 /// A key=value value in single quotes, `\` and `'` escaped. The one quoting of the workspace:

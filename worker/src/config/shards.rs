@@ -71,7 +71,11 @@ impl MemberAccess {
             Some(password) if is_url => fill_password(&mut shard, password.expose()),
             // The key=value form (a ring seeded from POSTGRES_IPS), which never holds one here.
             Some(password) => {
-                shard.url = format!("{url} password={}", quote_conninfo(password.expose()));
+                shard.url = format!(
+                    "{} password={}",
+                    shard.url,
+                    quote_conninfo(password.expose())
+                );
             }
             None => {}
         }
@@ -288,68 +292,21 @@ impl RawConfig {
 
 /// Parse `name=postgres://…,name2=postgresql://…`. Only URLs are taken (the key=value form is
 /// built internally from POSTGRES_IPS): a key=value string or two URLs in one entry, which
-/// is what a space instead of a comma produces, would otherwise be read as one shard. URLs may
-/// not contain commas or whitespace (percent-encode them). Errors show the entry redacted.
+/// is what a space instead of a comma produces, would otherwise be read as one shard. An entry
+/// ends at the next comma that starts a new `name=` ([`shard_entries`]), so a URL may list
+/// several hosts (`postgres://a:5432,b:5432/db`, an HA pair); commas elsewhere in a URL and
+/// whitespace must be percent-encoded. Errors show the entry redacted.
 pub fn parse_shards(spec: &str) -> Result<Vec<ShardConfig>, ConfigError> {
     const VAR: &str = "POSTGRES_SHARDS";
     let mut shards = Vec::new();
-    for (part, entry) in split_list(spec) {
+    for (part, entry) in shard_entries(spec) {
         if part.is_empty() {
             continue;
         }
-        if part.contains(char::is_whitespace) {
-            return Err(bad(
-                VAR,
-                format!("entry {entry:?} contains whitespace (separate shards with commas)"),
-            ));
-        }
-        let Some((name, url)) = part.split_once('=') else {
-            return Err(bad(
-                VAR,
-                format!("entry {entry:?} is not name=postgres://…"),
-            ));
-        };
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(bad(
-                VAR,
-                format!(
-                    "entry {entry:?} does not start with a shard name (name=postgres://…, \
-                     names are [A-Za-z0-9._-])"
-                ),
-            ));
-        }
-        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
-            return Err(bad(
-                VAR,
-                format!("shard {name}: {entry:?} is not a postgres:// or postgresql:// URL"),
-            ));
-        }
-        if url.matches("://").count() > 1 {
-            return Err(bad(
-                VAR,
-                format!(
-                    "shard {name}: entry {entry:?} holds more than one URL (separate shards \
-                     with commas)"
-                ),
-            ));
-        }
-        // libpq's TLS parameters are handled by the worker (crate::store::tls), not tokio-postgres.
-        let url_for_driver = match conninfo::split(url) {
-            Ok((rest, _)) => rest,
-            Err(problem) => return Err(bad(VAR, format!("shard {name}: {entry:?}: {problem}"))),
-        };
-        if let Err(e) = url_for_driver.parse::<tokio_postgres::Config>() {
-            // Its Display is only the kind; the cause names the option (never its value).
-            let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(": {c}"));
-            return Err(bad(
-                VAR,
-                format!("shard {name}: {entry:?} is not a PostgreSQL URL ({e}{cause})"),
-            ));
-        }
+        let name = entry_name(&part, &entry).map_err(|problem| bad(VAR, problem))?;
+        let url = &part[name.len() + 1..];
+        check_url(url)
+            .map_err(|problem| bad(VAR, format!("shard {name}: {entry:?}: {problem}")))?;
         shards.push(ShardConfig {
             name: name.to_string(),
             url: url.to_string(),
@@ -360,6 +317,87 @@ pub fn parse_shards(spec: &str) -> Result<Vec<ShardConfig>, ConfigError> {
     }
     check_unique(VAR, &shards)?;
     Ok(shards)
+}
+
+/// POSTGRES_SHARDS's entries, trimmed, each with its redacted form: the list split at the
+/// commas that start a new entry (`name=`, see [`starts_entry`]), not at those inside a URL's
+/// host list. Each entry is redacted in the context of the whole list ([`split_list`]), so a
+/// password that a comma cuts stays hidden in both halves.
+fn shard_entries(spec: &str) -> Vec<(String, String)> {
+    let mut entries: Vec<(String, String)> = Vec::new();
+    // Whether the last entry may go on: an empty piece (`a,,b`) ends it.
+    let mut open = false;
+    for (piece, (trimmed, shown)) in spec.split(',').zip(split_list(spec)) {
+        if open && !trimmed.is_empty() && !starts_entry(trimmed) {
+            if let Some((entry, entry_shown)) = entries.last_mut() {
+                entry.push(',');
+                entry.push_str(piece);
+                entry_shown.push(',');
+                entry_shown.push_str(&shown);
+                continue;
+            }
+        }
+        open = !trimmed.is_empty();
+        entries.push((piece.to_string(), shown));
+    }
+    entries
+        .into_iter()
+        .map(|(entry, shown)| (entry.trim().to_string(), shown))
+        .collect()
+}
+
+/// Whether a comma-separated piece of POSTGRES_SHARDS starts a new entry: `name=…` with a
+/// shard name (a host of a host list, `b:5432/db?…`, never has its `=` right after a name).
+fn starts_entry(piece: &str) -> bool {
+    piece
+        .split_once('=')
+        .is_some_and(|(name, _)| is_shard_name(name))
+}
+
+fn is_shard_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// The shard name of the entry `part` (shown as `entry`), or what is wrong with it.
+fn entry_name<'a>(part: &'a str, entry: &str) -> Result<&'a str, String> {
+    if part.contains(char::is_whitespace) {
+        return Err(format!(
+            "entry {entry:?} contains whitespace (separate shards with commas)"
+        ));
+    }
+    let Some((name, _)) = part.split_once('=') else {
+        return Err(format!("entry {entry:?} is not name=postgres://…"));
+    };
+    if !is_shard_name(name) {
+        return Err(format!(
+            "entry {entry:?} does not start with a shard name (name=postgres://…, names are \
+             [A-Za-z0-9._-])"
+        ));
+    }
+    Ok(name)
+}
+
+/// What is wrong with a shard's `url`, if anything (never repeating the URL).
+fn check_url(url: &str) -> Result<(), String> {
+    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+        return Err("not a postgres:// or postgresql:// URL".to_string());
+    }
+    if url.matches("://").count() > 1 {
+        return Err("holds more than one URL (separate shards with commas)".to_string());
+    }
+    // libpq's TLS parameters are handled by the worker (crate::store::tls), not tokio-postgres.
+    let (url_for_driver, _) = conninfo::split(url)?;
+    let mut config = url_for_driver
+        .parse::<tokio_postgres::Config>()
+        .map_err(|e| {
+            // Its Display is only the kind; the cause names the option (never its value).
+            let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(": {c}"));
+            format!("not a PostgreSQL URL ({e}{cause})")
+        })?;
+    conninfo::for_writing(url, &mut config)
 }
 
 /// POSTGRES_SSLMODE, POSTGRES_SSLROOTCERT, POSTGRES_SSLCERT and POSTGRES_SSLKEY (`defaults`)

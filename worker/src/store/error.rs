@@ -7,6 +7,8 @@ use logstore_protocol::{ErrorBody, ErrorCode};
 
 /// SQLSTATE of logstore_fence's refusal of a stale ring epoch (migrations/0007_resharding.sql).
 const STALE_EPOCH: &str = "LS001";
+/// SQLSTATE read_only_sql_transaction: a write on a standby (or on a server set read-only).
+const READ_ONLY: &str = "25006";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,6 +29,20 @@ pub enum StoreError {
     NotReady { shard: String },
     #[error("shard {shard} is down (its last health check or operation failed)")]
     Down { shard: String },
+    /// The server answers read-only: a standby (in recovery), a primary not promoted yet, or
+    /// one set `default_transaction_read_only`. An outage, like a server that is down: the
+    /// pool drops its connections, so the next one finds the primary of the shard's URL (see
+    /// `Shard::discard_connections`). `source`: the refused statement's error, where one was
+    /// refused (a health check that reads `transaction_read_only = on` refuses none).
+    #[error(
+        "shard {shard} is read-only (a standby, or a server in recovery): waiting for a \
+         writable primary"
+    )]
+    ReadOnly {
+        shard: String,
+        #[source]
+        source: Option<tokio_postgres::Error>,
+    },
     #[error(
         "shard {shard}: the database at this URL belongs to shard {found:?}; refusing to use it \
          (fix POSTGRES_SHARDS: a name must always map to the same database)"
@@ -91,6 +107,7 @@ impl StoreError {
             | StoreError::Timeout { .. }
             | StoreError::NotReady { .. }
             | StoreError::Down { .. }
+            | StoreError::ReadOnly { .. }
             | StoreError::OutcomeUnknown { .. }
             | StoreError::WrongFleet { .. } => true,
             // Routed by a ring this worker has not caught up with: like an outage until it
@@ -120,9 +137,16 @@ impl StoreError {
     /// `source`, an error of a statement on shard `shard` that was routed by ring epoch `epoch`
     /// (0 for a statement that names no epoch). logstore_fence's refusal (SQLSTATE LS001)
     /// becomes [`StoreError::StaleEpoch`]: the fence comes from the error's detail, the epoch
-    /// from the caller, who sent it.
+    /// from the caller, who sent it. A write refused as read-only (25006) becomes
+    /// [`StoreError::ReadOnly`].
     pub(crate) fn from_db(shard: &str, source: tokio_postgres::Error, epoch: u64) -> StoreError {
         if let Some(db) = source.as_db_error() {
+            if db.code().code() == READ_ONLY {
+                return StoreError::ReadOnly {
+                    shard: shard.to_string(),
+                    source: Some(source),
+                };
+            }
             if db.code().code() == STALE_EPOCH {
                 let fence = db.detail().and_then(|d| d.parse().ok()).unwrap_or(u64::MAX);
                 return StoreError::StaleEpoch {

@@ -22,12 +22,15 @@
 //! column added to a statement cannot shift the others.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::ShardConfig;
+use crate::config::{conninfo, ShardConfig};
 
 mod append;
 mod delete;
@@ -89,6 +92,39 @@ pub struct Shard {
     /// The highest ring fence this shard answered with that this worker's ring record does not
     /// know (0: none; see [`Shard::note_unknown_fence`]).
     unknown_fence: AtomicU64,
+    /// Pooled connections made before the server answered read-only are never used again.
+    stale: Arc<Stale>,
+}
+
+/// When the shard last answered read-only: the pool's connections made before then lead to
+/// that server (a standby, or the old primary), so none of them is handed out again; the
+/// next connection is made afresh, to whichever host of the URL is the primary now.
+struct Stale {
+    /// When the pool was built; `before` counts from here.
+    since: std::time::Instant,
+    /// Microseconds from `since` to the last read-only answer (0: none yet).
+    before: AtomicU64,
+}
+
+impl Stale {
+    fn new() -> Stale {
+        Stale {
+            since: std::time::Instant::now(),
+            before: AtomicU64::new(0),
+        }
+    }
+
+    /// From now, every connection made until now is stale.
+    fn mark(&self) {
+        let now = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.before.fetch_max(now.max(1), Ordering::AcqRel);
+    }
+
+    /// Whether a connection made at `created` is stale.
+    fn covers(&self, created: std::time::Instant) -> bool {
+        let made = created.saturating_duration_since(self.since).as_micros();
+        made < u128::from(self.before.load(Ordering::Acquire))
+    }
 }
 
 impl Shard {
@@ -109,6 +145,9 @@ impl Shard {
         pg.connect_timeout(timeout.min(Duration::from_secs(5)));
         pg.keepalives_idle(Duration::from_secs(30));
         pg.application_name("logstore-worker");
+        // Several hosts (an HA pair): the writable one, each tried within its share of the
+        // connect timeout.
+        conninfo::for_writing(&url, &mut pg).map_err(|e| format!("shard {}: {e}", config.name))?;
         let manager = Manager::from_config(
             pg,
             connector,
@@ -118,7 +157,17 @@ impl Shard {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let stale = Arc::new(Stale::new());
+        let seen = stale.clone();
         let pool = Pool::builder(manager)
+            .pre_recycle(Hook::sync_fn(move |_, metrics| {
+                if seen.covers(metrics.created) {
+                    return Err(HookError::message(
+                        "made before the server answered read-only",
+                    ));
+                }
+                Ok(())
+            }))
             .max_size(pool_size)
             .wait_timeout(Some(timeout))
             .create_timeout(Some(timeout))
@@ -137,7 +186,19 @@ impl Shard {
             fleet: std::sync::Mutex::new(Fleet::default()),
             foreign: AtomicBool::new(false),
             unknown_fence: AtomicU64::new(0),
+            stale,
         })
+    }
+
+    /// The server answered read-only: the shard is down until a health check finds a writable
+    /// primary, and no connection made until now is used again (idle ones are closed now,
+    /// those in use when they come back), so the next one is made to the URL's primary.
+    fn discard_connections(&self) {
+        self.stale.mark();
+        self.set_up(false);
+        let stale = &self.stale;
+        self.pool
+            .retain(|_, metrics| !stale.covers(metrics.created));
     }
 
     /// A request met this shard's fence at `fence`, an epoch the fleet's ring record does not
@@ -203,14 +264,26 @@ impl Shard {
         self.pool.status()
     }
 
-    /// A cheap round trip, for health checks.
+    /// A cheap round trip, for health checks, that also asks whether the server takes writes:
+    /// a standby (or any read-only server) is [`StoreError::ReadOnly`], i.e. down.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(async {
             let client = self.client().await?;
-            client
-                .simple_query("SELECT 1")
+            let answer = client
+                .simple_query("SHOW transaction_read_only")
                 .await
                 .map_err(|e| self.db(e))?;
+            let read_only = answer.iter().any(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0) == Some("on"),
+                _ => false,
+            });
+            if read_only {
+                self.discard_connections();
+                return Err(StoreError::ReadOnly {
+                    shard: self.name.clone(),
+                    source: None,
+                });
+            }
             Ok(())
         })
         .await
@@ -311,8 +384,13 @@ impl Shard {
 
     /// A database error of a statement routed by ring `epoch` (one that calls logstore_fence):
     /// a stale epoch is reported with the epoch the caller sent ([`StoreError::from_db`]).
+    /// A read-only answer discards the pool's connections ([`Shard::discard_connections`]).
     pub(super) fn db_at(&self, epoch: u64, source: tokio_postgres::Error) -> StoreError {
-        StoreError::from_db(&self.name, source, epoch)
+        let error = StoreError::from_db(&self.name, source, epoch);
+        if matches!(error, StoreError::ReadOnly { .. }) {
+            self.discard_connections();
+        }
+        error
     }
 
     /// A row that does not decode into its result type ([`StoreError::bad_row`]).

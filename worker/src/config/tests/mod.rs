@@ -1,11 +1,13 @@
 //! Unit tests of the configuration: every error names its variable on one line and shows no
-//! secret. The shard URLs, logins and TLS defaults: `shards.rs`.
+//! secret. The shard URLs, logins and TLS defaults: `shards.rs`; shards on HA PostgreSQL
+//! (several hosts in one URL): `ha.rs`.
 #![cfg(test)]
 
 use super::*;
 use clap::Parser;
 use logstore_protocol::nats::Login;
 
+mod ha;
 mod shards;
 
 #[derive(Parser)]

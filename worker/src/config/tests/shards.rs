@@ -214,9 +214,10 @@ fn shard_list_entries_must_be_single_named_urls() {
             format!("a=postgres://u:{m}@h/db,a=postgres://u:{m}@h2/db"),
             "appears twice",
         ),
-        // An unescaped comma cuts the password: the first half is then refused alone.
+        // An unescaped `,name=` cuts the password (a new entry starts there): the first half
+        // is then refused alone, and neither half is shown.
         (
-            format!("a=postgres://u:{m},{m}@h/db"),
+            format!("a=postgres://u:{m},b={m}@h/db"),
             "not a PostgreSQL URL",
         ),
     ] {

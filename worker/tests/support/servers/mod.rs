@@ -25,7 +25,8 @@
 //!   stopped, its port must stay free for `restart()`, and outgoing connections (which take
 //!   ephemeral ports) would otherwise occasionally steal it.
 //!
-//! Layout: `nats` ([`NatsServer`], [`Launcher`]), `postgres` ([`PgServer`]), `process` (the
+//! Layout: `nats` ([`NatsServer`], [`Launcher`]), `postgres` ([`PgServer`]), `replica`
+//! ([`PgPair`]: a primary with a synchronous standby, for failover), `process` (the
 //! keeper thread, PDEATHSIG, stopping and reaping), `ports` (the one [`free_port`]), `dirs`
 //! (temp dirs, the `atexit` cleanup, file helpers); here, the [`shared()`] servers,
 //! [`fresh_db`] and [`unique_name`].
@@ -37,6 +38,7 @@ mod nats;
 mod ports;
 mod postgres;
 mod process;
+mod replica;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -46,6 +48,7 @@ use std::time::Duration;
 pub use nats::{Launcher, NatsServer};
 pub use ports::free_port;
 pub use postgres::PgServer;
+pub use replica::PgPair;
 
 use crate::support::db::pg_connect;
 use process::panic_message;

@@ -45,18 +45,29 @@ impl PgServer {
     /// tokio-postgres connection runs `SELECT 1`. Panics with the server log tail if the
     /// binaries are missing or the server is not ready within 30 s.
     pub fn start() -> PgServer {
-        let bins = pg_bins();
         let template = pg_template();
+        PgServer::start_with("pg", |data| {
+            copy_tree(template, data).map_err(|e| {
+                format!(
+                    "copy template cluster {} -> {}: {e}",
+                    template.display(),
+                    data.display()
+                )
+            })
+        })
+    }
+
+    /// Starts a server whose data dir `fill` makes (given its path, which does not exist
+    /// yet, in a temp dir the server's user owns), then waits as [`PgServer::start`] does.
+    pub(super) fn start_with(
+        prefix: &str,
+        fill: impl FnOnce(&Path) -> Result<(), String>,
+    ) -> PgServer {
+        let bins = pg_bins();
         let run_as = pg_run_as();
-        let dir = new_server_dir("pg", run_as.is_some());
+        let dir = new_server_dir(prefix, run_as.is_some());
         let data = dir.path().join("data");
-        copy_tree(template, &data).unwrap_or_else(|e| {
-            panic!(
-                "copy template cluster {} -> {}: {e}",
-                template.display(),
-                data.display()
-            )
-        });
+        fill(&data).unwrap_or_else(|e| panic!("{e}"));
         let sock = dir.path().join("sock");
         fs::create_dir(&sock).expect("create postgres socket dir");
         if let Some(ids) = run_as {
@@ -82,6 +93,16 @@ impl PgServer {
             }
         }
         panic!("postgres could not get a free port after {START_ATTEMPTS} attempts: {last_err}");
+    }
+
+    /// The data dir.
+    pub(super) fn data(&self) -> &Path {
+        &self.data
+    }
+
+    /// The server's log file.
+    pub(super) fn log(&self) -> &Path {
+        &self.log
     }
 
     /// The TCP port on 127.0.0.1 (stable across `restart`).
@@ -461,6 +482,11 @@ fn pg_bins() -> &'static PgBins {
     found.as_ref().unwrap_or_else(|| {
         panic!("PostgreSQL server binaries (initdb, postgres) not found in PATH, `pg_config --bindir` or /usr/lib/postgresql/*/bin; {INSTALL_HINT}")
     })
+}
+
+/// The `postgres` binary the servers run.
+pub(super) fn postgres_bin() -> &'static Path {
+    &pg_bins().postgres
 }
 
 /// Uid/gid to run PostgreSQL as: `postgres` when we are root (postgres refuses root), else

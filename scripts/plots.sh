@@ -1,90 +1,78 @@
 #!/usr/bin/env bash
-# Regenerate the README's plots from real runs: `scripts/plots.sh`.
+# Redraw the README's plots from a scripts/bench.sh report: `scripts/plots.sh [REPORT.json]`.
 #
-# Runs two short loadgen runs, each against a fresh local fleet (`scripts/local-up.sh`:
-# nats-server with JetStream, two PostgreSQL shards, WORKERS workers, no Prometheus), and draws
-# their `--report` per-second series (scripts/plots.py, matplotlib):
-#   readme/throughput.png   appends acknowledged per second over time, both runs
-#   readme/latency.png      append latency p50 and p99 per second over time, both runs
-# The runs:
-#   core      INTAKE=core, one append per message at CORE_RATE/s: acknowledged = the worker's
-#             reply after the Postgres commit, so the latency is the whole store round trip
-#   jetstream INTAKE=jetstream, batches of BATCH appends at JS_RATE appends/s: acknowledged =
-#             the stream's PubAck for the message
-# both with --verify (every acknowledged append is read back). Takes about two minutes plus
-# the build. Not part of scripts/test.sh (slow, and the numbers depend on the machine).
+# Measures nothing: it draws what a bench run recorded (scripts/plots.py,
+# matplotlib) into
+#   readme/throughput.png   achieved appends/s stored in PostgreSQL by each intake (core, JetStream,
+#                           and the partitioned JetStream rows when the report has them), one
+#                           append per message and in batches, at max rate; pgbench's rows/s on
+#                           the same servers beside them for reference
+#   readme/latency.png      latency p50 / p99 / max of each row: core to the reply after the
+#                           commit (at max rate and at half of it), JetStream to the PubAck, and
+#                           the first page of a query
+# The titles name the report file, its commit (COMMIT below), the machine's cores and memory, and
+# the run's size.
+#
+# REPORT.json defaults to the newest full-size run in bench/results/ (BENCH_APPENDS of 500,000 or
+# more; smoke runs are smaller). To plot a fresh one, run scripts/bench.sh first (about ten
+# minutes, release build) and pass the JSON it names.
 #
 # Settings (environment):
-#   DURATION=30        seconds each loadgen run sends
-#   CORE_RATE=2000     appends/s of the core run
-#   JS_RATE=20000      appends/s of the JetStream run
-#   BATCH=100          appends per message of the JetStream run
-#   WORKERS=2          workers per fleet
-#   BIN_DIR=DIR        prebuilt `worker` and `loadgen` (default: cargo build --release --bins)
-#   OUT_DIR=readme     where the PNGs go
-#   KEEP_REPORTS=DIR   also keep the two loadgen reports (JSON) in DIR
+#   COMMIT=TEXT   the commit the report measured, shown in the titles (bench reports do not
+#                 record it); default: the report's own `commit` field if it has one, else "added
+#                 in commit <the commit that added the file to git>"
+#   OUT_DIR=DIR   where the PNGs go (default readme/)
 #
-# Needs python3 with matplotlib: installed with `pip install matplotlib` when missing.
+# Needs python3 with matplotlib 3.7 or newer; when it is missing (or older), it is installed with
+# pip into a virtual environment under ~/.cache/logstore/plots-venv (nothing system-wide).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-DURATION=${DURATION:-30}
-CORE_RATE=${CORE_RATE:-2000}
-JS_RATE=${JS_RATE:-20000}
-BATCH=${BATCH:-100}
-WORKERS=${WORKERS:-2}
 OUT_DIR=${OUT_DIR:-$repo/readme}
 
 log() { echo "plots: $*" >&2; }
 die() { log "$*"; exit 1; }
 
 command -v python3 >/dev/null || die "python3 is needed (with matplotlib)"
-if ! python3 -c 'import matplotlib' 2>/dev/null; then
-  log "installing matplotlib (pip install matplotlib)"
-  python3 -m pip install --quiet matplotlib || die "cannot install matplotlib: pip install matplotlib"
-fi
-
-if [ -z "${BIN_DIR:-}" ]; then
-  log "building release binaries"
-  (cd "$repo" && cargo build --release --bins)
-  BIN_DIR=${CARGO_TARGET_DIR:-$repo/target}/release
-fi
-BIN_DIR=$(cd "$BIN_DIR" && pwd)
-
-work=$(mktemp -d -t logstore-plots.XXXXXX)
-trap 'rm -rf "$work"' EXIT
-
-# One run: a fresh fleet, loadgen with --report, everything stopped when loadgen ends.
-run() {
-  local name=$1 intake=$2
-  shift 2
-  log "run '$name': INTAKE=$intake loadgen $*"
-  if ! INTAKE=$intake WORKERS=$WORKERS PROMETHEUS=0 BIN_DIR=$BIN_DIR RUST_LOG=warn \
-    KEEP_RUNNING_AFTER_LOADGEN=0 STATE_FILE="$work/$name.state" \
-    bash "$repo/scripts/local-up.sh" --loadgen -- \
-    --duration "$DURATION" --verify --progress-secs 5 --report "$work/$name.json" "$@" \
-    >"$work/$name.log" 2>&1; then
-    tail -n 30 "$work/$name.log" >&2
-    die "run '$name' failed (local-up.sh or loadgen exited non-zero; its log is above)"
+# matplotlib 3.7 or newer: the legends are placed outside the axes with `loc="outside …"`.
+has_matplotlib() {
+  "$1" -c 'import sys, matplotlib; sys.exit(tuple(map(int, matplotlib.__version__.split(".")[:2])) < (3, 7))' 2>/dev/null
+}
+python=python3
+if ! has_matplotlib python3; then
+  venv=${XDG_CACHE_HOME:-$HOME/.cache}/logstore/plots-venv
+  if ! has_matplotlib "$venv/bin/python"; then
+    log "installing matplotlib into $venv (pip)"
+    python3 -m venv "$venv" ||
+      die "cannot make a virtual environment: install python3-venv, or matplotlib itself (Debian: python3-matplotlib)"
+    "$venv/bin/pip" install --quiet 'matplotlib>=3.7' || die "cannot install matplotlib with pip"
   fi
-  grep -E '^(run |appends:|  latency|verify)' "$work/$name.log" >&2 || true
+  python=$venv/bin/python
+fi
+
+# The newest full-size run: bench/results/<UTC time>[-note].json sorts by time.
+newest_full() {
+  python3 - "$repo"/bench/results/*.json <<'PY'
+import json, sys
+full = [p for p in sorted(sys.argv[1:]) if json.load(open(p))["params"]["appends"] >= 500_000]
+print(full[-1] if full else "")
+PY
 }
 
-run core core --rate "$CORE_RATE"
-run jetstream jetstream --rate "$JS_RATE" --batch "$BATCH"
+report=${1:-$(newest_full)}
+[ -n "$report" ] || die "no full-size run in bench/results/: pass a report, e.g. scripts/plots.sh bench/results/X.json"
+[ -f "$report" ] || die "no such report: $report"
+report=$(cd "$(dirname "$report")" && pwd)/$(basename "$report")
+name=${report#"$repo"/}
 
-if [ -n "${KEEP_REPORTS:-}" ]; then
-  mkdir -p "$KEEP_REPORTS"
-  cp "$work/core.json" "$work/jetstream.json" "$KEEP_REPORTS/"
+commit=${COMMIT:-$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("commit") or "")' "$report")}
+if [ -n "$commit" ]; then
+  commit="measured at $commit"
+elif added=$(git -C "$repo" log --diff-filter=A --format=%h -1 -- "$name" 2>/dev/null) && [ -n "$added" ]; then
+  commit="added in commit $added"
 fi
 
 mkdir -p "$OUT_DIR"
-cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1)
-machine="$(nproc) cores${cpu:+ ($cpu)}"
-python3 "$repo/scripts/plots.py" \
-  --machine "$machine" \
-  --date "$(date -u +%Y-%m-%d)" \
-  --workers "$WORKERS" \
-  --out "$OUT_DIR" \
-  "core=$work/core.json" "jetstream=$work/jetstream.json"
+log "drawing $name${commit:+ ($commit)}"
+"$python" "$repo/scripts/plots.py" --report "$report" --name "$name" --commit "$commit" --out "$OUT_DIR"
 log "wrote $OUT_DIR/throughput.png and $OUT_DIR/latency.png"

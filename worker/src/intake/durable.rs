@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ordered;
 use super::partitions::{self, Partition};
+use super::pull::Pull;
 use super::requests::Requests;
 use super::route::Router;
 use super::stream::{merged, partition_consumer, partition_filter, partition_max_ack_pending};
@@ -441,7 +442,7 @@ impl Router {
     ) {
         self.metrics.jetstream_pulling.set(1);
         while !cancel.is_cancelled() {
-            if let Some(batch) = self.request_batch(consumer, cancel).await {
+            if let Some(batch) = self.request_batch(consumer, cancel, Pull::Full).await {
                 self.route_batch(batch).await;
             }
         }

@@ -46,7 +46,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::pull::FETCH_EXPIRES;
+use super::pull::{Pull, FETCH_EXPIRES};
 use super::route::Router;
 use crate::cancel::pause;
 use crate::config::JetStreamConfig;
@@ -406,8 +406,10 @@ fn count_in_hand(
     (in_hand, held.len())
 }
 
-/// One pull request, read to its end before anything is routed (a pull whose messages sit
-/// unread is abandoned by the client after its expiry, and they would come back out of order).
+/// The next messages: what the consumer has now, at once; when it has nothing, a pull that
+/// waits for the next message and ends with it. So a trickle of appends is routed as each one
+/// comes, not when a waiting pull expires (a `logstore append` would otherwise wait up to
+/// [`FETCH_EXPIRES`] for its outcome), and a busy stream still comes in pulls of up to 500.
 /// Returns the messages and whether the pull ended as a pull does (a message dropped on the way
 /// shows as a skipped sequence instead).
 async fn fetch(
@@ -415,25 +417,52 @@ async fn fetch(
     consumer: &Consumer,
     stop: &CancellationToken,
 ) -> (Vec<jetstream::Message>, bool) {
+    let (messages, end) = read_pull(router, consumer, stop, Pull::Now).await;
+    if messages.is_empty() && end == PullEnd::Drained && !stop.is_cancelled() {
+        let (messages, end) = read_pull(router, consumer, stop, Pull::Next).await;
+        return (messages, end != PullEnd::Failed);
+    }
+    (messages, end != PullEnd::Failed)
+}
+
+/// How a pull ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PullEnd {
+    /// It delivered what it asked for, or what there was (the server's "no messages" and
+    /// "request timeout" ends).
+    Drained,
+    /// A status ended it (max bytes reached, max ack pending, ...): what was delivered before
+    /// it is all here, in order.
+    Status,
+    /// The request failed or its end never came.
+    Failed,
+}
+
+/// One pull request, read to its end before anything is routed (a pull whose messages sit
+/// unread is abandoned by the client after its expiry, and they would come back out of order).
+async fn read_pull(
+    router: &Router,
+    consumer: &Consumer,
+    stop: &CancellationToken,
+    pull: Pull,
+) -> (Vec<jetstream::Message>, PullEnd) {
     let mut messages = Vec::new();
-    let Some(mut batch) = router.request_batch(consumer, stop).await else {
-        return (messages, false);
+    let Some(mut batch) = router.request_batch(consumer, stop, pull).await else {
+        return (messages, PullEnd::Failed);
     };
     // The server ends a pull by its expiry; this only guards against an end that never comes.
     let deadline = Instant::now() + FETCH_EXPIRES + Duration::from_secs(5);
     loop {
         match tokio::time::timeout_at(deadline, batch.next()).await {
             Ok(Some(Ok(message))) => messages.push(message),
-            Ok(None) => return (messages, true),
-            // A status that ends the pull (max bytes reached, max ack pending, ...): what was
-            // delivered before it is all here, in order.
+            Ok(None) => return (messages, PullEnd::Drained),
             Ok(Some(Err(e))) => {
                 tracing::debug!(error = %e, "JetStream pull ended by the server");
-                return (messages, true);
+                return (messages, PullEnd::Status);
             }
             Err(_) => {
                 tracing::warn!("a JetStream pull did not end in time");
-                return (messages, false);
+                return (messages, PullEnd::Failed);
             }
         }
     }

@@ -45,7 +45,7 @@ use std::time::Duration;
 
 pub use nats::{Launcher, NatsServer};
 pub use ports::free_port;
-pub use postgres::PgServer;
+pub use postgres::{pg_command, PgServer};
 
 use crate::support::db::pg_connect;
 use process::panic_message;

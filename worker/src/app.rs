@@ -396,13 +396,14 @@ impl Parts {
                 self.cancel.clone(),
             ));
         }
+        // Every value as a person writes it in the settings (`retention=off`, `retention=7d`).
         tracing::info!(
-            intake = match config.intake { Intake::Core => "core", Intake::JetStream(_) => "jetstream" },
+            intake = %match config.intake { Intake::Core => "core", Intake::JetStream(_) => "jetstream" },
             logs = %config.logs_subject,
             query = %config.query_subject,
             stats = %config.stats_subject,
             delete = %config.delete_subject,
-            retention = ?config.retention.map(|r| r.max_age),
+            retention = %crate::config::shown::retention(config.retention),
             group = %config.queue_group,
             shards = self.shards.all().len(),
             metrics = %metrics_addr,

@@ -69,7 +69,7 @@ impl Lease {
             _ => lease,
         };
         if ttl != lease {
-            tracing::info!(bucket = LEASE_BUCKET, lease = ?ttl, "the lease bucket's lifetime differs from JS_LEASE_MS; using the bucket's");
+            tracing::info!(bucket = %LEASE_BUCKET, lease = %crate::config::Human(ttl), "the lease bucket's lifetime differs from JS_LEASE_MS; using the bucket's");
         }
         Ok(Lease {
             context,

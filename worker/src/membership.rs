@@ -135,7 +135,10 @@ impl Membership {
                 record.fleet = seed.fleet.clone();
                 match self.write(&record, revision).await {
                     Ok(revision) => {
-                        tracing::info!(fleet = ?record.fleet, "gave the ring record a fleet id");
+                        tracing::info!(
+                            fleet = record.fleet.as_deref().map(tracing::field::display),
+                            "gave the ring record a fleet id"
+                        );
                         return Ok((record, revision, true));
                     }
                     Err(MembershipError::Changed { .. }) => continue,
@@ -144,7 +147,7 @@ impl Membership {
             }
             match self.create(seed).await {
                 Ok(revision) => {
-                    tracing::info!(epoch = seed.epoch, members = ?Record::names(&seed.members), fleet = ?seed.fleet, "seeded the ring record from POSTGRES_SHARDS");
+                    tracing::info!(epoch = seed.epoch, members = %Record::names(&seed.members).join(","), fleet = seed.fleet.as_deref().map(tracing::field::display), "seeded the ring record from POSTGRES_SHARDS");
                     return Ok((seed.clone(), revision, true));
                 }
                 Err(MembershipError::Changed { .. }) => continue,

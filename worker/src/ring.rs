@@ -129,6 +129,17 @@ pub fn new_fleet_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// As the record writes it: `steady`, `moving`, `purging`.
+impl std::fmt::Display for MoveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MoveState::Steady => "steady",
+            MoveState::Moving => "moving",
+            MoveState::Purging => "purging",
+        })
+    }
+}
+
 impl MoveState {
     /// Within one epoch a change goes moving, purging, steady, never back.
     fn step(self) -> u8 {

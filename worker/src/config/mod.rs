@@ -14,7 +14,8 @@
 //! Layout: `raw` (the clap settings and `validate`), `parse` (one setting's text to a
 //! value), `shards` (shard URLs, the PostgreSQL login, ring-member access), [`conninfo`]
 //! (libpq's connection parameters: TLS ones split out, defaults, quoting), [`secret`]
-//! (`Redacted`, `Masked`); the validated types live here.
+//! (`Redacted`, `Masked`), [`shown`] (settings as a person writes them, for log lines:
+//! `retention=7d`, durations like `33s`); the validated types live here.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,6 +31,7 @@ mod parse;
 mod raw;
 pub mod secret;
 mod shards;
+pub mod shown;
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +39,7 @@ pub use crate::replies::ReplyPolicy;
 pub use raw::RawConfig;
 pub use secret::{Masked, Redacted};
 pub use shards::{parse_shards, without_login, without_password, MemberAccess};
+pub use shown::Human;
 
 /// A configuration problem, always naming the variable at fault.
 #[derive(Debug, thiserror::Error)]

@@ -117,16 +117,16 @@ pub(super) async fn take_over(router: &Router, consumer: &Consumer, reset: bool,
     match tokio::time::timeout(INFO_TIMEOUT, consumer.reset(None)).await {
         Ok(Ok(_)) => {
             tracing::info!(
-                lane = what,
+                lane = %what,
                 "reset the consumer to its ack floor: the last owner's messages come again now"
             )
         }
         Ok(Err(e)) => {
-            tracing::warn!(lane = what, error = %e, "cannot reset the consumer; waiting for ack_wait instead")
+            tracing::warn!(lane = %what, error = %e, "cannot reset the consumer; waiting for ack_wait instead")
         }
         Err(_) => {
             tracing::warn!(
-                lane = what,
+                lane = %what,
                 "no answer to the consumer reset; waiting for ack_wait instead"
             )
         }
@@ -139,12 +139,12 @@ pub fn check_server(version: &str) {
     match server_is_safe(version) {
         Some(true) => {}
         Some(false) => tracing::warn!(
-            server = version,
+            server = %version,
             "this nats-server is older than {major}.{minor}.{patch}: it can lose track of \
              JetStream redeliveries, and a takeover of the ordered intake (JS_ORDERED) after a \
              worker crash can then wait forever; upgrade nats-server"
         ),
-        None => tracing::debug!(server = version, "cannot read the nats-server version"),
+        None => tracing::debug!(server = %version, "cannot read the nats-server version"),
     }
 }
 

@@ -129,7 +129,7 @@ pub async fn run(
             Err(e) => {
                 let retry_in = backoff.next_pause();
                 wait = Some(retry_in);
-                tracing::warn!(error = %Chain(&e), ?retry_in, "move interrupted; it is taken up again");
+                tracing::warn!(error = %Chain(&e), retry_in = %crate::config::Human(retry_in), "move interrupted; it is taken up again");
             }
         }
         // Bounded, so a worker stopping while NATS is away does not wait for it: the lease
@@ -224,7 +224,7 @@ where
         match op().await {
             Ok(value) => {
                 if logged {
-                    tracing::info!(shard, "{what}: succeeded again; the move resumes");
+                    tracing::info!(shard = %shard, "{what}: succeeded again; the move resumes");
                 }
                 return Ok(value);
             }
@@ -232,7 +232,7 @@ where
                 metrics.move_errors.inc();
                 progress.errors += 1;
                 if !logged {
-                    tracing::warn!(shard, error = %Chain(&e), "{what} failed; the move pauses and retries");
+                    tracing::warn!(shard = %shard, error = %Chain(&e), "{what} failed; the move pauses and retries");
                     logged = true;
                 }
                 pause(lost, backoff.next_pause()).await;

@@ -247,7 +247,7 @@ impl Shards {
                 .collect();
             let recorded: Vec<&str> = record.members.iter().map(|m| m.name.as_str()).collect();
             if !same_names(&configured, &recorded) {
-                tracing::warn!(configured = ?configured, ring = ?recorded, epoch = record.epoch, "POSTGRES_SHARDS differs from the fleet's ring record; following the record");
+                tracing::warn!(configured = %configured.join(","), ring = %recorded.join(","), epoch = record.epoch, "POSTGRES_SHARDS differs from the fleet's ring record; following the record");
             }
         }
         let (lanes, opened) = self.lanes_for(&record, &current);
@@ -270,7 +270,7 @@ impl Shards {
             tracing::info!(shard = %lane.shard.name, "shard left the ring; closing its lane");
             lane.stop.cancel();
         }
-        tracing::info!(epoch, state = ?state, members = ?names, "routing by ring epoch {epoch}");
+        tracing::info!(epoch, %state, members = %names.join(","), "routing by ring epoch {epoch}");
     }
 
     /// The lanes `record` names: the current view's where it has them, new ones (also

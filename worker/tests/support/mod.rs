@@ -36,7 +36,9 @@ pub use http::*;
 pub use load::*;
 pub use partitions::*;
 pub use scenarios::*;
-pub use servers::{free_port, fresh_db, shared, unique_name, NatsServer, PgPair, PgServer};
+pub use servers::{
+    free_port, fresh_db, pg_command, shared, unique_name, NatsServer, PgPair, PgServer,
+};
 pub use shipped::*;
 pub use worker::*;
 

@@ -47,7 +47,7 @@ use std::time::Duration;
 
 pub use nats::{Launcher, NatsServer};
 pub use ports::free_port;
-pub use postgres::PgServer;
+pub use postgres::{pg_command, PgServer};
 pub use replica::PgPair;
 
 use crate::support::db::pg_connect;

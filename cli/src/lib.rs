@@ -7,9 +7,13 @@
 //! - this file: the command line ([`Args`]), one function per command, the output formats and
 //!   the exit codes ([`CliError::exit_code`]);
 //! - [`client`]: the connection, request-reply and whole-range reads;
-//! - [`tail`]: the gapless follow of `logstore tail -f`.
+//! - [`tail`]: the gapless follow of `logstore tail -f`;
+//! - [`status`]: `logstore status`, the fleet as its workers see it;
+//! - [`deadletters`]: `logstore dead-letters`, the messages the workers refused.
 
 pub mod client;
+pub mod deadletters;
+pub mod status;
 pub mod tail;
 
 use std::io::Write;
@@ -36,6 +40,8 @@ Examples:
   logstore tail 42 -f                              the last 10 entries, then each new one as it comes
   logstore stats 42                                count, seq and time range, bytes
   logstore delete 42 --before-seq 1000             remove seqs 1..999 (seqs are never reused)
+  logstore status                                  the workers, partitions, ring and move, lag, shards
+  logstore dead-letters -f                         the last refused messages and why, then new ones
 
 Output: one line per entry, `SEQ TS TEXT` (control characters in TEXT escaped); --json prints
 JSON lines. With JetStream intake, `append` waits for the workers' outcome (the object's
@@ -172,6 +178,13 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         before_seq: Option<u64>,
     },
+    /// Show the fleet: each worker (id, pid, version, uptime, readiness), the partitions it
+    /// pulls and those nobody pulls, the ring epoch and move progress, the consumers' lag, the
+    /// shards up or down. Exit 4 when no worker answers.
+    Status,
+    /// Print the last dead letters (messages the workers refused, with why), oldest first;
+    /// with -f, then each new one until interrupted. For the operator's NATS user.
+    DeadLetters(deadletters::Options),
 }
 
 /// Why a command failed; [`CliError::exit_code`] says what the process returns.
@@ -309,6 +322,10 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
                 writeln!(out, "deleted {}", deleted.deleted)?;
             }
             Ok(())
+        }
+        Command::Status => status::status(&connection, out, json).await,
+        Command::DeadLetters(options) => {
+            deadletters::dead_letters(&connection, out, json, &options).await
         }
     }
 }

@@ -106,6 +106,18 @@ pub struct JetStreamConfig {
     pub partitions: u32,
 }
 
+/// The JetStream stream that keeps dead letters (DEAD_LETTERS_STREAM, DEAD_LETTERS_MAX_AGE,
+/// DEAD_LETTERS_MAX_MSGS, DEAD_LETTERS_MAX_BYTES).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterStream {
+    pub name: String,
+    pub max_age: Duration,
+    /// -1: unlimited.
+    pub max_messages: i64,
+    /// -1: unlimited.
+    pub max_bytes: i64,
+}
+
 /// The retention sweeper's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -137,6 +149,8 @@ pub struct Config {
     /// NATS_REJECTED_PREFIX: `rejected.<id>` events go to `<rejected_prefix>.<id>`.
     pub rejected_prefix: String,
     pub dead_letter_subject: String,
+    /// DEAD_LETTERS_STREAM and its limits; None: `off`.
+    pub dead_letters: Option<DeadLetterStream>,
     /// NATS_REPLY_PREFIXES: the reply subjects the worker answers (see [`ReplyPolicy`]).
     pub replies: ReplyPolicy,
     pub metrics_addr: SocketAddr,

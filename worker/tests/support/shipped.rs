@@ -75,6 +75,7 @@ impl Shipped {
             ("NATS_EVENTS_PREFIX", "appended"),
             ("NATS_REJECTED_PREFIX", "rejected"),
             ("NATS_DEAD_LETTER_TOPIC", "dead_letter"),
+            ("DEAD_LETTERS_STREAM", "DEAD_LETTERS"),
             ("NATS_STREAM", "LOGS"),
             ("INTAKE", "jetstream"),
         ] {

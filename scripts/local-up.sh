@@ -39,6 +39,8 @@
 #                      LOADGEN_ARGS="..."; it is paced by QUERIES_MIN (appends per minute)
 #   QUERIES_MIN=600    passed to loadgen
 #   INTAKE=jetstream   worker intake: jetstream (loadgen then gets --jetstream) or core
+#   JS_PARTITIONS=8    partitions of the ordered JetStream intake, as in docker-compose.yaml
+#                      (0: the one `logs` lane)
 #   PROMETHEUS=auto    auto = run it when installed; 1 = install it if missing (root, Debian);
 #                      0 = do not run it
 #   PROMETHEUS_SCRAPE_INTERVAL=5s
@@ -82,6 +84,7 @@ WORKERS=${WORKERS:-3}
 LOADGEN=${LOADGEN:-0}
 QUERIES_MIN=${QUERIES_MIN:-600}
 INTAKE=${INTAKE:-jetstream}
+JS_PARTITIONS=${JS_PARTITIONS:-8}
 PROMETHEUS=${PROMETHEUS:-auto}
 PROMETHEUS_SCRAPE_INTERVAL=${PROMETHEUS_SCRAPE_INTERVAL:-5s}
 KEEP_RUNNING_AFTER_LOADGEN=${KEEP_RUNNING_AFTER_LOADGEN:-1}
@@ -474,7 +477,7 @@ start_worker() {
   "$how" "$dir/worker$i.log" env -u POSTGRES_IPS -u POSTGRES_PASSWORD NATS_URL="$nats_url" NATS_USER=worker \
     NATS_PASSWORD_FILE="$nats_worker_password_file" \
     POSTGRES_SHARDS="$shards_spec" POSTGRES_PASSWORD_FILE="$worker_password_file" \
-    INTAKE="$INTAKE" METRICS_ADDR="127.0.0.1:${metrics_ports[i - 1]}" \
+    INTAKE="$INTAKE" JS_PARTITIONS="$JS_PARTITIONS" METRICS_ADDR="127.0.0.1:${metrics_ports[i - 1]}" \
     "$BIN_DIR/worker"
   worker_pids[i - 1]=$!
   state "worker${i}_pid" "${worker_pids[i - 1]}"

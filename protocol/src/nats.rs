@@ -454,7 +454,7 @@ fn check_scheme(n: usize, server: &str, shown: &str) -> Result<(), SettingError>
             "NATS_URL",
             format!(
                 "server {n} of {shown:?} has no scheme: write nats://{server} (or tls://, \
-                 ws://, wss://), e.g. NATS_URL=nats://127.0.0.1:4222"
+                 ws://, wss://)"
             ),
         ));
     };
@@ -835,7 +835,11 @@ mod tests {
         for (url, n, fix) in [
             ("127.0.0.1:4222", 1, "write nats://127.0.0.1:4222"),
             ("nats://h1:4222,h2:4222", 2, "write nats://h2:4222"),
-            (&format!("u:{MARKER}@h:4222") as &str, 1, "write nats://h:4222"),
+            (
+                &format!("u:{MARKER}@h:4222") as &str,
+                1,
+                "write nats://h:4222",
+            ),
             ("localhost", 1, "write nats://localhost"),
         ] {
             let err = NatsSecurityArgs::default().resolve(url).unwrap_err();
@@ -844,8 +848,7 @@ mod tests {
             assert!(
                 text.starts_with(&format!("NATS_URL: server {n} of "))
                     && text.contains("has no scheme")
-                    && text.contains(fix)
-                    && text.contains("nats://127.0.0.1:4222"),
+                    && text.contains(fix),
                 "{url}: {text}"
             );
             assert!(!text.contains(MARKER), "{text}");

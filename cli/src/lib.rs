@@ -295,31 +295,7 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Tail { id, follow, lines } => {
             tail::tail(&connection, out, json, id, lines, follow).await
         }
-        Command::Stats { id } => {
-            let body = to_json(&StatsRequest { id })?;
-            let stats: StatsReply = connection.request(&connection.subjects.stats, body).await?;
-            if json {
-                writeln!(out, "{}", to_string(&stats)?)?;
-            } else {
-                let none = || "-".to_string();
-                writeln!(out, "id        {}", stats.id)?;
-                writeln!(out, "count     {}", stats.count)?;
-                writeln!(
-                    out,
-                    "first     {} {}",
-                    stats.first_seq.map_or_else(none, |s| s.to_string()),
-                    stats.first_ts.unwrap_or_else(none)
-                )?;
-                writeln!(
-                    out,
-                    "last      {} {}",
-                    stats.last_seq,
-                    stats.last_ts.unwrap_or_else(none)
-                )?;
-                writeln!(out, "bytes     {}", stats.bytes)?;
-            }
-            Ok(())
-        }
+        Command::Stats { id } => stats(&connection, out, json, id).await,
         Command::Delete { id, before_seq } => {
             let body = to_json(&DeleteRequest { id, before_seq })?;
             let deleted: DeleteReply = connection
@@ -333,6 +309,38 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// The statistics of object `id`, one per line (or their JSON).
+async fn stats(
+    connection: &Connection,
+    out: &mut dyn Write,
+    json: bool,
+    id: u64,
+) -> Result<(), CliError> {
+    let body = to_json(&StatsRequest { id })?;
+    let stats: StatsReply = connection.request(&connection.subjects.stats, body).await?;
+    if json {
+        writeln!(out, "{}", to_string(&stats)?)?;
+        return Ok(());
+    }
+    let none = || "-".to_string();
+    writeln!(out, "id        {}", stats.id)?;
+    writeln!(out, "count     {}", stats.count)?;
+    writeln!(
+        out,
+        "first     {} {}",
+        stats.first_seq.map_or_else(none, |s| s.to_string()),
+        stats.first_ts.unwrap_or_else(none)
+    )?;
+    writeln!(
+        out,
+        "last      {} {}",
+        stats.last_seq,
+        stats.last_ts.unwrap_or_else(none)
+    )?;
+    writeln!(out, "bytes     {}", stats.bytes)?;
+    Ok(())
 }
 
 async fn get(

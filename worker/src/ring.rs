@@ -36,7 +36,7 @@ impl Hash for RingKey {
     }
 }
 
-/// Virtual nodes per shard unless RING_VNODES says otherwise. DESIGN.md suggested 160, but with
+/// Virtual nodes per shard unless RING_VNODES says otherwise. The specification said 160, but with
 /// 160 the fullest of three shards held up to 1.13x the mean for ordinary names ("shard-a",
 /// "postgres1"), over the 1.10x bound; 1000 keeps it near 1.05x and costs nothing measurable
 /// (3,000 ring points, a binary search per lookup).

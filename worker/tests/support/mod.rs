@@ -8,7 +8,7 @@
 //! - `load`: publishing with a ledger of what was acknowledged, and verifying the shards hold
 //!   every acknowledged append once, in order (also a loadgen run's own verify);
 //! - `bins`: the workspace's binaries, loadgen runs; `scenarios`: shared test logic;
-//! - `servers`: NATS and PostgreSQL; `tls`: certificates.
+//! - `servers`: NATS (one server or a cluster) and PostgreSQL; `tls`: certificates.
 
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of this module
 
@@ -36,7 +36,10 @@ pub use http::*;
 pub use load::*;
 pub use partitions::*;
 pub use scenarios::*;
-pub use servers::{free_port, fresh_db, shared, unique_name, NatsServer, PgServer};
+pub use servers::{
+    free_port, fresh_db, shared, shared_cluster, unique_name, NatsCluster, NatsServer, PgServer,
+    CLUSTER_SIZE,
+};
 pub use shipped::*;
 pub use worker::*;
 

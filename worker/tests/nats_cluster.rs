@@ -180,6 +180,34 @@ async fn bucket_replicas(client: &async_nats::Client, bucket: &str) -> usize {
         .num_replicas
 }
 
+/// The stream, every consumer and the KV buckets have [`CLUSTER_SIZE`] copies.
+async fn assert_replicated(client: &async_nats::Client, stream: &str, consumers: &[String]) {
+    let found = replicas(client, stream, consumers).await;
+    assert!(
+        found.iter().all(|r| *r == CLUSTER_SIZE),
+        "the stream and every consumer have {CLUSTER_SIZE} copies: {found:?}"
+    );
+    for bucket in BUCKETS {
+        let found = bucket_replicas(client, bucket).await;
+        assert_eq!(found, CLUSTER_SIZE, "{bucket}");
+    }
+}
+
+/// Wait until the stream, its `consumers` and the KV buckets (leases) have caught up on every
+/// server (before the next kill).
+async fn all_current(
+    cluster: &NatsCluster,
+    client: &async_nats::Client,
+    stream: &str,
+    consumers: &[&str],
+) {
+    cluster.wait_current(client, stream, consumers).await;
+    for bucket in BUCKETS {
+        let name = format!("KV_{bucket}");
+        cluster.wait_current(client, &name, &[]).await;
+    }
+}
+
 /// The leader-kill scenario: workers with `settings`, load on every object, the stream leader's
 /// server SIGKILLed and restarted, then another's; each kill followed by stored appends within
 /// [`RESUME_WITHIN`]; every acknowledged append stored once, in publish order per object.
@@ -202,20 +230,7 @@ async fn leaders_killed_under_load(settings: &[(&str, String)], per_object: bool
     consumers.extend((0..partitions).map(|k| format!("workers-p{k}")));
     let names: Vec<&str> = consumers.iter().map(String::as_str).collect();
     cluster.wait_current(&client, &stream, &names).await;
-    assert!(
-        replicas(&client, &stream, &consumers)
-            .await
-            .iter()
-            .all(|r| *r == CLUSTER_SIZE),
-        "the stream and every consumer have {CLUSTER_SIZE} copies"
-    );
-    for bucket in BUCKETS {
-        assert_eq!(
-            bucket_replicas(&client, bucket).await,
-            CLUSTER_SIZE,
-            "{bucket}"
-        );
-    }
+    assert_replicated(&client, &stream, &consumers).await;
     let load = Load::start(&env, &client, per_object);
     eventually(60, "load under way", || async {
         (stored_rows(&env).await.len() > 200).then_some(())
@@ -247,13 +262,7 @@ async fn leaders_killed_under_load(settings: &[(&str, String)], per_object: bool
         );
         killed.push(victim);
         cluster.restart(victim);
-        // Caught up everywhere before the next kill, the KV buckets (leases) included.
-        cluster.wait_current(&client, &stream, &names).await;
-        for bucket in BUCKETS {
-            cluster
-                .wait_current(&client, &format!("KV_{bucket}"), &[])
-                .await;
-        }
+        all_current(&cluster, &client, &stream, &names).await;
     }
     let acked = load.finish().await;
     let stored = verify_stored(&env, &acked, 120).await;
@@ -367,4 +376,44 @@ async fn replicas_are_raised_to_js_replicas_and_never_lowered() {
         assert_eq!(bucket_replicas(&client, bucket).await, 3, "{bucket}");
     }
     assert_eq!(lower.terminate().await, Some(0));
+}
+
+/// The shipped cluster configuration (deploy/nats/cluster.conf through run-nats.sh, as
+/// docker-compose.ha.yaml runs it): the `worker` user raises what a single-copy worker made (the
+/// stream, its consumer, both KV buckets) to three copies, and the `client` user's appends are
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_cluster_config_lets_the_workers_keep_three_copies() {
+    let shipped = ShippedCluster::start();
+    let (admin, _) = shipped.connect("admin").await;
+    shipped.cluster.wait_ready(&admin).await;
+    let env = Env::shared(&["a"]).await;
+    let mut settings = shipped.worker_settings();
+    settings.extend(replicated("1"));
+    let single = WorkerCommand::new(&env).extra(&settings).start().await;
+    assert_eq!(single.terminate().await, Some(0));
+    let consumers = ["workers".to_string()];
+    assert_eq!(replicas(&admin, "LOGS", &consumers).await, [1, 1]);
+    // Later settings win: JS_REPLICAS=3.
+    settings.extend(replicated("3"));
+    let worker = WorkerCommand::new(&env).extra(&settings).start().await;
+    assert_eq!(replicas(&admin, "LOGS", &consumers).await, [3, 3]);
+    for bucket in BUCKETS {
+        assert_eq!(bucket_replicas(&admin, bucket).await, 3, "{bucket}");
+    }
+    let (client, _) = shipped.connect("client").await;
+    let js = jetstream::new(client);
+    let mut acked = Vec::new();
+    for i in 0..20u64 {
+        let (id, log) = (i % 4 + 1, format!("shipped-{i}"));
+        let body = serde_json::json!({ "id": id, "log": log }).to_string();
+        acked.push((
+            id,
+            publish_until_acked(&js, "logs", Some(&log), body).await,
+            log,
+        ));
+    }
+    let stored = verify_stored(&env, &acked, 60).await;
+    assert_in_stream_order(&stored, &acked);
+    assert_eq!(worker.terminate().await, Some(0));
 }

@@ -249,13 +249,13 @@ pub(super) async fn lead(
     valid: &(dyn Fn() -> bool + Sync),
     reset: bool,
 ) {
-    let reconnects = &router.metrics.nats_reconnects;
     // The consumer sequence of the last delivery to this puller; None until a resync set it.
     let mut last: Option<u64> = None;
     let mut in_hand: Vec<jetstream::Message> = Vec::new();
     // The next pull, made while the previous one was being routed (read to its end at once, so
     // none of its messages can be abandoned by the client however long the routing waits).
     let mut prefetched: Option<(Vec<jetstream::Message>, Pull)> = None;
+    let reconnects = &router.metrics.nats_reconnects;
     let mut seen_reconnects = reconnects.get();
     // Something may have been lost on the way since the last resync (see above).
     let mut disrupted = false;
@@ -268,20 +268,17 @@ pub(super) async fn lead(
         if reconnects.get() != seen_reconnects {
             seen_reconnects = reconnects.get();
             tracing::info!("reconnected to NATS; resyncing the ordered intake");
-            last = None;
-            disrupted = true;
+            (last, disrupted) = (None, true);
         }
         let Some(delivery) = last else {
             if let Some((messages, _)) = prefetched.take() {
                 in_hand.extend(messages);
             }
-            let already = std::mem::take(&mut in_hand);
-            let reset_first = reset && disrupted;
-            match resync(router, consumer, held, stop, already, reset_first, reset).await {
-                Some(delivery) => last = Some(delivery),
-                None => return,
-            }
-            disrupted = false;
+            let (already, resets) = (std::mem::take(&mut in_hand), Resets::new(reset, disrupted));
+            let Some(delivery) = resync(router, consumer, held, stop, already, resets).await else {
+                return;
+            };
+            (last, disrupted) = (Some(delivery), false);
             continue;
         };
         let (batch, pulled) = match prefetched.take() {
@@ -321,9 +318,19 @@ pub(super) async fn lead(
     }
     // Stopping: a pull made meanwhile is routed too (shutdown finishes what was taken in).
     if let (Some(delivery), Some((batch, Pull::Ended))) = (last, prefetched) {
-        if contiguous(delivery, &batch).is_some() {
-            route_sorted(router, held, sorted(batch)).await;
-        }
+        route_if_contiguous(router, held, delivery, batch).await;
+    }
+}
+
+/// Route `batch` in stream order if its deliveries follow `delivery` without a gap.
+async fn route_if_contiguous(
+    router: &Router,
+    held: &Held,
+    delivery: u64,
+    batch: Vec<jetstream::Message>,
+) {
+    if contiguous(delivery, &batch).is_some() {
+        route_sorted(router, held, sorted(batch)).await;
     }
 }
 
@@ -357,10 +364,41 @@ async fn route_sorted(router: &Router, held: &Held, batch: BTreeMap<u64, jetstre
     }
 }
 
+/// When a resync resets the consumer to its ack floor (where the server can): as soon as the
+/// consumer answers after a disruption, and once the resync has waited [`RESYNC_RESET_AFTER`].
+struct Resets {
+    due: bool,
+    on_stall: bool,
+    started: Instant,
+}
+
+impl Resets {
+    /// `can`: the server can reset a consumer; `disrupted`: reset as soon as it answers.
+    fn new(can: bool, disrupted: bool) -> Resets {
+        Resets {
+            due: can && disrupted,
+            on_stall: can,
+            started: Instant::now(),
+        }
+    }
+
+    /// Whether to reset now (once the reset is done, [`Resets::done`]).
+    fn due(&mut self) -> bool {
+        if self.on_stall && self.started.elapsed() >= RESYNC_RESET_AFTER {
+            self.on_stall = false;
+            self.due = true;
+        }
+        self.due
+    }
+
+    fn done(&mut self) {
+        self.due = false;
+    }
+}
+
 /// Gather messages until every unacknowledged delivery of the consumer is in this worker's
 /// hands (gathered now, or routed before and not settled yet), and route the gathered ones in
-/// stream order. `reset_first`: reset the consumer to its ack floor as soon as it answers;
-/// `can_reset`: the server can, and so a resync still waiting after [`RESYNC_RESET_AFTER`] does.
+/// stream order, resetting the consumer when `resets` says.
 /// Returns the consumer sequence of the last delivery, or None when `stop` fired first.
 async fn resync(
     router: &Router,
@@ -368,16 +406,13 @@ async fn resync(
     held: &Held,
     stop: &CancellationToken,
     already: Vec<jetstream::Message>,
-    reset_first: bool,
-    can_reset: bool,
+    mut resets: Resets,
 ) -> Option<u64> {
     router.metrics.jetstream_resyncs.inc();
     let started = Instant::now();
     let mut gathered = sorted(already);
     let mut failing = false;
     let mut reported = Instant::now();
-    let mut reset_due = reset_first;
-    let mut stall_reset = can_reset;
     let mut backoff = Backoff::new(PULL_RETRY_FIRST, PULL_RETRY_MAX);
     let delivered = loop {
         if stop.is_cancelled() {
@@ -401,12 +436,8 @@ async fn resync(
         if in_hand >= info.num_ack_pending {
             break info.delivered.consumer_sequence;
         }
-        if stall_reset && started.elapsed() >= RESYNC_RESET_AFTER {
-            stall_reset = false;
-            reset_due = true;
-        }
-        if reset_due && reset_to_ack_floor(consumer).await {
-            reset_due = false;
+        if resets.due() && reset_to_ack_floor(consumer).await {
+            resets.done();
             tracing::info!(
                 pending = info.num_ack_pending,
                 in_hand,
@@ -421,15 +452,8 @@ async fn resync(
         }
         if reported.elapsed() >= RESYNC_REPORT {
             reported = Instant::now();
-            tracing::info!(
-                pending = info.num_ack_pending,
-                in_hand,
-                delivered,
-                gathered = gathered.len(),
-                held = parked,
-                waited_ms = started.elapsed().as_millis() as u64,
-                "resyncing: waiting for the consumer's unacknowledged deliveries to come back"
-            );
+            let counts = (in_hand, gathered.len(), parked);
+            report_waiting(&info, counts, started);
         }
         let (batch, pulled) = fetch(router, consumer).await;
         if pulled == Pull::Ended {
@@ -450,6 +474,24 @@ async fn resync(
     );
     route_sorted(router, held, gathered).await;
     Some(delivered)
+}
+
+/// Say what a resync is still waiting for: the consumer's `info`, and `(in hand, gathered,
+/// held)` counts.
+fn report_waiting(
+    info: &consumer::Info,
+    (in_hand, gathered, held): (usize, usize, usize),
+    started: Instant,
+) {
+    tracing::info!(
+        pending = info.num_ack_pending,
+        in_hand,
+        delivered = info.delivered.stream_sequence,
+        gathered,
+        held,
+        waited_ms = started.elapsed().as_millis() as u64,
+        "resyncing: waiting for the consumer's unacknowledged deliveries to come back"
+    );
 }
 
 /// The consumer's state as the server reports it now; the error says why it could not be read

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 
-use super::nats::NatsServer;
+use super::nats::{Launcher, NatsServer};
 use super::ports::free_port;
 use super::process::panic_message;
 use super::unique_name;
@@ -32,6 +32,14 @@ impl NatsCluster {
     /// Starts the nodes (in parallel) and returns once each greets clients; see
     /// [`NatsCluster::wait_ready`] for JetStream.
     pub fn start() -> NatsCluster {
+        Self::start_launched(|_| Launcher::default())
+    }
+
+    /// [`NatsCluster::start`], each node started through `launcher(server_name)` (a wrapper
+    /// script with its configuration, say): the cluster's name, listen address, routes and the
+    /// node's name are given as flags after the launcher's own arguments, and so win over a
+    /// configuration's.
+    pub fn start_launched(launcher: impl Fn(&str) -> Launcher + Sync) -> NatsCluster {
         let cluster = unique_name("cluster");
         let mut ports = BTreeSet::new();
         while ports.len() < CLUSTER_SIZE {
@@ -39,25 +47,36 @@ impl NatsCluster {
         }
         let routes: Vec<String> = ports
             .iter()
-            .map(|port| format!("nats-route://127.0.0.1:{port}"))
+            .map(|port| format!("nats://127.0.0.1:{port}"))
             .collect();
         let names: Vec<String> = (0..CLUSTER_SIZE)
             .map(|i| format!("{cluster}-n{i}"))
             .collect();
-        let confs: Vec<String> = names
+        let launchers: Vec<Launcher> = names
             .iter()
             .zip(&ports)
             .map(|(name, port)| {
-                format!(
-                    "server_name: {name}\ncluster {{\n  name: {cluster}\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n",
-                    routes.join(", ")
-                )
+                let mut node = launcher(name);
+                node.args.extend(
+                    [
+                        "--server_name",
+                        name,
+                        "--cluster_name",
+                        &cluster,
+                        "--cluster",
+                        &format!("nats://127.0.0.1:{port}"),
+                        "--routes",
+                        &routes.join(","),
+                    ]
+                    .map(String::from),
+                );
+                node
             })
             .collect();
         let nodes = thread::scope(|s| {
-            let started: Vec<_> = confs
-                .iter()
-                .map(|conf| s.spawn(move || NatsServer::start_with_config(conf)))
+            let started: Vec<_> = launchers
+                .into_iter()
+                .map(|node| s.spawn(move || NatsServer::start_launched(node)))
                 .collect();
             started
                 .into_iter()

@@ -186,11 +186,12 @@ impl Validity {
 impl Lease {
     /// Hold the lease `taken` while `work` runs, renewing it every third of its lifetime
     /// (counted from when it was taken: whatever `work` does first, a takeover that waits for
-    /// JetStream say, runs under the renewals). A renewal that fails for a passing reason (a JetStream leader election, a
-    /// reconnect: no responders, a timeout) is retried while the lease is surely still ours
-    /// ([`Lease::renew_while_valid`]); one that is refused (another revision) or cannot land in
-    /// that time counts as losing it: `work`'s token (a child of `cancel`) is cancelled. `work`
-    /// also gets the lease's [`Validity`]. Returns what `work` returned and the last revision.
+    /// JetStream say, runs under the renewals). A renewal that fails for a passing reason (a
+    /// JetStream leader election, a reconnect: no responders, a timeout) is retried while the
+    /// lease is surely still ours ([`Lease::renew_while_valid`]); one that is refused (another
+    /// revision) or cannot land in that time counts as losing it: `work`'s token (a child of
+    /// `cancel`) is cancelled. `work` also gets the lease's [`Validity`]. Returns what `work`
+    /// returned and the last revision.
     pub(crate) async fn hold<T, F, Fut>(
         &self,
         taken: Taken,

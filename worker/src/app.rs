@@ -328,15 +328,15 @@ impl Parts {
                         partitions: 0,
                     });
                 };
-                if !setup.partitions.is_empty() {
-                    self.background.spawn(intake::keep_stream(
-                        self.client.clone(),
-                        config.logs_subject.clone(),
-                        js.clone(),
-                        setup.partitions.len() as u32,
-                        self.cancel.clone(),
-                    ));
-                }
+                // Puts back the partitions' subjects and the stream's copies (JS_REPLICAS)
+                // should a worker of an older version narrow them.
+                self.background.spawn(intake::keep_stream(
+                    self.client.clone(),
+                    config.logs_subject.clone(),
+                    js.clone(),
+                    setup.partitions.len() as u32,
+                    self.cancel.clone(),
+                ));
                 self.background.spawn(intake::sample_consumer_lag(
                     setup.consumer.clone(),
                     self.metrics.clone(),
@@ -380,6 +380,7 @@ impl Parts {
             partitions,
             logs_subject: config.logs_subject.clone(),
             replies: config.replies.clone(),
+            jetstream: async_nats::jetstream::new(self.client.clone()),
         }
     }
 

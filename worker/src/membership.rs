@@ -60,10 +60,12 @@ pub enum MembershipError {
 }
 
 impl Membership {
-    /// Open (creating if missing) the bucket and address the record of `group`.
+    /// Open (creating if missing) the bucket, on `replicas` servers (JS_REPLICAS), and address
+    /// the record of `group`.
     pub async fn open(
         client: &async_nats::Client,
         group: &str,
+        replicas: usize,
     ) -> Result<Membership, MembershipError> {
         let context = async_nats::jetstream::new(client.clone());
         // The record is the fleet's truth: it never expires (a few revisions kept).
@@ -72,6 +74,7 @@ impl Membership {
             "logstore: ring membership per queue group",
             std::time::Duration::ZERO,
             5,
+            replicas,
         );
         let kv = crate::lease::ensure(&context, &config)
             .await

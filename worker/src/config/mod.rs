@@ -104,6 +104,8 @@ pub struct JetStreamConfig {
     /// JS_PARTITIONS: the ordered intake's partitions when this worker creates the stream (the
     /// stream's own count wins afterwards); 0: the `logs` lane only.
     pub partitions: u32,
+    /// JS_REPLICAS: the stream's copies at least (its consumers have as many as it has).
+    pub replicas: usize,
 }
 
 /// The JetStream stream that keeps dead letters (DEAD_LETTERS_STREAM, DEAD_LETTERS_MAX_AGE,
@@ -131,6 +133,10 @@ pub struct Retention {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub intake: Intake,
+    /// JS_REPLICAS: copies of the stream, its consumers and the KV buckets (leases, ring
+    /// record) the worker creates or finds with fewer; with JetStream intake also in
+    /// [`JetStreamConfig::replicas`].
+    pub js_replicas: usize,
     /// NATS_URL as given (with any credentials).
     pub nats_url: Redacted,
     /// NATS_URL's credential-free server URLs, the login (from NATS_URL or the secret files,

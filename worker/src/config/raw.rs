@@ -178,6 +178,12 @@ pub struct RawConfig {
     /// count. 0: the `logs` lane only.
     #[arg(long, env = "JS_PARTITIONS", default_value = "0")]
     pub js_partitions: String,
+    /// Copies of the JetStream stream, its consumers and the KV buckets the worker creates,
+    /// each on another server of a NATS cluster (1 to 5; 3 rides through the loss of one
+    /// server). An existing stream or bucket with fewer copies is raised to this, never
+    /// lowered. A single nats-server takes 1 only.
+    #[arg(long, env = "JS_REPLICAS", default_value = "1")]
+    pub js_replicas: String,
     /// Address of the HTTP server for /metrics, /healthz and /readyz (`:PORT` = all interfaces).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:2112")]
     pub metrics_addr: String,
@@ -252,12 +258,14 @@ impl RawConfig {
         let shards = self.shards(&member_access)?;
         let member_access = member_access.with_login_of(shards.first(), &self.postgres_user);
         let nats_url = non_empty("NATS_URL", self.nats_url.expose())?;
+        let js_replicas = number("JS_REPLICAS", &self.js_replicas, 1, 5)?;
         let nats = self
             .nats_security
             .resolve(&nats_url)
             .map_err(|e| bad(e.var, e.problem))?;
         Ok(Config {
-            intake: self.intake()?,
+            intake: self.intake(js_replicas)?,
+            js_replicas,
             replies: self.replies(&nats.inbox_prefix)?,
             nats,
             nats_url: Redacted::from(nats_url),
@@ -359,7 +367,8 @@ impl RawConfig {
         }))
     }
 
-    fn intake(&self) -> Result<Intake, ConfigError> {
+    /// INTAKE and, for JetStream, its settings; `replicas`: JS_REPLICAS, validated.
+    fn intake(&self, replicas: usize) -> Result<Intake, ConfigError> {
         match self.intake.trim() {
             "core" => Ok(Intake::Core),
             "jetstream" => Ok(Intake::JetStream(JetStreamConfig {
@@ -384,6 +393,7 @@ impl RawConfig {
                 ordered: boolean("JS_ORDERED", &self.js_ordered)?,
                 lease: millis("JS_LEASE_MS", &self.js_lease_ms, 300, 600_000)?,
                 partitions: number("JS_PARTITIONS", &self.js_partitions, 0, 1024)?,
+                replicas,
             })),
             other => Err(bad("INTAKE", format!("{other:?} is not jetstream or core"))),
         }

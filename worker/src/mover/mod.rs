@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cancel::{pause, Backoff};
 use crate::config::Intake;
-use crate::lease::Lease;
+use crate::lease::{Lease, Taken};
 use crate::membership::{Membership, MembershipError, Progress};
 use crate::metrics::Metrics;
 use crate::ring::MoveState;
@@ -144,14 +144,14 @@ pub async fn run(
 }
 
 /// Wait for a ring change and try to take the mover's lease (opened into `lease` on first
-/// use): the ring's membership and the lease's revision once taken, None to look again.
+/// use): the ring's membership and the lease once taken, None to look again.
 async fn take_up(
     shards: &Shards,
     client: &async_nats::Client,
     lease: &mut Option<Lease>,
     standing_by: &mut bool,
     cancel: &CancellationToken,
-) -> Option<(Membership, u64)> {
+) -> Option<(Membership, Taken)> {
     if shards.view().layout.state == MoveState::Steady {
         *standing_by = false;
         pause(cancel, IDLE_POLL).await;
@@ -169,7 +169,7 @@ async fn take_up(
                 Intake::Core => DEFAULT_LEASE,
             };
             let key = format!("move.{}", shards.config().queue_group);
-            match Lease::open_named(client, key, ttl).await {
+            match Lease::open_named(client, key, ttl, shards.config().js_replicas).await {
                 Ok(opened) => lease.insert(opened),
                 Err(e) => {
                     tracing::debug!(error = %Chain(&e), "cannot open the mover's lease");

@@ -9,7 +9,7 @@
 //!   every acknowledged append once, in order (also a loadgen run's own verify);
 //! - `bins`: the workspace's binaries, loadgen runs; `cli`: `logstore` pointed at a test's
 //!   world; `scenarios`: shared test logic;
-//! - `servers`: NATS and PostgreSQL; `tls`: certificates.
+//! - `servers`: NATS (one server or a cluster) and PostgreSQL; `tls`: certificates.
 
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of this module
 
@@ -40,7 +40,8 @@ pub use load::*;
 pub use partitions::*;
 pub use scenarios::*;
 pub use servers::{
-    free_port, fresh_db, pg_command, shared, unique_name, NatsServer, PgPair, PgServer,
+    free_port, fresh_db, pg_command, shared, shared_cluster, unique_name, NatsCluster, NatsServer,
+    PgPair, PgServer, CLUSTER_SIZE,
 };
 pub use shipped::*;
 pub use worker::*;

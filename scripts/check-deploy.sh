@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the deployment files without a Docker engine: `scripts/check-deploy.sh`.
 #
-# - Parses docker-compose.yaml and docker-compose.test.yaml with a real compose implementation:
+# - Parses docker-compose.yaml and docker-compose.test.yaml, each alone and with the override
+#   docker-compose.ha.yaml (NATS as a 3-node cluster), with a real compose implementation:
 #   Debian's Python `docker-compose` (its `config` needs no engine), and also the Docker
 #   Compose v2 plugin (`docker compose config`) when one is installed. As root on Debian it
 #   installs `docker-compose` when missing; otherwise it says what to install and fails.
@@ -11,8 +12,13 @@
 #   (PostgreSQL nodes create that login on first start), loadgen in the test file,
 #   Prometheus's rule files mounted next to its config, Grafana on 3000 with anonymous viewing
 #   and its provisioning mounted, NATS started with deploy/nats/nats-server.conf and the users'
-#   password secrets), and that every panel of the Grafana dashboards has PromQL
-#   on the provisioned Prometheus data source.
+#   password secrets; with the HA override: three NATS servers on deploy/nats/cluster.conf, each
+#   with its own name and store, routed to each other, only one on a host port, and workers
+#   that know all three, wait for them and ask for JS_REPLICAS=3), and that every panel of the
+#   Grafana dashboards has PromQL on the provisioned Prometheus data source.
+# - Checks deploy/nats/nats-server.conf and cluster.conf with `nats-server -t` (through
+#   run-nats.sh, as compose starts them) when a nats-server is at hand (LOGSTORE_NATS_SERVER,
+#   which scripts/test.sh sets, or PATH); worker/tests/nats_cluster.rs runs cluster.conf.
 # - Checks deploy/prometheus/prometheus.yml (and the alert rules it loads) with `promtool check
 #   config`, runs the rules' unit tests (`promtool test rules deploy/prometheus/alerts_test.yml`)
 #   and checks that every alert has a test case where it fires. promtool is in Debian's
@@ -23,6 +29,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib/packages.sh
 
 compose_files=(docker-compose.yaml docker-compose.test.yaml)
+# Checked on top of each of them too (rendered as <file>.ha).
+ha_override=docker-compose.ha.yaml
 
 # The parser only: install_packages skips recommends, so no Docker engine comes along.
 command -v docker-compose >/dev/null 2>&1 || install_packages docker-compose
@@ -39,9 +47,12 @@ for file in "${compose_files[@]}"; do
   # `config` validates against the compose schema, resolves `extends` and interpolation, and
   # prints the merged result, which the checks below read.
   docker-compose -f "$file" config >"$rendered/$file"
+  echo "==> docker-compose -f $file -f $ha_override config"
+  docker-compose -f "$file" -f "$ha_override" config >"$rendered/$file.ha"
   if docker compose version >/dev/null 2>&1; then
-    echo "==> docker compose -f $file config (Compose v2)"
+    echo "==> docker compose -f $file [-f $ha_override] config (Compose v2)"
     docker compose -f "$file" config -q
+    docker compose -f "$file" -f "$ha_override" config -q
   fi
 done
 
@@ -152,6 +163,58 @@ for name in ("docker-compose.yaml", "docker-compose.test.yaml"):
             "deploy/grafana/dashboards/" + home.removeprefix("/etc/grafana/dashboards/")):
         problems.append(f"{name}: the home dashboard {home!r} is not a file of deploy/grafana/dashboards")
 
+# The HA override: three NATS servers on cluster.conf, routed to each other, and workers that use
+# them all with three copies of everything.
+with open("deploy/nats/cluster.conf") as f:
+    cluster_conf = f.read()
+if "include ./nats-server.conf" not in cluster_conf:
+    problems.append("deploy/nats/cluster.conf must include nats-server.conf (its accounts and users)")
+for name in ("docker-compose.yaml", "docker-compose.test.yaml"):
+    services = load(name + ".ha")
+    label = f"{name} + docker-compose.ha.yaml"
+    nodes = ("nats", "nats2", "nats3")
+    missing = [n for n in nodes if n not in services]
+    if missing:
+        problems.append(f"{label}: missing NATS servers {missing}")
+        continue
+    names, stores = set(), set()
+    for node in nodes:
+        svc = services[node]
+        env = svc.get("environment") or {}
+        if "/etc/nats/run-nats.sh" not in " ".join(svc.get("entrypoint") or []):
+            problems.append(f"{label}: {node} must start through deploy/nats/run-nats.sh")
+        if env.get("NATS_CONF") != "/etc/nats/cluster.conf":
+            problems.append(f"{label}: {node} must run NATS_CONF=/etc/nats/cluster.conf")
+        names.add(env.get("NATS_SERVER_NAME"))
+        if f"nats-route://{node}:6222" not in cluster_conf:
+            problems.append(f"deploy/nats/cluster.conf: no route to {node}:6222")
+        if "healthcheck" not in svc:
+            problems.append(f"{label}: {node} has no healthcheck")
+        mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in svc.get("volumes") or []}
+        stores.add(mounts.get("/data"))
+        if not mounts.get("/etc/nats", "").endswith("deploy/nats"):
+            problems.append(f"{label}: {node} must mount deploy/nats at /etc/nats")
+        secrets = {s if isinstance(s, str) else s.get("source") for s in svc.get("secrets") or []}
+        if secrets != {"nats_worker_password", "nats_admin_password", "nats_client_password"}:
+            problems.append(f"{label}: {node} must get the three NATS password secrets")
+        if node != "nats" and svc.get("ports"):
+            problems.append(f"{label}: {node} publishes host ports {svc['ports']} (only nats does)")
+    if None in names or len(names) != len(nodes):
+        problems.append(f"{label}: each NATS server needs its own NATS_SERVER_NAME, got {sorted(map(str, names))}")
+    if None in stores or len(stores) != len(nodes):
+        problems.append(f"{label}: each NATS server needs its own store volume at /data, got {sorted(map(str, stores))}")
+    worker = services["worker"]
+    wenv = worker.get("environment") or {}
+    urls = str(wenv.get("NATS_URL", "")).split(",")
+    if sorted(urls) != sorted(f"nats://{n}:4222" for n in nodes):
+        problems.append(f"{label}: the workers' NATS_URL must name nats, nats2 and nats3, is {wenv.get('NATS_URL')!r}")
+    if str(wenv.get("JS_REPLICAS")) != "3":
+        problems.append(f"{label}: the workers must run JS_REPLICAS=3")
+    deps = worker.get("depends_on") or {}
+    for node in nodes:
+        if (deps.get(node) or {}).get("condition") != "service_healthy":
+            problems.append(f"{label}: worker must depend on {node} being healthy")
+
 # The provisioned data source points at the compose Prometheus with its scrape interval, and
 # every dashboard panel queries it by its uid with PromQL (worker/tests/deploy.rs runs them).
 with open("deploy/grafana/provisioning/datasources/prometheus.yaml") as f:
@@ -222,6 +285,24 @@ if untested:
     sys.exit(1)
 print(f"  ok ({len(rules)} rules)")
 EOF
+
+# The NATS configurations as run-nats.sh hands them to the server, with throw-away passwords.
+nats_server=${LOGSTORE_NATS_SERVER:-$(command -v nats-server || true)}
+if [ -n "$nats_server" ] && [ -x "$nats_server" ]; then
+  for conf in nats-server.conf cluster.conf; do
+    echo "==> nats-server -t -c deploy/nats/$conf (through run-nats.sh)"
+    for user in worker admin client; do
+      printf 'check-%s\n' "$user" >"$rendered/$user.password"
+    done
+    NATS_WORKER_PASSWORD_FILE="$rendered/worker.password" \
+      NATS_ADMIN_PASSWORD_FILE="$rendered/admin.password" \
+      NATS_CLIENT_PASSWORD_FILE="$rendered/client.password" \
+      NATS_CONF="$PWD/deploy/nats/$conf" NATS_SERVER_NAME=check NATS_SERVER_BIN="$nats_server" \
+      sh deploy/nats/run-nats.sh -t -js -sd "$rendered/store"
+  done
+else
+  echo "==> nats-server -t: skipped (no nats-server; scripts/test.sh installs one into LOGSTORE_NATS_SERVER)"
+fi
 
 echo "==> bash -n scripts/*.sh scripts/lib/*.sh; sh -n deploy/nats/run-nats.sh"
 for script in scripts/*.sh scripts/lib/*.sh; do

@@ -10,13 +10,28 @@
 #   file made up in the temp dir), Prometheus scraping them (when installed), loadgen (optional).
 # It prints where everything is and waits. Ctrl-C (or SIGTERM) stops loadgen, then the workers
 # (SIGTERM: they drain and finish in-flight work), then Prometheus, Postgres and NATS, and
-# removes the temp dir. No process is left behind. A worker or a Postgres server that exits
-# meanwhile (e.g. `kill <pg2_pid>` from the state file, to try a shard outage) is reported and
-# the rest keeps running; nats-server exiting stops everything.
+# removes the temp dir. No process it started is left behind. A worker or a Postgres server
+# that exits meanwhile (e.g. `kill <pg2_pid>` from the state file, to try a shard outage) is
+# reported and the rest keeps running; nats-server exiting stops everything.
+#
+# Restarting one (from another terminal, while it runs): `restart worker N` stops worker N if
+# it still runs (SIGTERM) and starts it again with the same settings, metrics port and log
+# file; `restart shard pgN` does the same for a Postgres server (fast shutdown, same port and
+# data dir, so nothing stored is lost), also stopping a Postgres someone started by hand on that
+# data dir. It waits until the restarted one is ready and exits 0, or exits 1 saying why.
+# Each Postgres data dir's postgresql.conf holds its settings, so `pg_ctl -D DIR/pg/pgN start`
+# (as the postgres user when root) starts it by hand on the same port too.
+#
+# The temp dir is never removed while a server still runs in it (a Postgres started by hand
+# after local-up's own exited, say): local-up then stops what it started, keeps the dir and
+# says which process holds it and how to stop it.
 #
 # Usage:
 #   scripts/local-up.sh [--loadgen] [--workers N] [-- LOADGEN_ARGS...]
 #   scripts/local-up.sh --loadgen -- --duration 60 --verify     # args after -- go to loadgen
+#   scripts/local-up.sh restart worker N | shard pgN [--dir DIR]
+#                      # DIR: the running one's temp dir; needed only when several run (or
+#                      # STATE_FILE=PATH, its state file)
 #
 # Settings (environment):
 #   WORKERS=3          number of workers
@@ -24,6 +39,8 @@
 #                      LOADGEN_ARGS="..."; it is paced by QUERIES_MIN (appends per minute)
 #   QUERIES_MIN=600    passed to loadgen
 #   INTAKE=jetstream   worker intake: jetstream (loadgen then gets --jetstream) or core
+#   JS_PARTITIONS=8    partitions of the ordered JetStream intake, as in docker-compose.yaml
+#                      (0: the one `logs` lane)
 #   PROMETHEUS=auto    auto = run it when installed; 1 = install it if missing (root, Debian);
 #                      0 = do not run it
 #   PROMETHEUS_SCRAPE_INTERVAL=5s
@@ -48,8 +65,17 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 . "$repo/scripts/lib/packages.sh"
 . "$repo/scripts/lib/nats.sh"
+. "$repo/scripts/lib/local-up-restart.sh"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+log() { echo "local-up: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+if [ "${1:-}" = restart ]; then
+  shift
+  restart_request "$@"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Arguments and settings
@@ -58,6 +84,7 @@ WORKERS=${WORKERS:-3}
 LOADGEN=${LOADGEN:-0}
 QUERIES_MIN=${QUERIES_MIN:-600}
 INTAKE=${INTAKE:-jetstream}
+JS_PARTITIONS=${JS_PARTITIONS:-8}
 PROMETHEUS=${PROMETHEUS:-auto}
 PROMETHEUS_SCRAPE_INTERVAL=${PROMETHEUS_SCRAPE_INTERVAL:-5s}
 KEEP_RUNNING_AFTER_LOADGEN=${KEEP_RUNNING_AFTER_LOADGEN:-1}
@@ -82,9 +109,6 @@ fi
 case "$INTAKE" in jetstream | core) ;; *)
   echo "local-up: INTAKE must be jetstream or core, got '$INTAKE'" >&2; exit 2 ;;
 esac
-
-log() { echo "local-up: $*" >&2; }
-die() { log "$*"; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
 # Prerequisites: nats-server, PostgreSQL, (Prometheus)
@@ -149,15 +173,20 @@ fi
 # point (even mid-startup) stops whatever was already started.
 # ---------------------------------------------------------------------------------------------
 dir=$(mktemp -d "${TMPDIR:-/tmp}/logstore-local.XXXXXX")
+# Without symlinks: it is compared with what /proc says about the processes running in it.
+dir=$(cd "$dir" && pwd -P)
 # The `postgres` user must be able to reach its data dirs inside.
 chmod 755 "$dir"
+mkdir "$dir/requests"
 STATE_FILE=${STATE_FILE:-$dir/state}
 : >"$STATE_FILE"
 
 loadgen_pid=""
 worker_pids=()
+metrics_ports=()
 prometheus_pid=""
 pg_pids=()
+pg_ports=()
 nats_pid=""
 sleeper=""
 cleaning=0
@@ -226,10 +255,20 @@ cleanup() {
   [ -n "$prometheus_pid" ] && stop_procs TERM 15 prometheus "$prometheus_pid"
   stop_procs INT 20 postgres "${pg_pids[@]}"
   [ -n "$nats_pid" ] && stop_procs TERM 15 nats-server "$nats_pid"
-  rm -rf "$dir"
+  local holders
+  holders=$(running_in_dir)
+  if [ -n "$holders" ]; then
+    # Removing the dir would pull the data from under a server that still uses it.
+    log "stopped what it started, but kept $dir: these still run in it:"
+    echo "$holders" >&2
+    log "stop them, then remove it: rm -rf $dir"
+    [ -e "$STATE_FILE" ] && state kept 1
+  else
+    rm -rf "$dir"
+  fi
   # The state file may be outside the temp dir (STATE_FILE=...): mark the end for its reader.
   [ -e "$STATE_FILE" ] && state stopped 1
-  log "stopped; removed $dir"
+  [ -z "$holders" ] && log "stopped; removed $dir"
   exit "$code"
 }
 trap cleanup EXIT
@@ -268,6 +307,13 @@ spawn() {
   setsid "$@" >"$logfile" 2>&1 </dev/null &
 }
 
+# spawn_again LOG COMMAND...: spawn, appending to LOG (a restart keeps the log of the last run).
+spawn_again() {
+  local logfile=$1
+  shift
+  setsid "$@" >>"$logfile" 2>&1 </dev/null &
+}
+
 # HTTP status of GET http://127.0.0.1:PORT/PATH, with bash alone (no curl needed); 000 on
 # failure.
 http_status() {
@@ -282,9 +328,9 @@ http_status() {
   echo "${line%% *}"
 }
 
-# wait_until SECONDS WHAT PID LOG COMMAND...: poll COMMAND until it succeeds; fail with the
-# log's tail if PID exits first or time runs out.
-wait_until() {
+# poll_until SECONDS WHAT PID LOG COMMAND...: poll COMMAND until it succeeds; fail (status 1,
+# with the log's tail) if PID exits first or time runs out.
+poll_until() {
   local secs=$1 what=$2 pid=$3 logfile=$4 deadline
   shift 4
   deadline=$((SECONDS + secs))
@@ -292,16 +338,19 @@ wait_until() {
     if ! alive "$pid"; then
       log "$what exited during startup; last lines of $logfile:"
       tail -n 30 "$logfile" >&2 || true
-      exit 1
+      return 1
     fi
     if [ "$SECONDS" -ge "$deadline" ]; then
       log "$what not ready within ${secs}s; last lines of $logfile:"
       tail -n 30 "$logfile" >&2 || true
-      exit 1
+      return 1
     fi
     sleep 0.2
   done
 }
+
+# wait_until: poll_until, and stop everything if it fails (at startup).
+wait_until() { poll_until "$@" || exit 1; }
 
 nats_greets() {
   local line
@@ -319,6 +368,9 @@ pg_ready() { "$pg_bindir/pg_isready" -q -h 127.0.0.1 -p "$1" -U postgres -d post
 # NATS
 # ---------------------------------------------------------------------------------------------
 state dir "$dir"
+state workers "$WORKERS"
+# Where `local-up.sh restart` finds this run (requests go to DIR/requests).
+echo "$$" >"$dir/local-up.pid"
 pick_port
 nats_port=$port
 mkdir -p "$dir/nats"
@@ -358,6 +410,20 @@ printf '%s\n' 'local all all trust' 'host all postgres 127.0.0.1/32 trust' \
 worker_password_file=$dir/postgres-worker-password
 (umask 077 && head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"$worker_password_file")
 state postgres_password_file "$worker_password_file"
+# start_pg N [again]: start Postgres pgN on its data dir (its settings, port included, are in
+# its postgresql.conf), logging to DIR/pgN.log (appending when `again`); sets pg_pids.
+start_pg() {
+  local n=$1 pid
+  if [ "${2:-}" = again ]; then
+    spawn_again "$dir/pg$n.log" "${as_pg[@]}" "$pg_bindir/postgres" -D "$dir/pg/pg$n"
+  else
+    spawn "$dir/pg$n.log" "${as_pg[@]}" "$pg_bindir/postgres" -D "$dir/pg/pg$n"
+  fi
+  pid=$!
+  pg_pids[n - 1]=$pid
+  state "pg${n}_pid" "$pid"
+}
+
 shards=()
 owner_shards=()
 for n in 1 2; do
@@ -365,12 +431,15 @@ for n in 1 2; do
   "${as_pg[@]}" cp -a "$dir/pg/template" "$data"
   "${as_pg[@]}" mkdir -p "$dir/pg/sock$n"
   pick_port
-  spawn "$dir/pg$n.log" "${as_pg[@]}" "$pg_bindir/postgres" -D "$data" -p "$port" \
-    -c listen_addresses=127.0.0.1 -c unix_socket_directories="$dir/pg/sock$n" \
-    -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200
-  pid=$!
-  pg_pids+=("$pid")
-  state "pg${n}_pid" "$pid"
+  pg_ports+=("$port")
+  # In its postgresql.conf (the last setting wins), so that a restart, by local-up or by hand
+  # (pg_ctl -D DATA start), runs it the same way.
+  printf '%s\n' "" "# local-up.sh" "port = $port" "listen_addresses = '127.0.0.1'" \
+    "unix_socket_directories = '$dir/pg/sock$n'" "fsync = off" "synchronous_commit = off" \
+    "full_page_writes = off" "max_connections = 200" |
+    "${as_pg[@]}" tee -a "$data/postgresql.conf" >/dev/null
+  start_pg "$n"
+  pid=${pg_pids[n - 1]}
   state "pg${n}_port" "$port"
   wait_until 30 "postgres pg$n" "$pid" "$dir/pg$n.log" pg_ready "$port"
   "$pg_bindir/psql" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres \
@@ -390,28 +459,35 @@ owner_spec=$(IFS=,; echo "${owner_shards[*]}")
 state postgres_owner_shards "$owner_spec"
 # The schema and roles.sql's grants, once, as the owner (the compose file's migrate service).
 env -u POSTGRES_IPS -u POSTGRES_PASSWORD -u POSTGRES_PASSWORD_FILE POSTGRES_SHARDS="$owner_spec" \
-  RUST_LOG="${RUST_LOG:-info}" "$BIN_DIR/worker" migrate --grant >"$dir/migrate.log" 2>&1 ||
+  "$BIN_DIR/worker" migrate --grant >"$dir/migrate.log" 2>&1 ||
   { tail -n 30 "$dir/migrate.log" >&2; die "worker migrate --grant failed"; }
 log "shards migrated; workers log in as logstore_worker"
 
 # ---------------------------------------------------------------------------------------------
 # Workers: same settings as in docker-compose.yaml, each on its own metrics port.
 # ---------------------------------------------------------------------------------------------
-metrics_ports=()
-for i in $(seq 1 "$WORKERS"); do
-  pick_port
+# start_worker I [again]: start worker I on its metrics port, logging to DIR/workerI.log
+# (appending when `again`); sets worker_pids. RUST_LOG, when set, is passed on; else the
+# worker's own default applies.
+start_worker() {
+  local i=$1 how=spawn
+  [ "${2:-}" = again ] && how=spawn_again
   # -u POSTGRES_IPS: a leftover of the original's settings in this shell must not compete with
   # POSTGRES_SHARDS.
-  spawn "$dir/worker$i.log" env -u POSTGRES_IPS -u POSTGRES_PASSWORD NATS_URL="$nats_url" NATS_USER=worker \
+  "$how" "$dir/worker$i.log" env -u POSTGRES_IPS -u POSTGRES_PASSWORD NATS_URL="$nats_url" NATS_USER=worker \
     NATS_PASSWORD_FILE="$nats_worker_password_file" \
     POSTGRES_SHARDS="$shards_spec" POSTGRES_PASSWORD_FILE="$worker_password_file" \
-    INTAKE="$INTAKE" METRICS_ADDR="127.0.0.1:$port" RUST_LOG="${RUST_LOG:-info}" \
+    INTAKE="$INTAKE" JS_PARTITIONS="$JS_PARTITIONS" METRICS_ADDR="127.0.0.1:${metrics_ports[i - 1]}" \
     "$BIN_DIR/worker"
-  pid=$!
-  worker_pids+=("$pid")
+  worker_pids[i - 1]=$!
+  state "worker${i}_pid" "${worker_pids[i - 1]}"
+}
+
+for i in $(seq 1 "$WORKERS"); do
+  pick_port
   metrics_ports+=("$port")
-  state "worker${i}_pid" "$pid"
   state "worker${i}_metrics" "127.0.0.1:$port"
+  start_worker "$i"
 done
 # Started together (as a fleet would be), then awaited: they migrate under an advisory lock.
 for i in $(seq 1 "$WORKERS"); do
@@ -484,6 +560,8 @@ js_flag=""
   echo "  NATS_URL=$nats_url $login $BIN_DIR/logstore get 1"
   echo "  NATS_URL=$nats_url NATS_USER=admin NATS_PASSWORD_FILE=$admin_password_file $BIN_DIR/logstore delete 1 --before-seq 2"
   echo "  NATS_URL=$nats_url $login QUERIES_MIN=600 $BIN_DIR/loadgen ${js_flag}--duration 60 --verify"
+  echo "  kill -INT ${pg_pids[1]}   # shard pg2 down (fast shutdown); back with: $0 restart shard pg2"
+  echo "  kill ${worker_pids[0]}   # worker 1 gone; back with: $0 restart worker 1"
   echo
 } >&2
 
@@ -509,6 +587,7 @@ while :; do
   sleeper=$!
   wait "$sleeper" || true
   sleeper=""
+  handle_requests
   if [ -n "$loadgen_pid" ] && ! alive "$loadgen_pid"; then
     code=0
     wait "$loadgen_pid" || code=$?
@@ -530,7 +609,7 @@ while :; do
     pid=${pg_pids[n - 1]}
     if [[ $warned != *" $pid "* ]] && ! alive "$pid"; then
       warned+="$pid "
-      log "postgres pg$n (pid $pid) exited; its objects wait (JetStream) or answer unavailable (core) until it is back. Last lines of its log:"
+      log "postgres pg$n (pid $pid) exited; its objects wait (JetStream) or answer unavailable (core) until it is back ($0 restart shard pg$n). Last lines of its log:"
       tail -n 5 "$dir/pg$n.log" >&2 || true
     fi
   done
@@ -539,7 +618,7 @@ while :; do
     pid=${worker_pids[i - 1]}
     if [[ $warned != *" $pid "* ]] && ! alive "$pid"; then
       warned+="$pid "
-      log "worker $i (pid $pid) exited; last lines of its log:"
+      log "worker $i (pid $pid) exited ($0 restart worker $i starts it again); last lines of its log:"
       tail -n 5 "$dir/worker$i.log" >&2 || true
     fi
   done

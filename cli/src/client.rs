@@ -413,6 +413,38 @@ impl Outcomes {
     }
 }
 
+/// What became of one entry of a batch: stored (or a duplicate of a stored one), or refused.
+pub type EntryOutcome = Result<AppendReply, ErrorBody>;
+
+/// One outcome event of the object ([`Outcomes::next_event`]).
+#[derive(Debug)]
+pub enum Event {
+    Appended(AppendReply),
+    Rejected(RejectedEvent),
+}
+
+impl Outcomes {
+    /// The next event on either subject that decodes (anything else is skipped); `None` once
+    /// the subscriptions have ended. Cancel safe: an event is returned or left unread.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            tokio::select! {
+                Some(message) = self.appended.next() => {
+                    if let Ok(reply) = serde_json::from_slice(&message.payload) {
+                        return Some(Event::Appended(reply));
+                    }
+                }
+                Some(message) = self.rejected.next() => {
+                    if let Ok(event) = serde_json::from_slice(&message.payload) {
+                        return Some(Event::Rejected(event));
+                    }
+                }
+                else => return None,
+            }
+        }
+    }
+}
+
 /// A read that failed on the wire or while writing its output.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

@@ -6,29 +6,40 @@
 //! # Layout
 //! - this file: the command line ([`Args`]), one function per command, the output formats and
 //!   the exit codes ([`CliError::exit_code`]);
+//! - [`append`]: `logstore append`, one entry from the command line or many from stdin;
 //! - [`client`]: the connection, request-reply and whole-range reads;
-//! - [`tail`]: the gapless follow of `logstore tail -f`.
+//! - [`lines`]: stdin read line by line into batches of entries (`append` without TEXT);
+//! - [`batch`]: one batch sent, retried and settled on either intake;
+//! - [`tail`]: the gapless follow of `logstore tail -f`;
+//! - [`status`]: `logstore status`, the fleet as its workers see it;
+//! - [`deadletters`]: `logstore dead-letters`, the messages the workers refused.
 
+pub mod append;
+pub mod batch;
 pub mod client;
+pub mod deadletters;
+pub mod lines;
+pub mod status;
 pub mod tail;
 
 use std::io::Write;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use logstore_protocol::nats::NatsSecurityArgs;
 use logstore_protocol::{
-    AppendReply, AppendRequest, DeleteReply, DeleteRequest, ErrorCode, LogEntry, Order,
-    QueryRequest, StatsReply, StatsRequest, Timestamp,
+    DeleteReply, DeleteRequest, ErrorCode, LogEntry, Order, QueryRequest, StatsReply, StatsRequest,
+    Timestamp,
 };
-use serde::Deserialize;
 
-use client::{ClientError, Connection, Outcome, ReadError, Subjects};
+use client::{ClientError, Connection, ReadError, Subjects};
 
 const EXAMPLES: &str = "\
 Examples:
   logstore append 42 'disk full' --key evt-981     store an entry (the key makes a retry safe)
   logstore append 42 'step 2' --expect-seq 1       only if the log's last seq is still 1
+  tail -f app.log | logstore append 42             every line an entry, sent in batches of 100
+  logstore append 42 --jsonl --batch 500 < ev.jsonl   lines {\"log\":\"…\",\"key\":\"…\"}
   logstore get 42                                  the whole log, oldest first
   logstore get 42 --last 20                        the last 20 entries (printed oldest first)
   logstore get 42 --since 2026-11-23T14:00:00Z --until 2026-11-23T14:05:00Z
@@ -36,6 +47,8 @@ Examples:
   logstore tail 42 -f                              the last 10 entries, then each new one as it comes
   logstore stats 42                                count, seq and time range, bytes
   logstore delete 42 --before-seq 1000             remove seqs 1..999 (seqs are never reused)
+  logstore status                                  the workers, partitions, ring and move, lag, shards
+  logstore dead-letters -f                         the last refused messages and why, then new ones
 
 Output: one line per entry, `SEQ TS TEXT` (control characters in TEXT escaped); --json prints
 JSON lines. With JetStream intake, `append` waits for the workers' outcome (the object's
@@ -116,28 +129,39 @@ pub struct Args {
     pub command: Command,
 }
 
+/// The command line as `logstore` parses it: [`Args`], with every usage line fixed to what the
+/// command takes. Left to itself, clap writes into an error's usage line every option that was
+/// set, also through its environment variable (`Usage: logstore append --nats-url <NATS_URL>
+/// <ID>` when NATS_URL is set), which reads as if that option were required.
+pub fn command() -> clap::Command {
+    let mut command = Args::command();
+    command.build();
+    let usage = |command: &mut clap::Command| {
+        let usage = command.render_usage().to_string();
+        let usage = usage.strip_prefix("Usage: ").unwrap_or(&usage).to_string();
+        usage
+    };
+    let top = usage(&mut command);
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_string())
+        .collect();
+    for name in names {
+        command = command.mut_subcommand(name, |mut sub| {
+            let line = usage(&mut sub);
+            sub.override_usage(line)
+        });
+    }
+    command.override_usage(top)
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Append one entry to the log of object ID.
-    Append {
-        id: u64,
-        text: String,
-        /// Idempotency key: sending the same key again stores nothing new and answers with
-        /// the original seq. Without it, one is made up (`cli-…`), so the outcome can be
-        /// matched and a retry of a timed-out append cannot store it twice.
-        #[arg(long)]
-        key: Option<String>,
-        /// Store only if the log's last seq is N (0: the log is empty); else exit 3.
-        #[arg(long, value_name = "N")]
-        expect_seq: Option<u64>,
-        /// With JetStream intake, return once the stream has queued the append (print its
-        /// message number) instead of waiting for the workers to store or refuse it. Sends no
-        /// made-up key and subscribes to nothing.
-        #[arg(long)]
-        no_wait: bool,
-    },
+    /// Append TEXT to the log of object ID, or without TEXT every line of stdin, in batches.
+    Append(append::AppendArgs),
     /// Print entries of the log of object ID, oldest first.
     Get {
+        /// The object whose log to read.
         id: u64,
         /// Entries at or after this time (RFC 3339).
         #[arg(long, value_name = "T")]
@@ -155,6 +179,7 @@ pub enum Command {
     /// Print the last entries of the log of object ID; with -f, then every new one, each
     /// exactly once and in seq order, until interrupted.
     Tail {
+        /// The object whose log to follow.
         id: u64,
         /// Follow: keep printing new entries.
         #[arg(short, long)]
@@ -164,14 +189,25 @@ pub enum Command {
         lines: u64,
     },
     /// Print the statistics of object ID: entry count, seq and time range, bytes.
-    Stats { id: u64 },
+    Stats {
+        /// The object.
+        id: u64,
+    },
     /// Delete the entries of object ID (all, or those below --before-seq).
     Delete {
+        /// The object whose entries to delete.
         id: u64,
         /// Delete only entries with seq < N.
         #[arg(long, value_name = "N")]
         before_seq: Option<u64>,
     },
+    /// Show the fleet: each worker (id, pid, version, uptime, readiness), the partitions it
+    /// pulls and those nobody pulls, the ring epoch and move progress, the consumers' lag, the
+    /// shards up or down. Exit 4 when no worker answers.
+    Status,
+    /// Print the last dead letters (messages the workers refused, with why), oldest first;
+    /// with -f, then each new one until interrupted. For the operator's NATS user.
+    DeadLetters(deadletters::Options),
 }
 
 /// Why a command failed; [`CliError::exit_code`] says what the process returns.
@@ -183,6 +219,15 @@ pub enum CliError {
     Client(#[from] ClientError),
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
+    #[error("cannot read stdin: {0}")]
+    Input(#[source] std::io::Error),
+    /// A failure at one point of a longer run (a line of stdin for `append`): where, then why.
+    #[error("{at}")]
+    At {
+        at: String,
+        #[source]
+        source: Box<CliError>,
+    },
 }
 
 impl From<ReadError> for CliError {
@@ -208,7 +253,8 @@ impl CliError {
                 | ClientError::NoAnswer { .. }
                 | ClientError::Unconfirmed { .. },
             ) => 4,
-            CliError::Client(_) | CliError::Output(_) => 1,
+            CliError::Client(_) | CliError::Output(_) | CliError::Input(_) => 1,
+            CliError::At { source, .. } => source.exit_code(),
         }
     }
 }
@@ -232,25 +278,14 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         time_bound("--since", since.as_deref())?;
         time_bound("--until", until.as_deref())?;
     }
+    if let Command::Append(append) = &args.command {
+        append.check()?;
+    }
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     let connection = Connection::open(&nats, subjects, timeout).await?;
     let json = args.json;
     match args.command {
-        Command::Append {
-            id,
-            text,
-            key,
-            expect_seq,
-            no_wait,
-        } => {
-            let request = AppendRequest {
-                id,
-                log: text,
-                key,
-                expected_seq: expect_seq,
-            };
-            append(&connection, out, json, request, !no_wait).await
-        }
+        Command::Append(append) => append::append(&connection, out, json, append).await,
         Command::Get {
             id,
             since,
@@ -273,31 +308,7 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Tail { id, follow, lines } => {
             tail::tail(&connection, out, json, id, lines, follow).await
         }
-        Command::Stats { id } => {
-            let body = to_json(&StatsRequest { id })?;
-            let stats: StatsReply = connection.request(&connection.subjects.stats, body).await?;
-            if json {
-                writeln!(out, "{}", to_string(&stats)?)?;
-            } else {
-                let none = || "-".to_string();
-                writeln!(out, "id        {}", stats.id)?;
-                writeln!(out, "count     {}", stats.count)?;
-                writeln!(
-                    out,
-                    "first     {} {}",
-                    stats.first_seq.map_or_else(none, |s| s.to_string()),
-                    stats.first_ts.unwrap_or_else(none)
-                )?;
-                writeln!(
-                    out,
-                    "last      {} {}",
-                    stats.last_seq,
-                    stats.last_ts.unwrap_or_else(none)
-                )?;
-                writeln!(out, "bytes     {}", stats.bytes)?;
-            }
-            Ok(())
-        }
+        Command::Stats { id } => stats(&connection, out, json, id).await,
         Command::Delete { id, before_seq } => {
             let body = to_json(&DeleteRequest { id, before_seq })?;
             let deleted: DeleteReply = connection
@@ -310,118 +321,43 @@ pub async fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
             }
             Ok(())
         }
+        Command::Status => status::status(&connection, out, json).await,
+        Command::DeadLetters(options) => {
+            deadletters::dead_letters(&connection, out, json, &options).await
+        }
     }
 }
 
-/// What an append request is answered with: the worker's reply (core intake), or the stream's
-/// acknowledgement (JetStream intake: queued safely, stored shortly after).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum AppendAnswer {
-    Stored(AppendReply),
-    Queued {
-        stream: String,
-        seq: u64,
-        #[serde(default)]
-        duplicate: bool,
-    },
-}
-
-/// Append, and print what became of it: the stored seq and ts, or the refusal as an error.
-/// It goes to the logs subject, or on JetStream intake with partitions to the object's own
-/// lane `<logs>.<id>` ([`Connection::append_subject`]).
-/// With core intake the worker answers the request. With JetStream intake the stream answers
-/// (queued), and unless `wait` is off the outcome comes from the object's events, subscribed
-/// before publishing: `appended.<id>` carrying this append's key, or `rejected.<id>` carrying
-/// its key or stream sequence; a made-up key is sent when none was given, so there always is
-/// one to match (and to retry with). Without `wait`, the old answer: queued as message N.
-async fn append(
+/// The statistics of object `id`, one per line (or their JSON).
+async fn stats(
     connection: &Connection,
     out: &mut dyn Write,
     json: bool,
-    mut request: AppendRequest,
-    wait: bool,
+    id: u64,
 ) -> Result<(), CliError> {
-    let id = request.id;
-    // The lane before the outcome subscriptions: both are set before the append goes out.
-    let subject = connection.append_subject(id).await;
-    let outcomes = if wait {
-        if request.key.is_none() {
-            request.key = Some(made_up_key(connection));
-        }
-        Some(connection.guarded(connection.watch_outcomes(id)).await?)
-    } else {
-        None
-    };
-    let expected_seq = request.expected_seq;
-    let key = request.key.clone();
-    let answer: AppendAnswer = connection.request(&subject, to_json(&request)?).await?;
-    let (stream, seq, duplicate) = match answer {
-        AppendAnswer::Stored(reply) => return print_stored(out, json, &reply),
-        AppendAnswer::Queued {
-            stream,
-            seq,
-            duplicate,
-        } => (stream, seq, duplicate),
-    };
-    if let (Some(mut outcomes), Some(key)) = (outcomes, key) {
-        let waited = connection.timeout;
-        let outcome = connection
-            .guarded(async { Ok(outcomes.wait(&key, seq, waited).await) })
-            .await?;
-        return match outcome {
-            Outcome::Stored(reply) => print_stored(out, json, &AppendReply { key: None, ..reply }),
-            Outcome::Rejected(event) => Err(ClientError::Service(event.error).into()),
-            Outcome::Unknown => Err(ClientError::Unconfirmed {
-                id,
-                stream,
-                seq,
-                key,
-                waited,
-            }
-            .into()),
-        };
-    }
+    let body = to_json(&StatsRequest { id })?;
+    let stats: StatsReply = connection.request(&connection.subjects.stats, body).await?;
     if json {
-        let ack = serde_json::json!({ "stream": stream, "seq": seq, "duplicate": duplicate });
-        writeln!(out, "{ack}")?;
-    } else {
-        writeln!(
-            out,
-            "queued in stream {stream} as message {seq}; the workers store it shortly \
-             (follow it with `logstore tail {id} -f`)"
-        )?;
+        writeln!(out, "{}", to_string(&stats)?)?;
+        return Ok(());
     }
-    if expected_seq.is_some() {
-        eprintln!(
-            "logstore: with --no-wait the outcome of --expect-seq is not reported back; check \
-             with `logstore stats {id}`"
-        );
-    }
+    let none = || "-".to_string();
+    writeln!(out, "id        {}", stats.id)?;
+    writeln!(out, "count     {}", stats.count)?;
+    writeln!(
+        out,
+        "first     {} {}",
+        stats.first_seq.map_or_else(none, |s| s.to_string()),
+        stats.first_ts.unwrap_or_else(none)
+    )?;
+    writeln!(
+        out,
+        "last      {} {}",
+        stats.last_seq,
+        stats.last_ts.unwrap_or_else(none)
+    )?;
+    writeln!(out, "bytes     {}", stats.bytes)?;
     Ok(())
-}
-
-/// A stored append as core intake answers it: `SEQ TS`, or its JSON.
-fn print_stored(out: &mut dyn Write, json: bool, reply: &AppendReply) -> Result<(), CliError> {
-    if json {
-        writeln!(out, "{}", to_string(reply)?)?;
-    } else {
-        let duplicate = if reply.duplicate {
-            " (duplicate: stored before)"
-        } else {
-            ""
-        };
-        writeln!(out, "{} {}{duplicate}", reply.seq, reply.ts)?;
-    }
-    Ok(())
-}
-
-/// A key no other append has: `cli-` and the unique part of a fresh inbox name (a NUID, 22
-/// random characters).
-fn made_up_key(connection: &Connection) -> String {
-    let inbox = connection.client.new_inbox();
-    let unique = inbox.rsplit('.').next().unwrap_or(&inbox);
-    format!("cli-{unique}")
 }
 
 async fn get(
@@ -485,11 +421,11 @@ fn time_bound(flag: &str, text: Option<&str>) -> Result<Option<Timestamp>, CliEr
     .transpose()
 }
 
-fn to_json<T: serde::Serialize>(body: &T) -> Result<Vec<u8>, CliError> {
+pub(crate) fn to_json<T: serde::Serialize>(body: &T) -> Result<Vec<u8>, CliError> {
     serde_json::to_vec(body).map_err(|e| CliError::Output(std::io::Error::other(e)))
 }
 
-fn to_string<T: serde::Serialize>(body: &T) -> Result<String, CliError> {
+pub(crate) fn to_string<T: serde::Serialize>(body: &T) -> Result<String, CliError> {
     serde_json::to_string(body).map_err(|e| CliError::Output(std::io::Error::other(e)))
 }
 
@@ -582,11 +518,50 @@ mod tests {
         let args = Args::try_parse_from(["logstore", "append", "42", "t", "--no-wait"]).unwrap();
         assert!(matches!(
             args.command,
-            Command::Append {
+            Command::Append(append::AppendArgs {
                 id: 42,
                 no_wait: true,
                 ..
-            }
+            })
         ));
+    }
+
+    /// An error's usage line shows what the command takes, not the options that happen to be
+    /// set (through their environment variables, say).
+    #[test]
+    fn usage_lines_are_honest() {
+        let error = |argv: &[&str]| {
+            command()
+                .try_get_matches_from(argv)
+                .unwrap_err()
+                .render()
+                .to_string()
+        };
+        let text = error(&["logstore", "--nats-url", "nats://h:4222", "append"]);
+        assert!(
+            text.contains("Usage: logstore append [OPTIONS] <ID> [TEXT]\n"),
+            "{text}"
+        );
+        assert!(!text.contains("--nats-url"), "{text}");
+        let text = error(&["logstore", "--json"]);
+        assert!(
+            text.contains("Usage: logstore [OPTIONS] <COMMAND>\n"),
+            "{text}"
+        );
+        let help = command()
+            .try_get_matches_from(["logstore", "append", "--help"])
+            .unwrap_err()
+            .render()
+            .to_string();
+        for positional in ["<ID>", "[TEXT]"] {
+            let line = help
+                .lines()
+                .find(|line| line.trim_start().starts_with(positional))
+                .unwrap_or_else(|| panic!("{positional} in {help}"));
+            assert!(
+                line.trim().len() > positional.len() + 10,
+                "{positional} is described: {line:?}"
+            );
+        }
     }
 }

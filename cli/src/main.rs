@@ -5,12 +5,16 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::FromArgMatches;
 use logstore_cli::{Args, CliError};
 use logstore_protocol::chain::Chain;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = logstore_cli::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

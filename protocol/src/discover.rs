@@ -66,12 +66,38 @@ pub enum Discovery {
 }
 
 /// One worker's service info (`io.nats.micro.v1.info_response`), the part used here.
-#[derive(Debug, Deserialize)]
-struct Info {
+#[derive(Debug, Clone, Deserialize)]
+pub struct Instance {
     #[serde(default)]
-    name: String,
+    pub name: String,
+    /// The service instance id.
     #[serde(default)]
-    metadata: HashMap<String, String>,
+    pub id: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub metadata: HashMap<String, String>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One endpoint of a service instance.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Endpoint {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub subject: String,
+}
+
+impl Instance {
+    /// The subject of the endpoint called `name`, if the instance has one.
+    pub fn endpoint(&self, name: &str) -> Option<&str> {
+        self.endpoints
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.subject.as_str())
+    }
 }
 
 /// Ask every worker for its service info and tell which intake the ones taking appends on
@@ -83,17 +109,35 @@ pub async fn discover(
     logs_subject: &str,
     wait: Duration,
 ) -> Discovery {
+    match instances(client, logs_subject, wait).await {
+        Ok(ours) => {
+            let metadata: Vec<HashMap<String, String>> =
+                ours.into_iter().map(|i| i.metadata).collect();
+            agree(logs_subject, &metadata)
+        }
+        Err(why) => Discovery::Unknown(why),
+    }
+}
+
+/// The service info of every worker taking appends on `logs_subject` (`$SRV.INFO.logstore`),
+/// collected as [`discover`] does (at most `wait`, 100 ms after each answer); why there is none,
+/// in words, when none of them answered.
+pub async fn instances(
+    client: &async_nats::Client,
+    logs_subject: &str,
+    wait: Duration,
+) -> Result<Vec<Instance>, String> {
     let subject = format!("$SRV.INFO.{SERVICE_NAME}");
     let inbox = client.new_inbox();
     let mut answers = match client.subscribe(inbox.clone()).await {
         Ok(answers) => answers,
-        Err(e) => return Discovery::Unknown(format!("cannot subscribe to answers: {}", Chain(&e))),
+        Err(e) => return Err(format!("cannot subscribe to answers: {}", Chain(&e))),
     };
     if let Err(e) = client
         .publish_with_reply(subject.clone(), inbox, "".into())
         .await
     {
-        return Discovery::Unknown(format!("cannot ask {subject}: {}", Chain(&e)));
+        return Err(format!("cannot ask {subject}: {}", Chain(&e)));
     }
     let by = tokio::time::Instant::now() + wait;
     let mut ours = Vec::new();
@@ -115,13 +159,13 @@ pub async fn discover(
             break;
         }
         answered = true;
-        match serde_json::from_slice::<Info>(&message.payload) {
+        match serde_json::from_slice::<Instance>(&message.payload) {
             Ok(info)
                 if info.name == SERVICE_NAME
                     && info.metadata.get("logs_subject").map(String::as_str)
                         == Some(logs_subject) =>
             {
-                ours.push(info.metadata)
+                ours.push(info)
             }
             // Another fleet's worker, or not a service info: not ours.
             _ => {}
@@ -129,16 +173,16 @@ pub async fn discover(
     }
     // Best effort: the subscription ends with the connection anyway.
     let _ = answers.unsubscribe().await;
-    if ours.is_empty() {
-        return Discovery::Unknown(if no_responders {
-            format!("no worker is registered ({subject} has no responders)")
-        } else if answered {
-            format!("no worker taking appends on {logs_subject} answered {subject}")
-        } else {
-            format!("no answer to {subject} within {:.1}s", wait.as_secs_f64())
-        });
+    if !ours.is_empty() {
+        return Ok(ours);
     }
-    agree(logs_subject, &ours)
+    Err(if no_responders {
+        format!("no worker is registered ({subject} has no responders)")
+    } else if answered {
+        format!("no worker taking appends on {logs_subject} answered {subject}")
+    } else {
+        format!("no answer to {subject} within {:.1}s", wait.as_secs_f64())
+    })
 }
 
 /// The intake `answers` (each worker's service metadata) agree on.
@@ -244,13 +288,16 @@ mod tests {
 
     #[test]
     fn a_service_info_decodes() {
-        let info: Info = serde_json::from_str(
+        let info: Instance = serde_json::from_str(
             r#"{"type":"io.nats.micro.v1.info_response","name":"logstore","id":"x",
-                "version":"0.1.0","description":"d","endpoints":[],
+                "version":"0.1.0","description":"d",
+                "endpoints":[{"name":"status","subject":"logstore.status.x","queue_group":"q"}],
                 "metadata":{"logs_subject":"logs","intake":"jetstream","partitions":"8"}}"#,
         )
         .unwrap();
         assert_eq!(info.name, "logstore");
         assert_eq!(info.metadata["partitions"], "8");
+        assert_eq!(info.endpoint("status"), Some("logstore.status.x"));
+        assert_eq!(info.endpoint("other"), None);
     }
 }

@@ -11,7 +11,9 @@
 //! - `query`: [`QueryRequest`] in, one or more [`QueryResponse`] chunks out;
 //! - `stats`: [`StatsRequest`] in, [`StatsReply`] out;
 //! - `delete`: [`DeleteRequest`] in, [`DeleteReply`] out;
-//! - `dead_letter`: a raw copy of every rejected message, with the reason in headers.
+//! - `dead_letter`: a raw copy of every rejected message, with the reason in headers (kept by
+//!   the workers in the JetStream stream `DEAD_LETTERS` where the server has JetStream);
+//! - `logstore.status.<id>`: one worker's [`status::WorkerStatus`] (the NATS service API).
 //!
 //! Decoding is strict and never panics: [`AppendRequest::decode`] and [`QueryRequest::decode`]
 //! turn any byte string into either a valid request or an [`ErrorBody`] that says what was wrong.
@@ -25,6 +27,7 @@ pub mod discover;
 pub mod nats;
 pub mod partition;
 pub mod redact;
+pub mod status;
 pub mod timestamp;
 
 pub use timestamp::Timestamp;

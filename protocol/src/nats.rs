@@ -282,6 +282,7 @@ impl NatsSecurityArgs {
     pub fn resolve(&self, nats_url: &str) -> Result<NatsAccess, SettingError> {
         let parsed = NatsServers::parse(nats_url).map_err(|problem| bad("NATS_URL", problem))?;
         for (i, server) in parsed.servers.iter().enumerate() {
+            check_scheme(i + 1, server, &parsed.shown)?;
             // The client's parse errors name the problem (port, scheme), never the URL.
             if let Err(e) = server.parse::<async_nats::ServerAddr>() {
                 return Err(bad(
@@ -437,6 +438,36 @@ impl NatsSecurityArgs {
         Ok((tls_url || ca_file.is_some() || client.is_some())
             .then_some(NatsTls { ca_file, client }))
     }
+}
+
+/// The schemes a server in `NATS_URL` may have.
+pub const NATS_SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
+
+/// Server `n` of `NATS_URL` (`server`: without credentials; `shown`: the whole list,
+/// redacted) must name its scheme. The client library would silently read `127.0.0.1:4222` as
+/// `nats://127.0.0.1:4222` and connect to whatever listens there, so a server without a scheme
+/// is refused, with the fix spelt out. Schemes other than [`NATS_SCHEMES`] are refused too (the
+/// client's own check, said here in the same words).
+fn check_scheme(n: usize, server: &str, shown: &str) -> Result<(), SettingError> {
+    let Some((scheme, _)) = server.split_once("://") else {
+        return Err(bad(
+            "NATS_URL",
+            format!(
+                "server {n} of {shown:?} has no scheme: write nats://{server} (or tls://, \
+                 ws://, wss://)"
+            ),
+        ));
+    };
+    if NATS_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) {
+        return Ok(());
+    }
+    Err(bad(
+        "NATS_URL",
+        format!(
+            "server {n} of {shown:?} has the scheme {scheme}://, not one of nats://, tls://, \
+             ws://, wss:// (e.g. NATS_URL=nats://127.0.0.1:4222)"
+        ),
+    ))
 }
 
 /// A setting that is set and not blank.
@@ -797,6 +828,52 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!format!("{access:?}").contains(&pair.seed().unwrap()));
+    }
+
+    #[test]
+    fn a_server_without_a_scheme_is_refused_with_the_fix() {
+        for (url, n, fix) in [
+            ("127.0.0.1:4222", 1, "write nats://127.0.0.1:4222"),
+            ("nats://h1:4222,h2:4222", 2, "write nats://h2:4222"),
+            (
+                &format!("u:{MARKER}@h:4222") as &str,
+                1,
+                "write nats://h:4222",
+            ),
+            ("localhost", 1, "write nats://localhost"),
+        ] {
+            let err = NatsSecurityArgs::default().resolve(url).unwrap_err();
+            let text = err.to_string();
+            assert_eq!(err.var, "NATS_URL", "{text}");
+            assert!(
+                text.starts_with(&format!("NATS_URL: server {n} of "))
+                    && text.contains("has no scheme")
+                    && text.contains(fix),
+                "{url}: {text}"
+            );
+            assert!(!text.contains(MARKER), "{text}");
+        }
+        let err = NatsSecurityArgs::default()
+            .resolve(&format!("http://u:{MARKER}@h:8222"))
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("has the scheme http://"), "{text}");
+        assert!(!text.contains(MARKER), "{text}");
+    }
+
+    #[test]
+    fn every_nats_scheme_is_accepted() {
+        for url in [
+            "nats://h:4222",
+            "tls://h:4222",
+            "ws://h:8080",
+            "wss://h:443",
+            "NATS://h:4222",
+            "nats://h1,tls://h2:4223",
+        ] {
+            let access = NatsSecurityArgs::default().resolve(url);
+            assert!(access.is_ok(), "{url}: {:?}", access.err());
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!    received, flush the outbox, stop the background tasks ([`Parts::until_stopped`],
 //!    [`Parts::drain`]), all within SHUTDOWN_TIMEOUT_MS.
 //!
-//! Background tasks (HTTP, health checks, the ring, the mover) stop on one cancellation token;
+//! Background tasks (HTTP, health checks, the ring, the mover, the service registration, the
+//! dead-letter stream's set-up) stop on one cancellation token;
 //! work tasks (pipelines, queries) stop when their input ends, so nothing received is abandoned.
 
 use std::future::Future;
@@ -32,7 +33,7 @@ use crate::outbox::Outbox;
 use crate::query::Queries;
 use crate::shards::{self, Shards};
 use crate::store::StoreError;
-use crate::{http, intake, mover, pipeline, service};
+use crate::{dead_letters, http, intake, mover, pipeline, service};
 
 /// How long a starting worker waits for the fleet's ring record before it routes by
 /// POSTGRES_SHARDS (and keeps trying in the background).
@@ -99,6 +100,7 @@ pub async fn run_on(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    let started = std::time::SystemTime::now();
     let metrics = Metrics::new()?;
     // What was bound, not what was asked: METRICS_ADDR may name port 0 or every interface.
     let metrics_addr = listener.local_addr().unwrap_or(config.metrics_addr);
@@ -113,6 +115,7 @@ pub async fn run_on(
         parts.background.clone(),
     ));
     parts.follow_ring().await;
+    parts.keep_dead_letters();
     tokio::pin!(shutdown);
     let intake = parts.start_intake(&mut shutdown).await?;
     parts
@@ -121,6 +124,7 @@ pub async fn run_on(
             intake.partitions,
             readiness,
             metrics_addr,
+            started,
         )
         .await;
     let deadline = parts.until_stopped(intake, shutdown).await;
@@ -266,6 +270,18 @@ impl Parts {
         ));
     }
 
+    /// Keep the last dead letters in their JetStream stream (DEAD_LETTERS_STREAM), unless off.
+    fn keep_dead_letters(&self) {
+        if let Some(settings) = &self.config.dead_letters {
+            self.background.spawn(dead_letters::keep(
+                self.client.clone(),
+                self.config.dead_letter_subject.clone(),
+                settings.clone(),
+                self.cancel.clone(),
+            ));
+        }
+    }
+
     async fn subscribe(&self, subject: &str) -> Result<Subscriber, Error> {
         self.client
             .queue_subscribe(subject.to_string(), self.config.queue_group.clone())
@@ -312,15 +328,15 @@ impl Parts {
                         partitions: 0,
                     });
                 };
-                if !setup.partitions.is_empty() {
-                    self.background.spawn(intake::keep_stream(
-                        self.client.clone(),
-                        config.logs_subject.clone(),
-                        js.clone(),
-                        setup.partitions.len() as u32,
-                        self.cancel.clone(),
-                    ));
-                }
+                // Puts back the partitions' subjects and the stream's copies (JS_REPLICAS)
+                // should a worker of an older version narrow them.
+                self.background.spawn(intake::keep_stream(
+                    self.client.clone(),
+                    config.logs_subject.clone(),
+                    js.clone(),
+                    setup.partitions.len() as u32,
+                    self.cancel.clone(),
+                ));
                 self.background.spawn(intake::sample_consumer_lag(
                     setup.consumer.clone(),
                     self.metrics.clone(),
@@ -364,6 +380,7 @@ impl Parts {
             partitions,
             logs_subject: config.logs_subject.clone(),
             replies: config.replies.clone(),
+            jetstream: async_nats::jetstream::new(self.client.clone()),
         }
     }
 
@@ -376,6 +393,7 @@ impl Parts {
         partitions: u32,
         readiness: http::ReadinessCheck,
         metrics_addr: SocketAddr,
+        started: std::time::SystemTime,
     ) {
         let (config, client) = (&self.config, &self.client);
         if client.connection_state() == async_nats::connection::State::Connected {
@@ -387,22 +405,26 @@ impl Parts {
         self.subscribed.store(true, Ordering::Release);
         if !shutdown_seen {
             // Discoverable only once it takes work; it deregisters when shutdown begins.
-            self.background.spawn(service::serve(
-                client.clone(),
-                config.clone(),
+            let sources = service::Sources {
+                client: client.clone(),
+                config: config.clone(),
                 partitions,
-                self.metrics.clone(),
+                metrics: self.metrics.clone(),
                 readiness,
-                self.cancel.clone(),
-            ));
+                shards: self.shards.clone(),
+                started,
+            };
+            self.background
+                .spawn(service::serve(sources, self.cancel.clone()));
         }
+        // Every value as a person writes it in the settings (`retention=off`, `retention=7d`).
         tracing::info!(
-            intake = match config.intake { Intake::Core => "core", Intake::JetStream(_) => "jetstream" },
+            intake = %match config.intake { Intake::Core => "core", Intake::JetStream(_) => "jetstream" },
             logs = %config.logs_subject,
             query = %config.query_subject,
             stats = %config.stats_subject,
             delete = %config.delete_subject,
-            retention = ?config.retention.map(|r| r.max_age),
+            retention = %crate::config::shown::retention(config.retention),
             group = %config.queue_group,
             shards = self.shards.all().len(),
             metrics = %metrics_addr,

@@ -40,18 +40,22 @@
 //! - [`origin`]: a message's fate once its outcome is known: reply, event, ack / nak / term,
 //!   dead letter, in-flight gauge. [`replies`]: which reply subjects a core message may name.
 //! - [`outbox`]: replies, `appended.<id>` events, response chunks, errors and dead letters.
+//! - [`dead_letters`]: the JetStream stream that keeps the last dead letters (DEAD_LETTERS).
 //!
 //! Around the data path:
 //! - `health` (private): one watcher per lane: initialise, confirm the fleet, ping; up/down.
 //! - [`retention`]: the RETENTION_MAX_AGE sweeper, a background task per lane.
 //! - `lease` (private): the KV lease the ordered puller and the mover hold, and the KV buckets.
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
-//! - [`service`]: registration with the NATS service API (`nats micro ls/info/stats`).
+//! - [`service`]: registration with the NATS service API (`nats micro ls/info/stats`), again
+//!   whenever the ring changes; `service/answer.rs` answers the `status` endpoint
+//!   (`logstore status`) with what the worker knows.
 
 pub mod admin;
 mod app;
 mod cancel;
 pub mod config;
+pub mod dead_letters;
 pub mod follow;
 mod health;
 pub mod http;

@@ -127,8 +127,7 @@ fn migrate(config: &worker::config::Config, grant: bool, wait_secs: u64) -> Exit
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let line = logstore_protocol::chain::Chain(&e).to_string();
-            tracing::error!("{line}");
-            eprintln!("worker migrate: {line}");
+            say_failure(config.json_logs, "worker migrate", &line);
             ExitCode::FAILURE
         }
     }
@@ -161,6 +160,7 @@ fn shards(config: &worker::config::Config, command: ShardsCommand) -> ExitCode {
 }
 
 fn run(config: Arc<worker::config::Config>) -> ExitCode {
+    let json = config.json_logs;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -186,10 +186,20 @@ fn run(config: Arc<worker::config::Config>) -> ExitCode {
             // One line with every cause once (anyhow's `{:#}` would repeat the causes that
             // async-nats already writes into its own messages).
             let line = worker::Chain(e.as_ref()).to_string();
-            tracing::error!("{line}");
-            eprintln!("worker: {line}");
+            say_failure(json, "worker", &line);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Why the worker stops, said once: the last line on stderr, `worker: <cause>` (a person or
+/// a supervisor reads it there), or with LOG_FORMAT=json one JSON error line like every other.
+/// Nothing logs the cause before: whoever returns it leaves the saying to this.
+fn say_failure(json: bool, program: &str, line: &str) {
+    if json {
+        tracing::error!(error = %line, "{program} stopped");
+    } else {
+        eprintln!("{program}: {line}");
     }
 }
 
@@ -206,12 +216,24 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// The log filter when RUST_LOG is unset or empty. The worker logs what its libraries would
+/// say about connections itself, once, with the server and the cause:
+/// - async-nats logs every connection event at INFO ("event: client error: nats: IO error"
+///   once per failed attempt, without server or cause), and a refused login at ERROR from its
+///   connector; the worker logs each attempt (`nats::connect`) and the refusal (its exit line).
+/// - deadpool-postgres warns once per pooled connection that a shard outage closes
+///   ("Connection error: db error", "Connection could not be recycled"), naming neither shard
+///   nor cause; the health watcher logs the outage once, with both.
+///
+/// RUST_LOG replaces all of it (`RUST_LOG=info,deadpool=warn` to see deadpool's lines).
+const DEFAULT_LOG_FILTER: &str = "info,async_nats=warn,async_nats::connector=off,deadpool=error";
+
 fn init_logging(json: bool) {
-    // async-nats logs every connection event at INFO itself ("event: client error: nats: IO
-    // error" once per failed attempt, without server or cause); the worker logs each event
-    // with what it knows (`nats::connect`), so by default async-nats's own lines start at WARN.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(directives).ok(),
+        _ => None,
+    }
+    .unwrap_or_else(|| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only for a person at a terminal: in a file, `docker logs` or journald

@@ -60,10 +60,12 @@ pub enum MembershipError {
 }
 
 impl Membership {
-    /// Open (creating if missing) the bucket and address the record of `group`.
+    /// Open (creating if missing) the bucket, on `replicas` servers (JS_REPLICAS), and address
+    /// the record of `group`.
     pub async fn open(
         client: &async_nats::Client,
         group: &str,
+        replicas: usize,
     ) -> Result<Membership, MembershipError> {
         let context = async_nats::jetstream::new(client.clone());
         // The record is the fleet's truth: it never expires (a few revisions kept).
@@ -72,6 +74,7 @@ impl Membership {
             "logstore: ring membership per queue group",
             std::time::Duration::ZERO,
             5,
+            replicas,
         );
         let kv = crate::lease::ensure(&context, &config)
             .await
@@ -135,7 +138,10 @@ impl Membership {
                 record.fleet = seed.fleet.clone();
                 match self.write(&record, revision).await {
                     Ok(revision) => {
-                        tracing::info!(fleet = ?record.fleet, "gave the ring record a fleet id");
+                        tracing::info!(
+                            fleet = record.fleet.as_deref().map(tracing::field::display),
+                            "gave the ring record a fleet id"
+                        );
                         return Ok((record, revision, true));
                     }
                     Err(MembershipError::Changed { .. }) => continue,
@@ -144,7 +150,7 @@ impl Membership {
             }
             match self.create(seed).await {
                 Ok(revision) => {
-                    tracing::info!(epoch = seed.epoch, members = ?Record::names(&seed.members), fleet = ?seed.fleet, "seeded the ring record from POSTGRES_SHARDS");
+                    tracing::info!(epoch = seed.epoch, members = %Record::names(&seed.members).join(","), fleet = seed.fleet.as_deref().map(tracing::field::display), "seeded the ring record from POSTGRES_SHARDS");
                     return Ok((seed.clone(), revision, true));
                 }
                 Err(MembershipError::Changed { .. }) => continue,

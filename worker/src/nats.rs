@@ -1,6 +1,12 @@
 //! The worker's NATS connection: one attempt that fails the start on a refused login or TLS
 //! handshake, else a client that keeps retrying in the background, with callbacks that log
 //! each connection event once (server URLs redacted).
+//!
+//! NATS_URL may name several servers (a cluster): the first attempt tries each of them until
+//! one answers, and a lost connection is made again to any server of the pool, which also
+//! holds the cluster's other servers as the connected one announces them. Plus what every
+//! JetStream caller needs to tell a missing stream from one that cannot answer right now
+//! ([`stream_missing`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -106,4 +112,12 @@ fn with_callbacks(
                 }
             }
         })
+}
+
+/// Whether `error` says the stream does not exist, as opposed to not answering now (no
+/// JetStream leader during an election, a reconnect), which is worth a retry and never a
+/// reason to create it over.
+pub(crate) fn stream_missing(error: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
+    matches!(error.kind(), GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }

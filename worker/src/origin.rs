@@ -281,7 +281,7 @@ impl Settler {
                     Origin::Core { reply: None, .. } => {
                         tracing::debug!(
                             id = entry.id,
-                            ?expected_seq,
+                            expected_seq,
                             last_seq,
                             "conditional append refused (no reply subject to tell)"
                         );
@@ -333,7 +333,11 @@ impl Settler {
             if error.code == ErrorCode::Timeout {
                 // No reply subject and an unknown outcome: a dead letter would claim it failed,
                 // and it may be stored. The worker log and the `timeout` counter say it instead.
-                tracing::warn!(id = job.entry.id, key = ?job.entry.key, "append outcome unknown (no reply subject to tell)");
+                tracing::warn!(
+                    id = job.entry.id,
+                    key = job.entry.key.as_deref().map(tracing::field::display),
+                    "append outcome unknown (no reply subject to tell)"
+                );
             } else {
                 // Nobody else would ever learn that it was not stored.
                 let copy = AppendRequest {
@@ -493,7 +497,7 @@ impl Settler {
     ) {
         tracing::warn!(
             %subject,
-            code = error.code.as_str(),
+            code = %error.code.as_str(),
             reason = %error.message,
             bytes = payload.len(),
             "rejected message"

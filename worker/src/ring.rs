@@ -36,7 +36,7 @@ impl Hash for RingKey {
     }
 }
 
-/// Virtual nodes per shard unless RING_VNODES says otherwise. DESIGN.md suggested 160, but with
+/// Virtual nodes per shard unless RING_VNODES says otherwise. The specification said 160, but with
 /// 160 the fullest of three shards held up to 1.13x the mean for ordinary names ("shard-a",
 /// "postgres1"), over the 1.10x bound; 1000 keeps it near 1.05x and costs nothing measurable
 /// (3,000 ring points, a binary search per lookup).
@@ -127,6 +127,17 @@ pub struct Record {
 /// A new fleet id: 128 random bits in hex.
 pub fn new_fleet_id() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// As the record writes it: `steady`, `moving`, `purging`.
+impl std::fmt::Display for MoveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MoveState::Steady => "steady",
+            MoveState::Moving => "moving",
+            MoveState::Purging => "purging",
+        })
+    }
 }
 
 impl MoveState {

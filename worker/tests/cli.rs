@@ -1,6 +1,7 @@
 //! The `logstore` command-line client against real workers (issue 12, done-when 6 and 7): the
 //! README's examples run as written, and `tail -f` prints every entry exactly once, in seq
-//! order, while publishers append and workers restart.
+//! order, while publishers append and workers restart. Usage mistakes are explained (a missing
+//! argument, a NATS_URL without a scheme). `logstore append` reading stdin: `cli_append.rs`.
 
 mod support;
 
@@ -12,63 +13,16 @@ use logstore_protocol::LogEntry;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// The environment that points `logstore` at this test's NATS and subjects.
-fn cli_env(env: &Env) -> Vec<(&'static str, String)> {
-    env.settings(0)
-        .into_iter()
-        .filter(|(var, _)| var.starts_with("NATS_"))
-        .collect()
-}
-
-/// The shell block of the README marked as the CLI examples.
-fn readme_examples() -> String {
-    let readme = include_str!("../../README.md");
-    let marker = "<!-- cli-examples: executed by worker/tests/cli.rs -->";
-    let after = readme
-        .split_once(marker)
-        .map(|(_, rest)| rest)
-        .expect("README has the CLI examples marker");
-    let block = after
-        .split_once("```sh\n")
-        .and_then(|(_, rest)| rest.split_once("\n```"))
-        .map(|(block, _)| block)
-        .expect("a ```sh block follows the marker");
-    block.to_string()
-}
-
 /// Done-when 7: the README's CLI examples, run as written by bash (`set -e`: every line must
 /// succeed, the conflict example catches its own exit code), print what their comments say.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_examples_run_as_written() {
     let env = Env::shared(&["a", "b"]).await;
     let worker = env.start_worker(&[]).await;
-    let script = readme_examples();
-    let bin_dir = bin_path("logstore")
-        .parent()
-        .expect("target directory")
-        .to_path_buf();
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let output = within(
-        60,
-        "README examples",
-        tokio::process::Command::new("bash")
-            .arg("-c")
-            .arg(format!("set -e\n{script}"))
-            .envs(cli_env(&env))
-            .env("PATH", path)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("run bash");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let script = readme_block("<!-- cli-examples: executed by worker/tests/cli.rs -->");
+    let (code, stdout, stderr) = logstore_bash(&env, &[], &format!("set -e\n{script}"), 60).await;
     println!("{script}\n--- stdout:\n{stdout}--- stderr:\n{stderr}");
-    assert!(output.status.success(), "the examples failed: {stderr}");
+    assert_eq!(code, Some(0), "the examples failed: {stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     for (i, expected) in [
         (0, "1 "),
@@ -116,10 +70,10 @@ async fn the_readme_examples_run_as_written() {
         }
     };
     assert_eq!(
-        logstore(&["get", "42", "--since", "yesterday"], cli_env(&env)).await,
+        logstore(&["get", "42", "--since", "yesterday"], logstore_env(&env)).await,
         Some(2)
     );
-    let mut nobody = cli_env(&env);
+    let mut nobody = logstore_env(&env);
     nobody.push(("NATS_QUERY_TOPIC", format!("{}.nobody", env.prefix)));
     nobody.push(("LOGSTORE_TIMEOUT_MS", "1000".into()));
     assert_eq!(logstore(&["get", "42"], nobody).await, Some(4));
@@ -162,7 +116,7 @@ async fn tail_follows_every_entry_once_across_worker_restarts() {
 
     let mut tail = tokio::process::Command::new(bin_path("logstore"))
         .args(["tail", &id.to_string(), "-f", "--json"])
-        .envs(cli_env(&env))
+        .envs(logstore_env(&env))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -274,4 +228,34 @@ async fn tail_follows_every_entry_once_across_worker_restarts() {
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }
+}
+
+/// The usage line of a missing argument shows what the command takes (not `--nats-url` because
+/// NATS_URL is set); every positional is described; a NATS_URL without a scheme is refused
+/// with the fix.
+#[tokio::test]
+async fn usage_and_nats_url_mistakes_are_explained() {
+    let url = [("NATS_URL", "nats://127.0.0.1:1".to_string())];
+    let (code, _, stderr) = run_once("logstore", &["append"], &url, 30).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("Usage: logstore append [OPTIONS] <ID> [TEXT]\n"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("--nats-url"), "{stderr}");
+    let (code, help, _) = run_once("logstore", &["append", "--help"], &url, 30).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        help.contains("  <ID>    The object") && help.contains("  [TEXT]  The entry's text"),
+        "{help}"
+    );
+
+    let no_scheme = [("NATS_URL", "127.0.0.1:4222".to_string())];
+    let (code, _, stderr) = run_once("logstore", &["stats", "1"], &no_scheme, 30).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "logstore: NATS_URL: server 1 of \"127.0.0.1:4222\" has no scheme: write \
+         nats://127.0.0.1:4222 (or tls://, ws://, wss://)\n"
+    );
 }

@@ -1,18 +1,18 @@
-//! Deployment: `scripts/local-up.sh` (the no-Docker runner) brings the whole topology up, takes
-//! load and leaves nothing behind on SIGINT; a real Prometheus scrapes real worker processes and
-//! its sum of stored appends equals what was acknowledged; the shipped Prometheus config and
-//! alert rules and every query of the shipped Grafana dashboard work on a real fleet under load.
+//! Deployment: `scripts/local-up.sh` (the no-Docker runner, tested in `local_up/`) brings the
+//! whole topology up, takes load, restarts what was killed and leaves nothing behind on SIGINT;
+//! a real Prometheus scrapes real worker processes and its sum of stored appends equals what was
+//! acknowledged; the shipped Prometheus config and alert rules and every query of the shipped
+//! Grafana dashboard work on a real fleet under load.
 //!
 //! Run with `cargo build --workspace --bins && cargo test -p logstore-worker --test deploy`
 //! (scripts/test.sh does both, and installs the Debian packages these tests use).
 
+mod local_up;
 mod support;
 use support::*;
 
-use std::collections::HashMap;
 use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -22,14 +22,6 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("worker/ lives in the workspace root")
-        .to_path_buf()
-}
-
-/// The directory holding the workspace binaries (`worker`, `loadgen`), e.g. target/debug.
-fn bin_dir() -> PathBuf {
-    bin_path("worker")
-        .parent()
-        .expect("binary has a parent dir")
         .to_path_buf()
 }
 
@@ -124,74 +116,6 @@ impl Drop for Supervised {
     }
 }
 
-/// `KEY=value` lines of local-up.sh's state file (a later line wins).
-fn read_state(path: &Path) -> HashMap<String, String> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| line.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// Alive = exists and is not a zombie.
-fn pid_alive(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next())
-        .unwrap_or("X");
-    state != "Z" && state != "X"
-}
-
-/// PIDs of every process, with its /proc directory.
-fn all_pids() -> impl Iterator<Item = (u32, PathBuf)> {
-    fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            Some((pid, entry.path()))
-        })
-}
-
-/// Direct children of `parent` (e.g. a postmaster's backends).
-fn children_of(parent: u32) -> Vec<u32> {
-    all_pids()
-        .filter(|(_, dir)| {
-            let Ok(stat) = fs::read_to_string(dir.join("stat")) else {
-                return false;
-            };
-            let ppid = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            ppid == Some(parent)
-        })
-        .map(|(pid, _)| pid)
-        .collect()
-}
-
-/// PIDs of live processes whose command line mentions `needle` (e.g. a temp dir).
-fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
-    all_pids()
-        .filter_map(|(pid, dir)| {
-            let cmdline = fs::read(dir.join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.contains(needle) && pid_alive(pid)).then_some((pid, cmdline))
-        })
-        .collect()
-}
-
-fn addr(host_port: &str) -> SocketAddr {
-    host_port
-        .parse()
-        .unwrap_or_else(|e| panic!("bad address {host_port:?}: {e}"))
-}
-
 /// Percent-encodes a PromQL expression for a query string.
 fn url_encode(text: &str) -> String {
     text.bytes()
@@ -258,211 +182,6 @@ async fn wait_stored(workers: &[SocketAddr], acknowledged: u64) {
         || async { Some(stored_on(workers).await) },
     )
     .await;
-}
-
-/// `scripts/local-up.sh` with 2 workers and loadgen: comes up (every worker ready, logged in as
-/// the least-privileged `logstore_worker`), takes loadgen's appends (verified, and counted by
-/// the workers), and on SIGINT stops every process it started and removes its temp dir.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn local_up_runs_the_topology_takes_load_and_leaves_nothing_behind() {
-    const APPENDS: u64 = 300;
-    // Fail clearly (not skip) when loadgen has not been built.
-    bin_path("loadgen");
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let state_file = tmp.path().join("state");
-    let report = tmp.path().join("loadgen-report.json");
-
-    let mut command = Command::new("bash");
-    command
-        .arg(repo_root().join("scripts/local-up.sh"))
-        .args(["--loadgen", "--", "--verify", "--count"])
-        .arg(APPENDS.to_string())
-        .arg("--report")
-        .arg(&report)
-        .env("BIN_DIR", bin_dir())
-        .env("WORKERS", "2")
-        .env("STATE_FILE", &state_file)
-        // 200 appends/s: the run takes seconds, not minutes.
-        .env("QUERIES_MIN", "12000")
-        .env("RUST_LOG", "warn");
-    // As a terminal starts it: with SIGINT handled. A test run started as a background job of
-    // a non-interactive shell (`scripts/test.sh &`) ignores SIGINT, the script would inherit
-    // that, and bash cannot trap a signal ignored at its start: Ctrl-C below would do nothing.
-    // SAFETY: signal(2) with SIG_DFL in the forked child before exec; async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            Ok(())
-        });
-    }
-    let mut script = Supervised::spawn(command, tmp.path().join("local-up.log"));
-
-    let state = eventually(180, "local-up.sh reports ready", || {
-        script.assert_running("local-up.sh");
-        let state = read_state(&state_file);
-        async move { state.contains_key("ready").then_some(state) }
-    })
-    .await;
-    let workers: Vec<SocketAddr> = (1..=2)
-        .map(|i| addr(&state[&format!("worker{i}_metrics")]))
-        .collect();
-    for &worker in &workers {
-        let (status, body) = within(10, "GET /readyz", http_get(worker, "/readyz"))
-            .await
-            .expect("worker answers /readyz");
-        assert_eq!(status, 200, "worker {worker} not ready: {body}");
-    }
-
-    let state = eventually(120, "loadgen finishes", || {
-        script.assert_running("local-up.sh");
-        let state = read_state(&state_file);
-        async move { state.contains_key("loadgen_exit").then_some(state) }
-    })
-    .await;
-    assert_eq!(
-        state["loadgen_exit"],
-        "0",
-        "loadgen --verify failed; output:\n{}",
-        script.tail()
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(&report).expect("read loadgen report"))
-            .expect("loadgen report is JSON");
-    let acknowledged = report_num(&report, &["appends", "ok"]) as u64;
-    assert!(acknowledged > 0, "loadgen acknowledged nothing");
-    // Exactly: every acknowledged append stored once (loadgen's retries reuse their keys).
-    wait_stored(&workers, acknowledged).await;
-
-    // Deleting is the operator's: as `admin` it works end to end; as `client` the CLI names
-    // the permissions violation in one line and exits 2.
-    let login = |user: &str, file: &str| -> Vec<(&'static str, String)> {
-        vec![
-            ("NATS_URL", state["nats_url"].clone()),
-            ("NATS_USER", user.to_string()),
-            ("NATS_PASSWORD_FILE", state[file].clone()),
-            ("LOGSTORE_TIMEOUT_MS", "5000".to_string()),
-        ]
-    };
-    let client = login("client", "nats_client_password_file");
-    let admin = login("admin", "nats_admin_password_file");
-    for text in ["to delete", "to keep"] {
-        let (code, out, err) = run_once("logstore", &["append", "9001", text], &client, 30).await;
-        assert_eq!(code, Some(0), "append as client:\n{out}\n{err}");
-    }
-    eventually(30, "both entries of 9001 stored", || {
-        let client = client.clone();
-        async move {
-            let (code, out, _) = run_once("logstore", &["get", "9001"], &client, 30).await;
-            (code == Some(0) && out.contains("to keep")).then_some(())
-        }
-    })
-    .await;
-    let (code, out, err) = run_once(
-        "logstore",
-        &["delete", "9001", "--before-seq", "2"],
-        &client,
-        30,
-    )
-    .await;
-    assert_eq!(code, Some(2), "delete as client:\n{out}\n{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("Permissions Violation"), "{err}");
-    let (code, out, err) = run_once(
-        "logstore",
-        &["delete", "9001", "--before-seq", "2"],
-        &admin,
-        30,
-    )
-    .await;
-    assert_eq!(code, Some(0), "delete as admin:\n{out}\n{err}");
-    let (code, out, err) = run_once("logstore", &["get", "9001"], &client, 30).await;
-    assert_eq!(code, Some(0), "{err}");
-    assert!(
-        !out.contains("to delete") && out.contains("to keep"),
-        "{out}"
-    );
-
-    // The workers log in as the least-privileged login, with the password from their file.
-    for n in 1..=2 {
-        let shard = pg_connect(&format!(
-            "postgres://postgres@127.0.0.1:{}/logstore",
-            state[&format!("pg{n}_port")]
-        ))
-        .await;
-        let logins: Vec<String> = shard
-            .query(
-                "SELECT DISTINCT usename::text FROM pg_stat_activity
-                 WHERE application_name = 'logstore-worker'",
-                &[],
-            )
-            .await
-            .expect("read pg_stat_activity")
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        assert_eq!(logins, ["logstore_worker"], "pg{n}: the workers' logins");
-    }
-    assert!(
-        state["postgres_shards"].contains("logstore_worker@")
-            && Path::new(&state["postgres_password_file"]).is_file(),
-        "{state:?}"
-    );
-
-    // Every server the script reported is up, with its children (Postgres backends).
-    let servers: Vec<u32> = state
-        .iter()
-        .filter(|(k, _)| k.ends_with("_pid") && k.as_str() != "loadgen_pid")
-        .map(|(k, v)| v.parse().unwrap_or_else(|_| panic!("{k}={v} is not a PID")))
-        .collect();
-    assert!(
-        servers.len() >= 5,
-        "nats, 2 postgres and 2 workers at least: {state:?}"
-    );
-    let down: Vec<u32> = servers.iter().copied().filter(|&p| !pid_alive(p)).collect();
-    assert!(down.is_empty(), "not running before SIGINT: {down:?}");
-    let mut pids = servers.clone();
-    for &server in &servers {
-        pids.extend(children_of(server));
-    }
-    let dir = state["dir"].clone();
-    assert!(Path::new(&dir).is_dir(), "{dir} exists while running");
-
-    script.signal(libc::SIGINT);
-    let stopped = tokio::time::timeout(Duration::from_secs(90), async {
-        loop {
-            if let Some(status) = script.exited() {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    let status = stopped.unwrap_or_else(|_| {
-        panic!(
-            "local-up.sh did not stop within 90 s of SIGINT; its output:\n{}",
-            script.tail()
-        )
-    });
-    assert!(
-        matches!(status.code(), Some(0) | Some(130)),
-        "local-up.sh exit status {status}; output:\n{}",
-        script.tail()
-    );
-    let alive: Vec<u32> = pids.iter().copied().filter(|&p| pid_alive(p)).collect();
-    assert!(alive.is_empty(), "still running after SIGINT: {alive:?}");
-    let leftovers = processes_mentioning(&dir);
-    assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
-    assert!(!Path::new(&dir).exists(), "{dir} was not removed");
-    assert_eq!(
-        read_state(&state_file).get("stopped").map(String::as_str),
-        Some("1")
-    );
-    for worker in workers {
-        assert!(
-            http_get(worker, "/healthz").await.is_none(),
-            "something still serves {worker}"
-        );
-    }
 }
 
 /// A real Prometheus scraping two worker processes every second: its sum of stored appends

@@ -127,7 +127,7 @@ async fn run(
     client: &async_nats::Client,
     command: Command,
 ) -> Result<u8, AdminError> {
-    let membership = Membership::open(client, &config.queue_group).await?;
+    let membership = Membership::open(client, &config.queue_group, config.js_replicas).await?;
     let mut out = Out::default();
     let status = match command {
         Command::Repair => repair::repair(config, &membership, &mut out).await?,

@@ -14,7 +14,8 @@
 //! Layout: `raw` (the clap settings and `validate`), `parse` (one setting's text to a
 //! value), `shards` (shard URLs, the PostgreSQL login, ring-member access), [`conninfo`]
 //! (libpq's connection parameters: TLS ones split out, defaults, quoting), [`secret`]
-//! (`Redacted`, `Masked`); the validated types live here.
+//! (`Redacted`, `Masked`), [`shown`] (settings as a person writes them, for log lines:
+//! `retention=7d`, durations like `33s`); the validated types live here.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,6 +31,7 @@ mod parse;
 mod raw;
 pub mod secret;
 mod shards;
+pub mod shown;
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +39,7 @@ pub use crate::replies::ReplyPolicy;
 pub use raw::RawConfig;
 pub use secret::{Masked, Redacted};
 pub use shards::{parse_shards, without_login, without_password, MemberAccess};
+pub use shown::Human;
 
 /// A configuration problem, always naming the variable at fault.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,20 @@ pub struct JetStreamConfig {
     /// JS_PARTITIONS: the ordered intake's partitions when this worker creates the stream (the
     /// stream's own count wins afterwards); 0: the `logs` lane only.
     pub partitions: u32,
+    /// JS_REPLICAS: the stream's copies at least (its consumers have as many as it has).
+    pub replicas: usize,
+}
+
+/// The JetStream stream that keeps dead letters (DEAD_LETTERS_STREAM, DEAD_LETTERS_MAX_AGE,
+/// DEAD_LETTERS_MAX_MSGS, DEAD_LETTERS_MAX_BYTES).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterStream {
+    pub name: String,
+    pub max_age: Duration,
+    /// -1: unlimited.
+    pub max_messages: i64,
+    /// -1: unlimited.
+    pub max_bytes: i64,
 }
 
 /// The retention sweeper's settings.
@@ -116,6 +133,10 @@ pub struct Retention {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub intake: Intake,
+    /// JS_REPLICAS: copies of the stream, its consumers and the KV buckets (leases, ring
+    /// record) the worker creates or finds with fewer; with JetStream intake also in
+    /// [`JetStreamConfig::replicas`].
+    pub js_replicas: usize,
     /// NATS_URL as given (with any credentials).
     pub nats_url: Redacted,
     /// NATS_URL's credential-free server URLs, the login (from NATS_URL or the secret files,
@@ -134,6 +155,8 @@ pub struct Config {
     /// NATS_REJECTED_PREFIX: `rejected.<id>` events go to `<rejected_prefix>.<id>`.
     pub rejected_prefix: String,
     pub dead_letter_subject: String,
+    /// DEAD_LETTERS_STREAM and its limits; None: `off`.
+    pub dead_letters: Option<DeadLetterStream>,
     /// NATS_REPLY_PREFIXES: the reply subjects the worker answers (see [`ReplyPolicy`]).
     pub replies: ReplyPolicy,
     pub metrics_addr: SocketAddr,

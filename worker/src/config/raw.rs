@@ -13,7 +13,10 @@ use super::parse::{
 };
 use super::secret::{Masked, Redacted};
 use super::shards::MemberAccess;
-use super::{bad, Config, ConfigError, Intake, JetStreamConfig, Moves, ReplyPolicy, Retention};
+use super::{
+    bad, Config, ConfigError, DeadLetterStream, Intake, JetStreamConfig, Moves, ReplyPolicy,
+    Retention,
+};
 
 /// The raw settings as given on the command line or in the environment. The secret-bearing
 /// fields have [`secret`](super::secret) types, so the derived `Debug` never shows a secret.
@@ -100,6 +103,21 @@ pub struct RawConfig {
     pub nats_rejected_prefix: String,
     #[arg(long, env = "NATS_DEAD_LETTER_TOPIC", default_value = "dead_letter")]
     pub nats_dead_letter_topic: String,
+    /// JetStream stream the workers keep dead letters in (created or updated at start; it
+    /// captures NATS_DEAD_LETTER_TOPIC), so `logstore dead-letters` can list the last ones;
+    /// `off`: dead letters are core messages only, seen by whoever listens at the time.
+    #[arg(long, env = "DEAD_LETTERS_STREAM", default_value = "DEAD_LETTERS")]
+    pub dead_letters_stream: String,
+    /// How long the dead-letter stream keeps a dead letter (e.g. `7d`, `12h`).
+    #[arg(long, env = "DEAD_LETTERS_MAX_AGE", default_value = "7d")]
+    pub dead_letters_max_age: String,
+    /// Most dead letters the stream keeps (the oldest go first). -1 = unlimited.
+    #[arg(long, env = "DEAD_LETTERS_MAX_MSGS", default_value = "100000")]
+    pub dead_letters_max_msgs: String,
+    /// Most bytes of dead letters the stream keeps (default 64 MiB; the oldest go first).
+    /// -1 = unlimited.
+    #[arg(long, env = "DEAD_LETTERS_MAX_BYTES", default_value = "67108864")]
+    pub dead_letters_max_bytes: String,
     /// Reply subjects the worker answers, comma-separated prefixes: NATS inboxes (`_INBOX.`,
     /// per-user `_INBOX_<user>.`) and the server's replies through a service import (`_R_.`).
     /// A request whose reply subject starts otherwise is refused and never answered: the
@@ -160,6 +178,12 @@ pub struct RawConfig {
     /// count. 0: the `logs` lane only.
     #[arg(long, env = "JS_PARTITIONS", default_value = "0")]
     pub js_partitions: String,
+    /// Copies of the JetStream stream, its consumers and the KV buckets the worker creates,
+    /// each on another server of a NATS cluster (1 to 5; 3 rides through the loss of one
+    /// server). An existing stream or bucket with fewer copies is raised to this, never
+    /// lowered. A single nats-server takes 1 only.
+    #[arg(long, env = "JS_REPLICAS", default_value = "1")]
+    pub js_replicas: String,
     /// Address of the HTTP server for /metrics, /healthz and /readyz (`:PORT` = all interfaces).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:2112")]
     pub metrics_addr: String,
@@ -234,12 +258,14 @@ impl RawConfig {
         let shards = self.shards(&member_access)?;
         let member_access = member_access.with_login_of(shards.first(), &self.postgres_user);
         let nats_url = non_empty("NATS_URL", self.nats_url.expose())?;
+        let js_replicas = number("JS_REPLICAS", &self.js_replicas, 1, 5)?;
         let nats = self
             .nats_security
             .resolve(&nats_url)
             .map_err(|e| bad(e.var, e.problem))?;
         Ok(Config {
-            intake: self.intake()?,
+            intake: self.intake(js_replicas)?,
+            js_replicas,
             replies: self.replies(&nats.inbox_prefix)?,
             nats,
             nats_url: Redacted::from(nats_url),
@@ -254,6 +280,7 @@ impl RawConfig {
             events_prefix: subject("NATS_EVENTS_PREFIX", &self.nats_events_prefix)?,
             rejected_prefix: subject("NATS_REJECTED_PREFIX", &self.nats_rejected_prefix)?,
             dead_letter_subject: subject("NATS_DEAD_LETTER_TOPIC", &self.nats_dead_letter_topic)?,
+            dead_letters: self.dead_letters()?,
             metrics_addr: metrics_addr(&self.metrics_addr)?,
             json_logs: self.json_logs()?,
             ring_vnodes: number("RING_VNODES", &self.ring_vnodes, 1, 100_000)?,
@@ -322,7 +349,26 @@ impl RawConfig {
         Ok(Some(Retention { max_age, interval }))
     }
 
-    fn intake(&self) -> Result<Intake, ConfigError> {
+    /// DEAD_LETTERS_STREAM and its limits (None: `off`).
+    fn dead_letters(&self) -> Result<Option<DeadLetterStream>, ConfigError> {
+        let name = match self.dead_letters_stream.trim() {
+            "off" => return Ok(None),
+            name => name_token("DEAD_LETTERS_STREAM", name)?,
+        };
+        Ok(Some(DeadLetterStream {
+            name,
+            max_age: duration(
+                "DEAD_LETTERS_MAX_AGE",
+                self.dead_letters_max_age.trim(),
+                Duration::from_secs(1),
+            )?,
+            max_messages: stream_limit("DEAD_LETTERS_MAX_MSGS", &self.dead_letters_max_msgs)?,
+            max_bytes: stream_limit("DEAD_LETTERS_MAX_BYTES", &self.dead_letters_max_bytes)?,
+        }))
+    }
+
+    /// INTAKE and, for JetStream, its settings; `replicas`: JS_REPLICAS, validated.
+    fn intake(&self, replicas: usize) -> Result<Intake, ConfigError> {
         match self.intake.trim() {
             "core" => Ok(Intake::Core),
             "jetstream" => Ok(Intake::JetStream(JetStreamConfig {
@@ -347,6 +393,7 @@ impl RawConfig {
                 ordered: boolean("JS_ORDERED", &self.js_ordered)?,
                 lease: millis("JS_LEASE_MS", &self.js_lease_ms, 300, 600_000)?,
                 partitions: number("JS_PARTITIONS", &self.js_partitions, 0, 1024)?,
+                replicas,
             })),
             other => Err(bad("INTAKE", format!("{other:?} is not jetstream or core"))),
         }

@@ -6,17 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::ordered;
 use super::partitions::{self, Partition};
+use super::pull::{PullEnd, PullRequest, Pulled, Wait, PULL_RETRY_FIRST, PULL_RETRY_MAX};
 use super::requests::Requests;
 use super::route::Router;
 use super::stream::{merged, partition_consumer, partition_filter, partition_max_ack_pending};
-use crate::cancel::pause;
+use crate::cancel::{pause, Backoff};
 use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
+use crate::nats::stream_missing;
 use crate::origin::Held;
 use logstore_protocol::partition::PARTITIONS_METADATA;
 
@@ -30,6 +31,12 @@ type Consumer = consumer::Consumer<consumer::pull::Config>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
+    #[error("cannot read JetStream stream {stream}: {source}")]
+    ReadStream {
+        stream: String,
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
     #[error("cannot create or update JetStream stream {stream}: {source}")]
     Stream {
         stream: String,
@@ -235,9 +242,17 @@ async fn setup_jetstream(
     let wanted = wanted_stream(config);
     // Merged into what is there (never narrowing it); partitions only with the ordered intake.
     let configured = if config.ordered { config.partitions } else { 0 };
+    // Only a stream that is not there is made from scratch: one that cannot be read now (no
+    // leader during an election) is waited for, never overwritten with a narrower config.
     let existing = match context.get_stream(&config.stream).await {
-        Ok(mut stream) => stream.info().await.ok().map(|info| info.config.clone()),
-        Err(_) => None,
+        Ok(stream) => Some(stream.cached_info().config.clone()),
+        Err(e) if stream_missing(&e) => None,
+        Err(source) => {
+            return Err(IntakeError::ReadStream {
+                stream: config.stream.clone(),
+                source,
+            })
+        }
     };
     let (stream_config, partitions) = merged(existing.as_ref(), wanted, logs_subject, configured);
     // Two workers starting together may race to create; the loser's update then succeeds.
@@ -258,6 +273,9 @@ async fn setup_jetstream(
         max_deliver: -1,
         max_ack_pending: config.max_ack_pending,
         filter_subject: logs_subject.to_string(),
+        // As many copies as the stream has (a work-queue stream's consumers must match it):
+        // JS_REPLICAS, or more where the stream already had more.
+        num_replicas: info.config.num_replicas,
         ..Default::default()
     };
     let stream = context
@@ -306,17 +324,20 @@ fn wanted_stream(config: &JetStreamConfig) -> stream::Config {
         // dedupe of `Nats-Msg-Id` is per stream and drops an append to object 9 that reuses
         // object 8's id within the window, so the window is short (JS_DUPLICATE_WINDOW_MS).
         duplicate_window: config.duplicate_window,
+        // On a cluster: each publish is acknowledged once a majority of these servers has it.
+        num_replicas: config.replicas,
         ..Default::default()
     }
 }
 
-/// How often an ordered worker checks that the stream still takes the partitions' subjects.
+/// How often a worker checks that the stream still takes the partitions' subjects and has its
+/// copies.
 const STREAM_CHECK: Duration = Duration::from_secs(10);
 
 /// Until `cancel`: every [`STREAM_CHECK`], put back what a worker of an older version took
 /// away from the stream by rewriting its config (the partition subjects, the transform, the
-/// recorded count). Meanwhile publishers to `logs.<id>` get no acknowledgement and retry;
-/// nothing stored is lost.
+/// recorded count, the replicas it had). Meanwhile publishers to `logs.<id>` get no
+/// acknowledgement and retry; nothing stored is lost.
 pub async fn keep_stream(
     client: async_nats::Client,
     logs_subject: String,
@@ -342,16 +363,18 @@ pub async fn keep_stream(
         let narrowed = merged.subjects != existing.subjects
             || merged.subject_transform != existing.subject_transform
             || merged.metadata.get(PARTITIONS_METADATA)
-                != existing.metadata.get(PARTITIONS_METADATA);
+                != existing.metadata.get(PARTITIONS_METADATA)
+            || merged.num_replicas != existing.num_replicas;
         if !narrowed {
             continue;
         }
+        let replicas = (existing.num_replicas, merged.num_replicas);
         match context.update_stream(merged).await {
             Ok(_) => {
-                tracing::warn!(stream = %config.stream, "the stream had lost the partitions' subjects (rewritten by an older worker?); put them back")
+                tracing::warn!(stream = %config.stream, ?replicas, "the stream had lost subjects or copies (rewritten by an older worker?); put them back")
             }
             Err(e) => {
-                tracing::warn!(stream = %config.stream, error = %e, "cannot put the partitions' subjects back into the stream; retrying")
+                tracing::warn!(stream = %config.stream, ?replicas, error = %e, "cannot put the stream's subjects or copies back; retrying")
             }
         }
     }
@@ -440,22 +463,37 @@ impl Router {
         cancel: &CancellationToken,
     ) {
         self.metrics.jetstream_pulling.set(1);
+        let mut backoff = Backoff::new(PULL_RETRY_FIRST, PULL_RETRY_MAX);
         while !cancel.is_cancelled() {
-            if let Some(batch) = self.request_batch(consumer, cancel).await {
-                self.route_batch(batch).await;
+            let served = match self.request_batch(consumer, Wait::Full).await {
+                Some(batch) => self.route_batch(batch).await,
+                None => false,
+            };
+            if served {
+                backoff.reset();
+            } else {
+                pause(cancel, backoff.next_pause()).await;
             }
         }
         self.metrics.jetstream_pulling.set(0);
     }
 
-    async fn route_batch(&self, mut batch: consumer::pull::Batch) {
-        while let Some(message) = batch.next().await {
-            match message {
-                Ok(message) => self.jetstream_append(message).await,
-                // A status that ends the pull (max bytes reached, max ack pending, ...).
-                Err(e) => {
-                    tracing::debug!(error = %e, "JetStream pull ended by the server");
-                    break;
+    /// Route the messages of one pull. False when the pull was refused or cut short (no
+    /// consumer leader during an election, say).
+    async fn route_batch(&self, mut pull: PullRequest) -> bool {
+        let mut routed = 0usize;
+        loop {
+            match pull.next().await {
+                Pulled::Message(message) => {
+                    routed += 1;
+                    self.jetstream_append(*message).await;
+                }
+                Pulled::End(PullEnd::Ended) => return true,
+                // A refusal after messages (a limit reached) still delivered them all.
+                Pulled::End(PullEnd::Refused) => return routed > 0,
+                Pulled::End(PullEnd::Cut) => {
+                    tracing::debug!(routed, "JetStream pull cut short; retrying");
+                    return false;
                 }
             }
         }

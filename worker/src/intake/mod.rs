@@ -31,6 +31,7 @@ pub use durable::{
 };
 pub use requests::{RequestKind, Requests};
 pub use route::Router;
+pub use stream::partition_consumer;
 
 /// Core intake: consume both queue subscriptions until `cancel` fires, then drain them and
 /// process what was already delivered. Returns when both are exhausted.

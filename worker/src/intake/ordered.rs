@@ -42,13 +42,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::pull::FETCH_EXPIRES;
+use super::pull::{PullEnd as Pull, Pulled, Wait, PULL_RETRY_FIRST, PULL_RETRY_MAX};
 use super::route::Router;
-use crate::cancel::pause;
+use crate::cancel::{pause, Backoff};
 use crate::config::JetStreamConfig;
 /// Where the intake leases live (tests read it; the bucket is [`crate::lease`]'s).
 pub use crate::lease::LEASE_BUCKET;
@@ -59,8 +58,14 @@ use crate::origin::Held;
 const RESYNC_POLL: Duration = Duration::from_millis(200);
 /// How often a resync that is still waiting says so.
 const RESYNC_REPORT: Duration = Duration::from_secs(5);
-/// Longest wait for one consumer info answer.
-const INFO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for one consumer info answer. Short: a server answers in milliseconds, and
+/// while a cluster elects the consumer's leader nobody answers, so each unanswered request
+/// delays noticing the new leader by up to this much.
+const INFO_TIMEOUT: Duration = Duration::from_secs(1);
+/// A resync still waiting this long for deliveries to come back resets the consumer (where
+/// the server can): they were lost (acknowledgements or deliveries dropped with a server or a
+/// connection), or a deposed puller holds them.
+const RESYNC_RESET_AFTER: Duration = Duration::from_secs(2);
 
 type Consumer = consumer::Consumer<consumer::pull::Config>;
 
@@ -113,22 +118,27 @@ pub(super) async fn take_over(router: &Router, consumer: &Consumer, reset: bool,
     if !reset || kind == "handover" {
         return;
     }
+    if reset_to_ack_floor(consumer).await {
+        tracing::info!(
+            lane = what,
+            "reset the consumer to its ack floor: the last owner's messages come again now"
+        );
+    }
+}
+
+/// Reset `consumer` to its ack floor: every delivered and unacknowledged message comes again at
+/// once, in stream order. False (and logged) when the server did not do it.
+async fn reset_to_ack_floor(consumer: &Consumer) -> bool {
     let mut consumer = consumer.clone();
     match tokio::time::timeout(INFO_TIMEOUT, consumer.reset(None)).await {
-        Ok(Ok(_)) => {
-            tracing::info!(
-                lane = what,
-                "reset the consumer to its ack floor: the last owner's messages come again now"
-            )
-        }
+        Ok(Ok(_)) => true,
         Ok(Err(e)) => {
-            tracing::warn!(lane = what, error = %e, "cannot reset the consumer; waiting for ack_wait instead")
+            tracing::warn!(error = %e, "cannot reset the consumer; waiting for ack_wait instead");
+            false
         }
         Err(_) => {
-            tracing::warn!(
-                lane = what,
-                "no answer to the consumer reset; waiting for ack_wait instead"
-            )
+            tracing::warn!("no answer to the consumer reset; waiting for ack_wait instead");
+            false
         }
     }
 }
@@ -155,7 +165,7 @@ pub async fn open_lease(
     js: &JetStreamConfig,
 ) -> Result<Lease, LeaseError> {
     let key = format!("intake.{}.{}", js.stream, js.consumer);
-    Lease::open_named(client, key, js.lease).await
+    Lease::open_named(client, key, js.lease, js.replicas).await
 }
 
 /// Compete for the lease and pull while holding it, until `cancel`.
@@ -169,9 +179,12 @@ pub async fn run(
     let metrics = &router.metrics;
     let mut waiting_logged = false;
     let mut failing = false;
+    // Failures to reach the lease (no JetStream leader for its bucket during an election) are
+    // retried soon, so a new leader is noticed soon.
+    let mut backoff = Backoff::new(PULL_RETRY_FIRST, lease.ttl / 3);
     while !cancel.is_cancelled() {
-        let revision = match lease.try_acquire().await {
-            Ok(Some(revision)) => revision,
+        let taken = match lease.try_acquire().await {
+            Ok(Some(taken)) => taken,
             Ok(None) => {
                 if !waiting_logged {
                     tracing::info!(lease = %lease.key(), "another worker pulls the stream; standing by to take over");
@@ -185,21 +198,31 @@ pub async fn run(
                     tracing::warn!(error = %e, "cannot reach the intake lease; retrying");
                     failing = true;
                 }
-                pause(cancel, lease.ttl / 3).await;
+                pause(cancel, backoff.next_pause()).await;
                 lease.reopen().await;
                 continue;
             }
         };
+        backoff.reset();
         failing = false;
         waiting_logged = false;
         tracing::info!(lease = %lease.key(), "took the intake lease; pulling the stream in order");
-        take_over(router, consumer, reset, "logs").await;
         metrics.jetstream_pulling.set(1);
-        // The puller checks the lease before every pull, so a process paused past its lease
-        // pulls nothing when it wakes.
+        // The takeover runs under the lease's renewals (it may wait for a consumer leader for
+        // a while); the puller checks the lease before every pull, so a process paused past
+        // its lease pulls nothing when it wakes.
         let ((), revision) = lease
-            .hold(revision, cancel, "intake", |lost, validity| async move {
-                lead(router, consumer, &router.held, &lost, &|| validity.holds()).await
+            .hold(taken, cancel, "intake", |lost, validity| async move {
+                take_over(router, consumer, reset, "logs").await;
+                lead(
+                    router,
+                    consumer,
+                    &router.held,
+                    &lost,
+                    &|| validity.holds(),
+                    reset,
+                )
+                .await
             })
             .await;
         metrics.jetstream_pulling.set(0);
@@ -210,22 +233,33 @@ pub async fn run(
 }
 
 /// Pull `consumer` and route in stream order until `stop`; `held`: the messages of this
-/// consumer that this worker has routed and not settled.
+/// consumer that this worker has routed and not settled; `reset`: the server can reset a
+/// consumer to its ack floor.
+///
+/// A pull cut short or a reconnect (a server of the cluster died, and the consumer's leader
+/// with it) may have lost deliveries or acknowledgements on the way: the resync that follows
+/// resets the consumer first, once it answers again, so it waits for nothing that would only
+/// come back after ack_wait. A refused pull (no leader yet) lost nothing: it is asked again
+/// after a pause.
 pub(super) async fn lead(
     router: &Router,
     consumer: &Consumer,
     held: &Held,
     stop: &CancellationToken,
     valid: &(dyn Fn() -> bool + Sync),
+    reset: bool,
 ) {
-    let reconnects = &router.metrics.nats_reconnects;
     // The consumer sequence of the last delivery to this puller; None until a resync set it.
     let mut last: Option<u64> = None;
     let mut in_hand: Vec<jetstream::Message> = Vec::new();
     // The next pull, made while the previous one was being routed (read to its end at once, so
     // none of its messages can be abandoned by the client however long the routing waits).
-    let mut prefetched: Option<(Vec<jetstream::Message>, bool)> = None;
+    let mut prefetched: Option<(Vec<jetstream::Message>, Pull)> = None;
+    let reconnects = &router.metrics.nats_reconnects;
     let mut seen_reconnects = reconnects.get();
+    // Something may have been lost on the way since the last resync (see above).
+    let mut disrupted = false;
+    let mut backoff = Backoff::new(PULL_RETRY_FIRST, PULL_RETRY_MAX);
     while !stop.is_cancelled() {
         if !valid() {
             tracing::warn!("the intake lease was not renewed in time; stopping the pull");
@@ -234,37 +268,47 @@ pub(super) async fn lead(
         if reconnects.get() != seen_reconnects {
             seen_reconnects = reconnects.get();
             tracing::info!("reconnected to NATS; resyncing the ordered intake");
-            last = None;
+            (last, disrupted) = (None, true);
         }
         let Some(delivery) = last else {
             if let Some((messages, _)) = prefetched.take() {
                 in_hand.extend(messages);
             }
-            match resync(router, consumer, held, stop, std::mem::take(&mut in_hand)).await {
-                Some(delivery) => last = Some(delivery),
-                None => return,
-            }
+            let (already, resets) = (std::mem::take(&mut in_hand), Resets::new(reset, disrupted));
+            let Some(delivery) = resync(router, consumer, held, stop, already, resets).await else {
+                return;
+            };
+            (last, disrupted) = (Some(delivery), false);
             continue;
         };
-        let (batch, complete) = match prefetched.take() {
+        let (batch, pulled) = match prefetched.take() {
             Some(pulled) => pulled,
-            None => fetch(router, consumer, stop).await,
+            None => fetch(router, consumer).await,
         };
-        let Some(next) = contiguous(delivery, &batch).filter(|_| complete) else {
+        if pulled == Pull::Refused {
+            pause(stop, backoff.next_pause()).await;
+            continue;
+        }
+        let Some(next) = contiguous(delivery, &batch).filter(|_| pulled == Pull::Ended) else {
             tracing::info!(
                 after = delivery,
-                "a delivery was skipped or a fetch failed; resyncing the ordered intake"
+                "a delivery was skipped or a pull was cut short; resyncing the ordered intake"
             );
+            if pulled == Pull::Cut {
+                disrupted = true;
+                pause(stop, backoff.next_pause()).await;
+            }
             in_hand = batch;
             last = None;
             continue;
         };
+        backoff.reset();
         let route = route_sorted(router, held, sorted(batch));
         // Pulls stay one at a time (the next is asked for once this one has ended), so
         // deliveries still arrive in stream order.
         let pull = async {
             match !stop.is_cancelled() && valid() {
-                true => Some(fetch(router, consumer, stop).await),
+                true => Some(fetch(router, consumer).await),
                 false => None,
             }
         };
@@ -273,10 +317,20 @@ pub(super) async fn lead(
         last = Some(next);
     }
     // Stopping: a pull made meanwhile is routed too (shutdown finishes what was taken in).
-    if let (Some(delivery), Some((batch, true))) = (last, prefetched) {
-        if contiguous(delivery, &batch).is_some() {
-            route_sorted(router, held, sorted(batch)).await;
-        }
+    if let (Some(delivery), Some((batch, Pull::Ended))) = (last, prefetched) {
+        route_if_contiguous(router, held, delivery, batch).await;
+    }
+}
+
+/// Route `batch` in stream order if its deliveries follow `delivery` without a gap.
+async fn route_if_contiguous(
+    router: &Router,
+    held: &Held,
+    delivery: u64,
+    batch: Vec<jetstream::Message>,
+) {
+    if contiguous(delivery, &batch).is_some() {
+        route_sorted(router, held, sorted(batch)).await;
     }
 }
 
@@ -310,9 +364,41 @@ async fn route_sorted(router: &Router, held: &Held, batch: BTreeMap<u64, jetstre
     }
 }
 
+/// When a resync resets the consumer to its ack floor (where the server can): as soon as the
+/// consumer answers after a disruption, and once the resync has waited [`RESYNC_RESET_AFTER`].
+struct Resets {
+    due: bool,
+    on_stall: bool,
+    started: Instant,
+}
+
+impl Resets {
+    /// `can`: the server can reset a consumer; `disrupted`: reset as soon as it answers.
+    fn new(can: bool, disrupted: bool) -> Resets {
+        Resets {
+            due: can && disrupted,
+            on_stall: can,
+            started: Instant::now(),
+        }
+    }
+
+    /// Whether to reset now (once the reset is done, [`Resets::done`]).
+    fn due(&mut self) -> bool {
+        if self.on_stall && self.started.elapsed() >= RESYNC_RESET_AFTER {
+            self.on_stall = false;
+            self.due = true;
+        }
+        self.due
+    }
+
+    fn done(&mut self) {
+        self.due = false;
+    }
+}
+
 /// Gather messages until every unacknowledged delivery of the consumer is in this worker's
 /// hands (gathered now, or routed before and not settled yet), and route the gathered ones in
-/// stream order.
+/// stream order, resetting the consumer when `resets` says.
 /// Returns the consumer sequence of the last delivery, or None when `stop` fired first.
 async fn resync(
     router: &Router,
@@ -320,38 +406,20 @@ async fn resync(
     held: &Held,
     stop: &CancellationToken,
     already: Vec<jetstream::Message>,
+    mut resets: Resets,
 ) -> Option<u64> {
     router.metrics.jetstream_resyncs.inc();
     let started = Instant::now();
     let mut gathered = sorted(already);
     let mut failing = false;
     let mut reported = Instant::now();
+    let mut backoff = Backoff::new(PULL_RETRY_FIRST, PULL_RETRY_MAX);
     let delivered = loop {
         if stop.is_cancelled() {
             return None;
         }
-        match consumer_state(consumer).await {
-            Ok(info) => {
-                failing = false;
-                let delivered = info.delivered.stream_sequence;
-                // Counted after reading the consumer's state (see `count_in_hand`).
-                let (in_hand, parked) = count_in_hand(held, &gathered, delivered);
-                if in_hand >= info.num_ack_pending {
-                    break info.delivered.consumer_sequence;
-                }
-                if reported.elapsed() >= RESYNC_REPORT {
-                    reported = Instant::now();
-                    tracing::info!(
-                        pending = info.num_ack_pending,
-                        in_hand,
-                        delivered,
-                        gathered = gathered.len(),
-                        held = parked,
-                        waited_ms = started.elapsed().as_millis() as u64,
-                        "resyncing: waiting for the consumer's unacknowledged deliveries to come back"
-                    );
-                }
-            }
+        let info = match consumer_state(consumer).await {
+            Ok(info) => info,
             Err(error) => {
                 if !failing {
                     tracing::warn!(%error, "cannot read the consumer's state to resync; retrying");
@@ -360,11 +428,43 @@ async fn resync(
                 pause(stop, RESYNC_POLL).await;
                 continue;
             }
+        };
+        failing = false;
+        let delivered = info.delivered.stream_sequence;
+        // Counted after reading the consumer's state (see `count_in_hand`).
+        let (in_hand, parked) = count_in_hand(held, &gathered, delivered);
+        if in_hand >= info.num_ack_pending {
+            break info.delivered.consumer_sequence;
         }
-        let (batch, _) = fetch(router, consumer, stop).await;
+        if resets.due() && reset_to_ack_floor(consumer).await {
+            resets.done();
+            tracing::info!(
+                pending = info.num_ack_pending,
+                in_hand,
+                "reset the consumer to its ack floor: its unacknowledged messages come again now"
+            );
+            // Every unacknowledged message comes again from the ack floor, in stream order,
+            // and the server counts none of them pending until then: the copies gathered so far
+            // are dropped (routing them now could put them before an earlier one that was lost
+            // and comes back only with the others).
+            gathered.clear();
+            continue;
+        }
+        if reported.elapsed() >= RESYNC_REPORT {
+            reported = Instant::now();
+            let counts = (in_hand, gathered.len(), parked);
+            report_waiting(&info, counts, started);
+        }
+        let (batch, pulled) = fetch(router, consumer).await;
+        if pulled == Pull::Ended {
+            backoff.reset();
+        } else {
+            pause(stop, backoff.next_pause()).await;
+        }
         for (sequence, message) in sorted(batch) {
-            // A second delivery of a message already gathered: its first copy is settled.
-            gathered.entry(sequence).or_insert(message);
+            // A second delivery of a message already gathered (after a reset): keep the latest,
+            // whose acknowledgement the server expects.
+            gathered.insert(sequence, message);
         }
     };
     tracing::info!(
@@ -374,6 +474,24 @@ async fn resync(
     );
     route_sorted(router, held, gathered).await;
     Some(delivered)
+}
+
+/// Say what a resync is still waiting for: the consumer's `info`, and `(in hand, gathered,
+/// held)` counts.
+fn report_waiting(
+    info: &consumer::Info,
+    (in_hand, gathered, held): (usize, usize, usize),
+    started: Instant,
+) {
+    tracing::info!(
+        pending = info.num_ack_pending,
+        in_hand,
+        delivered = info.delivered.stream_sequence,
+        gathered,
+        held,
+        waited_ms = started.elapsed().as_millis() as u64,
+        "resyncing: waiting for the consumer's unacknowledged deliveries to come back"
+    );
 }
 
 /// The consumer's state as the server reports it now; the error says why it could not be read
@@ -406,34 +524,41 @@ fn count_in_hand(
     (in_hand, held.len())
 }
 
+/// The next messages: what the consumer has now, at once; when it has nothing, a pull that
+/// waits for the next message and ends with it. So a trickle of appends is routed as each one
+/// comes, not when a waiting pull expires (a `logstore append` would otherwise wait up to half
+/// a second for its outcome), and a busy stream still comes in pulls of up to 500. Returns the
+/// messages and how the pull ended (a message dropped on the way shows as a skipped sequence
+/// instead).
+async fn fetch(router: &Router, consumer: &Consumer) -> (Vec<jetstream::Message>, Pull) {
+    let (messages, end) = read_pull(router, consumer, Wait::Now).await;
+    if messages.is_empty() && end == Pull::Ended {
+        return read_pull(router, consumer, Wait::Next).await;
+    }
+    (messages, end)
+}
+
 /// One pull request, read to its end before anything is routed (a pull whose messages sit
-/// unread is abandoned by the client after its expiry, and they would come back out of order).
-/// Returns the messages and whether the pull ended as a pull does (a message dropped on the way
-/// shows as a skipped sequence instead).
-async fn fetch(
+/// unread would be abandoned, and they would come back out of order).
+async fn read_pull(
     router: &Router,
     consumer: &Consumer,
-    stop: &CancellationToken,
-) -> (Vec<jetstream::Message>, bool) {
+    wait: Wait,
+) -> (Vec<jetstream::Message>, Pull) {
     let mut messages = Vec::new();
-    let Some(mut batch) = router.request_batch(consumer, stop).await else {
-        return (messages, false);
+    let Some(mut pull) = router.request_batch(consumer, wait).await else {
+        return (messages, Pull::Refused);
     };
-    // The server ends a pull by its expiry; this only guards against an end that never comes.
-    let deadline = Instant::now() + FETCH_EXPIRES + Duration::from_secs(5);
     loop {
-        match tokio::time::timeout_at(deadline, batch.next()).await {
-            Ok(Some(Ok(message))) => messages.push(message),
-            Ok(None) => return (messages, true),
-            // A status that ends the pull (max bytes reached, max ack pending, ...): what was
-            // delivered before it is all here, in order.
-            Ok(Some(Err(e))) => {
-                tracing::debug!(error = %e, "JetStream pull ended by the server");
-                return (messages, true);
-            }
-            Err(_) => {
-                tracing::warn!("a JetStream pull did not end in time");
-                return (messages, false);
+        match pull.next().await {
+            Pulled::Message(message) => messages.push(*message),
+            // A refusal after some messages (a limit reached) still delivered them all.
+            Pulled::End(Pull::Refused) if !messages.is_empty() => return (messages, Pull::Ended),
+            Pulled::End(end) => {
+                if end == Pull::Cut {
+                    tracing::warn!("a JetStream pull was cut short");
+                }
+                return (messages, end);
             }
         }
     }

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use super::ordered::{lead, take_over};
 use super::route::Router;
 use crate::cancel::pause;
-use crate::lease::Lease;
+use crate::lease::{Lease, Taken};
 use crate::origin::Held;
 
 /// How long a partition given up waits for its messages in this worker to settle before its
@@ -205,14 +205,14 @@ impl Owner {
             return;
         }
         let lease = &self.leases[index];
-        if let Ok(Some(revision)) = lease.try_acquire().await {
+        if let Ok(Some(taken)) = lease.try_acquire().await {
             let stop = cancel.child_token();
             let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
             self.tasks.spawn(tenure(
                 self.router.clone(),
                 partition.clone(),
                 lease.clone(),
-                revision,
+                taken,
                 self.reset,
                 stop.clone(),
                 ended.clone(),
@@ -253,14 +253,14 @@ async fn list(
     Ok((members, taken))
 }
 
-/// Pull partition `partition` while holding its lease (taken at `revision`), until `stop` or
+/// Pull partition `partition` while holding its lease (just `taken`), until `stop` or
 /// the lease is lost; on `stop`, wait (at most [`SETTLE_WAIT`]) for its messages in this worker
 /// to settle, then release the lease for the next owner.
 async fn tenure(
     router: Arc<Router>,
     partition: Arc<Partition>,
     lease: Arc<Lease>,
-    revision: u64,
+    taken: Taken,
     reset: bool,
     stop: CancellationToken,
     ended: Arc<std::sync::atomic::AtomicBool>,
@@ -271,19 +271,25 @@ async fn tenure(
         partition = k,
         "took the partition's lease; pulling it in order"
     );
-    take_over(&router, &partition.consumer, reset, &label).await;
     let pulling = router
         .metrics
         .jetstream_partition_pulling
         .with_label_values(&[&label]);
     pulling.set(1);
     let ((), revision) = lease
-        .hold(revision, &stop, "partition", |lost, validity| {
-            let (router, partition, stop) = (&router, &partition, &stop);
+        .hold(taken, &stop, "partition", |lost, validity| {
+            let (router, partition, stop, label) = (&router, &partition, &stop, &label);
             async move {
-                lead(router, &partition.consumer, &partition.held, &lost, &|| {
-                    validity.holds()
-                })
+                // Under the lease's renewals: it may wait for a consumer leader a while.
+                take_over(router, &partition.consumer, reset, label).await;
+                lead(
+                    router,
+                    &partition.consumer,
+                    &partition.held,
+                    &lost,
+                    &|| validity.holds(),
+                    reset,
+                )
                 .await;
                 if stop.is_cancelled() {
                     settle(&partition.held).await;

@@ -51,6 +51,9 @@ pub struct Router {
     pub logs_subject: String,
     /// NATS_REPLY_PREFIXES: which reply subjects a core message may name.
     pub replies: crate::replies::ReplyPolicy,
+    /// The JetStream context pull requests are made in and their messages acknowledged
+    /// through (`pull.rs`).
+    pub jetstream: async_nats::jetstream::Context,
 }
 
 impl Router {

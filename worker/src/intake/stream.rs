@@ -1,7 +1,9 @@
 //! The intake stream's configuration: what this worker wants, merged into what is already
 //! there, so that no worker ever takes a subject, a transform or the partition count away from
 //! the stream (a worker of an older version may have written a narrower config; the next
-//! check of a current one widens it again). See docs/intake.md.
+//! check of a current one widens it again). The same holds for its copies: a stream with more
+//! replicas than JS_REPLICAS keeps them, one with fewer is raised to JS_REPLICAS. See
+//! docs/intake.md.
 
 use async_nats::jetstream::stream;
 use logstore_protocol::partition::{transform, PARTITIONS_METADATA};
@@ -15,7 +17,8 @@ pub fn recorded_partitions(config: &stream::Config) -> Option<u32> {
 }
 
 /// The stream config to write and the partition count it has: `wanted` (this worker's limits
-/// and policies, subject `logs_subject`), with every subject of `existing` kept. The partition
+/// and policies, subject `logs_subject`, JS_REPLICAS copies), with every subject of `existing`
+/// kept and never fewer copies than `existing` has. The partition
 /// count is the one the stream records, else `configured` (JS_PARTITIONS) for a stream that
 /// records none; with partitions the stream also takes `<logs>.*` (mapped to
 /// `<logs>.p.<k>.<id>` by the transform) and `<logs>.p.*.b`.
@@ -54,6 +57,7 @@ pub fn merged(
         if wanted.subject_transform.is_none() {
             wanted.subject_transform = existing.subject_transform.clone();
         }
+        wanted.num_replicas = wanted.num_replicas.max(existing.num_replicas);
     }
     wanted.subjects = subjects;
     (wanted, partitions)
@@ -136,6 +140,20 @@ mod tests {
             merged(Some(&extra), wanted(), "logs", 0).0.subjects,
             ["logs", "audit"]
         );
+    }
+
+    #[test]
+    fn copies_are_raised_to_js_replicas_and_never_lowered() {
+        let with = |replicas| stream::Config {
+            num_replicas: replicas,
+            ..wanted()
+        };
+        let (raised, _) = merged(Some(&with(1)), with(3), "logs", 0);
+        assert_eq!(raised.num_replicas, 3);
+        let (kept, _) = merged(Some(&with(5)), with(3), "logs", 0);
+        assert_eq!(kept.num_replicas, 5);
+        let (new, _) = merged(None, with(3), "logs", 8);
+        assert_eq!(new.num_replicas, 3);
     }
 
     #[test]

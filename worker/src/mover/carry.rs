@@ -125,8 +125,8 @@ async fn read_ring(
         // Behind what this worker routes by (a record deleted and seeded again, or written
         // back by hand): going by it would undo the change.
         Ok(Some((found, _))) if found.rank() < routed.rank() => Err(format!(
-            "the ring record {} (epoch {}, {:?}) is behind the ring this worker routes by \
-             (epoch {}, {:?}, from the shards' copies): the move waits for `worker shards \
+            "the ring record {} (epoch {}, {}) is behind the ring this worker routes by \
+             (epoch {}, {}, from the shards' copies): the move waits for `worker shards \
              repair`",
             membership.key(),
             found.epoch,
@@ -168,7 +168,7 @@ fn members_open(
         metrics.move_errors.inc();
         progress.errors += 1;
         if waiting_logged.as_ref() != Some(&missing) {
-            tracing::warn!(missing = ?missing, "cannot open every ring member; the move waits");
+            tracing::warn!(missing = %missing.join(","), "cannot open every ring member; the move waits");
             *waiting_logged = Some(missing);
         }
         return false;

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cancel::{pause, Backoff};
 use crate::config::Intake;
-use crate::lease::Lease;
+use crate::lease::{Lease, Taken};
 use crate::membership::{Membership, MembershipError, Progress};
 use crate::metrics::Metrics;
 use crate::ring::MoveState;
@@ -129,7 +129,7 @@ pub async fn run(
             Err(e) => {
                 let retry_in = backoff.next_pause();
                 wait = Some(retry_in);
-                tracing::warn!(error = %Chain(&e), ?retry_in, "move interrupted; it is taken up again");
+                tracing::warn!(error = %Chain(&e), retry_in = %crate::config::Human(retry_in), "move interrupted; it is taken up again");
             }
         }
         // Bounded, so a worker stopping while NATS is away does not wait for it: the lease
@@ -144,14 +144,14 @@ pub async fn run(
 }
 
 /// Wait for a ring change and try to take the mover's lease (opened into `lease` on first
-/// use): the ring's membership and the lease's revision once taken, None to look again.
+/// use): the ring's membership and the lease once taken, None to look again.
 async fn take_up(
     shards: &Shards,
     client: &async_nats::Client,
     lease: &mut Option<Lease>,
     standing_by: &mut bool,
     cancel: &CancellationToken,
-) -> Option<(Membership, u64)> {
+) -> Option<(Membership, Taken)> {
     if shards.view().layout.state == MoveState::Steady {
         *standing_by = false;
         pause(cancel, IDLE_POLL).await;
@@ -169,7 +169,7 @@ async fn take_up(
                 Intake::Core => DEFAULT_LEASE,
             };
             let key = format!("move.{}", shards.config().queue_group);
-            match Lease::open_named(client, key, ttl).await {
+            match Lease::open_named(client, key, ttl, shards.config().js_replicas).await {
                 Ok(opened) => lease.insert(opened),
                 Err(e) => {
                     tracing::debug!(error = %Chain(&e), "cannot open the mover's lease");
@@ -224,7 +224,7 @@ where
         match op().await {
             Ok(value) => {
                 if logged {
-                    tracing::info!(shard, "{what}: succeeded again; the move resumes");
+                    tracing::info!(shard = %shard, "{what}: succeeded again; the move resumes");
                 }
                 return Ok(value);
             }
@@ -232,7 +232,7 @@ where
                 metrics.move_errors.inc();
                 progress.errors += 1;
                 if !logged {
-                    tracing::warn!(shard, error = %Chain(&e), "{what} failed; the move pauses and retries");
+                    tracing::warn!(shard = %shard, error = %Chain(&e), "{what} failed; the move pauses and retries");
                     logged = true;
                 }
                 pause(lost, backoff.next_pause()).await;

@@ -10,7 +10,6 @@ use crate::metrics::Metrics;
 use crate::pipeline;
 use crate::ring::Member;
 use crate::store::{Shard, StoreError};
-use crate::Chain;
 
 /// What building a lane needs: the worker's settings, metrics and task trackers.
 pub(super) struct Builder {
@@ -122,7 +121,7 @@ pub async fn initialise(
                 refused.get_or_insert(e);
             }
             Err(e) => {
-                let cause = Chain(&e).to_string();
+                let cause = crate::health::cause(&e);
                 shard.note_init_failure(&cause);
                 tracing::warn!(shard = %shard.name, error = %cause, "{unreachable}");
             }

@@ -128,6 +128,17 @@ struct Inner {
     ring_trouble: RingTrouble,
     /// When a request last re-read the record for a fence it does not know.
     unknown_fence_checked: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The epoch and move state routed by, for those who follow the ring ([`Shards::ring`]).
+    ring: tokio::sync::watch::Sender<(u64, MoveState)>,
+}
+
+/// One lane's shard as this worker sees it ([`Shards::states`]).
+pub struct LaneState {
+    pub name: String,
+    /// Answered its last health check (and is this fleet's).
+    pub up: bool,
+    /// What keeps it from serving, as `/readyz` says it.
+    pub problem: Option<String>,
 }
 
 impl Shards {
@@ -159,6 +170,7 @@ impl Shards {
                 applying: tokio::sync::Mutex::new(()),
                 ring_trouble: RingTrouble::default(),
                 unknown_fence_checked: std::sync::Mutex::new(None),
+                ring: tokio::sync::watch::Sender::new((seed.epoch, seed.state)),
             }),
         };
         // The lanes' pipelines hold the set, so the lanes are installed once it exists.
@@ -199,29 +211,34 @@ impl Shards {
     /// shard that is refused (another shard's or another fleet's database), fenced at an epoch
     /// the ring does not know, or unreachable.
     pub fn problems(&self) -> Vec<String> {
+        self.states()
+            .into_iter()
+            .filter_map(|state| state.problem)
+            .collect()
+    }
+
+    /// Every shard of the current view, by name: up or down, and what keeps it from serving.
+    pub fn states(&self) -> Vec<LaneState> {
         let view = self.view();
         let mut names: Vec<&String> = view.lanes.keys().collect();
         names.sort();
-        let mut problems = Vec::new();
-        for name in names {
-            let shard = &view.lanes[name].shard;
-            if shard.is_refused() {
-                problems.push(format!("shard {name}: database belongs to another shard"));
-            } else if let Some(fleet) = shard.foreign_fleet() {
-                problems.push(format!(
-                    "shard {name}: database belongs to another fleet ({fleet})"
-                ));
-            } else if shard.unknown_fence() > view.layout.epoch {
-                problems.push(format!(
-                    "shard {name}: fenced at ring epoch {}, which this fleet's ring (epoch {}) does not know",
-                    shard.unknown_fence(),
-                    view.layout.epoch
-                ));
-            } else if !shard.is_up() {
-                problems.push(format!("shard {name}: unreachable"));
-            }
-        }
-        problems
+        names
+            .into_iter()
+            .map(|name| {
+                let shard = &view.lanes[name].shard;
+                LaneState {
+                    name: name.clone(),
+                    up: shard.is_up(),
+                    problem: problem(name, shard, view.layout.epoch),
+                }
+            })
+            .collect()
+    }
+
+    /// The epoch and move state this worker routes by, as they change (a new value on every
+    /// change of either).
+    pub fn ring(&self) -> tokio::sync::watch::Receiver<(u64, MoveState)> {
+        self.inner.ring.subscribe()
     }
 
     /// Route by `record` from now on (ignored unless it comes after the current one, or is the
@@ -247,7 +264,7 @@ impl Shards {
                 .collect();
             let recorded: Vec<&str> = record.members.iter().map(|m| m.name.as_str()).collect();
             if !same_names(&configured, &recorded) {
-                tracing::warn!(configured = ?configured, ring = ?recorded, epoch = record.epoch, "POSTGRES_SHARDS differs from the fleet's ring record; following the record");
+                tracing::warn!(configured = %configured.join(","), ring = %recorded.join(","), epoch = record.epoch, "POSTGRES_SHARDS differs from the fleet's ring record; following the record");
             }
         }
         let (lanes, opened) = self.lanes_for(&record, &current);
@@ -266,11 +283,12 @@ impl Shards {
             lanes,
         });
         self.inner.builder.metrics.ring_epoch.set(epoch as i64);
+        self.inner.ring.send_replace((epoch, state));
         for lane in gone {
             tracing::info!(shard = %lane.shard.name, "shard left the ring; closing its lane");
             lane.stop.cancel();
         }
-        tracing::info!(epoch, state = ?state, members = ?names, "routing by ring epoch {epoch}");
+        tracing::info!(epoch, %state, members = %names.join(","), "routing by ring epoch {epoch}");
     }
 
     /// The lanes `record` names: the current view's where it has them, new ones (also
@@ -362,6 +380,26 @@ impl Shards {
 
     pub fn config(&self) -> &Arc<Config> {
         &self.inner.builder.config
+    }
+}
+
+/// What keeps `shard` (named `name`) from serving while the ring is at `epoch`, in words.
+fn problem(name: &str, shard: &Shard, epoch: u64) -> Option<String> {
+    if shard.is_refused() {
+        Some(format!("shard {name}: database belongs to another shard"))
+    } else if let Some(fleet) = shard.foreign_fleet() {
+        Some(format!(
+            "shard {name}: database belongs to another fleet ({fleet})"
+        ))
+    } else if shard.unknown_fence() > epoch {
+        Some(format!(
+            "shard {name}: fenced at ring epoch {}, which this fleet's ring (epoch {epoch}) does not know",
+            shard.unknown_fence(),
+        ))
+    } else if !shard.is_up() {
+        Some(format!("shard {name}: unreachable"))
+    } else {
+        None
     }
 }
 

@@ -304,7 +304,8 @@ impl Shards {
         if let Some(membership) = slot.as_ref() {
             return Ok(membership.clone());
         }
-        let membership = Membership::open(client, &self.inner.builder.config.queue_group).await?;
+        let config = &self.inner.builder.config;
+        let membership = Membership::open(client, &config.queue_group, config.js_replicas).await?;
         *slot = Some(membership.clone());
         Ok(membership)
     }

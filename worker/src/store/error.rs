@@ -1,7 +1,11 @@
 //! [`StoreError`]: what a shard operation can fail with, and the classification callers decide
-//! by ([`StoreError::is_unavailable`]: an outage worth retrying, or a fault).
+//! by ([`StoreError::is_unavailable`]: an outage worth retrying, or a fault). Shown through
+//! [`crate::Chain`], each reads as one line a person can act on: `shard pg2: cannot connect to
+//! 127.0.0.1:5433: Connection refused (os error 111)`.
 
 use std::time::Duration;
+
+use crate::config::Human;
 
 use logstore_protocol::{ErrorBody, ErrorCode};
 
@@ -18,7 +22,7 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("shard {shard} timed out after {after:?}")]
+    #[error("shard {shard} timed out after {}", Human(*after))]
     Timeout { shard: String, after: Duration },
     /// The append was sent and no answer came: it may or may not have committed. Never
     /// reported as a plain failure, because a client that retries without its key (or a dead
@@ -44,7 +48,7 @@ pub enum StoreError {
         source: Option<tokio_postgres::Error>,
     },
     #[error(
-        "shard {shard}: the database at this URL belongs to shard {found:?}; refusing to use it \
+        "shard {shard}: the database at this URL belongs to shard {found}; refusing to use it \
          (fix POSTGRES_SHARDS: a name must always map to the same database)"
     )]
     WrongShard { shard: String, found: String },
@@ -64,7 +68,7 @@ pub enum StoreError {
     /// The schema lacks migrations and the worker's role may not apply them (a least-privilege
     /// role: see deploy/postgres/roles.sql). Stops the start: retrying cannot fix it.
     #[error(
-        "shard {shard}: the schema lacks migration(s) {missing} and role {role:?} may not apply \
+        "shard {shard}: the schema lacks migration(s) {missing} and role {role} may not apply \
          them ({reason}); migrate once as the owner role (a worker started with its URL), then \
          run deploy/postgres/roles.sql"
     )]
@@ -90,12 +94,67 @@ pub enum StoreError {
     /// The append function answered something it never answers (a bug, not an outage).
     #[error("shard {shard}: unexpected answer: {what}")]
     Unexpected { shard: String, what: String },
+    /// A connection to the shard could not be made (refused, timed out, the login or TLS
+    /// refused, the server starting or shutting down): the shard's address and the cause.
+    #[error("shard {shard}: cannot connect to {address}: {source}")]
+    Connect {
+        shard: String,
+        /// host:port (no user or password).
+        address: String,
+        #[source]
+        source: PgError,
+    },
     #[error("shard {shard}: {source}")]
     Database {
         shard: String,
         #[source]
-        source: tokio_postgres::Error,
+        source: PgError,
     },
+}
+
+/// A driver error as a person reads it: where the driver's own text is only generic (`db
+/// error`, `error connecting to server`), its cause's instead: the server's message (`FATAL:
+/// password authentication failed for user "logstore_worker"`, DETAIL and HINT joined into the
+/// same line) or the operating system's (`Connection refused (os error 111)`). Other texts
+/// (`error performing TLS handshake`) stay, with their cause after them in the chain.
+#[derive(Debug)]
+pub struct PgError(pub tokio_postgres::Error);
+
+impl PgError {
+    /// The driver's error.
+    pub fn driver(&self) -> &tokio_postgres::Error {
+        &self.0
+    }
+
+    /// The cause that stands in for the driver's generic text, if it has one.
+    fn instead(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        let generic = matches!(
+            self.0.to_string().as_str(),
+            "db error" | "error connecting to server"
+        );
+        generic
+            .then(|| std::error::Error::source(&self.0))
+            .flatten()
+    }
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.instead() {
+            Some(cause) => f.write_str(&cause.to_string().replace('\n', "; ")),
+            None => self.0.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self.instead() {
+            // What the cause says is shown already: its own causes follow.
+            Some(cause) => cause.source(),
+            None => std::error::Error::source(&self.0),
+        }
+    }
 }
 
 impl StoreError {
@@ -119,12 +178,14 @@ impl StoreError {
             | StoreError::Unexpected { .. } => false,
             // No SQLSTATE: the connection itself failed. 08: connection exception; 53: out of
             // resources (e.g. too many connections); 57P: the server is shutting down or starting.
-            StoreError::Database { source, .. } => match source.code() {
-                None => true,
-                Some(state) => ["08", "53", "57P"]
-                    .iter()
-                    .any(|class| state.code().starts_with(class)),
-            },
+            StoreError::Connect { source, .. } | StoreError::Database { source, .. } => {
+                match source.driver().code() {
+                    None => true,
+                    Some(state) => ["08", "53", "57P"]
+                        .iter()
+                        .any(|class| state.code().starts_with(class)),
+                }
+            }
         }
     }
 
@@ -158,7 +219,16 @@ impl StoreError {
         }
         StoreError::Database {
             shard: shard.to_string(),
-            source,
+            source: PgError(source),
+        }
+    }
+
+    /// `source`, the error of a new connection to shard `shard` at `address`.
+    pub(crate) fn connect(shard: &str, address: &str, source: tokio_postgres::Error) -> StoreError {
+        StoreError::Connect {
+            shard: shard.to_string(),
+            address: address.to_string(),
+            source: PgError(source),
         }
     }
 
@@ -175,12 +245,13 @@ impl StoreError {
 /// The error a client sees for a store failure. Outages say `unavailable` (nothing stored;
 /// retry with the same key), an unknown outcome says `timeout` (retry with the same key, which
 /// answers as a duplicate if it was stored); anything else is `internal`, with the detail in
-/// the worker's log rather than the reply.
+/// the worker's log rather than the reply. A shard's network address is the log's, never the
+/// client's.
 pub fn store_error_body(e: &StoreError) -> ErrorBody {
     if e.is_outcome_unknown() {
-        ErrorBody::new(ErrorCode::Timeout, e.to_string())
+        ErrorBody::new(ErrorCode::Timeout, told(e))
     } else if e.is_unavailable() {
-        ErrorBody::new(ErrorCode::Unavailable, e.to_string())
+        ErrorBody::new(ErrorCode::Unavailable, told(e))
     } else {
         tracing::error!(error = %crate::Chain(e), "store fault");
         ErrorBody::new(
@@ -193,9 +264,20 @@ pub fn store_error_body(e: &StoreError) -> ErrorBody {
 fn short(e: &StoreError) -> String {
     match e {
         StoreError::Database { source, .. } => source
+            .driver()
             .as_db_error()
             .map(|db| db.message().to_string())
             .unwrap_or_else(|| source.to_string()),
+        other => told(other),
+    }
+}
+
+/// `e` as a client is told it: without the shard's network address.
+fn told(e: &StoreError) -> String {
+    match e {
+        StoreError::Connect { shard, source, .. } => {
+            format!("shard {shard}: cannot connect: {source}")
+        }
         other => other.to_string(),
     }
 }

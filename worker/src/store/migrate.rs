@@ -320,7 +320,7 @@ impl Shard {
             if applied.contains(version) {
                 continue;
             }
-            tracing::info!(shard = %self.name, version, name, "applying migration");
+            tracing::info!(shard = %self.name, version, name = %name, "applying migration");
             tx.batch_execute(sql).await.map_err(refused)?;
             tx.execute(
                 "INSERT INTO logstore_migrations (version, name) VALUES ($1, $2)",

@@ -63,6 +63,30 @@ fn seq_bound(cursor: u64) -> i64 {
     i64::try_from(cursor).unwrap_or(i64::MAX)
 }
 
+/// `host:port` of every host `pg` names, comma-separated (a socket directory for a Unix
+/// socket), as libpq would try them.
+fn address_of(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = pg.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let hosts: Vec<String> = if pg.get_hosts().is_empty() {
+        let addrs = pg.get_hostaddrs().iter().enumerate();
+        addrs
+            .map(|(i, ip)| std::net::SocketAddr::new(*ip, port(i)).to_string())
+            .collect()
+    } else {
+        let hosts = pg.get_hosts().iter().enumerate();
+        hosts
+            .map(|(i, host)| match host {
+                Host::Tcp(name) if name.contains(':') => format!("[{name}]:{}", port(i)),
+                Host::Tcp(name) => format!("{name}:{}", port(i)),
+                Host::Unix(dir) => format!("{}/.s.PGSQL.{}", dir.display(), port(i)),
+            })
+            .collect()
+    };
+    hosts.join(",")
+}
+
 const STATE_PENDING: u8 = 0;
 const STATE_READY: u8 = 1;
 const STATE_REFUSED: u8 = 2;
@@ -70,6 +94,8 @@ const STATE_REFUSED: u8 = 2;
 /// A handle to one shard. Cheap to share behind an `Arc`.
 pub struct Shard {
     pub name: String,
+    /// Where the pool connects, `host:port` (no user or password), for the errors people read.
+    address: String,
     pool: Pool,
     timeout: Duration,
     /// Pending until migrations ran and the identity matched; Refused forever on a mismatch.
@@ -148,6 +174,7 @@ impl Shard {
         // Several hosts (an HA pair): the writable one, each tried within its share of the
         // connect timeout.
         conninfo::for_writing(&url, &mut pg).map_err(|e| format!("shard {}: {e}", config.name))?;
+        let address = address_of(&pg);
         let manager = Manager::from_config(
             pg,
             connector,
@@ -177,6 +204,7 @@ impl Shard {
             .map_err(|e| format!("shard {}: cannot build pool: {e}", config.name))?;
         Ok(Shard {
             name: config.name.clone(),
+            address,
             pool,
             timeout,
             state: AtomicU8::new(STATE_PENDING),
@@ -327,7 +355,8 @@ impl Shard {
         // A guard, so a wait cut short by a caller's deadline is recorded too.
         let _wait = self.pool_wait.as_ref().map(|h| h.start_timer());
         self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(source) => self.db(source),
+            // Only making a new connection fails with the driver's error.
+            PoolError::Backend(source) => StoreError::connect(&self.name, &self.address, source),
             other => StoreError::Unavailable {
                 shard: self.name.clone(),
                 source: Box::new(other),

@@ -56,6 +56,11 @@ impl Env {
         format!("{}_logs", self.prefix)
     }
 
+    /// This test's dead-letter stream (DEAD_LETTERS_STREAM).
+    pub fn dead_letters_stream(&self) -> String {
+        format!("{}_dead", self.prefix)
+    }
+
     pub fn shards_spec(&self) -> String {
         self.shards
             .iter()
@@ -78,6 +83,9 @@ impl Env {
             ("NATS_EVENTS_PREFIX", self.subject("appended")),
             ("NATS_REJECTED_PREFIX", self.subject("rejected")),
             ("NATS_DEAD_LETTER_TOPIC", self.subject("dead_letter")),
+            ("DEAD_LETTERS_STREAM", self.dead_letters_stream()),
+            // Every test has a stream of its own, reserving its max bytes on the shared server.
+            ("DEAD_LETTERS_MAX_BYTES", (8 << 20).to_string()),
             ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
             ("SHARD_TIMEOUT_MS", "3000".to_string()),
             ("INTAKE", self.intake.to_string()),

@@ -74,7 +74,7 @@ pub async fn publish_concurrently(
 /// apart: NATS may be restarting); its stream sequence. With a `key` (its Nats-Msg-Id) a retry
 /// of a publish whose acknowledgement was lost is stored once all the same; without one, a
 /// failure fails the test, as a retry could store it twice.
-pub(super) async fn publish_until_acked(
+pub async fn publish_until_acked(
     js: &jetstream::Context,
     subject: &str,
     key: Option<&str>,

@@ -7,12 +7,14 @@
 //! - `db`: shard databases read directly; `http`: the metrics/health endpoint;
 //! - `load`: publishing with a ledger of what was acknowledged, and verifying the shards hold
 //!   every acknowledged append once, in order (also a loadgen run's own verify);
-//! - `bins`: the workspace's binaries, loadgen runs; `scenarios`: shared test logic;
-//! - `servers`: NATS and PostgreSQL; `tls`: certificates.
+//! - `bins`: the workspace's binaries, loadgen runs; `cli`: `logstore` pointed at a test's
+//!   world; `scenarios`: shared test logic;
+//! - `servers`: NATS (one server or a cluster) and PostgreSQL; `tls`: certificates.
 
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of this module
 
 mod bins;
+mod cli;
 mod client;
 mod db;
 mod env;
@@ -29,6 +31,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use bins::*;
+pub use cli::*;
 pub use client::*;
 pub use db::*;
 pub use env::*;
@@ -36,7 +39,10 @@ pub use http::*;
 pub use load::*;
 pub use partitions::*;
 pub use scenarios::*;
-pub use servers::{free_port, fresh_db, shared, unique_name, NatsServer, PgPair, PgServer};
+pub use servers::{
+    free_port, fresh_db, pg_command, shared, shared_cluster, unique_name, NatsCluster, NatsServer,
+    PgPair, PgServer, CLUSTER_SIZE,
+};
 pub use shipped::*;
 pub use worker::*;
 

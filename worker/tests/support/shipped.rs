@@ -1,12 +1,13 @@
 //! The shipped NATS deployment under test: deploy/nats/nats-server.conf run by
 //! deploy/nats/run-nats.sh (as docker-compose.yaml runs it) with each user's password in a
-//! file, and the settings and clients of its users (`worker`, `admin`, `client`).
+//! file, or deploy/nats/cluster.conf on a 3-node cluster (as docker-compose.ha.yaml runs it),
+//! and the settings and clients of its users (`worker`, `admin`, `client`): [`Logins`].
 
 use std::time::Duration;
 
 use logstore_protocol::nats::NatsSecurityArgs;
 
-use super::servers::{Launcher, NatsServer};
+use super::servers::{Launcher, NatsCluster, NatsServer};
 use super::{unique_name, within};
 
 /// Settings as (variable, value) pairs.
@@ -17,30 +18,99 @@ pub const USERS: [&str; 3] = ["worker", "admin", "client"];
 /// deploy/nats/nats-server.conf run by deploy/nats/run-nats.sh, each user's password in a file.
 pub struct Shipped {
     pub nats: NatsServer,
-    dir: tempfile::TempDir,
+    logins: Logins,
 }
 
 impl Shipped {
     pub fn start() -> Shipped {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut env = Vec::new();
-        for user in USERS {
-            let path = dir.path().join(format!("{user}.password"));
-            std::fs::write(&path, format!("{}\n", unique_name(user))).expect("password file");
-            env.push((
-                format!("NATS_{}_PASSWORD_FILE", user.to_uppercase()),
-                path.display().to_string(),
-            ));
-        }
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/run-nats.sh");
+        let (dir, env) = password_files();
         let nats = NatsServer::start_launched(Launcher {
-            script: Some(script),
+            script: Some(run_nats()),
             env,
+            ..Default::default()
         });
-        Shipped { nats, dir }
+        let url = nats.url();
+        Shipped {
+            nats,
+            logins: Logins { dir, url },
+        }
     }
+}
 
+impl std::ops::Deref for Shipped {
+    type Target = Logins;
+
+    fn deref(&self) -> &Logins {
+        &self.logins
+    }
+}
+
+/// deploy/nats/cluster.conf on a 3-node cluster, each server started by run-nats.sh with its
+/// name in NATS_SERVER_NAME (the routes and listen address given as flags: the file's name the
+/// compose services).
+pub struct ShippedCluster {
+    pub cluster: NatsCluster,
+    logins: Logins,
+}
+
+impl ShippedCluster {
+    pub fn start() -> ShippedCluster {
+        let (dir, env) = password_files();
+        let conf =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/cluster.conf");
+        let cluster = NatsCluster::start_launched(|name| {
+            let mut env = env.clone();
+            env.push(("NATS_CONF".to_string(), conf.display().to_string()));
+            env.push(("NATS_SERVER_NAME".to_string(), name.to_string()));
+            Launcher {
+                script: Some(run_nats()),
+                env,
+                ..Default::default()
+            }
+        });
+        let url = cluster.nats_url();
+        ShippedCluster {
+            cluster,
+            logins: Logins { dir, url },
+        }
+    }
+}
+
+impl std::ops::Deref for ShippedCluster {
+    type Target = Logins;
+
+    fn deref(&self) -> &Logins {
+        &self.logins
+    }
+}
+
+/// deploy/nats/run-nats.sh.
+fn run_nats() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/run-nats.sh")
+}
+
+/// A fresh password file for each of [`USERS`], and the variables naming them for run-nats.sh.
+fn password_files() -> (tempfile::TempDir, Vec<(String, String)>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut env = Vec::new();
+    for user in USERS {
+        let path = dir.path().join(format!("{user}.password"));
+        std::fs::write(&path, format!("{}\n", unique_name(user))).expect("password file");
+        env.push((
+            format!("NATS_{}_PASSWORD_FILE", user.to_uppercase()),
+            path.display().to_string(),
+        ));
+    }
+    (dir, env)
+}
+
+/// The users' password files and the NATS_URL they log in to.
+pub struct Logins {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Logins {
     /// The file holding `user`'s password.
     pub fn password_file(&self, user: &str) -> String {
         self.dir
@@ -53,7 +123,7 @@ impl Shipped {
     /// NATS_URL and `user`'s login, as the CLI, loadgen and the worker read them.
     pub fn login(&self, user: &str) -> Vars {
         vec![
-            ("NATS_URL", self.nats.url()),
+            ("NATS_URL", self.url.clone()),
             ("NATS_USER", user.to_string()),
             ("NATS_PASSWORD_FILE", self.password_file(user)),
             ("LOGSTORE_TIMEOUT_MS", "3000".to_string()),
@@ -75,6 +145,7 @@ impl Shipped {
             ("NATS_EVENTS_PREFIX", "appended"),
             ("NATS_REJECTED_PREFIX", "rejected"),
             ("NATS_DEAD_LETTER_TOPIC", "dead_letter"),
+            ("DEAD_LETTERS_STREAM", "DEAD_LETTERS"),
             ("NATS_STREAM", "LOGS"),
             ("INTAKE", "jetstream"),
         ] {
@@ -90,7 +161,7 @@ impl Shipped {
             nats_password_file: Some(self.password_file(user)),
             ..Default::default()
         };
-        let access = login.resolve(&self.nats.url()).expect("client settings");
+        let access = login.resolve(&self.url).expect("client settings");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let client = within(
             10,

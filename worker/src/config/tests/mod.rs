@@ -250,3 +250,30 @@ fn metrics_addr_accepts_a_bare_port() {
         assert_eq!(addr(bad).unwrap_err().var, "METRICS_ADDR", "{bad:?}");
     }
 }
+
+#[test]
+fn js_replicas_is_1_to_5_for_the_stream_and_the_buckets() {
+    let replicas = |args: &[&str]| {
+        let mut all = vec!["--postgres-ips", "h"];
+        all.extend_from_slice(args);
+        raw(&all).validate().map(|c| {
+            let stream = match c.intake {
+                Intake::JetStream(js) => Some(js.replicas),
+                Intake::Core => None,
+            };
+            (c.js_replicas, stream)
+        })
+    };
+    assert_eq!(replicas(&[]).unwrap(), (1, Some(1)));
+    assert_eq!(replicas(&["--js-replicas", " 3 "]).unwrap(), (3, Some(3)));
+    // The KV buckets are replicated with core intake too.
+    assert_eq!(
+        replicas(&["--js-replicas", "5", "--intake", "core"]).unwrap(),
+        (5, None)
+    );
+    for bad in ["0", "6", "-1", "three", ""] {
+        let flag = format!("--js-replicas={bad}");
+        let err = replicas(&[&flag]).unwrap_err();
+        assert_eq!(err.var, "JS_REPLICAS", "{bad:?}: {err}");
+    }
+}

@@ -25,8 +25,9 @@
 //!   stopped, its port must stay free for `restart()`, and outgoing connections (which take
 //!   ephemeral ports) would otherwise occasionally steal it.
 //!
-//! Layout: `nats` ([`NatsServer`], [`Launcher`]), `postgres` ([`PgServer`]), `replica`
-//! ([`PgPair`]: a primary with a synchronous standby, for failover), `process` (the
+//! Layout: `nats` ([`NatsServer`], [`Launcher`]), `nats_cluster` ([`NatsCluster`]: three
+//! of them with routes), `postgres` ([`PgServer`]), `replica` ([`PgPair`]: a primary with a
+//! synchronous standby, for failover), `process` (the
 //! keeper thread, PDEATHSIG, stopping and reaping), `ports` (the one [`free_port`]), `dirs`
 //! (temp dirs, the `atexit` cleanup, file helpers); here, the [`shared()`] servers,
 //! [`fresh_db`] and [`unique_name`].
@@ -35,6 +36,7 @@
 
 mod dirs;
 mod nats;
+mod nats_cluster;
 mod ports;
 mod postgres;
 mod process;
@@ -46,8 +48,9 @@ use std::thread;
 use std::time::Duration;
 
 pub use nats::{Launcher, NatsServer};
+pub use nats_cluster::{shared_cluster, NatsCluster, CLUSTER_SIZE};
 pub use ports::free_port;
-pub use postgres::PgServer;
+pub use postgres::{pg_command, PgServer};
 pub use replica::PgPair;
 
 use crate::support::db::pg_connect;

@@ -189,11 +189,12 @@ impl Drop for NatsServer {
 }
 /// How nats-server is started: the binary itself (the default), or a wrapper script that
 /// ends with `exec nats-server "$@"`, given the same arguments and extra environment (as
-/// deploy/nats/run-nats.sh is).
+/// deploy/nats/run-nats.sh is); `args` follow the test's own (a cluster's routes, say).
 #[derive(Clone, Default)]
 pub struct Launcher {
     pub script: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
 }
 
 /// Starts nats-server (with `-c conf` when given: a server that requires a login still greets
@@ -225,7 +226,8 @@ fn launch_nats(
         .arg(port.to_string())
         .arg("-js")
         .arg("-sd")
-        .arg(store);
+        .arg(store)
+        .args(&launcher.args);
     let mut child = spawn_logged(cmd, log, None, "nats-server");
     let deadline = Instant::now() + NATS_READY_TIMEOUT;
     loop {

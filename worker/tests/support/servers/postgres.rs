@@ -489,6 +489,23 @@ pub(super) fn postgres_bin() -> &'static Path {
     &pg_bins().postgres
 }
 
+/// A command for PostgreSQL's program `name` (`pg_ctl`, `pg_isready`, …) from the directory of
+/// the server binaries the tests use, run as the user the tests run PostgreSQL as (`postgres`
+/// when we are root): what a person types to manage a server by hand.
+pub fn pg_command(name: &str) -> Command {
+    let dir = pg_bins()
+        .postgres
+        .parent()
+        .expect("the postgres binary lives in a directory");
+    let mut command = Command::new(dir.join(name));
+    if let Some(ids) = pg_run_as() {
+        use std::os::unix::process::CommandExt;
+        // std drops the supplementary groups too when root changes uid.
+        command.uid(ids.uid).gid(ids.gid);
+    }
+    command
+}
+
 /// Uid/gid to run PostgreSQL as: `postgres` when we are root (postgres refuses root), else
 /// `None` = run as ourselves.
 pub(super) fn pg_run_as() -> Option<RunAs> {

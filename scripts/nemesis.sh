@@ -14,10 +14,10 @@
 #   shards-add     `worker shards add pg3=…` (the objects the new ring gives pg3 move there)
 #   worker-kill    SIGKILL of a worker, restarted at once
 #   nats-kill      SIGKILL of a NATS node, restarted NEMESIS_NATS_DOWN [5] s later on its store dir
+#   shards-remove  `worker shards remove pg3` (once the last ring change is done)
 #   pg-failover    SIGKILL of a shard's primary (the whole server: a lost machine), its standby
 #                  promoted (pg_ctl promote); a new standby is then seeded from the new primary
 #                  on the old port, so the URL stays valid and the next failover works
-#   shards-remove  `worker shards remove pg3` (once the last ring change is done)
 #   pg-sigstop     SIGSTOP of a shard's primary for NEMESIS_STOP_SECONDS [5] s, then SIGCONT
 # A sampler reads every worker's /metrics every 200 ms (stored appends per shard) and its VmRSS
 # every 10 s. At the end: loadgen's --verify, an SQL check of every object on every shard (seqs
@@ -234,6 +234,19 @@ start_worker() { # start_worker I: worker I (1-based) on its metrics port
   disown
 }
 worker_ready() { http_ok "http://127.0.0.1:${worker_port[$1 - 1]}/readyz"; }
+# readyz_says I: what worker I's /readyz answers (what is not ready), on one line.
+readyz_says() {
+  python3 - "http://127.0.0.1:${worker_port[$1 - 1]}/readyz" <<'PY'
+import sys, urllib.error, urllib.request
+try:
+    body = urllib.request.urlopen(sys.argv[1], timeout=2).read()
+except urllib.error.HTTPError as e:
+    body = e.read()
+except Exception as e:
+    body = str(e).encode()
+print(" ".join(body.decode(errors="replace").split())[:300].replace('"', "'"))
+PY
+}
 shards_cmd() { # shards_cmd ARGS...: `worker shards ARGS` with the fleet's settings, within 120 s
   local env
   read -ra env <<<"$(worker_env 1)"
@@ -290,8 +303,9 @@ fault_worker_kill() {
   kill -KILL "$pid" 2>/dev/null || true
   wait_gone 10 "$pid" || ok=false
   start_worker "$i"
-  wait_for 60 worker_ready "$i" || ok=false
-  fault worker-kill "w$i" "$t" "$ok" "SIGKILL pid $pid, restarted as $(pid_of "w$i"), ready after $(took "$t") s"
+  local ready="ready after"
+  wait_for 60 worker_ready "$i" || { ok=false; ready="/readyz: $(readyz_says "$i"); not ready after"; }
+  fault worker-kill "w$i" "$t" "$ok" "SIGKILL pid $pid, restarted as $(pid_of "w$i"), $ready $(took "$t") s"
 }
 
 count_nats=0
@@ -411,7 +425,8 @@ echo "$loadgen_pid" >"$tmp/pids/loadgen.pid"
 load_ms=$(now_ms)
 send_end_ms=$((load_ms + APPENDS * 1000 / RATE))
 log "$(clock) load: $APPENDS appends at $RATE/s over $OBJECTS objects (about $((APPENDS / RATE)) s); a fault every $INTERVAL s"
-kinds=(shards-add worker-kill nats-kill pg-failover shards-remove pg-sigstop)
+# add and remove three faults apart: each must wait for the other's move and MOVE_GRACE_MS (30 s).
+kinds=(shards-add worker-kill nats-kill shards-remove pg-failover pg-sigstop)
 next_ms=$((load_ms + INTERVAL * 1000))
 n=0
 # A fault starts only while at least half an interval of sending is left, so its effect is

@@ -13,7 +13,7 @@
 # The titles name the report file, its commit (COMMIT below), the machine's cores and memory, and
 # the run's size.
 #
-# REPORT.json defaults to the newest full-size run in bench/results/ (BENCH_APPENDS of 500,000 or
+# REPORT.json defaults to the newest full-size bench.sh report in bench/results/ (BENCH_APPENDS of 500,000 or
 # more; smoke runs are smaller). To plot a fresh one, run scripts/bench.sh first (about ten
 # minutes, release build) and pass the JSON it names.
 #
@@ -54,7 +54,7 @@ fi
 newest_full() {
   python3 - "$repo"/bench/results/*.json <<'PY'
 import json, sys
-full = [p for p in sorted(sys.argv[1:]) if json.load(open(p))["params"]["appends"] >= 500_000]
+full = [p for p in sorted(sys.argv[1:]) if "a_pgbench_batched_rows_per_s" in (r := json.load(open(p))) and r["params"]["appends"] >= 500_000]
 print(full[-1] if full else "")
 PY
 }

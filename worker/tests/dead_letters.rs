@@ -148,12 +148,7 @@ async fn dead_letters_lists_what_was_refused_and_follows_within_a_second() {
 async fn the_shipped_config_shows_the_dead_letters_to_the_operator_only() {
     let shipped = Shipped::start();
     let env = Env::shared(&["a"]).await;
-    let worker = WorkerCommand::new(&env)
-        .extra(&shipped.worker_settings())
-        .log("info")
-        .capture()
-        .spawn();
-    worker.wait_ready().await;
+    let worker = shipped.start_worker(&env).await;
     let client_vars = shipped.login("client");
     let admin_vars = shipped.login("admin");
 

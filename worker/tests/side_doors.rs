@@ -30,12 +30,7 @@ async fn run(bin: &str, args: &[&str], env: &[(&'static str, String)]) -> (i32, 
 async fn shipped_config_keeps_each_user_to_its_job() {
     let shipped = Shipped::start();
     let env = Env::shared(&["a"]).await;
-    let worker = WorkerCommand::new(&env)
-        .extra(&shipped.worker_settings())
-        .log("info")
-        .capture()
-        .spawn();
-    worker.wait_ready().await;
+    let worker = shipped.start_worker(&env).await;
     let client_vars = shipped.login("client");
     let admin_vars = shipped.login("admin");
 
@@ -225,12 +220,7 @@ async fn the_client_user_cannot_steer_the_fleet() {
     const APPENDS: usize = 300;
     let shipped = Shipped::start();
     let env = Env::shared(&["a"]).await;
-    let worker = WorkerCommand::new(&env)
-        .extra(&shipped.worker_settings())
-        .log("info")
-        .capture()
-        .spawn();
-    worker.wait_ready().await;
+    let worker = shipped.start_worker(&env).await;
 
     // What must not change, read as the worker user.
     let (observer, _) = shipped.connect("worker").await;

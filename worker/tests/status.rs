@@ -253,12 +253,7 @@ async fn steady_and_gone(
 async fn the_client_user_sees_the_fleet_with_the_shipped_config() {
     let shipped = Shipped::start();
     let env = Env::shared(&["a"]).await;
-    let worker = WorkerCommand::new(&env)
-        .extra(&shipped.worker_settings())
-        .log("info")
-        .capture()
-        .spawn();
-    worker.wait_ready().await;
+    let worker = shipped.start_worker(&env).await;
     let client_vars = shipped.login("client");
 
     // The worker registers with the service API once it takes work.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use logstore_protocol::nats::NatsSecurityArgs;
 
 use super::servers::{Launcher, NatsCluster, NatsServer};
-use super::{unique_name, within};
+use super::{unique_name, within, Env, WorkerCommand, WorkerProcess};
 
 /// Settings as (variable, value) pairs.
 pub type Vars = Vec<(&'static str, String)>;
@@ -152,6 +152,17 @@ impl Logins {
             vars.push((var, value.to_string()));
         }
         vars
+    }
+
+    /// A worker process on `env`'s shards with [`Logins::worker_settings`], logging at info
+    /// level into a capture the test can read, started and ready.
+    pub async fn start_worker(&self, env: &Env) -> WorkerProcess {
+        WorkerCommand::new(env)
+            .extra(&self.worker_settings())
+            .log("info")
+            .capture()
+            .start()
+            .await
     }
 
     /// A client logged in as `user` that reports the server's errors (permission violations).

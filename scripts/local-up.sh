@@ -66,6 +66,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 . "$repo/scripts/lib/packages.sh"
 . "$repo/scripts/lib/nats.sh"
 . "$repo/scripts/lib/local-up-restart.sh"
+. "$repo/scripts/lib/pg-bin.sh"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
@@ -113,29 +114,12 @@ esac
 # ---------------------------------------------------------------------------------------------
 # Prerequisites: nats-server, PostgreSQL, (Prometheus)
 # ---------------------------------------------------------------------------------------------
-# The directory holding initdb, postgres, pg_isready and psql: from PATH (symlinks resolved:
-# some machines link only initdb/postgres into /usr/local/bin), pg_config, or Debian's layout
-# (the newest version when several are installed).
-find_pg_bindir() {
-  local d candidates=()
-  command -v initdb >/dev/null 2>&1 && candidates+=("$(dirname "$(readlink -f "$(command -v initdb)")")")
-  command -v pg_config >/dev/null 2>&1 && candidates+=("$(pg_config --bindir)")
-  while read -r d; do candidates+=("$(dirname "$d")"); done < <(compgen -G "/usr/lib/postgresql/*/bin/initdb" | sort -rV)
-  for d in "${candidates[@]}"; do
-    if [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && [ -x "$d/pg_isready" ] && [ -x "$d/psql" ]; then
-      echo "$d"
-      return 0
-    fi
-  done
-  return 1
-}
-
 missing=()
-find_pg_bindir >/dev/null || missing+=(postgresql)
+find_pg_bindir initdb postgres pg_isready psql >/dev/null || missing+=(postgresql)
 if [ "$PROMETHEUS" = 1 ] && ! command -v prometheus >/dev/null 2>&1; then missing+=(prometheus); fi
 install_packages "${missing[@]}"
 nats_bin=$(ensure_nats_server) || die "no nats-server $NATS_SERVER_MIN or newer (see scripts/lib/nats.sh)"
-pg_bindir=$(find_pg_bindir) || die "PostgreSQL binaries not found after install"
+pg_bindir=$(find_pg_bindir initdb postgres pg_isready psql) || die "PostgreSQL binaries not found after install"
 prometheus_bin=""
 if [ "$PROMETHEUS" != 0 ]; then prometheus_bin=$(command -v prometheus || true); fi
 

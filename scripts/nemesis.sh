@@ -74,7 +74,7 @@ done
 
 # ---------------------------------------------------------------- binaries and packages
 missing=()
-find_pg_bindir >/dev/null || missing+=(postgresql)
+find_pg_bindir "${PG_TOOLS[@]}" >/dev/null || missing+=(postgresql)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 install_packages "${missing[@]}"
 nats_bin=$(ensure_nats_server) || die "no nats-server $NATS_SERVER_MIN or newer (see scripts/lib/nats.sh)"

@@ -5,27 +5,16 @@
 # `pg_basebackup -R` of its primary, the primary waits for it on every commit once
 # `synchronous_standby_names` names it, and a failover is `pg_ctl promote`.
 
-# find_pg_bindir: the directory holding every PostgreSQL program used here: from PATH (links
-# resolved: some machines link only initdb/postgres into /usr/local/bin), pg_config, or
-# Debian's layout (the newest version first).
-find_pg_bindir() {
-  local d candidates=()
-  command -v initdb >/dev/null 2>&1 && candidates+=("$(dirname "$(readlink -f "$(command -v initdb)")")")
-  command -v pg_config >/dev/null 2>&1 && candidates+=("$(pg_config --bindir)")
-  while read -r d; do candidates+=("$(dirname "$d")"); done < <(compgen -G "/usr/lib/postgresql/*/bin/initdb" | sort -rV)
-  for d in "${candidates[@]}"; do
-    local ok=1 tool
-    for tool in initdb postgres psql pg_isready pg_ctl pg_basebackup; do [ -x "$d/$tool" ] || ok=0; done
-    [ "$ok" = 1 ] && { echo "$d"; return 0; }
-  done
-  return 1
-}
+# find_pg_bindir (scripts/lib/pg-bin.sh), for every PostgreSQL program used here.
+# shellcheck source=scripts/lib/pg-bin.sh
+. "$(dirname "${BASH_SOURCE[0]}")/pg-bin.sh"
+PG_TOOLS=(initdb postgres psql pg_isready pg_ctl pg_basebackup)
 
 # pg_setup DIR: PG_BIN (the programs), AS_PG (the prefix that runs a program as `postgres`
 # when we are root; setpriv execs in place, so `$!` is the program itself) and PG_SOCK (the
 # servers' Unix socket directory, inside DIR).
 pg_setup() {
-  PG_BIN=$(find_pg_bindir) || return 1
+  PG_BIN=$(find_pg_bindir "${PG_TOOLS[@]}") || return 1
   AS_PG=()
   PG_SOCK=$1/sock
   mkdir -p "$PG_SOCK"

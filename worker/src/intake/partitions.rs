@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
+use async_nats::jetstream::{consumer, kv};
 use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -91,7 +91,6 @@ struct Owner {
     /// stream and consumer on the server).
     member_prefix: String,
     member_key: String,
-    lease_prefix: String,
     tasks: TaskTracker,
     held: HashMap<u32, Tenure>,
     members: Vec<String>,
@@ -117,7 +116,6 @@ impl Owner {
             reset,
             member_key: format!("{member_prefix}{me}"),
             member_prefix,
-            lease_prefix: format!("{}-p", legacy.key()),
             me,
             tasks: TaskTracker::new(),
             held: HashMap::new(),
@@ -137,22 +135,27 @@ impl Owner {
             .metrics
             .jetstream_partitions_held
             .set(self.held.len() as i64);
-        let listed = list(
-            &self.lease,
-            &self.member_key,
-            &self.member_prefix,
-            &self.lease_prefix,
-        )
-        .await;
+        let keys: Vec<String> = self.leases.iter().map(|l| l.key().to_string()).collect();
+        let listing = list(&self.lease, &self.member_key, &self.member_prefix, &keys);
+        // Bounded: a round that waits long for a server delays taking partitions over.
+        let listed = match tokio::time::timeout(self.lease.ttl, listing).await {
+            Ok(listed) => listed,
+            Err(_) => Err(format!("no answer within {:?}", self.lease.ttl)),
+        };
         let (members, taken) = match listed {
             Ok(listed) => {
-                self.failing = false;
+                if self.failing {
+                    tracing::info!("the partition leases can be read again");
+                    self.failing = false;
+                }
                 listed
             }
             Err(e) => {
                 if !self.failing {
                     tracing::warn!(error = %e, "cannot read the partition leases; keeping what this worker pulls");
                     self.failing = true;
+                } else {
+                    tracing::debug!(error = %e, "still cannot read the partition leases");
                 }
                 return;
             }
@@ -163,9 +166,17 @@ impl Owner {
         }
         let mine = targets(&self.members, self.partitions.len() as u32, &self.me);
         let stable = self.members_since.elapsed() >= self.lease.ttl;
+        tracing::debug!(
+            members = self.members.len(),
+            ?mine,
+            stable,
+            taken = taken.len(),
+            held = self.held.len(),
+            "partition round"
+        );
         for index in 0..self.partitions.len() {
             let k = self.partitions[index].k;
-            let taken = taken.contains(&format!("{}{k}", self.lease_prefix));
+            let taken = taken.contains(self.leases[index].key());
             self.step(index, mine.contains(&k), stable, taken, cancel)
                 .await;
         }
@@ -222,35 +233,63 @@ impl Owner {
     }
 }
 
-/// Write this worker's member key, then list the bucket: the members (keys under
-/// `member_prefix`), and the partition leases held now (keys under `lease_prefix`).
+/// Write this worker's member key, then read the bucket: the members (live keys under
+/// `member_prefix`), and which of the partition leases `lease_keys` are held now.
+///
+/// Read without a KV watch (async-nats's `keys()`): a watch creates a consumer, and creating a
+/// consumer goes through the JetStream cluster's meta leader, which after a server's loss can
+/// take ten seconds and more to answer, while the bucket's own stream answers again within the
+/// election of its leader. So: the member subjects from the stream's info (answered by its
+/// leader), and each key's last entry by direct get (answered by any copy), a delete marker
+/// counting as absent.
 async fn list(
     legacy: &Lease,
     member_key: &str,
     member_prefix: &str,
-    lease_prefix: &str,
+    lease_keys: &[String],
 ) -> Result<(Vec<String>, BTreeSet<String>), String> {
     let store = legacy.store();
     store
         .put(member_key, "".into())
         .await
         .map_err(|e| format!("cannot write the member key: {e}"))?;
-    let mut keys = store
-        .keys()
+    let subjects = format!("{}{member_prefix}>", store.prefix);
+    let mut listed = store
+        .stream
+        .info_with_subjects(&subjects)
         .await
-        .map_err(|e| format!("cannot list the lease bucket: {e}"))?;
+        .map_err(|e| format!("cannot list the members: {e}"))?;
+    let mut candidates = Vec::new();
+    while let Some(subject) = listed.next().await {
+        let (subject, _) = subject.map_err(|e| format!("cannot list the members: {e}"))?;
+        if let Some(member) = subject.strip_prefix(store.prefix.as_str()) {
+            candidates.push(member.to_string());
+        }
+    }
     let mut members = Vec::new();
-    let mut taken = BTreeSet::new();
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| format!("cannot list the lease bucket: {e}"))?;
-        if let Some(member) = key.strip_prefix(member_prefix) {
-            members.push(member.to_string());
-        } else if key.starts_with(lease_prefix) {
-            taken.insert(key);
+    for key in candidates {
+        if live(store, &key).await? {
+            if let Some(member) = key.strip_prefix(member_prefix) {
+                members.push(member.to_string());
+            }
         }
     }
     members.sort();
+    let mut taken = BTreeSet::new();
+    for key in lease_keys {
+        if live(store, key).await? {
+            taken.insert(key.clone());
+        }
+    }
     Ok((members, taken))
+}
+
+/// Whether `key` has a value now (not deleted, not expired).
+async fn live(store: &kv::Store, key: &str) -> Result<bool, String> {
+    match store.entry(key).await {
+        Ok(entry) => Ok(entry.is_some_and(|entry| entry.operation == kv::Operation::Put)),
+        Err(e) => Err(format!("cannot read {key}: {e}")),
+    }
 }
 
 /// Pull partition `partition` while holding its lease (just `taken`), until `stop` or

@@ -377,6 +377,7 @@ impl Parts {
                 _ => None,
             },
             held: origin::Held::default(),
+            unfinished: Arc::default(),
             partitions,
             logs_subject: config.logs_subject.clone(),
             replies: config.replies.clone(),

@@ -76,6 +76,7 @@ pub mod ring;
 pub mod service;
 pub mod shards;
 pub mod store;
+pub mod unfinished;
 
 pub use app::{run, run_on, Error};
 pub use logstore_protocol::chain::Chain;

@@ -190,6 +190,9 @@ pub struct AppendJob {
     /// there): at that epoch the append goes to the new owner (see
     /// [`crate::ring::Layout::place`]).
     pub moved_at: Option<u64>,
+    /// Holds its object's later appends behind it in this worker, whatever the ring says
+    /// meanwhile (see [`crate::unfinished`]); released when the job is dropped.
+    pub pin: crate::unfinished::Pin,
 }
 
 impl AppendJob {

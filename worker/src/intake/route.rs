@@ -20,6 +20,7 @@ use crate::pipeline::{Refused, Work};
 use crate::query::{Queries, QueryJob, Request};
 use crate::shards::Shards;
 use crate::store::NewEntry;
+use crate::unfinished::Unfinished;
 use logstore_protocol::partition::partition;
 
 /// Routes decoded requests to the shard pipelines.
@@ -45,6 +46,9 @@ pub struct Router {
     /// Stream sequences of the JetStream messages of the `logs` lane in this worker (each
     /// partition has its own set).
     pub held: Held,
+    /// Which shard queue each object's unfinished appends wait in: a later append queues
+    /// behind them there even after the ring moved the object (see [`crate::unfinished`]).
+    pub unfinished: Arc<Unfinished>,
     /// The stream's partition count (0: none); with the `logs` subject, what a message on a
     /// partition's subject is checked against ([`Router::check_partition`]).
     pub partitions: u32,
@@ -308,9 +312,18 @@ impl Router {
         hold: Option<&CancellationToken>,
     ) {
         let deadline = tokio::time::Instant::from_std(started) + self.shard_timeout;
+        let view = self.shards.view();
+        // Where an append to `id` is queued: behind its object's unfinished appends, else
+        // where the ring routes it now.
+        let place = |id: u64| {
+            let routed = view.layout.route(id).shard;
+            self.unfinished
+                .place(id, routed, |shard| view.lane(shard).is_some())
+        };
         let entries = match body {
             AppendBody::Single(request) => {
                 let key = request.key.or_else(|| keys.single());
+                let (shard, pin) = place(request.id);
                 let job = AppendJob {
                     entry: NewEntry {
                         id: request.id,
@@ -324,21 +337,19 @@ impl Router {
                     deadline,
                     hold: hold.is_some(),
                     moved_at: None,
+                    pin,
                 };
-                let view = self.shards.view();
-                let shard = view.layout.route(job.entry.id).shard;
-                self.enqueue(&view, shard, Work::Append(job), hold).await;
+                self.enqueue(&view, &shard, Work::Append(job), hold).await;
                 return;
             }
             AppendBody::Batch(entries) => entries,
         };
         let batch = BatchMessage::new(origin, entries.len(), in_flight);
-        // One group per shard, each in array order.
-        let view = self.shards.view();
-        let mut groups: Vec<(&str, Vec<AppendJob>)> = Vec::new();
+        // One group per shard queue, each in array order.
+        let mut groups: Vec<(Arc<str>, Vec<AppendJob>)> = Vec::new();
         for (index, request) in entries.into_iter().enumerate() {
             let key = request.key.or_else(|| keys.entry(index));
-            let shard = view.layout.route(request.id).shard;
+            let (shard, pin) = place(request.id);
             let group = match groups.iter().position(|(name, _)| *name == shard) {
                 Some(i) => i,
                 None => {
@@ -362,11 +373,12 @@ impl Router {
                 deadline,
                 hold: hold.is_some(),
                 moved_at: None,
+                pin,
             });
         }
         drop(batch);
         for (shard, jobs) in groups {
-            self.enqueue(&view, shard, Work::Appends(jobs), hold).await;
+            self.enqueue(&view, &shard, Work::Appends(jobs), hold).await;
         }
     }
 

@@ -10,7 +10,9 @@
 //! append stored exactly once, on the object it was sent to, seqs gapless from 1, ts never
 //! decreasing, each object's entries and live head row on the one shard the ring names (head
 //! rows matching their logs; tombstones, `moved_to IS NOT NULL`, without entries), and 500 old
-//! keys re-sent answered as duplicates without a new row.
+//! keys re-sent answered as duplicates without a new row. One more test holds a move at the
+//! instant the ring starts routing an object to its new shard, with an append to it still
+//! queued on the old one, and checks the next append stays behind it.
 
 mod resharding;
 mod support;
@@ -303,4 +305,101 @@ async fn a_shard_down_during_a_move_pauses_it_and_nothing_is_lost() {
     for worker in workers {
         assert_eq!(worker.terminate().await, Some(0));
     }
+}
+
+/// JetStream ordered intake, one worker: an append to object X still queued on its old owner
+/// pg1 when the ring starts routing X to pg3 (the move's `purging` step) stays ahead of the next
+/// append to X (docs/resharding.md, "Routing during a move"). pg1's pipeline is held up by a
+/// transaction of this test that locks another object's head row; X's own head row is locked
+/// until both appends to pg1 are in the worker, so the mover moves X only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_queued_on_the_old_owner_stays_ahead_of_the_next_one() {
+    let world = World::new("jetstream", 300).await;
+    let env = &world.env;
+    let worker = world.start_worker().await;
+    let client = env.client().await;
+    let js = jetstream::new(client.clone());
+    let logs = env.subject("logs");
+    let ring = |members| worker::ring::Ring::new(members, worker::ring::DEFAULT_VNODES);
+    let (old, new) = (ring(&OLD[..]), ring(&NEW[..]));
+    let on_pg1 = |to: &str| {
+        (1..=resharding::OBJECTS)
+            .find(|&id| old.shard_name_of(id) == "pg1" && new.shard_name_of(id) == to)
+            .expect("an object for the test")
+    };
+    let (x, y) = (on_pg1("pg3"), on_pg1("pg1"));
+    let pg1 = env.shards[0].1.clone();
+    assert_eq!(env.shards[0].0, "pg1");
+    let pg3 = world.pg3_url.clone();
+    append_js(&js, &logs, x, "x-0", false).await;
+    append_js(&js, &logs, y, "y-0", false).await;
+    eventually(30, "x-0 and y-0 stored on pg1", || async {
+        let stored = db_rows(&pg1, x).await.len() + db_rows(&pg1, y).await.len();
+        (stored == 2).then_some(())
+    })
+    .await;
+
+    // X's head row locked: the mover raises the fences, then waits for it.
+    let mut hold_x = pg_connect(&pg1).await;
+    let lock_x = hold_x.transaction().await.expect("begin");
+    let lock = "SELECT 1 FROM objects WHERE id = $1 FOR UPDATE";
+    lock_x.execute(lock, &[&(x as i64)]).await.expect("lock X");
+    add_shard(env, "pg3", &world.pg3_url, 2).await;
+    let fenced = pg_connect(&pg1).await;
+    eventually(30, "pg1 fenced at epoch 2", || async {
+        let row = fenced.query_one("SELECT epoch FROM ring_fence", &[]).await;
+        (row.ok()?.get::<_, i64>(0) == 2).then_some(())
+    })
+    .await;
+    // Y's head row locked: pg1's pipeline waits in its next transaction (y-1), and x-1 waits
+    // behind it.
+    let mut hold_y = pg_connect(&pg1).await;
+    let lock_y = hold_y.transaction().await.expect("begin");
+    lock_y.execute(lock, &[&(y as i64)]).await.expect("lock Y");
+    let held = |n: f64| {
+        let worker = &worker;
+        async move {
+            let (_, body) = http_get(worker.metrics, "/metrics").await?;
+            (metric_sum(&body, "logstore_jetstream_held_messages", &[]) == n).then_some(())
+        }
+    };
+    append_js(&js, &logs, y, "y-1", false).await;
+    eventually(30, "y-1 in the worker", || held(1.0)).await;
+    append_js(&js, &logs, x, "x-1", false).await;
+    eventually(30, "x-1 in the worker", || held(2.0)).await;
+
+    // X moves; the worker routes X to pg3 from now on.
+    lock_x.commit().await.expect("release X");
+    eventually(30, "the worker routes by the new ring", || async {
+        let instances =
+            logstore_protocol::discover::instances(&client, &logs, Duration::from_secs(1))
+                .await
+                .ok()?;
+        let subject = instances.first()?.endpoint("status")?.to_string();
+        let answer = client.request(subject, "".into()).await.ok()?;
+        let status: logstore_protocol::status::WorkerStatus =
+            serde_json::from_slice(&answer.payload).ok()?;
+        let ring = status.ring?;
+        (ring.epoch == 2 && ring.state.as_str() != "moving").then_some(())
+    })
+    .await;
+    append_js(&js, &logs, x, "x-2", false).await;
+    eventually(30, "x-2 taken in (queued, or stored on pg3)", || async {
+        let stored = db_rows(&pg3, x).await.iter().any(|row| row.2 == "x-2");
+        (stored || held(3.0).await.is_some()).then_some(())
+    })
+    .await;
+
+    lock_y.commit().await.expect("release Y");
+    let texts = eventually(60, "x-1 and x-2 stored on pg3", || async {
+        let rows = db_rows(&pg3, x).await;
+        (rows.len() == 3).then(|| rows.into_iter().map(|row| row.2).collect::<Vec<_>>())
+    })
+    .await;
+    assert_eq!(
+        texts,
+        ["x-0", "x-1", "x-2"],
+        "object {x}'s entries in order"
+    );
+    assert_eq!(worker.terminate().await, Some(0));
 }

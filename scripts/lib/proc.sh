@@ -6,12 +6,34 @@
 now_s() { date +%s.%N; }
 
 # free_ports N: N distinct free TCP ports on 127.0.0.1, one a line (all bound at once, so no two
-# are the same; each is free again once printed).
+# are the same; each is free again once printed). Taken below the kernel's ephemeral range
+# (ip_local_port_range) where there is room: a server restarted on its port after a kill must
+# not find it taken meanwhile as the local port of some other program's outgoing connection
+# (seen once in a default-size nemesis run on a busy machine: a restarted worker exited with
+# "Address already in use" and that worker stayed down for 16 minutes).
 free_ports() {
   python3 - "$1" <<'PY'
-import socket, sys
+import random, socket, sys
+n = int(sys.argv[1])
+try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+pool = list(range(10000, low))
+random.shuffle(pool)
 socks = []
-for _ in range(int(sys.argv[1])):
+for port in pool:
+    if len(socks) == n:
+        break
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        continue
+    socks.append(s)
+while len(socks) < n:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)

@@ -37,6 +37,8 @@
 //!   parsed by `config::conninfo`), migrations, shard
 //!   identity and fleet, the append function, paged reads, stats, deletion and the resharding
 //!   copy; `migrations/CURRENT.sql` shows the schema they make.
+//! - [`unfinished`]: which shard queue each object's unfinished appends wait in; the router
+//!   queues an object's next append behind them, so a ring change cannot reorder its appends.
 //! - [`origin`]: a message's fate once its outcome is known: reply, event, ack / nak / term,
 //!   dead letter, in-flight gauge. [`replies`]: which reply subjects a core message may name.
 //! - [`outbox`]: replies, `appended.<id>` events, response chunks, errors and dead letters.

@@ -357,10 +357,9 @@ async fn an_append_queued_on_the_old_owner_stays_ahead_of_the_next_one() {
     let lock_y = hold_y.transaction().await.expect("begin");
     lock_y.execute(lock, &[&(y as i64)]).await.expect("lock Y");
     let held = |n: f64| {
-        let worker = &worker;
+        let worker = std::slice::from_ref(&worker);
         async move {
-            let (_, body) = http_get(worker.metrics, "/metrics").await?;
-            (metric_sum(&body, "logstore_jetstream_held_messages", &[]) == n).then_some(())
+            (fleet_sum(worker, "logstore_jetstream_held_messages", &[]).await? == n).then_some(())
         }
     };
     append_js(&js, &logs, y, "y-1", false).await;

@@ -135,8 +135,12 @@ impl Owner {
             .metrics
             .jetstream_partitions_held
             .set(self.held.len() as i64);
-        let keys: Vec<String> = self.leases.iter().map(|l| l.key().to_string()).collect();
-        let listing = list(&self.lease, &self.member_key, &self.member_prefix, &keys);
+        let listing = list(
+            &self.lease,
+            &self.member_key,
+            &self.member_prefix,
+            &self.leases,
+        );
         // Bounded: a round that waits long for a server delays taking partitions over.
         let listed = match tokio::time::timeout(self.lease.ttl, listing).await {
             Ok(listed) => listed,
@@ -170,13 +174,13 @@ impl Owner {
             members = self.members.len(),
             ?mine,
             stable,
-            taken = taken.len(),
+            taken = taken.iter().filter(|t| **t).count(),
             held = self.held.len(),
             "partition round"
         );
         for index in 0..self.partitions.len() {
             let k = self.partitions[index].k;
-            let taken = taken.contains(self.leases[index].key());
+            let taken = taken[index];
             self.step(index, mine.contains(&k), stable, taken, cancel)
                 .await;
         }
@@ -234,7 +238,7 @@ impl Owner {
 }
 
 /// Write this worker's member key, then read the bucket: the members (live keys under
-/// `member_prefix`), and which of the partition leases `lease_keys` are held now.
+/// `member_prefix`), and whether each of the partition `leases` is held now (in their order).
 ///
 /// Read without a KV watch (async-nats's `keys()`): a watch creates a consumer, and creating a
 /// consumer goes through the JetStream cluster's meta leader, which after a server's loss can
@@ -246,8 +250,8 @@ async fn list(
     legacy: &Lease,
     member_key: &str,
     member_prefix: &str,
-    lease_keys: &[String],
-) -> Result<(Vec<String>, BTreeSet<String>), String> {
+    leases: &[Arc<Lease>],
+) -> Result<(Vec<String>, Vec<bool>), String> {
     let store = legacy.store();
     store
         .put(member_key, "".into())
@@ -275,11 +279,9 @@ async fn list(
         }
     }
     members.sort();
-    let mut taken = BTreeSet::new();
-    for key in lease_keys {
-        if live(store, key).await? {
-            taken.insert(key.clone());
-        }
+    let mut taken = Vec::with_capacity(leases.len());
+    for lease in leases {
+        taken.push(live(store, lease.key()).await?);
     }
     Ok((members, taken))
 }

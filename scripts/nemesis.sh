@@ -39,6 +39,9 @@
 # Knobs (env): NEMESIS_APPENDS [10000000], NEMESIS_RATE [2000], NEMESIS_OBJECTS [1000],
 # NEMESIS_INTERVAL [18], NEMESIS_NATS_NODES [3; 1 when the workers do not take JS_REPLICAS],
 # NEMESIS_NATS_DOWN [5], NEMESIS_STOP_SECONDS [5], NEMESIS_KEEP=1 (keep the temp dir: logs),
+# NEMESIS_FAULTS [all six, in the order above] (the rotation: a space-separated subset, to
+# hammer one kind), NEMESIS_WORKER_LOG [warn] (the workers' RUST_LOG; to follow every JetStream
+# delivery through them: warn,worker::origin=trace,worker::intake=debug),
 # BIN_DIR=DIR (use DIR's worker and loadgen, build nothing; else `cargo build --release`).
 # Smoke run (every fault kind at least once, ~3 minutes):
 #   NEMESIS_APPENDS=150000 NEMESIS_RATE=1000 NEMESIS_INTERVAL=15 scripts/nemesis.sh
@@ -61,6 +64,9 @@ OBJECTS=${NEMESIS_OBJECTS:-1000}
 INTERVAL=${NEMESIS_INTERVAL:-18}
 NATS_DOWN=${NEMESIS_NATS_DOWN:-5}
 STOP_SECONDS=${NEMESIS_STOP_SECONDS:-5}
+ALL_FAULTS="shards-add worker-kill nats-kill shards-remove pg-failover pg-sigstop"
+read -ra kinds <<<"${NEMESIS_FAULTS:-$ALL_FAULTS}"
+WORKER_LOG=${NEMESIS_WORKER_LOG:-warn}
 WORKERS=3
 PARTITIONS=8
 SHARDS=(pg1 pg2)
@@ -71,6 +77,11 @@ die() { log "$*"; exit 1; }
 for knob in APPENDS RATE OBJECTS INTERVAL NATS_DOWN STOP_SECONDS; do
   [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || die "NEMESIS_$knob must be a positive whole number, got '${!knob}'"
 done
+[ "${#kinds[@]}" -gt 0 ] || die "NEMESIS_FAULTS names no fault kind (kinds: $ALL_FAULTS)"
+for kind in "${kinds[@]}"; do
+  [[ " $ALL_FAULTS " == *" $kind "* ]] || die "NEMESIS_FAULTS: unknown fault kind '$kind' (kinds: $ALL_FAULTS)"
+done
+[[ $WORKER_LOG =~ ^[A-Za-z0-9_:=,.-]+$ ]] || die "NEMESIS_WORKER_LOG must be a RUST_LOG filter without spaces, got '$WORKER_LOG'"
 
 # ---------------------------------------------------------------- binaries and packages
 missing=()
@@ -224,7 +235,7 @@ log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $NF}'): pg1 on :${p
 # ---------------------------------------------------------------- workers
 worker_env() { # worker_env I: the environment of worker I (and of `worker shards`)
   echo "NATS_URL=$(nats_url_from "$1")" INTAKE=jetstream "JS_PARTITIONS=$PARTITIONS" "JS_REPLICAS=$JS_REPLICAS" \
-    "POSTGRES_SHARDS=$shards_env" RUST_LOG=warn
+    "POSTGRES_SHARDS=$shards_env" "RUST_LOG=$WORKER_LOG"
 }
 start_worker() { # start_worker I: worker I (1-based) on its metrics port
   local env
@@ -274,7 +285,7 @@ import json, os, platform, sys
 json.dump({"appends": $APPENDS, "rate": $RATE, "objects": $OBJECTS, "interval": $INTERVAL,
            "nats_nodes": $NATS_NODES, "js_replicas": $JS_REPLICAS, "workers": $WORKERS,
            "partitions": $PARTITIONS, "shards": ["pg1", "pg2"], "spare": "$SPARE", "nats_down_s": $NATS_DOWN, "stop_s": $STOP_SECONDS, "sample_ms": 200,
-           "commit": "$commit", "started_utc": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
+           "faults": "${kinds[*]}".split(), "worker_log": "$WORKER_LOG", "commit": "$commit", "started_utc": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}},
           open(sys.argv[1], "w"), indent=1)
@@ -426,7 +437,6 @@ load_ms=$(now_ms)
 send_end_ms=$((load_ms + APPENDS * 1000 / RATE))
 log "$(clock) load: $APPENDS appends at $RATE/s over $OBJECTS objects (about $((APPENDS / RATE)) s); a fault every $INTERVAL s"
 # add and remove three faults apart: each must wait for the other's move and MOVE_GRACE_MS (30 s).
-kinds=(shards-add worker-kill nats-kill shards-remove pg-failover pg-sigstop)
 next_ms=$((load_ms + INTERVAL * 1000))
 n=0
 # A fault starts only while at least half an interval of sending is left, so its effect is

@@ -92,6 +92,9 @@ pub struct Receipt {
     pub ts: Option<String>,
     /// The key had been seen before: an earlier attempt got through without us hearing back.
     pub duplicate: bool,
+    /// JetStream: the stream sequence the PubAck named (for a duplicate, the first copy's), so
+    /// that a lost append can be looked for in the stream and in the workers' trace logs.
+    pub stream_seq: Option<u64>,
 }
 
 /// One entry as it goes on the wire: [`logstore_protocol::AppendRequest`]'s form, borrowed so a
@@ -245,6 +248,7 @@ fn stored_receipt(append: &Append, reply: AppendReply) -> Result<Receipt, Attemp
         seq: Some(reply.seq),
         ts: Some(reply.ts),
         duplicate: reply.duplicate,
+        stream_seq: None,
     })
 }
 
@@ -296,6 +300,7 @@ pub async fn append_jetstream(
             seq: None,
             ts: None,
             duplicate: ack.duplicate,
+            stream_seq: Some(ack.sequence),
         }),
         Ok(Err(e)) => Err(match e.kind() {
             PublishErrorKind::TimedOut => AttemptError::TimedOut(timeout),
@@ -438,7 +443,8 @@ mod tests {
             &Receipt {
                 seq: Some(1),
                 ts: Some("2026-11-22T09:16:27.000001Z".into()),
-                duplicate: false
+                duplicate: false,
+                stream_seq: None,
             }
         );
         let err = outcomes[1].as_ref().unwrap_err();

@@ -1014,6 +1014,7 @@ mod tests {
                 seq: Some(seq),
                 ts: Some("2026-11-22T09:16:27.000001Z".into()),
                 duplicate: false,
+                stream_seq: None,
             })
         };
         let rejected = |code| Err(AttemptError::Rejected(ErrorBody::new(code, "m")));

@@ -174,6 +174,8 @@ impl Recorder {
                     key: append.key.clone(),
                     seq: receipt.seq,
                     ts: receipt.ts,
+                    stream_seq: receipt.stream_seq,
+                    duplicate: receipt.duplicate,
                 });
             }
         }
@@ -548,6 +550,7 @@ mod tests {
             seq: None,
             ts: None,
             duplicate: false,
+            stream_seq: None,
         }
     }
 

@@ -35,6 +35,10 @@ pub struct Acked {
     /// Core mode: the seq and ts the worker's reply promised. JetStream: unknown (`None`).
     pub seq: Option<u64>,
     pub ts: Option<String>,
+    /// JetStream: the stream sequence its PubAck named.
+    pub stream_seq: Option<u64>,
+    /// Acknowledged as a duplicate (an earlier attempt got through unheard).
+    pub duplicate: bool,
 }
 
 /// One object as read back: its entries in the order the store returned them, and the entry
@@ -69,6 +73,10 @@ pub enum Problem {
         id: u64,
         key: String,
         seq: Option<u64>,
+        /// JetStream: the stream sequence its PubAck named.
+        stream_seq: Option<u64>,
+        /// Its acknowledgement said duplicate.
+        duplicate: bool,
     },
     /// A key of this run stored a second time.
     Duplicate {
@@ -164,8 +172,20 @@ impl fmt::Display for Problem {
                 f,
                 ": the object counts only {total} entries but its log reaches this seq"
             ),
-            Problem::Missing { key, .. } => {
-                write!(f, ": acknowledged append {key} is missing (lost)")
+            Problem::Missing {
+                key,
+                stream_seq,
+                duplicate,
+                ..
+            } => {
+                write!(f, ": acknowledged append {key} is missing (lost)")?;
+                if let Some(stream_seq) = stream_seq {
+                    write!(f, "; its PubAck named stream seq {stream_seq}")?;
+                }
+                if *duplicate {
+                    write!(f, " as a duplicate")?;
+                }
+                Ok(())
             }
             Problem::Duplicate {
                 id,
@@ -396,6 +416,8 @@ pub fn check(
                 id: acked.id,
                 key: acked.key.clone(),
                 seq: acked.seq,
+                stream_seq: acked.stream_seq,
+                duplicate: acked.duplicate,
             });
         }
     }
@@ -576,6 +598,8 @@ mod tests {
             key: key.to_string(),
             seq,
             ts: ts_micros.map(|t| format!("2026-11-22T09:16:27.{t:06}Z")),
+            stream_seq: None,
+            duplicate: false,
         }
     }
 

@@ -96,6 +96,29 @@ impl Drop for InFlight {
     }
 }
 
+/// Acknowledge a JetStream delivery whose processing is complete (`outcome`, for the trace
+/// line that lets one follow a stream sequence through the worker).
+async fn ack(message: &async_nats::jetstream::Message, outcome: &'static str) {
+    trace_delivery(message, outcome);
+    if let Err(e) = message.ack().await {
+        tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+    }
+}
+
+/// One trace line about a JetStream delivery (`RUST_LOG=worker::origin=trace`): its
+/// stream and consumer sequences and delivery count, and what happens to it.
+pub fn trace_delivery(message: &async_nats::jetstream::Message, what: &'static str) {
+    if let Ok(info) = message.info() {
+        tracing::trace!(
+            stream_seq = info.stream_sequence,
+            consumer_seq = info.consumer_sequence,
+            delivered = info.delivered,
+            consumer = info.consumer,
+            what,
+        );
+    }
+}
+
 /// Where an append came from.
 pub enum Origin {
     /// A core NATS message: answered on its reply subject, if it has one. Without one, a
@@ -239,9 +262,7 @@ impl Settler {
                     // Event first, then ack: a crash in between redelivers the message, which
                     // then answers as a duplicate and publishes the event again.
                     self.outbox.append_done(None, &body).await;
-                    if let Err(e) = message.ack().await {
-                        tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
-                    }
+                    ack(message, "stored").await;
                 }
             },
             Settle::Entry { batch, index } => {
@@ -290,9 +311,7 @@ impl Settler {
                         );
                     }
                     Origin::JetStream(message) => {
-                        if let Err(e) = message.ack().await {
-                            tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
-                        }
+                        ack(message, "conflict").await;
                     }
                 }
             }
@@ -441,9 +460,7 @@ impl Settler {
             }
             Origin::JetStream(message) => match failure {
                 None => {
-                    if let Err(e) = message.ack().await {
-                        tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
-                    }
+                    ack(message, "batch settled").await;
                 }
                 Some(error) => self.failed_delivery(message, &error).await,
             },
@@ -473,8 +490,10 @@ impl Settler {
                     &jetstream_identity(message),
                 )
                 .await;
+            trace_delivery(message, "terminated");
             message.ack_with(AckKind::Term).await
         } else {
+            trace_delivery(message, "nak'ed");
             message
                 .ack_with(AckKind::Nak(Some(redelivery_delay(delivered))))
                 .await
@@ -516,6 +535,7 @@ impl Settler {
                 self.outbox
                     .dead_letter(subject, payload, &error, &identity)
                     .await;
+                trace_delivery(message, "rejected, terminated");
                 if let Err(e) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(error = %e, "cannot terminate a rejected JetStream message");
                 }

@@ -140,9 +140,10 @@ pub struct RawConfig {
     /// Durable pull consumer shared by all workers.
     #[arg(long, env = "NATS_CONSUMER", default_value = "workers")]
     pub nats_consumer: String,
-    /// How long a delivered message may stay unacknowledged before JetStream redelivers it.
-    #[arg(long, env = "JS_ACK_WAIT_MS", default_value = "30000")]
-    pub js_ack_wait_ms: String,
+    /// How long a delivered message may stay unacknowledged before JetStream redelivers it
+    /// [default: 30000; 5000 with JS_REPLICAS above 1, where a takeover waits for it].
+    #[arg(long, env = "JS_ACK_WAIT_MS")]
+    pub js_ack_wait_ms: Option<String>,
     /// Deliveries of a message that keeps failing (not because its shard is down) before it
     /// goes to the dead-letter subject.
     #[arg(long, env = "JS_MAX_DELIVER", default_value = "5")]
@@ -374,7 +375,10 @@ impl RawConfig {
             "jetstream" => Ok(Intake::JetStream(JetStreamConfig {
                 stream: name_token("NATS_STREAM", &self.nats_stream)?,
                 consumer: name_token("NATS_CONSUMER", &self.nats_consumer)?,
-                ack_wait: millis("JS_ACK_WAIT_MS", &self.js_ack_wait_ms, 100, 3_600_000)?,
+                ack_wait: match &self.js_ack_wait_ms {
+                    Some(ms) => millis("JS_ACK_WAIT_MS", ms, 100, 3_600_000)?,
+                    None => default_ack_wait(replicas),
+                },
                 max_deliver: number("JS_MAX_DELIVER", &self.js_max_deliver, 1, 1_000_000)?,
                 max_ack_pending: number(
                     "JS_MAX_ACK_PENDING",
@@ -397,5 +401,18 @@ impl RawConfig {
             })),
             other => Err(bad("INTAKE", format!("{other:?} is not jetstream or core"))),
         }
+    }
+}
+
+/// JS_ACK_WAIT_MS when unset. A replicated consumer (`replicas` > 1) is never reset to its ack
+/// floor (docs/intake.md, "Why a replicated consumer is never reset"), so after a NATS
+/// server's loss or a worker's crash the deliveries that were lost on the way come back only
+/// once ack_wait expires: short there, so appends resume within seconds. With one copy a
+/// takeover resets the consumer instead, and the longer wait spares redeliveries of messages
+/// held behind a slow or down shard.
+pub fn default_ack_wait(replicas: usize) -> Duration {
+    match replicas {
+        0 | 1 => Duration::from_secs(30),
+        _ => Duration::from_secs(5),
     }
 }

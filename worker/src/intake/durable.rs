@@ -168,8 +168,8 @@ pub struct JetStream {
     /// The ordered intake's partitions (none without JS_ORDERED, or with JS_PARTITIONS=0 on a
     /// stream that records none).
     pub partitions: Vec<Partition>,
-    /// The server resets a consumer to its ack floor (nats-server 2.14+): a takeover need not
-    /// wait for ack_wait.
+    /// Takeovers reset the consumer to its ack floor (nats-server 2.14+, one copy: see
+    /// [`ordered::reset_is_safe`]) instead of waiting for ack_wait.
     pub reset: bool,
     /// See [`Router::stream_identity`].
     pub stream_identity: String,
@@ -222,7 +222,7 @@ async fn setup_once(
         consumer,
         lease,
         partitions,
-        reset: ordered::server_can_reset(&client.server_info().version),
+        reset: ordered::reset_is_safe(&client.server_info().version, stream.config.num_replicas),
         stream_identity: format!(
             "js:{}:{}",
             stream.config.name,

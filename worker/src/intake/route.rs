@@ -201,6 +201,7 @@ impl Router {
                 (SystemTime::now(), None)
             }
         };
+        crate::origin::trace_delivery(&message, "routed");
         let in_flight = InFlight::jetstream(
             &self.metrics.appends_in_flight,
             &self.metrics.jetstream_held,

@@ -252,6 +252,31 @@ fn metrics_addr_accepts_a_bare_port() {
 }
 
 #[test]
+fn ack_wait_is_short_by_default_on_a_replicated_stream() {
+    // A replicated consumer is never reset (docs/intake.md, "Why a replicated consumer is
+    // never reset"): a takeover waits for ack_wait, so its default is 5 s there and 30 s with
+    // one copy; a given value always wins.
+    let ack_wait = |args: &[&str]| {
+        let mut all = vec!["--postgres-ips", "h", "--intake", "jetstream"];
+        all.extend_from_slice(args);
+        match raw(&all).validate().map(|c| c.intake) {
+            Ok(Intake::JetStream(js)) => Ok(js.ack_wait),
+            Ok(Intake::Core) => panic!("jetstream intake was asked for"),
+            Err(e) => Err(e),
+        }
+    };
+    assert_eq!(ack_wait(&[]).unwrap(), Duration::from_secs(30));
+    assert_eq!(
+        ack_wait(&["--js-replicas", "3"]).unwrap(),
+        Duration::from_secs(5)
+    );
+    let given = ["--js-replicas", "3", "--js-ack-wait-ms", "12000"];
+    assert_eq!(ack_wait(&given).unwrap(), Duration::from_secs(12));
+    let err = ack_wait(&["--js-ack-wait-ms", "soon"]).unwrap_err();
+    assert_eq!(err.var, "JS_ACK_WAIT_MS", "{err}");
+}
+
+#[test]
 fn js_replicas_is_1_to_5_for_the_stream_and_the_buckets() {
     let replicas = |args: &[&str]| {
         let mut all = vec!["--postgres-ips", "h"];

@@ -106,8 +106,12 @@ async fn ack(message: &async_nats::jetstream::Message, outcome: &'static str) {
 }
 
 /// One trace line about a JetStream delivery (`RUST_LOG=worker::origin=trace`): its
-/// stream and consumer sequences and delivery count, and what happens to it.
+/// stream and consumer sequences and delivery count, and what happens to it. Called several
+/// times per message, so nothing is parsed unless the line is wanted.
 pub fn trace_delivery(message: &async_nats::jetstream::Message, what: &'static str) {
+    if !tracing::enabled!(tracing::Level::TRACE) {
+        return;
+    }
     if let Ok(info) = message.info() {
         tracing::trace!(
             stream_seq = info.stream_sequence,

@@ -8,12 +8,12 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use tokio_util::sync::CancellationToken;
 
-use super::ordered;
 use super::partitions::{self, Partition};
 use super::pull::{PullEnd, PullRequest, Pulled, Wait, PULL_RETRY_FIRST, PULL_RETRY_MAX};
 use super::requests::Requests;
 use super::route::Router;
 use super::stream::{merged, partition_consumer, partition_filter, partition_max_ack_pending};
+use super::{ordered, server};
 use crate::cancel::{pause, Backoff};
 use crate::config::JetStreamConfig;
 use crate::metrics::Metrics;
@@ -169,7 +169,7 @@ pub struct JetStream {
     /// stream that records none).
     pub partitions: Vec<Partition>,
     /// Takeovers reset the consumer to its ack floor (nats-server 2.14+, one copy: see
-    /// [`ordered::reset_is_safe`]) instead of waiting for ack_wait.
+    /// [`server::reset_is_safe`]) instead of waiting for ack_wait.
     pub reset: bool,
     /// See [`Router::stream_identity`].
     pub stream_identity: String,
@@ -213,7 +213,7 @@ async fn setup_once(
     } = setup_jetstream(client, logs_subject, js).await?;
     let lease = match js.ordered {
         true => {
-            ordered::check_server(&client.server_info().version);
+            server::check_server(&client.server_info().version);
             Some(ordered::open_lease(client, js).await?)
         }
         false => None,
@@ -222,7 +222,7 @@ async fn setup_once(
         consumer,
         lease,
         partitions,
-        reset: ordered::reset_is_safe(&client.server_info().version, stream.config.num_replicas),
+        reset: server::reset_is_safe(&client.server_info().version, stream.config.num_replicas),
         stream_identity: format!(
             "js:{}:{}",
             stream.config.name,

@@ -21,6 +21,7 @@ pub mod partitions;
 mod pull;
 mod requests;
 mod route;
+pub mod server;
 mod stream;
 
 use requests::drain;

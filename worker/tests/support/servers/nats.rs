@@ -292,7 +292,7 @@ fn nats_binary() -> PathBuf {
                 .find(|p| is_executable(p))
             })
             .unwrap_or_else(|| panic!("nats-server not found in PATH or /usr/sbin; {NATS_HINT}"));
-        // Older servers lose JetStream redeliveries (see worker::intake::ordered::MIN_SERVER): the
+        // Older servers lose JetStream redeliveries (see worker::intake::server::MIN_SERVER): the
         // crash tests would fail for the server's fault, so refuse them up front.
         let version = Command::new(&found)
             .arg("--version")
@@ -301,7 +301,7 @@ fn nats_binary() -> PathBuf {
             .unwrap_or_default();
         let number = version.trim_start_matches("nats-server: ");
         assert!(
-            worker::intake::ordered::server_is_safe(number) == Some(true),
+            worker::intake::server::server_is_safe(number) == Some(true),
             "{} is {version:?}; the tests need nats-server 2.10.22 or newer. {NATS_HINT}",
             found.display()
         );
